@@ -1,0 +1,103 @@
+"""Small-model drafting (Leviathan et al. 2023; Chen et al. 2023): a cheaper model with the same
+vocabulary proposes tokens autoregressively from its own KV cache.
+
+With ``num_alternatives > 1`` the proposal is a tree: the drafted chain plus, at every depth,
+``num_alternatives - 1`` sibling leaves taken from the same draft distribution (greedy: the next
+most likely tokens; sampling: draws without replacement, each with its conditional proposal
+distribution, as recursive rejection sampling needs — Jeon et al. 2024). The target verifies the
+whole tree in one forward; the drafting cost is that of the chain.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling import logits_to_probs, sample_from_probs
+from ..tree import DraftTree
+from ..types import Draft, DraftContext, PrefillOutput, Target, Verdict
+
+
+class ModelDrafter:
+    """Draft with ``model``, any object satisfying the target contract (e.g. a small
+    :class:`~mmspec.modeling.DecoderLM` or a smaller LlamaGen GPT) that takes the same prompt.
+
+    Args:
+        model: the draft model. Its vocabulary must equal the target's.
+        num_alternatives: candidates per depth (1 = a chain).
+
+    The draft cache mirrors the target's: it holds every committed token but the last. Drafting
+    ``k`` tokens runs ``k + 1`` single-token forwards (the last one only caches ``d_k`` so that a
+    fully accepted chain needs no catch-up); commit is a rollback to the target's length.
+    """
+
+    def __init__(self, model: Target, num_alternatives: int = 1) -> None:
+        if num_alternatives < 1:
+            raise ValueError(f"num_alternatives must be >= 1, got {num_alternatives}")
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self.num_alternatives = num_alternatives
+        self.cache = None
+        self._trees: dict[tuple, DraftTree] = {}  # static tree shapes, built once per (B, k, device)
+
+    def prefill(self, ctx: DraftContext, prompt, prefill: PrefillOutput) -> None:
+        batch = ctx.last_tokens.shape[0]
+        capacity = int(ctx.positions.max()) + ctx.history.shape[1] + 2  # deliberate sync: once per call
+        self.cache = self.model.new_cache(batch, capacity, cfg=ctx.sampling.uses_cfg)
+        self.model.prefill(prompt, self.cache)
+        self.cache.rollback(ctx.positions)
+
+    def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
+        self.cache.rollback(ctx.positions)
+
+    def draft(self, ctx: DraftContext, num_draft_tokens: int, generator: torch.Generator | None) -> Draft:
+        batch = ctx.last_tokens.shape[0]
+        token = ctx.last_tokens
+        tokens, probs = [], []
+        for step in range(num_draft_tokens + 1):
+            out = self.model.forward(token[:, None], self.cache.slots(1), self.cache, None)
+            self.cache.commit(torch.ones(batch, dtype=torch.long, device=token.device))
+            if step == num_draft_tokens:
+                break  # this forward only cached d_k
+            q = logits_to_probs(out.logits[:, -1], ctx.sampling, None if out.uncond_logits is None else out.uncond_logits[:, -1])
+            token = sample_from_probs(q, generator)
+            tokens.append(token)
+            probs.append(q)
+        self.cache.rollback(ctx.positions)  # drafts are not committed until verified
+        tokens_t, probs_t = torch.stack(tokens, 1), torch.stack(probs, 1)  # [B, k], [B, k, V]
+        one_hot = ctx.sampling.greedy
+        if self.num_alternatives == 1:
+            return Draft(tokens=tokens_t, draft_probs=None if one_hot else probs_t)
+        return self._with_alternatives(ctx, tokens_t, probs_t, one_hot, generator)
+
+    def _with_alternatives(self, ctx, chain, probs, one_hot, generator) -> Draft:
+        """Tree = chain + (num_alternatives - 1) sibling leaves per depth, chain child first."""
+        batch, k = chain.shape
+        width = self.num_alternatives
+        cand = [chain]
+        cand_probs = [probs]
+        remaining = probs.clone()
+        for _ in range(width - 1):
+            remaining = remaining.scatter(-1, cand[-1][..., None], 0.0)
+            if one_hot:
+                nxt = remaining.argmax(-1)
+            else:
+                nxt = sample_from_probs(remaining, generator)
+            cand.append(nxt)
+            # The conditional proposal of this sibling: q without its earlier siblings, renormalised.
+            cand_probs.append(remaining / remaining.sum(-1, keepdim=True).clamp(min=1e-20))
+        # Node layout: root, then for each depth: chain node, alternatives.
+        parents = [-1]
+        for depth in range(k):
+            parent = 0 if depth == 0 else 1 + (depth - 1) * width
+            parents += [parent] * width
+        key = (batch, k, chain.device)
+        if key not in self._trees:
+            self._trees[key] = DraftTree.from_parents(torch.tensor(parents).expand(batch, -1).contiguous()).to(chain.device)
+        tree = self._trees[key]
+        nodes = torch.stack(cand, 2).reshape(batch, k * width)  # [B, k * width]
+        tokens = torch.cat([ctx.last_tokens[:, None], nodes], 1)
+        draft_probs = None
+        if not one_hot:
+            node_probs = torch.stack(cand_probs, 2).reshape(batch, k * width, -1)
+            draft_probs = torch.cat([torch.zeros_like(node_probs[:, :1]), node_probs], 1)
+        return Draft(tokens=tokens, draft_probs=draft_probs, tree=tree)

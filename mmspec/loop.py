@@ -1,0 +1,220 @@
+"""The speculative decoding loop: draft → verify → commit → stats, for any target and drafter.
+
+Invariant between steps: every committed token is in the target's KV cache except the last one
+(``last_tokens``), which is fed as the first input of the next verify forward. So one target
+forward over ``[last, d_1 .. d_k]`` (or ``[last, tree nodes]``) both writes the cache and yields
+the ``k + 1`` distributions the acceptance rule needs; commit just moves cache lengths (chains)
+or compacts the accepted path (trees). Rows of a batch accept different numbers of tokens
+(ragged); finished rows keep their state frozen while the others go on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .acceptance import AcceptanceRule, get_acceptance_rule
+from .cache import StaticKVCache
+from .sampling import SamplingConfig, logits_to_probs, sample_from_probs
+from .stats import SpecStats
+from .types import Draft, DraftContext, Drafter, Target, TargetOutput, TokenPrompt, Verdict
+
+
+@dataclass
+class GenerationOutput:
+    """``tokens``: ``[B, max_new_tokens]`` generated ids (``pad_token_id`` after each row's end);
+    ``lengths``: ``[B]`` generated tokens per row; ``stats``: :class:`~mmspec.stats.SpecStats`."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    stats: SpecStats
+
+
+def required_cache_len(prompt_len: int, max_new_tokens: int, window: int) -> int:
+    """Cache capacity for a prompt, the generated tokens and the verify windows.
+
+    ``window`` = tokens per verify forward (``k + 1`` for a chain, ``N`` nodes for a tree). A row
+    may overshoot ``max_new_tokens`` by up to one window before it stops, and a stopped row keeps
+    writing (masked, never committed) one more window, hence two windows of headroom.
+    """
+    return prompt_len + max_new_tokens + 2 * window
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # deliberate: only with profile=True, to time phases
+
+
+def _write_ragged(buf: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> None:
+    """``buf[b, offsets[b] + j] = values[b, j]`` for ``j < count[b]`` (in bounds); sync-free."""
+    index = offsets[:, None] + torch.arange(values.shape[1], device=buf.device)[None]
+    keep = (torch.arange(values.shape[1], device=buf.device)[None] < count[:, None]) & (index < buf.shape[1])
+    index = torch.where(keep, index, 0)
+    buf.scatter_(1, index, torch.where(keep, values, buf.gather(1, index)))
+
+
+def speculative_generate(
+    target: Target,
+    prompt: Any,
+    cache: StaticKVCache,
+    *,
+    max_new_tokens: int,
+    drafter: Drafter | None = None,
+    acceptance: str | AcceptanceRule = "exact",
+    num_draft_tokens: int = 4,
+    sampling: SamplingConfig = SamplingConfig(),
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = -1,
+    condition: Any = None,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+    profile: bool = False,
+) -> GenerationOutput:
+    """Generate ``max_new_tokens`` per row with speculative decoding (``drafter=None``: the plain
+    autoregressive baseline through the same target, cache and sampling code).
+
+    Args:
+        target: the model (:class:`~mmspec.types.Target`). ``prompt``: what ``target.prefill`` takes
+            (a :class:`~mmspec.types.TokenPrompt` for language models). ``cache``: an empty cache of
+            capacity :func:`required_cache_len`.
+        drafter, acceptance, num_draft_tokens: what proposes, the rule that decides, and how many
+            draft tokens a chain drafter proposes per step (trees: the drafter's budget).
+        sampling: the SAME configuration is used for draft and target distributions.
+        generator: seeds every random draw (first token, drafts, acceptance).
+        eos_token_id: a row stops after emitting it. ``condition``: passed to the drafter's context.
+        callback: ``callback(step, num_generated [B])`` after every step (e.g. progress bars).
+        profile: synchronise the device around draft and verify to time them separately.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if drafter is not None and num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens must be >= 1 when speculating, got {num_draft_tokens}")
+    rule = get_acceptance_rule(acceptance)
+    if rule.requires_greedy and not sampling.greedy:
+        raise ValueError(f"acceptance rule {rule.name!r} needs greedy decoding (temperature=0 or top_k=1)")
+    sampling.validate_vocab(target.vocab_size)
+    if drafter is not None and drafter.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"draft vocabulary size {drafter.vocab_size} does not match target vocabulary size "
+            f"{target.vocab_size}: the drafter must share the target's tokenizer / codebook"
+        )
+    device = cache.device
+    start = time.perf_counter()
+
+    # 0. prefill: the condition/prompt enters the cache; the first token comes from the target.
+    pre = target.prefill(prompt, cache)
+    batch = pre.output.logits.shape[0]
+    first = sample_from_probs(logits_to_probs(pre.output.logits[:, -1], sampling, _last(pre.output.uncond_logits)), generator)
+    k = num_draft_tokens if drafter is not None else 0
+    prefix = prompt.tokens if isinstance(prompt, TokenPrompt) else torch.zeros(batch, 0, dtype=torch.long, device=device)
+    prefix_len = prompt.lengths if isinstance(prompt, TokenPrompt) else torch.zeros(batch, dtype=torch.long, device=device)
+    history = torch.full((batch, prefix.shape[1] + max_new_tokens + k + 1), pad_token_id, dtype=torch.long, device=device)
+    history[:, : prefix.shape[1]] = prefix
+    history.scatter_(1, prefix_len[:, None], first[:, None])
+    ctx = DraftContext(
+        history=history, history_lengths=prefix_len + 1, last_tokens=first, positions=cache.lengths.clone(),
+        sampling=sampling, hidden_states=pre.output.hidden_states, num_new=torch.ones_like(prefix_len),
+        condition=condition,
+    )
+    num_out = torch.ones(batch, dtype=torch.long, device=device)  # generated so far, per row
+    finished = first == eos_token_id if eos_token_id is not None else torch.zeros_like(first, dtype=torch.bool)
+    stats = SpecStats(batch, k, max_new_tokens, device=device)
+    stats.record_prefill()
+    if drafter is not None:
+        drafter.prefill(ctx, prompt, pre)
+
+    while True:
+        active = (num_out < max_new_tokens) & ~finished
+        if not bool(active.any()):  # deliberate host sync: the one per iteration, to stop
+            break
+        # 1. draft
+        if profile:
+            _sync(device)
+        t0 = time.perf_counter()
+        draft = drafter.draft(ctx, k, generator) if drafter is not None else Draft(ctx.last_tokens[:, None][:, :0])
+        if profile:
+            _sync(device)
+        t1 = time.perf_counter()
+        # 2. verify: one target forward over [last, drafts] (chain) or the tree rooted at `last`
+        if draft.tree is None:
+            inputs = torch.cat([ctx.last_tokens[:, None], draft.tokens], dim=1)
+            out = target.forward(inputs, cache.slots(inputs.shape[1]), cache, None)
+        else:
+            inputs = draft.tokens
+            mask = cache.attention_mask(cache.slots(inputs.shape[1]), draft.tree.ancestor_mask)
+            out = target.forward(inputs, draft.tree.positions(cache.lengths), cache, mask)
+        target_probs = logits_to_probs(out.logits, sampling, out.uncond_logits)
+        verdict = _verify(rule, draft, target_probs, generator)
+        if profile:
+            _sync(device)
+        t2 = time.perf_counter()
+        # 3. commit: cache, outputs, drafter (finished rows commit nothing)
+        num_new = torch.where(active, verdict.num_accepted + 1, 0)
+        path = None
+        if draft.tree is None:
+            cache.commit(num_new)
+        else:
+            path = draft.tree.path_offsets(verdict.accepted_nodes)  # [B, D + 1]
+            cache.compact(path, num_new)
+        stats.record_step(active, verdict.num_accepted, verdict.is_bonus, num_out)
+        _write_ragged(history, ctx.history_lengths, verdict.tokens, num_new)
+        new_last = verdict.tokens.gather(1, verdict.num_accepted[:, None])[:, 0]
+        if eos_token_id is not None:
+            hit_eos = ((verdict.tokens == eos_token_id) & (torch.arange(verdict.tokens.shape[1], device=device)[None] < num_new[:, None])).any(1)
+            finished = finished | hit_eos
+        ctx = DraftContext(
+            history=history, history_lengths=ctx.history_lengths + num_new,
+            last_tokens=torch.where(active, new_last, ctx.last_tokens), positions=cache.lengths.clone(),
+            sampling=sampling, hidden_states=_path_features(out, path), num_new=num_new, condition=condition,
+        )
+        num_out += num_new
+        if drafter is not None:
+            drafter.commit(ctx, verdict)
+        # 4. stats
+        stats.draft_time += t1 - t0
+        stats.verify_time += t2 - t1
+        if callback is not None:
+            callback(stats.steps, num_out)
+
+    stats.total_time = time.perf_counter() - start
+    stats.draft_time, stats.verify_time = (stats.draft_time, stats.verify_time) if profile else (0.0, 0.0)
+    return _finish(history, prefix_len, num_out, max_new_tokens, eos_token_id, pad_token_id, stats)
+
+
+def _last(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x[:, -1]
+
+
+def _verify(rule: AcceptanceRule, draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+    """Apply the rule; an empty draft (the baseline) is a plain sample from the target."""
+    if draft.tokens.shape[1] == 0:
+        token = sample_from_probs(target_probs[:, 0], generator)
+        zeros = torch.zeros_like(token)
+        return Verdict(zeros, token[:, None], is_bonus=torch.ones_like(token, dtype=torch.bool))
+    return rule.verify(draft, target_probs, generator)
+
+
+def _path_features(out: TargetOutput, path: torch.Tensor | None) -> torch.Tensor | None:
+    """Target features of the committed inputs ``[B, D + 1, H]`` (root then accepted path)."""
+    if out.hidden_states is None or path is None:
+        return out.hidden_states
+    index = path.clamp(min=0)[..., None].expand(-1, -1, out.hidden_states.shape[-1])
+    return out.hidden_states.gather(1, index)
+
+
+def _finish(history, prefix_len, num_out, max_new_tokens, eos_token_id, pad_token_id, stats) -> GenerationOutput:
+    """Cut each row to ``max_new_tokens`` (and after its first EOS); pad the rest."""
+    j = torch.arange(max_new_tokens, device=history.device)[None]
+    tokens = history.gather(1, (prefix_len[:, None] + j).clamp(max=history.shape[1] - 1))
+    lengths = num_out.clamp(max=max_new_tokens)
+    if eos_token_id is not None:
+        is_eos = (tokens == eos_token_id) & (j < lengths[:, None])
+        first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, lengths)
+        lengths = torch.minimum(lengths, first_eos)
+    tokens = torch.where(j < lengths[:, None], tokens, pad_token_id)
+    stats.token_source.masked_fill_(j >= lengths[:, None], -1)
+    stats.token_step.masked_fill_(j >= lengths[:, None], -1)
+    return GenerationOutput(tokens=tokens, lengths=lengths, stats=stats)

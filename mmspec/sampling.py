@@ -1,0 +1,99 @@
+"""Logits → probabilities → tokens, shared by every target and drafter.
+
+Losslessness depends on the draft and the target using *the same* transformation: one function,
+``logits_to_probs``, applies classifier-free guidance, temperature, top-k and top-p in that order,
+with LlamaGen's conventions (ties at the top-k threshold survive; top-p keeps the first token that
+crosses ``top_p``; see ``autoregressive/models/generate.py`` of LlamaGen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How target and draft logits become a distribution.
+
+    Args:
+        temperature: 0 means greedy (a one-hot distribution on the argmax); > 0 divides the logits.
+        top_k: keep the ``top_k`` largest logits (ties at the threshold survive); None = off.
+        top_p: nucleus threshold in (0, 1]; 1 = off.
+        guidance_scale: classifier-free guidance ``uncond + (cond - uncond) * scale``; used only
+            when unconditional logits are given (Ho & Salimans 2022).
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
+            raise ValueError(f"top_k must be a positive integer or None (no top-k filtering), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filtering), got {self.top_p}")
+        if not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether the unconditional branch must be computed (LlamaGen: scale > 1)."""
+        return self.guidance_scale > 1.0
+
+    def validate_vocab(self, vocab_size: int) -> None:
+        """Raise if this configuration is impossible for a vocabulary of ``vocab_size`` tokens."""
+        if self.top_k is not None and self.top_k > vocab_size:
+            raise ValueError(
+                f"top_k={self.top_k} is larger than the vocabulary ({vocab_size} tokens); "
+                f"use top_k <= {vocab_size} or top_k=None to disable top-k filtering"
+            )
+
+
+def logits_to_probs(
+    logits: torch.Tensor,  # [..., V]
+    config: SamplingConfig,
+    uncond_logits: torch.Tensor | None = None,  # [..., V]
+) -> torch.Tensor:
+    """CFG combine → temperature → top-k → top-p → softmax, in float32. Returns ``[..., V]``."""
+    logits = logits.float()
+    if uncond_logits is not None and config.uses_cfg:
+        uncond_logits = uncond_logits.float()
+        logits = uncond_logits + (logits - uncond_logits) * config.guidance_scale
+    if config.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
+    logits = logits / config.temperature
+    if config.top_k is not None and config.top_k < logits.shape[-1]:
+        threshold = torch.topk(logits, config.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative > config.top_p
+        # Shift right: the token that first crosses top_p is kept, and the top-1 always is.
+        remove = torch.cat([torch.zeros_like(remove[..., :1]), remove[..., :-1]], dim=-1)
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample_from_probs(
+    probs: torch.Tensor,  # [..., V]
+    generator: torch.Generator | None = None,
+    exp_noise: torch.Tensor | None = None,  # [..., V] Exp(1) draws, to replay recorded randomness
+) -> torch.Tensor:
+    """Draw one token per row as ``argmax(probs / E)``, ``E ~ Exp(1)`` i.i.d. (exponential race).
+
+    This is exactly what ``torch.multinomial(probs, 1)`` computes on CPU, needs no host sync, and
+    lets tests replay recorded noise. Returns ``[...]`` int64.
+    """
+    if exp_noise is None:
+        exp_noise = torch.empty_like(probs, dtype=torch.float32).exponential_(1.0, generator=generator)
+    return (probs.float() / exp_noise).argmax(-1)

@@ -1,0 +1,141 @@
+"""Statistics of one speculative (or baseline) generation call.
+
+Counters stay on the device during the loop (no host sync); ``summary()`` / ``to_dict()`` read
+them once at the end. Accepted length is reported both ways, and always says which:
+``mean_accepted`` counts drafts kept per step (without the recovered/bonus token),
+``mean_tokens_per_step`` counts every committed token (with it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+#: Where each generated token came from (values of ``SpecStats.token_source``).
+TOKEN_SOURCES = ("prefill", "accepted", "recovered", "bonus")
+SOURCE_PREFILL, SOURCE_ACCEPTED, SOURCE_RECOVERED, SOURCE_BONUS = range(4)
+
+
+@dataclass
+class SpecStats:
+    """Per-call counters.
+
+    ``steps``: target forward passes in the decode loop (NFE), prefill excluded (``prefill_steps``).
+    ``token_source`` / ``token_step``: ``[B, max_new_tokens]`` per generated token, its origin (see
+    ``TOKEN_SOURCES``; -1 = not generated) and the decode step that committed it (0 = prefill):
+    the raw material for acceptance heat-maps over an image's token grid.
+    ``accepted_at_depth`` / ``proposed_at_depth``: ``[D]`` how often the draft at depth d was
+    accepted / was reached (a draft is "reached" when all shallower drafts on its path were kept).
+    ``row_steps``: ``[B]`` decode steps during which each row was still generating.
+    ``row_accepted``: ``[B]`` drafts kept per row. Wall times in seconds; ``draft_time`` and
+    ``verify_time`` are only measured with ``profile=True`` (they need device syncs).
+    """
+
+    batch_size: int
+    num_draft_tokens: int
+    max_new_tokens: int
+    device: torch.device | str = "cpu"
+    steps: int = 0
+    prefill_steps: int = 1
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+    total_time: float = 0.0
+    token_source: torch.Tensor = field(init=False)
+    token_step: torch.Tensor = field(init=False)
+    accepted_at_depth: torch.Tensor = field(init=False)
+    proposed_at_depth: torch.Tensor = field(init=False)
+    row_steps: torch.Tensor = field(init=False)
+    row_accepted: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        shape = (self.batch_size, self.max_new_tokens)
+        self.token_source = torch.full(shape, -1, dtype=torch.long, device=self.device)
+        self.token_step = torch.full(shape, -1, dtype=torch.long, device=self.device)
+        depth = max(self.num_draft_tokens, 1)
+        self.accepted_at_depth = torch.zeros(depth, dtype=torch.long, device=self.device)
+        self.proposed_at_depth = torch.zeros(depth, dtype=torch.long, device=self.device)
+        self.row_steps = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        self.row_accepted = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+
+    def record_step(
+        self,
+        active: torch.Tensor,  # [B] bool: rows still generating during this step
+        num_accepted: torch.Tensor,  # [B]
+        is_bonus: torch.Tensor,  # [B] bool
+        offsets: torch.Tensor,  # [B] index in the output where this step's first token lands
+    ) -> None:
+        """Account one verify step (sync-free)."""
+        self.steps += 1
+        self.row_steps += active.long()
+        self.row_accepted += torch.where(active, num_accepted, 0)
+        depth = torch.arange(self.accepted_at_depth.shape[0], device=num_accepted.device)
+        if self.num_draft_tokens:
+            self.proposed_at_depth += ((depth[None] <= num_accepted[:, None]) & active[:, None]).sum(0)
+            self.accepted_at_depth += ((depth[None] < num_accepted[:, None]) & active[:, None]).sum(0)
+        # Sources of the n + 1 committed tokens: n accepted, then recovered or bonus.
+        width = self.num_draft_tokens + 1
+        j = torch.arange(width, device=num_accepted.device)[None]
+        last_kind = torch.where(is_bonus, SOURCE_BONUS, SOURCE_RECOVERED)[:, None]
+        kinds = torch.where(j < num_accepted[:, None], SOURCE_ACCEPTED, last_kind)
+        valid = active[:, None] & (j <= num_accepted[:, None])
+        self._scatter(self.token_source, offsets, kinds, valid)
+        self._scatter(self.token_step, offsets, torch.full_like(kinds, self.steps), valid)
+
+    def record_prefill(self) -> None:
+        """The first generated token of every row was sampled from the prefill output."""
+        self.token_source[:, 0] = SOURCE_PREFILL
+        self.token_step[:, 0] = 0
+
+    def _scatter(self, buf: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Write ``values [B, W]`` at ``buf[b, offsets[b] + j]`` where ``valid`` and inside ``buf``."""
+        index = offsets[:, None] + torch.arange(values.shape[1], device=values.device)[None]
+        keep = valid & (index < buf.shape[1])
+        index = torch.where(keep, index, 0)
+        current = buf.gather(1, index)
+        buf.scatter_(1, index, torch.where(keep, values, current))
+
+    # ------------------------------------------------------------------ reporting (host side)
+    @property
+    def mean_accepted(self) -> float:
+        """Drafts kept per active step and row, WITHOUT the recovered/bonus token."""
+        return float(self.row_accepted.sum()) / max(float(self.row_steps.sum()), 1.0)
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        """Tokens committed per active step and row, WITH the recovered/bonus token."""
+        return self.mean_accepted + 1.0
+
+    @property
+    def acceptance_rate_at_depth(self) -> list[float]:
+        """P(draft at depth d kept | reached), for d = 0..D-1."""
+        acc, prop = self.accepted_at_depth.tolist(), self.proposed_at_depth.tolist()
+        return [a / p if p else 0.0 for a, p in zip(acc, prop)]
+
+    def summary(self) -> dict:
+        """Scalars for logs and benchmark records."""
+        return {
+            "batch_size": self.batch_size,
+            "num_draft_tokens": self.num_draft_tokens,
+            "steps": self.steps,
+            "prefill_steps": self.prefill_steps,
+            "mean_accepted_without_bonus": self.mean_accepted,
+            "mean_tokens_per_step_with_bonus": self.mean_tokens_per_step,
+            "acceptance_rate_at_depth": self.acceptance_rate_at_depth,
+            "draft_time_s": self.draft_time,
+            "verify_time_s": self.verify_time,
+            "other_time_s": max(self.total_time - self.draft_time - self.verify_time, 0.0)
+            if self.draft_time or self.verify_time else None,
+            "total_time_s": self.total_time,
+        }
+
+    def to_dict(self) -> dict:
+        """Everything, as JSON-serialisable lists."""
+        return {
+            **self.summary(),
+            "token_source": self.token_source.tolist(),
+            "token_step": self.token_step.tolist(),
+            "token_source_names": list(TOKEN_SOURCES),
+            "row_steps": self.row_steps.tolist(),
+            "row_accepted": self.row_accepted.tolist(),
+        }

@@ -1,0 +1,1 @@
+"""Diffusers-style pipelines, one folder per model family (installed as ``mmspec.pipelines``)."""

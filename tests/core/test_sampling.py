@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from mmspec.sampling import SamplingConfig, logits_to_probs, sample_from_probs
+
+
+def _reference(logits, temperature, top_k, top_p):
+    """Straightforward per-row re-statement of LlamaGen's sample() filtering."""
+    out = []
+    for row in logits.float() / temperature:
+        row = row.clone()
+        if top_k:
+            kth = sorted(row.tolist(), reverse=True)[top_k - 1]
+            row[row < kth] = float("-inf")
+        if top_p < 1:
+            order = sorted(range(len(row)), key=lambda i: -row[i].item())
+            probs = torch.softmax(row, -1)
+            total = 0.0
+            keep = set()
+            for i in order:
+                keep.add(i)
+                total += probs[i].item()
+                if total > top_p:
+                    break
+            for i in range(len(row)):
+                if i not in keep:
+                    row[i] = float("-inf")
+        out.append(torch.softmax(row, -1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, 1.0), (0.7, 5, 1.0), (1.3, None, 0.8), (1.0, 7, 0.6)])
+def test_logits_to_probs_matches_reference(temperature, top_k, top_p):
+    logits = torch.randn(6, 20, generator=torch.Generator().manual_seed(0)) * 3
+    got = logits_to_probs(logits, SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p))
+    want = _reference(logits, temperature, top_k, top_p)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_top_k_ties_survive_and_greedy_is_one_hot():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0]])
+    probs = logits_to_probs(logits, SamplingConfig(top_k=1))
+    assert probs[0, 1] == probs[0, 2] == 0.5 and probs[0, 0] == 0
+    greedy = logits_to_probs(logits, SamplingConfig(temperature=0))
+    assert greedy.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+def test_cfg_combination_before_temperature():
+    cond, uncond = torch.randn(3, 10), torch.randn(3, 10)
+    cfg = SamplingConfig(temperature=0.5, guidance_scale=4.0)
+    want = torch.softmax((uncond + (cond - uncond) * 4.0) / 0.5, -1)
+    torch.testing.assert_close(logits_to_probs(cond, cfg, uncond), want)
+    # guidance_scale <= 1 ignores the unconditional branch (LlamaGen does not double the batch).
+    torch.testing.assert_close(logits_to_probs(cond, SamplingConfig(), uncond), torch.softmax(cond, -1))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"top_k": 0}, "top_k must be a positive integer"),
+        ({"top_k": -3}, "top_k must be a positive integer"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"guidance_scale": -2.0}, "guidance_scale must be >= 0"),
+    ],
+)
+def test_invalid_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_top_k_larger_than_vocab_is_an_error():
+    with pytest.raises(ValueError, match="larger than the vocabulary"):
+        SamplingConfig(top_k=100).validate_vocab(50)
+
+
+def test_sample_from_probs_is_torch_multinomial_on_cpu():
+    probs = torch.softmax(torch.randn(8, 30, generator=torch.Generator().manual_seed(1)), -1)
+    ours = sample_from_probs(probs, torch.Generator().manual_seed(5))
+    theirs = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0]
+    assert torch.equal(ours, theirs)
+
+
+def test_sample_from_probs_replays_noise_and_never_picks_zero_mass():
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0]]).expand(500, -1)
+    draws = sample_from_probs(probs, torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {1, 2}
+    noise = torch.ones(1, 4)
+    noise[0, 2] = 0.1
+    assert sample_from_probs(probs[:1], exp_noise=noise).item() == 2
