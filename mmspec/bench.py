@@ -1,0 +1,211 @@
+"""``mmspec bench``: baseline and speculative configurations on the same inputs, in one process.
+
+A suite builds a target, inputs and a list of named configurations; :func:`run_benchmark` runs
+each (warm-up, then ``repeats`` timed runs and one profiled run for the draft/verify/other
+split) and writes one JSON record with the device, versions, command, steps, accepted length with
+and without the bonus token, wall times and the speedup against the baseline *of the same run*.
+Suites register themselves in :data:`BENCH_SUITES` (pipelines add theirs).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .loop import GenerationOutput
+
+
+@dataclass
+class BenchCase:
+    """One configuration: ``run(generator) -> GenerationOutput`` plus a description of it."""
+
+    name: str
+    run: Callable[[torch.Generator, bool], GenerationOutput]  # (generator, profile) -> output
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchSuite:
+    """What a suite hands to :func:`run_benchmark`: the baseline first, then the methods."""
+
+    name: str
+    description: str
+    cases: list[BenchCase]
+    setup: dict[str, Any] = field(default_factory=dict)
+
+
+BENCH_SUITES: dict[str, Callable[..., BenchSuite]] = {}
+
+
+def register_suite(name: str):
+    """Decorator: make a suite factory ``f(device, dtype, batch_size, **options) -> BenchSuite`` available."""
+
+    def wrap(factory):
+        BENCH_SUITES[name] = factory
+        return factory
+
+    return wrap
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device name and library versions for the record."""
+    import diffusers
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "diffusers": diffusers.__version__,
+        "mmspec": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["mmspec"] + sys.argv[1:]) if Path(sys.argv[0]).name == "mmspec" else " ".join(sys.argv),
+    }
+
+
+def _timed(case: BenchCase, seed: int, device: torch.device, profile: bool) -> tuple[GenerationOutput, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # deliberate: wall time of a whole call
+    start = time.perf_counter()
+    out = case.run(torch.Generator(device).manual_seed(seed), profile)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def run_benchmark(suite: BenchSuite, device: torch.device, repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Run every case of ``suite`` on the same seed and inputs; return the JSON-ready record."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    results = []
+    baseline_tokens = None
+    baseline_time = None
+    for case in tqdm(suite.cases, desc=f"bench {suite.name}", unit="config"):
+        for _ in range(warmup):
+            _timed(case, seed, device, profile=False)
+        times = []
+        for _ in range(repeats):
+            out, seconds = _timed(case, seed, device, profile=False)
+            times.append(seconds)
+        profiled, _ = _timed(case, seed, device, profile=True)
+        wall = statistics.median(times)
+        if baseline_tokens is None:
+            baseline_tokens, baseline_time = out.tokens, wall
+        generated = int(out.lengths.sum())
+        summary = profiled.stats.summary()
+        results.append({
+            "name": case.name,
+            "config": case.config,
+            "steps": out.stats.steps,
+            "prefill_steps": out.stats.prefill_steps,
+            "generated_tokens": generated,
+            "mean_accepted_without_bonus": out.stats.mean_accepted,
+            "mean_tokens_per_step_with_bonus": out.stats.mean_tokens_per_step,
+            "acceptance_rate_at_depth": summary["acceptance_rate_at_depth"],
+            "wall_time_s_median": wall,
+            "wall_time_s_all": times,
+            "tokens_per_s": generated / wall,
+            "profiled_draft_s": summary["draft_time_s"],
+            "profiled_verify_s": summary["verify_time_s"],
+            "profiled_other_s": summary["other_time_s"],
+            "speedup_vs_baseline": baseline_time / wall,
+            "tokens_equal_baseline": bool(torch.equal(out.tokens, baseline_tokens)),
+        })
+    return {
+        "suite": suite.name,
+        "description": suite.description,
+        "environment": environment(device),
+        "setup": suite.setup,
+        "repeats": repeats,
+        "warmup": warmup,
+        "seed": seed,
+        "baseline": suite.cases[0].name,
+        "results": results,
+    }
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """A Markdown table of a record (for terminals and benchmarks/RESULTS.md)."""
+    env = record["environment"]
+    lines = [
+        f"suite `{record['suite']}` on {env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}",
+        f"command: `{env['command']}`",
+        "",
+        "| config | steps | accepted/step (w/o bonus) | tokens/step (with bonus) | wall s (median) | tokens/s | speedup | = baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["results"]:
+        lines.append(
+            f"| {r['name']} | {r['steps']} | {r['mean_accepted_without_bonus']:.2f} | "
+            f"{r['mean_tokens_per_step_with_bonus']:.2f} | {r['wall_time_s_median']:.3f} | {r['tokens_per_s']:.1f} | "
+            f"{r['speedup_vs_baseline']:.2f}x | {'yes' if r['tokens_equal_baseline'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def write_record(record: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+@register_suite("lm")
+def lm_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1, *, dim: int = 256, n_layer: int = 4,
+             draft_dim: int = 64, vocab_size: int = 512, prompt_len: int = 64, max_new_tokens: int = 128,
+             num_draft_tokens: int = 4, temperature: float = 0.0) -> BenchSuite:
+    """A Llama-architecture target with random weights: measures the loop's per-step costs and the
+    n-gram / small-model / self drafters' overheads (random weights: acceptance is not meaningful
+    except for self-drafting, an upper bound). Prompts repeat a random 16-token phrase so n-gram
+    lookup has something to find."""
+    from .drafters import ModelDrafter, NGramDrafter
+    from .loop import required_cache_len, speculative_generate
+    from .modeling import DecoderConfig, DecoderLM
+    from .sampling import SamplingConfig
+    from .types import TokenPrompt
+
+    gen = torch.Generator().manual_seed(1234)
+    target = DecoderLM(DecoderConfig(vocab_size=vocab_size, dim=dim, n_layer=n_layer, n_head=max(dim // 64, 1))).to(device, dtype).eval()
+    draft = DecoderLM(DecoderConfig(vocab_size=vocab_size, dim=draft_dim, n_layer=1, n_head=max(draft_dim // 32, 1))).to(device, dtype).eval()
+    phrase = torch.randint(0, vocab_size, (batch_size, 16), generator=gen)
+    prompt = TokenPrompt(phrase.repeat(1, (prompt_len + 15) // 16)[:, :prompt_len].to(device),
+                         torch.full((batch_size,), prompt_len, device=device))
+    sampling = SamplingConfig(temperature=temperature)
+
+    def case(name, drafter, window):
+        def run(generator, profile):
+            with torch.inference_mode():
+                cache = target.new_cache(batch_size, required_cache_len(prompt_len, max_new_tokens, window))
+                return speculative_generate(target, prompt, cache, max_new_tokens=max_new_tokens, drafter=drafter,
+                                            num_draft_tokens=num_draft_tokens, sampling=sampling, generator=generator,
+                                            profile=profile)
+        return BenchCase(name, run, {"drafter": name, "num_draft_tokens": 0 if drafter is None else num_draft_tokens})
+
+    k = num_draft_tokens
+    return BenchSuite(
+        name="lm",
+        description=lm_suite.__doc__.split("\n")[0],
+        cases=[
+            case("baseline (static cache, eager)", None, 1),
+            case("ngram", NGramDrafter(vocab_size), k + 1),
+            case("small-model chain", ModelDrafter(draft), k + 1),
+            case("small-model tree (3 per depth)", ModelDrafter(draft, num_alternatives=3), 1 + 3 * k),
+            case("self-draft (upper bound)", ModelDrafter(target), k + 1),
+        ],
+        setup={"target": asdict(target.config), "draft": asdict(draft.config), "dtype": str(dtype),
+               "batch_size": batch_size, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+               "sampling": asdict(sampling)},
+    )

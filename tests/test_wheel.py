@@ -1,0 +1,45 @@
+"""Build the wheel and import every module from it (not from the source tree)."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_contains_and_imports_every_module(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True, text=True,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = tmp_path.glob("mmspec-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not any(n.startswith(("pipelines/", "kernels/")) for n in names), "pipelines/kernels must install under mmspec/"
+    modules = sorted(
+        n[:-3].replace("/", ".").removesuffix(".__init__") for n in names if n.endswith(".py")
+    )
+    expected = {
+        str(p.relative_to(REPO).with_suffix("")).replace("/", ".").removesuffix(".__init__")
+        for root in ("mmspec", "pipelines", "kernels") for p in (REPO / root).rglob("*.py")
+    }
+    expected = {m.replace("pipelines", "mmspec.pipelines", 1) if m.startswith("pipelines") else
+                m.replace("kernels", "mmspec.kernels", 1) if m.startswith("kernels") else m for m in expected}
+    assert expected <= set(modules), f"missing from the wheel: {sorted(expected - set(modules))}"
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    script = (
+        "import importlib, sys\n"
+        f"site = {str(site)!r}\n"
+        f"for name in {modules!r}:\n"
+        "    mod = importlib.import_module(name)\n"
+        "    assert mod.__file__.startswith(site), (name, mod.__file__)\n"
+        "print('ok', len(sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr[-3000:]
