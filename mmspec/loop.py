@@ -20,7 +20,7 @@ from .acceptance import AcceptanceRule, get_acceptance_rule
 from .cache import StaticKVCache
 from .sampling import SamplingConfig, logits_to_probs, sample_from_probs
 from .stats import SpecStats
-from .types import Draft, DraftContext, Drafter, Target, TargetOutput, TokenPrompt, Verdict
+from .types import Draft, DraftContext, Drafter, Target, TokenPrompt, Verdict
 
 
 @dataclass
@@ -116,8 +116,8 @@ def speculative_generate(
     history.scatter_(1, prefix_len[:, None], first[:, None])
     ctx = DraftContext(
         history=history, history_lengths=prefix_len + 1, last_tokens=first, positions=cache.lengths.clone(),
-        sampling=sampling, hidden_states=pre.output.hidden_states, num_new=torch.ones_like(prefix_len),
-        condition=condition,
+        sampling=sampling, hidden_states=pre.output.hidden_states,
+        uncond_hidden_states=pre.output.uncond_hidden_states, num_new=torch.ones_like(prefix_len), condition=condition,
     )
     num_out = torch.ones(batch, dtype=torch.long, device=device)  # generated so far, per row
     finished = first == eos_token_id if eos_token_id is not None else torch.zeros_like(first, dtype=torch.bool)
@@ -168,7 +168,9 @@ def speculative_generate(
         ctx = DraftContext(
             history=history, history_lengths=ctx.history_lengths + num_new,
             last_tokens=torch.where(active, new_last, ctx.last_tokens), positions=cache.lengths.clone(),
-            sampling=sampling, hidden_states=_path_features(out, path), num_new=num_new, condition=condition,
+            sampling=sampling, hidden_states=_path_features(out.hidden_states, path),
+            uncond_hidden_states=_path_features(out.uncond_hidden_states, path), target_probs=target_probs,
+            num_new=num_new, condition=condition,
         )
         num_out += num_new
         if drafter is not None:
@@ -197,12 +199,12 @@ def _verify(rule: AcceptanceRule, draft: Draft, target_probs: torch.Tensor, gene
     return rule.verify(draft, target_probs, generator)
 
 
-def _path_features(out: TargetOutput, path: torch.Tensor | None) -> torch.Tensor | None:
-    """Target features of the committed inputs ``[B, D + 1, H]`` (root then accepted path)."""
-    if out.hidden_states is None or path is None:
-        return out.hidden_states
-    index = path.clamp(min=0)[..., None].expand(-1, -1, out.hidden_states.shape[-1])
-    return out.hidden_states.gather(1, index)
+def _path_features(hidden: torch.Tensor | None, path: torch.Tensor | None) -> torch.Tensor | None:
+    """Target features ``[B, D + 1, H]`` of the committed inputs (chains: all inputs, in order;
+    trees: the root then the accepted path)."""
+    if hidden is None or path is None:
+        return hidden
+    return hidden.gather(1, path.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def _finish(history, prefix_len, num_out, max_new_tokens, eos_token_id, pad_token_id, stats) -> GenerationOutput:

@@ -75,6 +75,10 @@ class DraftContext:
     ``positions``: ``[B]`` sequence position of ``last_tokens`` (= the target cache's committed length).
     ``hidden_states``: ``[B, n, H]`` target features of the tokens committed by the last step (row b
         valid for its first ``num_new[b]`` entries; the last valid one precedes ``last_tokens``), or None.
+    ``uncond_hidden_states``: the same for the unconditional CFG half, or None.
+    ``target_probs``: ``[B, T, V]`` the target distributions of the last verify step (index i = after
+        its i-th input; chains: ``[last, d_1 .. d_k]``, trees: node order), None after prefill.
+        Jacobi drafters (SJD) refresh their window from it.
     ``num_new``: ``[B]`` how many tokens the last step committed per row.
     ``condition``: whatever conditions the generation (class labels, image features, CFG flag, ...).
     ``sampling``: the sampling configuration; drafters must use the same ``logits_to_probs``.
@@ -86,6 +90,8 @@ class DraftContext:
     positions: torch.Tensor
     sampling: SamplingConfig
     hidden_states: torch.Tensor | None = None
+    uncond_hidden_states: torch.Tensor | None = None
+    target_probs: torch.Tensor | None = None
     num_new: torch.Tensor | None = None
     condition: Any = None
 

@@ -1,0 +1,1 @@
+"""Training recipes: drafters (EAGLE-style heads) and the reference models."""
