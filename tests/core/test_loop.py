@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mmspec.drafters import ModelDrafter, NGramDrafter
+from mmspec.drafters import JacobiDrafter, ModelDrafter, NGramDrafter
 from mmspec.loop import required_cache_len, speculative_generate
 from mmspec.sampling import SamplingConfig, logits_to_probs
 from mmspec.stats import SOURCE_ACCEPTED, SOURCE_BONUS, SOURCE_PREFILL, SOURCE_RECOVERED
@@ -29,6 +29,8 @@ DRAFTERS = {
     "ngram": lambda t, d: NGramDrafter(t.vocab_size),
     "model-chain": lambda t, d: ModelDrafter(d),
     "model-tree": lambda t, d: ModelDrafter(d, num_alternatives=3),
+    "sjd": lambda t, d: JacobiDrafter(t.vocab_size),
+    "sjd-copy": lambda t, d: JacobiDrafter(t.vocab_size, init="copy", copy_offset=3),
 }
 
 
@@ -39,7 +41,7 @@ def test_greedy_speculation_equals_greedy_baseline(target, draft_model, batch, d
     base = generate(target, PROMPTS[:batch])
     spec = generate(target, PROMPTS[:batch], DRAFTERS[drafter](target, draft_model), acceptance=acceptance)
     assert torch.equal(spec.tokens, base.tokens)
-    assert spec.stats.steps < base.stats.steps or drafter == "ngram"
+    assert spec.stats.steps < base.stats.steps or drafter in ("ngram", "sjd", "sjd-copy")
 
 
 def test_ragged_acceptance_is_exercised(target, draft_model):
@@ -68,7 +70,7 @@ def _exact_joint(target, prompt, vocab, length, sampling):
     return joint
 
 
-@pytest.mark.parametrize("kind", ["chain", "tree", "ngram"])
+@pytest.mark.parametrize("kind", ["chain", "tree", "ngram", "sjd"])
 def test_exact_speculative_sampling_reproduces_target_distribution(kind):
     """Empirical joint law of the first 3 generated tokens vs the exact one, 20k samples in one batch.
     Tolerance: 3x the expected total-variation error of an exact sampler (shrinks as 1/sqrt(n))."""
@@ -78,6 +80,7 @@ def test_exact_speculative_sampling_reproduces_target_distribution(kind):
         "chain": ModelDrafter(noisy_copy(target, 1.0, seed=5)),
         "tree": ModelDrafter(noisy_copy(target, 1.0, seed=5), num_alternatives=2),
         "ngram": NGramDrafter(vocab, max_ngram=1),
+        "sjd": JacobiDrafter(vocab),
     }[kind]
     sampling = SamplingConfig(temperature=0.9, top_k=4)
     prompt = [0, 1, 2, 1]

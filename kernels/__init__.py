@@ -1,0 +1,23 @@
+"""Triton kernels for speculative decoding, each beside its PyTorch reference and a
+dispatcher (Triton on CUDA inputs, the reference elsewhere; ``MMSPEC_DISABLE_TRITON=1``
+forces the reference). triton is optional: without it only the references run."""
+
+from .rejection import (
+    HAS_TRITON,
+    chain_rejection_sample,
+    chain_rejection_sample_ref,
+    chain_rejection_sample_triton,
+    tree_rejection_sample,
+    tree_rejection_sample_ref,
+    tree_rejection_sample_triton,
+)
+
+__all__ = [
+    "HAS_TRITON",
+    "chain_rejection_sample",
+    "chain_rejection_sample_ref",
+    "chain_rejection_sample_triton",
+    "tree_rejection_sample",
+    "tree_rejection_sample_ref",
+    "tree_rejection_sample_triton",
+]
