@@ -12,6 +12,10 @@ from mmspec.modeling import DecoderConfig, DecoderLM
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tiny models are dominated by per-op overhead; with 2 threads on a 2-core CI runner (or a busy
+# one) every op pays thread synchronisation and tests run far slower. One thread for the suite.
+torch.set_num_threads(1)
+
 
 def fixtures_dir() -> Path:
     """``$MMSPEC_FIXTURES`` or ``<repo>/../shared/fixtures`` (the checked-out shared folder)."""
@@ -52,3 +56,21 @@ def target() -> DecoderLM:
 @pytest.fixture
 def draft_model(target) -> DecoderLM:
     return noisy_copy(target, noise=0.6)
+
+
+def tiny_llamagen(vocab_size: int = 16, grid: int = 3, num_classes: int = 5, dim: int = 32, n_layer: int = 2,
+                  seed: int = 0, sharpness: float = 3.0, model_type: str = "c2i"):
+    """A random LlamaGen GPT (c2i or t2i) + VQ pair small enough for CPU tests (4x4-pixel patches)."""
+    from mmspec.pipelines.llamagen import LlamaGenGPT, LlamaGenVQ
+
+    torch.manual_seed(seed)
+    gpt = LlamaGenGPT(dim=dim, n_layer=n_layer, n_head=4, multiple_of=32, num_classes=num_classes, vocab_size=vocab_size,
+                      block_size=grid * grid, model_type=model_type, caption_dim=24,
+                      cls_token_num=1 if model_type == "c2i" else 6)
+    with torch.no_grad():  # the official init zeroes the LM head (uniform logits): give it structure
+        for p in gpt.parameters():
+            p.normal_(0, 1 / max(p.shape[-1], 1) ** 0.5) if p.dim() > 1 else p.fill_(1.0)
+        gpt.output.weight.mul_(sharpness)
+    vq = LlamaGenVQ(codebook_size=vocab_size, codebook_embed_dim=4, encoder_ch_mult=(1, 1), decoder_ch_mult=(1, 1),
+                    z_channels=32, ch=32, num_res_blocks=1)
+    return gpt.eval(), vq.eval()

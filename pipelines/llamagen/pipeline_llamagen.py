@@ -1,0 +1,211 @@
+"""``LlamaGenPipeline``: class- or text-conditional image generation with LlamaGen, with or without
+speculative decoding, through mmspec's one draft/verify loop.
+
+``speculative=None`` is the plain autoregressive baseline (static KV cache; the same target,
+cache and sampling code as every speculative mode), for A/B comparisons on the same seed.
+Speculative methods are looked up in :data:`SPECULATIVE_METHODS`; acceptance rules by name in
+``mmspec.acceptance`` — both swap without touching the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from mmspec.acceptance import AcceptanceRule
+from mmspec.drafters import JacobiDrafter, ModelDrafter
+from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.sampling import SamplingConfig
+from mmspec.stats import SpecStats
+
+from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
+from .modeling_vq import LlamaGenVQ
+
+
+@dataclass
+class LlamaGenPipelineOutput(BaseOutput):
+    """``images``: list of PIL images, ``np.ndarray [B, H, W, 3]`` or ``torch.Tensor [B, 3, H, W]``
+    in [0, 1] (``output_type``); ``tokens``: ``[B, h, w]`` the generated token grid;
+    ``stats``: :class:`~mmspec.stats.SpecStats` (``token_source`` / ``token_step`` reshape to the grid)."""
+
+    images: Any
+    tokens: torch.Tensor
+    stats: SpecStats
+
+
+@dataclass(frozen=True)
+class SpeculativeOptions:
+    """Knobs of the speculative methods (only the chosen method's knobs matter)."""
+
+    sjd_init: str = "random"  # SJD fresh guesses: "random" or "copy" (the token above)
+
+
+#: name -> factory(pipeline, options) building the drafter for one call.
+SPECULATIVE_METHODS: dict[str, Callable[["LlamaGenPipeline", SpeculativeOptions], Any]] = {}
+
+
+def register_speculative_method(name: str):
+    def wrap(factory):
+        SPECULATIVE_METHODS[name] = factory
+        return factory
+
+    return wrap
+
+
+@register_speculative_method("sjd")
+def _sjd(pipe: "LlamaGenPipeline", options: SpeculativeOptions) -> JacobiDrafter:
+    """Speculative Jacobi decoding (training-free)."""
+    grid = pipe.target.grid_size
+    return JacobiDrafter(pipe.target.vocab_size, init=options.sjd_init, copy_offset=grid if options.sjd_init == "copy" else None)
+
+
+@register_speculative_method("draft-model")
+def _draft_model(pipe: "LlamaGenPipeline", options: SpeculativeOptions) -> ModelDrafter:
+    """A smaller LlamaGen GPT with the same codebook as the drafter component."""
+    if not isinstance(pipe.drafter, LlamaGenGPT):
+        raise ValueError("speculative='draft-model' needs a smaller LlamaGenGPT as the pipeline's `drafter` component")
+    return ModelDrafter(pipe.drafter)
+
+
+class LlamaGenPipeline(DiffusionPipeline):
+    """LlamaGen (Sun et al. 2024, arXiv 2406.06525) with speculative decoding.
+
+    Components: ``target`` (:class:`LlamaGenGPT`), ``vq`` (:class:`LlamaGenVQ`) and an optional
+    ``drafter`` (a smaller ``LlamaGenGPT`` or an EAGLE head trained for this target).
+    """
+
+    model_cpu_offload_seq = "target->vq"
+    _optional_components = ["drafter"]
+
+    def __init__(self, target: LlamaGenGPT, vq: LlamaGenVQ, drafter: Any = None) -> None:
+        super().__init__()
+        if target.config.vocab_size != vq.config.codebook_size:
+            raise ValueError(
+                f"target vocabulary ({target.config.vocab_size}) does not match the VQ codebook "
+                f"({vq.config.codebook_size}): use the tokenizer the GPT was trained with"
+            )
+        if drafter is not None and getattr(drafter.config, "vocab_size", target.config.vocab_size) != target.config.vocab_size:
+            raise ValueError(
+                f"drafter vocabulary ({drafter.config.vocab_size}) does not match the target's ({target.config.vocab_size})"
+            )
+        self.register_modules(target=target, vq=vq, drafter=drafter)
+
+    @classmethod
+    def from_official(cls, gpt: str, vq: str, gpt_config: str | dict, vq_config: str | dict, **kwargs) -> "LlamaGenPipeline":
+        """Build from official LlamaGen ``.pt`` checkpoints (see :func:`load_official_gpt`).
+
+        ``gpt_config`` / ``vq_config``: a preset name (``"GPT-XL"``, ``"VQ-16"``) or a dict of the
+        official ``ModelArgs`` fields; ``kwargs`` go to the constructor (e.g. ``drafter``).
+        """
+        from .official import load_official_gpt, load_official_vq
+
+        return cls(target=load_official_gpt(gpt, gpt_config), vq=load_official_vq(vq, vq_config), **kwargs)
+
+    def _condition(self, class_labels, prompt_embeds, prompt_attention_mask) -> LlamaGenCondition:
+        device = self.target.device
+        if class_labels is not None:
+            labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels, dtype=torch.long)
+            if self.target.config.model_type != "c2i":
+                raise ValueError("this is a text-conditional (t2i) model: pass prompt_embeds, not class_labels")
+            bad = [int(x) for x in labels if not 0 <= int(x) < self.target.config.num_classes]
+            if bad:
+                raise ValueError(f"class labels {bad} are outside [0, {self.target.config.num_classes})")
+            return LlamaGenCondition(class_labels=labels.to(device))
+        if prompt_embeds is None:
+            raise ValueError("pass class_labels (c2i models) or prompt_embeds (t2i models)")
+        if self.target.config.model_type != "t2i":
+            raise ValueError("this is a class-conditional (c2i) model: pass class_labels, not prompt_embeds")
+        mask = None if prompt_attention_mask is None else prompt_attention_mask.to(device)
+        return LlamaGenCondition(caption_embs=prompt_embeds.to(device, self.target.dtype), caption_mask=mask)
+
+    def _postprocess(self, images: torch.Tensor, output_type: str):
+        images = ((images.float() + 1) / 2).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return array
+        if output_type == "pil":
+            return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,  # [B, L, caption_dim], left padded (t2i)
+        prompt_attention_mask: torch.Tensor | None = None,  # [B, L]
+        guidance_scale: float = 4.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        speculative: str | None = None,
+        num_draft_tokens: int = 8,
+        acceptance: str | AcceptanceRule = "exact",
+        speculative_options: SpeculativeOptions = SpeculativeOptions(),
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[["LlamaGenPipeline", int, None, dict], dict] | None = None,
+    ):
+        """Generate images.
+
+        Args:
+            class_labels: class ids (c2i). prompt_embeds / prompt_attention_mask: text features (t2i).
+            guidance_scale: classifier-free guidance; > 1 runs the ``[cond ; uncond]`` pair.
+            temperature, top_k, top_p: sampling (temperature 0 or top_k 1 = greedy). LlamaGen's
+                sample scripts use top_k=2000 with its 16384-code tokenizers.
+            generator: seeds every draw; on CPU the baseline reproduces the official ``generate()``
+                under ``torch.manual_seed`` with the same seed.
+            speculative: None (baseline) or a key of :data:`SPECULATIVE_METHODS` (``"sjd"``,
+                ``"draft-model"``, ...). num_draft_tokens: drafts per step (SJD: window size).
+            acceptance: rule name or instance (``"exact"``, ``"greedy"``, ...).
+            speculative_options: method knobs (:class:`SpeculativeOptions`).
+            output_type: ``"pil"``, ``"np"`` or ``"pt"``. return_dict: output object or tuple.
+            callback_on_step_end: ``f(pipe, step, None, {"num_generated": [B] tensor})`` after every
+                verify step (diffusers convention; the timestep slot is None for AR models).
+
+        Returns:
+            :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
+        """
+        condition = self._condition(class_labels, prompt_embeds, prompt_attention_mask)
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+        drafter = None
+        if speculative is not None:
+            if speculative not in SPECULATIVE_METHODS:
+                raise ValueError(f"unknown speculative method {speculative!r}; available: {sorted(SPECULATIVE_METHODS)}")
+            drafter = SPECULATIVE_METHODS[speculative](self, speculative_options)
+        num_tokens = self.target.config.block_size
+        window = num_draft_tokens + 1 if speculative else 1
+        cache = self.target.new_cache(
+            condition.batch_size, required_cache_len(self.target.config.cls_token_num, num_tokens, 4 * window),
+            cfg=sampling.uses_cfg,
+        )
+        progress = self.progress_bar(total=num_tokens)
+        done = [1]
+
+        def on_step(step: int, num_generated: torch.Tensor) -> None:
+            now = int(num_generated.clamp(max=num_tokens).min())  # deliberate sync: progress display
+            progress.update(now - done[0])
+            done[0] = now
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, step, None, {"num_generated": num_generated})
+
+        out = speculative_generate(
+            self.target, condition, cache, max_new_tokens=num_tokens, drafter=drafter, acceptance=acceptance,
+            num_draft_tokens=num_draft_tokens, sampling=sampling, generator=generator, callback=on_step,
+        )
+        progress.update(num_tokens - done[0])
+        progress.close()
+        grid = self.target.grid_size
+        tokens = out.tokens.reshape(-1, grid, grid)
+        images = self._postprocess(self.vq.decode_code(tokens), output_type)
+        if not return_dict:
+            return images, tokens, out.stats
+        return LlamaGenPipelineOutput(images=images, tokens=tokens, stats=out.stats)

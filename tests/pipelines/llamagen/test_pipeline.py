@@ -1,0 +1,172 @@
+"""LlamaGenPipeline: diffusers conventions, official reproduction, lossless speculation."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from mmspec.pipelines.llamagen import LlamaGenCondition, LlamaGenVQ
+from mmspec.pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline, LlamaGenPipelineOutput
+from mmspec.sampling import SamplingConfig, logits_to_probs
+
+from ...conftest import fixtures_dir, tiny_llamagen
+
+FIX = fixtures_dir() / "llamagen"
+needs_fixtures = pytest.mark.skipif(not (FIX / "reference.pt").is_file(), reason=f"fixtures not found at {FIX}")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    gpt, vq = tiny_llamagen()
+    draft, _ = tiny_llamagen(dim=16, n_layer=1, seed=1)
+    return LlamaGenPipeline(target=gpt, vq=vq, drafter=draft)
+
+
+@pytest.fixture(scope="module")
+def official():
+    settings = json.loads((FIX / "settings.json").read_text())
+    vq_config = {**settings["vq_model_args"], "ch": settings["vq_encoder_decoder_ch"]}
+    c2i = LlamaGenPipeline.from_official(str(FIX / "gpt_c2i.pt"), str(FIX / "vq.pt"), settings["gpt_c2i_model_args"], vq_config)
+    t2i = LlamaGenPipeline(target=LlamaGenPipeline.from_official(
+        str(FIX / "gpt_t2i.pt"), str(FIX / "vq.pt"), settings["gpt_t2i_model_args"], vq_config).target, vq=c2i.vq)
+    return settings, torch.load(FIX / "reference.pt", weights_only=True), c2i, t2i
+
+
+@needs_fixtures
+def test_baseline_reproduces_official_generate_runs(official):
+    """Same seed as the official generate(): identical token grids (CPU; see fixtures README)."""
+    settings, ref, c2i, t2i = official
+    for run in settings["c2i_generate"]["runs"]:
+        out = c2i(class_labels=settings["c2i_generate"]["cond"], guidance_scale=run["cfg_scale"],
+                  temperature=run["temperature"], top_k=run["top_k"] or None, top_p=run["top_p"],
+                  generator=torch.Generator().manual_seed(run["seed"]), output_type="pt")
+        assert torch.equal(out.tokens.flatten(1), ref[f"gen{run['index']}_tokens"].long()), run["name"]
+    run = settings["t2i_generate"]
+    out = t2i(prompt_embeds=ref["t2i_tf_caption"], prompt_attention_mask=ref["t2i_tf_emb_masks"],
+              guidance_scale=run["cfg_scale"], top_k=run["top_k"], generator=torch.Generator().manual_seed(run["seed"]),
+              output_type="pt")
+    assert torch.equal(out.tokens.flatten(1), ref["t2igen_tokens"].long())
+    # The decoded image is the official decode of those tokens, mapped from [-1, 1] to [0, 1].
+    gen0 = c2i(class_labels=[3, 7], guidance_scale=4.0, generator=torch.Generator().manual_seed(1334), output_type="pt")
+    torch.testing.assert_close(gen0.images, ((ref["e2e_gen0_image"] + 1) / 2).clamp(0, 1), atol=5e-4, rtol=0)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("speculative", ["sjd"])
+def test_greedy_speculation_equals_greedy_baseline_on_official_model(official, speculative):
+    _, _, c2i, _ = official
+    base = c2i(class_labels=[3, 7, 1], top_k=1, output_type="pt")
+    spec = c2i(class_labels=[3, 7, 1], top_k=1, speculative=speculative, num_draft_tokens=6, output_type="pt")
+    assert torch.equal(spec.tokens, base.tokens)
+    assert spec.stats.steps <= base.stats.steps
+
+
+@pytest.mark.parametrize("speculative,acceptance", [("sjd", "exact"), ("sjd", "greedy"), ("draft-model", "exact")])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_greedy_speculation_equals_baseline_tiny(tiny_pipe, speculative, acceptance, guidance_scale):
+    kw = dict(class_labels=[0, 4, 2, 2], guidance_scale=guidance_scale, temperature=0, output_type="pt")
+    base = tiny_pipe(**kw)
+    spec = tiny_pipe(**kw, speculative=speculative, acceptance=acceptance, num_draft_tokens=3)
+    assert torch.equal(spec.tokens, base.tokens)
+
+
+def test_cfg_topk_topp_identical_in_draft_and_target(tiny_pipe):
+    """Self-drafting with CFG, temperature, top-k and top-p: q == p exactly, so every draft must be
+    accepted. Any difference in how the draft applies CFG/filters would reject some."""
+    pipe = LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq, drafter=tiny_pipe.target)
+    out = pipe(class_labels=[1, 3], guidance_scale=2.5, temperature=0.8, top_k=7, top_p=0.9,
+               speculative="draft-model", num_draft_tokens=4, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert out.stats.acceptance_rate_at_depth == [1.0] * 4
+
+
+def _exact_first_tokens(gpt, label, sampling, n):
+    """Exact joint distribution of the first ``n`` image tokens (enumerated with the target)."""
+    joint = {}
+    for seq in itertools.product(range(gpt.vocab_size), repeat=n):
+        cond = LlamaGenCondition(class_labels=torch.tensor([label]))
+        cache = gpt.new_cache(1, 16, cfg=sampling.uses_cfg)
+        pre = gpt.prefill(cond, cache)
+        probs = [logits_to_probs(pre.output.logits[:, -1], sampling, pre.output.uncond_logits[:, -1])]
+        if n > 1:
+            out = gpt(torch.tensor([seq[:-1]]), cache.slots(n - 1), cache)
+            probs += list(logits_to_probs(out.logits, sampling, out.uncond_logits)[0, :, None].unbind(0))
+        joint[seq] = math.prod(p[0, t].item() for p, t in zip(probs, seq))
+    return joint
+
+
+@pytest.mark.parametrize("speculative", ["sjd", "draft-model"])
+def test_exact_sampling_matches_baseline_distribution_with_cfg(speculative):
+    """Joint law of the first 3 tokens under CFG + top-k, 12k images in one batch, vs the exact law."""
+    gpt, vq = tiny_llamagen(vocab_size=4, grid=2, seed=3, sharpness=1.5)
+    draft, _ = tiny_llamagen(vocab_size=4, grid=2, seed=4, dim=16, n_layer=1, sharpness=1.5)
+    pipe = LlamaGenPipeline(target=gpt, vq=vq, drafter=draft)
+    pipe.set_progress_bar_config(disable=True)
+    n, length = 12_000, 3
+    sampling = SamplingConfig(temperature=1.0, top_k=3, guidance_scale=2.0)
+    out = pipe(class_labels=[2] * n, guidance_scale=2.0, top_k=3, speculative=speculative, num_draft_tokens=2,
+               generator=torch.Generator().manual_seed(0), output_type="pt")
+    exact = _exact_first_tokens(gpt, 2, sampling, length)
+    counts = {}
+    for row in out.tokens.flatten(1)[:, :length].tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    tvd = 0.5 * sum(abs(counts.get(s, 0) / n - p) for s, p in exact.items())
+    expected = 0.5 * sum(math.sqrt(2 * p * (1 - p) / (math.pi * n)) for p in exact.values())
+    assert tvd < 3 * expected, (tvd, expected)
+
+
+def test_call_conventions(tiny_pipe):
+    kw = dict(class_labels=[1, 2], generator=torch.Generator().manual_seed(5))
+    pil = tiny_pipe(**kw)
+    assert isinstance(pil, LlamaGenPipelineOutput) and isinstance(pil.images[0], PIL.Image.Image)
+    assert pil.images[0].size == (6, 6) and pil.tokens.shape == (2, 3, 3)
+    arr = tiny_pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(5), output_type="np").images
+    assert isinstance(arr, np.ndarray) and arr.shape == (2, 6, 6, 3) and 0 <= arr.min() and arr.max() <= 1
+    images, tokens, stats = tiny_pipe(**{**kw, "generator": torch.Generator().manual_seed(5)}, output_type="pt", return_dict=False)
+    assert images.shape == (2, 3, 6, 6) and torch.equal(tokens, pil.tokens) and stats.steps == 8
+    # Seeds: same seed same images, batch rows independent of batch composition is NOT promised,
+    # but a single-label call equals itself.
+    single = tiny_pipe(class_labels=3, generator=torch.Generator().manual_seed(1), output_type="pt")
+    again = tiny_pipe(class_labels=[3], generator=torch.Generator().manual_seed(1), output_type="pt")
+    assert torch.equal(single.tokens, again.tokens)
+    steps = []
+    tiny_pipe(class_labels=[0], callback_on_step_end=lambda p, i, t, kw: steps.append(int(kw["num_generated"][0])))
+    assert steps[-1] >= 9 and steps == sorted(steps)
+    grid = pil.stats.token_source.reshape(2, 3, 3)  # per-position sources for heat-maps
+    assert (grid >= 0).all()
+
+
+def test_save_load_round_trip(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path)
+    loaded = LlamaGenPipeline.from_pretrained(tmp_path)
+    kw = dict(class_labels=[0, 1], temperature=0, output_type="pt")
+    a, b = tiny_pipe(**kw), loaded(**kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images)
+    assert loaded.drafter is not None
+
+
+def test_clear_errors(tiny_pipe):
+    with pytest.raises(ValueError, match=r"class labels \[7\] are outside \[0, 5\)"):
+        tiny_pipe(class_labels=[1, 7])
+    with pytest.raises(ValueError, match="pass class_labels"):
+        tiny_pipe()
+    with pytest.raises(ValueError, match="class-conditional"):
+        tiny_pipe(prompt_embeds=torch.zeros(1, 6, 24))
+    with pytest.raises(ValueError, match="unknown speculative method 'medusa'"):
+        tiny_pipe(class_labels=[0], speculative="medusa")
+    with pytest.raises(ValueError, match="larger than the vocabulary"):
+        tiny_pipe(class_labels=[0], top_k=2000)
+    with pytest.raises(ValueError, match="output_type"):
+        tiny_pipe(class_labels=[0], output_type="jpeg")
+    other_vq = LlamaGenVQ(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=(1, 1), decoder_ch_mult=(1, 1),
+                          z_channels=32, ch=32, num_res_blocks=1)
+    with pytest.raises(ValueError, match=r"target vocabulary \(16\) does not match the VQ codebook \(32\)"):
+        LlamaGenPipeline(target=tiny_pipe.target, vq=other_vq)
+    no_drafter = LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq)
+    with pytest.raises(ValueError, match="needs a smaller LlamaGenGPT"):
+        no_drafter(class_labels=[0], speculative="draft-model")
