@@ -68,6 +68,135 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_llamagen_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (default: the embedded reference model, offline)")
+    src.add_argument("--model", default=None, help="a LlamaGenPipeline folder written by save_pretrained")
+    src.add_argument("--official-gpt", default=None, help="official LlamaGen GPT checkpoint (.pt)")
+    src.add_argument("--official-vq", default=None, help="official LlamaGen VQ checkpoint (.pt)")
+    src.add_argument("--gpt-config", default=None, help="preset name (e.g. GPT-XL) or a JSON file of ModelArgs")
+    src.add_argument("--vq-config", default=None, help="preset name (e.g. VQ-16) or a JSON file of ModelArgs")
+
+
+def _config(value: str | None, flag: str):
+    if value is None:
+        raise SystemExit(f"{flag} is required with official checkpoints (a preset name or a JSON file)")
+    path = Path(value)
+    return json.loads(path.read_text()) if path.suffix == ".json" else value
+
+
+def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The pipeline named by the command line (official checkpoints, a saved folder, or the default)."""
+    from .pipelines.llamagen import LlamaGenPipeline
+
+    if args.official_gpt or args.official_vq:
+        if not (args.official_gpt and args.official_vq):
+            raise SystemExit("pass both --official-gpt and --official-vq")
+        pipe = LlamaGenPipeline.from_official(args.official_gpt, args.official_vq, _config(args.gpt_config, "--gpt-config"),
+                                              _config(args.vq_config, "--vq-config"))
+    elif args.model:
+        pipe = LlamaGenPipeline.from_pretrained(args.model)
+    else:
+        from .defaults import load_default_llamagen
+
+        pipe = load_default_llamagen()
+    pipe.to(device)
+    if dtype != torch.float32:  # the VQ decoder stays in float32: it is cheap and fp32-sensitive
+        for model in (pipe.target, pipe.drafter):
+            if model is not None:
+                model.to(dtype)
+    return pipe
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _add_llamagen_source(p)
+    inputs = p.add_mutually_exclusive_group()
+    inputs.add_argument("--class-labels", default=None, help="comma-separated class ids, e.g. 3,7,12")
+    inputs.add_argument("--labels-file", type=Path, default=None, help="one class id per line (batch mode)")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/generate"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="batch b uses seed + index of its first item")
+    p.add_argument("--speculative", default="sjd", help="sjd, draft-model, eagle, ... or 'none' for the baseline")
+    p.add_argument("--num-draft-tokens", type=int, default=8)
+    p.add_argument("--acceptance", default="exact")
+    p.add_argument("--heatmaps", action="store_true", help="also write an acceptance heat-map per image")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+@command("generate", _generate_args)
+def generate(args: argparse.Namespace) -> int:
+    """Generate images (batch over class labels; resumable; bad items skipped and reported)."""
+    import time
+
+    from .jobs import JobOutput, run_job, write_summary
+    from .visualize import acceptance_heatmap
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.labels_file is not None:
+        raw = [line.strip() for line in args.labels_file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    else:
+        raw = [x.strip() for x in (args.class_labels or "0,1,2,3").split(",") if x.strip()]
+    pipe = load_llamagen(args, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    num_classes = pipe.target.config.num_classes
+    speculative = None if args.speculative == "none" else args.speculative
+
+    def parse(value: str) -> int:
+        try:
+            label = int(value)
+        except ValueError:
+            raise ValueError(f"not a class id: {value!r}") from None
+        if not 0 <= label < num_classes:
+            raise ValueError(f"class id {label} is outside [0, {num_classes})")
+        return label
+
+    def process(items):
+        start = time.perf_counter()
+        out = pipe(class_labels=[it.value for it in items], guidance_scale=args.guidance_scale,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   generator=torch.Generator(device).manual_seed(args.seed + items[0].index),
+                   speculative=speculative, num_draft_tokens=args.num_draft_tokens, acceptance=args.acceptance)
+        seconds = time.perf_counter() - start
+        grid = out.tokens.shape[1:]
+        records = []
+        for row, (item, image) in enumerate(zip(items, out.images)):
+            name = f"{item.index:05d}_class{item.value}.png"
+            image.save(args.output_dir / name)
+            record = {"file": name, "class_label": item.value, "seed": args.seed + items[0].index,
+                      "batch_steps": out.stats.steps, "batch_seconds": seconds,
+                      "row_steps": int(out.stats.row_steps[row]), "row_accepted": int(out.stats.row_accepted[row])}
+            if args.heatmaps:
+                heat = f"{item.index:05d}_accept.png"
+                acceptance_heatmap(out.stats.token_source[row].reshape(grid), out.stats.token_step[row].reshape(grid)).save(args.output_dir / heat)
+                record["heatmap"] = heat
+            records.append(record)
+        return records
+
+    job = run_job(raw, parse, process, args.output_dir, args.batch_size, desc="generate")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        summary = write_summary(args.output_dir, {
+            "command": "generate", "speculative": speculative, "acceptance": args.acceptance,
+            "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
+            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "device": str(device),
+        })
+        results = JobOutput.read(args.output_dir, "results")
+        steps = sum(r["row_steps"] for r in results)
+        accepted = sum(r["row_accepted"] for r in results)
+        print(f"{summary['num_results']} images in {args.output_dir} ({summary['num_errors']} bad items; "
+              f"this run: {job['processed']} new, {job['skipped_done']} already done); "
+              f"mean accepted drafts per step: {accepted / max(steps, 1):.2f}")
+        for err in summary["errors"]:
+            print(f"  skipped item {err['index']} ({err['input']!r}): {err['error']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmspec", description="Speculative decoding for multimodal generative models.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -14,18 +14,30 @@ from .official import (
     resolve_gpt_config,
     resolve_vq_config,
 )
+from .pipeline_llamagen import (
+    SPECULATIVE_METHODS,
+    LlamaGenPipeline,
+    LlamaGenPipelineOutput,
+    SpeculativeOptions,
+    register_speculative_method,
+)
 
 __all__ = [
     "GPT_PRESETS",
     "VQ_PRESETS",
     "LlamaGenCondition",
     "LlamaGenGPT",
+    "LlamaGenPipeline",
+    "LlamaGenPipelineOutput",
+    "SPECULATIVE_METHODS",
+    "SpeculativeOptions",
     "LlamaGenVQ",
     "infer_gpt_config",
     "infer_vq_config",
     "llamagen_freqs_2d",
     "load_official_gpt",
     "load_official_vq",
+    "register_speculative_method",
     "read_official_state_dict",
     "resolve_gpt_config",
     "resolve_vq_config",

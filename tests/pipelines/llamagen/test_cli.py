@@ -1,0 +1,77 @@
+"""``mmspec generate``: images + stats, bad items skipped and reported, resume, data-parallel shards."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import PIL.Image
+import pytest
+
+from mmspec import jobs
+from mmspec.cli import main
+from mmspec.pipelines.llamagen import LlamaGenPipeline
+
+from ...conftest import tiny_llamagen
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    gpt, vq = tiny_llamagen()
+    path = tmp_path_factory.mktemp("pipe")
+    LlamaGenPipeline(target=gpt, vq=vq).save_pretrained(path)
+    return path
+
+
+def _run(model_dir, out, labels_file, *extra):
+    return main(["generate", "--model", str(model_dir), "--labels-file", str(labels_file), "--output-dir", str(out),
+                 "--batch-size", "2", "--device", "cpu", *extra])
+
+
+def test_generate_batch_skips_bad_items_and_resumes(model_dir, tmp_path, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("1\n4\nbanana\n9\n# comment\n0\n")
+    out = tmp_path / "out"
+    assert _run(model_dir, out, labels, "--heatmaps") == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["num_results"] == 3 and stats["num_errors"] == 2
+    assert {e["input"] for e in stats["errors"]} == {"banana", "9"}
+    assert "outside [0, 5)" in json.dumps(stats["errors"])
+    for name in ("00000_class1.png", "00001_class4.png", "00004_class0.png", "00000_accept.png"):
+        assert PIL.Image.open(out / name).size[0] > 0
+    first = (out / "00000_class1.png").read_bytes()
+    # Resume: nothing is regenerated, errors are reported once; a longer list adds only new items.
+    labels.write_text("1\n4\nbanana\n9\n# comment\n0\n2\n")
+    assert _run(model_dir, out, labels) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["num_results"] == 4 and stats["num_errors"] == 2
+    assert (out / "00000_class1.png").read_bytes() == first
+    assert "1 new, 3 already done" in capsys.readouterr().out.splitlines()[-3]
+
+
+def test_generate_shards_items_across_processes(model_dir, tmp_path, monkeypatch):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0\n1\n2\n3\n4\n")
+    out = tmp_path / "out"
+    for rank in (1, 0):  # what `accelerate launch --num_processes 2` gives each process (rank 0 summarises last)
+        fake = SimpleNamespace(process_index=rank, num_processes=2, is_local_main_process=rank == 0,
+                               is_main_process=rank == 0, wait_for_everyone=lambda: None)
+        monkeypatch.setattr("accelerate.PartialState", lambda: fake)
+        assert _run(model_dir, out, labels, "--speculative", "none") == 0
+    ranks = {r["index"]: path.name for path in out.glob("results.*.jsonl")
+             for r in map(json.loads, path.read_text().splitlines())}
+    assert ranks == {0: "results.0.jsonl", 1: "results.1.jsonl", 2: "results.0.jsonl", 3: "results.1.jsonl",
+                     4: "results.0.jsonl"}
+    assert json.loads((out / "stats.json").read_text())["num_results"] == 5
+
+
+def test_job_retries_a_failing_batch_item_by_item(tmp_path):
+    def process(items):
+        if any(it.value == 3 for it in items):
+            raise ValueError("three is cursed")
+        return [{"double": it.value * 2} for it in items]
+
+    summary = jobs.run_job(["1", "2", "3", "4"], int, process, tmp_path, batch_size=4, desc="t")
+    results = jobs.JobOutput.read(tmp_path, "results")
+    assert [r["double"] for r in results] == [2, 4, 8] and summary["processed"] == 3
+    assert jobs.write_summary(tmp_path, {})["errors"][0]["error"] == "three is cursed"
