@@ -46,6 +46,17 @@ class BenchSuite:
 
 
 BENCH_SUITES: dict[str, Callable[..., BenchSuite]] = {}
+#: Modules that register suites when imported (pipelines keep their suites next to them).
+SUITE_MODULES = ("mmspec.pipelines.llamagen.bench",)
+
+
+def load_suites() -> dict[str, Callable[..., BenchSuite]]:
+    """Import every suite module and return the registry."""
+    import importlib
+
+    for module in SUITE_MODULES:
+        importlib.import_module(module)
+    return BENCH_SUITES
 
 
 def register_suite(name: str):

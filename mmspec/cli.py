@@ -37,9 +37,9 @@ def _parse_options(pairs: list[str]) -> dict:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    from .bench import BENCH_SUITES
+    from .bench import load_suites
 
-    p.add_argument("--suite", default="lm", help=f"benchmark suite (available: {', '.join(sorted(BENCH_SUITES))})")
+    p.add_argument("--suite", default="lm", help=f"benchmark suite (available: {', '.join(sorted(load_suites()))})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=1)

@@ -75,3 +75,15 @@ def test_job_retries_a_failing_batch_item_by_item(tmp_path):
     results = jobs.JobOutput.read(tmp_path, "results")
     assert [r["double"] for r in results] == [2, 4, 8] and summary["processed"] == 3
     assert jobs.write_summary(tmp_path, {})["errors"][0]["error"] == "three is cursed"
+
+
+def test_bench_ar_image_suite_runs_every_method_on_the_same_inputs(model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--suite", "ar-image", "--option", f"source={model_dir}", "--option", "temperature=0",
+                 "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    names = [r["name"] for r in record["results"]]
+    assert names[0] == "baseline (eager)" and "sjd (eager)" in names
+    # Greedy: every lossless method reproduces the baseline's images token for token.
+    assert all(r["tokens_equal_baseline"] for r in record["results"])
+    assert record["setup"]["tokens_per_image"] == 9
