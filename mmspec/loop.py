@@ -159,7 +159,7 @@ def speculative_generate(
         else:
             path = draft.tree.path_offsets(verdict.accepted_nodes)  # [B, D + 1]
             cache.compact(path, num_new)
-        stats.record_step(active, verdict.num_accepted, verdict.is_bonus, num_out)
+        stats.record_step(active, verdict.num_accepted, verdict.is_bonus, num_out, verdict.moved_mass)
         _write_ragged(history, ctx.history_lengths, verdict.tokens, num_new)
         new_last = verdict.tokens.gather(1, verdict.num_accepted[:, None])[:, 0]
         if eos_token_id is not None:

@@ -28,7 +28,10 @@ class SpecStats:
     ``accepted_at_depth`` / ``proposed_at_depth``: ``[D]`` how often the draft at depth d was
     accepted / was reached (a draft is "reached" when all shallower drafts on its path were kept).
     ``row_steps``: ``[B]`` decode steps during which each row was still generating.
-    ``row_accepted``: ``[B]`` drafts kept per row. Wall times in seconds; ``draft_time`` and
+    ``row_accepted``: ``[B]`` drafts kept per row. ``moved_mass_sum`` / ``moved_mass_max`` /
+    ``moved_mass_tokens``: for lossy rules, the total variation between the distribution each
+    committed token was actually drawn from and the target's (``Verdict.moved_mass``), summed, its
+    maximum, and how many tokens it covers (all zero for lossless rules). Wall times in seconds; ``draft_time`` and
     ``verify_time`` are only measured with ``profile=True`` (they need device syncs).
     """
 
@@ -47,6 +50,9 @@ class SpecStats:
     proposed_at_depth: torch.Tensor = field(init=False)
     row_steps: torch.Tensor = field(init=False)
     row_accepted: torch.Tensor = field(init=False)
+    moved_mass_sum: torch.Tensor = field(init=False)
+    moved_mass_max: torch.Tensor = field(init=False)
+    moved_mass_tokens: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         shape = (self.batch_size, self.max_new_tokens)
@@ -57,6 +63,9 @@ class SpecStats:
         self.proposed_at_depth = torch.zeros(depth, dtype=torch.long, device=self.device)
         self.row_steps = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
         self.row_accepted = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        self.moved_mass_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.moved_mass_max = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.moved_mass_tokens = torch.zeros((), dtype=torch.long, device=self.device)
 
     def record_step(
         self,
@@ -64,6 +73,7 @@ class SpecStats:
         num_accepted: torch.Tensor,  # [B]
         is_bonus: torch.Tensor,  # [B] bool
         offsets: torch.Tensor,  # [B] index in the output where this step's first token lands
+        moved_mass: torch.Tensor | None = None,  # [B, D + 1] TVD per committed position (lossy rules)
     ) -> None:
         """Account one verify step (sync-free)."""
         self.steps += 1
@@ -81,6 +91,12 @@ class SpecStats:
         valid = active[:, None] & (j <= num_accepted[:, None])
         self._scatter(self.token_source, offsets, kinds, valid)
         self._scatter(self.token_step, offsets, torch.full_like(kinds, self.steps), valid)
+        if moved_mass is not None:
+            counted = valid[:, : moved_mass.shape[1]]
+            mass = torch.where(counted, moved_mass.double(), 0.0)
+            self.moved_mass_sum += mass.sum()
+            self.moved_mass_max = torch.maximum(self.moved_mass_max, mass.max())
+            self.moved_mass_tokens += counted.sum()
 
     def record_prefill(self) -> None:
         """The first generated token of every row was sampled from the prefill output."""
@@ -114,6 +130,7 @@ class SpecStats:
 
     def summary(self) -> dict:
         """Scalars for logs and benchmark records."""
+        lossy = int(self.moved_mass_tokens) > 0
         return {
             "batch_size": self.batch_size,
             "num_draft_tokens": self.num_draft_tokens,
@@ -127,6 +144,8 @@ class SpecStats:
             "other_time_s": max(self.total_time - self.draft_time - self.verify_time, 0.0)
             if self.draft_time or self.verify_time else None,
             "total_time_s": self.total_time,
+            "mean_tvd_per_token": float(self.moved_mass_sum) / int(self.moved_mass_tokens) if lossy else None,
+            "max_tvd_per_token": float(self.moved_mass_max) if lossy else None,
         }
 
     def to_dict(self) -> dict:

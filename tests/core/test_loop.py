@@ -132,3 +132,24 @@ def test_stats_account_for_every_token(target, draft_model):
     assert len(s["acceptance_rate_at_depth"]) == 4 and all(0 <= r <= 1 for r in s["acceptance_rate_at_depth"])
     base = generate(target, PROMPTS, max_new=25)
     assert base.stats.steps == 24 and base.stats.mean_accepted == 0
+
+
+def test_lossy_rules_moved_mass_is_accounted(target, draft_model):
+    """A rule that reports moved mass: stats sum it over committed tokens only."""
+    from mmspec.acceptance import ExactAcceptance
+
+    class Reporting(ExactAcceptance):
+        name = "reporting-test"
+        lossless = False
+
+        def verify(self, draft, target_probs, generator):
+            verdict = super().verify(draft, target_probs, generator)
+            verdict.moved_mass = torch.full(verdict.tokens.shape, 0.01)
+            return verdict
+
+    out = generate(target, PROMPTS, ModelDrafter(draft_model), acceptance=Reporting(), max_new=20)
+    s = out.stats.summary()
+    committed = int((out.stats.row_accepted + out.stats.row_steps).sum())
+    assert out.stats.moved_mass_tokens == committed
+    assert s["mean_tvd_per_token"] == pytest.approx(0.01) and s["max_tvd_per_token"] == pytest.approx(0.01)
+    assert generate(target, PROMPTS, max_new=5).stats.summary()["mean_tvd_per_token"] is None
