@@ -122,6 +122,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", default="sjd", help="sjd, draft-model, eagle, ... or 'none' for the baseline")
     p.add_argument("--num-draft-tokens", type=int, default=8)
     p.add_argument("--acceptance", default="exact")
+    p.add_argument("--eagle-head", default=None, help="an EAGLE head folder trained for this model (speculative=eagle)")
+    p.add_argument("--eagle-tree", default=None, metavar="DEPTH,TOP_K,NODES",
+                   help="EAGLE-2 dynamic tree budget (default: a chain of --num-draft-tokens)")
     p.add_argument("--heatmaps", action="store_true", help="also write an acceptance heat-map per image")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -132,7 +135,9 @@ def generate(args: argparse.Namespace) -> int:
     """Generate images (batch over class labels; resumable; bad items skipped and reported)."""
     import time
 
+    from .drafters.eagle import TreeConfig
     from .jobs import JobOutput, run_job, write_summary
+    from .pipelines.llamagen import SpeculativeOptions
     from .visualize import acceptance_heatmap
 
     device = torch.device(args.device)
@@ -143,8 +148,15 @@ def generate(args: argparse.Namespace) -> int:
         raw = [x.strip() for x in (args.class_labels or "0,1,2,3").split(",") if x.strip()]
     pipe = load_llamagen(args, device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    if args.eagle_head:
+        pipe.load_eagle_head(args.eagle_head)
     num_classes = pipe.target.config.num_classes
     speculative = None if args.speculative == "none" else args.speculative
+    options = SpeculativeOptions()
+    if args.eagle_tree:
+        depth, top_k, nodes = (int(x) for x in args.eagle_tree.split(","))
+        options = SpeculativeOptions(eagle_tree=TreeConfig(depth=depth, top_k=top_k, total_nodes=nodes))
+        args.num_draft_tokens = depth  # a tree's num_draft_tokens is its depth
 
     def parse(value: str) -> int:
         try:
@@ -160,7 +172,8 @@ def generate(args: argparse.Namespace) -> int:
         out = pipe(class_labels=[it.value for it in items], guidance_scale=args.guidance_scale,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    generator=torch.Generator(device).manual_seed(args.seed + items[0].index),
-                   speculative=speculative, num_draft_tokens=args.num_draft_tokens, acceptance=args.acceptance)
+                   speculative=speculative, num_draft_tokens=args.num_draft_tokens, acceptance=args.acceptance,
+                   speculative_options=options)
         seconds = time.perf_counter() - start
         grid = out.tokens.shape[1:]
         records = []
@@ -195,6 +208,20 @@ def generate(args: argparse.Namespace) -> int:
         for err in summary["errors"]:
             print(f"  skipped item {err['index']} ({err['input']!r}): {err['error']}")
     return 0
+
+
+def _train_drafter_args(p: argparse.ArgumentParser) -> None:
+    from .training.eagle import add_train_drafter_args
+
+    add_train_drafter_args(p)
+
+
+@command("train-drafter", _train_drafter_args)
+def train_drafter(args: argparse.Namespace) -> int:
+    """Train an EAGLE draft head for a target by self-distillation (progress, checkpoints, resume)."""
+    from .training.eagle import train_drafter_command
+
+    return train_drafter_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

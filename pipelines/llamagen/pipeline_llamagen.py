@@ -21,7 +21,8 @@ from diffusers.utils import BaseOutput
 from mmspec.acceptance import AcceptanceRule
 from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget
-from mmspec.drafters import JacobiDrafter, ModelDrafter
+from mmspec.drafters import EagleDrafter, EagleHead, JacobiDrafter, ModelDrafter
+from mmspec.drafters.eagle import TreeConfig, target_fingerprint
 from mmspec.loop import required_cache_len, speculative_generate
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
@@ -46,6 +47,7 @@ class SpeculativeOptions:
     """Knobs of the speculative methods (only the chosen method's knobs matter)."""
 
     sjd_init: str = "random"  # SJD fresh guesses: "random" or "copy" (the token above)
+    eagle_tree: TreeConfig | None = None  # EAGLE-2 dynamic tree budget; None = a chain
 
 
 #: Largest draft tree a speculative method may propose (sizes the static cache's headroom).
@@ -78,6 +80,15 @@ def _draft_model(pipe: "LlamaGenPipeline", options: SpeculativeOptions) -> Model
     return ModelDrafter(pipe.drafter)
 
 
+@register_speculative_method("eagle")
+def _eagle(pipe: "LlamaGenPipeline", options: SpeculativeOptions) -> EagleDrafter:
+    """EAGLE feature-level drafting (chain, or an EAGLE-2 dynamic tree)."""
+    if pipe.eagle_head is None:
+        raise ValueError("speculative='eagle' needs an EAGLE head: pipe.load_eagle_head(path) "
+                         "(train one with `mmspec train-drafter --target-kind llamagen`)")
+    return EagleDrafter(pipe.eagle_head, tree=options.eagle_tree)
+
+
 class LlamaGenPipeline(DiffusionPipeline):
     """LlamaGen (Sun et al. 2024, arXiv 2406.06525) with speculative decoding.
 
@@ -100,8 +111,17 @@ class LlamaGenPipeline(DiffusionPipeline):
                 f"drafter vocabulary ({drafter.config.vocab_size}) does not match the target's ({target.config.vocab_size})"
             )
         self.register_modules(target=target, vq=vq, drafter=drafter)
+        self.eagle_head: EagleHead | None = None  # set by load_eagle_head()
         self._compiled: CompiledTarget | None = None  # set by enable_compile()
         self._caches: dict[tuple, StaticKVCache] = {}  # reused across calls (CUDA graphs need fixed addresses)
+
+    def load_eagle_head(self, path: str) -> "LlamaGenPipeline":
+        """Attach an EAGLE head trained for this exact target (checked by a fingerprint of the
+        target's LM head: a head for another model is a clear error). Returns the pipeline."""
+        self.eagle_head = EagleHead.from_pretrained(
+            path, self.target.tok_embeddings, self.target.output, target_fingerprint(self.target.output)
+        ).eval()
+        return self
 
     def enable_compile(self, mode: str | None = None) -> "LlamaGenPipeline":
         """Decode and verify through ``torch.compile`` (CUDA graphs on CUDA): the fast baseline of

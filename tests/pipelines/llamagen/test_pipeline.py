@@ -170,3 +170,35 @@ def test_clear_errors(tiny_pipe):
     no_drafter = LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq)
     with pytest.raises(ValueError, match="needs a smaller LlamaGenGPT"):
         no_drafter(class_labels=[0], speculative="draft-model")
+
+
+def _random_head(gpt, path, target_name=None):
+    from mmspec.drafters import EagleConfig, EagleHead
+    from mmspec.drafters.eagle import target_fingerprint
+
+    torch.manual_seed(0)
+    config = EagleConfig(hidden_size=gpt.config.dim, n_head=4, vocab_size=gpt.vocab_size,
+                         target_name=target_name or target_fingerprint(gpt.output), multiple_of=32)
+    EagleHead(config, gpt.tok_embeddings, gpt.output).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("tree", [None, (3, 2, 6)])
+def test_eagle_greedy_equals_baseline_with_cfg(tiny_pipe, tmp_path, tree):
+    from mmspec.drafters.eagle import TreeConfig
+    from mmspec.pipelines.llamagen import SpeculativeOptions
+
+    pipe = LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq).load_eagle_head(_random_head(tiny_pipe.target, tmp_path))
+    kw = dict(class_labels=[0, 3, 4], guidance_scale=2.0, temperature=0, output_type="pt")
+    options = SpeculativeOptions(eagle_tree=None if tree is None else TreeConfig(*tree))
+    spec = pipe(**kw, speculative="eagle", num_draft_tokens=3, speculative_options=options)
+    assert torch.equal(spec.tokens, pipe(**kw).tokens)
+
+
+def test_eagle_head_for_another_target_is_refused(tiny_pipe, tmp_path):
+    other, _ = tiny_llamagen(seed=9)
+    path = _random_head(other, tmp_path)
+    with pytest.raises(ValueError, match="was trained for target 'sha256:"):
+        LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq).load_eagle_head(path)
+    with pytest.raises(ValueError, match="needs an EAGLE head"):
+        LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq)(class_labels=[0], speculative="eagle")
