@@ -1,0 +1,32 @@
+"""Vision-language models (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL via transformers) as mmspec
+targets, and :class:`VLMPipeline` for speculative image-to-text generation."""
+
+from .decoder import RopeOffsetKVCache, VLMDecoder, VLMDecoderConfig, convert_language_model
+from .pipeline_vlm import VLMPipeline, VLMPipelineOutput
+from .targets import (
+    VLM_FAMILIES,
+    LlavaTarget,
+    Qwen2VLTarget,
+    VLMFamily,
+    VLMPrompt,
+    VLMTarget,
+    load_vlm_target,
+    vlm_family,
+)
+
+__all__ = [
+    "VLM_FAMILIES",
+    "LlavaTarget",
+    "Qwen2VLTarget",
+    "RopeOffsetKVCache",
+    "VLMDecoder",
+    "VLMDecoderConfig",
+    "VLMFamily",
+    "VLMPipeline",
+    "VLMPipelineOutput",
+    "VLMPrompt",
+    "VLMTarget",
+    "convert_language_model",
+    "load_vlm_target",
+    "vlm_family",
+]

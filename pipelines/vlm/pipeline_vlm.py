@@ -1,0 +1,322 @@
+"""``VLMPipeline``: image(s) + question -> text with a transformers VLM, with or without speculative
+decoding, through mmspec's one draft/verify loop.
+
+A plain class rather than a ``diffusers.DiffusionPipeline``: VLMs, their processors and chat
+templates are transformers objects. ``num_draft_tokens=0`` (or no drafter) runs the plain
+autoregressive baseline through the same target, cache and sampling code, for A/B comparisons.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import PIL.Image
+import torch
+from transformers import AutoProcessor
+
+from mmspec.acceptance import AcceptanceRule
+from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.sampling import SamplingConfig
+from mmspec.stats import SpecStats
+from mmspec.types import Draft, DraftContext, Drafter, PrefillOutput, Target, TargetOutput, Verdict
+
+from .targets import VLMPrompt, VLMTarget, load_vlm_target
+
+#: Cache slots kept per draft depth for one verify forward: chains write ``k + 1`` tokens, tree
+#: drafters (ModelDrafter alternatives, EAGLE-2) at most this many nodes per depth. Spare slots
+#: cost only memory.
+NODES_PER_DEPTH = 16
+
+ImageInput = PIL.Image.Image | str | os.PathLike
+
+
+@dataclass
+class VLMPipelineOutput:
+    """``text``: one reply per prompt (special tokens skipped); ``token_ids``: ``[B, N]`` generated ids,
+    ``pad_token_id`` after each row's end; ``lengths``: ``[B]`` tokens per reply (up to and including
+    its end-of-sequence token); ``stats``: :class:`~mmspec.stats.SpecStats` (``token_source`` says
+    which tokens were drafted-and-accepted, recovered or bonus)."""
+
+    text: list[str]
+    token_ids: torch.Tensor
+    lengths: torch.Tensor
+    stats: SpecStats
+
+
+class VLMPipeline:
+    """Speculative decoding for a VLM.
+
+    Args:
+        target: the model (:func:`~.targets.load_vlm_target`).
+        processor: the model's HF processor (chat template, image preprocessing, tokenizer).
+        drafter: the default drafter (an mmspec :class:`~mmspec.types.Drafter` with the target's
+            vocabulary), used when a call passes none; None = the baseline by default.
+    """
+
+    def __init__(self, target: VLMTarget, processor: Any, drafter: Drafter | None = None) -> None:
+        self.target = target
+        self.processor = processor
+        self.drafter = drafter
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+        drafter: Drafter | None = None,
+    ) -> "VLMPipeline":
+        """Load target and processor from an HF checkpoint directory or hub id."""
+        return cls(load_vlm_target(path, dtype=dtype, device=device), AutoProcessor.from_pretrained(path), drafter)
+
+    # ------------------------------------------------------------------ inputs
+    def build_prompt(
+        self, images: ImageInput | Sequence[Any] | None, prompt: str | Sequence[str]
+    ) -> VLMPrompt:
+        """Apply the chat template (one user turn: the images, then the text) and the processor.
+
+        Args:
+            images: for one prompt: None, an image (PIL or path) or a list of images; for a list of
+                prompts: None or one such entry per prompt.
+            prompt: a question or a list of questions (a batch).
+
+        Raises:
+            ValueError: an image cannot be read (the message names it), or images do not match prompts.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = [images] if isinstance(prompt, str) else images
+        if per_prompt is None:
+            per_prompt = [None] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(per_prompt)} image entries: give one entry per prompt")
+        texts, flat = [], []
+        for question, entry in zip(prompts, per_prompt):
+            if entry is None:
+                row = []
+            elif isinstance(entry, (PIL.Image.Image, str, os.PathLike)):
+                row = [entry]
+            else:
+                row = list(entry)
+            flat += [_load_image(image, len(flat) + i) for i, image in enumerate(row)]
+            content = [{"type": "image"} for _ in row] + [{"type": "text", "text": question}]
+            messages = [{"role": "user", "content": content}]
+            texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        batch = self.processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
+        return VLMPrompt.from_processor(batch)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: ImageInput | Sequence[Any] | None,
+        prompt: str | Sequence[str] | VLMPrompt,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        drafter: Drafter | None = None,
+        num_draft_tokens: int = 4,
+        acceptance: str | AcceptanceRule = "exact",
+        return_dict: bool = True,
+        stream: bool = False,
+    ) -> VLMPipelineOutput | tuple | Iterator[str]:
+        """Answer ``prompt`` about ``images``.
+
+        Args:
+            images, prompt: see :meth:`build_prompt`; ``prompt`` may instead be a pre-processed
+                :class:`~.targets.VLMPrompt` (then ``images`` must be None).
+            max_new_tokens: reply length limit; a reply also ends at any of the model's EOS ids.
+            temperature, top_k, top_p: sampling (``temperature=0``: greedy).
+            generator: seeds every random draw.
+            drafter: overrides the pipeline's drafter for this call.
+            num_draft_tokens: drafts per step (0: the autoregressive baseline, even with a drafter).
+            acceptance: the acceptance rule (name or instance), e.g. ``"exact"``, ``"greedy"``.
+            return_dict: False returns ``(text, token_ids, lengths, stats)``.
+            stream: return a generator of text pieces (one per verify step, for a single prompt);
+                its return value (``StopIteration.value``) is the full output.
+        """
+        if isinstance(prompt, VLMPrompt):
+            if images is not None:
+                raise ValueError("pass images=None with a pre-processed VLMPrompt (its pixel values are inside)")
+            vlm_prompt = prompt
+        else:
+            vlm_prompt = self.build_prompt(images, prompt)
+        vlm_prompt = vlm_prompt.to(self.target.device, self.target.dtype)
+        drafter = drafter if drafter is not None else self.drafter
+        drafter = drafter if num_draft_tokens > 0 else None
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        settings = dict(
+            max_new_tokens=max_new_tokens, drafter=drafter, acceptance=acceptance, sampling=sampling,
+            num_draft_tokens=num_draft_tokens if drafter is not None else 0, generator=generator,
+        )
+        if stream:
+            if vlm_prompt.tokens.shape[0] != 1:
+                raise ValueError("stream=True needs a single prompt")
+            return self._stream(vlm_prompt, settings, return_dict)
+        return self._pack(self._generate(vlm_prompt, settings), return_dict)
+
+    def _generate(
+        self, prompt: VLMPrompt, settings: dict, target: Target | None = None,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> VLMPipelineOutput:
+        """One loop run (``target``: a stand-in for :attr:`target`, e.g. a stream's tap). A reply
+        ends at the first of the model's EOS ids: the loop stops at the first id, the rest are cut here."""
+        target = self.target if target is None else target
+        drafter = settings["drafter"]
+        window = 1 if drafter is None else NODES_PER_DEPTH * (settings["num_draft_tokens"] + 1)
+        capacity = required_cache_len(prompt.tokens.shape[1], settings["max_new_tokens"], window)
+        # The vision tower runs once even when a model drafter prefills the same prompt.
+        prompt = self.target.encode_images(prompt)
+        eos_ids = self.target.eos_token_ids
+        pad_id = self._pad_token_id()
+        out = speculative_generate(
+            target, prompt, self.target.new_cache(prompt.tokens.shape[0], capacity),
+            eos_token_id=eos_ids[0] if eos_ids else None, pad_token_id=pad_id, callback=callback, **settings,
+        )
+        tokens, lengths = out.tokens, out.lengths
+        if len(eos_ids) > 1:
+            steps = torch.arange(tokens.shape[1], device=tokens.device)[None]
+            is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device)) & (steps < lengths[:, None])
+            lengths = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, lengths)
+            cut = steps >= lengths[:, None]
+            tokens = tokens.masked_fill(cut, pad_id)
+            out.stats.token_source.masked_fill_(cut, -1)  # as the loop marks tokens past its own end
+            out.stats.token_step.masked_fill_(cut, -1)
+        rows = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
+        return VLMPipelineOutput(text=self._decode(rows), token_ids=tokens, lengths=lengths, stats=out.stats)
+
+    def _stream(self, prompt: VLMPrompt, settings: dict, return_dict: bool) -> Iterator[str]:
+        """Run the loop in a worker thread; yield the reply's new text after every verify step.
+
+        The loop's callback reports counts only, so the committed tokens are read through a tap: a
+        drafter wrapper sees the loop's token history at every commit; without a drafter, a target
+        wrapper sees each committed token when it is fed back (one step late; the last token comes
+        with the final output). Closing the generator stops the loop at its next step.
+        """
+        pieces: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        if settings["drafter"] is not None:
+            tap = _HistoryTap(settings["drafter"], int(prompt.lengths[0]))
+            target, settings = self.target, {**settings, "drafter": tap}
+        else:
+            tap = target = _InputTap(self.target)
+
+        def on_step(step: int, num_generated: torch.Tensor) -> None:
+            if stop.is_set():
+                raise _Cancelled
+            pieces.put(self._reply_prefix(tap.tokens().tolist(), settings["max_new_tokens"]))
+
+        def work() -> None:
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    pieces.put(self._generate(prompt, settings, target=target, callback=on_step))
+            except _Cancelled:
+                return
+            except Exception as exc:  # handed to the consuming thread, which re-raises it
+                pieces.put(exc)
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        shown = ""
+        try:
+            while True:
+                item = pieces.get()
+                if isinstance(item, Exception):
+                    raise item
+                final = isinstance(item, VLMPipelineOutput)
+                text = item.text[0] if final else self._decode([item])[0]
+                # Decoding more tokens can rewrite the tail of the text (merged pieces): emit only
+                # once the earlier text is stable.
+                if text.startswith(shown) and len(text) > len(shown):
+                    yield text[len(shown):]
+                    shown = text
+                if final:
+                    return self._pack(item, return_dict)
+        finally:
+            stop.set()
+            worker.join()
+
+    # ------------------------------------------------------------------ helpers
+    def _pad_token_id(self) -> int:
+        pad = self.processor.tokenizer.pad_token_id
+        return -1 if pad is None else int(pad)
+
+    def _reply_prefix(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """The reply as the final output will hold it: at most ``max_new_tokens``, cut after an EOS."""
+        ids = ids[:max_new_tokens]
+        ends = [i for i, token in enumerate(ids) if token in self.target.eos_token_ids]
+        return ids[: ends[0] + 1] if ends else ids
+
+    def _decode(self, rows: list[list[int]]) -> list[str]:
+        return self.processor.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    @staticmethod
+    def _pack(out: VLMPipelineOutput, return_dict: bool) -> VLMPipelineOutput | tuple:
+        return out if return_dict else (out.text, out.token_ids, out.lengths, out.stats)
+
+
+def _load_image(image: ImageInput, index: int) -> PIL.Image.Image:
+    """An RGB image from a PIL image or a path; ``ValueError`` naming the file if it is unreadable."""
+    name = f"image #{index}" if isinstance(image, PIL.Image.Image) else f"{os.fspath(image)!r}"
+    try:
+        loaded = image if isinstance(image, PIL.Image.Image) else PIL.Image.open(image)
+        loaded.load()  # decode now: truncated or corrupt files fail here, not inside the processor
+        return loaded.convert("RGB")
+    except OSError as exc:
+        raise ValueError(f"cannot read {name}: {exc}") from exc
+
+
+class _Cancelled(Exception):
+    """Raised inside the loop's callback when a stream's consumer has gone away."""
+
+
+class _HistoryTap:
+    """Delegates to ``drafter``; remembers the loop's latest context so a stream can read the
+    committed tokens (``ctx.history`` holds prompt + reply, valid up to ``ctx.history_lengths``)."""
+
+    def __init__(self, drafter: Drafter, prompt_length: int) -> None:
+        self.drafter = drafter
+        self.vocab_size = drafter.vocab_size
+        self.prompt_length = prompt_length
+        self.ctx: DraftContext | None = None
+
+    def prefill(self, ctx: DraftContext, prompt: Any, prefill: PrefillOutput) -> None:
+        self.ctx = ctx
+        self.drafter.prefill(ctx, prompt, prefill)
+
+    def draft(self, ctx: DraftContext, num_draft_tokens: int, generator: torch.Generator | None) -> Draft:
+        return self.drafter.draft(ctx, num_draft_tokens, generator)
+
+    def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
+        self.ctx = ctx
+        self.drafter.commit(ctx, verdict)
+
+    def tokens(self) -> torch.Tensor:
+        """Reply tokens committed so far (row 0)."""
+        return self.ctx.history[0, self.prompt_length : int(self.ctx.history_lengths[0])].clone()
+
+
+class _InputTap:
+    """Delegates to ``target``; records the token fed to each baseline decode step, which is the
+    previous step's committed token."""
+
+    def __init__(self, target: VLMTarget) -> None:
+        self.target = target
+        self.vocab_size = target.vocab_size
+        self.fed: list[torch.Tensor] = []
+
+    def new_cache(self, batch_size: int, max_seq_len: int, cfg: bool = False):
+        return self.target.new_cache(batch_size, max_seq_len, cfg)
+
+    def prefill(self, prompt: VLMPrompt, cache) -> PrefillOutput:
+        return self.target.prefill(prompt, cache)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, attn_mask) -> TargetOutput:
+        self.fed.append(tokens[0, :1].clone())
+        return self.target.forward(tokens, positions, cache, attn_mask)
+
+    def tokens(self) -> torch.Tensor:
+        """Reply tokens known so far (row 0): all but the newest one."""
+        return torch.cat(self.fed) if self.fed else torch.zeros(0, dtype=torch.long)
