@@ -210,6 +210,94 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def _caption_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", type=Path, help="a folder of images, or a text file with one image path per line")
+    p.add_argument("--model", default=None, help="an HF VLM checkpoint folder (default: the embedded reference captioner)")
+    p.add_argument("--prompt", default="What is in the image?")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/caption"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drafter", default="default", help="default (the model's own drafter, if any), ngram or none")
+    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--acceptance", default="exact")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _image_list(inputs: Path) -> list[str]:
+    """Image paths from a folder (sorted, by extension) or a list file (one path per line)."""
+    if inputs.is_dir():
+        return sorted(str(p) for p in inputs.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if inputs.is_file():
+        base = inputs.parent
+        return [str(Path(line.strip()) if Path(line.strip()).is_absolute() else base / line.strip())
+                for line in inputs.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    raise SystemExit(f"{inputs}: no such folder or list file")
+
+
+@command("caption", _caption_args)
+def caption(args: argparse.Namespace) -> int:
+    """Caption a folder or list of images to JSONL (resumable; unreadable images skipped and reported)."""
+    import PIL.Image
+    from accelerate import PartialState
+
+    from .drafters import NGramDrafter
+    from .jobs import JobOutput, run_job, write_summary
+
+    device = torch.device(args.device)
+    if args.model:
+        from .pipelines.vlm import VLMPipeline
+
+        pipe = VLMPipeline.from_pretrained(args.model, device=device)
+    else:
+        from .defaults import load_default_captioner
+
+        pipe = load_default_captioner(device)
+    drafters = {"default": pipe.drafter, "ngram": NGramDrafter(pipe.target.vocab_size), "none": None}
+    if args.drafter not in drafters:
+        raise SystemExit(f"--drafter must be one of {sorted(drafters)}, got {args.drafter!r}")
+    drafter = drafters[args.drafter]
+
+    def parse(path: str) -> PIL.Image.Image:
+        try:
+            with PIL.Image.open(path) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError) as err:  # missing, truncated or not an image
+            raise ValueError(f"cannot read image {path}: {err}") from None
+
+    def process(items):
+        out = pipe([[it.value] for it in items], [args.prompt] * len(items), max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   generator=torch.Generator(device).manual_seed(args.seed + items[0].index), drafter=drafter,
+                   num_draft_tokens=args.num_draft_tokens if drafter is not None else 0, acceptance=args.acceptance)
+        return [{"caption": text, "tokens": int(n), "row_steps": int(out.stats.row_steps[i]),
+                 "row_accepted": int(out.stats.row_accepted[i])}
+                for i, (text, n) in enumerate(zip(out.text, out.lengths))]
+
+    job = run_job(_image_list(args.inputs), parse, process, args.output_dir, args.batch_size, desc="caption")
+    if PartialState().is_main_process:
+        results = JobOutput.read(args.output_dir, "results")
+        with (args.output_dir / "captions.jsonl").open("w") as f:
+            for r in results:
+                f.write(json.dumps({"image": r["input"], "caption": r["caption"]}) + "\n")
+        summary = write_summary(args.output_dir, {"command": "caption", "prompt": args.prompt, "drafter": args.drafter,
+                                                  "num_draft_tokens": args.num_draft_tokens, "device": str(device)})
+        steps = sum(r["row_steps"] for r in results)
+        accepted = sum(r["row_accepted"] for r in results)
+        print(f"{summary['num_results']} captions in {args.output_dir / 'captions.jsonl'} ({summary['num_errors']} bad "
+              f"items; this run: {job['processed']} new, {job['skipped_done']} already done); "
+              f"mean accepted drafts per step: {accepted / max(steps, 1):.2f}")
+        for err in summary["errors"]:
+            print(f"  skipped item {err['index']} ({err['input']}): {err['error']}")
+    return 0
+
+
 def _train_drafter_args(p: argparse.ArgumentParser) -> None:
     from .training.eagle import add_train_drafter_args
 
