@@ -21,3 +21,21 @@ __all__ = [
     "tree_rejection_sample_ref",
     "tree_rejection_sample_triton",
 ]
+
+from .neighbourhood import (  # noqa: E402  (LANTERN / GSD relaxed-acceptance masses)
+    gsd_group_mass,
+    gsd_group_mass_ref,
+    gsd_group_mass_triton,
+    lantern_neighbour_mass,
+    lantern_neighbour_mass_ref,
+    lantern_neighbour_mass_triton,
+)
+
+__all__ += [
+    "gsd_group_mass",
+    "gsd_group_mass_ref",
+    "gsd_group_mass_triton",
+    "lantern_neighbour_mass",
+    "lantern_neighbour_mass_ref",
+    "lantern_neighbour_mass_triton",
+]

@@ -9,7 +9,9 @@ Speculative methods are looked up in :data:`SPECULATIVE_METHODS`; acceptance rul
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -18,12 +20,13 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from mmspec.acceptance import AcceptanceRule
+from mmspec.acceptance import AcceptanceRule, get_acceptance_rule
 from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget
 from mmspec.drafters import EagleDrafter, EagleHead, JacobiDrafter, ModelDrafter
 from mmspec.drafters.eagle import TreeConfig, target_fingerprint
 from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.relaxed import GSDAcceptance, LanternAcceptance, load_or_build_neighbours
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 
@@ -89,6 +92,33 @@ def _eagle(pipe: "LlamaGenPipeline", options: SpeculativeOptions) -> EagleDrafte
     return EagleDrafter(pipe.eagle_head, tree=options.eagle_tree)
 
 
+#: Default folder for LANTERN neighbour tables (one file per codebook hash and k).
+NEIGHBOUR_CACHE = Path(os.environ.get("MMSPEC_CACHE", Path.home() / ".cache" / "mmspec")) / "neighbours"
+
+
+def _lantern(pipe: "LlamaGenPipeline", options: dict) -> LanternAcceptance:
+    """LANTERN / LANTERN++ over this pipeline's VQ codebook neighbourhoods (table cached on disk)."""
+    k = options.pop("k", 1000)
+    cache = options.pop("neighbour_cache", NEIGHBOUR_CACHE)
+    key = ("lantern", k)
+    if key not in pipe._tables:
+        pipe._tables[key] = load_or_build_neighbours(pipe.vq.codebook_embeddings().detach().float(), k, cache)
+    return LanternAcceptance(pipe._tables[key], k=k, **options)
+
+
+def _gsd(pipe: "LlamaGenPipeline", options: dict) -> GSDAcceptance:
+    """GSD with distances in the VQ codebook (``embedding="codebook"``) or the GPT's token embedding."""
+    embedding = options.pop("embedding", "codebook")
+    tables = {"codebook": lambda: pipe.vq.codebook_embeddings(), "tokens": lambda: pipe.target.tok_embeddings.weight}
+    if embedding not in tables:
+        raise ValueError(f"GSD embedding must be one of {sorted(tables)}, got {embedding!r}")
+    return GSDAcceptance(tables[embedding]().detach().float(), **options)
+
+
+#: Acceptance rules that need the pipeline's models (codebook, embeddings) to be built by name.
+PIPELINE_RULES: dict[str, Callable[["LlamaGenPipeline", dict], AcceptanceRule]] = {"lantern": _lantern, "gsd": _gsd}
+
+
 class LlamaGenPipeline(DiffusionPipeline):
     """LlamaGen (Sun et al. 2024, arXiv 2406.06525) with speculative decoding.
 
@@ -112,6 +142,7 @@ class LlamaGenPipeline(DiffusionPipeline):
             )
         self.register_modules(target=target, vq=vq, drafter=drafter)
         self.eagle_head: EagleHead | None = None  # set by load_eagle_head()
+        self._tables: dict[tuple, torch.Tensor] = {}  # LANTERN neighbour tables, built once per k
         self._compiled: CompiledTarget | None = None  # set by enable_compile()
         self._caches: dict[tuple, StaticKVCache] = {}  # reused across calls (CUDA graphs need fixed addresses)
 
@@ -122,6 +153,13 @@ class LlamaGenPipeline(DiffusionPipeline):
             path, self.target.tok_embeddings, self.target.output, target_fingerprint(self.target.output)
         ).eval()
         return self
+
+    def acceptance_rule(self, name: str, **options) -> AcceptanceRule:
+        """The acceptance rule ``name`` with ``options``; rules that need this pipeline's codebook or
+        embeddings (``"lantern"``, ``"gsd"``) get them here."""
+        if name in PIPELINE_RULES:
+            return PIPELINE_RULES[name](self, dict(options))
+        return get_acceptance_rule(name, **options)
 
     def enable_compile(self, mode: str | None = None) -> "LlamaGenPipeline":
         """Decode and verify through ``torch.compile`` (CUDA graphs on CUDA): the fast baseline of
@@ -193,6 +231,7 @@ class LlamaGenPipeline(DiffusionPipeline):
         speculative: str | None = None,
         num_draft_tokens: int = 8,
         acceptance: str | AcceptanceRule = "exact",
+        acceptance_options: dict | None = None,
         speculative_options: SpeculativeOptions = SpeculativeOptions(),
         output_type: str = "pil",
         return_dict: bool = True,
@@ -209,7 +248,8 @@ class LlamaGenPipeline(DiffusionPipeline):
                 under ``torch.manual_seed`` with the same seed.
             speculative: None (baseline) or a key of :data:`SPECULATIVE_METHODS` (``"sjd"``,
                 ``"draft-model"``, ...). num_draft_tokens: drafts per step (SJD: window size).
-            acceptance: rule name or instance (``"exact"``, ``"greedy"``, ...).
+            acceptance: rule name or instance (``"exact"``, ``"greedy"``, ``"lantern"``, ``"gsd"``, ...).
+            acceptance_options: keyword options of a rule given by name (e.g. ``{"delta": 0.1}``).
             speculative_options: method knobs (:class:`SpeculativeOptions`).
             output_type: ``"pil"``, ``"np"`` or ``"pt"``. return_dict: output object or tuple.
             callback_on_step_end: ``f(pipe, step, None, {"num_generated": [B] tensor})`` after every
@@ -219,6 +259,10 @@ class LlamaGenPipeline(DiffusionPipeline):
             :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
         """
         condition = self._condition(class_labels, prompt_embeds, prompt_attention_mask)
+        if isinstance(acceptance, str):
+            acceptance = self.acceptance_rule(acceptance, **(acceptance_options or {}))
+        elif acceptance_options:
+            raise ValueError("acceptance_options apply to a rule given by name, not to a rule instance")
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         drafter = None
         if speculative is not None:

@@ -202,3 +202,28 @@ def test_eagle_head_for_another_target_is_refused(tiny_pipe, tmp_path):
         LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq).load_eagle_head(path)
     with pytest.raises(ValueError, match="needs an EAGLE head"):
         LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq)(class_labels=[0], speculative="eagle")
+
+
+def test_relaxed_rules_by_name_build_from_the_pipeline(tiny_pipe, tmp_path):
+    """LANTERN / GSD given by name get the VQ codebook from the pipeline; with relaxation off they
+    reproduce exact acceptance token for token; with it on they accept more and report the TVD."""
+    kw = dict(class_labels=[0, 1, 2, 3], guidance_scale=2.0, speculative="sjd", num_draft_tokens=4, output_type="pt")
+    exact = tiny_pipe(**kw, generator=torch.Generator().manual_seed(0))
+    off = tiny_pipe(**kw, generator=torch.Generator().manual_seed(0), acceptance="lantern",
+                    acceptance_options={"delta": 0.0, "k": 4, "neighbour_cache": tmp_path})
+    assert torch.equal(off.tokens, exact.tokens)
+    assert list(tmp_path.glob("*.pt")), "the neighbour table is cached on disk"
+    gsd_off = tiny_pipe(**kw, generator=torch.Generator().manual_seed(0), acceptance="gsd",
+                        acceptance_options={"group_size": 1})
+    assert torch.equal(gsd_off.tokens, exact.tokens)
+    accepted = {"exact": 0.0, "lantern": 0.0}
+    for seed in range(3):
+        accepted["exact"] += tiny_pipe(**kw, generator=torch.Generator().manual_seed(seed)).stats.mean_accepted
+        on = tiny_pipe(**kw, generator=torch.Generator().manual_seed(seed), acceptance="lantern",
+                       acceptance_options={"delta": 0.4, "k": 4, "neighbour_cache": tmp_path})
+        accepted["lantern"] += on.stats.mean_accepted
+        tvd = on.stats.summary()["max_tvd_per_token"]
+        assert tvd is not None and tvd <= 0.4 + 1e-6
+    assert accepted["lantern"] >= accepted["exact"]
+    with pytest.raises(ValueError, match="GSD embedding must be one of"):
+        tiny_pipe(class_labels=[0], speculative="sjd", acceptance="gsd", acceptance_options={"embedding": "pixels"})
