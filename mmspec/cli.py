@@ -210,6 +210,63 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _add_llamagen_source(p)
+    p.add_argument("--method", action="append", default=[], metavar="SPEC",
+                   help="SPECULATIVE[:ACCEPTANCE[:key=value,...]], e.g. sjd, sjd:lantern:delta=0.1,k=100, sjd:gsd (repeatable)")
+    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--classes", default=None, help="comma-separated class ids to cycle through (default: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--num-draft-tokens", type=int, default=8)
+    p.add_argument("--eagle-head", default=None)
+    p.add_argument("--features", default="vq-encoder", help="vq-encoder (offline default) or torchscript:PATH")
+    p.add_argument("--clip-model", default=None, help="open_clip model name for CLIP score (with --clip-weights)")
+    p.add_argument("--clip-weights", default=None, help="path to the open_clip weights file")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/eval"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@command("eval", _eval_args)
+def evaluate(args: argparse.Namespace) -> int:
+    """Quality next to speed: each method vs its own baseline on the same seeds (TVD, FID, CLIP, grid)."""
+    from .evaluation import EvalMethod, OpenCLIPFeatures, TorchScriptFeatures, VQEncoderFeatures, evaluate_llamagen, format_report
+
+    device = torch.device(args.device)
+    pipe = load_llamagen(args, device, torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    if args.eagle_head:
+        pipe.load_eagle_head(args.eagle_head)
+    methods = [EvalMethod.parse(m) for m in (args.method or ["sjd"])]
+    num_classes = pipe.target.config.num_classes
+    pool = [int(c) for c in args.classes.split(",")] if args.classes else list(range(num_classes))
+    labels = [pool[i % len(pool)] for i in range(args.num_images)]
+    if args.features == "vq-encoder":
+        features = VQEncoderFeatures(pipe.vq)
+    elif args.features.startswith("torchscript:"):
+        features = TorchScriptFeatures(args.features.split(":", 1)[1])
+    else:
+        raise SystemExit(f"--features must be vq-encoder or torchscript:PATH, got {args.features!r}")
+    clip = None
+    if args.clip_model or args.clip_weights:
+        if not (args.clip_model and args.clip_weights):
+            raise SystemExit("CLIP score needs both --clip-model and --clip-weights")
+        clip = OpenCLIPFeatures(args.clip_model, args.clip_weights)
+    class_names = getattr(pipe, "class_names", None)
+    report = evaluate_llamagen(
+        pipe, methods, labels, seed=args.seed, batch_size=args.batch_size, features=features, clip=clip,
+        class_names=class_names, out_dir=args.output_dir,
+        sampling={"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
+                  "num_draft_tokens": args.num_draft_tokens},
+    )
+    print(format_report(report))
+    print(f"\nwrote {args.output_dir / 'report.json'} and {args.output_dir / 'grid.png'}")
+    return 0
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
