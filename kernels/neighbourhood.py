@@ -23,7 +23,7 @@ sync.
 
 import torch
 
-from .rejection import HAS_TRITON, _accumulation_dtype, _require_triton, _use_triton
+from .rejection import HAS_TRITON, _accumulation_dtype, _require_triton, _shape_error, _use_triton
 
 if HAS_TRITON:
     import triton
@@ -42,10 +42,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-
-
-def _shape_error(name, expected, tensor):
-    return ValueError(f"{name} must have shape {expected}, got {list(tensor.shape)}")
 
 
 def _check_neighbour_mass(probs, tokens, neighbours, budget):

@@ -66,17 +66,22 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head (grouped-query) attention over the static cache."""
+    """Multi-head (grouped-query) attention over the static cache.
 
-    def __init__(self, dim: int, n_head: int, n_kv_head: int | None = None) -> None:
+    ``head_dim`` defaults to ``dim / n_head`` (Llama, LlamaGen); some checkpoints use another width.
+    ``qkv_bias`` / ``out_bias`` add biases to the fused q/k/v and output projections (Qwen2).
+    """
+
+    def __init__(self, dim: int, n_head: int, n_kv_head: int | None = None, head_dim: int | None = None,
+                 qkv_bias: bool = False, out_bias: bool = False) -> None:
         super().__init__()
-        if dim % n_head:
+        if head_dim is None and dim % n_head:
             raise ValueError(f"dim ({dim}) must be divisible by n_head ({n_head})")
         self.n_head = n_head
         self.n_kv_head = n_kv_head or n_head
-        self.head_dim = dim // n_head
-        self.wqkv = nn.Linear(dim, (n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.head_dim = head_dim or dim // n_head
+        self.wqkv = nn.Linear(dim, (n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_head * self.head_dim, dim, bias=out_bias)
 
     def forward(
         self,
@@ -87,9 +92,9 @@ class Attention(nn.Module):
         slots: torch.Tensor,  # [B, T]
         attn_mask: torch.Tensor,  # [R, 1, T, S] bool
     ) -> torch.Tensor:
-        rows, num_new, dim = x.shape
-        kv_dim = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([dim, kv_dim, kv_dim], dim=-1)
+        rows, num_new, _ = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
         q = apply_rotary_emb(q.view(rows, num_new, self.n_head, self.head_dim), freqs)
         k = apply_rotary_emb(k.view(rows, num_new, self.n_kv_head, self.head_dim), freqs)
         v = v.view(rows, num_new, self.n_kv_head, self.head_dim)
@@ -98,7 +103,7 @@ class Attention(nn.Module):
             q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask,
             enable_gqa=self.n_kv_head != self.n_head,
         )
-        return self.wo(out.transpose(1, 2).reshape(rows, num_new, dim))
+        return self.wo(out.transpose(1, 2).reshape(rows, num_new, q_dim))
 
 
 class FeedForward(nn.Module):
@@ -117,9 +122,10 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm Llama block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``."""
 
-    def __init__(self, dim: int, n_head: int, n_kv_head: int | None, hidden_dim: int, norm_eps: float) -> None:
+    def __init__(self, dim: int, n_head: int, n_kv_head: int | None, hidden_dim: int, norm_eps: float,
+                 head_dim: int | None = None, qkv_bias: bool = False, out_bias: bool = False) -> None:
         super().__init__()
-        self.attention = Attention(dim, n_head, n_kv_head)
+        self.attention = Attention(dim, n_head, n_kv_head, head_dim, qkv_bias, out_bias)
         self.feed_forward = FeedForward(dim, hidden_dim)
         self.attention_norm = RMSNorm(dim, norm_eps)
         self.ffn_norm = RMSNorm(dim, norm_eps)

@@ -32,6 +32,7 @@ from mmspec.stats import SpecStats
 
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
 from .modeling_vq import LlamaGenVQ
+from .mulo import mulo_for_pipeline
 
 
 @dataclass
@@ -91,6 +92,11 @@ def _eagle(pipe: "LlamaGenPipeline", options: SpeculativeOptions) -> EagleDrafte
                          "(train one with `mmspec train-drafter --target-kind llamagen`)")
     return EagleDrafter(pipe.eagle_head, tree=options.eagle_tree)
 
+
+#: name -> f(pipe, condition, sampling, generator, acceptance, acceptance_options) -> (tokens [B, h, w],
+#: SpecStats): methods that replace the core's prefix-commit loop (MuLo-SD repairs rejections
+#: locally and non-causally, keeping accepted tokens after a rejection).
+GRID_METHODS: dict[str, Callable[..., tuple[torch.Tensor, SpecStats]]] = {"mulo": mulo_for_pipeline}
 
 #: Default folder for LANTERN neighbour tables (one file per codebook hash and k).
 NEIGHBOUR_CACHE = Path(os.environ.get("MMSPEC_CACHE", Path.home() / ".cache" / "mmspec")) / "neighbours"
@@ -259,6 +265,11 @@ class LlamaGenPipeline(DiffusionPipeline):
             :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
         """
         condition = self._condition(class_labels, prompt_embeds, prompt_attention_mask)
+        if speculative in GRID_METHODS:
+            sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+            tokens, stats = GRID_METHODS[speculative](self, condition, sampling, generator, acceptance, acceptance_options)
+            images = self._postprocess(self.vq.decode_code(tokens), output_type)
+            return LlamaGenPipelineOutput(images=images, tokens=tokens, stats=stats) if return_dict else (images, tokens, stats)
         if isinstance(acceptance, str):
             acceptance = self.acceptance_rule(acceptance, **(acceptance_options or {}))
         elif acceptance_options:
@@ -267,7 +278,8 @@ class LlamaGenPipeline(DiffusionPipeline):
         drafter = None
         if speculative is not None:
             if speculative not in SPECULATIVE_METHODS:
-                raise ValueError(f"unknown speculative method {speculative!r}; available: {sorted(SPECULATIVE_METHODS)}")
+                raise ValueError(f"unknown speculative method {speculative!r}; "
+                                 f"available: {sorted([*SPECULATIVE_METHODS, *GRID_METHODS])}")
             drafter = SPECULATIVE_METHODS[speculative](self, speculative_options)
         num_tokens = self.target.config.block_size
         # Verify window: a chain of k drafts + last token, or a draft tree of up to MAX_TREE_NODES.

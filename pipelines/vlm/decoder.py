@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmspec.cache import StaticKVCache
-from mmspec.modeling import FeedForward, RMSNorm, apply_rotary_emb
+from mmspec.modeling import RMSNorm, TransformerBlock
 from mmspec.types import TargetOutput
 
 
@@ -85,57 +84,6 @@ class VLMDecoderConfig:
     sliding_window: int | None = None
 
 
-class VLMAttention(nn.Module):
-    """Grouped-query attention over the static cache, as :class:`mmspec.modeling.Attention` plus
-    optional biases and a free head width (same ``forward`` signature)."""
-
-    def __init__(self, dim: int, n_head: int, n_kv_head: int, head_dim: int, qkv_bias: bool, out_bias: bool) -> None:
-        super().__init__()
-        self.n_head = n_head
-        self.n_kv_head = n_kv_head
-        self.head_dim = head_dim
-        self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * head_dim, bias=qkv_bias)
-        self.wo = nn.Linear(n_head * head_dim, dim, bias=out_bias)
-
-    def forward(
-        self,
-        x: torch.Tensor,  # [R, T, dim]
-        freqs: torch.Tensor,  # [R, T, D/2, 2]
-        cache: StaticKVCache,
-        layer: int,
-        slots: torch.Tensor,  # [B, T]
-        attn_mask: torch.Tensor,  # [R, 1, T, S] bool
-    ) -> torch.Tensor:
-        rows, num_new, _ = x.shape
-        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = apply_rotary_emb(q.view(rows, num_new, self.n_head, self.head_dim), freqs)
-        k = apply_rotary_emb(k.view(rows, num_new, self.n_kv_head, self.head_dim), freqs)
-        v = v.view(rows, num_new, self.n_kv_head, self.head_dim)
-        keys, values = cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), slots)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
-        return self.wo(out.transpose(1, 2).reshape(rows, num_new, q_dim))
-
-
-class VLMBlock(nn.Module):
-    """Pre-norm Llama block (:class:`mmspec.modeling.TransformerBlock` with :class:`VLMAttention`)."""
-
-    def __init__(self, config: VLMDecoderConfig) -> None:
-        super().__init__()
-        c = config
-        self.attention = VLMAttention(c.dim, c.n_head, c.n_kv_head, c.head_dim, c.qkv_bias, c.out_bias)
-        self.feed_forward = FeedForward(c.dim, c.hidden_dim)
-        self.attention_norm = RMSNorm(c.dim, c.norm_eps)
-        self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
-
-    def forward(self, x, freqs, cache, layer, slots, attn_mask):  # shapes as in VLMAttention.forward
-        h = x + self.attention(self.attention_norm(x), freqs, cache, layer, slots, attn_mask)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-
 def pair_components(config: VLMDecoderConfig) -> torch.Tensor:
     """Which position component (0 = t, 1 = h, 2 = w) turns each of the ``D/2`` frequency pairs
     (``[D/2]`` long). HF cycles M-RoPE sections t, h, w, t, ... (``recomposition_frequencies``);
@@ -161,7 +109,11 @@ class VLMDecoder(nn.Module):
             )
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(VLMBlock(config) for _ in range(config.n_layer))
+        c = config
+        self.layers = nn.ModuleList(
+            TransformerBlock(c.dim, c.n_head, c.n_kv_head, c.hidden_dim, c.norm_eps, c.head_dim, c.qkv_bias, c.out_bias)
+            for _ in range(c.n_layer)
+        )
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
