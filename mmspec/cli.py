@@ -22,20 +22,6 @@ def command(name: str, add_args: Callable[[argparse.ArgumentParser], None]):
     return wrap
 
 
-def _parse_options(pairs: list[str]) -> dict:
-    """``["dim=512", "temperature=0.7"]`` -> ``{"dim": 512, "temperature": 0.7}`` (JSON values)."""
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--option expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
 def _bench_args(p: argparse.ArgumentParser) -> None:
     from .bench import load_suites
 
@@ -59,7 +45,13 @@ def bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown suite {args.suite!r}; available: {', '.join(sorted(BENCH_SUITES))}")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    suite = BENCH_SUITES[args.suite](device, dtype, args.batch_size, **_parse_options(args.option))
+    from .jobs import parse_key_values
+
+    try:
+        options = parse_key_values(args.option, "--option")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    suite = BENCH_SUITES[args.suite](device, dtype, args.batch_size, **options)
     record = run_benchmark(suite, device, repeats=args.repeats, warmup=args.warmup, seed=args.seed)
     out = args.output or Path("results") / f"bench-{args.suite}.json"
     write_record(record, out)
@@ -136,7 +128,7 @@ def generate(args: argparse.Namespace) -> int:
     import time
 
     from .drafters.eagle import TreeConfig
-    from .jobs import JobOutput, run_job, write_summary
+    from .jobs import report, run_job
     from .pipelines.llamagen import SpeculativeOptions
     from .visualize import acceptance_heatmap
 
@@ -194,19 +186,11 @@ def generate(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        summary = write_summary(args.output_dir, {
+        report(args.output_dir, job, "images", {
             "command": "generate", "speculative": speculative, "acceptance": args.acceptance,
             "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "device": str(device),
         })
-        results = JobOutput.read(args.output_dir, "results")
-        steps = sum(r["row_steps"] for r in results)
-        accepted = sum(r["row_accepted"] for r in results)
-        print(f"{summary['num_results']} images in {args.output_dir} ({summary['num_errors']} bad items; "
-              f"this run: {job['processed']} new, {job['skipped_done']} already done); "
-              f"mean accepted drafts per step: {accepted / max(steps, 1):.2f}")
-        for err in summary["errors"]:
-            print(f"  skipped item {err['index']} ({err['input']!r}): {err['error']}")
     return 0
 
 
@@ -305,7 +289,7 @@ def caption(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from .drafters import NGramDrafter
-    from .jobs import JobOutput, run_job, write_summary
+    from .jobs import JobOutput, report, run_job
 
     device = torch.device(args.device)
     if args.model:
@@ -343,15 +327,8 @@ def caption(args: argparse.Namespace) -> int:
         with (args.output_dir / "captions.jsonl").open("w") as f:
             for r in results:
                 f.write(json.dumps({"image": r["input"], "caption": r["caption"]}) + "\n")
-        summary = write_summary(args.output_dir, {"command": "caption", "prompt": args.prompt, "drafter": args.drafter,
+        report(args.output_dir, job, "captions", {"command": "caption", "prompt": args.prompt, "drafter": args.drafter,
                                                   "num_draft_tokens": args.num_draft_tokens, "device": str(device)})
-        steps = sum(r["row_steps"] for r in results)
-        accepted = sum(r["row_accepted"] for r in results)
-        print(f"{summary['num_results']} captions in {args.output_dir / 'captions.jsonl'} ({summary['num_errors']} bad "
-              f"items; this run: {job['processed']} new, {job['skipped_done']} already done); "
-              f"mean accepted drafts per step: {accepted / max(steps, 1):.2f}")
-        for err in summary["errors"]:
-            print(f"  skipped item {err['index']} ({err['input']}): {err['error']}")
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .jobs import parse_key_values
 from .visualize import image_grid
 
 
@@ -129,15 +130,7 @@ class EvalMethod:
         parts = spec.split(":")
         if not parts[0] or len(parts) > 3:
             raise ValueError(f"method spec {spec!r} must be SPECULATIVE[:ACCEPTANCE[:key=value,...]]")
-        options = {}
-        for pair in filter(None, (parts[2] if len(parts) == 3 else "").split(",")):
-            if "=" not in pair:
-                raise ValueError(f"method option {pair!r} in {spec!r} must be key=value")
-            key, value = pair.split("=", 1)
-            try:
-                options[key] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key] = value
+        options = parse_key_values([p for p in (parts[2] if len(parts) == 3 else "").split(",") if p], f"method {spec!r}")
         speculative = None if parts[0] == "none" else parts[0]
         return cls(spec, speculative, parts[1] if len(parts) > 1 else "exact", options)
 

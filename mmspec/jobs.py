@@ -110,6 +110,35 @@ def run_job(
     return {"assigned": len(mine), "skipped_done": skipped, "processed": len(todo) - failed}
 
 
+def parse_key_values(pairs: list[str], what: str) -> dict:
+    """``["k=100", "delta=0.1", "mode=tvd"]`` -> ``{"k": 100, "delta": 0.1, "mode": "tvd"}`` (values are
+    JSON when they parse as JSON, strings otherwise); ``what`` names the source in error messages."""
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"{what}: expected key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def report(out_dir: Path, job: dict, what: str, extra: dict) -> dict:
+    """Rank 0 after a job: write ``stats.json``, print the outcome and every skipped item."""
+    summary = write_summary(out_dir, extra)
+    results = JobOutput.read(out_dir, "results")
+    steps = sum(r["row_steps"] for r in results)
+    accepted = sum(r["row_accepted"] for r in results)
+    print(f"{summary['num_results']} {what} in {out_dir} ({summary['num_errors']} bad items; this run: "
+          f"{job['processed']} new, {job['skipped_done']} already done); "
+          f"mean accepted drafts per step: {accepted / max(steps, 1):.2f}")
+    for err in summary["errors"]:
+        print(f"  skipped item {err['index']} ({err['input']!r}): {err['error']}")
+    return summary
+
+
 def write_summary(out_dir: Path, extra: dict) -> dict:
     """Rank 0: gather every rank's records into ``stats.json``; returns it."""
     results = JobOutput.read(out_dir, "results")
