@@ -74,3 +74,22 @@ def tiny_llamagen(vocab_size: int = 16, grid: int = 3, num_classes: int = 5, dim
     vq = LlamaGenVQ(codebook_size=vocab_size, codebook_embed_dim=4, encoder_ch_mult=(1, 1), decoder_ch_mult=(1, 1),
                     z_channels=32, ch=32, num_res_blocks=1)
     return gpt.eval(), vq.eval()
+
+
+def assert_rows_follow(rows: torch.Tensor, exact: dict[tuple, float]) -> None:
+    """The rows ``[n, L]`` (one sample each) follow the exact joint law ``exact`` of ``L`` tokens.
+
+    The total-variation distance between the empirical and exact laws must stay under 3x the
+    expected TVD of an exact sampler at this sample size (``E|p_hat - p| ~ sqrt(2 p (1-p) / (pi n))``),
+    a tolerance that shrinks as 1/sqrt(n). Samples outside the support also fail it.
+    """
+    import math
+
+    n = rows.shape[0]
+    counts: dict[tuple, int] = {}
+    for row in rows.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert set(counts) <= set(exact), f"samples outside the support: {sorted(set(counts) - set(exact))[:5]}"
+    tvd = 0.5 * sum(abs(counts.get(s, 0) / n - p) for s, p in exact.items())
+    expected = 0.5 * sum(math.sqrt(2 * p * (1 - p) / (math.pi * n)) for p in exact.values())
+    assert tvd < 3 * expected, (tvd, expected)
