@@ -346,6 +346,20 @@ def train_drafter(args: argparse.Namespace) -> int:
     return train_drafter_command(args)
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from .demos import add_demo_args
+
+    add_demo_args(p)
+
+
+@command("demo", _demo_args)
+def demo(args: argparse.Namespace) -> int:
+    """Launch a Gradio demo (image generation or visual chat) on 127.0.0.1."""
+    from .demos import demo_command
+
+    return demo_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmspec", description="Speculative decoding for multimodal generative models.")
     sub = parser.add_subparsers(dest="command", required=True)

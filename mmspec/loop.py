@@ -70,7 +70,7 @@ def speculative_generate(
     eos_token_id: int | None = None,
     pad_token_id: int = -1,
     condition: Any = None,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
+    callback: Callable[[int, torch.Tensor, DraftContext], None] | None = None,
     profile: bool = False,
 ) -> GenerationOutput:
     """Generate ``max_new_tokens`` per row with speculative decoding (``drafter=None``: the plain
@@ -85,7 +85,8 @@ def speculative_generate(
         sampling: the SAME configuration is used for draft and target distributions.
         generator: seeds every random draw (first token, drafts, acceptance).
         eos_token_id: a row stops after emitting it. ``condition``: passed to the drafter's context.
-        callback: ``callback(step, num_generated [B])`` after every step (e.g. progress bars).
+        callback: ``callback(step, num_generated [B], ctx)`` after every step (progress bars, streaming:
+            ``ctx.history`` holds prompt + committed tokens up to ``ctx.history_lengths``).
         profile: synchronise the device around draft and verify to time them separately.
     """
     if max_new_tokens < 1:
@@ -179,7 +180,7 @@ def speculative_generate(
         stats.draft_time += t1 - t0
         stats.verify_time += t2 - t1
         if callback is not None:
-            callback(stats.steps, num_out)
+            callback(stats.steps, num_out, ctx)
 
     stats.total_time = time.perf_counter() - start
     stats.draft_time, stats.verify_time = (stats.draft_time, stats.verify_time) if profile else (0.0, 0.0)

@@ -258,8 +258,9 @@ class LlamaGenPipeline(DiffusionPipeline):
             acceptance_options: keyword options of a rule given by name (e.g. ``{"delta": 0.1}``).
             speculative_options: method knobs (:class:`SpeculativeOptions`).
             output_type: ``"pil"``, ``"np"`` or ``"pt"``. return_dict: output object or tuple.
-            callback_on_step_end: ``f(pipe, step, None, {"num_generated": [B] tensor})`` after every
-                verify step (diffusers convention; the timestep slot is None for AR models).
+            callback_on_step_end: ``f(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after
+                every verify step (diffusers convention; the timestep slot is None for AR models;
+                ``tokens`` is the raster-order grid so far, -1 where not generated yet).
 
         Returns:
             :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
@@ -291,12 +292,15 @@ class LlamaGenPipeline(DiffusionPipeline):
         progress = self.progress_bar(total=num_tokens)
         done = [1]
 
-        def on_step(step: int, num_generated: torch.Tensor) -> None:
+        def on_step(step: int, num_generated: torch.Tensor, ctx) -> None:
             now = int(num_generated.clamp(max=num_tokens).min())  # deliberate sync: progress display
             progress.update(now - done[0])
             done[0] = now
             if callback_on_step_end is not None:
-                callback_on_step_end(self, step, None, {"num_generated": num_generated})
+                # Image models have no token prompt: the history is the raster-order token grid so
+                # far (-1 where not generated yet).
+                tokens = ctx.history[:, :num_tokens]
+                callback_on_step_end(self, step, None, {"num_generated": num_generated, "tokens": tokens})
 
         out = speculative_generate(
             self._compiled or self.target, condition, cache, max_new_tokens=num_tokens, drafter=drafter, acceptance=acceptance,

@@ -22,7 +22,7 @@ from mmspec.acceptance import AcceptanceRule
 from mmspec.loop import required_cache_len, speculative_generate
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
-from mmspec.types import Draft, DraftContext, Drafter, PrefillOutput, Target, TargetOutput, Verdict
+from mmspec.types import DraftContext, Drafter
 
 from .targets import VLMPrompt, VLMTarget, load_vlm_target
 
@@ -158,12 +158,10 @@ class VLMPipeline:
         return self._pack(self._generate(vlm_prompt, settings), return_dict)
 
     def _generate(
-        self, prompt: VLMPrompt, settings: dict, target: Target | None = None,
-        callback: Callable[[int, torch.Tensor], None] | None = None,
+        self, prompt: VLMPrompt, settings: dict, callback: Callable[[int, torch.Tensor, DraftContext], None] | None = None,
     ) -> VLMPipelineOutput:
-        """One loop run (``target``: a stand-in for :attr:`target`, e.g. a stream's tap). A reply
-        ends at the first of the model's EOS ids: the loop stops at the first id, the rest are cut here."""
-        target = self.target if target is None else target
+        """One loop run. A reply ends at the first of the model's EOS ids: the loop stops at the first
+        id, the rest are cut here."""
         drafter = settings["drafter"]
         window = 1 if drafter is None else NODES_PER_DEPTH * (settings["num_draft_tokens"] + 1)
         capacity = required_cache_len(prompt.tokens.shape[1], settings["max_new_tokens"], window)
@@ -172,7 +170,7 @@ class VLMPipeline:
         eos_ids = self.target.eos_token_ids
         pad_id = self._pad_token_id()
         out = speculative_generate(
-            target, prompt, self.target.new_cache(prompt.tokens.shape[0], capacity),
+            self.target, prompt, self.target.new_cache(prompt.tokens.shape[0], capacity),
             eos_token_id=eos_ids[0] if eos_ids else None, pad_token_id=pad_id, callback=callback, **settings,
         )
         tokens, lengths = out.tokens, out.lengths
@@ -188,30 +186,23 @@ class VLMPipeline:
         return VLMPipelineOutput(text=self._decode(rows), token_ids=tokens, lengths=lengths, stats=out.stats)
 
     def _stream(self, prompt: VLMPrompt, settings: dict, return_dict: bool) -> Iterator[str]:
-        """Run the loop in a worker thread; yield the reply's new text after every verify step.
-
-        The loop's callback reports counts only, so the committed tokens are read through a tap: a
-        drafter wrapper sees the loop's token history at every commit; without a drafter, a target
-        wrapper sees each committed token when it is fed back (one step late; the last token comes
-        with the final output). Closing the generator stops the loop at its next step.
-        """
+        """Run the loop in a worker thread; yield the reply's new text after every verify step (read
+        from the loop's context: prompt + committed tokens). Closing the generator stops the loop at
+        its next step."""
         pieces: queue.Queue = queue.Queue()
         stop = threading.Event()
-        if settings["drafter"] is not None:
-            tap = _HistoryTap(settings["drafter"], int(prompt.lengths[0]))
-            target, settings = self.target, {**settings, "drafter": tap}
-        else:
-            tap = target = _InputTap(self.target)
+        prompt_length = int(prompt.lengths[0])
 
-        def on_step(step: int, num_generated: torch.Tensor) -> None:
+        def on_step(step: int, num_generated: torch.Tensor, ctx: DraftContext) -> None:
             if stop.is_set():
                 raise _Cancelled
-            pieces.put(self._reply_prefix(tap.tokens().tolist(), settings["max_new_tokens"]))
+            reply = ctx.history[0, prompt_length : int(ctx.history_lengths[0])]  # deliberate sync: streaming
+            pieces.put(self._reply_prefix(reply.tolist(), settings["max_new_tokens"]))
 
         def work() -> None:
             try:
                 with torch.no_grad():  # grad mode is per thread
-                    pieces.put(self._generate(prompt, settings, target=target, callback=on_step))
+                    pieces.put(self._generate(prompt, settings, callback=on_step))
             except _Cancelled:
                 return
             except Exception as exc:  # handed to the consuming thread, which re-raises it
@@ -270,53 +261,3 @@ def _load_image(image: ImageInput, index: int) -> PIL.Image.Image:
 
 class _Cancelled(Exception):
     """Raised inside the loop's callback when a stream's consumer has gone away."""
-
-
-class _HistoryTap:
-    """Delegates to ``drafter``; remembers the loop's latest context so a stream can read the
-    committed tokens (``ctx.history`` holds prompt + reply, valid up to ``ctx.history_lengths``)."""
-
-    def __init__(self, drafter: Drafter, prompt_length: int) -> None:
-        self.drafter = drafter
-        self.vocab_size = drafter.vocab_size
-        self.prompt_length = prompt_length
-        self.ctx: DraftContext | None = None
-
-    def prefill(self, ctx: DraftContext, prompt: Any, prefill: PrefillOutput) -> None:
-        self.ctx = ctx
-        self.drafter.prefill(ctx, prompt, prefill)
-
-    def draft(self, ctx: DraftContext, num_draft_tokens: int, generator: torch.Generator | None) -> Draft:
-        return self.drafter.draft(ctx, num_draft_tokens, generator)
-
-    def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
-        self.ctx = ctx
-        self.drafter.commit(ctx, verdict)
-
-    def tokens(self) -> torch.Tensor:
-        """Reply tokens committed so far (row 0)."""
-        return self.ctx.history[0, self.prompt_length : int(self.ctx.history_lengths[0])].clone()
-
-
-class _InputTap:
-    """Delegates to ``target``; records the token fed to each baseline decode step, which is the
-    previous step's committed token."""
-
-    def __init__(self, target: VLMTarget) -> None:
-        self.target = target
-        self.vocab_size = target.vocab_size
-        self.fed: list[torch.Tensor] = []
-
-    def new_cache(self, batch_size: int, max_seq_len: int, cfg: bool = False):
-        return self.target.new_cache(batch_size, max_seq_len, cfg)
-
-    def prefill(self, prompt: VLMPrompt, cache) -> PrefillOutput:
-        return self.target.prefill(prompt, cache)
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, attn_mask) -> TargetOutput:
-        self.fed.append(tokens[0, :1].clone())
-        return self.target.forward(tokens, positions, cache, attn_mask)
-
-    def tokens(self) -> torch.Tensor:
-        """Reply tokens known so far (row 0): all but the newest one."""
-        return torch.cat(self.fed) if self.fed else torch.zeros(0, dtype=torch.long)

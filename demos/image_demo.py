@@ -1,0 +1,11 @@
+"""Launch the image demo; the same as ``mmspec demo image [options]`` (see ``--help``)."""
+
+import argparse
+import sys
+
+from mmspec.demos import add_demo_args, demo_command
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_demo_args(parser)
+    raise SystemExit(demo_command(parser.parse_args(["image", *sys.argv[1:]])))

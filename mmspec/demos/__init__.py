@@ -1,0 +1,101 @@
+"""Gradio demos: ``mmspec demo image|chat``.
+
+The apps live in :mod:`mmspec.demos.image_app` and :mod:`mmspec.demos.chat_app` (they import
+gradio, the ``demo`` extra); this module holds what both share and the command-line entry, and
+imports gradio only when a demo is actually launched, so ``mmspec`` works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+#: Queue limits: one generation at a time (pipelines reuse their static KV caches across calls,
+#: and one job already uses the whole device); a bounded waiting line so that a crowd gets a clear
+#: "queue is full" instead of an ever-longer wait.
+CONCURRENCY_LIMIT = 1
+MAX_QUEUE_SIZE = 16
+#: Largest upload accepted by the chat demo (checked by Gradio at upload time and again by the app).
+MAX_UPLOAD_MB = 10
+#: Page style: generated images are often a few dozen pixels wide; Gradio shows them at their
+#: natural size, so images marked ``mmspec-pixels`` are scaled up to their box, without blurring.
+PAGE_CSS = (".mmspec-pixels img { width: 100% !important; height: 100% !important; object-fit: contain;"
+            " image-rendering: pixelated; }")
+
+
+@contextlib.contextmanager
+def pipeline_errors() -> Iterator[None]:
+    """Show a pipeline's ``ValueError`` (impossible settings, e.g. the greedy rule with sampling)
+    to the user as a Gradio error message instead of a generic failure."""
+    import gradio as gr
+
+    try:
+        yield
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
+
+
+def launch(demo: Any, host: str = "127.0.0.1", port: int | None = None, share: bool = False, **kwargs: Any) -> Any:
+    """Queue and launch a demo with mmspec's limits; loopback only unless ``host``/``share`` say otherwise.
+
+    ``kwargs`` go to ``Blocks.launch`` (e.g. ``prevent_thread_lock=True`` in tests).
+    """
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=MAX_QUEUE_SIZE)
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=f"{MAX_UPLOAD_MB}mb",
+                       show_error=True, css=PAGE_CSS, **kwargs)
+
+
+def add_demo_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``mmspec demo``."""
+    from ..cli import _add_llamagen_source
+
+    parser.add_argument("app", choices=["image", "chat"], help="image generation (LlamaGen) or visual chat (VLM)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's first free port from 7860)")
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--vlm", default=None, help="chat: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...)")
+    _add_llamagen_source(parser)
+
+
+def _class_names(args: argparse.Namespace) -> list[str] | None:
+    """Names from the classes file saved beside a reference pipeline (the embedded default's or
+    ``--model``'s; see :mod:`mmspec.defaults`), or None (official checkpoints, no file)."""
+    from ..defaults import CLASSES_FILE, default_llamagen_path
+
+    if args.official_gpt:
+        return None
+    path = Path(args.model or default_llamagen_path()) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    return [f"{entry['char']} {entry['name']}" for entry in json.loads(path.read_text(encoding="utf-8"))]
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """Build the chosen demo on its pipeline and serve it until interrupted."""
+    try:
+        import gradio  # noqa: F401  (only checks that the extra is installed)
+    except ImportError:
+        raise SystemExit("the demos need Gradio: pip install 'mmspec[demo]'") from None
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.app == "image":
+        from ..cli import load_llamagen
+        from .image_app import build_image_demo
+
+        demo = build_image_demo(load_llamagen(args, device, dtype), class_names=_class_names(args))
+    else:
+        from ..pipelines.vlm.pipeline_vlm import VLMPipeline
+        from .chat_app import build_chat_demo
+
+        if args.vlm is None:  # no VLM ships with mmspec (no pretrained VLM weights are available offline)
+            raise SystemExit("mmspec demo chat needs --vlm DIR: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...)")
+        demo = build_chat_demo(VLMPipeline.from_pretrained(args.vlm, dtype=dtype, device=device))
+    launch(demo, host=args.host, port=args.port, share=args.share)
+    return 0

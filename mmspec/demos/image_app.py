@@ -1,0 +1,232 @@
+"""Gradio app: class-conditional image generation, the plain baseline and a speculative method side
+by side on the same seed, with wall time, steps, speed-up and the acceptance heat-map.
+
+Thin by design: every number shown comes from ``LlamaGenPipeline.__call__`` and its ``SpecStats``;
+this module only runs the two calls, streams progress and lays out the results.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Iterator
+
+import gradio as gr
+import numpy as np
+import PIL.Image
+import torch
+
+from mmspec.acceptance import ACCEPTANCE_RULES, get_acceptance_rule
+from mmspec.pipelines.llamagen import SPECULATIVE_METHODS, LlamaGenPipeline, SpeculativeOptions
+from mmspec.visualize import acceptance_heatmap
+
+from . import pipeline_errors
+
+BASELINE = "none"
+SLOTS = ("baseline", "method")  # file names of the two runs' pictures
+MAX_DRAFT_TOKENS = 64
+MAX_SEED = 2**31 - 1
+#: Streamed previews are throttled: each is a picture sent to the page (and a VQ decode when the
+#: pipeline's callback passes the tokens).
+PREVIEW_INTERVAL_S = 0.25
+#: Side of the heat-map and placeholder pictures, in pixels (the token grid is scaled up to it).
+PICTURE_SIZE = 256
+PENDING_GREY = 128
+
+
+def runnable_methods(pipe: LlamaGenPipeline) -> list[str]:
+    """Keys of ``SPECULATIVE_METHODS`` whose drafter this pipeline can build.
+
+    A factory raises ``ValueError`` when a component it needs is missing (e.g. ``"draft-model"``
+    without a ``drafter``); building the drafter is cheap, so asking the factory is the one
+    honest test.
+    """
+    methods = []
+    for name, factory in SPECULATIVE_METHODS.items():
+        try:
+            factory(pipe, SpeculativeOptions())
+        except ValueError:
+            continue
+        methods.append(name)
+    return methods
+
+
+def buildable_rules() -> list[str]:
+    """Names in ``ACCEPTANCE_RULES`` that build from their name alone, as the pipeline builds them.
+
+    Relaxed rules that need tables made for one model (LANTERN's latent neighbours, GSD's
+    embeddings) raise ``ValueError`` until given them, so they are not offered.
+    """
+    rules = []
+    for name in sorted(ACCEPTANCE_RULES):
+        try:
+            get_acceptance_rule(name)
+        except ValueError:
+            continue
+        rules.append(name)
+    return rules
+
+
+def class_choices(pipe: LlamaGenPipeline, class_names: list[str] | None) -> list[tuple[str, int]]:
+    """``(label shown, class id)`` pairs: ``"3: cat"`` with class names (index = class id), else the bare ids."""
+    ids = range(pipe.target.config.num_classes)
+    return [(f"{i}: {class_names[i]}" if class_names else str(i), i) for i in ids]
+
+
+def preview_image(pipe: LlamaGenPipeline, num_generated: int, tokens: torch.Tensor) -> PIL.Image.Image:
+    """A picture of a generation in progress: ``tokens`` (``[h * w]`` ids in raster order, valid
+    below ``num_generated``) decoded, with the not-yet-generated patches painted grey."""
+    grid = pipe.target.grid_size
+    done = (torch.arange(grid * grid) < num_generated).reshape(grid, grid)
+    codes = torch.where(done.flatten(), tokens.flatten().cpu(), 0).reshape(1, grid, grid)
+    with torch.no_grad():
+        decoded = pipe.vq.decode_code(codes.to(pipe.vq.device))[0].float()
+    pixels = ((decoded.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).clip(0, 255)
+    patch = pixels.shape[0] // grid
+    mask = np.kron(done.numpy(), np.ones((patch, patch), dtype=bool))
+    pixels[~mask] = PENDING_GREY
+    return PIL.Image.fromarray(pixels.round().astype(np.uint8))
+
+
+def run_streaming(pipe: LlamaGenPipeline, **kwargs: Any) -> Iterator[tuple[PIL.Image.Image | None, Any]]:
+    """Run ``pipe(**kwargs)`` in a worker thread; while it runs, yield ``(preview, None)`` every
+    ``PREVIEW_INTERVAL_S`` in which it made progress; then ``(None, output)``.
+
+    The callback only keeps a reference to the newest step's tensors, and this thread looks at
+    them on a timer, not at every step: decoding or even waking up per step would compete with
+    the generation for the GIL and inflate the wall time the demo reports.
+    """
+    latest: dict[str, Any] = {}
+
+    def on_step(_pipe, _step, _timestep, callback_kwargs: dict) -> dict:
+        latest["kwargs"] = callback_kwargs
+        return callback_kwargs
+
+    # The `with` block waits for the worker even if the client goes away mid-run, so the queue's
+    # concurrency limit keeps meaning "one generation at a time".
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(pipe, **kwargs, callback_on_step_end=on_step)
+        shown = 0
+        while not wait([future], timeout=PREVIEW_INTERVAL_S).done:
+            step = latest.get("kwargs")
+            if step is not None and int(step["num_generated"][0]) > shown:  # only progress is worth a picture
+                shown = int(step["num_generated"][0])
+                yield preview_image(pipe, shown, step["tokens"][0]), None
+        yield None, future.result()
+
+
+def stats_markdown(rows: list[tuple[str, Any]], record: dict) -> str:
+    """A table of steps, wall time and tokens per step for each run, then the speed-up (if any)."""
+    lines = ["| run | steps (NFE) | wall time | tokens / step (with bonus) |", "|---|---:|---:|---:|"]
+    for name, stats in rows:
+        lines.append(f"| {name} | {stats.steps} | {stats.total_time:.3f} s | {stats.mean_tokens_per_step:.2f} |")
+    if "speedup_wall_time" in record:
+        lines.append(f"\n**Speed-up: {record['speedup_wall_time']:.2f}× wall time, "
+                     f"{record['speedup_steps']:.2f}× fewer steps.**")
+    return "\n".join(lines)
+
+
+def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = None, warmup: bool = True) -> gr.Blocks:
+    """The image-generation demo for ``pipe`` (a class-conditional :class:`LlamaGenPipeline`).
+
+    Named endpoint ``/generate``: ``(class_label, seed, method, acceptance, num_draft_tokens,
+    guidance_scale, temperature, top_k)`` -> ``(baseline image, method image, heat-map, summary
+    markdown, stats JSON)``. ``method="none"`` runs the baseline only; ``top_k=0`` means no top-k.
+    ``class_names``: shown next to the class ids (index = class id). ``warmup``: run the baseline
+    and every method once before serving.
+    """
+    pipe.set_progress_bar_config(disable=True)  # progress is streamed to the page, not the server log
+    methods = runnable_methods(pipe)
+    if warmup:
+        # First calls pay one-off costs (allocations; compilation and CUDA-graph capture after
+        # enable_compile()): paid here, they stay out of the wall times the page compares.
+        for method in [None, *methods]:
+            pipe(class_labels=[0], speculative=method, generator=torch.Generator(pipe.device).manual_seed(0))
+    rules = buildable_rules()
+    classes = class_choices(pipe, class_names)
+
+    def generate(class_label, seed, method, acceptance, num_draft_tokens, guidance_scale, temperature, top_k):
+        """Baseline then method on the same seed, streaming previews; see build_image_demo.
+
+        The components' own bounds and choices are checked by Gradio before this runs (for API
+        calls too); settings the pipeline rejects come back as its ValueError's message.
+        """
+        if seed is None:
+            raise gr.Error("Enter a seed (an integer).")
+        seed = int(seed)
+        common = dict(class_labels=[class_label], guidance_scale=guidance_scale, temperature=temperature,
+                      top_k=int(top_k) or None)
+        runs = [("baseline", {"speculative": None})]
+        if method != BASELINE:
+            runs.append((f"{method} ({acceptance})", {"speculative": method, "num_draft_tokens": int(num_draft_tokens),
+                                                      "acceptance": acceptance}))
+        # Pictures go out as PNG files, not PIL images: Gradio caches files by content and copies
+        # them atomically, whereas it rewrites a re-sent PIL image's cache file in place, which
+        # breaks a download of the same picture still in flight (a preview or a finished image).
+        with tempfile.TemporaryDirectory() as scratch:
+
+            def png(image: PIL.Image.Image, name: str) -> str:
+                path = os.path.join(scratch, f"{name}.png")
+                image.save(path)
+                return path
+
+            images, rows = [None, None], []
+            for slot, (name, extra) in enumerate(runs):
+                generator = torch.Generator(pipe.device).manual_seed(seed)  # same seed for both runs
+                with pipeline_errors():
+                    for preview, out in run_streaming(pipe, **common, **extra, generator=generator):
+                        if out is None:
+                            images[slot] = png(preview, SLOTS[slot])
+                            yield *images, None, f"Generating **{name}**…", None
+                images[slot] = png(out.images[0], SLOTS[slot])
+                rows.append((name, out.stats))
+            record = {"seed": seed, "method": method, "acceptance": acceptance,
+                      "runs": {name: stats.summary() for name, stats in rows}}
+            heatmap = None
+            if method != BASELINE:
+                (_, base), (_, spec) = rows
+                record["speedup_wall_time"] = base.total_time / spec.total_time
+                record["speedup_steps"] = base.steps / max(spec.steps, 1)
+                grid = pipe.target.grid_size
+                heatmap = png(acceptance_heatmap(spec.token_source[0].reshape(grid, grid), spec.token_step[0].reshape(grid, grid),
+                                                 cell=max(PICTURE_SIZE // grid, 1)), "heatmap")
+            yield *images, heatmap, stats_markdown(rows, record), record
+
+    with gr.Blocks(title="mmspec: speculative image generation") as demo:
+        gr.Markdown(
+            "# Speculative image generation\n"
+            "The plain autoregressive baseline and a speculative method run on the **same seed**. "
+            "Lossless rules give the baseline's distribution; the heat-map shows where drafts were "
+            "accepted (green), resampled after a rejection (red) or added as the bonus token (blue); "
+            "shades alternate between verify steps."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                class_label = gr.Dropdown(classes, value=classes[0][1], label="Class")
+                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                method = gr.Dropdown([BASELINE, *methods], value=methods[0] if methods else BASELINE, label="Method")
+                acceptance = gr.Dropdown(rules, value="exact" if "exact" in rules else rules[0], label="Acceptance rule")
+                with gr.Accordion("Knobs", open=False):
+                    num_draft_tokens = gr.Slider(1, MAX_DRAFT_TOKENS, value=8, step=1, label="Draft tokens per step")
+                    guidance_scale = gr.Slider(1.0, 20.0, value=4.0, step=0.5, label="Guidance scale (CFG)")
+                    temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)")
+                    top_k = gr.Slider(0, pipe.target.vocab_size, value=0, step=1, label="Top-k (0 = off)")
+                run = gr.Button("Generate", variant="primary", elem_id="generate-button")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    baseline_image, method_image, heatmap_image = (
+                        gr.Image(label=label, height=PICTURE_SIZE, elem_id=elem_id, elem_classes="mmspec-pixels")
+                        for label, elem_id in (("Baseline", "baseline-image"), ("Speculative", "method-image"),
+                                               ("Acceptance heat-map", "heatmap-image"))
+                    )
+                summary = gr.Markdown(label="Summary", elem_id="summary")
+                with gr.Accordion("Stats (JSON)", open=False):
+                    record = gr.JSON(label="Stats")
+        run.click(
+            generate,
+            [class_label, seed, method, acceptance, num_draft_tokens, guidance_scale, temperature, top_k],
+            [baseline_image, method_image, heatmap_image, summary, record],
+            api_name="generate",
+        )
+    return demo
