@@ -346,6 +346,20 @@ def train_drafter(args: argparse.Namespace) -> int:
     return train_drafter_command(args)
 
 
+def _train_reference_args(p: argparse.ArgumentParser) -> None:
+    from .training.reference import add_train_reference_args
+
+    add_train_reference_args(p)
+
+
+@command("train-reference", _train_reference_args)
+def train_reference(args: argparse.Namespace) -> int:
+    """Train the reference models (VQ tokenizer, LlamaGen target and draft GPT) on the emoji data."""
+    from .training.reference import train_reference_command
+
+    return train_reference_command(args)
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     from .demos import add_demo_args
 

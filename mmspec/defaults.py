@@ -1,0 +1,119 @@
+"""The embedded default models: small reference models shipped inside the package so that mmspec
+runs offline on a fresh machine (``mmspec/assets/``; see the model card there)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # the pipeline imports diffusers; only load it when a model is requested
+    from .pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
+
+_ASSETS = Path(__file__).resolve().parent / "assets"
+#: File next to a saved reference pipeline listing its classes (label, emoji, Unicode name).
+CLASSES_FILE = "classes.json"
+#: Subfolder of the reference pipeline holding its EAGLE head (``mmspec train-drafter``).
+EAGLE_SUBFOLDER = "eagle"
+_REBUILD_HINT = (
+    "Reinstall mmspec (the wheel ships the weights), or rebuild them with "
+    "`mmspec train-reference --stage all --out DIR` and copy DIR/pipeline to {path}."
+)
+
+
+def default_llamagen_path() -> Path:
+    """Folder of the embedded class-conditional LlamaGen reference pipeline (target GPT, VQ
+    tokenizer and draft GPT trained on emoji; ``LlamaGenPipeline.save_pretrained`` format)."""
+    return _ASSETS / "llamagen-emoji"
+
+
+def _checked_path() -> Path:
+    path = default_llamagen_path()
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded LlamaGen reference model is missing ({path}). " + _REBUILD_HINT.format(path=path)
+        )
+    return path
+
+
+def load_default_llamagen(device: str | torch.device = "cpu") -> LlamaGenPipeline:
+    """Load the embedded LlamaGen reference pipeline (float32) on ``device``, with its EAGLE head
+    attached when one ships (``speculative="eagle"``).
+
+    Raises:
+        FileNotFoundError: the assets are not installed (the message says how to rebuild them).
+    """
+    from .pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
+
+    path = _checked_path()
+    # The weights are stored in float32, so no dtype argument (its name differs across diffusers).
+    pipe = LlamaGenPipeline.from_pretrained(path).to(device)
+    if (path / EAGLE_SUBFOLDER / "config.json").is_file():
+        pipe.load_eagle_head(str(path / EAGLE_SUBFOLDER))
+    return pipe
+
+
+def default_llamagen_classes() -> list[dict[str, object]]:
+    """The embedded model's classes, in label order: ``{"label", "char", "name"}`` dicts
+    (e.g. ``{"label": 0, "char": "😀", "name": "grinning face"}``).
+
+    Raises:
+        FileNotFoundError: the assets are not installed.
+    """
+    return json.loads((_checked_path() / CLASSES_FILE).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------- captioner
+if TYPE_CHECKING:  # transformers' VLM classes load only when a captioner is requested
+    from .pipelines.vlm import VLMPipeline
+
+#: Subfolder of a saved captioner holding its draft model (a full LLaVA model, same processor).
+CAPTIONER_DRAFTER_SUBFOLDER = "drafter"
+_CAPTIONER_REBUILD_HINT = (
+    "Reinstall mmspec (the wheel ships the weights), or rebuild them with "
+    "`mmspec train-captioner --out DIR` and copy DIR/captioner to {path}."
+)
+
+
+def default_captioner_path() -> Path:
+    """Folder of the embedded emoji captioner: a LLaVA model (HF ``save_pretrained`` format, with
+    its processor) trained on emoji, and its draft model in ``drafter/``."""
+    return _ASSETS / "captioner-emoji"
+
+
+def load_captioner_pipeline(path: str | Path, device: str | torch.device = "cpu") -> VLMPipeline:
+    """A :class:`~mmspec.pipelines.vlm.VLMPipeline` for the captioner saved in ``path``, in float32 on
+    ``device``, whose default drafter is the :class:`~mmspec.drafters.ModelDrafter` over
+    ``path/drafter`` when that folder exists.
+
+    Raises:
+        FileNotFoundError: ``path`` holds no saved model.
+    """
+    from .drafters import ModelDrafter
+    from .pipelines.vlm import VLMPipeline, load_vlm_target
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no captioner in {path} (config.json is missing)")
+    drafter_path = path / CAPTIONER_DRAFTER_SUBFOLDER
+    drafter = None
+    if (drafter_path / "config.json").is_file():
+        # float32 explicitly: the weights may be stored in float16 to keep the package small.
+        drafter = ModelDrafter(load_vlm_target(drafter_path, dtype=torch.float32, device=device))
+    return VLMPipeline.from_pretrained(path, dtype=torch.float32, device=device, drafter=drafter)
+
+
+def load_default_captioner(device: str | torch.device = "cpu") -> VLMPipeline:
+    """Load the embedded emoji captioner (with its drafter) in float32 on ``device``.
+
+    Raises:
+        FileNotFoundError: the assets are not installed (the message says how to rebuild them).
+    """
+    path = default_captioner_path()
+    if not (path / "config.json").is_file() or not (path / CAPTIONER_DRAFTER_SUBFOLDER / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded captioner is missing ({path}). " + _CAPTIONER_REBUILD_HINT.format(path=path)
+        )
+    return load_captioner_pipeline(path, device)

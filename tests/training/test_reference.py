@@ -1,0 +1,130 @@
+"""Reference-model recipes (mmspec.training.reference) and the embedded default (mmspec.defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from mmspec.defaults import default_llamagen_classes, default_llamagen_path, load_default_llamagen
+from mmspec.training.reference import (
+    add_train_reference_args,
+    build_vq,
+    gpt_training_loss,
+    latest_checkpoint,
+    reference_configs,
+    render_images,
+    to_model_range,
+    tokenize_images,
+    train_c2i_gpt,
+    train_reference_command,
+    train_vq,
+    vq_training_losses,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The ``tiny`` preset (16-px images, 4 classes), progress bars off."""
+    vq, gpt, draft = reference_configs("tiny")
+    return tuple(dataclasses.replace(c, progress=False) for c in (vq, gpt, draft))
+
+
+@pytest.fixture(scope="module")
+def tiny_vq(tiny):
+    with torch.enable_grad():
+        return train_vq(tiny[0])
+
+
+def test_vq_training_reduces_reconstruction_loss(tiny):
+    config = dataclasses.replace(tiny[0], steps=12)
+    images = to_model_range(render_images(config.data)[0][:16])
+    torch.manual_seed(config.seed)
+    before = vq_training_losses(build_vq(config), images)
+    after = vq_training_losses(train_vq(config), images)
+    assert after.reconstruction < 0.8 * before.reconstruction
+    assert after.indices.unique().numel() > 4  # the codebook is in use, not collapsed
+
+
+def test_gpt_training_reduces_cross_entropy(tiny, tiny_vq):
+    config = dataclasses.replace(tiny[1], steps=12, lr=3e-3)
+    images, labels = render_images(config.data)
+    tokens = tokenize_images(tiny_vq, images)
+    uniform = torch.log(torch.tensor(float(tiny_vq.config.codebook_size)))
+    gpt = train_c2i_gpt(tiny_vq, config, tokens)
+    assert gpt_training_loss(gpt, labels, tokens) < uniform - 0.3  # the zero-init head starts uniform
+
+
+@pytest.mark.parametrize("stage", ["vq", "gpt"])
+def test_resume_from_checkpoint_matches_uninterrupted_run(tiny, tiny_vq, tmp_path, stage):
+    def train(checkpoint_dir, resume):
+        if stage == "vq":
+            config = dataclasses.replace(tiny[0], checkpoint_dir=str(checkpoint_dir), resume=resume)
+            return train_vq(config)
+        config = dataclasses.replace(tiny[1], checkpoint_dir=str(checkpoint_dir), resume=resume)
+        return train_c2i_gpt(tiny_vq, config)
+
+    full = train(tmp_path / "full", resume=False)
+    assert latest_checkpoint(tmp_path / "full").name == "step-0000004.pt"
+    # An "interrupted" run: only the step-2 checkpoint exists (VQ: after its first code restart).
+    (tmp_path / "cut").mkdir()
+    shutil.copy(tmp_path / "full" / "step-0000002.pt", tmp_path / "cut")
+    resumed = train(tmp_path / "cut", resume=True)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_other_settings(tiny, tmp_path):
+    train_vq(dataclasses.replace(tiny[0], steps=2, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="different settings"):
+        train_vq(dataclasses.replace(tiny[0], steps=2, lr=1.0, checkpoint_dir=str(tmp_path), resume=True))
+
+
+def _parse(*argv):
+    parser = argparse.ArgumentParser()
+    add_train_reference_args(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_cli_runs_a_tiny_stage(tmp_path):
+    with pytest.raises(SystemExit, match="run --stage vq first"):
+        train_reference_command(_parse("--stage", "gpt", "--preset", "tiny", "--out", str(tmp_path), "--no-progress"))
+    assert train_reference_command(_parse("--stage", "vq", "--preset", "tiny", "--out", str(tmp_path), "--no-progress")) == 0
+    assert (tmp_path / "vq" / "config.json").is_file()
+    assert latest_checkpoint(tmp_path / "checkpoints" / "vq") is not None
+
+
+@pytest.fixture(scope="module")
+def default_pipe():
+    pipe = load_default_llamagen()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_default_assets_are_small_and_complete():
+    path = default_llamagen_path()
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20
+    assert (path / "MODEL_CARD.md").is_file()
+    classes = default_llamagen_classes()
+    assert [c["label"] for c in classes] == list(range(len(classes)))
+
+
+def test_default_model_generates_a_non_degenerate_image(default_pipe):
+    out = default_pipe(class_labels=[0], guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt")
+    image = out.images[0]
+    assert image.shape == (3, 32, 32)
+    assert image.std() > 0.1  # not a flat colour
+    assert out.tokens.unique().numel() >= 8
+
+
+@pytest.mark.parametrize("method", ["sjd", "draft-model"])
+def test_default_model_greedy_speculation_equals_baseline(default_pipe, method):
+    common = {"class_labels": [0, 5], "guidance_scale": 3.0, "temperature": 0.0, "output_type": "pt"}
+    baseline = default_pipe(**common)
+    spec = default_pipe(**common, speculative=method, num_draft_tokens=4)
+    assert torch.equal(baseline.tokens, spec.tokens)
+    assert spec.stats.steps < baseline.stats.steps
