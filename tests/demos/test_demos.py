@@ -22,6 +22,7 @@ pytest.importorskip("gradio_client", reason="gradio_client comes with gradio")
 
 from gradio_client import Client, handle_file  # noqa: E402  (after the skip)
 
+from mmspec.defaults import default_llamagen_classes, load_default_llamagen  # noqa: E402
 from mmspec.demos import MAX_UPLOAD_MB, chat_app, image_app, launch  # noqa: E402
 from mmspec.drafters import ModelDrafter  # noqa: E402
 from mmspec.pipelines.llamagen import LlamaGenPipeline  # noqa: E402
@@ -35,7 +36,7 @@ needs_chromium = pytest.mark.skipif(
     not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
     reason="headless browser tests need Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
 )
-GRID = 8  # 64 tokens: a 16x16-pixel image, enough steps for streaming and a visible heat-map
+GRID = 8  # the reference model's 8x8 token grid (a 32x32-pixel image)
 CLASS, SEED = 2, 5
 QUESTION = "describe the image"
 
@@ -58,16 +59,16 @@ def _serve(demo):
 
 @pytest.fixture(scope="module")
 def image_pipe() -> LlamaGenPipeline:
-    gpt, vq = tiny_llamagen(grid=GRID, vocab_size=32)
-    draft, _ = tiny_llamagen(grid=GRID, vocab_size=32, dim=16, n_layer=1, seed=1)
-    return LlamaGenPipeline(target=gpt, vq=vq, drafter=draft)
+    """The embedded reference model (8x8 tokens, with a draft GPT): what `mmspec demo image` serves
+    offline, so the page and its screenshot show real images."""
+    return load_default_llamagen()
 
 
 @pytest.fixture(scope="module")
 def image_url(image_pipe):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(image_app, "PREVIEW_INTERVAL_S", 0.01)  # so that even this tiny model streams previews
-        demo = image_app.build_image_demo(image_pipe, class_names=[f"class {i}" for i in range(5)])
+        demo = image_app.build_image_demo(image_pipe, class_names=[c["name"] for c in default_llamagen_classes()])
         yield _serve(demo)
         demo.close()
 
@@ -225,7 +226,7 @@ def test_demo_command_serves_a_saved_pipeline_on_loopback(image_pipe, tmp_path, 
 
     image_pipe.save_pretrained(tmp_path / "pipe")
     (tmp_path / "pipe" / "classes.json").write_text(json.dumps(
-        [{"label": i, "char": "x", "name": f"thing {i}"} for i in range(5)]))
+        [{"label": i, "char": "x", "name": f"thing {i}"} for i in range(image_pipe.target.config.num_classes)]))
     parser = argparse.ArgumentParser()
     demos.add_demo_args(parser)
     launched = {}
