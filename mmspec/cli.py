@@ -333,17 +333,30 @@ def caption(args: argparse.Namespace) -> int:
 
 
 def _train_drafter_args(p: argparse.ArgumentParser) -> None:
+    from .pipelines.vlm.training import add_train_vlm_drafter_args
     from .training.eagle import add_train_drafter_args
 
     add_train_drafter_args(p)
+    add_train_vlm_drafter_args(p)
+
+
+def _train_vlm_drafter(args: argparse.Namespace) -> int:
+    from .pipelines.vlm.training import train_vlm_drafter_command
+
+    return train_vlm_drafter_command(args)
+
+
+#: --target-kind values trained by their own command (vision-aware VLM drafters: online distillation).
+TRAIN_DRAFTER_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"vlm": _train_vlm_drafter}
 
 
 @command("train-drafter", _train_drafter_args)
 def train_drafter(args: argparse.Namespace) -> int:
-    """Train an EAGLE draft head for a target by self-distillation (progress, checkpoints, resume)."""
+    """Train a draft head by self-distillation: EAGLE for LMs and LlamaGen, vision-aware EAGLE
+    drafters (none/full/pool/prune/vispec/flash/specvlm) for VLMs; progress, checkpoints, resume."""
     from .training.eagle import train_drafter_command
 
-    return train_drafter_command(args)
+    return TRAIN_DRAFTER_COMMANDS.get(args.target_kind, train_drafter_command)(args)
 
 
 def _train_reference_args(p: argparse.ArgumentParser) -> None:

@@ -225,8 +225,8 @@ def train_eagle_head(target: Target, head: EagleHead, batches: Batches, config: 
                disable=not config.progress)
     head.train()
     for step in bar:
-        prompt, tokens = batches(step)
-        with torch.no_grad():  # the target is the teacher: frozen
+        with torch.no_grad():  # the target is the teacher: frozen (its decode must not build graphs)
+            prompt, tokens = batches(step)
             pairs = eagle_training_pairs(target, prompt, tokens, config.max_prompt_len)
         with torch.enable_grad():
             loss, parts = eagle_loss(head, pairs, config.feature_loss_weight, config.token_loss_weight)
@@ -318,7 +318,8 @@ TARGET_KINDS: dict[str, TargetKind] = {
 
 def add_train_drafter_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mmspec train-drafter`` (EAGLE head self-distillation)."""
-    parser.add_argument("--target-kind", default="lm", help=f"kind of target (available: {', '.join(sorted(TARGET_KINDS))})")
+    parser.add_argument("--target-kind", default="lm",
+                        help=f"kind of target (available: {', '.join(sorted([*TARGET_KINDS, 'vlm']))})")
     parser.add_argument("--target-path", type=Path, required=True,
                         help="lm: directory with config.json + weights; llamagen: a saved LlamaGenPipeline folder")
     parser.add_argument("--target-name", default=None,

@@ -2,6 +2,7 @@
 targets, and :class:`VLMPipeline` for speculative image-to-text generation."""
 
 from .decoder import RopeOffsetKVCache, VLMDecoder, VLMDecoderConfig, convert_language_model
+from .drafters import VISUAL_PATHS, VLMEagleConfig, VLMEagleDrafter, VLMEagleHead
 from .pipeline_vlm import VLMPipeline, VLMPipelineOutput
 from .targets import (
     VLM_FAMILIES,
@@ -15,12 +16,16 @@ from .targets import (
 )
 
 __all__ = [
+    "VISUAL_PATHS",
     "VLM_FAMILIES",
     "LlavaTarget",
     "Qwen2VLTarget",
     "RopeOffsetKVCache",
     "VLMDecoder",
     "VLMDecoderConfig",
+    "VLMEagleConfig",
+    "VLMEagleDrafter",
+    "VLMEagleHead",
     "VLMFamily",
     "VLMPipeline",
     "VLMPipelineOutput",
