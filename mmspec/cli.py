@@ -251,9 +251,6 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-
-
 def _caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", type=Path, help="a folder of images, or a text file with one image path per line")
     p.add_argument("--model", default=None, help="an HF VLM checkpoint folder (default: the embedded reference captioner)")
@@ -271,17 +268,6 @@ def _caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _image_list(inputs: Path) -> list[str]:
-    """Image paths from a folder (sorted, by extension) or a list file (one path per line)."""
-    if inputs.is_dir():
-        return sorted(str(p) for p in inputs.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if inputs.is_file():
-        base = inputs.parent
-        return [str(Path(line.strip()) if Path(line.strip()).is_absolute() else base / line.strip())
-                for line in inputs.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    raise SystemExit(f"{inputs}: no such folder or list file")
-
-
 @command("caption", _caption_args)
 def caption(args: argparse.Namespace) -> int:
     """Caption a folder or list of images to JSONL (resumable; unreadable images skipped and reported)."""
@@ -289,7 +275,7 @@ def caption(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from .drafters import NGramDrafter
-    from .jobs import JobOutput, report, run_job
+    from .jobs import JobOutput, image_list, report, run_job
 
     device = torch.device(args.device)
     if args.model:
@@ -321,7 +307,11 @@ def caption(args: argparse.Namespace) -> int:
                  "row_accepted": int(out.stats.row_accepted[i])}
                 for i, (text, n) in enumerate(zip(out.text, out.lengths))]
 
-    job = run_job(_image_list(args.inputs), parse, process, args.output_dir, args.batch_size, desc="caption")
+    try:
+        images = image_list(args.inputs)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+    job = run_job(images, parse, process, args.output_dir, args.batch_size, desc="caption")
     if PartialState().is_main_process:
         results = JobOutput.read(args.output_dir, "results")
         with (args.output_dir / "captions.jsonl").open("w") as f:

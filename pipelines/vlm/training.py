@@ -239,9 +239,9 @@ def _training_items(args: argparse.Namespace) -> list[tuple[Any, str]]:
     if args.prompts is not None:
         questions = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
     if args.images is not None:
-        from mmspec.cli import _image_list
+        from mmspec.jobs import image_list
 
-        images = _image_list(args.images)
+        images = image_list(args.images)
     else:
         from mmspec.data.emoji import EmojiDataset
 
