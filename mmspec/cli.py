@@ -34,6 +34,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="suite-specific setting (repeatable)")
     p.add_argument("--output", type=Path, default=None, help="JSON record path (default results/bench-<suite>.json)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
 @command("bench", _bench_args)
@@ -43,6 +44,8 @@ def bench(args: argparse.Namespace) -> int:
 
     if args.suite not in BENCH_SUITES:
         raise SystemExit(f"unknown suite {args.suite!r}; available: {', '.join(sorted(BENCH_SUITES))}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     from .jobs import parse_key_values
@@ -211,6 +214,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-model", default=None, help="open_clip model name for CLIP score (with --clip-weights)")
     p.add_argument("--clip-weights", default=None, help="path to the open_clip weights file")
     p.add_argument("--output-dir", type=Path, default=Path("outputs/eval"))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -219,6 +223,8 @@ def evaluate(args: argparse.Namespace) -> int:
     """Quality next to speed: each method vs its own baseline on the same seeds (TVD, FID, CLIP, grid)."""
     from .evaluation import EvalMethod, OpenCLIPFeatures, TorchScriptFeatures, VQEncoderFeatures, evaluate_llamagen, format_report
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     pipe = load_llamagen(args, device, torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -60,7 +60,8 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--vlm", default=None, help="chat: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...)")
+    parser.add_argument("--vlm", default=None, help="chat: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...; "
+                        "default: the embedded emoji captioner)")
     _add_llamagen_source(parser)
 
 
@@ -91,11 +92,13 @@ def demo_command(args: argparse.Namespace) -> int:
 
         demo = build_image_demo(load_llamagen(args, device, dtype), class_names=_class_names(args))
     else:
-        from ..pipelines.vlm.pipeline_vlm import VLMPipeline
+        from ..defaults import load_captioner_pipeline, load_default_captioner
         from .chat_app import build_chat_demo
 
-        if args.vlm is None:  # no VLM ships with mmspec (no pretrained VLM weights are available offline)
-            raise SystemExit("mmspec demo chat needs --vlm DIR: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...)")
-        demo = build_chat_demo(VLMPipeline.from_pretrained(args.vlm, dtype=dtype, device=device))
+        try:  # the embedded emoji captioner by default; --vlm DIR for any LLaVA / Qwen2-VL checkpoint
+            pipe = load_default_captioner(device) if args.vlm is None else load_captioner_pipeline(args.vlm, device)
+        except FileNotFoundError as err:
+            raise SystemExit(f"mmspec demo chat: {err} (or pass --vlm DIR, a transformers VLM checkpoint folder)") from None
+        demo = build_chat_demo(pipe)
     launch(demo, host=args.host, port=args.port, share=args.share)
     return 0

@@ -236,8 +236,8 @@ def test_demo_command_serves_a_saved_pipeline_on_loopback(image_pipe, tmp_path, 
     config = launched["demo"].get_config_file()
     labels = [c[0] for comp in config["components"] for c in comp["props"].get("choices") or [] if "thing" in str(c[0])]
     assert labels[:2] == ["0: x thing 0", "1: x thing 1"]
-    with pytest.raises(SystemExit, match="needs --vlm"):
-        demos.demo_command(parser.parse_args(["chat", "--share"]))
+    with pytest.raises(SystemExit, match="no captioner in .* pass --vlm DIR"):
+        demos.demo_command(parser.parse_args(["chat", "--vlm", str(tmp_path / "nothing")]))
 
 
 # --------------------------------------------------------------------------- in the browser
