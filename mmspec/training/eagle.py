@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..drafters.eagle import EagleConfig, EagleHead, target_fingerprint
@@ -188,7 +189,7 @@ def _latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(directory: Path, step: int, head: EagleHead, optimizer: torch.optim.Optimizer) -> None:
+def save_checkpoint(directory: Path, step: int, head: EagleHead, optimizer: torch.optim.Optimizer) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
@@ -196,6 +197,23 @@ def _save_checkpoint(directory: Path, step: int, head: EagleHead, optimizer: tor
         "torch_rng": torch.get_rng_state(),
     }
     torch.save(state, directory / f"checkpoint-{step:08d}.pt")
+
+
+def resume_training(config: EagleTrainConfig, head: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """With ``config.resume``, load the head, optimizer and RNG state of the latest checkpoint in
+    ``config.checkpoint_dir`` (written by :func:`save_checkpoint`); return the step to start from."""
+    if not config.resume:
+        return 0
+    if config.checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    latest = _latest_checkpoint(Path(config.checkpoint_dir))
+    if latest is None:
+        return 0
+    state = torch.load(latest, map_location="cpu", weights_only=True)
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
 
 
 def train_eagle_head(target: Target, head: EagleHead, batches: Batches, config: EagleTrainConfig) -> list[float]:
@@ -209,17 +227,7 @@ def train_eagle_head(target: Target, head: EagleHead, batches: Batches, config: 
     """
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
     directory = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
-    first_step = 0
-    if config.resume:
-        if directory is None:
-            raise ValueError("resume=True needs a checkpoint_dir")
-        latest = _latest_checkpoint(directory)
-        if latest is not None:
-            state = torch.load(latest, map_location="cpu", weights_only=True)
-            head.load_state_dict(state["head"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            first_step = state["step"]
+    first_step = resume_training(config, head, optimizer)
     losses = []
     bar = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc="train EAGLE head",
                disable=not config.progress)
@@ -238,7 +246,7 @@ def train_eagle_head(target: Target, head: EagleHead, batches: Batches, config: 
         bar.set_postfix(loss=f"{losses[-1]:.4f}", feature=f"{float(parts['feature_loss']):.4f}")
         done = step + 1
         if directory is not None and (done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-            _save_checkpoint(directory, done, head, optimizer)
+            save_checkpoint(directory, done, head, optimizer)
     head.eval()
     return losses
 

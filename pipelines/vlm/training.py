@@ -36,10 +36,10 @@ from mmspec.training.eagle import (
     Batches,
     EaglePairs,
     EagleTrainConfig,
-    _latest_checkpoint,
-    _save_checkpoint,
     eagle_loss,
     eagle_training_pairs,
+    resume_training,
+    save_checkpoint,
     step_generator,
 )
 
@@ -172,17 +172,7 @@ def train_vlm_drafter(target: VLMTarget, head: VLMEagleHead, batches: Batches, c
                 p.copy_(broadcast(p.detach().clone(), from_process=0))
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
     directory = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
-    first_step = 0
-    if config.resume:
-        if directory is None:
-            raise ValueError("resume=True needs a checkpoint_dir")
-        latest = _latest_checkpoint(directory)
-        if latest is not None:
-            saved = torch.load(latest, map_location="cpu", weights_only=True)
-            head.load_state_dict(saved["head"])
-            optimizer.load_state_dict(saved["optimizer"])
-            torch.set_rng_state(saved["torch_rng"])
-            first_step = saved["step"]
+    first_step = resume_training(config, head, optimizer)
     dtype = head.fc.weight.dtype
     losses = []
     bar = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps,
@@ -207,7 +197,7 @@ def train_vlm_drafter(target: VLMTarget, head: VLMEagleHead, batches: Batches, c
         done = step + 1
         checkpoint = done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
         if directory is not None and checkpoint and state.is_main_process:
-            _save_checkpoint(directory, done, head, optimizer)
+            save_checkpoint(directory, done, head, optimizer)
     head.eval()
     return losses
 
