@@ -131,7 +131,7 @@ def generate(args: argparse.Namespace) -> int:
     import time
 
     from .drafters.eagle import TreeConfig
-    from .jobs import report, run_job
+    from .jobs import job_state, report, run_job
     from .pipelines.llamagen import SpeculativeOptions
     from .visualize import acceptance_heatmap
 
@@ -186,9 +186,7 @@ def generate(args: argparse.Namespace) -> int:
         return records
 
     job = run_job(raw, parse, process, args.output_dir, args.batch_size, desc="generate")
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if job_state().is_main_process:
         report(args.output_dir, job, "images", {
             "command": "generate", "speculative": speculative, "acceptance": args.acceptance,
             "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
@@ -278,10 +276,9 @@ def _caption_args(p: argparse.ArgumentParser) -> None:
 def caption(args: argparse.Namespace) -> int:
     """Caption a folder or list of images to JSONL (resumable; unreadable images skipped and reported)."""
     import PIL.Image
-    from accelerate import PartialState
 
     from .drafters import NGramDrafter
-    from .jobs import JobOutput, image_list, report, run_job
+    from .jobs import JobOutput, image_list, job_state, report, run_job
 
     device = torch.device(args.device)
     if args.model:
@@ -318,7 +315,7 @@ def caption(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         raise SystemExit(str(err)) from None
     job = run_job(images, parse, process, args.output_dir, args.batch_size, desc="caption")
-    if PartialState().is_main_process:
+    if job_state().is_main_process:
         results = JobOutput.read(args.output_dir, "results")
         with (args.output_dir / "captions.jsonl").open("w") as f:
             for r in results:

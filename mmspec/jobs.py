@@ -57,6 +57,16 @@ class JobOutput:
         self._append(self.errors_path, {"index": item.index, "input": item.raw, "error": message})
 
 
+def job_state():
+    """This process's place in a data-parallel job (``accelerate launch`` / ``torchrun``): accelerate's
+    ``PartialState``, asked for the CPU backend when there is no GPU — without it, CPU processes
+    launched together do not see each other and would each run every item."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def run_job(
     raw_items: list[str],
     parse: Callable[[str], Any],
@@ -71,9 +81,7 @@ def run_job(
     ``process(items)`` returns one result dict per item (each gets ``index`` and ``input`` added).
     A batch that raises ``ValueError`` is retried item by item so one bad item loses nothing else.
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = job_state()
     output = JobOutput(out_dir, state.process_index)
     done = {r["index"] for r in JobOutput.read(out_dir, "results")}
     mine = [JobItem(i, raw) for i, raw in enumerate(raw_items) if i % state.num_processes == state.process_index]

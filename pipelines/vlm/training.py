@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import broadcast, reduce
 from tqdm.auto import tqdm
 
 from mmspec.loop import required_cache_len, speculative_generate
 from mmspec.sampling import SamplingConfig
+from mmspec.jobs import job_state
 from mmspec.training.eagle import (
     Batches,
     EaglePairs,
@@ -165,7 +165,7 @@ def train_vlm_drafter(target: VLMTarget, head: VLMEagleHead, batches: Batches, c
     (frozen) on ``batches`` (e.g. :func:`distilled_batches`). Returns this call's per-step losses
     (this process's). Checkpoints (main process) hold weights, optimiser, step and RNG state;
     ``config.resume`` continues from the latest one."""
-    state = PartialState()
+    state = job_state()
     if state.num_processes > 1:  # every process starts from the main process's weights
         with torch.no_grad():
             for p in head.parameters():
@@ -260,7 +260,7 @@ def train_vlm_drafter_command(args: argparse.Namespace) -> int:
     make_prompt = vlm_prompt_sampler(pipeline, _training_items(args), config.batch_size, args.long_answers)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     losses = train_vlm_drafter(target, head, distilled_batches(target, make_prompt, config, sampling), config)
-    if PartialState().is_main_process:
+    if job_state().is_main_process:
         VLMEagleDrafter(head, target).save_pretrained(args.output)
         print(f"trained a {args.visual_path!r} VLM drafter for {len(losses)} steps"
               + (f" (final loss {losses[-1]:.4f})" if losses else "") + f"; wrote {args.output}")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
-
 import PIL.Image
 import pytest
 
@@ -49,15 +47,28 @@ def test_generate_batch_skips_bad_items_and_resumes(model_dir, tmp_path, capsys)
     assert "1 new, 3 already done" in capsys.readouterr().out.splitlines()[-3]
 
 
-def test_generate_shards_items_across_processes(model_dir, tmp_path, monkeypatch):
+def test_generate_shards_items_across_real_processes(model_dir, tmp_path):
+    """Two processes started together (torchrun, what `accelerate launch` does) split the items by
+    index, each writing its own results file; rank 0 summarises all of them."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port for the two processes' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
     labels = tmp_path / "labels.txt"
     labels.write_text("0\n1\n2\n3\n4\n")
     out = tmp_path / "out"
-    for rank in (1, 0):  # what `accelerate launch --num_processes 2` gives each process (rank 0 summarises last)
-        fake = SimpleNamespace(process_index=rank, num_processes=2, is_local_main_process=rank == 0,
-                               is_main_process=rank == 0, wait_for_everyone=lambda: None)
-        monkeypatch.setattr("accelerate.PartialState", lambda: fake)
-        assert _run(model_dir, out, labels, "--speculative", "none") == 0
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "mmspec.cli", "generate", "--model", str(model_dir), "--labels-file", str(labels),
+         "--output-dir", str(out), "--batch-size", "2", "--speculative", "none", "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
     ranks = {r["index"]: path.name for path in out.glob("results.*.jsonl")
              for r in map(json.loads, path.read_text().splitlines())}
     assert ranks == {0: "results.0.jsonl", 1: "results.1.jsonl", 2: "results.0.jsonl", 3: "results.1.jsonl",
