@@ -366,6 +366,20 @@ def train_reference(args: argparse.Namespace) -> int:
     return train_reference_command(args)
 
 
+def _train_captioner_args(p: argparse.ArgumentParser) -> None:
+    from .training.captioner import add_train_captioner_args
+
+    add_train_captioner_args(p)
+
+
+@command("train-captioner", _train_captioner_args)
+def train_captioner(args: argparse.Namespace) -> int:
+    """Train the reference captioner (a small LLaVA model and its drafter) on the emoji data."""
+    from .training.captioner import train_captioner_command
+
+    return train_captioner_command(args)
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     from .demos import add_demo_args
 

@@ -1,0 +1,842 @@
+"""Recipe for mmspec's embedded default captioner: a small LLaVA-architecture VLM
+(``LlavaForConditionalGeneration``: CLIP vision tower + MLP projector + Llama language model, as in
+LLaVA-1.5, Liu et al. 2023, arXiv 2310.03744) trained from scratch on the offline emoji data
+(:mod:`mmspec.data`) to answer "What is in the image?" with the emoji's Unicode name, plus a draft
+model for speculative decoding.
+
+Why train the language model here: SmolLM2-135M (the one real pretrained LM available offline) is
+too large for the package's weight budget and slow to load for the out-of-the-box command; the
+captions' vocabulary is a few hundred words, which a small Llama learns from scratch.
+
+Pieces:
+
+* Tokenizer (:func:`build_caption_tokenizer`): word level (``tokenizers`` ``WordLevel``) over the
+  caption and question words, special tokens ``<pad> <s> </s> <unk> <image>``, and a LLaVA-1.5
+  style chat template (``USER: <image>\\n{question} ASSISTANT:``), wrapped in a
+  :class:`~transformers.LlavaProcessor` with a CLIP image processor that resizes and crops to the
+  training size (emoji scenes rendered at that size pass through unchanged).
+* Target (:func:`train_captioner`), in LLaVA's two-stage spirit:
+
+  1. *Vision pre-training*: the CLIP vision tower is trained from scratch as an emoji classifier
+     (cross-entropy of a linear head on its mean-pooled patch features, the features LLaVA passes
+     on). It stands in for CLIP's contrastive pre-training, which no offline data could provide;
+     on a CPU it also learns the images far faster than the language model's loss alone would.
+  2. *Instruction tuning*: the vision tower is frozen (as in LLaVA-1.5) and its patch features are
+     computed once; the projector and the language model learn teacher-forced cross-entropy on the
+     answer tokens (caption + ``</s>``) after prompts drawn from :data:`TRAIN_QUESTIONS`. Question
+     words are replaced by ``<unk>`` at random so that questions outside the vocabulary still get
+     a caption.
+
+  Both stages: AdamW, linear warm-up then cosine decay, gradient clipping.
+* Drafter (:func:`train_caption_drafter`): the same architecture with a one-layer language model.
+  Its vision tower and projector are copied from the trained target and frozen, so it reads the very
+  image features the target computes: :class:`~mmspec.pipelines.vlm.VLMPipeline` encodes the images
+  once and hands the features to the drafter (a text-only drafter could not know which emoji it is
+  captioning and would miss the first word of every caption). Used through
+  :class:`~mmspec.drafters.ModelDrafter`.
+
+Every stage shows a tqdm bar, writes checkpoints (model, optimiser, scheduler, step, RNG states)
+and resumes from the latest with ``resume=True`` (the loop of :mod:`mmspec.training.reference`);
+with the same seed on the same device a run is reproducible, resumed or not.
+:func:`evaluate_captioner` measures what the model card reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+import torch
+import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tqdm.auto import tqdm
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from ..data.emoji import AugmentConfig, EmojiDataset
+from ..defaults import CAPTIONER_DRAFTER_SUBFOLDER, CLASSES_FILE, load_captioner_pipeline
+from ..drafters import NGramDrafter
+from ..pipelines.vlm import VLMPipeline
+from ..stats import SOURCE_ACCEPTED
+from .reference import (
+    HELDOUT_SEED_OFFSET,
+    RECIPE_FILE,
+    _clip_and_step,
+    _cosine_schedule,
+    _param_groups,
+    _Run,
+    _train,
+)
+
+try:  # recent transformers name the PIL backend; importing it directly avoids a fallback warning
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as _ImageProcessor
+except ImportError:  # older releases: CLIPImageProcessor is the PIL implementation
+    from transformers import CLIPImageProcessor as _ImageProcessor
+
+PAD, BOS, EOS, UNK, IMAGE_TOKEN = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE_TOKEN)
+#: The question ``mmspec caption`` asks by default.
+DEFAULT_QUESTION = "What is in the image?"
+#: Prompts seen in training (one drawn per example); all ask for the same answer.
+TRAIN_QUESTIONS = (
+    DEFAULT_QUESTION,
+    "What is this?",
+    "Describe the image.",
+    "What do you see?",
+    "Caption this image.",
+    "Which emoji is this?",
+    "Name the emoji in the picture.",
+)
+#: LLaVA-1.5's conversation format: ``USER: <image>\n{question} ASSISTANT: {answer}</s>``.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['content'] is string %}{% set parts = [{'type': 'text', 'text': m['content']}] %}"
+    "{% else %}{% set parts = m['content'] %}{% endif %}"
+    "{% if m['role'] == 'user' %}USER: {% for c in parts %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in parts %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in parts %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+#: Labels of positions that carry no loss (the prompt, padding).
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class CaptionDataConfig:
+    """The emoji scenes the captioner learns from (one glyph per scene, captioned by its name).
+
+    Args:
+        image_size: image side in pixels (the vision tower's input size).
+        num_classes: the first ``num_classes`` visually distinct glyphs are the classes.
+        num_samples: training scenes, rendered once per process and reused every epoch.
+        heldout_samples: held-out scenes for evaluation (another dataset seed).
+        seed: dataset seed.
+        position_jitter, scale_range, rotation_degrees, backgrounds: the
+            :class:`~mmspec.data.emoji.AugmentConfig` fields.
+    """
+
+    image_size: int = 32
+    num_classes: int = 128
+    num_samples: int = 24576
+    heldout_samples: int = 512
+    seed: int = 0
+    position_jitter: float = 0.06
+    scale_range: tuple[float, float] = (0.7, 0.95)
+    rotation_degrees: float = 10.0
+    backgrounds: tuple[str, ...] = ("white", "solid", "gradient")
+
+    def dataset(self, heldout: bool = False) -> EmojiDataset:
+        """The training (or held-out) :class:`~mmspec.data.emoji.EmojiDataset`."""
+        augment = AugmentConfig(
+            position_jitter=self.position_jitter,
+            scale_range=tuple(self.scale_range),
+            rotation_degrees=self.rotation_degrees,
+            backgrounds=tuple(self.backgrounds),
+        )
+        return EmojiDataset(
+            image_size=self.image_size,
+            num_samples=self.heldout_samples if heldout else self.num_samples,
+            seed=self.seed + HELDOUT_SEED_OFFSET if heldout else self.seed,
+            classes=self.num_classes,
+            augment=augment,
+            return_pil=True,
+        )
+
+
+@dataclass(frozen=True)
+class CaptionerModelConfig:
+    """Sizes of the LLaVA model.
+
+    Args:
+        patch_size: CLIP patch side; the image gives ``(image_size / patch_size)**2`` image tokens
+            (the CLS token is dropped, LLaVA's ``"default"`` feature selection).
+        vision_dim, vision_layers, vision_heads, vision_mlp: CLIP vision tower (trained from scratch).
+        text_dim, text_layers, text_heads, text_kv_heads, text_mlp: Llama language model.
+    """
+
+    patch_size: int = 8
+    vision_dim: int = 64
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_mlp: int = 256
+    text_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_mlp: int = 256
+
+
+#: Training stages, in order; each has its own checkpoint subfolder.
+STAGES = ("vision", "captioner", "drafter")
+
+
+@dataclass
+class CaptionerTrainConfig:
+    """Settings of :func:`train_captioner` and :func:`train_caption_drafter`.
+
+    The generic fields (``steps``, ``batch_size``, ``lr``, ``seed``) are those of the instruction-
+    tuning stage; :meth:`stage` gives the configuration another stage runs with.
+
+    Args:
+        data: the emoji scenes.
+        model: the network sizes.
+        vision_steps, vision_batch_size, vision_lr: vision pre-training (classifier) optimisation.
+        steps: optimiser steps of instruction tuning (a resumed run continues up to it).
+        batch_size: examples per step.
+        lr: peak AdamW learning rate (linear warm-up over ``warmup_steps``, cosine decay to 10 %).
+        weight_decay: AdamW decay of matrices and embeddings.
+        unk_prob: each question word is replaced by ``<unk>`` with this probability.
+        seed: seeds the initialisation and every random choice of the run (the drafter: ``seed + 1``).
+        grad_clip: gradient-norm clip.
+        draft_layers, draft_steps, draft_lr: the drafter's language-model depth and optimisation.
+        checkpoint_dir: where checkpoints go (a subfolder per stage; None = none).
+        checkpoint_every: save every N steps and at the end. resume: continue each stage from
+            its latest checkpoint. progress: show tqdm bars.
+    """
+
+    data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
+    model: CaptionerModelConfig = field(default_factory=CaptionerModelConfig)
+    vision_steps: int = 1000
+    vision_batch_size: int = 128
+    vision_lr: float = 2e-3
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    unk_prob: float = 0.1
+    seed: int = 0
+    grad_clip: float = 1.0
+    draft_layers: int = 1
+    draft_steps: int = 300
+    draft_lr: float = 3e-3
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+    resume: bool = False
+    progress: bool = True
+
+    def stage(self, name: str) -> CaptionerTrainConfig:
+        """This configuration as stage ``name`` (:data:`STAGES`) runs it: the stage's steps, batch
+        size, learning rate and seed in the generic fields, its checkpoint subfolder, and for the
+        drafter a ``draft_layers``-deep language model."""
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}: one of {STAGES}")
+        folder = None if self.checkpoint_dir is None else str(Path(self.checkpoint_dir) / name)
+        if name == "vision":
+            return dataclasses.replace(self, steps=self.vision_steps, batch_size=self.vision_batch_size,
+                                       lr=self.vision_lr, checkpoint_dir=folder)
+        if name == "drafter":
+            return dataclasses.replace(self, model=dataclasses.replace(self.model, text_layers=self.draft_layers),
+                                       steps=self.draft_steps, lr=self.draft_lr, seed=self.seed + 1,
+                                       checkpoint_dir=folder)
+        return dataclasses.replace(self, checkpoint_dir=folder)
+
+
+def captioner_configs(preset: str, seed: int = 0) -> CaptionerTrainConfig:
+    """The configuration of a preset: ``"reference"`` (the embedded default) or ``"tiny"``
+    (seconds on a CPU; for tests and smoke runs)."""
+    if preset == "reference":
+        return CaptionerTrainConfig(data=CaptionDataConfig(seed=seed), seed=seed)
+    if preset == "tiny":
+        data = CaptionDataConfig(image_size=16, num_classes=4, num_samples=64, heldout_samples=8, seed=seed)
+        model = CaptionerModelConfig(patch_size=8, vision_dim=16, vision_layers=1, vision_heads=2, vision_mlp=32,
+                                     text_dim=32, text_layers=2, text_heads=2, text_kv_heads=1, text_mlp=64)
+        return CaptionerTrainConfig(data=data, model=model, vision_steps=4, vision_batch_size=8, steps=6, batch_size=8,
+                                    warmup_steps=1, seed=seed, draft_steps=4, checkpoint_every=3)
+    raise ValueError(f"unknown preset {preset!r}: 'reference' or 'tiny'")
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Words split at whitespace, with sentence punctuation as words of its own ("image?" ->
+    "image", "?"); hyphenated names ("high-speed") stay one word."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(r"[?.,!]"), behavior="isolated"),
+    ])
+
+
+def build_caption_tokenizer(texts: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose vocabulary is :data:`SPECIAL_TOKENS` (ids 0-4, in that order)
+    followed by every word of ``texts`` and of the chat template, sorted.
+
+    Decoding joins words with spaces and re-attaches the split punctuation, so a caption decodes to
+    exactly its text. (Not the WordPiece decoder's own clean-up: it also rewrites "do not" as
+    "don't", and "do not litter symbol" is an emoji name.) Unknown words encode as ``<unk>``.
+    """
+    pre = _pre_tokenizer()
+    template_words = ("USER:", "ASSISTANT:")
+    words = sorted({w for text in (*texts, *template_words) for w, _ in pre.pre_tokenize_str(text)} - set(SPECIAL_TOKENS))
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.Sequence([
+        decoders.WordPiece(prefix="##", cleanup=False),  # no word starts with "##": joins with spaces
+        *(decoders.Replace(f" {mark}", mark) for mark in "?.,!"),
+    ])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+        additional_special_tokens=[IMAGE_TOKEN], padding_side="left",  # left, as HF generate wants
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_caption_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, patch_size: int) -> LlavaProcessor:
+    """The LLaVA processor: images resized (shortest edge) and centre-cropped to ``image_size``,
+    CLIP normalisation, ``<image>`` expanded to one token per patch."""
+    image_processor = _ImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_resize=True, do_center_crop=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def chat_prompt(processor: LlavaProcessor, question: str) -> str:
+    """The generation prompt for one image and ``question`` (what :class:`VLMPipeline` builds)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# ---------------------------------------------------------------------------------------- model
+def build_captioner(config: CaptionerModelConfig, image_size: int, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA model for ``tokenizer``'s vocabulary (seed torch first)."""
+    if image_size % config.patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {config.patch_size}")
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (("pad", PAD), ("bos", BOS), ("eos", EOS))}
+    num_patches = (image_size // config.patch_size) ** 2
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.text_dim, intermediate_size=config.text_mlp,
+        num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
+        num_key_value_heads=config.text_kv_heads, max_position_embeddings=256, rms_norm_eps=1e-6,
+        pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"], tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=config.vision_dim, intermediate_size=config.vision_mlp, num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_heads, image_size=image_size, patch_size=config.patch_size,
+    )
+    llava = LlavaConfig(
+        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=num_patches, projector_hidden_act="gelu", vision_feature_select_strategy="default",
+        # The last layer: with a few layers trained from scratch there is no "more general"
+        # penultimate layer to prefer, as LLaVA does for a pretrained CLIP.
+        vision_feature_layer=-1, tie_word_embeddings=False,
+    )
+    model = LlavaForConditionalGeneration(llava)
+    model.generation_config.eos_token_id = ids["eos"]
+    model.generation_config.pad_token_id = ids["pad"]
+    model.generation_config.bos_token_id = ids["bos"]
+    return model
+
+
+# ---------------------------------------------------------------------------------------- data
+@functools.lru_cache(maxsize=4)
+def render_caption_data(data: CaptionDataConfig, heldout: bool = False) -> tuple[np.ndarray, tuple[str, ...], torch.Tensor]:
+    """Render the whole training (or held-out) set once, cached for the process.
+
+    Returns:
+        ``(images uint8 [N, H, W, 3], captions, labels int64 [N])``.
+    """
+    dataset = data.dataset(heldout)
+    images = np.empty((len(dataset), data.image_size, data.image_size, 3), dtype=np.uint8)
+    captions = []
+    labels = torch.empty(len(dataset), dtype=torch.long)
+    for i in tqdm(range(len(dataset)), desc="render emoji", leave=False, disable=len(dataset) < 2048):
+        item = dataset[i]
+        images[i] = np.asarray(item["image"])
+        captions.append(item["caption"])
+        labels[i] = item["label"]
+    return images, tuple(captions), labels
+
+
+@dataclass
+class CaptionBatch:
+    """A right-padded training batch: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``
+    (labels are the input ids on answer tokens, :data:`IGNORE_INDEX` elsewhere) and the images,
+    either as ``pixel_values [B, 3, H, W]`` or as the vision tower's selected features
+    ``image_features [B, n, vision_dim]`` (before the projector)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
+
+
+class CaptionExamples:
+    """Images and captions tokenised once; :meth:`batch` assembles prompt + answer sequences.
+
+    A prompt is ``prefix + question + suffix`` token ids (the chat template split around the
+    question), so that question words can be replaced by ``<unk>`` without re-tokenising; the
+    constructor checks the split against the processor. After :meth:`cache_features`, batches carry
+    the (frozen) vision tower's features instead of pixels.
+    """
+
+    def __init__(self, processor: LlavaProcessor, images: np.ndarray, captions: Sequence[str],
+                 questions: Sequence[str] = TRAIN_QUESTIONS) -> None:
+        self.processor = processor
+        self.images = images
+        self.features: torch.Tensor | None = None
+        tokenizer = processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        self.unk_id = tokenizer.unk_token_id
+        encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+        self.answers = [encode(c) + [tokenizer.eos_token_id] for c in captions]
+        if any(self.unk_id in a for a in self.answers):
+            raise ValueError("a caption has words outside the tokenizer's vocabulary")
+        self.questions = [encode(q) for q in questions]
+        marker = "\x00"
+        before, after = chat_prompt(processor, marker).split(marker)
+        self.prefix = self.prompt_ids(before)
+        self.suffix = encode(after)
+        for question, ids in zip(questions, self.questions):
+            if self.prompt_ids(chat_prompt(processor, question)) != self.prefix + ids + self.suffix:
+                raise ValueError(f"the chat template does not tokenise as prefix + question + suffix for {question!r}")
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Token ids of prompt ``text`` holding one ``<image>``, expanded as the processor does."""
+        batch = self.processor(images=[self.images[0]], text=[text], return_tensors="pt")
+        return batch["input_ids"][0].tolist()
+
+    def pixel_values(self, rows: Sequence[int]) -> torch.Tensor:
+        """The processor's pixel values of images ``rows`` (``[len(rows), 3, H, W]``)."""
+        return self.processor.image_processor(images=[self.images[r] for r in rows], return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def cache_features(self, model: LlavaForConditionalGeneration, batch_size: int = 256) -> None:
+        """Compute every image's vision features once with ``model``'s (frozen) vision tower."""
+        self.features = torch.cat([
+            vision_features(model, self.pixel_values(rows)) for rows in _chunks(len(self), batch_size)
+        ])
+
+    def batch(self, rows: Sequence[int], questions: Sequence[int], generator: torch.Generator | None = None,
+              unk_prob: float = 0.0) -> CaptionBatch:
+        """Examples ``rows`` asked question ``questions[i]`` (an index into the constructor's
+        ``questions``); each question word becomes ``<unk>`` with probability ``unk_prob`` (draws
+        from ``generator``)."""
+        sequences, prompt_lengths = [], []
+        for row, q in zip(rows, questions):
+            question = torch.tensor(self.questions[q], dtype=torch.long)
+            if unk_prob > 0:
+                question = question.masked_fill(torch.rand(question.shape, generator=generator) < unk_prob, self.unk_id)
+            sequences.append(self.prefix + question.tolist() + self.suffix + self.answers[row])
+            prompt_lengths.append(len(self.prefix) + len(question) + len(self.suffix))
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (seq, start) in enumerate(zip(sequences, prompt_lengths)):
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, start : len(seq)] = input_ids[i, start : len(seq)]
+            attention_mask[i, : len(seq)] = 1
+        if self.features is not None:
+            return CaptionBatch(input_ids, attention_mask, labels, image_features=self.features[list(rows)])
+        return CaptionBatch(input_ids, attention_mask, labels, pixel_values=self.pixel_values(rows))
+
+
+def vision_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision tower's features that LLaVA projects (``[B, n, vision_dim]``): the configured
+    layer, CLS token dropped (``"default"`` selection, as :func:`build_captioner` configures)."""
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def caption_loss(model: LlavaForConditionalGeneration, batch: CaptionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced next-token cross-entropy over the answer tokens, and the share of those
+    tokens the model's argmax predicts (token accuracy).
+
+    With ``batch.image_features`` the projected features are merged into the token embeddings
+    here, as LLaVA's forward does with the vision tower's output.
+    """
+    if batch.image_features is not None:
+        embeds = model.get_input_embeddings()(batch.input_ids)
+        projected = model.model.multi_modal_projector(batch.image_features)
+        is_image = (batch.input_ids == model.config.image_token_id)[..., None]
+        embeds = embeds.masked_scatter(is_image, projected.to(embeds.dtype))
+        logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
+    else:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       pixel_values=batch.pixel_values).logits
+    logits, targets = logits[:, :-1], batch.labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    scored = targets != IGNORE_INDEX
+    accuracy = (logits.argmax(-1) == targets)[scored].float().mean()
+    return loss, accuracy
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+# ---------------------------------------------------------------------------------------- training
+def _examples(processor: LlavaProcessor, data: CaptionDataConfig, heldout: bool = False) -> CaptionExamples:
+    images, captions, _ = render_caption_data(data, heldout)
+    return CaptionExamples(processor, images, captions)
+
+
+def _run(name: str, model: torch.nn.Module, trainable: list[torch.nn.Parameter], config: CaptionerTrainConfig) -> _Run:
+    """The checkpointed state of one stage: AdamW over ``trainable``, warm-up + cosine schedule."""
+    holder = torch.nn.ParameterList(trainable)  # _param_groups splits a module's parameters
+    optimizer = torch.optim.AdamW(_param_groups(holder, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_schedule(config.steps, config.warmup_steps))
+    return _Run(name, config, model, optimizer, scheduler, torch.Generator().manual_seed(config.seed))
+
+
+def pretrain_vision_tower(model: LlavaForConditionalGeneration, examples: CaptionExamples, labels: torch.Tensor,
+                          config: CaptionerTrainConfig) -> None:
+    """Stage 1, in place: train ``model``'s vision tower as a classifier of ``labels`` (a linear
+    head on its mean-pooled :func:`vision_features`, discarded afterwards); ``config``:
+    ``config.stage("vision")``."""
+    tower = model.model.vision_tower
+    dim = model.config.vision_config.hidden_size
+    head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, config.data.num_classes))
+    net = torch.nn.ModuleDict({"vision_tower": tower, "head": head})  # what the checkpoints hold
+    run = _run("vision", net, list(net.parameters()), config)
+
+    def step(index: int) -> dict[str, float]:
+        rows = torch.randint(len(examples), (config.batch_size,), generator=run.generator)
+        logits = head(vision_features(model, examples.pixel_values(rows.tolist())).mean(1))
+        loss = F.cross_entropy(logits, labels[rows])
+        _clip_and_step(run, loss, config.grad_clip)
+        return {"ce": loss.item(), "acc": (logits.argmax(-1) == labels[rows]).float().mean().item()}
+
+    _train(run, step)
+
+
+def _instruction_tune(name: str, model: LlavaForConditionalGeneration, examples: CaptionExamples,
+                      config: CaptionerTrainConfig) -> None:
+    """Train ``model``'s parameters that require grad on the captions (cached vision features)."""
+    # Gradients left on the frozen vision tower by pre-training would count in the clipping norm
+    # (which spans the whole model) and make a resumed run differ from an uninterrupted one.
+    model.zero_grad(set_to_none=True)
+    run = _run(name, model, [p for p in model.parameters() if p.requires_grad], config)
+    num_questions = len(examples.questions)
+
+    def step(index: int) -> dict[str, float]:
+        rows = torch.randint(len(examples), (config.batch_size,), generator=run.generator).tolist()
+        questions = torch.randint(num_questions, (config.batch_size,), generator=run.generator).tolist()
+        loss, accuracy = caption_loss(model, examples.batch(rows, questions, run.generator, config.unk_prob))
+        _clip_and_step(run, loss, config.grad_clip)
+        return {"ce": loss.item(), "acc": accuracy.item()}
+
+    _train(run, step)
+
+
+def train_captioner(config: CaptionerTrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Build the tokenizer and processor from the data's captions, pre-train the vision tower
+    (stage ``"vision"``), then instruction-tune projector and language model (stage ``"captioner"``).
+
+    Returns:
+        ``(model, processor)``: the trained model in eval mode and its processor.
+    """
+    data = config.data
+    tokenizer = build_caption_tokenizer([*data.dataset().class_names, *TRAIN_QUESTIONS])
+    processor = build_caption_processor(tokenizer, data.image_size, config.model.patch_size)
+    images, captions, labels = render_caption_data(data)
+    examples = CaptionExamples(processor, images, captions)
+    torch.manual_seed(config.seed)
+    model = build_captioner(config.model, data.image_size, tokenizer)
+    pretrain_vision_tower(model, examples, labels, config.stage("vision"))
+    model.model.vision_tower.requires_grad_(False).eval()
+    examples.cache_features(model)
+    _instruction_tune(f"captioner {config.model.text_dim}x{config.model.text_layers}", model, examples,
+                      config.stage("captioner"))
+    return model.eval(), processor
+
+
+def train_caption_drafter(target: LlavaForConditionalGeneration, processor: LlavaProcessor,
+                          config: CaptionerTrainConfig) -> LlavaForConditionalGeneration:
+    """Train the draft captioner: the target's vision tower and projector (copied, frozen) under a
+    new ``config.stage("drafter")``-sized language model.
+
+    Raises:
+        ValueError: the drafter's model config differs from the target's in anything but the
+            language model's depth.
+    """
+    config = config.stage("drafter")
+    torch.manual_seed(config.seed)
+    drafter = build_captioner(config.model, config.data.image_size, processor.tokenizer)
+    if drafter.config.vision_config.to_dict() != target.config.vision_config.to_dict() or (
+        drafter.config.text_config.hidden_size != target.config.text_config.hidden_size
+    ):
+        raise ValueError("the drafter's model config must match the target's except for text_layers")
+    for name in ("vision_tower", "multi_modal_projector"):
+        part = getattr(drafter.model, name)
+        part.load_state_dict(getattr(target.model, name).state_dict())
+        part.requires_grad_(False).eval()
+    examples = _examples(processor, config.data)
+    examples.cache_features(drafter)
+    _instruction_tune(f"drafter {config.model.text_dim}x{config.model.text_layers}", drafter, examples, config)
+    return drafter.eval()
+
+
+# ---------------------------------------------------------------------------------------- saving
+def save_captioner(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: str | Path,
+                   drafter: LlavaForConditionalGeneration | None = None, data: CaptionDataConfig | None = None,
+                   recipe: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """``save_pretrained`` the model and processor to ``out`` (the drafter, with the processor, to
+    ``out/drafter``), the class list (:data:`~mmspec.defaults.CLASSES_FILE`, when ``data`` is
+    given) and the recipe (:data:`~mmspec.training.reference.RECIPE_FILE`).
+
+    Args:
+        dtype: storage dtype of the weights (the models are returned to float32 afterwards).
+    """
+    out = Path(out)
+    parts = [(model, out)] + ([(drafter, out / CAPTIONER_DRAFTER_SUBFOLDER)] if drafter is not None else [])
+    for net, folder in parts:
+        net.to(dtype)
+        try:
+            net.save_pretrained(folder)
+        finally:
+            net.to(torch.float32)
+        processor.save_pretrained(folder)
+    if data is not None:
+        glyphs = data.dataset(heldout=True).glyphs
+        classes = [{"label": i, "char": g.char, "name": g.name} for i, g in enumerate(glyphs)]
+        (out / CLASSES_FILE).write_text(json.dumps(classes, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if recipe is not None:
+        (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def teacher_forced_accuracy(model: LlavaForConditionalGeneration, examples: CaptionExamples,
+                            question: int = 0, batch_size: int = 64) -> tuple[float, float]:
+    """``(cross-entropy, token accuracy)`` over every answer token of ``examples`` (teacher forced)."""
+    loss_sum = correct = count = 0.0
+    for rows in _chunks(len(examples.answers), batch_size):
+        batch = examples.batch(list(rows), [question] * len(rows))
+        tokens = float((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+        loss, accuracy = caption_loss(model, batch)
+        loss_sum += float(loss) * tokens
+        correct += float(accuracy) * tokens
+        count += tokens
+    return loss_sum / count, correct / count
+
+
+@torch.no_grad()
+def evaluate_captioner(
+    pipe: VLMPipeline,
+    data: CaptionDataConfig,
+    hf_model: LlavaForConditionalGeneration | None = None,
+    question: str = DEFAULT_QUESTION,
+    num_draft_tokens: int = 4,
+    batch_size: int = 64,
+    hf_check_samples: int = 64,
+) -> dict[str, Any]:
+    """Measure a captioner on the held-out scenes of ``data`` (greedy decoding throughout).
+
+    Args:
+        pipe: the pipeline to measure (its ``drafter``, if any, is measured too).
+        hf_model: the same model as a transformers model: adds teacher-forced token accuracy and
+            the agreement of the pipeline's greedy replies with ``hf_model.generate`` on the first
+            ``hf_check_samples`` scenes.
+        question: the prompt.
+        num_draft_tokens: drafts per step for the speculative runs.
+
+    Returns:
+        A JSON-ready dict: ``exact_match`` (share of replies equal to the caption), ``per_class_exact``
+        (classes all of whose held-out scenes are right, as a share), ``generated_token_accuracy``
+        (reply tokens equal to the reference at the same position, over the reference's tokens incl.
+        ``</s>``), and with ``hf_model``: ``teacher_forced_token_accuracy``, ``heldout_ce``,
+        ``hf_generate_agreement``. ``decoding``: per method (``"baseline"``, ``"draft-model"``,
+        ``"ngram"``) total decode ``steps`` (prefill excluded) and ``steps_per_reply``,
+        ``accepted_per_step`` (drafts kept per step that are part of a reply, the recovered or
+        bonus token excluded), ``tokens_per_step`` (reply tokens after the first, per step),
+        ``stats_mean_accepted`` (:attr:`SpecStats.mean_accepted`, which also counts drafts the
+        target accepted after ``</s>`` in a reply's last step), ``same_as_baseline`` (identical
+        replies) and ``seconds``.
+    """
+    images, captions, _ = render_caption_data(data, heldout=True)
+    tokenizer = pipe.processor.tokenizer
+    drafters: dict[str, Any] = {"baseline": None, "ngram": NGramDrafter(pipe.target.vocab_size)}
+    if pipe.drafter is not None:
+        drafters["draft-model"] = pipe.drafter
+    max_new_tokens = max(len(tokenizer.encode(c, add_special_tokens=False)) for c in captions) + 4
+    pil = [PIL.Image.fromarray(image) for image in images]
+    decoding, replies = {}, {}
+    for name, drafter in drafters.items():
+        steps = accepted = loop_accepted = tokens = 0
+        texts, ids = [], []
+        start = time.perf_counter()
+        for rows in _chunks(len(pil), batch_size):
+            out = pipe([pil[r] for r in rows], [question] * len(rows), max_new_tokens=max_new_tokens,
+                       drafter=drafter, num_draft_tokens=num_draft_tokens if drafter is not None else 0)
+            steps += int(out.stats.row_steps.sum())
+            # token_source is -1 past each reply's end, so this counts drafts that made it into a reply.
+            accepted += int((out.stats.token_source == SOURCE_ACCEPTED).sum())
+            loop_accepted += int(out.stats.row_accepted.sum())
+            tokens += int(out.lengths.sum())
+            texts += out.text
+            ids += [row[:n] for row, n in zip(out.token_ids.tolist(), out.lengths.tolist())]
+        replies[name] = (texts, ids)
+        # max(..., 1): replies that end with their first (prefill) token take no decode step.
+        decoding[name] = {
+            "num_draft_tokens": num_draft_tokens if drafter is not None else 0,
+            "steps": steps, "steps_per_reply": steps / len(pil),
+            "accepted_per_step": accepted / max(steps, 1),
+            "tokens_per_step": (tokens - len(pil)) / max(steps, 1),  # the first token comes from prefill
+            "stats_mean_accepted": loop_accepted / max(steps, 1),
+            "same_as_baseline": texts == replies["baseline"][0] and ids == replies["baseline"][1],
+            "seconds": time.perf_counter() - start,
+        }
+    texts, ids = replies["baseline"]
+    exact = [t == c for t, c in zip(texts, captions)]
+    per_class: dict[str, bool] = {}
+    for caption, ok in zip(captions, exact):
+        per_class[caption] = per_class.get(caption, True) and ok
+    references = [tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id] for c in captions]
+    matched = sum(sum(a == b for a, b in zip(ref, got)) for ref, got in zip(references, ids))
+    result: dict[str, Any] = {
+        "heldout_images": len(captions),
+        "question": question,
+        "exact_match": float(np.mean(exact)),
+        "per_class_exact": float(np.mean(list(per_class.values()))),
+        "generated_token_accuracy": matched / sum(len(r) for r in references),
+        "wrong_examples": [{"caption": c, "reply": t} for t, c, ok in zip(texts, captions, exact) if not ok][:20],
+        "decoding": decoding,
+    }
+    if hf_model is not None:
+        examples = CaptionExamples(pipe.processor, images, captions, questions=(question,))
+        result["heldout_ce"], result["teacher_forced_token_accuracy"] = teacher_forced_accuracy(hf_model, examples)
+        result["hf_generate_agreement"] = _hf_agreement(hf_model, pipe.processor, pil[:hf_check_samples], question,
+                                                        ids[:hf_check_samples], max_new_tokens)
+    return result
+
+
+def _hf_agreement(model: LlavaForConditionalGeneration, processor: LlavaProcessor, images: list[PIL.Image.Image],
+                  question: str, pipeline_ids: list[list[int]], max_new_tokens: int) -> float:
+    """Share of ``images`` whose ``model.generate`` greedy reply (cut after ``</s>``) equals the
+    pipeline's token ids."""
+    eos = processor.tokenizer.eos_token_id
+    same = 0
+    for image, expected in zip(images, pipeline_ids):
+        batch = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
+        out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
+        reply = out[0, batch["input_ids"].shape[1]:].tolist()
+        reply = reply[: reply.index(eos) + 1] if eos in reply else reply
+        same += reply == expected
+    return same / max(len(images), 1)
+
+
+# ---------------------------------------------------------------------------------------- images
+def save_caption_grid(pipe: VLMPipeline, data: CaptionDataConfig, path: str | Path, n: int = 24, columns: int = 6,
+                      scale: int = 4, question: str = DEFAULT_QUESTION) -> Path:
+    """Write a PNG of ``n`` held-out scenes (upscaled ``scale`` times), each with the model's greedy
+    caption under it: black when it equals the true caption, red (with the truth) otherwise."""
+    images, captions, _ = render_caption_data(data, heldout=True)
+    n = min(n, len(captions))
+    # Spread over classes: held-out item i shows class i % num_classes.
+    step = len(captions) // n
+    picks = list(range(0, step * n, step))[:n]
+    pil = [PIL.Image.fromarray(images[i]) for i in picks]
+    replies = pipe(pil, [question] * len(pil), max_new_tokens=16).text
+    side = data.image_size * scale
+    font = PIL.ImageFont.load_default(12)
+    line_height, lines, pad = 14, 4, 6
+    cell_w, cell_h = side + 2 * pad + 24, side + lines * line_height + 2 * pad
+    rows = -(-len(pil) // columns)
+    grid = PIL.Image.new("RGB", (columns * cell_w, rows * cell_h), (255, 255, 255))
+    draw = PIL.ImageDraw.Draw(grid)
+    for i, (image, reply, truth) in enumerate(zip(pil, replies, (captions[p] for p in picks))):
+        left, top = (i % columns) * cell_w, (i // columns) * cell_h
+        grid.paste(image.resize((side, side), PIL.Image.NEAREST), (left + (cell_w - side) // 2, top + pad))
+        text = reply if reply == truth else f"{reply} (true: {truth})"
+        wrapped = textwrap.wrap(text, width=cell_w // 7)[:lines]
+        for j, line in enumerate(wrapped):
+            width = draw.textlength(line, font=font)
+            draw.text((left + (cell_w - width) / 2, top + pad + side + 2 + j * line_height), line,
+                      fill=(0, 0, 0) if reply == truth else (200, 0, 0), font=font)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def add_train_captioner_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``mmspec train-captioner``."""
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder: OUT/captioner (save_pretrained, drafter in OUT/captioner/drafter), "
+                             "OUT/checkpoints, OUT/eval.json, OUT/timings.json")
+    parser.add_argument("--preset", choices=("reference", "tiny"), default="reference",
+                        help="reference = the embedded default's recipe; tiny = a seconds-long smoke run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vision-steps", type=int, default=None, help="override the preset's vision pre-training steps")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's instruction-tuning steps")
+    parser.add_argument("--draft-steps", type=int, default=None, help="override the preset's drafter steps")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's checkpoint interval")
+    parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
+                        help="storage dtype of the saved weights")
+    parser.add_argument("--grid", type=Path, default=None, help="also write a PNG of held-out captions here")
+    parser.add_argument("--no-eval", action="store_true", help="skip evaluate_captioner on the saved model")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def train_captioner_command(args: argparse.Namespace) -> int:
+    """Train, save and evaluate the captioner and its drafter (``mmspec train-captioner``); returns 0."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    settings: dict[str, Any] = {"resume": args.resume, "progress": not args.no_progress,
+                                "checkpoint_dir": str(out / "checkpoints")}
+    for key, value in (("vision_steps", args.vision_steps), ("steps", args.steps), ("draft_steps", args.draft_steps),
+                       ("checkpoint_every", args.checkpoint_every)):
+        if value is not None:
+            settings[key] = value
+    config = dataclasses.replace(captioner_configs(args.preset, args.seed), **settings)
+    timings = {}
+    start = time.perf_counter()
+    model, processor = train_captioner(config)
+    timings["captioner"] = time.perf_counter() - start
+    start = time.perf_counter()
+    drafter = train_caption_drafter(model, processor, config)
+    timings["drafter"] = time.perf_counter() - start
+    print(f"training: captioner {timings['captioner']:.1f} s, drafter {timings['drafter']:.1f} s")
+    recipe = {"preset": args.preset, "seed": args.seed, "config": dataclasses.asdict(config)}
+    for key in ("checkpoint_dir", "resume", "progress"):
+        recipe["config"].pop(key)
+    folder = save_captioner(model, processor, out / "captioner", drafter, config.data, recipe,
+                            dtype=getattr(torch, args.save_dtype))
+    (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+    print(f"captioner -> {folder}")
+    if args.no_eval and args.grid is None:
+        return 0
+    # Measure what was saved (weights rounded through the storage dtype), loaded as users load it.
+    pipe = load_captioner_pipeline(folder)
+    if not args.no_eval:
+        saved = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        metrics = evaluate_captioner(pipe, config.data, hf_model=saved)
+        (out / "eval.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in metrics.items() if k != "wrong_examples"}, indent=1))
+    if args.grid is not None:
+        print(f"grid -> {save_caption_grid(pipe, config.data, args.grid)}")
+    return 0

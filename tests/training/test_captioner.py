@@ -1,0 +1,182 @@
+"""The captioner recipe (mmspec.training.captioner) and the embedded default captioner (mmspec.defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+
+import PIL.Image
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from mmspec.defaults import CAPTIONER_DRAFTER_SUBFOLDER, default_captioner_path, load_default_captioner
+from mmspec.training.captioner import (
+    DEFAULT_QUESTION,
+    TRAIN_QUESTIONS,
+    CaptionDataConfig,
+    CaptionExamples,
+    add_train_captioner_args,
+    build_caption_processor,
+    build_captioner,
+    build_caption_tokenizer,
+    caption_loss,
+    captioner_configs,
+    chat_prompt,
+    render_caption_data,
+    train_caption_drafter,
+    train_captioner,
+    train_captioner_command,
+)
+from mmspec.training.reference import latest_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The ``tiny`` preset (16-px images, 4 classes), progress bars off."""
+    return dataclasses.replace(captioner_configs("tiny"), progress=False)
+
+
+def test_tokenizer_round_trips_captions_and_marks_unknown_words():
+    captions = ["high-speed train", "do not litter symbol", "a cat, a dog and a do not litter symbol"]
+    tokenizer = build_caption_tokenizer([*captions, *TRAIN_QUESTIONS])
+    for caption in captions:
+        ids = tokenizer.encode(caption, add_special_tokens=False)
+        assert len(ids) == len(caption.replace(",", " ,").split())  # one per word, hyphenated names included
+        assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == caption
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("image?", add_special_tokens=False)) == ["image", "?"]
+    assert tokenizer.encode("zebra", add_special_tokens=False) == [tokenizer.unk_token_id]
+
+
+def test_training_prompts_equal_the_pipeline_prompt(tiny):
+    """What the model is trained on is token for token what VLMPipeline feeds it."""
+    from mmspec.pipelines.vlm import VLMPipeline
+
+    tokenizer = build_caption_tokenizer([*tiny.data.dataset().class_names, *TRAIN_QUESTIONS])
+    processor = build_caption_processor(tokenizer, tiny.data.image_size, tiny.model.patch_size)
+    images, captions, _ = render_caption_data(tiny.data)
+    examples = CaptionExamples(processor, images, captions)
+    assert chat_prompt(processor, "Hi").startswith("<s>USER: <image>\nHi ASSISTANT:")
+    batch = examples.batch([0], [0])
+    prompt = VLMPipeline(None, processor).build_prompt(PIL.Image.fromarray(images[0]), DEFAULT_QUESTION)
+    answer_start = int(prompt.lengths[0])
+    assert batch.input_ids[0, :answer_start].tolist() == prompt.tokens[0].tolist()
+    assert torch.equal(batch.pixel_values, prompt.pixel_values)
+    assert processor.tokenizer.decode(batch.labels[0, answer_start:].tolist(), skip_special_tokens=True) == captions[0]
+
+
+def test_cached_vision_features_give_the_pixel_path_loss(tiny):
+    """Instruction tuning feeds cached vision features; the model sees pixels: the same numbers."""
+    model, processor = train_captioner(dataclasses.replace(tiny, vision_steps=2, steps=1))
+    images, captions, _ = render_caption_data(tiny.data)
+    examples = CaptionExamples(processor, images, captions)
+    pixels = examples.batch(range(8), [1] * 8)
+    examples.cache_features(model)
+    cached = examples.batch(range(8), [1] * 8)
+    assert cached.pixel_values is None and cached.image_features is not None
+    with torch.no_grad():
+        torch.testing.assert_close(caption_loss(model, cached), caption_loss(model, pixels))
+
+
+def test_training_lowers_the_loss(tiny):
+    config = dataclasses.replace(tiny, steps=12, lr=5e-3)
+    model, processor = train_captioner(config)
+    images, captions, _ = render_caption_data(config.data)
+    batch = CaptionExamples(processor, images, captions).batch(list(range(16)), [0] * 16)
+    torch.manual_seed(config.seed)
+    untrained = build_captioner(config.model, config.data.image_size, processor.tokenizer)
+    with torch.no_grad():
+        assert caption_loss(model, batch)[0] < caption_loss(untrained, batch)[0] - 0.5
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tiny, tmp_path):
+    full, _ = train_captioner(dataclasses.replace(tiny, checkpoint_dir=str(tmp_path / "full")))
+    assert latest_checkpoint(tmp_path / "full" / "vision").name == "step-0000004.pt"
+    assert latest_checkpoint(tmp_path / "full" / "captioner").name == "step-0000006.pt"
+    # A run "interrupted" during instruction tuning: vision done, only the step-3 checkpoint after it.
+    shutil.copytree(tmp_path / "full" / "vision", tmp_path / "cut" / "vision")
+    (tmp_path / "cut" / "captioner").mkdir()
+    shutil.copy(tmp_path / "full" / "captioner" / "step-0000003.pt", tmp_path / "cut" / "captioner")
+    resumed, _ = train_captioner(dataclasses.replace(tiny, checkpoint_dir=str(tmp_path / "cut"), resume=True))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_drafter_shares_the_targets_vision_tower(tiny):
+    model, processor = train_captioner(dataclasses.replace(tiny, steps=2))
+    drafter = train_caption_drafter(model, processor, tiny)
+    assert drafter.config.text_config.num_hidden_layers == tiny.draft_layers
+    for name, value in model.model.vision_tower.state_dict().items():
+        assert torch.equal(value, drafter.model.vision_tower.state_dict()[name]), name
+    bad = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, text_dim=16))
+    with pytest.raises(ValueError, match="except for text_layers"):
+        train_caption_drafter(model, processor, bad)
+
+
+def test_cli_trains_saves_and_evaluates_a_tiny_captioner(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_train_captioner_args(parser)
+    args = parser.parse_args(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--steps", "3",
+                              "--draft-steps", "2", "--grid", str(tmp_path / "grid.png")])
+    assert train_captioner_command(args) == 0
+    folder = tmp_path / "captioner"
+    assert (folder / "model.safetensors").is_file() and (folder / CAPTIONER_DRAFTER_SUBFOLDER / "config.json").is_file()
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert metrics["decoding"]["draft-model"]["same_as_baseline"] and metrics["decoding"]["ngram"]["same_as_baseline"]
+    assert metrics["hf_generate_agreement"] == 1.0
+    assert (tmp_path / "grid.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------- embedded default
+@pytest.fixture(scope="module")
+def default_pipe():
+    return load_default_captioner()
+
+
+@pytest.fixture(scope="module")
+def unseen_scenes():
+    """16 scenes of the embedded model's data configuration from a dataset seed used neither in
+    training nor in the model card's held-out set."""
+    recipe = json.loads((default_captioner_path() / "recipe.json").read_text())
+    settings = recipe["config"]["data"]
+    dataset = CaptionDataConfig(**{**settings, "seed": 777, "num_samples": settings["num_classes"]}).dataset()
+    step = dataset.num_classes // 16  # item i shows class i % num_classes: spread over classes
+    items = [dataset[i * step] for i in range(16)]
+    return [item["image"] for item in items], [item["caption"] for item in items]
+
+
+def test_default_assets_are_small_and_complete():
+    path = default_captioner_path()
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 8 * 2**20
+    assert (path / "MODEL_CARD.md").is_file()
+
+
+def test_default_captioner_names_unseen_emoji(default_pipe, unseen_scenes):
+    images, captions = unseen_scenes
+    out = default_pipe(images, [DEFAULT_QUESTION] * len(images), max_new_tokens=16, num_draft_tokens=0)
+    correct = sum(reply == caption for reply, caption in zip(out.text, captions))
+    assert correct >= 14, list(zip(out.text, captions))
+
+
+def test_default_captioner_greedy_speculation_equals_baseline(default_pipe, unseen_scenes):
+    images, _ = unseen_scenes
+    common = {"max_new_tokens": 16, "temperature": 0.0}
+    baseline = default_pipe(images, [DEFAULT_QUESTION] * len(images), num_draft_tokens=0, **common)
+    spec = default_pipe(images, [DEFAULT_QUESTION] * len(images), num_draft_tokens=4, **common)
+    assert spec.text == baseline.text
+    assert torch.equal(spec.token_ids, baseline.token_ids)
+    assert spec.stats.steps < baseline.stats.steps
+
+
+def test_default_captioner_matches_transformers_generate(default_pipe, unseen_scenes):
+    images, _ = unseen_scenes
+    model = LlavaForConditionalGeneration.from_pretrained(default_captioner_path(), dtype=torch.float32).eval()
+    processor = default_pipe.processor
+    for image in images[:4]:
+        batch = processor(images=[image], text=[chat_prompt(processor, DEFAULT_QUESTION)], return_tensors="pt")
+        reply = model.generate(**batch, do_sample=False, max_new_tokens=16)[0, batch["input_ids"].shape[1]:]
+        ours = default_pipe(image, DEFAULT_QUESTION, max_new_tokens=16, num_draft_tokens=0)
+        assert reply[: int(ours.lengths[0])].tolist() == ours.token_ids[0, : int(ours.lengths[0])].tolist()
