@@ -70,14 +70,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from ..data.emoji import AugmentConfig, EmojiDataset
 from ..defaults import CAPTIONER_DRAFTER_SUBFOLDER, CLASSES_FILE, load_captioner_pipeline
 from ..drafters import NGramDrafter
 from ..pipelines.vlm import VLMPipeline
 from ..stats import SOURCE_ACCEPTED
 from .reference import (
-    HELDOUT_SEED_OFFSET,
     RECIPE_FILE,
+    EmojiDataConfig,
     _clip_and_step,
     _cosine_schedule,
     _param_groups,
@@ -121,45 +120,18 @@ IGNORE_INDEX = -100
 
 # ---------------------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
-class CaptionDataConfig:
-    """The emoji scenes the captioner learns from (one glyph per scene, captioned by its name).
+class CaptionDataConfig(EmojiDataConfig):
+    """The emoji scenes the captioner learns from (one glyph per scene, captioned by its name): the
+    reference models' :class:`~mmspec.training.reference.EmojiDataConfig` with more classes and
+    scenes and a little more augmentation (the vision tower must tell 128 glyphs apart)."""
 
-    Args:
-        image_size: image side in pixels (the vision tower's input size).
-        num_classes: the first ``num_classes`` visually distinct glyphs are the classes.
-        num_samples: training scenes, rendered once per process and reused every epoch.
-        heldout_samples: held-out scenes for evaluation (another dataset seed).
-        seed: dataset seed.
-        position_jitter, scale_range, rotation_degrees, backgrounds: the
-            :class:`~mmspec.data.emoji.AugmentConfig` fields.
-    """
-
-    image_size: int = 32
     num_classes: int = 128
     num_samples: int = 24576
     heldout_samples: int = 512
-    seed: int = 0
     position_jitter: float = 0.06
     scale_range: tuple[float, float] = (0.7, 0.95)
     rotation_degrees: float = 10.0
     backgrounds: tuple[str, ...] = ("white", "solid", "gradient")
-
-    def dataset(self, heldout: bool = False) -> EmojiDataset:
-        """The training (or held-out) :class:`~mmspec.data.emoji.EmojiDataset`."""
-        augment = AugmentConfig(
-            position_jitter=self.position_jitter,
-            scale_range=tuple(self.scale_range),
-            rotation_degrees=self.rotation_degrees,
-            backgrounds=tuple(self.backgrounds),
-        )
-        return EmojiDataset(
-            image_size=self.image_size,
-            num_samples=self.heldout_samples if heldout else self.num_samples,
-            seed=self.seed + HELDOUT_SEED_OFFSET if heldout else self.seed,
-            classes=self.num_classes,
-            augment=augment,
-            return_pil=True,
-        )
 
 
 @dataclass(frozen=True)
