@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from mmspec.acceptance import ACCEPTANCE_RULES, get_acceptance_rule
+from mmspec.acceptance import ACCEPTANCE_RULES
 from mmspec.pipelines.llamagen import SPECULATIVE_METHODS, LlamaGenPipeline, SpeculativeOptions
 from mmspec.visualize import acceptance_heatmap
 
@@ -52,16 +52,13 @@ def runnable_methods(pipe: LlamaGenPipeline) -> list[str]:
     return methods
 
 
-def buildable_rules() -> list[str]:
-    """Names in ``ACCEPTANCE_RULES`` that build from their name alone, as the pipeline builds them.
-
-    Relaxed rules that need tables made for one model (LANTERN's latent neighbours, GSD's
-    embeddings) raise ``ValueError`` until given them, so they are not offered.
-    """
+def buildable_rules(pipe: LlamaGenPipeline) -> list[str]:
+    """Names in ``ACCEPTANCE_RULES`` that this pipeline builds from their name alone (relaxed rules
+    get their codebook tables from the pipeline: ``pipe.acceptance_rule``)."""
     rules = []
     for name in sorted(ACCEPTANCE_RULES):
         try:
-            get_acceptance_rule(name)
+            pipe.acceptance_rule(name)
         except ValueError:
             continue
         rules.append(name)
@@ -143,7 +140,7 @@ def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = Non
         # enable_compile()): paid here, they stay out of the wall times the page compares.
         for method in [None, *methods]:
             pipe(class_labels=[0], speculative=method, generator=torch.Generator(pipe.device).manual_seed(0))
-    rules = buildable_rules()
+    rules = buildable_rules(pipe)
     classes = class_choices(pipe, class_names)
 
     def generate(class_label, seed, method, acceptance, num_draft_tokens, guidance_scale, temperature, top_k):

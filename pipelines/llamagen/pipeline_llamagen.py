@@ -103,8 +103,9 @@ NEIGHBOUR_CACHE = Path(os.environ.get("MMSPEC_CACHE", Path.home() / ".cache" / "
 
 
 def _lantern(pipe: "LlamaGenPipeline", options: dict) -> LanternAcceptance:
-    """LANTERN / LANTERN++ over this pipeline's VQ codebook neighbourhoods (table cached on disk)."""
-    k = options.pop("k", 1000)
+    """LANTERN / LANTERN++ over this pipeline's VQ codebook neighbourhoods (table cached on disk);
+    ``k`` defaults to LANTERN's 1000 neighbours, capped at the codebook size - 1."""
+    k = options.pop("k", min(1000, pipe.target.vocab_size - 1))
     cache = options.pop("neighbour_cache", NEIGHBOUR_CACHE)
     key = ("lantern", k)
     if key not in pipe._tables:
