@@ -218,6 +218,5 @@ def _finish(history, prefix_len, num_out, max_new_tokens, eos_token_id, pad_toke
         first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, lengths)
         lengths = torch.minimum(lengths, first_eos)
     tokens = torch.where(j < lengths[:, None], tokens, pad_token_id)
-    stats.token_source.masked_fill_(j >= lengths[:, None], -1)
-    stats.token_step.masked_fill_(j >= lengths[:, None], -1)
+    stats.trim(lengths)
     return GenerationOutput(tokens=tokens, lengths=lengths, stats=stats)

@@ -98,6 +98,15 @@ class SpecStats:
             self.moved_mass_max = torch.maximum(self.moved_mass_max, mass.max())
             self.moved_mass_tokens += counted.sum()
 
+    def trim(self, lengths: torch.Tensor) -> None:
+        """Forget tokens past each row's final length (``[B]``: max tokens or end of sequence):
+        their sources and steps become -1 and ``row_accepted`` counts only the accepted drafts that
+        are in the output (a step may accept drafts after an EOS, which are cut)."""
+        past = torch.arange(self.max_new_tokens, device=lengths.device)[None] >= lengths[:, None]
+        self.token_source.masked_fill_(past, -1)
+        self.token_step.masked_fill_(past, -1)
+        self.row_accepted = (self.token_source == SOURCE_ACCEPTED).sum(1)
+
     def record_prefill(self) -> None:
         """The first generated token of every row was sampled from the prefill output."""
         self.token_source[:, 0] = SOURCE_PREFILL

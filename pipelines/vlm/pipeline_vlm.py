@@ -180,8 +180,7 @@ class VLMPipeline:
             lengths = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, lengths)
             cut = steps >= lengths[:, None]
             tokens = tokens.masked_fill(cut, pad_id)
-            out.stats.token_source.masked_fill_(cut, -1)  # as the loop marks tokens past its own end
-            out.stats.token_step.masked_fill_(cut, -1)
+            out.stats.trim(lengths)  # as the loop does at its own end
         rows = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
         return VLMPipelineOutput(text=self._decode(rows), token_ids=tokens, lengths=lengths, stats=out.stats)
 

