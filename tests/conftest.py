@@ -93,3 +93,21 @@ def assert_rows_follow(rows: torch.Tensor, exact: dict[tuple, float]) -> None:
     tvd = 0.5 * sum(abs(counts.get(s, 0) / n - p) for s, p in exact.items())
     expected = 0.5 * sum(math.sqrt(2 * p * (1 - p) / (math.pi * n)) for p in exact.values())
     assert tvd < 3 * expected, (tvd, expected)
+
+
+def recording(drafter_cls: type) -> type:
+    """A subclass of ``drafter_cls`` that keeps every step's committed history, new-token counts and
+    draft in ``records``, to compare incremental drafting with the head run from scratch."""
+
+    class Recording(drafter_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.records = []
+
+        def draft(self, ctx, num_draft_tokens, generator):
+            draft = super().draft(ctx, num_draft_tokens, generator)
+            self.records.append((ctx.history.clone(), ctx.history_lengths.clone(), ctx.num_new.clone(), draft))
+            return draft
+
+    Recording.__name__ = f"Recording{drafter_cls.__name__}"
+    return Recording

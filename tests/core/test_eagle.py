@@ -25,7 +25,7 @@ from mmspec.training.eagle import (
 from mmspec.tree import DraftTree
 from mmspec.types import PrefillOutput, TargetOutput, TokenPrompt
 
-from ..conftest import assert_rows_follow, tiny_lm
+from ..conftest import assert_rows_follow, recording, tiny_lm
 
 PROMPTS = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8], [9, 9, 9, 9, 9]]
 GREEDY = SamplingConfig(temperature=0)
@@ -73,17 +73,7 @@ def generate(target, prompt, drafter=None, k=4, sampling=GREEDY, max_new=30, see
     )
 
 
-class RecordingDrafter(EagleDrafter):
-    """Keeps every step's context and draft, to compare with the head run from scratch."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records = []
-
-    def draft(self, ctx, num_draft_tokens, generator):
-        draft = super().draft(ctx, num_draft_tokens, generator)
-        self.records.append((ctx.history.clone(), ctx.history_lengths.clone(), ctx.num_new.clone(), draft))
-        return draft
+RecordingDrafter = recording(EagleDrafter)
 
 
 def head_from_scratch(head, tokens, features):

@@ -5,7 +5,6 @@ incremental drafting against the training layout run from scratch, online distil
 from __future__ import annotations
 
 import functools
-import math
 from argparse import ArgumentParser
 
 import pytest
@@ -32,6 +31,7 @@ from mmspec.sampling import SamplingConfig, logits_to_probs
 from mmspec.types import DraftContext
 from mmspec.training.eagle import EagleTrainConfig, add_train_drafter_args, eagle_training_pairs
 
+from ...conftest import assert_rows_follow, recording
 from .test_vlm import CASES, GREEDY, _exact_joint, image, run_loop, tiny_pipeline, tiny_vlm
 
 PATHS = sorted(VISUAL_PATHS)
@@ -125,30 +125,14 @@ def test_exact_sampling_reproduces_target_distribution(trained):
     out = run_loop(pipe.target, batch, drafter, k=2, sampling=sampling, max_new=length, seed=7)
     exact = _exact_joint(pipe.target, one, length, sampling)
     assert sum(exact.values()) == pytest.approx(1.0, abs=1e-5)
-    counts = {}
-    for row in out.tokens.tolist():
-        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
-    assert set(counts) <= set(exact)
-    tvd = 0.5 * sum(abs(counts.get(s, 0) / n - p) for s, p in exact.items())
-    expected = 0.5 * sum(math.sqrt(2 * p * (1 - p) / (math.pi * n)) for p in exact.values())
-    assert tvd < 3 * expected, (tvd, expected)
+    assert_rows_follow(out.tokens, exact)
     assert out.stats.mean_accepted > 0.3  # speculation actually happened
 
 
 # --------------------------------------------------------------------------- drafting = training layout
 
 
-class RecordingDrafter(VLMEagleDrafter):
-    """Keeps each step's committed sequence, new-token counts and draft."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records = []
-
-    def draft(self, ctx, num_draft_tokens, generator):
-        draft = super().draft(ctx, num_draft_tokens, generator)
-        self.records.append((ctx.history.clone(), ctx.history_lengths.clone(), ctx.num_new.clone(), draft))
-        return draft
+RecordingDrafter = recording(VLMEagleDrafter)
 
 
 def reference_probs(head, target, one, answer: list[int], drafts: list[int], sampling) -> torch.Tensor:
