@@ -418,3 +418,33 @@ def test_train_drafter_cli(tmp_path):
     assert (drafter.head.config.visual_path, drafter.head.config.ratio, drafter.head.config.tokens_per_step) == ("flash", 2, 2)
     out = pipe(image(0), "describe the image", max_new_tokens=8, drafter=drafter, num_draft_tokens=3)
     assert out.text == pipe(image(0), "describe the image", max_new_tokens=8, num_draft_tokens=0).text
+
+
+def test_training_runs_data_parallel_in_two_processes(tmp_path):
+    """`torchrun` / `accelerate launch` with 2 processes (CPU: gloo): weights broadcast from rank 0,
+    gradients averaged, rank 0 saves; the head then drafts losslessly for the embedded captioner."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from mmspec.defaults import default_captioner_path, load_default_captioner
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "head"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), "-m", "mmspec.cli", "train-drafter", "--target-kind", "vlm",
+         "--target-path", str(default_captioner_path()), "--output", str(out), "--visual-path", "pool",
+         "--steps", "4", "--batch-size", "4", "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    pipe = load_default_captioner()
+    drafter = VLMEagleDrafter.from_pretrained(out, pipe.target)
+    pictures = [image(i) for i in range(3)]
+    base = pipe([[p] for p in pictures], ["What is in the image?"] * 3, max_new_tokens=8, num_draft_tokens=0)
+    spec = pipe([[p] for p in pictures], ["What is in the image?"] * 3, max_new_tokens=8, drafter=drafter, num_draft_tokens=3)
+    assert spec.text == base.text
