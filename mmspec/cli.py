@@ -47,7 +47,7 @@ def bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(args.dtype, device)
     from .jobs import parse_key_values
 
     try:
@@ -61,6 +61,15 @@ def bench(args: argparse.Namespace) -> int:
     print(format_table(record))
     print(f"\nwrote {out}")
     return 0
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``--dtype`` as a torch dtype; by default bfloat16 on CUDA and float32 elsewhere."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise SystemExit(f"--dtype must be a torch dtype such as float32 or bfloat16, got {name!r}")
+    return getattr(torch, name)
 
 
 def _add_llamagen_source(p: argparse.ArgumentParser) -> None:
@@ -136,7 +145,7 @@ def generate(args: argparse.Namespace) -> int:
     from .visualize import acceptance_heatmap
 
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(args.dtype, device)
     if args.labels_file is not None:
         raw = [line.strip() for line in args.labels_file.read_text().splitlines() if line.strip() and not line.startswith("#")]
     else:

@@ -31,10 +31,12 @@ def tiny_lm(vocab_size: int = 48, dim: int = 32, n_layer: int = 2, n_head: int =
     return model.eval()
 
 
-def noisy_copy(model: DecoderLM, noise: float, seed: int = 1) -> DecoderLM:
-    """A drafter that agrees with ``model`` often but not always (ragged acceptance)."""
-    copy = DecoderLM(model.config)
-    copy.load_state_dict(model.state_dict())
+def noisy_copy(model: torch.nn.Module, noise: float, seed: int = 1) -> torch.nn.Module:
+    """A drafter that agrees with ``model`` often but not always (ragged acceptance): a copy of any
+    decoder (``DecoderLM``, a VLM's converted ``VLMDecoder``, ...) with Gaussian noise on its weights."""
+    import copy as copying
+
+    copy = copying.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in copy.parameters():

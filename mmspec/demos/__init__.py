@@ -85,7 +85,9 @@ def demo_command(args: argparse.Namespace) -> int:
     except ImportError:
         raise SystemExit("the demos need Gradio: pip install 'mmspec[demo]'") from None
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    from ..cli import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, device)
     if args.app == "image":
         from ..cli import load_llamagen
         from .image_app import build_image_demo

@@ -35,10 +35,10 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from mmspec.drafters import ModelDrafter, NGramDrafter
 from mmspec.loop import required_cache_len, speculative_generate
-from mmspec.pipelines.vlm import VLMDecoder, VLMPipeline, VLMPipelineOutput, VLMPrompt, load_vlm_target
+from mmspec.pipelines.vlm import VLMPipeline, VLMPipelineOutput, VLMPrompt, load_vlm_target
 from mmspec.sampling import SamplingConfig, logits_to_probs
 
-from ...conftest import assert_rows_follow
+from ...conftest import assert_rows_follow, noisy_copy
 
 VOCAB = 96
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
@@ -208,15 +208,7 @@ def tiny_pipeline(family: str) -> VLMPipeline:
     return VLMPipeline(load_vlm_target(model), processor)
 
 
-def noisy_decoder(decoder: VLMDecoder, noise: float, seed: int = 1) -> VLMDecoder:
-    """A drafter language model that agrees with ``decoder`` often but not always."""
-    copy = VLMDecoder(decoder.config, decoder.inv_freq)
-    copy.load_state_dict(decoder.state_dict())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in copy.parameters():
-            p.add_(noise * p.std() * torch.randn(p.shape, generator=g))
-    return copy.eval()
+noisy_decoder = noisy_copy  # the converted VLM decoder is a decoder like any other
 
 
 def image(seed: int, size: tuple[int, int] = (20, 24)) -> PIL.Image.Image:
