@@ -105,10 +105,24 @@ def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.d
         pipe = load_default_llamagen()
     pipe.to(device)
     if dtype != torch.float32:  # the VQ decoder stays in float32: it is cheap and fp32-sensitive
-        for model in (pipe.target, pipe.drafter):
+        for model in (pipe.target, pipe.drafter, pipe.low_res_drafter):
             if model is not None:
                 model.to(dtype)
     return pipe
+
+
+def llamagen_classes(args: argparse.Namespace) -> list[dict] | None:
+    """The ``{"label", "char", "name"}`` entries of the classes file saved beside a reference
+    pipeline (the embedded default's or ``--model``'s; see :mod:`mmspec.defaults`), or None
+    (official checkpoints, or a folder without the file)."""
+    from .defaults import CLASSES_FILE, default_llamagen_path
+
+    if args.official_gpt:
+        return None
+    path = Path(args.model or default_llamagen_path()) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -217,8 +231,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--num-draft-tokens", type=int, default=8)
     p.add_argument("--eagle-head", default=None)
-    p.add_argument("--features", default="vq-encoder", help="vq-encoder (offline default) or torchscript:PATH")
-    p.add_argument("--clip-model", default=None, help="open_clip model name for CLIP score (with --clip-weights)")
+    p.add_argument("--features", default="vq-encoder",
+                   help="FID features: vq-encoder (offline default), torchscript:PATH, or clip (the --clip-model image tower)")
+    p.add_argument("--clip-model", default=None,
+                   help="open_clip model name, or an open_clip model-config .json file, for CLIP score (with --clip-weights)")
     p.add_argument("--clip-weights", default=None, help="path to the open_clip weights file")
     p.add_argument("--output-dir", type=Path, default=Path("outputs/eval"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -241,18 +257,23 @@ def evaluate(args: argparse.Namespace) -> int:
     num_classes = pipe.target.config.num_classes
     pool = [int(c) for c in args.classes.split(",")] if args.classes else list(range(num_classes))
     labels = [pool[i % len(pool)] for i in range(args.num_images)]
-    if args.features == "vq-encoder":
-        features = VQEncoderFeatures(pipe.vq)
-    elif args.features.startswith("torchscript:"):
-        features = TorchScriptFeatures(args.features.split(":", 1)[1])
-    else:
-        raise SystemExit(f"--features must be vq-encoder or torchscript:PATH, got {args.features!r}")
     clip = None
     if args.clip_model or args.clip_weights:
         if not (args.clip_model and args.clip_weights):
             raise SystemExit("CLIP score needs both --clip-model and --clip-weights")
         clip = OpenCLIPFeatures(args.clip_model, args.clip_weights)
-    class_names = getattr(pipe, "class_names", None)
+    if args.features == "vq-encoder":
+        features = VQEncoderFeatures(pipe.vq)
+    elif args.features.startswith("torchscript:"):
+        features = TorchScriptFeatures(args.features.split(":", 1)[1])
+    elif args.features == "clip":
+        if clip is None:
+            raise SystemExit("--features clip needs --clip-model and --clip-weights")
+        features = clip
+    else:
+        raise SystemExit(f"--features must be vq-encoder, torchscript:PATH or clip, got {args.features!r}")
+    classes = llamagen_classes(args)
+    class_names = None if classes is None else [entry["name"] for entry in classes]
     report = evaluate_llamagen(
         pipe, methods, labels, seed=args.seed, batch_size=args.batch_size, features=features, clip=clip,
         class_names=class_names, out_dir=args.output_dir,

@@ -72,11 +72,31 @@ class TorchScriptFeatures:
 
 class OpenCLIPFeatures:
     """An open_clip model (``pip install "mmspec[clip]"``) with weights from a user-given file:
-    image features for FID and both towers for CLIP score."""
+    image features for FID and both towers for CLIP score.
+
+    Args:
+        model_name: an open_clip architecture name (``"ViT-B-32"``), or the path of an open_clip
+            model-config ``.json`` file (registered with ``open_clip.add_model_config``; the model
+            is then named after the file's stem) for architectures open_clip does not list.
+        weights: the checkpoint file (open_clip's ``pretrained=`` path: a state dict).
+
+    Raises:
+        ImportError: open_clip is not installed (the message gives the install command).
+        FileNotFoundError: ``weights`` does not exist.
+    """
 
     def __init__(self, model_name: str, weights: str | Path) -> None:
-        import open_clip
-
+        try:
+            import open_clip
+        except ImportError as err:
+            raise ImportError('CLIP score needs open_clip: pip install "mmspec[clip]" (open-clip-torch and torchvision)') from err
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"CLIP weights {weights} do not exist: pass the path of an open_clip checkpoint file")
+        if model_name.endswith(".json"):
+            if not Path(model_name).is_file():
+                raise FileNotFoundError(f"open_clip model config {model_name} does not exist")
+            open_clip.add_model_config(model_name)
+            model_name = Path(model_name).stem
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights))
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
@@ -139,6 +159,7 @@ def _run(pipe, method: EvalMethod | None, labels, seeds, batch_size, sampling: d
     """Images ``[N, 3, H, W]`` and summed stats for ``labels[i]`` with seed ``seeds[i]``, in batches
     whose generator is seeded by the batch's first seed (same batches for every method)."""
     images, steps, accepted, row_steps, tvd_sum, tvd_tokens, tvd_max, seconds = [], 0, 0, 0, 0.0, 0, 0.0, 0.0
+    committed = 0.0  # tokens per step x row steps: each stats type defines tokens per step (MuLo-SD: grid / forwards)
     for start in range(0, len(labels), batch_size):
         t0 = time.perf_counter()
         out = pipe(class_labels=labels[start : start + batch_size], output_type="pt",
@@ -152,13 +173,14 @@ def _run(pipe, method: EvalMethod | None, labels, seeds, batch_size, sampling: d
         steps += s.steps
         accepted += int(s.row_accepted.sum())
         row_steps += int(s.row_steps.sum())
+        committed += s.mean_tokens_per_step * int(s.row_steps.sum())
         tvd_sum += float(s.moved_mass_sum)
         tvd_tokens += int(s.moved_mass_tokens)
         tvd_max = max(tvd_max, float(s.moved_mass_max))
     return torch.cat(images), {
         "steps": steps, "wall_time_s": seconds,
         "mean_accepted_without_bonus": accepted / max(row_steps, 1),
-        "mean_tokens_per_step_with_bonus": accepted / max(row_steps, 1) + 1,
+        "mean_tokens_per_step_with_bonus": committed / max(row_steps, 1),
         "mean_tvd_per_token": tvd_sum / tvd_tokens if tvd_tokens else 0.0,
         "max_tvd_per_token": tvd_max,
     }

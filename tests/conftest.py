@@ -5,10 +5,40 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import importlib.util
+import sys
+
 import pytest
 import torch
 
-from mmspec.modeling import DecoderConfig, DecoderLM
+
+def _torchvision_without_cuda_ops() -> list[torch.library.Library]:
+    """Test set-up workaround (ENVIRONMENT.md), not library code: where torchvision is installed
+    but its compiled ops need CUDA libraries this machine lacks (torchvision 0.28 on the CPU
+    machines), ``import torchvision`` fails with "operator torchvision::nms does not exist", and so
+    does every transformers / diffusers import that probes torchvision. Registering the two op
+    schemas makes the Python parts importable (the ops themselves still fail; nothing here uses
+    them). Runs before anything imports transformers; a no-op without torchvision or with a working
+    one. Returns the registrations, which must stay alive."""
+    if importlib.util.find_spec("torchvision") is None:
+        return []
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as err:
+        if "torchvision::nms" not in str(err):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]  # the failed import left half-initialised modules behind
+        library = torch.library.Library("torchvision", "DEF")
+        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        library.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+        return [library]
+    return []
+
+
+_TORCHVISION_SCHEMAS = _torchvision_without_cuda_ops()
+
+from mmspec.modeling import DecoderConfig, DecoderLM  # noqa: E402  (after the torchvision set-up)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -65,19 +63,6 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     _add_llamagen_source(parser)
 
 
-def _class_names(args: argparse.Namespace) -> list[str] | None:
-    """Names from the classes file saved beside a reference pipeline (the embedded default's or
-    ``--model``'s; see :mod:`mmspec.defaults`), or None (official checkpoints, no file)."""
-    from ..defaults import CLASSES_FILE, default_llamagen_path
-
-    if args.official_gpt:
-        return None
-    path = Path(args.model or default_llamagen_path()) / CLASSES_FILE
-    if not path.is_file():
-        return None
-    return [f"{entry['char']} {entry['name']}" for entry in json.loads(path.read_text(encoding="utf-8"))]
-
-
 def demo_command(args: argparse.Namespace) -> int:
     """Build the chosen demo on its pipeline and serve it until interrupted."""
     try:
@@ -89,10 +74,12 @@ def demo_command(args: argparse.Namespace) -> int:
 
     dtype = resolve_dtype(args.dtype, device)
     if args.app == "image":
-        from ..cli import load_llamagen
+        from ..cli import llamagen_classes, load_llamagen
         from .image_app import build_image_demo
 
-        demo = build_image_demo(load_llamagen(args, device, dtype), class_names=_class_names(args))
+        classes = llamagen_classes(args)
+        names = None if classes is None else [f"{entry['char']} {entry['name']}" for entry in classes]
+        demo = build_image_demo(load_llamagen(args, device, dtype), class_names=names)
     else:
         from ..defaults import load_captioner_pipeline, load_default_captioner
         from .chat_app import build_chat_demo

@@ -2,7 +2,7 @@
 LlamaGen GPT (the target) and a smaller GPT (the drafter), trained on the offline emoji dataset
 (:mod:`mmspec.data`) so that the embedded default model runs out of the box on a CPU.
 
-Stages (``mmspec train-reference --stage vq|gpt|draft|all --out DIR``):
+Stages (``mmspec train-reference --stage vq|gpt|draft|low-res-draft|all --out DIR``):
 
 1. :func:`train_vq` — LlamaGen's VQ architecture (Sun et al. 2024, arXiv 2406.06525) trained with
    the VQ-VAE objective (van den Oord et al. 2017, arXiv 1711.00937): pixel reconstruction loss,
@@ -17,6 +17,9 @@ Stages (``mmspec train-reference --stage vq|gpt|draft|all --out DIR``):
    the null class, which classifier-free guidance uses at sampling time), AdamW, linear warm-up
    then cosine decay, gradient clipping. The drafter is the same recipe with a smaller
    :meth:`GPTTrainConfig.draft` configuration.
+3. The low-resolution drafter of MuLo-SD (:meth:`GPTTrainConfig.low_res_draft`): the drafter's
+   recipe on the same scenes rendered at half the side, tokenised by the same VQ, so it drafts a
+   grid of half the side in the target's codebook (``speculative="mulo"`` up-samples it).
 
 Every stage shows a tqdm bar, writes checkpoints (model, optimiser, scheduler, step, RNG states)
 every ``checkpoint_every`` steps and at the end, and continues from the latest one with
@@ -52,7 +55,9 @@ from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 HELDOUT_SEED_OFFSET = 1_000_003
 #: File next to a saved pipeline recording the recipe (data and training configurations).
 RECIPE_FILE = "recipe.json"
-STAGES = ("vq", "gpt", "draft")
+STAGES = ("vq", "gpt", "draft", "low-res-draft")
+#: The :class:`LlamaGenPipeline` component each GPT stage trains.
+STAGE_COMPONENTS = {"gpt": "target", "draft": "drafter", "low-res-draft": "low_res_drafter"}
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -218,6 +223,16 @@ class GPTTrainConfig:
         settings: dict[str, Any] = {"dim": 96, "n_layer": 2, "n_head": 4, "steps": 600, "lr": 2e-3, "seed": 1}
         settings.update(overrides)
         return cls(**settings)
+
+    @classmethod
+    def low_res_draft(cls, data: EmojiDataConfig, **overrides: Any) -> GPTTrainConfig:
+        """MuLo-SD's low-resolution drafter: the drafter's recipe on ``data`` rendered at half the
+        side (the same scenes and augmentation), so its grid has half the target's side."""
+        if data.image_size % 2:
+            raise ValueError(f"the low-resolution drafter halves the image side, so it must be even, got {data.image_size}")
+        settings: dict[str, Any] = {"seed": data.seed + 2}
+        settings.update(overrides)
+        return cls.draft(data=dataclasses.replace(data, image_size=data.image_size // 2), **settings)
 
 
 # ---------------------------------------------------------------------------------------- loop
@@ -555,7 +570,8 @@ def evaluate_reference(
     """Measure a reference pipeline: tokenizer, target (and drafter) likelihood, speculative stats.
 
     Args:
-        pipe: a :class:`LlamaGenPipeline` with ``target``, ``vq`` and (optionally) ``drafter``.
+        pipe: a :class:`LlamaGenPipeline` with ``target``, ``vq`` and (optionally) ``drafter`` /
+            ``low_res_drafter``.
         data: the data it was trained on (None: :class:`EmojiDataConfig` defaults, the embedded
             model's); its held-out scenes are used.
         class_labels: classes generated for the speculative statistics, one image each
@@ -569,7 +585,8 @@ def evaluate_reference(
         A JSON-ready dict: ``vq_psnr_db`` (mean per-image PSNR of reconstructions of held-out
         scenes, pixels in [0, 1]), ``vq_codes_used`` (distinct codes in those scenes),
         ``target_heldout_ce`` / ``target_heldout_ppl`` (next-token cross-entropy in nats and
-        perplexity on the held-out scenes' tokens), ``drafter_heldout_ppl``, ``uniform_ppl``
+        perplexity on the held-out scenes' tokens), ``drafter_heldout_ppl``,
+        ``low_res_drafter_heldout_ppl`` (on the held-out scenes rendered at its resolution), ``uniform_ppl``
         (the codebook size) and ``generation``: per method (``"baseline"``, ``"sjd"``,
         ``"draft-model"``) the mean decode ``steps`` per image, ``mean_accepted`` (drafts kept per
         step, without the recovered/bonus token) and ``seconds_per_image``.
@@ -592,6 +609,11 @@ def evaluate_reference(
     }
     if isinstance(pipe.drafter, LlamaGenGPT):
         result["drafter_heldout_ppl"] = math.exp(heldout_cross_entropy(pipe.drafter, labels, tokens))
+    if isinstance(pipe.low_res_drafter, LlamaGenGPT):
+        side = data.image_size * pipe.low_res_drafter.grid_size // pipe.target.grid_size
+        low_images, low_labels = render_images(dataclasses.replace(data, image_size=side), heldout=True)
+        low_ce = heldout_cross_entropy(pipe.low_res_drafter, low_labels, tokenize_images(pipe.vq, low_images))
+        result["low_res_drafter_heldout_ppl"] = math.exp(low_ce)
 
     class_labels = list(range(min(8, pipe.target.config.num_classes))) if class_labels is None else class_labels
     methods = {"baseline": (None, 0), "sjd": ("sjd", sjd_draft_tokens)}
@@ -700,18 +722,20 @@ def save_reconstruction_grid(
 def save_reference_pipeline(
     vq: LlamaGenVQ, target: LlamaGenGPT, drafter: LlamaGenGPT | None, data: EmojiDataConfig, out: str | Path,
     recipe: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
+    low_res_drafter: LlamaGenGPT | None = None,
 ) -> LlamaGenPipeline:
     """Assemble a :class:`LlamaGenPipeline` and ``save_pretrained`` it to ``out`` with the class
     list (:data:`CLASSES_FILE`) and, if given, the recipe (:data:`RECIPE_FILE`).
 
     Args:
+        low_res_drafter: MuLo-SD's drafter over a smaller grid (optional).
         dtype: storage dtype of the weights (float16 halves the folder; load with
             ``torch_dtype=torch.float32``). The returned pipeline is float32 and holds the weights
             as stored (rounded through ``dtype``), so evaluating it measures the saved model.
     """
-    pipe = LlamaGenPipeline(target=target, vq=vq, drafter=drafter)
+    pipe = LlamaGenPipeline(target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter)
     out = Path(out)
-    models = [m for m in (target, vq, drafter) if m is not None]
+    models = [m for m in (target, vq, drafter, low_res_drafter) if m is not None]
     # torch's Module.to, not ModelMixin.to: the latter warns about modules to keep in float32,
     # which these models do not have.
     for model in models:
@@ -730,38 +754,43 @@ def save_reference_pipeline(
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def reference_configs(preset: str, seed: int = 0) -> tuple[VQTrainConfig, GPTTrainConfig, GPTTrainConfig]:
-    """``(vq, target, drafter)`` configurations of a preset: ``"reference"`` (the embedded default)
-    or ``"tiny"`` (seconds on a CPU; for tests and smoke runs)."""
+def reference_configs(preset: str, seed: int = 0) -> dict[str, VQTrainConfig | GPTTrainConfig]:
+    """The configuration of each stage (:data:`STAGES`) of a preset: ``"reference"`` (the embedded
+    default) or ``"tiny"`` (seconds on a CPU; for tests and smoke runs)."""
     if preset == "reference":
         data = EmojiDataConfig(seed=seed)
-        return (VQTrainConfig(data=data, seed=seed), GPTTrainConfig(data=data, seed=seed),
-                GPTTrainConfig.draft(data=data, seed=seed + 1))
+        return {"vq": VQTrainConfig(data=data, seed=seed), "gpt": GPTTrainConfig(data=data, seed=seed),
+                "draft": GPTTrainConfig.draft(data=data, seed=seed + 1),
+                "low-res-draft": GPTTrainConfig.low_res_draft(data)}
     if preset == "tiny":
         data = EmojiDataConfig(image_size=16, num_classes=4, num_samples=64, heldout_samples=8, seed=seed)
-        vq = VQTrainConfig(data=data, seed=seed, steps=4, batch_size=8, codebook_size=32, ch_mult=(1, 2), z_channels=32,
-                           restart_every=2, warmup_steps=1, checkpoint_every=2)
-        gpt = GPTTrainConfig(data=data, seed=seed, steps=4, batch_size=8, dim=32, n_layer=1, n_head=2, warmup_steps=1,
-                             checkpoint_every=2)
-        draft = GPTTrainConfig.draft(data=data, seed=seed + 1, steps=4, batch_size=8, dim=16, n_layer=1, n_head=2,
-                                     warmup_steps=1, checkpoint_every=2)
-        return vq, gpt, draft
+        small = {"steps": 4, "batch_size": 8, "dim": 16, "n_layer": 1, "n_head": 2, "warmup_steps": 1, "checkpoint_every": 2}
+        return {
+            "vq": VQTrainConfig(data=data, seed=seed, steps=4, batch_size=8, codebook_size=32, ch_mult=(1, 2),
+                                z_channels=32, restart_every=2, warmup_steps=1, checkpoint_every=2),
+            "gpt": GPTTrainConfig(data=data, seed=seed, **{**small, "dim": 32}),
+            "draft": GPTTrainConfig.draft(data=data, seed=seed + 1, **small),
+            "low-res-draft": GPTTrainConfig.low_res_draft(data, **small),
+        }
     raise ValueError(f"unknown preset {preset!r}: 'reference' or 'tiny'")
 
 
 def add_train_reference_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mmspec train-reference``."""
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all",
-                        help="vq, then gpt (target) and draft (drafter), which need OUT/vq; all = the three in order")
+                        help="vq, then gpt (target), draft (drafter) and low-res-draft (MuLo-SD's drafter at half the "
+                             "image side), which need OUT/vq; all = the four in order")
     parser.add_argument("--out", type=Path, required=True,
-                        help="output folder: OUT/vq, OUT/gpt, OUT/draft (save_pretrained), OUT/checkpoints/<stage>, "
-                             "and OUT/pipeline + OUT/eval.json once all three exist")
+                        help="output folder: OUT/<stage> (save_pretrained), OUT/checkpoints/<stage>, "
+                             "and OUT/pipeline + OUT/eval.json once all four exist")
     parser.add_argument("--preset", choices=("reference", "tiny"), default="reference",
                         help="reference = the embedded default's recipe; tiny = a seconds-long smoke run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vq-steps", type=int, default=None, help="override the preset's VQ steps")
     parser.add_argument("--gpt-steps", type=int, default=None, help="override the preset's target steps")
     parser.add_argument("--draft-steps", type=int, default=None, help="override the preset's drafter steps")
+    parser.add_argument("--low-res-draft-steps", type=int, default=None,
+                        help="override the preset's low-resolution drafter steps")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's checkpoint interval")
     parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -776,19 +805,20 @@ def train_reference_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    vq_config, gpt_config, draft_config = reference_configs(args.preset, args.seed)
+    presets = reference_configs(args.preset, args.seed)
     common = {"resume": args.resume, "progress": not args.no_progress}
     if args.checkpoint_every is not None:
         common["checkpoint_every"] = args.checkpoint_every
-    overrides = {"vq": args.vq_steps, "gpt": args.gpt_steps, "draft": args.draft_steps}
+    overrides = {"vq": args.vq_steps, "gpt": args.gpt_steps, "draft": args.draft_steps,
+                 "low-res-draft": args.low_res_draft_steps}
     configs = {}
-    for stage, config in zip(STAGES, (vq_config, gpt_config, draft_config)):
+    for stage, config in presets.items():
         steps = {"steps": overrides[stage]} if overrides[stage] is not None else {}
         configs[stage] = dataclasses.replace(config, checkpoint_dir=str(out / "checkpoints" / stage), **common, **steps)
     stages = STAGES if args.stage == "all" else (args.stage,)
     timings: dict[str, float] = {}
     vq = None
-    tokens = None
+    tokens: dict[EmojiDataConfig, torch.Tensor] = {}  # one tokenisation per rendering of the data
     for stage in stages:
         start = time.perf_counter()
         if stage == "vq":
@@ -799,26 +829,26 @@ def train_reference_command(args: argparse.Namespace) -> int:
                 if not (out / "vq").is_dir():
                     raise SystemExit(f"stage {stage!r} needs a trained tokenizer in {out / 'vq'}: run --stage vq first")
                 vq = LlamaGenVQ.from_pretrained(out / "vq").eval()
-            if tokens is None:
-                tokens = tokenize_images(vq, render_images(configs[stage].data)[0])
-            train_c2i_gpt(vq, configs[stage], tokens).save_pretrained(out / stage)
+            data = configs[stage].data
+            if data not in tokens:
+                tokens[data] = tokenize_images(vq, render_images(data)[0])
+            train_c2i_gpt(vq, configs[stage], tokens[data]).save_pretrained(out / stage)
         timings[stage] = time.perf_counter() - start
         print(f"{stage}: {timings[stage]:.1f} s -> {out / stage}")
     (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
     if all((out / stage).is_dir() for stage in STAGES):
         vq = LlamaGenVQ.from_pretrained(out / "vq").eval()
-        target = LlamaGenGPT.from_pretrained(out / "gpt").eval()
-        drafter = LlamaGenGPT.from_pretrained(out / "draft").eval()
+        gpts = {STAGE_COMPONENTS[stage]: LlamaGenGPT.from_pretrained(out / stage).eval() for stage in STAGE_COMPONENTS}
         recipe = {"preset": args.preset, "seed": args.seed, **{k: dataclasses.asdict(c) for k, c in configs.items()}}
         for config in recipe.values():
             if isinstance(config, dict):
                 for key in ("checkpoint_dir", "resume", "progress"):
                     config.pop(key)
-        pipe = save_reference_pipeline(vq, target, drafter, vq_config.data, out / "pipeline", recipe,
-                                       dtype=getattr(torch, args.save_dtype))
+        pipe = save_reference_pipeline(vq, gpts["target"], gpts["drafter"], configs["vq"].data, out / "pipeline", recipe,
+                                       dtype=getattr(torch, args.save_dtype), low_res_drafter=gpts["low_res_drafter"])
         print(f"pipeline -> {out / 'pipeline'}")
         if not args.no_eval:
-            metrics = evaluate_reference(pipe, vq_config.data)
+            metrics = evaluate_reference(pipe, configs["vq"].data)
             (out / "eval.json").write_text(json.dumps(metrics, indent=1) + "\n")
             print(json.dumps(metrics, indent=1))
     return 0

@@ -528,18 +528,19 @@ def mulo_for_pipeline(
     acceptance: Any = "mulo",
     acceptance_options: dict | None = None,
 ) -> tuple[torch.Tensor, MuLoStats]:
-    """``LlamaGenPipeline(..., speculative="mulo")``: MuLo-SD with the pipeline's ``drafter`` (a
-    LlamaGen GPT over a smaller grid) and ``vq``. ``acceptance`` must be ``"mulo"`` (or the
-    pipeline's default ``"exact"``, meaning "not chosen"): MuLo-SD has its own rule, whose
+    """``LlamaGenPipeline(..., speculative="mulo")``: MuLo-SD with the pipeline's ``low_res_drafter``
+    (a LlamaGen GPT over a smaller grid, same codebook) and ``vq``. ``acceptance`` must be ``"mulo"``
+    (or the pipeline's default ``"exact"``, meaning "not chosen"): MuLo-SD has its own rule, whose
     :class:`MuLoConfig` fields come from ``acceptance_options`` (``mmspec eval`` spec:
     ``mulo:mulo:tau=0.05,pool_size=3,radius=1``)."""
     if not (isinstance(acceptance, str) and acceptance in ("mulo", "exact")):
         raise ValueError(f"speculative='mulo' has its own acceptance rule: pass acceptance='mulo' with "
                          f"acceptance_options from MuLoConfig (tau, pool_size, pool, radius, max_rounds), not {acceptance!r}")
-    drafter = pipe.drafter
-    if not isinstance(drafter, LlamaGenGPT) or drafter.config.block_size >= pipe.target.config.block_size:
-        raise ValueError("speculative='mulo' needs a low-resolution LlamaGenGPT as the pipeline's `drafter` component "
-                         "(same VQ codebook, block_size smaller than the target's)")
+    drafter = pipe.low_res_drafter
+    if not isinstance(drafter, LlamaGenGPT):
+        raise ValueError("speculative='mulo' needs the pipeline's `low_res_drafter` component: a LlamaGenGPT over a "
+                         "smaller grid with the target's codebook (train one with "
+                         "`mmspec train-reference --stage low-res-draft`)")
     options = dict(acceptance_options or {})
     known = {f.name for f in fields(MuLoConfig)}
     if set(options) - known:

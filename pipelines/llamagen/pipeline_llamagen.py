@@ -129,25 +129,36 @@ PIPELINE_RULES: dict[str, Callable[["LlamaGenPipeline", dict], AcceptanceRule]] 
 class LlamaGenPipeline(DiffusionPipeline):
     """LlamaGen (Sun et al. 2024, arXiv 2406.06525) with speculative decoding.
 
-    Components: ``target`` (:class:`LlamaGenGPT`), ``vq`` (:class:`LlamaGenVQ`) and an optional
-    ``drafter`` (a smaller ``LlamaGenGPT`` or an EAGLE head trained for this target).
+    Components: ``target`` (:class:`LlamaGenGPT`), ``vq`` (:class:`LlamaGenVQ`) and two optional
+    drafters: ``drafter`` (a smaller ``LlamaGenGPT`` over the same grid, ``speculative="draft-model"``)
+    and ``low_res_drafter`` (a ``LlamaGenGPT`` over a smaller grid of the same codebook,
+    ``speculative="mulo"``). EAGLE heads attach with :meth:`load_eagle_head`.
     """
 
     model_cpu_offload_seq = "target->vq"
-    _optional_components = ["drafter"]
+    _optional_components = ["drafter", "low_res_drafter"]
 
-    def __init__(self, target: LlamaGenGPT, vq: LlamaGenVQ, drafter: Any = None) -> None:
+    def __init__(self, target: LlamaGenGPT, vq: LlamaGenVQ, drafter: Any = None,
+                 low_res_drafter: LlamaGenGPT | None = None) -> None:
         super().__init__()
         if target.config.vocab_size != vq.config.codebook_size:
             raise ValueError(
                 f"target vocabulary ({target.config.vocab_size}) does not match the VQ codebook "
                 f"({vq.config.codebook_size}): use the tokenizer the GPT was trained with"
             )
-        if drafter is not None and getattr(drafter.config, "vocab_size", target.config.vocab_size) != target.config.vocab_size:
+        for name, model in (("drafter", drafter), ("low_res_drafter", low_res_drafter)):
+            if model is not None and getattr(model.config, "vocab_size", target.config.vocab_size) != target.config.vocab_size:
+                raise ValueError(
+                    f"{name} vocabulary ({model.config.vocab_size}) does not match the target's "
+                    f"({target.config.vocab_size}): a drafter must use the target's VQ codebook"
+                )
+        if low_res_drafter is not None and low_res_drafter.config.block_size >= target.config.block_size:
             raise ValueError(
-                f"drafter vocabulary ({drafter.config.vocab_size}) does not match the target's ({target.config.vocab_size})"
+                f"low_res_drafter must draft a smaller grid than the target's: its block_size is "
+                f"{low_res_drafter.config.block_size}, the target's {target.config.block_size} "
+                "(a same-size GPT belongs in `drafter`)"
             )
-        self.register_modules(target=target, vq=vq, drafter=drafter)
+        self.register_modules(target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter)
         self.eagle_head: EagleHead | None = None  # set by load_eagle_head()
         self._tables: dict[tuple, torch.Tensor] = {}  # LANTERN neighbour tables, built once per k
         self._compiled: CompiledTarget | None = None  # set by enable_compile()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 
 import pytest
 import torch
 
 from mmspec.defaults import default_llamagen_classes, default_llamagen_path, load_default_llamagen
+from mmspec.pipelines.llamagen import LlamaGenPipeline
 from mmspec.training.reference import (
     add_train_reference_args,
     build_vq,
@@ -29,8 +31,7 @@ from mmspec.training.reference import (
 @pytest.fixture(scope="module")
 def tiny():
     """The ``tiny`` preset (16-px images, 4 classes), progress bars off."""
-    vq, gpt, draft = reference_configs("tiny")
-    return tuple(dataclasses.replace(c, progress=False) for c in (vq, gpt, draft))
+    return tuple(dataclasses.replace(c, progress=False) for c in reference_configs("tiny").values())
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,22 @@ def test_cli_runs_a_tiny_stage(tmp_path):
     assert train_reference_command(_parse("--stage", "vq", "--preset", "tiny", "--out", str(tmp_path), "--no-progress")) == 0
     assert (tmp_path / "vq" / "config.json").is_file()
     assert latest_checkpoint(tmp_path / "checkpoints" / "vq") is not None
+
+
+def test_cli_trains_every_stage_into_a_pipeline_with_a_low_resolution_drafter(tmp_path):
+    assert train_reference_command(_parse("--preset", "tiny", "--out", str(tmp_path), "--no-progress")) == 0
+    pipe = LlamaGenPipeline.from_pretrained(tmp_path / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.target.grid_size == 8 and pipe.drafter.grid_size == 8
+    assert pipe.low_res_drafter.grid_size == 4  # half the image side, same VQ codebook
+    assert pipe.low_res_drafter.vocab_size == pipe.target.vocab_size
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert 1 < metrics["low_res_drafter_heldout_ppl"] < 1.5 * metrics["uniform_ppl"]
+    recipe = json.loads((tmp_path / "pipeline" / "recipe.json").read_text())
+    assert recipe["low-res-draft"]["data"]["image_size"] == recipe["gpt"]["data"]["image_size"] // 2
+    out = pipe(class_labels=[0, 1], speculative="mulo", acceptance="mulo", acceptance_options={"tau": 0.01},
+               generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert out.tokens.shape == (2, 8, 8) and int(out.stats.row_accepted.sum()) > 0
 
 
 @pytest.fixture(scope="module")

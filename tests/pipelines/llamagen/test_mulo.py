@@ -31,7 +31,7 @@ def pipe() -> LlamaGenPipeline:
     with torch.no_grad():
         gpt, vq = tiny_llamagen(grid=6)
         draft, _ = tiny_llamagen(grid=3, seed=1, dim=16, n_layer=1)
-    pipe = LlamaGenPipeline(target=gpt, vq=vq, drafter=draft)
+    pipe = LlamaGenPipeline(target=gpt, vq=vq, low_res_drafter=draft)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -58,7 +58,7 @@ def test_tau_above_one_resamples_everything_and_equals_the_baseline(pipe, guidan
 def test_tau_above_one_equals_the_baseline_for_text_conditions_with_padding():
     gpt, vq = tiny_llamagen(grid=4, model_type="t2i")
     draft, _ = tiny_llamagen(grid=2, seed=1, dim=16, n_layer=1, model_type="t2i")
-    pipe = LlamaGenPipeline(target=gpt, vq=vq, drafter=draft)
+    pipe = LlamaGenPipeline(target=gpt, vq=vq, low_res_drafter=draft)
     pipe.set_progress_bar_config(disable=True)
     embeds = torch.randn(2, 8, 24, generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 8, dtype=torch.bool)
@@ -189,11 +189,13 @@ def test_clear_errors(pipe):
         mulo_for_pipeline(pipe, condition, SamplingConfig(), None, "lantern")
     with pytest.raises(ValueError, match="unknown MuLo-SD options"):
         mulo_for_pipeline(pipe, condition, SamplingConfig(), None, "mulo", {"delta": 0.1})
-    same_size = LlamaGenPipeline(target=pipe.target, vq=pipe.vq, drafter=pipe.target)
-    with pytest.raises(ValueError, match="low-resolution"):
-        mulo_for_pipeline(same_size, condition, SamplingConfig(), None)
+    without = LlamaGenPipeline(target=pipe.target, vq=pipe.vq, drafter=pipe.low_res_drafter)
+    with pytest.raises(ValueError, match="low_res_drafter"):
+        mulo_for_pipeline(without, condition, SamplingConfig(), None)
+    with pytest.raises(ValueError, match="smaller grid"):
+        LlamaGenPipeline(target=pipe.target, vq=pipe.vq, low_res_drafter=pipe.target)
     with pytest.raises(ValueError, match="not be larger"):
-        mulo_generate(pipe.drafter, pipe.target, pipe.vq, condition, SamplingConfig())
+        mulo_generate(pipe.low_res_drafter, pipe.target, pipe.vq, condition, SamplingConfig())
 
 
 def test_mulo_in_mmspec_eval(pipe):
