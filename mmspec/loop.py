@@ -36,7 +36,8 @@ class GenerationOutput:
 def required_cache_len(prompt_len: int, max_new_tokens: int, window: int) -> int:
     """Cache capacity for a prompt, the generated tokens and the verify windows.
 
-    ``window`` = tokens per verify forward (``k + 1`` for a chain, ``N`` nodes for a tree). A row
+    ``window`` = tokens per verify forward (``k + 1`` for a chain, ``N`` nodes for a tree; what
+    ``drafter.verify_width(k)`` returns; 1 without a drafter). A row
     may overshoot ``max_new_tokens`` by up to one window before it stops, and a stopped row keeps
     writing (masked, never committed) one more window, hence two windows of headroom.
     """
@@ -107,6 +108,14 @@ def speculative_generate(
 
     # 0. prefill: the condition/prompt enters the cache; the first token comes from the target.
     pre = target.prefill(prompt, cache)
+    window = 1 if drafter is None else drafter.verify_width(num_draft_tokens)
+    needed = required_cache_len(int(cache.lengths.max()), max_new_tokens, window)  # deliberate sync, once per call
+    if cache.max_seq_len < needed:
+        raise ValueError(
+            f"the cache holds {cache.max_seq_len} positions but this run needs {needed} (prompt + max_new_tokens + "
+            f"two verify windows of {window} tokens): size it with required_cache_len(prompt_len, max_new_tokens, "
+            "drafter.verify_width(num_draft_tokens))"
+        )
     batch = pre.output.logits.shape[0]
     first = sample_from_probs(logits_to_probs(pre.output.logits[:, -1], sampling, _last(pre.output.uncond_logits)), generator)
     k = num_draft_tokens if drafter is not None else 0

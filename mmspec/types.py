@@ -162,5 +162,11 @@ class Drafter(Protocol):
 
     def draft(self, ctx: DraftContext, num_draft_tokens: int, generator: torch.Generator | None) -> Draft: ...
 
+    def verify_width(self, num_draft_tokens: int) -> int:
+        """The most tokens one verify forward takes for drafts of ``num_draft_tokens`` (the last
+        committed token + every draft node: ``k + 1`` for a chain, ``1 + nodes`` for a tree); the
+        cache's headroom is sized by it (:func:`~mmspec.loop.required_cache_len`)."""
+        ...
+
     def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
         """Roll own state to the committed sequence described by ``ctx`` (already updated)."""

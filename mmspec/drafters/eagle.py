@@ -256,6 +256,9 @@ class EagleDrafter:
         the next ``draft`` together with their features."""
         self.cache.rollback(ctx.positions - ctx.num_new)
 
+    def verify_width(self, num_draft_tokens: int) -> int:
+        return num_draft_tokens + 1 if self.tree is None else 1 + self.tree.total_nodes
+
     def draft(self, ctx: DraftContext, num_draft_tokens: int, generator: torch.Generator | None) -> Draft:
         """Catch up on the last step's features, then draft a chain or an EAGLE-2 tree."""
         feature, logits = self._catch_up(ctx)  # [G*B, H], [G*B, V]: the root's predicted feature

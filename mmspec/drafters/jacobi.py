@@ -52,6 +52,9 @@ class JacobiDrafter:
         self.window_probs = None
         self.covered = None
 
+    def verify_width(self, num_draft_tokens: int) -> int:
+        return num_draft_tokens + 1  # the window is a chain
+
     def _fresh(self, ctx: DraftContext, offsets: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Fresh guesses ``[B, W]`` for the tokens ``offsets [B, W]`` positions after the history end."""
         random = torch.randint(0, self.vocab_size, offsets.shape, generator=generator, device=offsets.device)

@@ -49,6 +49,9 @@ class ModelDrafter:
     def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
         self.cache.rollback(ctx.positions)
 
+    def verify_width(self, num_draft_tokens: int) -> int:
+        return 1 + num_draft_tokens * self.num_alternatives  # root + (chain node + siblings) per depth
+
     def draft(self, ctx: DraftContext, num_draft_tokens: int, generator: torch.Generator | None) -> Draft:
         batch = ctx.last_tokens.shape[0]
         token = ctx.last_tokens

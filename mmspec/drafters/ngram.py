@@ -36,6 +36,9 @@ class NGramDrafter:
     def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
         """Stateless."""
 
+    def verify_width(self, num_draft_tokens: int) -> int:
+        return num_draft_tokens + 1  # a chain
+
     def draft(self, ctx: DraftContext, num_draft_tokens: int, generator: torch.Generator | None) -> Draft:
         history, lengths = ctx.history, ctx.history_lengths  # [B, S], [B]
         batch, width = history.shape

@@ -54,9 +54,6 @@ class SpeculativeOptions:
     eagle_tree: TreeConfig | None = None  # EAGLE-2 dynamic tree budget; None = a chain
 
 
-#: Largest draft tree a speculative method may propose (sizes the static cache's headroom).
-MAX_TREE_NODES = 64
-
 #: name -> factory(pipeline, options) building the drafter for one call.
 SPECULATIVE_METHODS: dict[str, Callable[["LlamaGenPipeline", SpeculativeOptions], Any]] = {}
 
@@ -295,8 +292,7 @@ class LlamaGenPipeline(DiffusionPipeline):
                                  f"available: {sorted([*SPECULATIVE_METHODS, *GRID_METHODS])}")
             drafter = SPECULATIVE_METHODS[speculative](self, speculative_options)
         num_tokens = self.target.config.block_size
-        # Verify window: a chain of k drafts + last token, or a draft tree of up to MAX_TREE_NODES.
-        window = max(num_draft_tokens + 1, MAX_TREE_NODES) if speculative else 1
+        window = 1 if drafter is None else drafter.verify_width(num_draft_tokens)  # tokens per verify forward
         cache = self._cache(
             condition.batch_size, required_cache_len(self.target.config.cls_token_num, num_tokens, window),
             sampling.uses_cfg,

@@ -26,11 +26,6 @@ from mmspec.types import DraftContext, Drafter
 
 from .targets import VLMPrompt, VLMTarget, load_vlm_target
 
-#: Cache slots kept per draft depth for one verify forward: chains write ``k + 1`` tokens, tree
-#: drafters (ModelDrafter alternatives, EAGLE-2) at most this many nodes per depth. Spare slots
-#: cost only memory.
-NODES_PER_DEPTH = 16
-
 ImageInput = PIL.Image.Image | str | os.PathLike
 
 
@@ -163,7 +158,7 @@ class VLMPipeline:
         """One loop run. A reply ends at the first of the model's EOS ids: the loop stops at the first
         id, the rest are cut here."""
         drafter = settings["drafter"]
-        window = 1 if drafter is None else NODES_PER_DEPTH * (settings["num_draft_tokens"] + 1)
+        window = 1 if drafter is None else drafter.verify_width(settings["num_draft_tokens"])  # tokens per verify forward
         capacity = required_cache_len(prompt.tokens.shape[1], settings["max_new_tokens"], window)
         # The vision tower runs once even when a model drafter prefills the same prompt.
         prompt = self.target.encode_images(prompt)

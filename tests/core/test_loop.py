@@ -18,7 +18,8 @@ GREEDY = SamplingConfig(temperature=0)
 
 def generate(target, prompts, drafter=None, k=4, sampling=GREEDY, acceptance="exact", max_new=30, seed=0, **kw):
     prompt = TokenPrompt.from_lists(prompts)
-    cache = target.new_cache(len(prompts), required_cache_len(prompt.tokens.shape[1], max_new, 1 + 3 * k))  # widest tree below
+    window = 1 if drafter is None or k < 1 else drafter.verify_width(k)
+    cache = target.new_cache(len(prompts), required_cache_len(prompt.tokens.shape[1], max_new, window))
     return speculative_generate(
         target, prompt, cache, max_new_tokens=max_new, drafter=drafter, num_draft_tokens=k, sampling=sampling,
         acceptance=acceptance, generator=torch.Generator().manual_seed(seed), **kw,
@@ -103,6 +104,20 @@ def test_invalid_settings_raise(target, draft_model):
         generate(target, PROMPTS[:1], ModelDrafter(draft_model), acceptance="nope")
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate(target, PROMPTS[:1], max_new=0)
+
+
+def test_verify_width_sizes_the_cache_and_a_small_cache_is_a_clear_error(target, draft_model):
+    assert NGramDrafter(48).verify_width(4) == JacobiDrafter(48).verify_width(4) == ModelDrafter(draft_model).verify_width(4) == 5
+    assert ModelDrafter(draft_model, num_alternatives=3).verify_width(4) == 13  # root + 4 x (chain node + 2 siblings)
+    prompt = TokenPrompt.from_lists(PROMPTS[:1])
+    exact = required_cache_len(prompt.tokens.shape[1], 30, 13)
+    tree = ModelDrafter(draft_model, num_alternatives=3)
+    out = speculative_generate(target, prompt, target.new_cache(1, exact), max_new_tokens=30, drafter=tree,
+                               num_draft_tokens=4, sampling=GREEDY)
+    assert torch.equal(out.tokens, generate(target, PROMPTS[:1]).tokens)  # the exact size suffices
+    with pytest.raises(ValueError, match=r"holds 63 positions but this run needs 64 .*verify windows of 13"):
+        speculative_generate(target, prompt, target.new_cache(1, exact - 1), max_new_tokens=30, drafter=tree,
+                             num_draft_tokens=4, sampling=GREEDY)
 
 
 def test_eos_stops_rows_independently(target, draft_model):
