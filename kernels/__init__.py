@@ -10,6 +10,8 @@ from .rejection import (
     tree_rejection_sample,
     tree_rejection_sample_ref,
     tree_rejection_sample_triton,
+    tree_walk_ref,
+    TreeWalk,
 )
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "tree_rejection_sample",
     "tree_rejection_sample_ref",
     "tree_rejection_sample_triton",
+    "tree_walk_ref",
+    "TreeWalk",
 ]
 
 from .neighbourhood import (  # noqa: E402  (LANTERN / GSD relaxed-acceptance masses)

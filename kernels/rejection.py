@@ -21,6 +21,7 @@ flips a few percent of samples).
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,8 @@ __all__ = [
     "tree_rejection_sample",
     "tree_rejection_sample_ref",
     "tree_rejection_sample_triton",
+    "tree_walk_ref",
+    "TreeWalk",
 ]
 
 
@@ -210,21 +213,46 @@ def chain_rejection_sample_ref(
     return num_accepted, out_tokens
 
 
-def tree_rejection_sample_ref(
+@dataclass
+class TreeWalk:
+    """Recursive rejection sampling down a draft tree, before its final draw (:func:`tree_walk_ref`).
+
+    ``num_accepted [B]``, ``accepted_nodes [B, D]`` (-1 padded), ``node [B]`` (where the walk
+    stopped: the last accepted node, 0 = the root), ``tokens [B, D + 1]`` (the
+    accepted tokens, -1 elsewhere: the final token goes at ``num_accepted``), ``residual [B, V]``
+    (what the final token is drawn from: the residual after the last rejection, or the accepted
+    leaf's target for the bonus), ``moved_mass [B, D + 1]`` (what ``relax`` moved for each tested
+    node, summed per depth; zeros without ``relax``).
+    """
+
+    num_accepted: torch.Tensor
+    accepted_nodes: torch.Tensor
+    node: torch.Tensor
+    tokens: torch.Tensor
+    residual: torch.Tensor
+    moved_mass: torch.Tensor
+
+
+def tree_walk_ref(
     node_tokens,  # [B, N] int64
     children,  # [B, N, C] int64, -1 padded
     draft_probs,  # [B, N, V] or None (q one-hot at the node's token)
     target_probs,  # [B, N, V]
     uniform_accept,  # [B, N] in [0, 1)
-    uniform_sample,  # [B] in [0, 1)
     max_depth,
+    relax=None,
 ):
-    """PyTorch reference of :func:`tree_rejection_sample` (same arguments and returns).
+    """The descent of :func:`tree_rejection_sample_ref` without its final draw: at each depth the
+    children are tested in slot order, child ``c`` (token ``x``, proposal ``q_c``) accepted with
+    ``min(1, p(x) / q_c(x))``, else ``p <- norm(max(0, p - q_c))`` and the next sibling is tried.
 
-    Loops over depth and child slots in Python; every step is vectorised over the batch.
+    ``relax(p [B, V], x [B], q [B, V] | None) -> (p~ [B, V], moved [B])`` replaces ``p`` by a
+    relaxed target for each test (the lossy rules of :mod:`mmspec.relaxed`); None tests ``p`` itself
+    (exact). Loops over depth and child slots in Python; every step is vectorised over the batch.
+    Returns a :class:`TreeWalk`.
     """
-    batch, _, num_slots, vocab = _check_tree(node_tokens, children, draft_probs, target_probs,
-                                             uniform_accept, uniform_sample, max_depth)
+    batch, vocab = node_tokens.shape[0], target_probs.shape[2]
+    num_slots = children.shape[2]
     device = node_tokens.device
     tokens = node_tokens.long()
     children = children.long()
@@ -240,6 +268,7 @@ def tree_rejection_sample_ref(
     p = target[:, 0].clone()  # [B, V] working (residual) target distribution
     accepted_nodes = torch.full((batch, max_depth), -1, dtype=torch.long, device=device)
     out_tokens = torch.full((batch, max_depth + 1), -1, dtype=torch.long, device=device)
+    moved_mass = torch.zeros(batch, max_depth + 1, device=device)
 
     for depth in range(max_depth):
         moved = torch.zeros(batch, dtype=torch.bool, device=device)  # accepted a child here
@@ -248,13 +277,18 @@ def tree_rejection_sample_ref(
             tested = active & ~moved & (child >= 0)
             node = child.clamp_min(0)  # padding slots read node 0; their results are discarded
             x = tokens[rows, node]  # [B]
-            q = F.one_hot(x, vocab).float() if draft is None else draft[rows, node]  # [B, V]
-            p_x = p.gather(1, x[:, None]).squeeze(1)
+            q = None if draft is None else draft[rows, node]  # [B, V]
+            tested_p = p
+            if relax is not None:
+                tested_p, shift = relax(p, x, q)
+                moved_mass[:, depth] += torch.where(tested, shift, 0.0)
+            q = F.one_hot(x, vocab).float() if q is None else q
+            p_x = tested_p.gather(1, x[:, None]).squeeze(1)
             q_x = q.gather(1, x[:, None]).squeeze(1)
             accept = tested & (uniform_accept[rows, node] * q_x < p_x)
             reject = tested & ~accept
 
-            residual = (p - q).clamp_min(0.0)
+            residual = (tested_p - q).clamp_min(0.0)
             total = residual.to(acc).sum(-1, keepdim=True).float()  # exact, as in the kernel
             # All-zero residual: p == q, the rejection had probability 0 (see
             # _sample_residual_ref); fall back to the node's own target.
@@ -267,10 +301,25 @@ def tree_rejection_sample_ref(
             moved |= accept
         active &= moved
         num_accepted += moved.long()
+    return TreeWalk(num_accepted, accepted_nodes, cur, out_tokens, p, moved_mass)
 
-    final = _inverse_cdf_ref(p, uniform_sample.float())  # recovered or bonus token
-    out_tokens.scatter_(1, num_accepted[:, None], final[:, None])
-    return num_accepted, accepted_nodes, out_tokens
+
+def tree_rejection_sample_ref(
+    node_tokens,  # [B, N] int64
+    children,  # [B, N, C] int64, -1 padded
+    draft_probs,  # [B, N, V] or None (q one-hot at the node's token)
+    target_probs,  # [B, N, V]
+    uniform_accept,  # [B, N] in [0, 1)
+    uniform_sample,  # [B] in [0, 1)
+    max_depth,
+):
+    """PyTorch reference of :func:`tree_rejection_sample` (same arguments and returns): the
+    descent of :func:`tree_walk_ref`, then the recovered or bonus token drawn from its residual."""
+    _check_tree(node_tokens, children, draft_probs, target_probs, uniform_accept, uniform_sample, max_depth)
+    walk = tree_walk_ref(node_tokens, children, draft_probs, target_probs, uniform_accept, max_depth)
+    final = _inverse_cdf_ref(walk.residual, uniform_sample.float())  # recovered or bonus token
+    walk.tokens.scatter_(1, walk.num_accepted[:, None], final[:, None])
+    return walk.num_accepted, walk.accepted_nodes, walk.tokens
 
 
 # --------------------------------------------------------------------------------------------

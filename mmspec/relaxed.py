@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .acceptance import AcceptanceRule, register_acceptance_rule
-from .kernels import chain_rejection_sample, gsd_group_mass, lantern_neighbour_mass
+from .kernels import chain_rejection_sample, gsd_group_mass, lantern_neighbour_mass, tree_walk_ref
 from .types import Draft, Verdict
 
 __all__ = [
@@ -256,51 +256,21 @@ class RelaxedAcceptance(AcceptanceRule):
 
     def _verify_tree(self, draft: Draft, target: torch.Tensor, uniform_accept: torch.Tensor,
                      uniform_sample: torch.Tensor) -> Verdict:
+        """Recursive rejection sampling over siblings (the exact tree walk) with each tested node's
+        target replaced by its relaxed target."""
         tree = draft.tree
-        batch, vocab = draft.tokens.shape[0], target.shape[-1]
-        device = target.device
-        rows = torch.arange(batch, device=device)
-        acc = torch.float32 if device.type == "mps" else torch.float64  # exact residual sums
+        batch = draft.tokens.shape[0]
         draft_probs = None if draft.draft_probs is None else draft.draft_probs.float()
-        cur = torch.zeros(batch, dtype=torch.long, device=device)  # node we stand on
-        num_accepted = torch.zeros_like(cur)
-        active = torch.ones(batch, dtype=torch.bool, device=device)  # still descending
-        p = target[:, 0]  # [B, V] working (residual) distribution
-        accepted_nodes = torch.full((batch, tree.max_depth), -1, dtype=torch.long, device=device)
-        tokens = torch.full((batch, tree.max_depth + 1), -1, dtype=torch.long, device=device)
-        moved_mass = torch.zeros(batch, tree.max_depth + 1, device=device)
-        for depth in range(tree.max_depth):
-            moved_here = torch.zeros_like(active)  # accepted a child at this depth
-            for slot in range(tree.max_children):
-                child = tree.children[rows, cur, slot]  # [B]
-                tested = active & ~moved_here & (child >= 0)
-                node = child.clamp_min(0)  # padding slots read node 0; their results are discarded
-                x = draft.tokens[rows, node]
-                q = None if draft_probs is None else draft_probs[rows, node]  # [B, V]
-                relaxed, moved = self.relaxed_target(p, x, q)
-                q = F.one_hot(x, vocab).float() if q is None else q
-                p_x = relaxed.gather(1, x[:, None])[:, 0]
-                q_x = q.gather(1, x[:, None])[:, 0]
-                accept = tested & (uniform_accept[rows, node] * q_x < p_x)
-                reject = tested & ~accept
-                residual = (relaxed - q).clamp_min(0.0)
-                total = residual.to(acc).sum(-1, keepdim=True).float()
-                # all-zero residual: the rejection had probability 0; fall back to the node's target
-                residual = torch.where(total > 0, residual / total, target[rows, cur])
-                p = torch.where(accept[:, None], target[rows, node], torch.where(reject[:, None], residual, p))
-                moved_mass[:, depth] += torch.where(tested, moved, 0.0)
-                accepted_nodes[:, depth] = torch.where(accept, child, accepted_nodes[:, depth])
-                tokens[:, depth] = torch.where(accept, x, tokens[:, depth])
-                cur = torch.where(accept, node, cur)
-                moved_here |= accept
-            active &= moved_here
-            num_accepted += moved_here.long()
-        # The recovered or bonus token: a chain of zero drafts samples its bonus from `p` with the
-        # shared inverse-CDF rule (Triton on CUDA), exactly as the tree kernel's final draw.
-        _, final = chain_rejection_sample(draft.tokens[:, :0], None, p[:, None], uniform_accept[:, :0], uniform_sample)
-        tokens.scatter_(1, num_accepted[:, None], final)
-        is_bonus = tree.children[rows, cur, 0] < 0
-        return Verdict(num_accepted, tokens, is_bonus, accepted_nodes=accepted_nodes, moved_mass=moved_mass)
+        walk = tree_walk_ref(draft.tokens, tree.children, draft_probs, target, uniform_accept, tree.max_depth,
+                             relax=self.relaxed_target)
+        # The recovered or bonus token: a chain of zero drafts samples its bonus from the residual
+        # with the shared inverse-CDF rule (Triton on CUDA), exactly as the tree kernel's final draw.
+        _, final = chain_rejection_sample(draft.tokens[:, :0], None, walk.residual[:, None], uniform_accept[:, :0],
+                                          uniform_sample)
+        walk.tokens.scatter_(1, walk.num_accepted[:, None], final)
+        is_bonus = tree.children[torch.arange(batch, device=target.device), walk.node, 0] < 0  # stopped at a leaf
+        return Verdict(walk.num_accepted, walk.tokens, is_bonus, accepted_nodes=walk.accepted_nodes,
+                       moved_mass=walk.moved_mass)
 
 
 def _device_copy(cache: dict, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
