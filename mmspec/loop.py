@@ -57,6 +57,7 @@ def _write_ragged(buf: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor
     buf.scatter_(1, index, torch.where(keep, values, buf.gather(1, index)))
 
 
+@torch.no_grad()  # decoding never needs gradients; without this a caller's grad mode would record every step
 def speculative_generate(
     target: Target,
     prompt: Any,

@@ -179,8 +179,8 @@ def train_vlm_drafter(target: VLMTarget, head: VLMEagleHead, batches: Batches, c
                desc=f"train VLM drafter ({head.config.visual_path})", disable=not (config.progress and state.is_main_process))
     head.train()
     for step in bar:
-        prompt, answer = batches(step * state.num_processes + state.process_index)
-        with torch.no_grad():  # the target is the teacher: frozen
+        with torch.no_grad():  # the target is the teacher: frozen (its decode must not build graphs)
+            prompt, answer = batches(step * state.num_processes + state.process_index)
             seq = distillation_sequence(target, prompt, answer, dtype)
         with torch.enable_grad():
             loss, parts = vlm_drafter_loss(head, seq, config.feature_loss_weight, config.token_loss_weight)

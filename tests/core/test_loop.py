@@ -164,3 +164,15 @@ def test_lossy_rules_moved_mass_is_accounted(target, draft_model):
     assert in_output <= out.stats.moved_mass_tokens <= in_output + len(PROMPTS) * 5
     assert s["mean_tvd_per_token"] == pytest.approx(0.01) and s["max_tvd_per_token"] == pytest.approx(0.01)
     assert generate(target, PROMPTS, max_new=5).stats.summary()["mean_tvd_per_token"] is None
+
+
+def test_decoding_records_no_autograd_graph_even_in_grad_mode(target, draft_model):
+    """Training code calls the loop to make distillation data with trainable (requires_grad) models;
+    the loop must not record the decode steps (that graph holds every step's activations)."""
+    assert all(p.requires_grad for p in target.parameters())
+    prompt = TokenPrompt.from_lists(PROMPTS[:2])
+    cache = target.new_cache(2, required_cache_len(prompt.tokens.shape[1], 12, 5))
+    with torch.enable_grad():
+        out = speculative_generate(target, prompt, cache, max_new_tokens=12, drafter=ModelDrafter(draft_model),
+                                   num_draft_tokens=4, sampling=GREEDY)
+    assert out.tokens.grad_fn is None and not cache.k.requires_grad and not cache.v.requires_grad
