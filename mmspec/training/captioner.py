@@ -49,7 +49,7 @@ the pretrained LM reads any question. The drafter is then the target's LM cut to
 the final norm fine-tuned on the captions.
 
 Every stage shows a tqdm bar, writes checkpoints (model, optimiser, scheduler, step, RNG states)
-and resumes from the latest with ``resume=True`` (the loop of :mod:`mmspec.training.reference`);
+and resumes from the latest with ``resume=True`` (:mod:`mmspec.training.loop`);
 with the same seed on the same device a run is reproducible, resumed or not.
 :func:`evaluate_captioner` measures what the model card reports.
 """
@@ -92,15 +92,8 @@ from ..defaults import CAPTIONER_DRAFTER_SUBFOLDER, CLASSES_FILE, load_captioner
 from ..drafters import NGramDrafter
 from ..pipelines.vlm import VLMPipeline
 from ..stats import SOURCE_ACCEPTED
-from .reference import (
-    RECIPE_FILE,
-    EmojiDataConfig,
-    _clip_and_step,
-    _cosine_schedule,
-    _param_groups,
-    _Run,
-    _train,
-)
+from .loop import TrainRun, clip_and_step, cosine_schedule, param_groups, run_training
+from .reference import RECIPE_FILE, EmojiDataConfig
 
 try:  # recent transformers name the PIL backend; importing it directly avoids a fallback warning
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as _ImageProcessor
@@ -611,12 +604,12 @@ def _examples(processor: LlavaProcessor, data: CaptionDataConfig, heldout: bool 
     return CaptionExamples(processor, images, captions)
 
 
-def _run(name: str, model: torch.nn.Module, trainable: list[torch.nn.Parameter], config: CaptionerTrainConfig) -> _Run:
+def _run(name: str, model: torch.nn.Module, trainable: list[torch.nn.Parameter], config: CaptionerTrainConfig) -> TrainRun:
     """The checkpointed state of one stage: AdamW over ``trainable``, warm-up + cosine schedule."""
-    holder = torch.nn.ParameterList(trainable)  # _param_groups splits a module's parameters
-    optimizer = torch.optim.AdamW(_param_groups(holder, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_schedule(config.steps, config.warmup_steps))
-    return _Run(name, config, model, optimizer, scheduler, torch.Generator().manual_seed(config.seed))
+    holder = torch.nn.ParameterList(trainable)  # param_groups splits a module's parameters
+    optimizer = torch.optim.AdamW(param_groups(holder, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.steps, config.warmup_steps))
+    return TrainRun(name, config, model, optimizer, scheduler, torch.Generator().manual_seed(config.seed))
 
 
 def pretrain_vision_tower(model: LlavaForConditionalGeneration, examples: CaptionExamples, labels: torch.Tensor,
@@ -634,10 +627,10 @@ def pretrain_vision_tower(model: LlavaForConditionalGeneration, examples: Captio
         rows = torch.randint(len(examples), (config.batch_size,), generator=run.generator)
         logits = head(vision_features(model, examples.pixel_values(rows.tolist())).mean(1))
         loss = F.cross_entropy(logits, labels[rows])
-        _clip_and_step(run, loss, config.grad_clip)
+        clip_and_step(run, loss, config.grad_clip)
         return {"ce": loss.item(), "acc": (logits.argmax(-1) == labels[rows]).float().mean().item()}
 
-    _train(run, step)
+    run_training(run, step)
 
 
 def _instruction_tune(name: str, model: LlavaForConditionalGeneration, examples: CaptionExamples,
@@ -653,10 +646,10 @@ def _instruction_tune(name: str, model: LlavaForConditionalGeneration, examples:
         rows = torch.randint(len(examples), (config.batch_size,), generator=run.generator).tolist()
         questions = torch.randint(num_questions, (config.batch_size,), generator=run.generator).tolist()
         loss, accuracy = caption_loss(model, examples.batch(rows, questions, run.generator, config.unk_prob))
-        _clip_and_step(run, loss, config.grad_clip)
+        clip_and_step(run, loss, config.grad_clip)
         return {"ce": loss.item(), "acc": accuracy.item()}
 
-    _train(run, step)
+    run_training(run, step)
 
 
 def _tune_only_last_layers(model: LlavaForConditionalGeneration, num_layers: int) -> None:

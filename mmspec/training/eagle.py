@@ -32,6 +32,7 @@ from ..loop import required_cache_len, speculative_generate
 from ..modeling import DecoderConfig, DecoderLM
 from ..sampling import SamplingConfig
 from ..types import Target, TokenPrompt
+from .loop import latest_checkpoint, save_state
 
 #: ``step -> (prompt, tokens [B, T])``: what ``target.prefill`` takes and the tokens that follow it.
 Batches = Callable[[int], tuple[Any, torch.Tensor]]
@@ -184,19 +185,14 @@ def eagle_loss(
     return loss, {"feature_loss": feature_loss.detach(), "token_loss": token_loss.detach()}
 
 
-def _latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(directory.glob("checkpoint-*.pt"))
-    return found[-1] if found else None
-
-
 def save_checkpoint(directory: Path, step: int, head: EagleHead, optimizer: torch.optim.Optimizer) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write the head, optimiser, step and global RNG state (:func:`~mmspec.training.loop.save_state`)."""
     state = {
         "step": step, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
         # The global RNG state, so that batch callables drawing from it also resume identically.
         "torch_rng": torch.get_rng_state(),
     }
-    torch.save(state, directory / f"checkpoint-{step:08d}.pt")
+    save_state(directory, step, state)
 
 
 def resume_training(config: EagleTrainConfig, head: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -206,7 +202,7 @@ def resume_training(config: EagleTrainConfig, head: nn.Module, optimizer: torch.
         return 0
     if config.checkpoint_dir is None:
         raise ValueError("resume=True needs a checkpoint_dir")
-    latest = _latest_checkpoint(Path(config.checkpoint_dir))
+    latest = latest_checkpoint(config.checkpoint_dir)
     if latest is None:
         return 0
     state = torch.load(latest, map_location="cpu", weights_only=True)

@@ -50,6 +50,7 @@ from ..data.emoji import AugmentConfig, EmojiDataset
 from ..defaults import CLASSES_FILE
 from ..pipelines.llamagen import LlamaGenCondition, LlamaGenGPT, LlamaGenVQ
 from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
+from .loop import TrainRun, clip_and_step, cosine_schedule, param_groups, run_training
 
 # Held-out items come from another dataset seed, so they are never among the training scenes.
 HELDOUT_SEED_OFFSET = 1_000_003
@@ -235,119 +236,6 @@ class GPTTrainConfig:
         return cls.draft(data=dataclasses.replace(data, image_size=data.image_size // 2), **settings)
 
 
-# ---------------------------------------------------------------------------------------- loop
-def _cosine_schedule(steps: int, warmup_steps: int, floor: float = 0.1) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up, then cosine decay to ``floor`` at ``steps``."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(steps - warmup_steps, 1)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return multiplier
-
-
-def _fingerprint(config: Any) -> dict[str, Any]:
-    """The settings a checkpoint must agree with to be resumed (not where or how it is saved)."""
-    settings = dataclasses.asdict(config)
-    for key in ("checkpoint_dir", "checkpoint_every", "resume", "progress"):
-        settings.pop(key)
-    # JSON round trip: tuples and lists compare equal after a checkpoint is loaded.
-    return json.loads(json.dumps(settings))
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The checkpoint with the highest step in ``directory`` (``step-NNNNNNN.pt``), or None."""
-    found = sorted(Path(directory).glob("step-*.pt"))
-    return found[-1] if found else None
-
-
-@dataclass
-class _Run:
-    """What the shared loop checkpoints and restores; ``extra`` holds stage-specific tensors."""
-
-    name: str
-    config: Any
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    generator: torch.Generator
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def state(self, step: int) -> dict[str, Any]:
-        """Everything needed to continue bit-for-bit after optimiser step ``step``."""
-        return {
-            "step": step,
-            "config": _fingerprint(self.config),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "extra": self.extra,
-        }
-
-    def restore(self, path: Path) -> int:
-        """Load a checkpoint written by :meth:`save`; returns its step."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["config"] != _fingerprint(self.config):
-            raise ValueError(
-                f"cannot resume {self.name} from {path}: it was written with different settings "
-                f"({state['config']}); use another checkpoint_dir or the same configuration"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        for key, value in state["extra"].items():
-            self.extra[key].copy_(value)
-        return int(state["step"])
-
-    def save(self, directory: Path, step: int, keep: int = 2) -> None:
-        """Write ``step-NNNNNNN.pt`` and delete all but the newest ``keep`` checkpoints."""
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"step-{step:07d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state(step), tmp)
-        tmp.replace(path)  # atomic: an interrupted save never becomes the "latest" checkpoint
-        for old in sorted(directory.glob("step-*.pt"))[:-keep]:
-            old.unlink()
-
-
-def _train(run: _Run, step_fn: Callable[[int], dict[str, float]]) -> None:
-    """Run ``step_fn(step)`` (one optimiser step, returning metrics for the progress bar) up to
-    ``config.steps``, with checkpoints, and from the latest checkpoint when ``config.resume``."""
-    config = run.config
-    directory = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    start = 0
-    if config.resume and directory is not None and latest_checkpoint(directory) is not None:
-        start = run.restore(latest_checkpoint(directory))
-    run.model.train()
-    # Training must not depend on the caller's grad mode (e.g. a surrounding torch.no_grad()).
-    bar = tqdm(total=config.steps, initial=start, desc=run.name, disable=not config.progress)
-    with torch.enable_grad(), bar:
-        for step in range(start, config.steps):
-            metrics = step_fn(step)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-            done = step + 1
-            periodic = config.checkpoint_every and done % config.checkpoint_every == 0
-            if directory is not None and (periodic or done == config.steps):
-                run.save(directory, done)
-    run.model.eval()
-
-
-def _clip_and_step(run: _Run, loss: torch.Tensor, grad_clip: float) -> None:
-    """Backward, gradient-norm clip, optimiser and scheduler step."""
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip)
-    run.optimizer.step()
-    run.scheduler.step()
-
-
 # ---------------------------------------------------------------------------------------- VQ
 @dataclass
 class VQLosses:
@@ -417,7 +305,7 @@ def build_vq(config: VQTrainConfig) -> LlamaGenVQ:
 
 
 @torch.no_grad()
-def _restart_codes(run: _Run, latents: torch.Tensor, dead: torch.Tensor) -> None:
+def _restart_codes(run: TrainRun, latents: torch.Tensor, dead: torch.Tensor) -> None:
     """Re-initialise the ``dead`` codes from random encoder outputs and clear their Adam moments
     (stale moments would push the fresh codes straight back)."""
     weight = run.model.quantize.embedding.weight
@@ -443,9 +331,9 @@ def train_vq(config: VQTrainConfig) -> LlamaGenVQ:
     generator = torch.Generator().manual_seed(config.seed)
     images, _ = render_images(config.data)
     optimizer = torch.optim.Adam(vq.parameters(), lr=config.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_schedule(config.steps, config.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.steps, config.warmup_steps))
     usage = torch.zeros(config.codebook_size, dtype=torch.long)
-    run = _Run("vq", config, vq, optimizer, scheduler, generator, extra={"usage": usage})
+    run = TrainRun("vq", config, vq, optimizer, scheduler, generator, extra={"usage": usage})
 
     def step(index: int) -> dict[str, float]:
         batch = to_model_range(images[torch.randint(images.shape[0], (config.batch_size,), generator=generator)])
@@ -455,7 +343,7 @@ def train_vq(config: VQTrainConfig) -> LlamaGenVQ:
             _restart_codes(run, losses.latents, torch.ones_like(usage, dtype=torch.bool))
             losses = vq_training_losses(vq, batch, config.commitment_beta, config.reconstruction_loss)
         usage.add_(torch.bincount(losses.indices, minlength=config.codebook_size))
-        _clip_and_step(run, losses.total, config.grad_clip)
+        clip_and_step(run, losses.total, config.grad_clip)
         metrics = {"rec": losses.reconstruction.item(), "commit": losses.commitment.item()}
         if config.restart_every and (index + 1) % config.restart_every == 0:
             metrics["used"] = float((usage > 0).sum())
@@ -463,7 +351,7 @@ def train_vq(config: VQTrainConfig) -> LlamaGenVQ:
             usage.zero_()
         return metrics
 
-    _train(run, step)
+    run_training(run, step)
     return vq
 
 
@@ -495,13 +383,6 @@ def gpt_training_loss(gpt: LlamaGenGPT, class_labels: torch.Tensor, tokens: torc
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """LlamaGen's split: decay matrices and embeddings, not norms (1-D parameters)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def train_c2i_gpt(vq: LlamaGenVQ, config: GPTTrainConfig, tokens: torch.Tensor | None = None) -> LlamaGenGPT:
     """Train a class-conditional LlamaGen GPT on the emoji data tokenised by ``vq``.
 
@@ -523,9 +404,9 @@ def train_c2i_gpt(vq: LlamaGenVQ, config: GPTTrainConfig, tokens: torch.Tensor |
     torch.manual_seed(config.seed)
     gpt = build_gpt(config, vq.config.codebook_size, tokens.shape[1])
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(_param_groups(gpt, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_schedule(config.steps, config.warmup_steps))
-    run = _Run(f"gpt {config.dim}x{config.n_layer}", config, gpt, optimizer, scheduler, generator)
+    optimizer = torch.optim.AdamW(param_groups(gpt, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.steps, config.warmup_steps))
+    run = TrainRun(f"gpt {config.dim}x{config.n_layer}", config, gpt, optimizer, scheduler, generator)
     null_class = config.data.num_classes
 
     def step(index: int) -> dict[str, float]:
@@ -533,10 +414,10 @@ def train_c2i_gpt(vq: LlamaGenVQ, config: GPTTrainConfig, tokens: torch.Tensor |
         dropped = torch.rand(config.batch_size, generator=generator) < config.class_dropout_prob
         batch_labels = torch.where(dropped, null_class, labels[rows])
         loss = gpt_training_loss(gpt, batch_labels, tokens[rows])
-        _clip_and_step(run, loss, config.grad_clip)
+        clip_and_step(run, loss, config.grad_clip)
         return {"ce": loss.item()}
 
-    _train(run, step)
+    run_training(run, step)
     return gpt
 
 

@@ -30,7 +30,7 @@ from mmspec.training.captioner import (
     train_captioner,
     train_captioner_command,
 )
-from mmspec.training.reference import latest_checkpoint
+from mmspec.training.loop import latest_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import torch
 
 from mmspec.defaults import default_llamagen_classes, default_llamagen_path, load_default_llamagen
 from mmspec.pipelines.llamagen import LlamaGenPipeline
+from mmspec.training.loop import latest_checkpoint
 from mmspec.training.reference import (
     add_train_reference_args,
     build_vq,
     gpt_training_loss,
-    latest_checkpoint,
     reference_configs,
     render_images,
     to_model_range,
