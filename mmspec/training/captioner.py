@@ -489,6 +489,11 @@ class CaptionBatch:
     pixel_values: torch.Tensor | None = None
     image_features: torch.Tensor | None = None
 
+    def to(self, device: str | torch.device) -> CaptionBatch:
+        """The batch with every tensor on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return CaptionBatch(**{name: None if t is None else t.to(device) for name, t in moved.items()})
+
 
 class CaptionExamples:
     """Images and captions tokenised once; :meth:`batch` assembles prompt + answer sequences.
@@ -567,7 +572,7 @@ class CaptionExamples:
 def vision_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
     """The vision tower's features that LLaVA projects (``[B, n, vision_dim]``): the configured
     layer, CLS token dropped (``"default"`` selection, as :func:`build_captioner` configures)."""
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    out = model.model.vision_tower(pixel_values.to(model.device), output_hidden_states=True)
     return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
@@ -576,8 +581,10 @@ def caption_loss(model: LlavaForConditionalGeneration, batch: CaptionBatch) -> t
     tokens the model's argmax predicts (token accuracy).
 
     With ``batch.image_features`` the projected features are merged into the token embeddings
-    here, as LLaVA's forward does with the vision tower's output.
+    here, as LLaVA's forward does with the vision tower's output. The batch is moved to the
+    model's device.
     """
+    batch = batch.to(model.device)
     if batch.image_features is not None:
         embeds = model.get_input_embeddings()(batch.input_ids)
         projected = model.model.multi_modal_projector(batch.image_features)
@@ -619,16 +626,17 @@ def pretrain_vision_tower(model: LlavaForConditionalGeneration, examples: Captio
     ``config.stage("vision")``."""
     tower = model.model.vision_tower
     dim = model.config.vision_config.hidden_size
-    head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, config.data.num_classes))
+    head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, config.data.num_classes)).to(model.device)
     net = torch.nn.ModuleDict({"vision_tower": tower, "head": head})  # what the checkpoints hold
     run = _run("vision", net, list(net.parameters()), config)
 
     def step(index: int) -> dict[str, float]:
         rows = torch.randint(len(examples), (config.batch_size,), generator=run.generator)
         logits = head(vision_features(model, examples.pixel_values(rows.tolist())).mean(1))
-        loss = F.cross_entropy(logits, labels[rows])
+        wanted = labels[rows].to(logits.device)
+        loss = F.cross_entropy(logits, wanted)
         clip_and_step(run, loss, config.grad_clip)
-        return {"ce": loss.item(), "acc": (logits.argmax(-1) == labels[rows]).float().mean().item()}
+        return {"ce": loss.item(), "acc": (logits.argmax(-1) == wanted).float().mean().item()}
 
     run_training(run, step)
 
@@ -665,7 +673,7 @@ def _tune_only_last_layers(model: LlavaForConditionalGeneration, num_layers: int
 
 
 def train_captioner(config: CaptionerTrainConfig, lm_cache_dir: str | Path | None = None,
-                    ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+                    device: str | torch.device = "cpu") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Build the tokenizer, processor and model, pre-train the vision tower (stage ``"vision"``),
     then instruction-tune the projector and language model (stage ``"captioner"``).
 
@@ -675,9 +683,11 @@ def train_captioner(config: CaptionerTrainConfig, lm_cache_dir: str | Path | Non
 
     Args:
         lm_cache_dir: cache of converted pretrained LMs (SmolLM2; None: the loader's default).
+        device: where the model trains (``"cuda"`` on a GPU machine); the data and every random
+            draw stay on the CPU, so a run sees the same batches on any device.
 
     Returns:
-        ``(model, processor)``: the trained model in eval mode and its processor.
+        ``(model, processor)``: the trained model (eval mode, on ``device``) and its processor.
     """
     data = config.data
     if config.language_model is None:
@@ -699,6 +709,7 @@ def train_captioner(config: CaptionerTrainConfig, lm_cache_dir: str | Path | Non
         del language_model  # its weights were copied into the LLaVA model
         _tune_only_last_layers(model, config.tune_lm_layers)
         name = f"captioner {Path(config.language_model).name} (last {config.tune_lm_layers} layers)"
+    model.to(device)
     pretrain_vision_tower(model, examples, labels, config.stage("vision"))
     model.model.vision_tower.requires_grad_(False).eval()
     examples.cache_features(model)
@@ -727,6 +738,7 @@ def train_caption_drafter(target: LlavaForConditionalGeneration, processor: Llav
     else:
         drafter = build_captioner(config.model, config.data.image_size, processor.tokenizer)
         name = f"drafter {config.model.text_dim}x{config.model.text_layers}"
+    drafter.to(target.device)  # where the target trained
     if drafter.config.vision_config.to_dict() != target.config.vision_config.to_dict() or (
         drafter.config.text_config.hidden_size != target.config.text_config.hidden_size
     ):
@@ -970,6 +982,8 @@ def add_train_captioner_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's checkpoint interval")
     parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the models train (default: cuda when available); evaluation runs on the CPU")
     parser.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
                         help="storage dtype of the saved weights")
     parser.add_argument("--grid", type=Path, default=None, help="also write a PNG of held-out captions here")
@@ -1000,7 +1014,7 @@ def train_captioner_command(args: argparse.Namespace) -> int:
     timings = {}
     start = time.perf_counter()
     try:
-        model, processor = train_captioner(config, lm_cache_dir=args.lm_cache_dir)
+        model, processor = train_captioner(config, lm_cache_dir=args.lm_cache_dir, device=args.device)
     except (ModuleNotFoundError, FileNotFoundError) as err:  # the optional LM is not installed / not found
         raise SystemExit(f"train-captioner: {err}") from None
     timings["captioner"] = time.perf_counter() - start
@@ -1010,7 +1024,7 @@ def train_captioner_command(args: argparse.Namespace) -> int:
         drafter = train_caption_drafter(model, processor, config)
         timings["drafter"] = time.perf_counter() - start
     print("training: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
-    recipe = {"preset": args.preset, "seed": args.seed, "command": recipe_command(args),
+    recipe = {"preset": args.preset, "seed": args.seed, "command": recipe_command(args), "device": str(args.device),
               "config": dataclasses.asdict(config)}
     for key in ("checkpoint_dir", "resume", "progress"):
         recipe["config"].pop(key)
@@ -1041,7 +1055,7 @@ def recipe_command(args: argparse.Namespace) -> str:
     flags = (("--language-model", args.language_model), ("--tune-lm-layers", args.tune_lm_layers),
              ("--vision-steps", args.vision_steps), ("--steps", args.steps), ("--batch-size", args.batch_size),
              ("--heldout-samples", args.heldout_samples), ("--draft-steps", args.draft_steps),
-             ("--checkpoint-every", args.checkpoint_every), ("--threads", args.threads))
+             ("--checkpoint-every", args.checkpoint_every), ("--threads", args.threads), ("--device", args.device))
     words += [f"{flag} {value}" for flag, value in flags if value is not None]
     if args.save_dtype != "float32":
         words.append(f"--save-dtype {args.save_dtype}")
@@ -1086,7 +1100,7 @@ def write_model_card(path: str | Path, model: LlavaForConditionalGeneration, rec
         + (f", draft model {config['draft_steps']} steps ({config['draft_layers']}-layer LM)" if "drafter" in timings else "")
         + ".", "",
         "## Device and time",
-        f"{'CUDA' if torch.cuda.is_available() else 'CPU'} ({platform.machine()}, {threads} torch thread{'s' if threads > 1 else ''}), "
+        f"{'CUDA' if str(recipe.get('device', 'cpu')).startswith('cuda') else 'CPU'} ({platform.machine()}, {threads} torch thread{'s' if threads > 1 else ''}), "
         f"torch {torch.__version__}, transformers {transformers.__version__}. "
         + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()) + " (training wall time).", "",
     ]

@@ -133,11 +133,12 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def tokenize_images(vq: LlamaGenVQ, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Encode uint8 images ``[N, 3, H, W]`` to token ids ``[N, h*w]`` (raster order)."""
+    """Encode uint8 images ``[N, 3, H, W]`` (on any device) to token ids ``[N, h*w]`` (raster
+    order, on the CPU), in batches on ``vq``'s device."""
     out = []
     for first in range(0, images.shape[0], batch_size):
-        _, indices = vq.encode(to_model_range(images[first : first + batch_size]))
-        out.append(indices.flatten(1))
+        _, indices = vq.encode(to_model_range(images[first : first + batch_size].to(vq.device)))
+        out.append(indices.flatten(1).cpu())
     return torch.cat(out)
 
 
@@ -312,31 +313,36 @@ def _restart_codes(run: TrainRun, latents: torch.Tensor, dead: torch.Tensor) -> 
     rows = dead.nonzero().flatten()
     if rows.numel() == 0:
         return
-    picks = torch.randint(latents.shape[0], (rows.numel(),), generator=run.generator)
-    weight[rows] = latents[picks]
+    picks = torch.randint(latents.shape[0], (rows.numel(),), generator=run.generator)  # CPU stream
+    weight[rows] = latents[picks.to(latents.device)]
     for moment in ("exp_avg", "exp_avg_sq"):
         state = run.optimizer.state.get(weight, {})
         if moment in state:
             state[moment][rows] = 0.0
 
 
-def train_vq(config: VQTrainConfig) -> LlamaGenVQ:
+def train_vq(config: VQTrainConfig, device: str | torch.device = "cpu") -> LlamaGenVQ:
     """Train a LlamaGen VQ tokenizer on the emoji data (see the module docstring for the recipe).
 
+    Args:
+        device: where the model trains (``"cuda"`` on a GPU machine). The data stay on the CPU and
+            every random draw comes from CPU generators, so a run sees the same batches on any device.
+
     Returns:
-        The trained tokenizer, in eval mode.
+        The trained tokenizer, in eval mode, on ``device``.
     """
     torch.manual_seed(config.seed)
-    vq = build_vq(config)
+    vq = build_vq(config).to(device)
     generator = torch.Generator().manual_seed(config.seed)
     images, _ = render_images(config.data)
     optimizer = torch.optim.Adam(vq.parameters(), lr=config.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.steps, config.warmup_steps))
-    usage = torch.zeros(config.codebook_size, dtype=torch.long)
+    usage = torch.zeros(config.codebook_size, dtype=torch.long, device=device)
     run = TrainRun("vq", config, vq, optimizer, scheduler, generator, extra={"usage": usage})
 
     def step(index: int) -> dict[str, float]:
-        batch = to_model_range(images[torch.randint(images.shape[0], (config.batch_size,), generator=generator)])
+        rows = torch.randint(images.shape[0], (config.batch_size,), generator=generator)
+        batch = to_model_range(images[rows].to(device))
         losses = vq_training_losses(vq, batch, config.commitment_beta, config.reconstruction_loss)
         if index == 0:
             # Data-dependent start: the tiny uniform init would leave most codes unreachable.
@@ -383,7 +389,8 @@ def gpt_training_loss(gpt: LlamaGenGPT, class_labels: torch.Tensor, tokens: torc
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
 
-def train_c2i_gpt(vq: LlamaGenVQ, config: GPTTrainConfig, tokens: torch.Tensor | None = None) -> LlamaGenGPT:
+def train_c2i_gpt(vq: LlamaGenVQ, config: GPTTrainConfig, tokens: torch.Tensor | None = None,
+                  device: str | torch.device = "cpu") -> LlamaGenGPT:
     """Train a class-conditional LlamaGen GPT on the emoji data tokenised by ``vq``.
 
     Args:
@@ -392,9 +399,10 @@ def train_c2i_gpt(vq: LlamaGenVQ, config: GPTTrainConfig, tokens: torch.Tensor |
         tokens: the training images already tokenised by ``vq`` (``[N, h*w]``, as
             :func:`tokenize_images` returns for ``render_images(config.data)``); None tokenises
             them here. Passing them lets the target and drafter stages share one tokenisation.
+        device: where the model trains; batches are drawn on the CPU (as in :func:`train_vq`).
 
     Returns:
-        The trained GPT, in eval mode.
+        The trained GPT, in eval mode, on ``device``.
     """
     images, labels = render_images(config.data)
     if tokens is None:
@@ -402,7 +410,7 @@ def train_c2i_gpt(vq: LlamaGenVQ, config: GPTTrainConfig, tokens: torch.Tensor |
     if tokens.shape[0] != labels.shape[0]:
         raise ValueError(f"tokens has {tokens.shape[0]} rows but the data {labels.shape[0]} images")
     torch.manual_seed(config.seed)
-    gpt = build_gpt(config, vq.config.codebook_size, tokens.shape[1])
+    gpt = build_gpt(config, vq.config.codebook_size, tokens.shape[1]).to(device)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(param_groups(gpt, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.steps, config.warmup_steps))
@@ -413,7 +421,7 @@ def train_c2i_gpt(vq: LlamaGenVQ, config: GPTTrainConfig, tokens: torch.Tensor |
         rows = torch.randint(tokens.shape[0], (config.batch_size,), generator=generator)
         dropped = torch.rand(config.batch_size, generator=generator) < config.class_dropout_prob
         batch_labels = torch.where(dropped, null_class, labels[rows])
-        loss = gpt_training_loss(gpt, batch_labels, tokens[rows])
+        loss = gpt_training_loss(gpt, batch_labels.to(device), tokens[rows].to(device))
         clip_and_step(run, loss, config.grad_clip)
         return {"ce": loss.item()}
 
@@ -675,6 +683,8 @@ def add_train_reference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's checkpoint interval")
     parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the models train (default: cuda when available); evaluation runs on the CPU")
     parser.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
                         help="storage dtype of OUT/pipeline's weights")
     parser.add_argument("--no-eval", action="store_true", help="skip evaluate_reference on OUT/pipeline")
@@ -703,17 +713,17 @@ def train_reference_command(args: argparse.Namespace) -> int:
     for stage in stages:
         start = time.perf_counter()
         if stage == "vq":
-            vq = train_vq(configs["vq"])
+            vq = train_vq(configs["vq"], args.device)
             vq.save_pretrained(out / "vq")
         else:
             if vq is None:
                 if not (out / "vq").is_dir():
                     raise SystemExit(f"stage {stage!r} needs a trained tokenizer in {out / 'vq'}: run --stage vq first")
-                vq = LlamaGenVQ.from_pretrained(out / "vq").eval()
+                vq = LlamaGenVQ.from_pretrained(out / "vq").to(args.device).eval()
             data = configs[stage].data
             if data not in tokens:
                 tokens[data] = tokenize_images(vq, render_images(data)[0])
-            train_c2i_gpt(vq, configs[stage], tokens[data]).save_pretrained(out / stage)
+            train_c2i_gpt(vq, configs[stage], tokens[data], args.device).save_pretrained(out / stage)
         timings[stage] = time.perf_counter() - start
         print(f"{stage}: {timings[stage]:.1f} s -> {out / stage}")
     (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
