@@ -212,9 +212,10 @@ def _interpreter_main():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-def test_triton_interpreter_matches_reference():
+def test_triton_interpreter_matches_reference(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

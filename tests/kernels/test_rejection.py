@@ -129,11 +129,11 @@ def _interpreter_main(op):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.parametrize("op", ["chain", "tree"])
-def test_triton_interpreter_matches_reference(op):
+def test_triton_interpreter_matches_reference(op, tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     result = subprocess.run([sys.executable, __file__, op], env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -338,15 +338,16 @@ def test_disable_env_var_forces_reference(monkeypatch):
     assert not rejection._use_triton(fake_cuda)
 
 
-def test_module_imports_without_triton():
+def test_module_imports_without_triton(tmp_path):
     code = ("import sys; sys.modules['triton'] = None\n"
             "import mmspec.kernels as K\n"
             "assert not K.HAS_TRITON\n"
             "try:\n    K.chain_rejection_sample_triton(None, None, None, None, None)\n"
             "except RuntimeError:\n    pass\nelse:\n    raise AssertionError\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    # cwd: `python -c` puts the working directory on sys.path, and the checkout's root holds kernels/
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
 
