@@ -139,7 +139,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="batch b uses seed + index of its first item")
     p.add_argument("--speculative", default="sjd", help="sjd, draft-model, eagle, ... or 'none' for the baseline")
     p.add_argument("--num-draft-tokens", type=int, default=8)
-    p.add_argument("--acceptance", default="exact")
+    p.add_argument("--acceptance", default="exact", help="exact, lantern, gsd, ... (mulo with --speculative mulo)")
+    p.add_argument("--acceptance-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the acceptance rule (repeatable), e.g. delta=0.1, k=100; for mulo: tau=0.02, "
+                        "upsampler=learned")
     p.add_argument("--eagle-head", default=None, help="an EAGLE head folder trained for this model (speculative=eagle)")
     p.add_argument("--eagle-tree", default=None, metavar="DEPTH,TOP_K,NODES",
                    help="EAGLE-2 dynamic tree budget (default: a chain of --num-draft-tokens)")
@@ -154,12 +157,16 @@ def generate(args: argparse.Namespace) -> int:
     import time
 
     from .drafters.eagle import TreeConfig
-    from .jobs import job_state, report, run_job
+    from .jobs import job_state, parse_key_values, report, run_job
     from .pipelines.llamagen import SpeculativeOptions
     from .visualize import acceptance_heatmap
 
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    try:
+        acceptance_options = parse_key_values(args.acceptance_option, "--acceptance-option")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.labels_file is not None:
         raw = [line.strip() for line in args.labels_file.read_text().splitlines() if line.strip() and not line.startswith("#")]
     else:
@@ -191,7 +198,7 @@ def generate(args: argparse.Namespace) -> int:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    generator=torch.Generator(device).manual_seed(args.seed + items[0].index),
                    speculative=speculative, num_draft_tokens=args.num_draft_tokens, acceptance=args.acceptance,
-                   speculative_options=options)
+                   acceptance_options=acceptance_options, speculative_options=options)
         seconds = time.perf_counter() - start
         grid = out.tokens.shape[1:]
         records = []
@@ -212,7 +219,7 @@ def generate(args: argparse.Namespace) -> int:
     if job_state().is_main_process:
         report(args.output_dir, job, "images", {
             "command": "generate", "speculative": speculative, "acceptance": args.acceptance,
-            "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
+            "acceptance_options": acceptance_options, "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "device": str(device),
         })
     return 0

@@ -2,7 +2,7 @@
 LlamaGen GPT (the target) and a smaller GPT (the drafter), trained on the offline emoji dataset
 (:mod:`mmspec.data`) so that the embedded default model runs out of the box on a CPU.
 
-Stages (``mmspec train-reference --stage vq|gpt|draft|low-res-draft|all --out DIR``):
+Stages (``mmspec train-reference --stage vq|gpt|draft|low-res-draft|upsampler|all --out DIR``):
 
 1. :func:`train_vq` — LlamaGen's VQ architecture (Sun et al. 2024, arXiv 2406.06525) trained with
    the VQ-VAE objective (van den Oord et al. 2017, arXiv 1711.00937): pixel reconstruction loss,
@@ -20,6 +20,9 @@ Stages (``mmspec train-reference --stage vq|gpt|draft|low-res-draft|all --out DI
 3. The low-resolution drafter of MuLo-SD (:meth:`GPTTrainConfig.low_res_draft`): the drafter's
    recipe on the same scenes rendered at half the side, tokenised by the same VQ, so it drafts a
    grid of half the side in the target's codebook (``speculative="mulo"`` up-samples it).
+4. MuLo-SD's learned up-sampler (:func:`train_upsampler`): a
+   :class:`~mmspec.pipelines.llamagen.LlamaGenTokenUpsampler` trained with cross-entropy to predict
+   each scene's tokens at the full resolution from the same scene's tokens at half the side.
 
 Every stage shows a tqdm bar, writes checkpoints (model, optimiser, scheduler, step, RNG states)
 every ``checkpoint_every`` steps and at the end, and continues from the latest one with
@@ -48,7 +51,8 @@ from tqdm.auto import tqdm
 
 from ..data.emoji import AugmentConfig, EmojiDataset
 from ..defaults import CLASSES_FILE
-from ..pipelines.llamagen import LlamaGenCondition, LlamaGenGPT, LlamaGenVQ
+from ..pipelines.llamagen import LlamaGenCondition, LlamaGenGPT, LlamaGenTokenUpsampler, LlamaGenVQ
+from ..pipelines.llamagen.mulo import DecodeResizeEncode
 from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 from .loop import TrainRun, clip_and_step, cosine_schedule, param_groups, run_training
 
@@ -56,7 +60,7 @@ from .loop import TrainRun, clip_and_step, cosine_schedule, param_groups, run_tr
 HELDOUT_SEED_OFFSET = 1_000_003
 #: File next to a saved pipeline recording the recipe (data and training configurations).
 RECIPE_FILE = "recipe.json"
-STAGES = ("vq", "gpt", "draft", "low-res-draft")
+STAGES = ("vq", "gpt", "draft", "low-res-draft", "upsampler")
 #: The :class:`LlamaGenPipeline` component each GPT stage trains.
 STAGE_COMPONENTS = {"gpt": "target", "draft": "drafter", "low-res-draft": "low_res_drafter"}
 
@@ -429,6 +433,101 @@ def train_c2i_gpt(vq: LlamaGenVQ, config: GPTTrainConfig, tokens: torch.Tensor |
     return gpt
 
 
+# ---------------------------------------------------------------------------------------- up-sampler
+@dataclass
+class UpsamplerTrainConfig:
+    """Settings of :func:`train_upsampler` (MuLo-SD's learned up-sampler).
+
+    Args:
+        data: the full-resolution emoji data (the target's); the input grids are the same scenes
+            rendered at ``image_size / scale`` (the low-resolution drafter's data).
+        scale: side ratio between the two grids.
+        dim, num_blocks: :class:`~mmspec.pipelines.llamagen.LlamaGenTokenUpsampler` sizes.
+        steps, batch_size, lr, warmup_steps, seed, weight_decay, grad_clip, checkpoint_dir,
+            checkpoint_every, resume, progress: as in :class:`GPTTrainConfig`.
+    """
+
+    data: EmojiDataConfig = field(default_factory=EmojiDataConfig)
+    scale: int = 2
+    dim: int = 96
+    num_blocks: int = 1
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    seed: int = 3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 250
+    resume: bool = False
+    progress: bool = True
+
+    @property
+    def low_data(self) -> EmojiDataConfig:
+        """The input grids' data: the same scenes at ``1 / scale`` of the side."""
+        if self.data.image_size % self.scale:
+            raise ValueError(f"image_size {self.data.image_size} is not divisible by the up-sampler's scale {self.scale}")
+        return dataclasses.replace(self.data, image_size=self.data.image_size // self.scale)
+
+
+def upsampler_pairs(vq: LlamaGenVQ, config: UpsamplerTrainConfig, heldout: bool = False,
+                    tokens: dict[EmojiDataConfig, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low [N, h, w], high [N, h * scale, w * scale])`` token grids of the same scenes, tokenised
+    by ``vq``. ``tokens``: training-set tokenisations already made, by data config (reused, and
+    the new ones added)."""
+    grids = []
+    for data in (config.low_data, config.data):
+        if tokens is not None and not heldout and data in tokens:
+            flat = tokens[data]
+        else:
+            flat = tokenize_images(vq, render_images(data, heldout)[0])
+            if tokens is not None and not heldout:
+                tokens[data] = flat
+        side = math.isqrt(flat.shape[1])
+        grids.append(flat.view(-1, side, side))
+    return grids[0], grids[1]
+
+
+def train_upsampler(vq: LlamaGenVQ, config: UpsamplerTrainConfig, low: torch.Tensor | None = None,
+                    high: torch.Tensor | None = None, device: str | torch.device = "cpu") -> LlamaGenTokenUpsampler:
+    """Train MuLo-SD's learned up-sampler: per-position cross-entropy of the full-resolution
+    tokens ``high [N, H, W]`` given the same scenes' low-resolution tokens ``low [N, H/s, W/s]``
+    (None: tokenised here by :func:`upsampler_pairs`). AdamW, warm-up + cosine, gradient clipping,
+    checkpoints and resume as every recipe stage. Returns the model in eval mode on ``device``."""
+    if low is None or high is None:
+        low, high = upsampler_pairs(vq, config)
+    if low.shape[0] != high.shape[0] or high.shape[1] != low.shape[1] * config.scale:
+        raise ValueError(f"low {tuple(low.shape)} and high {tuple(high.shape)} grids are not pairs at scale {config.scale}")
+    torch.manual_seed(config.seed)
+    model = LlamaGenTokenUpsampler(vq.config.codebook_size, config.scale, config.dim, config.num_blocks).to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.steps, config.warmup_steps))
+    run = TrainRun(f"upsampler x{config.scale}", config, model, optimizer, scheduler, generator)
+
+    def step(index: int) -> dict[str, float]:
+        rows = torch.randint(low.shape[0], (config.batch_size,), generator=generator)
+        loss = F.cross_entropy(model(low[rows].to(device)), high[rows].to(device))
+        clip_and_step(run, loss, config.grad_clip)
+        return {"ce": loss.item()}
+
+    run_training(run, step)
+    return model.eval()
+
+
+@torch.no_grad()
+def upsampler_accuracy(upsample: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor], low: torch.Tensor,
+                       high: torch.Tensor, batch_size: int = 256) -> float:
+    """Share of positions where ``upsample(low)`` gives the token the full-resolution rendering of
+    the same scene has (``low [N, h, w]``, ``high [N, H, W]``)."""
+    hits = 0
+    for first in range(0, low.shape[0], batch_size):
+        rows = slice(first, first + batch_size)
+        hits += int((upsample(low[rows], tuple(high.shape[1:])).cpu() == high[rows]).sum())
+    return hits / high.numel()
+
+
 # ---------------------------------------------------------------------------------------- evaluation
 def _psnr(reference: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of ``[B, 3, H, W]`` images in ``[0, 1]``."""
@@ -460,7 +559,7 @@ def evaluate_reference(
 
     Args:
         pipe: a :class:`LlamaGenPipeline` with ``target``, ``vq`` and (optionally) ``drafter`` /
-            ``low_res_drafter``.
+            ``low_res_drafter`` / ``upsampler``.
         data: the data it was trained on (None: :class:`EmojiDataConfig` defaults, the embedded
             model's); its held-out scenes are used.
         class_labels: classes generated for the speculative statistics, one image each
@@ -475,7 +574,10 @@ def evaluate_reference(
         scenes, pixels in [0, 1]), ``vq_codes_used`` (distinct codes in those scenes),
         ``target_heldout_ce`` / ``target_heldout_ppl`` (next-token cross-entropy in nats and
         perplexity on the held-out scenes' tokens), ``drafter_heldout_ppl``,
-        ``low_res_drafter_heldout_ppl`` (on the held-out scenes rendered at its resolution), ``uniform_ppl``
+        ``low_res_drafter_heldout_ppl`` (on the held-out scenes rendered at its resolution),
+        ``upsampler_heldout_accuracy`` / ``decode_resize_encode_heldout_accuracy`` (share of
+        held-out full-resolution tokens the learned / training-free up-sampler recovers from the
+        same scenes' low-resolution tokens), ``uniform_ppl``
         (the codebook size) and ``generation``: per method (``"baseline"``, ``"sjd"``,
         ``"draft-model"``) the mean decode ``steps`` per image, ``mean_accepted`` (drafts kept per
         step, without the recovered/bonus token) and ``seconds_per_image``.
@@ -503,6 +605,10 @@ def evaluate_reference(
         low_images, low_labels = render_images(dataclasses.replace(data, image_size=side), heldout=True)
         low_ce = heldout_cross_entropy(pipe.low_res_drafter, low_labels, tokenize_images(pipe.vq, low_images))
         result["low_res_drafter_heldout_ppl"] = math.exp(low_ce)
+    if isinstance(pipe.upsampler, LlamaGenTokenUpsampler):
+        low, high = upsampler_pairs(pipe.vq, UpsamplerTrainConfig(data=data, scale=pipe.upsampler.config.scale), heldout=True)
+        result["upsampler_heldout_accuracy"] = upsampler_accuracy(pipe.upsampler.upsample, low, high)
+        result["decode_resize_encode_heldout_accuracy"] = upsampler_accuracy(DecodeResizeEncode(pipe.vq), low, high)
 
     class_labels = list(range(min(8, pipe.target.config.num_classes))) if class_labels is None else class_labels
     methods = {"baseline": (None, 0), "sjd": ("sjd", sjd_draft_tokens)}
@@ -611,20 +717,21 @@ def save_reconstruction_grid(
 def save_reference_pipeline(
     vq: LlamaGenVQ, target: LlamaGenGPT, drafter: LlamaGenGPT | None, data: EmojiDataConfig, out: str | Path,
     recipe: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
-    low_res_drafter: LlamaGenGPT | None = None,
+    low_res_drafter: LlamaGenGPT | None = None, upsampler: LlamaGenTokenUpsampler | None = None,
 ) -> LlamaGenPipeline:
     """Assemble a :class:`LlamaGenPipeline` and ``save_pretrained`` it to ``out`` with the class
     list (:data:`CLASSES_FILE`) and, if given, the recipe (:data:`RECIPE_FILE`).
 
     Args:
-        low_res_drafter: MuLo-SD's drafter over a smaller grid (optional).
+        low_res_drafter, upsampler: MuLo-SD's drafter over a smaller grid and its learned
+            up-sampler (optional).
         dtype: storage dtype of the weights (float16 halves the folder; load with
             ``torch_dtype=torch.float32``). The returned pipeline is float32 and holds the weights
             as stored (rounded through ``dtype``), so evaluating it measures the saved model.
     """
-    pipe = LlamaGenPipeline(target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter)
+    pipe = LlamaGenPipeline(target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter, upsampler=upsampler)
     out = Path(out)
-    models = [m for m in (target, vq, drafter, low_res_drafter) if m is not None]
+    models = [m for m in (target, vq, drafter, low_res_drafter, upsampler) if m is not None]
     # torch's Module.to, not ModelMixin.to: the latter warns about modules to keep in float32,
     # which these models do not have.
     for model in models:
@@ -643,14 +750,14 @@ def save_reference_pipeline(
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def reference_configs(preset: str, seed: int = 0) -> dict[str, VQTrainConfig | GPTTrainConfig]:
+def reference_configs(preset: str, seed: int = 0) -> dict[str, VQTrainConfig | GPTTrainConfig | UpsamplerTrainConfig]:
     """The configuration of each stage (:data:`STAGES`) of a preset: ``"reference"`` (the embedded
     default) or ``"tiny"`` (seconds on a CPU; for tests and smoke runs)."""
     if preset == "reference":
         data = EmojiDataConfig(seed=seed)
         return {"vq": VQTrainConfig(data=data, seed=seed), "gpt": GPTTrainConfig(data=data, seed=seed),
                 "draft": GPTTrainConfig.draft(data=data, seed=seed + 1),
-                "low-res-draft": GPTTrainConfig.low_res_draft(data)}
+                "low-res-draft": GPTTrainConfig.low_res_draft(data), "upsampler": UpsamplerTrainConfig(data=data)}
     if preset == "tiny":
         data = EmojiDataConfig(image_size=16, num_classes=4, num_samples=64, heldout_samples=8, seed=seed)
         small = {"steps": 4, "batch_size": 8, "dim": 16, "n_layer": 1, "n_head": 2, "warmup_steps": 1, "checkpoint_every": 2}
@@ -660,6 +767,7 @@ def reference_configs(preset: str, seed: int = 0) -> dict[str, VQTrainConfig | G
             "gpt": GPTTrainConfig(data=data, seed=seed, **{**small, "dim": 32}),
             "draft": GPTTrainConfig.draft(data=data, seed=seed + 1, **small),
             "low-res-draft": GPTTrainConfig.low_res_draft(data, **small),
+            "upsampler": UpsamplerTrainConfig(data=data, dim=32, steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2),
         }
     raise ValueError(f"unknown preset {preset!r}: 'reference' or 'tiny'")
 
@@ -667,11 +775,12 @@ def reference_configs(preset: str, seed: int = 0) -> dict[str, VQTrainConfig | G
 def add_train_reference_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mmspec train-reference``."""
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all",
-                        help="vq, then gpt (target), draft (drafter) and low-res-draft (MuLo-SD's drafter at half the "
-                             "image side), which need OUT/vq; all = the four in order")
+                        help="vq, then gpt (target), draft (drafter), low-res-draft (MuLo-SD's drafter at half the "
+                             "image side) and upsampler (MuLo-SD's learned up-sampler), which need OUT/vq; all = the five "
+                             "in order")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder: OUT/<stage> (save_pretrained), OUT/checkpoints/<stage>, "
-                             "and OUT/pipeline + OUT/eval.json once all four exist")
+                             "and OUT/pipeline + OUT/eval.json once all five exist")
     parser.add_argument("--preset", choices=("reference", "tiny"), default="reference",
                         help="reference = the embedded default's recipe; tiny = a seconds-long smoke run")
     parser.add_argument("--seed", type=int, default=0)
@@ -680,6 +789,7 @@ def add_train_reference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-steps", type=int, default=None, help="override the preset's drafter steps")
     parser.add_argument("--low-res-draft-steps", type=int, default=None,
                         help="override the preset's low-resolution drafter steps")
+    parser.add_argument("--upsampler-steps", type=int, default=None, help="override the preset's up-sampler steps")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's checkpoint interval")
     parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -701,7 +811,7 @@ def train_reference_command(args: argparse.Namespace) -> int:
     if args.checkpoint_every is not None:
         common["checkpoint_every"] = args.checkpoint_every
     overrides = {"vq": args.vq_steps, "gpt": args.gpt_steps, "draft": args.draft_steps,
-                 "low-res-draft": args.low_res_draft_steps}
+                 "low-res-draft": args.low_res_draft_steps, "upsampler": args.upsampler_steps}
     configs = {}
     for stage, config in presets.items():
         steps = {"steps": overrides[stage]} if overrides[stage] is not None else {}
@@ -720,10 +830,14 @@ def train_reference_command(args: argparse.Namespace) -> int:
                 if not (out / "vq").is_dir():
                     raise SystemExit(f"stage {stage!r} needs a trained tokenizer in {out / 'vq'}: run --stage vq first")
                 vq = LlamaGenVQ.from_pretrained(out / "vq").to(args.device).eval()
-            data = configs[stage].data
-            if data not in tokens:
-                tokens[data] = tokenize_images(vq, render_images(data)[0])
-            train_c2i_gpt(vq, configs[stage], tokens[data], args.device).save_pretrained(out / stage)
+            if stage == "upsampler":
+                low, high = upsampler_pairs(vq, configs[stage], tokens=tokens)
+                train_upsampler(vq, configs[stage], low, high, args.device).save_pretrained(out / stage)
+            else:
+                data = configs[stage].data
+                if data not in tokens:
+                    tokens[data] = tokenize_images(vq, render_images(data)[0])
+                train_c2i_gpt(vq, configs[stage], tokens[data], args.device).save_pretrained(out / stage)
         timings[stage] = time.perf_counter() - start
         print(f"{stage}: {timings[stage]:.1f} s -> {out / stage}")
     (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
@@ -736,7 +850,8 @@ def train_reference_command(args: argparse.Namespace) -> int:
                 for key in ("checkpoint_dir", "resume", "progress"):
                     config.pop(key)
         pipe = save_reference_pipeline(vq, gpts["target"], gpts["drafter"], configs["vq"].data, out / "pipeline", recipe,
-                                       dtype=getattr(torch, args.save_dtype), low_res_drafter=gpts["low_res_drafter"])
+                                       dtype=getattr(torch, args.save_dtype), low_res_drafter=gpts["low_res_drafter"],
+                                       upsampler=LlamaGenTokenUpsampler.from_pretrained(out / "upsampler").eval())
         print(f"pipeline -> {out / 'pipeline'}")
         if not args.no_eval:
             metrics = evaluate_reference(pipe, configs["vq"].data)

@@ -2,6 +2,7 @@
 the VQ tokenizer, and loaders for the official checkpoints."""
 
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT, llamagen_freqs_2d
+from .modeling_upsampler import LlamaGenTokenUpsampler
 from .modeling_vq import LlamaGenVQ
 from .official import (
     GPT_PRESETS,
@@ -29,6 +30,7 @@ __all__ = [
     "LlamaGenGPT",
     "LlamaGenPipeline",
     "LlamaGenPipelineOutput",
+    "LlamaGenTokenUpsampler",
     "SPECULATIVE_METHODS",
     "SpeculativeOptions",
     "LlamaGenVQ",

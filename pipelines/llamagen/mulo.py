@@ -19,7 +19,9 @@ details below are this implementation's definitions, not the paper's):
 1. **Draft**: the low-resolution model samples its grid ``[B, h_q, w_q]`` autoregressively (the
    core's baseline loop) with its own random stream (see ``draft_generator``).
 2. **Up-sample**: :class:`DecodeResizeEncode` (training-free: VQ decode -> bicubic resize ->
-   VQ re-encode) or any :class:`TokenUpsampler` (e.g. a learned one) -> candidates ``[B, h, w]``.
+   VQ re-encode), the learned :class:`~.modeling_upsampler.LlamaGenTokenUpsampler`
+   (``upsampler="learned"``; the pipeline's ``upsampler`` component) or any
+   :class:`TokenUpsampler` -> candidates ``[B, h, w]``.
 3. **Verify** (round ``r``): one target forward over the current grid gives, for every position
    ``n``, ``s(n) = p(n)[x_n]``, the target probability of the token there given the grid's
    raster prefix. The pooled score is the MEAN (``pool="mean"``) or MAX (``pool="max"``) of
@@ -63,6 +65,7 @@ from mmspec.sampling import SamplingConfig, logits_to_probs, sample_from_probs
 from mmspec.stats import SOURCE_ACCEPTED, SOURCE_PREFILL, SOURCE_RECOVERED, SpecStats
 
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
+from .modeling_upsampler import LlamaGenTokenUpsampler
 
 __all__ = [
     "DecodeResizeEncode",
@@ -79,7 +82,7 @@ __all__ = [
 ]
 
 POOLS = ("mean", "max")
-UPSAMPLERS = ("decode-resize-encode",)
+UPSAMPLERS = ("decode-resize-encode", "learned")
 
 
 def _is_int(value: Any) -> bool:
@@ -97,7 +100,9 @@ class MuLoConfig:
         pool: ``"mean"`` or ``"max"`` over the window's in-grid positions.
         radius: neighbourhood radius ``l`` resampled around each rejected token (0 = only it).
         max_rounds: verify-and-resample rounds per row (>= 1).
-        upsampler: the training-free up-sampler's name (``"decode-resize-encode"``); pass a
+        upsampler: ``"decode-resize-encode"`` (training-free) or ``"learned"`` (a trained
+            :class:`~.modeling_upsampler.LlamaGenTokenUpsampler`: the pipeline's ``upsampler``
+            component, or ``learned_upsampler=`` of :func:`mulo_generate`); pass a
             :class:`TokenUpsampler` to :func:`mulo_generate` for another one.
     """
 
@@ -220,10 +225,17 @@ class DecodeResizeEncode:
         return indices.long()
 
 
-def make_upsampler(name: str, vq: Any) -> TokenUpsampler:
-    """The named training-free up-sampler over ``vq``."""
+def make_upsampler(name: str, vq: Any, learned: LlamaGenTokenUpsampler | None = None) -> TokenUpsampler:
+    """The named up-sampler: ``"decode-resize-encode"`` over ``vq``, or ``"learned"``, which is
+    ``learned`` (a trained :class:`LlamaGenTokenUpsampler`)."""
     if name == "decode-resize-encode":
         return DecodeResizeEncode(vq)
+    if name == "learned":
+        if not isinstance(learned, LlamaGenTokenUpsampler):
+            raise ValueError("upsampler='learned' needs a trained LlamaGenTokenUpsampler (the pipeline's `upsampler` "
+                             "component; train one with `mmspec train-reference --stage upsampler`), or use "
+                             "upsampler='decode-resize-encode'")
+        return learned.upsample
     raise ValueError(f"unknown up-sampler {name!r}; available: {UPSAMPLERS}")
 
 
@@ -422,6 +434,7 @@ def mulo_generate(
     *,
     draft_generator: torch.Generator | None = None,
     upsampler: TokenUpsampler | None = None,
+    learned_upsampler: LlamaGenTokenUpsampler | None = None,
     profile: bool = False,
 ) -> tuple[torch.Tensor, MuLoStats]:
     """Generate token grids with MuLo-SD (arXiv 2601.05149; the algorithm is in the module docstring).
@@ -435,7 +448,8 @@ def mulo_generate(
         config: :class:`MuLoConfig`. generator: the target's random stream (resampling draws, in
             the baseline's order: one ``[B, I, V]`` exponential draw per resampling step).
         draft_generator: the drafter's stream; default: forked from ``generator`` without
-            advancing it. upsampler: overrides ``config.upsampler``.
+            advancing it. upsampler: overrides ``config.upsampler``. learned_upsampler: the model
+            ``config.upsampler="learned"`` uses.
         profile: synchronise the device around the draft phase to time it (``stats.draft_time``).
 
     Returns:
@@ -463,7 +477,7 @@ def mulo_generate(
     drafted = speculative_generate(draft_model, condition, draft_cache, max_new_tokens=draft_num, sampling=sampling,
                                    generator=draft_generator if draft_generator is not None else _fork(generator))
     stats.draft_steps = drafted.stats.steps + drafted.stats.prefill_steps
-    upsample = upsampler if upsampler is not None else make_upsampler(config.upsampler, vq)
+    upsample = upsampler if upsampler is not None else make_upsampler(config.upsampler, vq, learned_upsampler)
     low = drafted.tokens.view(batch, draft_model.grid_size, draft_model.grid_size)
     candidates = upsample(low, (grid, grid)).to(device).reshape(batch, num)  # [B, N]
     if profile:
@@ -529,7 +543,8 @@ def mulo_for_pipeline(
     acceptance_options: dict | None = None,
 ) -> tuple[torch.Tensor, MuLoStats]:
     """``LlamaGenPipeline(..., speculative="mulo")``: MuLo-SD with the pipeline's ``low_res_drafter``
-    (a LlamaGen GPT over a smaller grid, same codebook) and ``vq``. ``acceptance`` must be ``"mulo"``
+    (a LlamaGen GPT over a smaller grid, same codebook), ``vq`` and, for ``upsampler="learned"``,
+    its ``upsampler``. ``acceptance`` must be ``"mulo"``
     (or the pipeline's default ``"exact"``, meaning "not chosen"): MuLo-SD has its own rule, whose
     :class:`MuLoConfig` fields come from ``acceptance_options`` (``mmspec eval`` spec:
     ``mulo:mulo:tau=0.05,pool_size=3,radius=1``)."""
@@ -545,4 +560,5 @@ def mulo_for_pipeline(
     known = {f.name for f in fields(MuLoConfig)}
     if set(options) - known:
         raise ValueError(f"unknown MuLo-SD options {sorted(set(options) - known)}; available: {sorted(known)}")
-    return mulo_generate(pipe.target, drafter, pipe.vq, condition, sampling, MuLoConfig(**options), generator)
+    return mulo_generate(pipe.target, drafter, pipe.vq, condition, sampling, MuLoConfig(**options), generator,
+                         learned_upsampler=pipe.upsampler)

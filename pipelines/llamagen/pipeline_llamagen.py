@@ -31,6 +31,7 @@ from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
+from .modeling_upsampler import LlamaGenTokenUpsampler
 from .modeling_vq import LlamaGenVQ
 from .mulo import mulo_for_pipeline
 
@@ -126,24 +127,26 @@ PIPELINE_RULES: dict[str, Callable[["LlamaGenPipeline", dict], AcceptanceRule]] 
 class LlamaGenPipeline(DiffusionPipeline):
     """LlamaGen (Sun et al. 2024, arXiv 2406.06525) with speculative decoding.
 
-    Components: ``target`` (:class:`LlamaGenGPT`), ``vq`` (:class:`LlamaGenVQ`) and two optional
+    Components: ``target`` (:class:`LlamaGenGPT`), ``vq`` (:class:`LlamaGenVQ`) and, optional, two
     drafters: ``drafter`` (a smaller ``LlamaGenGPT`` over the same grid, ``speculative="draft-model"``)
     and ``low_res_drafter`` (a ``LlamaGenGPT`` over a smaller grid of the same codebook,
-    ``speculative="mulo"``). EAGLE heads attach with :meth:`load_eagle_head`.
+    ``speculative="mulo"``), plus ``upsampler`` (a :class:`LlamaGenTokenUpsampler` from the
+    low-resolution grid to the target's, MuLo-SD's ``upsampler="learned"``). EAGLE heads attach
+    with :meth:`load_eagle_head`.
     """
 
     model_cpu_offload_seq = "target->vq"
-    _optional_components = ["drafter", "low_res_drafter"]
+    _optional_components = ["drafter", "low_res_drafter", "upsampler"]
 
     def __init__(self, target: LlamaGenGPT, vq: LlamaGenVQ, drafter: Any = None,
-                 low_res_drafter: LlamaGenGPT | None = None) -> None:
+                 low_res_drafter: LlamaGenGPT | None = None, upsampler: LlamaGenTokenUpsampler | None = None) -> None:
         super().__init__()
         if target.config.vocab_size != vq.config.codebook_size:
             raise ValueError(
                 f"target vocabulary ({target.config.vocab_size}) does not match the VQ codebook "
                 f"({vq.config.codebook_size}): use the tokenizer the GPT was trained with"
             )
-        for name, model in (("drafter", drafter), ("low_res_drafter", low_res_drafter)):
+        for name, model in (("drafter", drafter), ("low_res_drafter", low_res_drafter), ("upsampler", upsampler)):
             if model is not None and getattr(model.config, "vocab_size", target.config.vocab_size) != target.config.vocab_size:
                 raise ValueError(
                     f"{name} vocabulary ({model.config.vocab_size}) does not match the target's "
@@ -155,7 +158,16 @@ class LlamaGenPipeline(DiffusionPipeline):
                 f"{low_res_drafter.config.block_size}, the target's {target.config.block_size} "
                 "(a same-size GPT belongs in `drafter`)"
             )
-        self.register_modules(target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter)
+        if upsampler is not None and low_res_drafter is not None:
+            side = low_res_drafter.grid_size * upsampler.config.scale
+            if side != target.grid_size:
+                raise ValueError(
+                    f"the upsampler scales the low_res_drafter's {low_res_drafter.grid_size}x{low_res_drafter.grid_size} "
+                    f"grid by {upsampler.config.scale} to {side}x{side}, but the target's grid is "
+                    f"{target.grid_size}x{target.grid_size}: train the upsampler for this pair"
+                )
+        self.register_modules(target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter,
+                              upsampler=upsampler)
         self.eagle_head: EagleHead | None = None  # set by load_eagle_head()
         self._tables: dict[tuple, torch.Tensor] = {}  # LANTERN neighbour tables, built once per k
         self._compiled: CompiledTarget | None = None  # set by enable_compile()

@@ -98,7 +98,7 @@ def test_cli_runs_a_tiny_stage(tmp_path):
     assert latest_checkpoint(tmp_path / "checkpoints" / "vq") is not None
 
 
-def test_cli_trains_every_stage_into_a_pipeline_with_a_low_resolution_drafter(tmp_path):
+def test_cli_trains_every_stage_into_a_pipeline_with_a_low_resolution_drafter_and_upsampler(tmp_path):
     assert train_reference_command(_parse("--preset", "tiny", "--out", str(tmp_path), "--no-progress")) == 0
     pipe = LlamaGenPipeline.from_pretrained(tmp_path / "pipeline")
     pipe.set_progress_bar_config(disable=True)
@@ -112,6 +112,12 @@ def test_cli_trains_every_stage_into_a_pipeline_with_a_low_resolution_drafter(tm
     out = pipe(class_labels=[0, 1], speculative="mulo", acceptance="mulo", acceptance_options={"tau": 0.01},
                generator=torch.Generator().manual_seed(0), output_type="pt")
     assert out.tokens.shape == (2, 8, 8) and int(out.stats.row_accepted.sum()) > 0
+    assert pipe.upsampler.config.scale == 2 and pipe.upsampler.vocab_size == pipe.target.vocab_size
+    assert 0 <= metrics["upsampler_heldout_accuracy"] <= 1 and 0 <= metrics["decode_resize_encode_heldout_accuracy"] <= 1
+    learned = pipe(class_labels=[0, 1], speculative="mulo", acceptance="mulo",
+                   acceptance_options={"tau": 0.01, "upsampler": "learned"},
+                   generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert learned.tokens.shape == (2, 8, 8)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +132,7 @@ def test_default_assets_are_small_and_complete():
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert size <= 30 * 2**20
     assert (path / "MODEL_CARD.md").is_file()
+    assert all((path / part / "config.json").is_file() for part in ("target", "vq", "drafter", "low_res_drafter", "upsampler"))
     classes = default_llamagen_classes()
     assert [c["label"] for c in classes] == list(range(len(classes)))
 

@@ -99,3 +99,21 @@ def test_bench_ar_image_suite_runs_every_method_on_the_same_inputs(model_dir, tm
     # Greedy: every lossless method reproduces the baseline's images token for token.
     assert all(r["tokens_equal_baseline"] for r in record["results"])
     assert record["setup"]["tokens_per_image"] == 9
+
+
+def test_generate_passes_acceptance_options(model_dir, tmp_path):
+    """--acceptance-option reaches the rule: LANTERN with delta = 0 is exact acceptance (same
+    images), a large delta moves mass (other images); the options are recorded in stats.json."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0\n1\n2\n3\n")
+    common = ("--speculative", "sjd", "--num-draft-tokens", "4", "--seed", "5")
+    assert _run(model_dir, tmp_path / "exact", labels, *common) == 0
+    lantern = ("--acceptance", "lantern", "--acceptance-option", "k=8")
+    assert _run(model_dir, tmp_path / "d0", labels, *common, *lantern, "--acceptance-option", "delta=0") == 0
+    assert _run(model_dir, tmp_path / "d9", labels, *common, *lantern, "--acceptance-option", "delta=0.9") == 0
+    names = [f"{i:05d}_class{i}.png" for i in range(4)]
+    read = lambda run: [(tmp_path / run / n).read_bytes() for n in names]  # noqa: E731
+    assert read("d0") == read("exact") and read("d9") != read("exact")
+    assert json.loads((tmp_path / "d9" / "stats.json").read_text())["acceptance_options"] == {"k": 8, "delta": 0.9}
+    with pytest.raises(SystemExit, match="expected key=value"):
+        _run(model_dir, tmp_path / "bad", labels, *lantern, "--acceptance-option", "delta")

@@ -181,7 +181,7 @@ def test_kept_drafts_reach_tau_on_the_final_grid(pipe, pool, guidance_scale):
 
 def test_clear_errors(pipe):
     for bad in [dict(tau=-0.1), dict(pool_size=2), dict(pool="median"), dict(radius=-1), dict(max_rounds=0),
-                dict(upsampler="learned")]:
+                dict(upsampler="nearest")]:
         with pytest.raises(ValueError):
             MuLoConfig(**bad)
     condition = LlamaGenCondition(class_labels=torch.tensor([0]))
