@@ -5,26 +5,27 @@ __version__ = "0.1.0"
 
 def _check_source_tree_not_on_path() -> None:
     """A clear error instead of transformers' cryptic one when Python runs from the root of an
-    mmspec checkout (``python -m ...`` puts the working directory first on ``sys.path``): there the
-    repository's ``kernels/`` folder (installed as ``mmspec.kernels``) hides Hugging Face's
-    ``kernels`` package, which transformers >= 5.25 imports as soon as it is installed."""
+    mmspec checkout (``python -m ...`` / ``python -c`` put the working directory first on
+    ``sys.path``): there the repository's ``kernels/`` folder (installed as ``mmspec.kernels``) hides
+    Hugging Face's ``kernels`` package, which transformers >= 5.25 imports whenever it is installed."""
     import importlib.metadata
     import importlib.util
     from pathlib import Path
 
     try:
-        importlib.metadata.version("kernels")
+        installed = importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         return  # nothing to hide
-    found, ours = importlib.util.find_spec("kernels"), importlib.util.find_spec("mmspec.kernels")
-    if found is None or ours is None or found.origin is None or ours.origin is None:
+    found = importlib.util.find_spec("kernels")
+    if found is None or found.origin is None:
         return
-    if Path(found.origin).resolve() == Path(ours.origin).resolve():
+    expected = Path(installed.locate_file("kernels/__init__.py")).resolve()
+    if Path(found.origin).resolve() != expected:
         raise ImportError(
-            f"the mmspec source folder {Path(ours.origin).parent.parent} is on sys.path (Python was started there with "
-            "`python -m` or `python -c`), so its kernels/ folder hides the installed `kernels` package that "
-            "transformers imports. Run from another directory, use the installed entry points (`mmspec ...`, "
-            "`pytest`), or start Python with -P."
+            f"{Path(found.origin).parent} hides the installed `kernels` package ({expected.parent}), which "
+            "transformers imports; in an mmspec checkout this happens when Python starts in the repository's root "
+            "(`python -m ...` or `python -c` put it on sys.path). Run from another directory, use the installed "
+            "entry points (`mmspec ...`, `pytest`), or start Python with -P."
         )
 
 
