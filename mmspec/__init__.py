@@ -25,7 +25,7 @@ def _check_source_tree_not_on_path() -> None:
             f"{Path(found.origin).parent} hides the installed `kernels` package ({expected.parent}), which "
             "transformers imports; in an mmspec checkout this happens when Python starts in the repository's root "
             "(`python -m ...` or `python -c` put it on sys.path). Run from another directory, use the installed "
-            "entry points (`mmspec ...`, `pytest`), or start Python with -P."
+            "entry points (`mmspec ...`, `pytest`), or start Python with -P (Python >= 3.11)."
         )
 
 

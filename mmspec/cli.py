@@ -177,6 +177,15 @@ def generate(args: argparse.Namespace) -> int:
         pipe.load_eagle_head(args.eagle_head)
     num_classes = pipe.target.config.num_classes
     speculative = None if args.speculative == "none" else args.speculative
+    try:  # settings are checked once here: inside the job a ValueError would only mark items as bad
+        if speculative == "mulo":
+            from .pipelines.llamagen.mulo import mulo_setup
+
+            mulo_setup(pipe, args.acceptance, acceptance_options)
+        else:
+            pipe.acceptance_rule(args.acceptance, **acceptance_options)
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"--acceptance {args.acceptance} / --acceptance-option: {err}") from None
     options = SpeculativeOptions()
     if args.eagle_tree:
         depth, top_k, nodes = (int(x) for x in args.eagle_tree.split(","))

@@ -497,7 +497,7 @@ def train_upsampler(vq: LlamaGenVQ, config: UpsamplerTrainConfig, low: torch.Ten
     checkpoints and resume as every recipe stage. Returns the model in eval mode on ``device``."""
     if low is None or high is None:
         low, high = upsampler_pairs(vq, config)
-    if low.shape[0] != high.shape[0] or high.shape[1] != low.shape[1] * config.scale:
+    if low.shape[0] != high.shape[0] or tuple(high.shape[1:]) != (low.shape[1] * config.scale, low.shape[2] * config.scale):
         raise ValueError(f"low {tuple(low.shape)} and high {tuple(high.shape)} grids are not pairs at scale {config.scale}")
     torch.manual_seed(config.seed)
     model = LlamaGenTokenUpsampler(vq.config.codebook_size, config.scale, config.dim, config.num_blocks).to(device)
@@ -841,7 +841,11 @@ def train_reference_command(args: argparse.Namespace) -> int:
         timings[stage] = time.perf_counter() - start
         print(f"{stage}: {timings[stage]:.1f} s -> {out / stage}")
     (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
-    if all((out / stage).is_dir() for stage in STAGES):
+    missing = [stage for stage in STAGES if not (out / stage).is_dir()]
+    if missing:
+        print(f"{out / 'pipeline'} not assembled: stage(s) {', '.join(missing)} not trained yet "
+              f"(`mmspec train-reference --stage STAGE --out {out}`)")
+    else:
         vq = LlamaGenVQ.from_pretrained(out / "vq").eval()
         gpts = {STAGE_COMPONENTS[stage]: LlamaGenGPT.from_pretrained(out / stage).eval() for stage in STAGE_COMPONENTS}
         recipe = {"preset": args.preset, "seed": args.seed, **{k: dataclasses.asdict(c) for k, c in configs.items()}}

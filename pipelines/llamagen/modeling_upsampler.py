@@ -63,7 +63,7 @@ class LlamaGenTokenUpsampler(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def upsample(self, tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """MuLo-SD's up-sampler interface (:class:`~pipelines.llamagen.mulo.TokenUpsampler`):
+        """MuLo-SD's up-sampler interface (:class:`~mmspec.pipelines.llamagen.mulo.TokenUpsampler`):
         ``tokens [B, h, w]`` -> the most likely token at each position of the ``size`` grid
         ``[B, H, W]``, which must be ``scale`` times the input's side."""
         scale = self.config.scale
@@ -74,4 +74,7 @@ class LlamaGenTokenUpsampler(ModelMixin, ConfigMixin):
                              "(`mmspec train-reference --stage upsampler`) or use upsampler='decode-resize-encode'")
         if int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0:  # deliberate host sync: once per image batch
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}): the up-sampler was trained for another codebook")
-        return self(tokens.to(self.device)).argmax(1)  # [B, H, W]
+        device = self.embed.weight.device
+        # under sequential CPU offload the weights sit on "meta" and accelerate's hook moves inputs
+        tokens = tokens if device.type == "meta" else tokens.to(device)
+        return self(tokens).argmax(1)  # [B, H, W]

@@ -78,6 +78,7 @@ __all__ = [
     "make_upsampler",
     "mulo_for_pipeline",
     "mulo_generate",
+    "mulo_setup",
     "pooled_scores",
 ]
 
@@ -231,7 +232,8 @@ def make_upsampler(name: str, vq: Any, learned: LlamaGenTokenUpsampler | None = 
     if name == "decode-resize-encode":
         return DecodeResizeEncode(vq)
     if name == "learned":
-        if not isinstance(learned, LlamaGenTokenUpsampler):
+        # torch.compile wraps a module (its attributes, ``upsample`` included, still resolve)
+        if not isinstance(getattr(learned, "_orig_mod", learned), LlamaGenTokenUpsampler):
             raise ValueError("upsampler='learned' needs a trained LlamaGenTokenUpsampler (the pipeline's `upsampler` "
                              "component; train one with `mmspec train-reference --stage upsampler`), or use "
                              "upsampler='decode-resize-encode'")
@@ -534,6 +536,29 @@ def mulo_generate(
     return state.tokens.view(batch, grid, grid), stats
 
 
+def mulo_setup(pipe: Any, acceptance: Any = "mulo",
+               acceptance_options: dict | None = None) -> tuple[LlamaGenGPT, MuLoConfig, TokenUpsampler]:
+    """Check a pipeline's MuLo-SD settings before any generation: ``(low_res_drafter, config,
+    up-sampler)``, or a ValueError that says what is missing or wrong. ``acceptance`` must be
+    ``"mulo"`` (or the pipeline's default ``"exact"``, meaning "not chosen"): MuLo-SD has its own
+    rule, whose :class:`MuLoConfig` fields come from ``acceptance_options``."""
+    if not (isinstance(acceptance, str) and acceptance in ("mulo", "exact")):
+        raise ValueError(f"speculative='mulo' has its own acceptance rule: pass acceptance='mulo' with "
+                         f"acceptance_options from MuLoConfig (tau, pool_size, pool, radius, max_rounds, upsampler), "
+                         f"not {acceptance!r}")
+    drafter = pipe.low_res_drafter
+    if not isinstance(drafter, LlamaGenGPT):
+        raise ValueError("speculative='mulo' needs the pipeline's `low_res_drafter` component: a LlamaGenGPT over a "
+                         "smaller grid with the target's codebook (train one with "
+                         "`mmspec train-reference --stage low-res-draft`)")
+    options = dict(acceptance_options or {})
+    known = {f.name for f in fields(MuLoConfig)}
+    if set(options) - known:
+        raise ValueError(f"unknown MuLo-SD options {sorted(set(options) - known)}; available: {sorted(known)}")
+    config = MuLoConfig(**options)
+    return drafter, config, make_upsampler(config.upsampler, pipe.vq, pipe.upsampler)
+
+
 def mulo_for_pipeline(
     pipe: Any,
     condition: LlamaGenCondition,
@@ -544,21 +569,7 @@ def mulo_for_pipeline(
 ) -> tuple[torch.Tensor, MuLoStats]:
     """``LlamaGenPipeline(..., speculative="mulo")``: MuLo-SD with the pipeline's ``low_res_drafter``
     (a LlamaGen GPT over a smaller grid, same codebook), ``vq`` and, for ``upsampler="learned"``,
-    its ``upsampler``. ``acceptance`` must be ``"mulo"``
-    (or the pipeline's default ``"exact"``, meaning "not chosen"): MuLo-SD has its own rule, whose
-    :class:`MuLoConfig` fields come from ``acceptance_options`` (``mmspec eval`` spec:
-    ``mulo:mulo:tau=0.05,pool_size=3,radius=1``)."""
-    if not (isinstance(acceptance, str) and acceptance in ("mulo", "exact")):
-        raise ValueError(f"speculative='mulo' has its own acceptance rule: pass acceptance='mulo' with "
-                         f"acceptance_options from MuLoConfig (tau, pool_size, pool, radius, max_rounds), not {acceptance!r}")
-    drafter = pipe.low_res_drafter
-    if not isinstance(drafter, LlamaGenGPT):
-        raise ValueError("speculative='mulo' needs the pipeline's `low_res_drafter` component: a LlamaGenGPT over a "
-                         "smaller grid with the target's codebook (train one with "
-                         "`mmspec train-reference --stage low-res-draft`)")
-    options = dict(acceptance_options or {})
-    known = {f.name for f in fields(MuLoConfig)}
-    if set(options) - known:
-        raise ValueError(f"unknown MuLo-SD options {sorted(set(options) - known)}; available: {sorted(known)}")
-    return mulo_generate(pipe.target, drafter, pipe.vq, condition, sampling, MuLoConfig(**options), generator,
-                         learned_upsampler=pipe.upsampler)
+    its ``upsampler``; ``acceptance`` / ``acceptance_options`` as in :func:`mulo_setup`
+    (``mmspec eval`` spec: ``mulo:mulo:tau=0.05,pool_size=3,radius=1``)."""
+    drafter, config, upsample = mulo_setup(pipe, acceptance, acceptance_options)
+    return mulo_generate(pipe.target, drafter, pipe.vq, condition, sampling, config, generator, upsampler=upsample)

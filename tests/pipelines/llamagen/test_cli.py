@@ -117,3 +117,19 @@ def test_generate_passes_acceptance_options(model_dir, tmp_path):
     assert json.loads((tmp_path / "d9" / "stats.json").read_text())["acceptance_options"] == {"k": 8, "delta": 0.9}
     with pytest.raises(SystemExit, match="expected key=value"):
         _run(model_dir, tmp_path / "bad", labels, *lantern, "--acceptance-option", "delta")
+
+
+def test_generate_refuses_bad_acceptance_settings_before_any_item(tmp_path):
+    """Wrong settings are the command's error, not every item's: exit with a message, write nothing."""
+    gpt, vq = tiny_llamagen(grid=4)
+    model = tmp_path / "pipe"
+    LlamaGenPipeline(target=gpt, vq=vq).save_pretrained(model)  # no low_res_drafter / upsampler
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0\n1\n")
+    cases = [(("--speculative", "mulo", "--acceptance", "mulo", "--acceptance-option", "upsampler=learned"), "low_res_drafter"),
+             (("--acceptance", "lantern", "--acceptance-option", "dleta=0.1"), "dleta"),
+             (("--acceptance", "lantern", "--acceptance-option", "delta=-1"), "delta")]
+    for i, (extra, message) in enumerate(cases):
+        with pytest.raises(SystemExit, match=message):
+            _run(model, tmp_path / f"out{i}", labels, *extra)
+        assert not (tmp_path / f"out{i}" / "stats.json").exists()

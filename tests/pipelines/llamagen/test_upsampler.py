@@ -64,6 +64,8 @@ def test_training_learns_a_deterministic_upsampling_rule(pipe):
     assert upsampler_accuracy(model.upsample, test_low, test_high) > 0.95
     with pytest.raises(ValueError, match="not pairs"):
         train_upsampler(pipe.vq, config, low, high[:, :5])
+    with pytest.raises(ValueError, match="not pairs"):
+        train_upsampler(pipe.vq, config, low, high[:, :, :5])
 
 
 def test_pipeline_saves_and_loads_the_upsampler(pipe, tmp_path):
@@ -96,6 +98,7 @@ def test_mulo_uses_the_learned_upsampler(pipe):
     assert stats.resampled_fraction == 0.0
     free, _ = mulo_for_pipeline(pipe, condition, sampling, torch.Generator().manual_seed(4), "mulo", {"tau": 0.0})
     assert torch.equal(free, make_upsampler("decode-resize-encode", pipe.vq)(seen[0], (6, 6)))
+    assert not torch.equal(free, tokens)
 
 
 def test_clear_errors_for_a_missing_or_mismatched_upsampler(pipe):
