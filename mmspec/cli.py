@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -177,13 +177,17 @@ def generate(args: argparse.Namespace) -> int:
         pipe.load_eagle_head(args.eagle_head)
     num_classes = pipe.target.config.num_classes
     speculative = None if args.speculative == "none" else args.speculative
-    try:  # settings are checked once here: inside the job a ValueError would only mark items as bad
+    # The rule is built (and its settings checked) once, here: inside the job a ValueError would only
+    # mark items as bad. MuLo-SD's own rule stays a name + options (checked by mulo_setup).
+    acceptance: Any = args.acceptance
+    rule_options: dict | None = acceptance_options
+    try:
         if speculative == "mulo":
             from .pipelines.llamagen.mulo import mulo_setup
 
             mulo_setup(pipe, args.acceptance, acceptance_options)
         else:
-            pipe.acceptance_rule(args.acceptance, **acceptance_options)
+            acceptance, rule_options = pipe.acceptance_rule(args.acceptance, **acceptance_options), None
     except (ValueError, TypeError) as err:
         raise SystemExit(f"--acceptance {args.acceptance} / --acceptance-option: {err}") from None
     options = SpeculativeOptions()
@@ -206,8 +210,8 @@ def generate(args: argparse.Namespace) -> int:
         out = pipe(class_labels=[it.value for it in items], guidance_scale=args.guidance_scale,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    generator=torch.Generator(device).manual_seed(args.seed + items[0].index),
-                   speculative=speculative, num_draft_tokens=args.num_draft_tokens, acceptance=args.acceptance,
-                   acceptance_options=acceptance_options, speculative_options=options)
+                   speculative=speculative, num_draft_tokens=args.num_draft_tokens, acceptance=acceptance,
+                   acceptance_options=rule_options, speculative_options=options)
         seconds = time.perf_counter() - start
         grid = out.tokens.shape[1:]
         records = []

@@ -471,19 +471,23 @@ class UpsamplerTrainConfig:
         return dataclasses.replace(self.data, image_size=self.data.image_size // self.scale)
 
 
+def cached_tokens(vq: LlamaGenVQ, data: EmojiDataConfig, cache: dict[EmojiDataConfig, torch.Tensor],
+                  heldout: bool = False) -> torch.Tensor:
+    """``data``'s training (or held-out) scenes tokenised by ``vq`` (``[N, h*w]``), once per
+    rendering: ``cache`` (one per split) keeps each tokenisation for the stages that share it."""
+    if data not in cache:
+        cache[data] = tokenize_images(vq, render_images(data, heldout)[0])
+    return cache[data]
+
+
 def upsampler_pairs(vq: LlamaGenVQ, config: UpsamplerTrainConfig, heldout: bool = False,
                     tokens: dict[EmojiDataConfig, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(low [N, h, w], high [N, h * scale, w * scale])`` token grids of the same scenes, tokenised
-    by ``vq``. ``tokens``: training-set tokenisations already made, by data config (reused, and
-    the new ones added)."""
+    by ``vq``. ``tokens``: a :func:`cached_tokens` cache of the same split (None: a fresh one)."""
+    cache = {} if tokens is None else tokens
     grids = []
     for data in (config.low_data, config.data):
-        if tokens is not None and not heldout and data in tokens:
-            flat = tokens[data]
-        else:
-            flat = tokenize_images(vq, render_images(data, heldout)[0])
-            if tokens is not None and not heldout:
-                tokens[data] = flat
+        flat = cached_tokens(vq, data, cache, heldout)
         side = math.isqrt(flat.shape[1])
         grids.append(flat.view(-1, side, side))
     return grids[0], grids[1]
@@ -587,7 +591,8 @@ def evaluate_reference(
     pixels = images.float() / 255.0
     quant, _ = pipe.vq.encode(pixels * 2.0 - 1.0)
     recon = ((pipe.vq.decode(quant) + 1.0) / 2.0).clamp(0.0, 1.0)
-    tokens = tokenize_images(pipe.vq, images)
+    heldout_tokens: dict[EmojiDataConfig, torch.Tensor] = {}  # one tokenisation per resolution
+    tokens = cached_tokens(pipe.vq, data, heldout_tokens, heldout=True)
     target_ce = heldout_cross_entropy(pipe.target, labels, tokens)
     result: dict[str, Any] = {
         "heldout_images": int(images.shape[0]),
@@ -602,11 +607,14 @@ def evaluate_reference(
         result["drafter_heldout_ppl"] = math.exp(heldout_cross_entropy(pipe.drafter, labels, tokens))
     if isinstance(pipe.low_res_drafter, LlamaGenGPT):
         side = data.image_size * pipe.low_res_drafter.grid_size // pipe.target.grid_size
-        low_images, low_labels = render_images(dataclasses.replace(data, image_size=side), heldout=True)
-        low_ce = heldout_cross_entropy(pipe.low_res_drafter, low_labels, tokenize_images(pipe.vq, low_images))
+        low_data = dataclasses.replace(data, image_size=side)
+        low_labels = render_images(low_data, heldout=True)[1]
+        low_tokens = cached_tokens(pipe.vq, low_data, heldout_tokens, heldout=True)
+        low_ce = heldout_cross_entropy(pipe.low_res_drafter, low_labels, low_tokens)
         result["low_res_drafter_heldout_ppl"] = math.exp(low_ce)
     if isinstance(pipe.upsampler, LlamaGenTokenUpsampler):
-        low, high = upsampler_pairs(pipe.vq, UpsamplerTrainConfig(data=data, scale=pipe.upsampler.config.scale), heldout=True)
+        low, high = upsampler_pairs(pipe.vq, UpsamplerTrainConfig(data=data, scale=pipe.upsampler.config.scale),
+                                    heldout=True, tokens=heldout_tokens)
         result["upsampler_heldout_accuracy"] = upsampler_accuracy(pipe.upsampler.upsample, low, high)
         result["decode_resize_encode_heldout_accuracy"] = upsampler_accuracy(DecodeResizeEncode(pipe.vq), low, high)
 
@@ -834,10 +842,8 @@ def train_reference_command(args: argparse.Namespace) -> int:
                 low, high = upsampler_pairs(vq, configs[stage], tokens=tokens)
                 train_upsampler(vq, configs[stage], low, high, args.device).save_pretrained(out / stage)
             else:
-                data = configs[stage].data
-                if data not in tokens:
-                    tokens[data] = tokenize_images(vq, render_images(data)[0])
-                train_c2i_gpt(vq, configs[stage], tokens[data], args.device).save_pretrained(out / stage)
+                tokens_of_stage = cached_tokens(vq, configs[stage].data, tokens)
+                train_c2i_gpt(vq, configs[stage], tokens_of_stage, args.device).save_pretrained(out / stage)
         timings[stage] = time.perf_counter() - start
         print(f"{stage}: {timings[stage]:.1f} s -> {out / stage}")
     (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")

@@ -101,10 +101,10 @@ class MuLoConfig:
         pool: ``"mean"`` or ``"max"`` over the window's in-grid positions.
         radius: neighbourhood radius ``l`` resampled around each rejected token (0 = only it).
         max_rounds: verify-and-resample rounds per row (>= 1).
-        upsampler: ``"decode-resize-encode"`` (training-free) or ``"learned"`` (a trained
-            :class:`~.modeling_upsampler.LlamaGenTokenUpsampler`: the pipeline's ``upsampler``
-            component, or ``learned_upsampler=`` of :func:`mulo_generate`); pass a
-            :class:`TokenUpsampler` to :func:`mulo_generate` for another one.
+        upsampler: ``"decode-resize-encode"`` (training-free) or ``"learned"`` (the pipeline's
+            ``upsampler`` component, a trained :class:`~.modeling_upsampler.LlamaGenTokenUpsampler`);
+            outside a pipeline pass ``upsampler=model.upsample`` (or any :class:`TokenUpsampler`)
+            to :func:`mulo_generate`.
     """
 
     lossless: ClassVar[bool] = False
@@ -436,7 +436,6 @@ def mulo_generate(
     *,
     draft_generator: torch.Generator | None = None,
     upsampler: TokenUpsampler | None = None,
-    learned_upsampler: LlamaGenTokenUpsampler | None = None,
     profile: bool = False,
 ) -> tuple[torch.Tensor, MuLoStats]:
     """Generate token grids with MuLo-SD (arXiv 2601.05149; the algorithm is in the module docstring).
@@ -450,8 +449,7 @@ def mulo_generate(
         config: :class:`MuLoConfig`. generator: the target's random stream (resampling draws, in
             the baseline's order: one ``[B, I, V]`` exponential draw per resampling step).
         draft_generator: the drafter's stream; default: forked from ``generator`` without
-            advancing it. upsampler: overrides ``config.upsampler``. learned_upsampler: the model
-            ``config.upsampler="learned"`` uses.
+            advancing it. upsampler: overrides ``config.upsampler``.
         profile: synchronise the device around the draft phase to time it (``stats.draft_time``).
 
     Returns:
@@ -479,7 +477,7 @@ def mulo_generate(
     drafted = speculative_generate(draft_model, condition, draft_cache, max_new_tokens=draft_num, sampling=sampling,
                                    generator=draft_generator if draft_generator is not None else _fork(generator))
     stats.draft_steps = drafted.stats.steps + drafted.stats.prefill_steps
-    upsample = upsampler if upsampler is not None else make_upsampler(config.upsampler, vq, learned_upsampler)
+    upsample = upsampler if upsampler is not None else make_upsampler(config.upsampler, vq)
     low = drafted.tokens.view(batch, draft_model.grid_size, draft_model.grid_size)
     candidates = upsample(low, (grid, grid)).to(device).reshape(batch, num)  # [B, N]
     if profile:
