@@ -13,7 +13,7 @@ from typing import Callable, ClassVar
 import torch
 
 from .kernels import chain_rejection_sample, tree_rejection_sample
-from .types import Draft, Verdict
+from .types import Categorical, CommitMode, Distribution, Draft, Verdict
 
 ACCEPTANCE_RULES: dict[str, type["AcceptanceRule"]] = {}
 
@@ -36,11 +36,15 @@ def get_acceptance_rule(rule: "str | AcceptanceRule", **kwargs) -> "AcceptanceRu
 
 
 class AcceptanceRule(ABC):
-    """Decides, row by row, how many draft tokens to keep and which token follows them.
+    """Decides, element by element, which drafts to keep and what replaces the others.
 
-    ``verify(draft, target_probs, generator)`` takes ``target_probs`` ``[B, k + 1, V]`` for a chain
-    (index i = the target's distribution after the committed prefix and the first i drafts) or
-    ``[B, N, V]`` for a tree (index n = distribution after node n, node 0 = root).
+    ``verify(draft, target, generator)`` reads ``target``, a typed view of the target's
+    distributions (the class in ``distribution``: :class:`~mmspec.types.Categorical` for token
+    rules, :class:`~mmspec.types.DiagonalGaussian` for continuous ones; None for routers, which
+    decide before the target runs). Prefix rules over tokens get ``target.probs`` ``[B, k + 1, V]``
+    for a chain (index i = the target's distribution after the committed prefix and the first i
+    drafts) or ``[B, N, V]`` for a tree (index n = distribution after node n, node 0 = root).
+    ``commit`` says which loop can run the rule (:class:`~mmspec.types.CommitMode`).
     """
 
     name: ClassVar[str]
@@ -49,10 +53,29 @@ class AcceptanceRule(ABC):
     bound: ClassVar[str]
     #: True if the rule is only meaningful for greedy decoding (temperature 0 / top_k 1).
     requires_greedy: ClassVar[bool] = False
+    #: How the verdict is committed: prefix (causal loop), elementwise (masked loop), block (block loop).
+    commit: ClassVar[CommitMode] = CommitMode.PREFIX
+    #: The view of the target the rule reads (None: a router, deciding before the target runs).
+    distribution: ClassVar[type | None] = Categorical
+
+    @classmethod
+    def from_resources(cls, resources: dict, **options) -> "AcceptanceRule":
+        """Build the rule for a pipeline: ``resources`` holds what the pipeline offers rules that
+        need its models (``"codebook"`` ``[V, C]``, ``"token_embeddings"`` ``[V, H]``, ``"grid"``
+        ``(h, w)``, ``"cache_dir"``: see ``SpeculativePipeline.rule_resources``); most rules only
+        take their ``options``."""
+        return cls(**options)
 
     @abstractmethod
-    def verify(self, draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
-        """Return the :class:`~mmspec.types.Verdict` for ``draft`` under ``target_probs``."""
+    def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
+        """Return the :class:`~mmspec.types.Verdict` for ``draft`` under the ``target`` view."""
+
+    def _probs(self, target: Distribution | None) -> torch.Tensor:
+        """``target.probs`` of a categorical view, or a TypeError that says what to pass."""
+        if not isinstance(target, Categorical):
+            raise TypeError(f"acceptance rule {self.name!r} reads a Categorical view of the target "
+                            f"(mmspec.types.Categorical(probs [B, T, V])), got {type(target).__name__}")
+        return target.probs
 
 
 def _greedy_tree_walk(
@@ -100,7 +123,8 @@ class GreedyAcceptance(AcceptanceRule):
     bound = "identical to greedy decoding of the target"
     requires_greedy = True
 
-    def verify(self, draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+    def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
+        target_probs = self._probs(target)
         if draft.tree is not None:
             return _greedy_tree_walk(draft, lambda p: p.argmax(-1), target_probs)
         best = target_probs.argmax(-1)  # [B, k + 1]
@@ -131,7 +155,8 @@ class ExactAcceptance(AcceptanceRule):
     lossless = True
     bound = "identical in distribution to sampling from the target"
 
-    def verify(self, draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+    def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
+        target_probs = self._probs(target)
         batch, num_nodes = draft.tokens.shape
         device = target_probs.device
         uniform_accept = torch.rand(batch, num_nodes, generator=generator, device=device)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .loop import GenerationOutput
+from .loops import GenerationOutput
 
 
 @dataclass
@@ -183,7 +183,7 @@ def lm_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1, *, d
     except for self-drafting, an upper bound). Prompts repeat a random 16-token phrase so n-gram
     lookup has something to find."""
     from .drafters import ModelDrafter, NGramDrafter
-    from .loop import required_cache_len, speculative_generate
+    from .loops import required_cache_len, speculative_generate
     from .modeling import DecoderConfig, DecoderLM
     from .sampling import SamplingConfig
     from .types import TokenPrompt

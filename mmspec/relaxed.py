@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .acceptance import AcceptanceRule, register_acceptance_rule
 from .kernels import chain_rejection_sample, gsd_group_mass, lantern_neighbour_mass, tree_walk_ref
-from .types import Draft, Verdict
+from .types import Distribution, Draft, Verdict
 
 __all__ = [
     "GSDAcceptance",
@@ -228,7 +228,8 @@ class RelaxedAcceptance(AcceptanceRule):
     def check_vocab(self, vocab_size: int) -> None:
         """Raise a ValueError (saying how to fix it) if the rule's tables do not fit ``vocab_size``."""
 
-    def verify(self, draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+    def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
+        target_probs = self._probs(target)
         batch, num_nodes = draft.tokens.shape
         device = target_probs.device
         self.check_vocab(target_probs.shape[-1])

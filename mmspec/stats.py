@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-#: Where each generated token came from (values of ``SpecStats.token_source``).
+#: Where each generated element came from (values of ``SpecStats.token_source`` and
+#: ``Verdict.source``); ``SOURCE_NONE`` (-1) = nothing generated / committed there.
 TOKEN_SOURCES = ("prefill", "accepted", "recovered", "bonus")
 SOURCE_PREFILL, SOURCE_ACCEPTED, SOURCE_RECOVERED, SOURCE_BONUS = range(4)
+SOURCE_NONE = -1
 
 
 @dataclass
@@ -71,11 +73,11 @@ class SpecStats:
         self,
         active: torch.Tensor,  # [B] bool: rows still generating during this step
         num_accepted: torch.Tensor,  # [B]
-        is_bonus: torch.Tensor,  # [B] bool
+        source: torch.Tensor,  # [B, D + 1] Verdict.source of a prefix verdict
         offsets: torch.Tensor,  # [B] index in the output where this step's first token lands
         moved_mass: torch.Tensor | None = None,  # [B, D + 1] TVD per committed position (lossy rules)
     ) -> None:
-        """Account one verify step (sync-free)."""
+        """Account one verify step of the causal loop (sync-free)."""
         self.steps += 1
         self.row_steps += active.long()
         self.row_accepted += torch.where(active, num_accepted, 0)
@@ -83,20 +85,29 @@ class SpecStats:
         if self.num_draft_tokens:
             self.proposed_at_depth += ((depth[None] <= num_accepted[:, None]) & active[:, None]).sum(0)
             self.accepted_at_depth += ((depth[None] < num_accepted[:, None]) & active[:, None]).sum(0)
-        # Sources of the n + 1 committed tokens: n accepted, then recovered or bonus.
-        width = self.num_draft_tokens + 1
-        j = torch.arange(width, device=num_accepted.device)[None]
-        last_kind = torch.where(is_bonus, SOURCE_BONUS, SOURCE_RECOVERED)[:, None]
-        kinds = torch.where(j < num_accepted[:, None], SOURCE_ACCEPTED, last_kind)
-        valid = active[:, None] & (j <= num_accepted[:, None])
-        self._scatter(self.token_source, offsets, kinds, valid)
-        self._scatter(self.token_step, offsets, torch.full_like(kinds, self.steps), valid)
+        valid = active[:, None] & (source != SOURCE_NONE)
+        self._scatter(self.token_source, offsets, source, valid)
+        self._scatter(self.token_step, offsets, torch.full_like(source, self.steps), valid)
         if moved_mass is not None:
-            counted = valid[:, : moved_mass.shape[1]]
-            mass = torch.where(counted, moved_mass.double(), 0.0)
-            self.moved_mass_sum += mass.sum()
-            self.moved_mass_max = torch.maximum(self.moved_mass_max, mass.max())
-            self.moved_mass_tokens += counted.sum()
+            self.record_moved_mass(moved_mass, valid[:, : moved_mass.shape[1]])
+
+    def record_elements(
+        self,
+        mask: torch.Tensor,  # [B, N] bool: elements decided now
+        source: torch.Tensor,  # [B, N] where each comes from (SOURCE_*)
+        step: torch.Tensor | int,  # [B, N] or one step index: the target forward it was decided by
+    ) -> None:
+        """Set the source and step of output elements in place (the masked and block loops, where
+        a later round may overwrite an earlier decision); sync-free."""
+        self.token_source = torch.where(mask, source, self.token_source)
+        self.token_step = torch.where(mask, torch.as_tensor(step, device=mask.device), self.token_step)
+
+    def record_moved_mass(self, moved_mass: torch.Tensor, counted: torch.Tensor) -> None:
+        """Add the TVDs ``moved_mass`` of the elements where ``counted`` (same shapes)."""
+        mass = torch.where(counted, moved_mass.double(), 0.0)
+        self.moved_mass_sum += mass.sum()
+        self.moved_mass_max = torch.maximum(self.moved_mass_max, mass.max())
+        self.moved_mass_tokens += counted.sum()
 
     def trim(self, lengths: torch.Tensor) -> None:
         """Forget tokens past each row's final length (``[B]``: max tokens or end of sequence):
@@ -166,4 +177,93 @@ class SpecStats:
             "token_source_names": list(TOKEN_SOURCES),
             "row_steps": self.row_steps.tolist(),
             "row_accepted": self.row_accepted.tolist(),
+        }
+
+
+@dataclass
+class MaskedStats(SpecStats):
+    """:class:`SpecStats` of the masked loop (:func:`mmspec.loops.masked_generate`), over the
+    output's ``N`` elements.
+
+    ``steps``: target forwards after the prefill (verifies + regeneration steps).
+    ``token_source``: ``accepted`` (a kept draft), ``recovered`` (drawn by the rule or regenerated
+    by the target) or ``prefill`` (element 0 regenerated from the prefill output); ``token_step``:
+    the target forward that last decided the element. ``num_draft_tokens = N``:
+    ``proposed_at_depth`` / ``accepted_at_depth`` count, per element, rows that drafted / kept it.
+    ``row_accepted``: kept drafts per row. ``draft_steps``: drafter forwards (prefill included).
+    ``rounds``: ``[B]`` verifies per row. ``converged``: ``[B]`` whether the row's last verify
+    rejected nothing. ``num_regions``: connected regions the target regenerated (MuLo-SD's
+    rejection islands), summed over rows and rounds.
+    """
+
+    draft_steps: int = 0
+    num_regions: int = 0
+    rounds: torch.Tensor = field(init=False)
+    converged: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.rounds = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        self.converged = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+
+    @property
+    def resampled_fraction(self) -> float:
+        """Share of the output's elements that came from the target rather than the draft."""
+        generated = self.token_source >= 0
+        return float((generated & (self.token_source != SOURCE_ACCEPTED)).sum()) / max(int(generated.sum()), 1)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Kept drafts per target forward and row."""
+        return float(self.row_accepted.sum()) / max(self.steps * self.batch_size, 1)
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        """Output elements per target forward (prefill excluded)."""
+        return self.max_new_tokens / max(self.steps, 1)
+
+    def summary(self) -> dict:
+        return {
+            **super().summary(),
+            "draft_steps": self.draft_steps,
+            "resampled_fraction": self.resampled_fraction,
+            "mean_rounds": float(self.rounds.float().mean()),
+            "converged_fraction": float(self.converged.float().mean()),
+            "num_regions": self.num_regions,
+        }
+
+
+@dataclass
+class BlockStats(SpecStats):
+    """:class:`SpecStats` of the block loop (:func:`mmspec.loops.block_generate`), one element per
+    block: ``token_source`` is ``prefill`` (forced to the target), ``accepted`` (the draft's block
+    kept) or ``recovered`` (regenerated by the target). ``scores``: ``[B, num_blocks]`` the router's
+    score of each drafted block (NaN where none was drafted). ``target_blocks`` / ``draft_blocks``:
+    blocks generated by each model (summed over rows). Times (seconds): ``draft_time`` (drafting),
+    ``route_time`` (decoding and scoring), ``verify_time`` (the target: cache writes and
+    regeneration); all measured (a block loop step is long enough to time without a sync).
+    """
+
+    target_blocks: int = 0
+    draft_blocks: int = 0
+    route_time: float = 0.0
+    scores: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.scores = torch.full((self.batch_size, self.max_new_tokens), float("nan"), device=self.device)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted blocks that were kept."""
+        drafted = int((~self.scores.isnan()).sum())
+        return float((self.token_source == SOURCE_ACCEPTED).sum()) / max(drafted, 1)
+
+    def summary(self) -> dict:
+        return {
+            **super().summary(),
+            "target_blocks": self.target_blocks,
+            "draft_blocks": self.draft_blocks,
+            "block_acceptance_rate": self.acceptance_rate,
+            "route_time_s": self.route_time,
         }

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..drafters.eagle import EagleConfig, EagleHead, target_fingerprint
-from ..loop import required_cache_len, speculative_generate
+from ..loops import required_cache_len, speculative_generate
 from ..modeling import DecoderConfig, DecoderLM
 from ..sampling import SamplingConfig
 from ..types import Target, TokenPrompt

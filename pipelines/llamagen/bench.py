@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmspec.bench import BenchCase, BenchSuite, register_suite
-from mmspec.loop import GenerationOutput
+from mmspec.loops import GenerationOutput
 
 from .official import GPT_PRESETS
 from .pipeline_llamagen import SPECULATIVE_METHODS, LlamaGenPipeline, SpeculativeOptions

@@ -7,7 +7,7 @@ resolution; the target verifies every candidate in ONE teacher-forced forward (C
 samples); rejected tokens are repaired LOCALLY: only they and a 2-D neighbourhood around them are
 resampled from the target, while accepted tokens elsewhere — also after a rejection in raster
 order — are kept. That non-causal repair is why MuLo-SD cannot run in the core's prefix-commit
-loop (:func:`mmspec.loop.speculative_generate`); :func:`mulo_generate` is its own loop built from
+loop (:func:`mmspec.loops.speculative_generate`); :func:`mulo_generate` is its own loop built from
 the core's pieces (static KV cache, target forward, ``logits_to_probs`` / ``sample_from_probs``,
 :class:`~mmspec.stats.SpecStats`).
 
@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from mmspec.cache import StaticKVCache
-from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.sampling import SamplingConfig, logits_to_probs, sample_from_probs
 from mmspec.stats import SOURCE_ACCEPTED, SOURCE_PREFILL, SOURCE_RECOVERED, SpecStats
 

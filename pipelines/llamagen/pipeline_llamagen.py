@@ -25,7 +25,7 @@ from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget
 from mmspec.drafters import EagleDrafter, EagleHead, JacobiDrafter, ModelDrafter
 from mmspec.drafters.eagle import TreeConfig, target_fingerprint
-from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.relaxed import GSDAcceptance, LanternAcceptance, load_or_build_neighbours
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoProcessor
 
 from mmspec.acceptance import AcceptanceRule
-from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 from mmspec.types import DraftContext, Drafter

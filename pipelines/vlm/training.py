@@ -29,7 +29,7 @@ import torch
 from accelerate.utils import broadcast, reduce
 from tqdm.auto import tqdm
 
-from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.sampling import SamplingConfig
 from mmspec.jobs import job_state
 from mmspec.training.eagle import (

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmspec.compile import CompiledTarget
-from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.sampling import SamplingConfig
 
 from ..conftest import tiny_llamagen

@@ -11,7 +11,7 @@ import torch
 from mmspec.cache import StaticKVCache
 from mmspec.drafters import EagleConfig, EagleDrafter, EagleHead
 from mmspec.drafters.eagle import TreeConfig, target_fingerprint, tree_from_parents
-from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.modeling import rope_frequencies
 from mmspec.sampling import SamplingConfig, logits_to_probs
 from mmspec.training.eagle import (

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmspec.drafters import JacobiDrafter, ModelDrafter, NGramDrafter
-from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.sampling import SamplingConfig, logits_to_probs
 from mmspec.stats import SOURCE_ACCEPTED, SOURCE_BONUS, SOURCE_PREFILL, SOURCE_RECOVERED
 from mmspec.types import TokenPrompt
@@ -152,8 +152,8 @@ def test_lossy_rules_moved_mass_is_accounted(target, draft_model):
         name = "reporting-test"
         lossless = False
 
-        def verify(self, draft, target_probs, generator):
-            verdict = super().verify(draft, target_probs, generator)
+        def verify(self, draft, target, generator):
+            verdict = super().verify(draft, target, generator)
             verdict.moved_mass = torch.full(verdict.tokens.shape, 0.01)
             return verdict
 

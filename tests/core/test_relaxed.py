@@ -23,7 +23,7 @@ from mmspec.relaxed import (
     load_or_build_neighbours,
 )
 from mmspec.tree import DraftTree
-from mmspec.types import Draft
+from mmspec.types import Categorical, Draft
 
 from ..conftest import tiny_llamagen
 
@@ -62,7 +62,7 @@ def _tree(seed, batch=128, vocab=24, with_draft_probs=True):
 
 
 def _verify(rule, draft, target, seed=7):
-    return rule.verify(draft, target, torch.Generator().manual_seed(seed))
+    return rule.verify(draft, Categorical(target), torch.Generator().manual_seed(seed))
 
 
 def _assert_same_verdict(a, b):
@@ -226,7 +226,7 @@ def test_lantern_deterministic_draft_commits_the_relaxed_target():
     relaxed, moved = rule.relaxed_target(p[:1], torch.tensor([x]), None)
     assert 0.5 * delta < float(moved) <= delta  # mass really moves
     tokens = torch.full((n, 1), x)
-    verdict = rule.verify(Draft(tokens), p.expand(n, 2, vocab), g)
+    verdict = rule.verify(Draft(tokens), Categorical(p.expand(n, 2, vocab)), g)
     empirical = _assert_law(verdict.tokens[:, 0], relaxed[0].double(), "committed token vs p~_x")
     assert 0.5 * float((empirical - p[0].double()).abs().sum()) <= delta + 0.01
     _assert_law(verdict.tokens[verdict.num_accepted == 1, 1], p[1].double(), "bonus token vs p")
@@ -250,7 +250,7 @@ def test_stochastic_drafts_stay_within_the_gained_acceptance(rule_name):
     tvd = 0.5 * float((law - p.double()).abs().sum())
     assert 0.01 < tvd <= gain + 1e-6
     tokens = torch.multinomial(q, n, replacement=True, generator=g)[:, None]
-    verdict = rule.verify(Draft(tokens, q.expand(n, 1, vocab)), p.expand(n, 2, vocab), g)
+    verdict = rule.verify(Draft(tokens, q.expand(n, 1, vocab)), Categorical(p.expand(n, 2, vocab)), g)
     _assert_law(verdict.tokens[:, 0], law, f"{rule_name} committed token vs analytic law")
     # Negative control: the law really differs from p by more than sampling noise.
     with pytest.raises(AssertionError, match="max error"):
@@ -275,7 +275,7 @@ def test_lantern_tree_siblings_use_the_relaxed_residual():
     law = float(first[0, x1]) * F.one_hot(torch.tensor(x1), vocab).double() + (1 - float(first[0, x1])) * second[0].double()
     assert float(moved1) > 0 and float(moved2) > 0
     tree = DraftTree.from_parents(torch.tensor([[-1, 0, 0]]).expand(n, -1).contiguous())
-    verdict = rule.verify(Draft(torch.tensor([[0, x1, x2]]).expand(n, -1), None, tree), p.expand(n, 3, vocab), g)
+    verdict = rule.verify(Draft(torch.tensor([[0, x1, x2]]).expand(n, -1), None, tree), Categorical(p.expand(n, 3, vocab)), g)
     _assert_law(verdict.tokens[:, 0], law, "first token of a relaxed tree")
     took_second = verdict.accepted_nodes[:, 0] == 2
     assert bool(took_second.any()) and bool((verdict.num_accepted == 0).any())

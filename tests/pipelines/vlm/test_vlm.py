@@ -34,7 +34,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from mmspec.drafters import ModelDrafter, NGramDrafter
-from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.pipelines.vlm import VLMPipeline, VLMPipelineOutput, VLMPrompt, load_vlm_target
 from mmspec.sampling import SamplingConfig, logits_to_probs
 

@@ -1,4 +1,4 @@
-"""The speculative decoding loop: draft → verify → commit → stats, for any target and drafter.
+"""The causal loop: draft → verify → commit a prefix → stats, for any target and drafter.
 
 Invariant between steps: every committed token is in the target's KV cache except the last one
 (``last_tokens``), which is fed as the first input of the next verify forward. So one target
@@ -16,11 +16,12 @@ from typing import Any, Callable
 
 import torch
 
-from .acceptance import AcceptanceRule, get_acceptance_rule
-from .cache import StaticKVCache
-from .sampling import SamplingConfig, logits_to_probs, sample_from_probs
-from .stats import SpecStats
-from .types import Draft, DraftContext, Drafter, Target, TokenPrompt, Verdict
+from ..acceptance import AcceptanceRule
+from ..cache import StaticKVCache
+from ..sampling import SamplingConfig, logits_to_probs, sample_from_probs
+from ..stats import SpecStats
+from ..types import Categorical, CommitMode, Draft, DraftContext, Drafter, Target, TokenPrompt, Verdict
+from .common import resolve_rule, sync
 
 
 @dataclass
@@ -42,11 +43,6 @@ def required_cache_len(prompt_len: int, max_new_tokens: int, window: int) -> int
     writing (masked, never committed) one more window, hence two windows of headroom.
     """
     return prompt_len + max_new_tokens + 2 * window
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # deliberate: only with profile=True, to time phases
 
 
 def _write_ragged(buf: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> None:
@@ -95,7 +91,7 @@ def speculative_generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if drafter is not None and num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be >= 1 when speculating, got {num_draft_tokens}")
-    rule = get_acceptance_rule(acceptance)
+    rule = resolve_rule(acceptance, CommitMode.PREFIX, "speculative_generate (the causal loop)")
     if rule.requires_greedy and not sampling.greedy:
         raise ValueError(f"acceptance rule {rule.name!r} needs greedy decoding (temperature=0 or top_k=1)")
     sampling.validate_vocab(target.vocab_size)
@@ -143,11 +139,11 @@ def speculative_generate(
             break
         # 1. draft
         if profile:
-            _sync(device)
+            sync(device)
         t0 = time.perf_counter()
         draft = drafter.draft(ctx, k, generator) if drafter is not None else Draft(ctx.last_tokens[:, None][:, :0])
         if profile:
-            _sync(device)
+            sync(device)
         t1 = time.perf_counter()
         # 2. verify: one target forward over [last, drafts] (chain) or the tree rooted at `last`
         if draft.tree is None:
@@ -157,10 +153,10 @@ def speculative_generate(
             inputs = draft.tokens
             mask = cache.attention_mask(cache.slots(inputs.shape[1]), draft.tree.ancestor_mask)
             out = target.forward(inputs, draft.tree.positions(cache.lengths), cache, mask)
-        target_probs = logits_to_probs(out.logits, sampling, out.uncond_logits)
+        target_probs = logits_to_probs(out.logits, sampling, out.uncond_logits)  # [B, T, V]
         verdict = _verify(rule, draft, target_probs, generator)
         if profile:
-            _sync(device)
+            sync(device)
         t2 = time.perf_counter()
         # 3. commit: cache, outputs, drafter (finished rows commit nothing)
         num_new = torch.where(active, verdict.num_accepted + 1, 0)
@@ -170,7 +166,7 @@ def speculative_generate(
         else:
             path = draft.tree.path_offsets(verdict.accepted_nodes)  # [B, D + 1]
             cache.compact(path, num_new)
-        stats.record_step(active, verdict.num_accepted, verdict.is_bonus, num_out, verdict.moved_mass)
+        stats.record_step(active, verdict.num_accepted, verdict.source, num_out, verdict.moved_mass)
         _write_ragged(history, ctx.history_lengths, verdict.tokens, num_new)
         new_last = verdict.tokens.gather(1, verdict.num_accepted[:, None])[:, 0]
         if eos_token_id is not None:
@@ -207,7 +203,7 @@ def _verify(rule: AcceptanceRule, draft: Draft, target_probs: torch.Tensor, gene
         token = sample_from_probs(target_probs[:, 0], generator)
         zeros = torch.zeros_like(token)
         return Verdict(zeros, token[:, None], is_bonus=torch.ones_like(token, dtype=torch.bool))
-    return rule.verify(draft, target_probs, generator)
+    return rule.verify(draft, Categorical(target_probs), generator)
 
 
 def _path_features(hidden: torch.Tensor | None, path: torch.Tensor | None) -> torch.Tensor | None:
