@@ -31,4 +31,6 @@ def _check_source_tree_not_on_path() -> None:
 
 _check_source_tree_not_on_path()
 
-from . import relaxed  # noqa: E402,F401  (registers the relaxed acceptance rules: "lantern", "gsd")
+# Register every acceptance rule by name: relaxed ("lantern", "gsd"), elementwise
+# ("elementwise-exact", "gaussian-exact", "mulo") and block routers ("score-threshold").
+from . import elementwise, relaxed, routers  # noqa: E402,F401

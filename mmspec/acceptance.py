@@ -24,15 +24,19 @@ def register_acceptance_rule(cls: type["AcceptanceRule"]) -> type["AcceptanceRul
     return cls
 
 
-def get_acceptance_rule(rule: "str | AcceptanceRule", **kwargs) -> "AcceptanceRule":
-    """An instance of the rule called ``rule`` (or ``rule`` itself if it already is one)."""
+def get_acceptance_rule(rule: "str | AcceptanceRule", resources: dict | None = None, **kwargs) -> "AcceptanceRule":
+    """An instance of the rule called ``rule`` with options ``kwargs`` (or ``rule`` itself if it
+    already is one). ``resources``: what a pipeline offers rules that need its models (see
+    :meth:`AcceptanceRule.from_resources`); None outside a pipeline."""
     if isinstance(rule, AcceptanceRule):
         if kwargs:
             raise ValueError("pass options either to the rule's constructor or by name, not both")
         return rule
     if rule not in ACCEPTANCE_RULES:
         raise ValueError(f"unknown acceptance rule {rule!r}; available: {sorted(ACCEPTANCE_RULES)}")
-    return ACCEPTANCE_RULES[rule](**kwargs)
+    if resources is None:
+        return ACCEPTANCE_RULES[rule](**kwargs)
+    return ACCEPTANCE_RULES[rule].from_resources(resources, **kwargs)
 
 
 class AcceptanceRule(ABC):

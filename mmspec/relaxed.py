@@ -378,6 +378,20 @@ class LanternAcceptance(RelaxedAcceptance):
         self.greedy_neighbours = greedy_neighbours
         self._tables: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def from_resources(cls, resources: dict, **options) -> "LanternAcceptance":
+        """LANTERN over a pipeline's VQ codebook (``resources["codebook"]``): the neighbour table of
+        ``k`` (default LANTERN's 1000, capped at the codebook size - 1) is built once, cached on disk
+        under ``resources["cache_dir"]`` and kept in ``resources["memo"]`` for later calls."""
+        if "codebook" not in resources:
+            raise ValueError("acceptance='lantern' needs a pipeline with a VQ codebook (latent neighbourhoods)")
+        codebook = resources["codebook"]
+        k = options.pop("k", min(1000, codebook.shape[0] - 1))
+        memo = resources.setdefault("memo", {})
+        if ("lantern", k) not in memo:
+            memo[("lantern", k)] = load_or_build_neighbours(codebook.detach().float(), k, resources["cache_dir"])
+        return cls(memo[("lantern", k)], k=k, **options)
+
     def __repr__(self) -> str:
         budget = f"delta={self.delta}" if self.mode == "tvd" else f"lam={self.lam}"
         return f"LanternAcceptance(mode={self.mode!r}, {budget}, k={self.k}, greedy_neighbours={self.greedy_neighbours})"
@@ -487,6 +501,18 @@ class GSDAcceptance(RelaxedAcceptance):
         self.prob_threshold = float(prob_threshold)
         self.dist_threshold = float(dist_threshold)
         self._tables: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_resources(cls, resources: dict, **options) -> "GSDAcceptance":
+        """GSD with distances in the pipeline's VQ codebook (``embedding="codebook"``, default when
+        the pipeline has one) or its token embedding (``embedding="tokens"``)."""
+        embedding = options.pop("embedding", "codebook" if "codebook" in resources else "tokens")
+        tables = {"codebook": "codebook", "tokens": "token_embeddings"}
+        if embedding not in tables:
+            raise ValueError(f"GSD embedding must be one of {sorted(tables)}, got {embedding!r}")
+        if tables[embedding] not in resources:
+            raise ValueError(f"GSD embedding={embedding!r}: this pipeline offers {sorted(resources)}")
+        return cls(resources[tables[embedding]].detach().float(), **options)
 
     def __repr__(self) -> str:
         return (f"GSDAcceptance(group_size={self.group_size}, prob_threshold={self.prob_threshold}, "

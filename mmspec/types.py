@@ -216,7 +216,7 @@ class Verdict:
     ``num_accepted`` = accepted elements per row).
     ``moved_mass``: ``[B, W]`` total variation between the distribution each committed element was
     actually drawn from and the target's, for lossy rules (None for lossless rules).
-    ``scores``: what a router decided on (``[B]`` or ``[B, F]``), None for other rules.
+    ``scores``: ``[B]`` the aggregate score a router decided on, None for other rules.
     """
 
     num_accepted: torch.Tensor

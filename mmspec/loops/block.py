@@ -107,7 +107,7 @@ def block_generate(
             stats.record_elements(_column(torch.ones_like(accepted), index, num_blocks),
                                   torch.full_like(stats.token_source, SOURCE_RECOVERED).masked_fill(
                                       _column(accepted, index, num_blocks), SOURCE_ACCEPTED), index)
-            stats.scores[:, index] = verdict.scores if verdict.scores.dim() == 1 else verdict.scores.amin(-1)
+            stats.scores[:, index] = verdict.scores
             stats.row_accepted += accepted.long()
             stats.draft_blocks += int(accepted.sum())  # deliberate sync, once per block
             stats.target_blocks += int(rejected.sum())

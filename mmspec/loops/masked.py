@@ -90,6 +90,7 @@ def masked_generate(
         for _ in range(max_rounds):
             # 2. verify: one target view of the set; the rule decides every pending element
             view = target.verify(positions)
+            verify_step = target.steps  # the forward this round's decisions come from
             current = target.elements.gather(1, _expand_like(positions, target.elements))
             verdict = rule.verify(replace(draft, tokens=current, pending=pending), view, generator)
             stats.rounds += active.long()
@@ -103,7 +104,7 @@ def masked_generate(
             stats.record_elements(_scatter(torch.zeros_like(drafted), positions, kept | recovered),
                                   _scatter(torch.zeros_like(stats.token_source), positions,
                                            torch.where(kept, SOURCE_ACCEPTED, SOURCE_RECOVERED)),
-                                  target.steps)
+                                  verify_step)
             regenerated = regen.step >= 0
             stats.record_elements(_scatter(torch.zeros_like(drafted), positions, regenerated),
                                   _scatter(torch.zeros_like(stats.token_source), positions,

@@ -15,31 +15,23 @@ from .official import (
     resolve_gpt_config,
     resolve_vq_config,
 )
-from .pipeline_llamagen import (
-    SPECULATIVE_METHODS,
-    LlamaGenPipeline,
-    LlamaGenPipelineOutput,
-    SpeculativeOptions,
-    register_speculative_method,
-)
+from .pipeline_llamagen import LLAMAGEN_METHODS, LlamaGenPipeline, LlamaGenPipelineOutput
 
 __all__ = [
     "GPT_PRESETS",
+    "LLAMAGEN_METHODS",
     "VQ_PRESETS",
     "LlamaGenCondition",
     "LlamaGenGPT",
     "LlamaGenPipeline",
     "LlamaGenPipelineOutput",
     "LlamaGenTokenUpsampler",
-    "SPECULATIVE_METHODS",
-    "SpeculativeOptions",
     "LlamaGenVQ",
     "infer_gpt_config",
     "infer_vq_config",
     "llamagen_freqs_2d",
     "load_official_gpt",
     "load_official_vq",
-    "register_speculative_method",
     "read_official_state_dict",
     "resolve_gpt_config",
     "resolve_vq_config",

@@ -3,8 +3,8 @@ speculative decoding, through mmspec's one draft/verify loop.
 
 ``speculative=None`` is the plain autoregressive baseline (static KV cache; the same target,
 cache and sampling code as every speculative mode), for A/B comparisons on the same seed.
-Speculative methods are looked up in :data:`SPECULATIVE_METHODS`; acceptance rules by name in
-``mmspec.acceptance`` — both swap without touching the loop.
+Speculative methods are looked up in :data:`LLAMAGEN_METHODS` (``LlamaGenPipeline.methods``);
+acceptance rules by name in ``mmspec.acceptance`` — both swap without touching a loop.
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from mmspec.acceptance import AcceptanceRule, get_acceptance_rule
 from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget
 from mmspec.drafters import EagleDrafter, EagleHead, JacobiDrafter, ModelDrafter
-from mmspec.drafters.eagle import TreeConfig, target_fingerprint
-from mmspec.loops import required_cache_len, speculative_generate
-from mmspec.relaxed import GSDAcceptance, LanternAcceptance, load_or_build_neighbours
+from mmspec.drafters.eagle import target_fingerprint
+from mmspec.loops import masked_generate, required_cache_len, speculative_generate
+from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
 from .modeling_upsampler import LlamaGenTokenUpsampler
 from .modeling_vq import LlamaGenVQ
-from .mulo import mulo_for_pipeline
+from .mulo import GridTarget, LowResDrafter, check_pair, make_upsampler
 
 
 @dataclass
@@ -47,81 +47,54 @@ class LlamaGenPipelineOutput(BaseOutput):
     stats: SpecStats
 
 
-@dataclass(frozen=True)
-class SpeculativeOptions:
-    """Knobs of the speculative methods (only the chosen method's knobs matter)."""
-
-    sjd_init: str = "random"  # SJD fresh guesses: "random" or "copy" (the token above)
-    eagle_tree: TreeConfig | None = None  # EAGLE-2 dynamic tree budget; None = a chain
+#: LlamaGen's speculative methods (``speculative=`` name -> loop, drafter factory, default rule,
+#: options); the CLI, bench, eval and demos list them from here.
+LLAMAGEN_METHODS = MethodRegistry("LlamaGenPipeline")
 
 
-#: name -> factory(pipeline, options) building the drafter for one call.
-SPECULATIVE_METHODS: dict[str, Callable[["LlamaGenPipeline", SpeculativeOptions], Any]] = {}
-
-
-def register_speculative_method(name: str):
-    def wrap(factory):
-        SPECULATIVE_METHODS[name] = factory
-        return factory
-
-    return wrap
-
-
-@register_speculative_method("sjd")
-def _sjd(pipe: "LlamaGenPipeline", options: SpeculativeOptions) -> JacobiDrafter:
-    """Speculative Jacobi decoding (training-free)."""
+@LLAMAGEN_METHODS.register("sjd", options={"init": "random"})
+def _sjd(pipe: "LlamaGenPipeline", options: dict) -> JacobiDrafter:
+    """Speculative Jacobi decoding (training-free; ``init``: fresh guesses "random" or "copy" = the token above)."""
     grid = pipe.target.grid_size
-    return JacobiDrafter(pipe.target.vocab_size, init=options.sjd_init, copy_offset=grid if options.sjd_init == "copy" else None)
+    return JacobiDrafter(pipe.target.vocab_size, init=options["init"], copy_offset=grid if options["init"] == "copy" else None)
 
 
-@register_speculative_method("draft-model")
-def _draft_model(pipe: "LlamaGenPipeline", options: SpeculativeOptions) -> ModelDrafter:
-    """A smaller LlamaGen GPT with the same codebook as the drafter component."""
+@LLAMAGEN_METHODS.register("draft-model", requires=("drafter",))
+def _draft_model(pipe: "LlamaGenPipeline", options: dict) -> ModelDrafter:
+    """A smaller LlamaGen GPT with the same codebook (the ``drafter`` component) proposes a chain."""
     if not isinstance(pipe.drafter, LlamaGenGPT):
         raise ValueError("speculative='draft-model' needs a smaller LlamaGenGPT as the pipeline's `drafter` component")
     return ModelDrafter(pipe.drafter)
 
 
-@register_speculative_method("eagle")
-def _eagle(pipe: "LlamaGenPipeline", options: SpeculativeOptions) -> EagleDrafter:
-    """EAGLE feature-level drafting (chain, or an EAGLE-2 dynamic tree)."""
+@LLAMAGEN_METHODS.register("eagle", options={"tree": None}, requires=("eagle_head",))
+def _eagle(pipe: "LlamaGenPipeline", options: dict) -> EagleDrafter:
+    """EAGLE feature-level drafting: a chain, or an EAGLE-2 dynamic tree (``tree``: a TreeConfig)."""
     if pipe.eagle_head is None:
         raise ValueError("speculative='eagle' needs an EAGLE head: pipe.load_eagle_head(path) "
                          "(train one with `mmspec train-drafter --target-kind llamagen`)")
-    return EagleDrafter(pipe.eagle_head, tree=options.eagle_tree)
+    return EagleDrafter(pipe.eagle_head, tree=options["tree"])
 
 
-#: name -> f(pipe, condition, sampling, generator, acceptance, acceptance_options) -> (tokens [B, h, w],
-#: SpecStats): methods that replace the core's prefix-commit loop (MuLo-SD repairs rejections
-#: locally and non-causally, keeping accepted tokens after a rejection).
-GRID_METHODS: dict[str, Callable[..., tuple[torch.Tensor, SpecStats]]] = {"mulo": mulo_for_pipeline}
+@LLAMAGEN_METHODS.register("mulo", loop="masked", default_rule="mulo", lossless=False,
+                           options={"upsampler": "decode-resize-encode", "max_rounds": 4},
+                           requires=("low_res_drafter",))
+def _mulo(pipe: "LlamaGenPipeline", options: dict) -> Any:
+    """MuLo-SD: a low-resolution GPT drafts the whole grid, up-sampled; local repair of rejections."""
+    if not isinstance(pipe.low_res_drafter, LlamaGenGPT):
+        raise ValueError("speculative='mulo' needs the pipeline's `low_res_drafter` component: a LlamaGenGPT over a "
+                         "smaller grid with the target's codebook (train one with "
+                         "`mmspec train-reference --stage low-res-draft`)")
+    max_rounds = options["max_rounds"]
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
+    check_pair(pipe.target, pipe.low_res_drafter)
+    upsampler = make_upsampler(options["upsampler"], pipe.vq, pipe.upsampler)
+    return LowResDrafter(pipe.low_res_drafter, upsampler, pipe.target.grid_size)
+
 
 #: Default folder for LANTERN neighbour tables (one file per codebook hash and k).
 NEIGHBOUR_CACHE = Path(os.environ.get("MMSPEC_CACHE", Path.home() / ".cache" / "mmspec")) / "neighbours"
-
-
-def _lantern(pipe: "LlamaGenPipeline", options: dict) -> LanternAcceptance:
-    """LANTERN / LANTERN++ over this pipeline's VQ codebook neighbourhoods (table cached on disk);
-    ``k`` defaults to LANTERN's 1000 neighbours, capped at the codebook size - 1."""
-    k = options.pop("k", min(1000, pipe.target.vocab_size - 1))
-    cache = options.pop("neighbour_cache", NEIGHBOUR_CACHE)
-    key = ("lantern", k)
-    if key not in pipe._tables:
-        pipe._tables[key] = load_or_build_neighbours(pipe.vq.codebook_embeddings().detach().float(), k, cache)
-    return LanternAcceptance(pipe._tables[key], k=k, **options)
-
-
-def _gsd(pipe: "LlamaGenPipeline", options: dict) -> GSDAcceptance:
-    """GSD with distances in the VQ codebook (``embedding="codebook"``) or the GPT's token embedding."""
-    embedding = options.pop("embedding", "codebook")
-    tables = {"codebook": lambda: pipe.vq.codebook_embeddings(), "tokens": lambda: pipe.target.tok_embeddings.weight}
-    if embedding not in tables:
-        raise ValueError(f"GSD embedding must be one of {sorted(tables)}, got {embedding!r}")
-    return GSDAcceptance(tables[embedding]().detach().float(), **options)
-
-
-#: Acceptance rules that need the pipeline's models (codebook, embeddings) to be built by name.
-PIPELINE_RULES: dict[str, Callable[["LlamaGenPipeline", dict], AcceptanceRule]] = {"lantern": _lantern, "gsd": _gsd}
 
 
 class LlamaGenPipeline(DiffusionPipeline):
@@ -169,7 +142,7 @@ class LlamaGenPipeline(DiffusionPipeline):
         self.register_modules(target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter,
                               upsampler=upsampler)
         self.eagle_head: EagleHead | None = None  # set by load_eagle_head()
-        self._tables: dict[tuple, torch.Tensor] = {}  # LANTERN neighbour tables, built once per k
+        self._rule_memo: dict = {}  # tables rules build from this pipeline's models (LANTERN neighbours per k)
         self._compiled: CompiledTarget | None = None  # set by enable_compile()
         self._caches: dict[tuple, StaticKVCache] = {}  # reused across calls (CUDA graphs need fixed addresses)
 
@@ -181,12 +154,26 @@ class LlamaGenPipeline(DiffusionPipeline):
         ).eval()
         return self
 
+    #: The speculative methods this pipeline runs (``speculative=`` names).
+    methods = LLAMAGEN_METHODS
+
+    def rule_resources(self) -> dict:
+        """What rules that need this pipeline's models are built from (see
+        :meth:`mmspec.acceptance.AcceptanceRule.from_resources`): the VQ codebook (LANTERN's latent
+        neighbourhoods, GSD), the GPT's token embedding (GSD), the token grid (MuLo-SD) and the
+        neighbour-table cache folder."""
+        return {
+            "codebook": self.vq.codebook_embeddings().detach().float(),
+            "token_embeddings": self.target.tok_embeddings.weight.detach().float(),
+            "grid": (self.target.grid_size, self.target.grid_size),
+            "cache_dir": NEIGHBOUR_CACHE,
+            "memo": self._rule_memo,
+        }
+
     def acceptance_rule(self, name: str, **options) -> AcceptanceRule:
-        """The acceptance rule ``name`` with ``options``; rules that need this pipeline's codebook or
-        embeddings (``"lantern"``, ``"gsd"``) get them here."""
-        if name in PIPELINE_RULES:
-            return PIPELINE_RULES[name](self, dict(options))
-        return get_acceptance_rule(name, **options)
+        """The acceptance rule ``name`` with ``options``, built from this pipeline's models where it
+        needs them (``"lantern"``, ``"gsd"``, ``"mulo"``)."""
+        return get_acceptance_rule(name, self.rule_resources(), **options)
 
     def enable_compile(self, mode: str | None = None) -> "LlamaGenPipeline":
         """Decode and verify through ``torch.compile`` (CUDA graphs on CUDA): the fast baseline of
@@ -257,9 +244,9 @@ class LlamaGenPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         speculative: str | None = None,
         num_draft_tokens: int = 8,
-        acceptance: str | AcceptanceRule = "exact",
+        acceptance: str | AcceptanceRule | None = None,
         acceptance_options: dict | None = None,
-        speculative_options: SpeculativeOptions = SpeculativeOptions(),
+        speculative_options: dict | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[["LlamaGenPipeline", int, None, dict], dict] | None = None,
@@ -273,11 +260,13 @@ class LlamaGenPipeline(DiffusionPipeline):
                 sample scripts use top_k=2000 with its 16384-code tokenizers.
             generator: seeds every draw; on CPU the baseline reproduces the official ``generate()``
                 under ``torch.manual_seed`` with the same seed.
-            speculative: None (baseline) or a key of :data:`SPECULATIVE_METHODS` (``"sjd"``,
-                ``"draft-model"``, ...). num_draft_tokens: drafts per step (SJD: window size).
-            acceptance: rule name or instance (``"exact"``, ``"greedy"``, ``"lantern"``, ``"gsd"``, ...).
+            speculative: None (baseline) or a method of :data:`LLAMAGEN_METHODS` (``"sjd"``,
+                ``"draft-model"``, ``"eagle"``, ``"mulo"``). num_draft_tokens: drafts per step (SJD: window size).
+            acceptance: rule name or instance (``"exact"``, ``"greedy"``, ``"lantern"``, ``"gsd"``, ...);
+                None = the method's default rule (``"exact"``; MuLo-SD: ``"mulo"``).
             acceptance_options: keyword options of a rule given by name (e.g. ``{"delta": 0.1}``).
-            speculative_options: method knobs (:class:`SpeculativeOptions`).
+            speculative_options: the method's options (``LLAMAGEN_METHODS.get(name).options``: SJD
+                ``init``, EAGLE ``tree``, MuLo-SD ``upsampler`` / ``max_rounds``).
             output_type: ``"pil"``, ``"np"`` or ``"pt"``. return_dict: output object or tuple.
             callback_on_step_end: ``f(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after
                 every verify step (diffusers convention; the timestep slot is None for AR models;
@@ -287,22 +276,24 @@ class LlamaGenPipeline(DiffusionPipeline):
             :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
         """
         condition = self._condition(class_labels, prompt_embeds, prompt_attention_mask)
-        if speculative in GRID_METHODS:
-            sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
-            tokens, stats = GRID_METHODS[speculative](self, condition, sampling, generator, acceptance, acceptance_options)
-            images = self._postprocess(self.vq.decode_code(tokens), output_type)
-            return LlamaGenPipelineOutput(images=images, tokens=tokens, stats=stats) if return_dict else (images, tokens, stats)
-        if isinstance(acceptance, str):
-            acceptance = self.acceptance_rule(acceptance, **(acceptance_options or {}))
-        elif acceptance_options:
-            raise ValueError("acceptance_options apply to a rule given by name, not to a rule instance")
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
-        drafter = None
-        if speculative is not None:
-            if speculative not in SPECULATIVE_METHODS:
-                raise ValueError(f"unknown speculative method {speculative!r}; "
-                                 f"available: {sorted([*SPECULATIVE_METHODS, *GRID_METHODS])}")
-            drafter = SPECULATIVE_METHODS[speculative](self, speculative_options)
+        method = None if speculative is None else self.methods.get(speculative)
+        if method is not None and method.missing(self):
+            missing = method.missing(self)
+            raise ValueError(f"speculative={speculative!r} needs the pipeline component(s) {missing}; "
+                             "see LlamaGenPipeline's docstring")
+        drafter = None if method is None else method.build(self, method.resolve_options(speculative_options))
+        if method is None and speculative_options:
+            raise ValueError("speculative_options apply to a speculative method; the baseline has none")
+        if isinstance(acceptance, AcceptanceRule):
+            if acceptance_options:
+                raise ValueError("acceptance_options apply to a rule given by name, not to a rule instance")
+        else:
+            acceptance = self.acceptance_rule(acceptance or (method.default_rule if method else "exact"),
+                                              **(acceptance_options or {}))
+        if method is not None and method.loop == "masked":
+            return self._masked(condition, sampling, drafter, acceptance, method.resolve_options(speculative_options),
+                                generator, output_type, return_dict, callback_on_step_end)
         num_tokens = self.target.config.block_size
         window = 1 if drafter is None else drafter.verify_width(num_draft_tokens)  # tokens per verify forward
         cache = self._cache(
@@ -330,6 +321,26 @@ class LlamaGenPipeline(DiffusionPipeline):
         progress.close()
         grid = self.target.grid_size
         tokens = out.tokens.reshape(-1, grid, grid)
+        images = self._postprocess(self.vq.decode_code(tokens), output_type)
+        if not return_dict:
+            return images, tokens, out.stats
+        return LlamaGenPipelineOutput(images=images, tokens=tokens, stats=out.stats)
+
+    def _masked(self, condition, sampling, drafter, rule, options, generator, output_type, return_dict, callback_on_step_end):
+        """A masked-loop method (MuLo-SD): the whole grid drafted, verified and repaired locally."""
+        grid = GridTarget(self.target, sampling, condition.batch_size)
+        progress = self.progress_bar(total=options["max_rounds"])
+
+        def on_round(steps: int, tokens: torch.Tensor) -> None:
+            progress.update(1)
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, steps, None, {"num_generated": None, "tokens": tokens})
+
+        out = masked_generate(grid, drafter, condition, acceptance=rule, max_rounds=options["max_rounds"],
+                              generator=generator, callback=on_round)
+        progress.update(options["max_rounds"] - progress.n)
+        progress.close()
+        tokens = out.elements.view(-1, self.target.grid_size, self.target.grid_size)
         images = self._postprocess(self.vq.decode_code(tokens), output_type)
         if not return_dict:
             return images, tokens, out.stats

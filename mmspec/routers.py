@@ -1,0 +1,56 @@
+"""Block routers: rules that keep or hand back a whole drafted block before the target runs
+(``commit = "block"``; run by :func:`mmspec.loops.block_generate`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .acceptance import AcceptanceRule, register_acceptance_rule
+from .types import CommitMode, Distribution, Draft, Scores, Verdict
+
+AGGREGATES = ("min", "mean", "quantile")
+
+
+@register_acceptance_rule
+class ScoreThresholdRouter(AcceptanceRule):
+    """SDVG's router (arXiv 2604.17397): a drafted block is kept when the aggregate of its frames'
+    quality scores (``Scores.values [B, F]``) is ``>= tau``; otherwise the target regenerates it.
+    ``aggregate``: ``"min"`` (the worst frame, SDVG's choice), ``"mean"`` or ``"quantile"`` (the
+    ``quantile`` of the frame scores). ``tau = +inf`` hands every block back (target-only output),
+    ``tau = -inf`` keeps every block (draft-only output after the forced ones).
+
+    Lossy with no distributional bound: the output mixes target and draft blocks; its quality is
+    reported by the scores themselves (``BlockStats.scores``) and measured against target-only.
+    """
+
+    name = "score-threshold"
+    lossless = False
+    bound = "no distributional bound; every kept block's aggregate score is >= tau"
+    commit = CommitMode.BLOCK
+    distribution = Scores
+
+    def __init__(self, tau: float, aggregate: str = "min", quantile: float = 0.1) -> None:
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau):
+            raise ValueError(f"tau must be a number (+-inf allowed), got {tau!r}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if not 0.0 <= quantile <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+        self.tau, self.aggregate, self.quantile = float(tau), aggregate, quantile
+
+    def __repr__(self) -> str:
+        return f"ScoreThresholdRouter(tau={self.tau}, aggregate={self.aggregate!r}, quantile={self.quantile})"
+
+    def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
+        if not isinstance(target, Scores):
+            raise TypeError(f"{self.name!r} routes on frame scores (mmspec.types.Scores), got {type(target).__name__}")
+        values = target.values.float()  # [B, F]
+        if self.aggregate == "min":
+            score = values.amin(-1)
+        elif self.aggregate == "mean":
+            score = values.mean(-1)
+        else:
+            score = values.quantile(self.quantile, dim=-1)
+        return Verdict.block(draft.tokens, score >= self.tau, scores=score)
