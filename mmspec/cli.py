@@ -137,12 +137,19 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="batch b uses seed + index of its first item")
-    p.add_argument("--speculative", default="sjd", help="sjd, draft-model, eagle, ... or 'none' for the baseline")
+    from .pipelines.llamagen import LLAMAGEN_METHODS
+
+    methods = ", ".join(f"{m.name} ({m.description})" for m in LLAMAGEN_METHODS)
+    p.add_argument("--speculative", default="sjd", help=f"speculative method, or 'none' for the baseline: {methods}")
+    p.add_argument("--speculative-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the speculative method (repeatable), e.g. init=copy (sjd); upsampler=learned, "
+                        "max_rounds=2 (mulo)")
     p.add_argument("--num-draft-tokens", type=int, default=8)
-    p.add_argument("--acceptance", default="exact", help="exact, lantern, gsd, ... (mulo with --speculative mulo)")
+    p.add_argument("--acceptance", default=None,
+                   help="acceptance rule: exact, greedy, lantern, gsd (causal methods), mulo (mulo) ... "
+                        "(default: the method's own rule)")
     p.add_argument("--acceptance-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a setting of the acceptance rule (repeatable), e.g. delta=0.1, k=100; for mulo: tau=0.02, "
-                        "upsampler=learned")
+                   help="a setting of the acceptance rule (repeatable), e.g. delta=0.1, k=100; for mulo: tau=0.02")
     p.add_argument("--eagle-head", default=None, help="an EAGLE head folder trained for this model (speculative=eagle)")
     p.add_argument("--eagle-tree", default=None, metavar="DEPTH,TOP_K,NODES",
                    help="EAGLE-2 dynamic tree budget (default: a chain of --num-draft-tokens)")
@@ -158,13 +165,13 @@ def generate(args: argparse.Namespace) -> int:
 
     from .drafters.eagle import TreeConfig
     from .jobs import job_state, parse_key_values, report, run_job
-    from .pipelines.llamagen import SpeculativeOptions
     from .visualize import acceptance_heatmap
 
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     try:
         acceptance_options = parse_key_values(args.acceptance_option, "--acceptance-option")
+        speculative_options = parse_key_values(args.speculative_option, "--speculative-option")
     except ValueError as err:
         raise SystemExit(str(err)) from None
     if args.labels_file is not None:
@@ -177,24 +184,28 @@ def generate(args: argparse.Namespace) -> int:
         pipe.load_eagle_head(args.eagle_head)
     num_classes = pipe.target.config.num_classes
     speculative = None if args.speculative == "none" else args.speculative
-    # The rule is built (and its settings checked) once, here: inside the job a ValueError would only
-    # mark items as bad. MuLo-SD's own rule stays a name + options (checked by mulo_setup).
-    acceptance: Any = args.acceptance
-    rule_options: dict | None = acceptance_options
-    try:
-        if speculative == "mulo":
-            from .pipelines.llamagen.mulo import mulo_setup
-
-            mulo_setup(pipe, args.acceptance, acceptance_options)
-        else:
-            acceptance, rule_options = pipe.acceptance_rule(args.acceptance, **acceptance_options), None
-    except (ValueError, TypeError) as err:
-        raise SystemExit(f"--acceptance {args.acceptance} / --acceptance-option: {err}") from None
-    options = SpeculativeOptions()
     if args.eagle_tree:
         depth, top_k, nodes = (int(x) for x in args.eagle_tree.split(","))
-        options = SpeculativeOptions(eagle_tree=TreeConfig(depth=depth, top_k=top_k, total_nodes=nodes))
+        speculative_options["tree"] = TreeConfig(depth=depth, top_k=top_k, total_nodes=nodes)
         args.num_draft_tokens = depth  # a tree's num_draft_tokens is its depth
+    # The method's drafter and the rule are built (and their settings checked) once, here: inside
+    # the job a ValueError would only mark items as bad.
+    try:
+        method = None if speculative is None else pipe.methods.get(speculative)
+        if method is not None:
+            method.build(pipe, method.resolve_options(speculative_options))
+        elif speculative_options:
+            raise ValueError("--speculative-option needs a speculative method")
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"--speculative {args.speculative} / --speculative-option: {err}") from None
+    rule_name = args.acceptance or (method.default_rule if method is not None else "exact")
+    try:
+        acceptance = pipe.acceptance_rule(rule_name, **acceptance_options)
+        if method is not None and not method.accepts(acceptance):
+            raise ValueError(f"rule {rule_name!r} commits {acceptance.commit.value}; method {method.name!r} runs the "
+                             f"{method.loop} loop (its own rule: {method.default_rule!r})")
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"--acceptance {rule_name} / --acceptance-option: {err}") from None
 
     def parse(value: str) -> int:
         try:
@@ -211,7 +222,7 @@ def generate(args: argparse.Namespace) -> int:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    generator=torch.Generator(device).manual_seed(args.seed + items[0].index),
                    speculative=speculative, num_draft_tokens=args.num_draft_tokens, acceptance=acceptance,
-                   acceptance_options=rule_options, speculative_options=options)
+                   speculative_options=speculative_options or None)
         seconds = time.perf_counter() - start
         grid = out.tokens.shape[1:]
         records = []
@@ -231,8 +242,10 @@ def generate(args: argparse.Namespace) -> int:
     job = run_job(raw, parse, process, args.output_dir, args.batch_size, desc="generate")
     if job_state().is_main_process:
         report(args.output_dir, job, "images", {
-            "command": "generate", "speculative": speculative, "acceptance": args.acceptance,
-            "acceptance_options": acceptance_options, "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
+            "command": "generate", "speculative": speculative, "acceptance": rule_name,
+            "acceptance_options": acceptance_options,
+            "speculative_options": {k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in speculative_options.items()},
+            "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "device": str(device),
         })
     return 0
@@ -316,7 +329,12 @@ def _caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--drafter", default="default", help="default (the model's own drafter, if any), ngram or none")
+    from .pipelines.vlm import VLM_METHODS
+
+    methods = ", ".join(f"{m.name} ({m.description})" for m in VLM_METHODS)
+    p.add_argument("--drafter", default="default",
+                   help=f"speculative method: {methods}; 'default' = 'model' if the model has a drafter, else the "
+                        "baseline; 'none' = the baseline")
     p.add_argument("--num-draft-tokens", type=int, default=4)
     p.add_argument("--acceptance", default="exact")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -327,7 +345,6 @@ def caption(args: argparse.Namespace) -> int:
     """Caption a folder or list of images to JSONL (resumable; unreadable images skipped and reported)."""
     import PIL.Image
 
-    from .drafters import NGramDrafter
     from .jobs import JobOutput, image_list, job_state, report, run_job
 
     device = torch.device(args.device)
@@ -339,10 +356,11 @@ def caption(args: argparse.Namespace) -> int:
         from .defaults import load_default_captioner
 
         pipe = load_default_captioner(device)
-    drafters = {"default": pipe.drafter, "ngram": NGramDrafter(pipe.target.vocab_size), "none": None}
-    if args.drafter not in drafters:
-        raise SystemExit(f"--drafter must be one of {sorted(drafters)}, got {args.drafter!r}")
-    drafter = drafters[args.drafter]
+    choices = ["default", "none", *pipe.methods.available(pipe)]
+    if args.drafter not in choices:
+        raise SystemExit(f"--drafter must be one of {choices} for this model, got {args.drafter!r}")
+    speculative = {"default": "model" if "model" in choices else None, "none": None}.get(args.drafter, args.drafter)
+    drafter = None if speculative is None else pipe.methods.get(speculative).build(pipe, {})
 
     def parse(path: str) -> PIL.Image.Image:
         try:

@@ -138,11 +138,12 @@ def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> flo
 
 @dataclass
 class EvalMethod:
-    """One configuration: ``"sjd"``, ``"sjd:lantern:delta=0.1,k=100"``, ``"eagle:exact"``..."""
+    """One configuration: ``"sjd"``, ``"sjd:lantern:delta=0.1,k=100"``, ``"eagle:exact"``,
+    ``"mulo::tau=0.02"``... (an empty or missing rule = the method's own rule)."""
 
     name: str
     speculative: str | None
-    acceptance: str = "exact"
+    acceptance: str | None = None
     acceptance_options: dict = field(default_factory=dict)
 
     @classmethod
@@ -152,7 +153,7 @@ class EvalMethod:
             raise ValueError(f"method spec {spec!r} must be SPECULATIVE[:ACCEPTANCE[:key=value,...]]")
         options = parse_key_values([p for p in (parts[2] if len(parts) == 3 else "").split(",") if p], f"method {spec!r}")
         speculative = None if parts[0] == "none" else parts[0]
-        return cls(spec, speculative, parts[1] if len(parts) > 1 else "exact", options)
+        return cls(spec, speculative, parts[1] if len(parts) > 1 and parts[1] else None, options)
 
 
 def _run(pipe, method: EvalMethod | None, labels, seeds, batch_size, sampling: dict) -> tuple[torch.Tensor, dict]:
@@ -165,7 +166,7 @@ def _run(pipe, method: EvalMethod | None, labels, seeds, batch_size, sampling: d
         out = pipe(class_labels=labels[start : start + batch_size], output_type="pt",
                    generator=torch.Generator(pipe.target.device).manual_seed(seeds[start]),
                    speculative=None if method is None else method.speculative,
-                   acceptance="exact" if method is None else method.acceptance,
+                   acceptance=None if method is None else method.acceptance,
                    acceptance_options=None if method is None else dict(method.acceptance_options), **sampling)
         seconds += time.perf_counter() - t0
         images.append(out.images.cpu())

@@ -10,6 +10,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
 
 LOOPS = ("causal", "masked", "block")
+#: How the rules a loop runs commit (``AcceptanceRule.commit`` values).
+LOOP_COMMITS = {"causal": "prefix", "masked": "elementwise", "block": "block"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class Method:
         if self.loop not in LOOPS:
             raise ValueError(f"method {self.name!r}: loop must be one of {LOOPS}, got {self.loop!r}")
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    def accepts(self, rule: Any) -> bool:
+        """Whether the acceptance rule (class or instance) commits the way this method's loop does."""
+        return rule.commit.value == LOOP_COMMITS[self.loop]
 
     def missing(self, pipe: Any) -> list[str]:
         """The components ``pipe`` lacks for this method."""

@@ -382,14 +382,15 @@ class LanternAcceptance(RelaxedAcceptance):
     def from_resources(cls, resources: dict, **options) -> "LanternAcceptance":
         """LANTERN over a pipeline's VQ codebook (``resources["codebook"]``): the neighbour table of
         ``k`` (default LANTERN's 1000, capped at the codebook size - 1) is built once, cached on disk
-        under ``resources["cache_dir"]`` and kept in ``resources["memo"]`` for later calls."""
+        under ``resources["cache_dir"]`` (or the option ``neighbour_cache``) and kept in ``resources["memo"]`` for later calls."""
         if "codebook" not in resources:
             raise ValueError("acceptance='lantern' needs a pipeline with a VQ codebook (latent neighbourhoods)")
         codebook = resources["codebook"]
         k = options.pop("k", min(1000, codebook.shape[0] - 1))
+        cache_dir = options.pop("neighbour_cache", resources.get("cache_dir"))
         memo = resources.setdefault("memo", {})
         if ("lantern", k) not in memo:
-            memo[("lantern", k)] = load_or_build_neighbours(codebook.detach().float(), k, resources["cache_dir"])
+            memo[("lantern", k)] = load_or_build_neighbours(codebook.detach().float(), k, cache_dir)
         return cls(memo[("lantern", k)], k=k, **options)
 
     def __repr__(self) -> str:

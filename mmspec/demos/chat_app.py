@@ -15,7 +15,6 @@ import gradio as gr
 import PIL.Image
 import torch
 
-from mmspec.drafters import NGramDrafter
 from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline
 from mmspec.stats import SOURCE_ACCEPTED
 from mmspec.types import Drafter
@@ -59,11 +58,14 @@ def load_upload(path: str | None) -> PIL.Image.Image:
 
 
 def default_drafters(pipe: VLMPipeline) -> dict[str, Drafter]:
-    """The pipeline's own drafter (if it has one) and the training-free n-gram (prompt lookup) drafter."""
+    """One drafter per registered method the pipeline can run (``pipe.methods``: its own drafter,
+    prompt lookup, ...), labelled with the method's description."""
     drafters: dict[str, Drafter] = {}
-    if pipe.drafter is not None:
-        drafters[f"pipeline drafter ({type(pipe.drafter).__name__})"] = pipe.drafter
-    drafters["n-gram (prompt lookup)"] = NGramDrafter(pipe.target.vocab_size)
+    for name in pipe.methods.available(pipe):
+        method = pipe.methods.get(name)
+        drafter = method.build(pipe, method.resolve_options(None))
+        label = f"{name}: {type(drafter).__name__}" if name == "model" else f"{name}: {method.description}"
+        drafters[label] = drafter
     return drafters
 
 

@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 
 from mmspec.acceptance import ACCEPTANCE_RULES
-from mmspec.pipelines.llamagen import SPECULATIVE_METHODS, LlamaGenPipeline, SpeculativeOptions
+from mmspec.pipelines.llamagen import LlamaGenPipeline
 from mmspec.visualize import acceptance_heatmap
 
 from . import pipeline_errors
@@ -33,33 +33,26 @@ PREVIEW_INTERVAL_S = 0.25
 #: Side of the heat-map and placeholder pictures, in pixels (the token grid is scaled up to it).
 PICTURE_SIZE = 256
 PENDING_GREY = 128
+#: The acceptance choice that means "the method's own rule" (exact for SJD/EAGLE/draft model, mulo for MuLo-SD).
+DEFAULT_RULE = "default"
 
 
 def runnable_methods(pipe: LlamaGenPipeline) -> list[str]:
-    """Keys of ``SPECULATIVE_METHODS`` whose drafter this pipeline can build.
-
-    A factory raises ``ValueError`` when a component it needs is missing (e.g. ``"draft-model"``
-    without a ``drafter``); building the drafter is cheap, so asking the factory is the one
-    honest test.
-    """
-    methods = []
-    for name, factory in SPECULATIVE_METHODS.items():
-        try:
-            factory(pipe, SpeculativeOptions())
-        except ValueError:
-            continue
-        methods.append(name)
-    return methods
+    """The pipeline's registered speculative methods (``pipe.methods``) whose components it has
+    (e.g. ``"draft-model"`` needs a ``drafter``, ``"mulo"`` a ``low_res_drafter``)."""
+    return pipe.methods.available(pipe)
 
 
 def buildable_rules(pipe: LlamaGenPipeline) -> list[str]:
-    """Names in ``ACCEPTANCE_RULES`` that this pipeline builds from their name alone (relaxed rules
-    get their codebook tables from the pipeline: ``pipe.acceptance_rule``)."""
-    rules = []
+    """``"default"`` (each method's own rule) then the names in ``ACCEPTANCE_RULES`` that this
+    pipeline builds from their name alone (relaxed rules get their codebook tables from the
+    pipeline: ``pipe.acceptance_rule``; rules needing settings, such as a router's threshold, are
+    left out). A rule that does not fit a method's loop is refused by the pipeline with a message."""
+    rules = [DEFAULT_RULE]
     for name in sorted(ACCEPTANCE_RULES):
         try:
             pipe.acceptance_rule(name)
-        except ValueError:
+        except (ValueError, TypeError):
             continue
         rules.append(name)
     return rules
@@ -156,8 +149,9 @@ def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = Non
                       top_k=int(top_k) or None)
         runs = [("baseline", {"speculative": None})]
         if method != BASELINE:
+            rule = None if acceptance == DEFAULT_RULE else acceptance
             runs.append((f"{method} ({acceptance})", {"speculative": method, "num_draft_tokens": int(num_draft_tokens),
-                                                      "acceptance": acceptance}))
+                                                      "acceptance": rule}))
         # Pictures go out as PNG files, not PIL images: Gradio caches files by content and copies
         # them atomically, whereas it rewrites a re-sent PIL image's cache file in place, which
         # breaks a download of the same picture still in flight (a preview or a finished image).
@@ -203,7 +197,7 @@ def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = Non
                 class_label = gr.Dropdown(classes, value=classes[0][1], label="Class")
                 seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                 method = gr.Dropdown([BASELINE, *methods], value=methods[0] if methods else BASELINE, label="Method")
-                acceptance = gr.Dropdown(rules, value="exact" if "exact" in rules else rules[0], label="Acceptance rule")
+                acceptance = gr.Dropdown(rules, value=DEFAULT_RULE, label="Acceptance rule")
                 with gr.Accordion("Knobs", open=False):
                     num_draft_tokens = gr.Slider(1, MAX_DRAFT_TOKENS, value=8, step=1, label="Draft tokens per step")
                     guidance_scale = gr.Slider(1.0, 20.0, value=4.0, step=0.5, label="Guidance scale (CFG)")

@@ -8,7 +8,7 @@ from mmspec.bench import BenchCase, BenchSuite, register_suite
 from mmspec.loops import GenerationOutput
 
 from .official import GPT_PRESETS
-from .pipeline_llamagen import SPECULATIVE_METHODS, LlamaGenPipeline, SpeculativeOptions
+from .pipeline_llamagen import LlamaGenPipeline
 
 
 def _pipeline(source: str, device: torch.device, dtype: torch.dtype, num_classes: int) -> LlamaGenPipeline:
@@ -43,20 +43,17 @@ def _pipeline(source: str, device: torch.device, dtype: torch.dtype, num_classes
 @register_suite("ar-image")
 def ar_image_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1, *, source: str = "default",
                    guidance_scale: float = 3.0, temperature: float = 1.0, top_k: int | None = None,
-                   num_draft_tokens: int = 8, acceptance: str = "exact", compile: bool = False,
+                   num_draft_tokens: int = 8, acceptance: str | None = None, compile: bool = False,
                    num_classes: int = 1000) -> BenchSuite:
-    """LlamaGen class-to-image: the baseline and each speculative method the pipeline can build,
-    on the same class labels and seed (sampling with the given rule)."""
+    """LlamaGen class-to-image: the baseline and every registered speculative method the pipeline
+    has the components for (``pipe.methods``), on the same class labels and seed; each method with
+    ``acceptance`` when that rule fits its loop, else skipped (default: each method's own rule)."""
     pipe = _pipeline(source, device, dtype, num_classes)
     labels = [i % pipe.target.config.num_classes for i in range(batch_size)]
-    methods = [None]
-    for name, factory in SPECULATIVE_METHODS.items():
-        try:
-            factory(pipe, SpeculativeOptions())
-        except ValueError:  # e.g. no drafter component for this method
-            continue
-        methods.append(name)
-    compiled = LlamaGenPipeline(target=pipe.target, vq=pipe.vq, drafter=pipe.drafter).enable_compile() if compile else None
+    rule = None if acceptance is None else pipe.acceptance_rule(acceptance)
+    methods = [None] + [name for name in pipe.methods.available(pipe)
+                        if rule is None or pipe.methods.get(name).accepts(rule)]
+    compiled = LlamaGenPipeline(**pipe.components).enable_compile() if compile else None
 
     def case(name, method, runner):
         def run(generator: torch.Generator, profile: bool) -> GenerationOutput:

@@ -270,7 +270,8 @@ class LlamaGenPipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"`` or ``"pt"``. return_dict: output object or tuple.
             callback_on_step_end: ``f(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after
                 every verify step (diffusers convention; the timestep slot is None for AR models;
-                ``tokens`` is the raster-order grid so far, -1 where not generated yet).
+                ``tokens`` is the raster-order grid so far, -1 where not generated yet; masked-loop
+                methods such as MuLo-SD: after every verify-and-repair round, the whole current grid).
 
         Returns:
             :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
@@ -278,10 +279,6 @@ class LlamaGenPipeline(DiffusionPipeline):
         condition = self._condition(class_labels, prompt_embeds, prompt_attention_mask)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         method = None if speculative is None else self.methods.get(speculative)
-        if method is not None and method.missing(self):
-            missing = method.missing(self)
-            raise ValueError(f"speculative={speculative!r} needs the pipeline component(s) {missing}; "
-                             "see LlamaGenPipeline's docstring")
         drafter = None if method is None else method.build(self, method.resolve_options(speculative_options))
         if method is None and speculative_options:
             raise ValueError("speculative_options apply to a speculative method; the baseline has none")
@@ -333,8 +330,9 @@ class LlamaGenPipeline(DiffusionPipeline):
 
         def on_round(steps: int, tokens: torch.Tensor) -> None:
             progress.update(1)
-            if callback_on_step_end is not None:
-                callback_on_step_end(self, steps, None, {"num_generated": None, "tokens": tokens})
+            if callback_on_step_end is not None:  # every position holds a token from the first round on
+                num_generated = torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
+                callback_on_step_end(self, steps, None, {"num_generated": num_generated, "tokens": tokens})
 
         out = masked_generate(grid, drafter, condition, acceptance=rule, max_rounds=options["max_rounds"],
                               generator=generator, callback=on_round)

@@ -3,7 +3,7 @@ targets, and :class:`VLMPipeline` for speculative image-to-text generation."""
 
 from .decoder import RopeOffsetKVCache, VLMDecoder, VLMDecoderConfig, convert_language_model
 from .drafters import VISUAL_PATHS, VLMEagleConfig, VLMEagleDrafter, VLMEagleHead
-from .pipeline_vlm import VLMPipeline, VLMPipelineOutput
+from .pipeline_vlm import VLM_METHODS, VLMPipeline, VLMPipelineOutput
 from .targets import (
     VLM_FAMILIES,
     LlavaTarget,
@@ -18,6 +18,7 @@ from .targets import (
 __all__ = [
     "VISUAL_PATHS",
     "VLM_FAMILIES",
+    "VLM_METHODS",
     "LlavaTarget",
     "Qwen2VLTarget",
     "RopeOffsetKVCache",

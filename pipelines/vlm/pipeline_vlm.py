@@ -19,7 +19,9 @@ import torch
 from transformers import AutoProcessor
 
 from mmspec.acceptance import AcceptanceRule
+from mmspec.drafters import NGramDrafter
 from mmspec.loops import required_cache_len, speculative_generate
+from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 from mmspec.types import DraftContext, Drafter
@@ -42,6 +44,24 @@ class VLMPipelineOutput:
     stats: SpecStats
 
 
+#: The VLM pipeline's speculative methods (``speculative=`` names); the CLI and demos list them.
+VLM_METHODS = MethodRegistry("VLMPipeline")
+
+
+@VLM_METHODS.register("model", requires=("drafter",))
+def _model(pipe: "VLMPipeline", options: dict) -> Drafter:
+    """The pipeline's drafter component (a draft VLM/LM or a vision-aware EAGLE head)."""
+    if pipe.drafter is None:
+        raise ValueError("speculative='model' needs the pipeline's drafter (VLMPipeline(..., drafter=...))")
+    return pipe.drafter
+
+
+@VLM_METHODS.register("ngram")
+def _ngram(pipe: "VLMPipeline", options: dict) -> NGramDrafter:
+    """Prompt lookup: n-grams of the prompt and reply propose the continuation (training-free)."""
+    return NGramDrafter(pipe.target.vocab_size)
+
+
 class VLMPipeline:
     """Speculative decoding for a VLM.
 
@@ -51,6 +71,9 @@ class VLMPipeline:
         drafter: the default drafter (an mmspec :class:`~mmspec.types.Drafter` with the target's
             vocabulary), used when a call passes none; None = the baseline by default.
     """
+
+    #: The speculative methods this pipeline runs (``speculative=`` names).
+    methods = VLM_METHODS
 
     def __init__(self, target: VLMTarget, processor: Any, drafter: Drafter | None = None) -> None:
         self.target = target
@@ -116,6 +139,7 @@ class VLMPipeline:
         acceptance: str | AcceptanceRule = "exact",
         return_dict: bool = True,
         stream: bool = False,
+        speculative: str | None = None,
     ) -> VLMPipelineOutput | tuple | Iterator[str]:
         """Answer ``prompt`` about ``images``.
 
@@ -127,6 +151,8 @@ class VLMPipeline:
             generator: seeds every random draw.
             drafter: overrides the pipeline's drafter for this call.
             num_draft_tokens: drafts per step (0: the autoregressive baseline, even with a drafter).
+            speculative: a method of :data:`VLM_METHODS` (``"model"``: the pipeline's drafter,
+                ``"ngram"``: prompt lookup) instead of a drafter object; not both.
             acceptance: the acceptance rule (name or instance), e.g. ``"exact"``, ``"greedy"``.
             return_dict: False returns ``(text, token_ids, lengths, stats)``.
             stream: return a generator of text pieces (one per verify step, for a single prompt);
@@ -139,6 +165,11 @@ class VLMPipeline:
         else:
             vlm_prompt = self.build_prompt(images, prompt)
         vlm_prompt = vlm_prompt.to(self.target.device, self.target.dtype)
+        if speculative is not None:
+            if drafter is not None:
+                raise ValueError("pass either speculative= (a method name) or drafter= (an object), not both")
+            method = self.methods.get(speculative)
+            drafter = method.build(self, method.resolve_options(None))
         drafter = drafter if drafter is not None else self.drafter
         drafter = drafter if num_draft_tokens > 0 else None
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)

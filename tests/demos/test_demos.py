@@ -190,7 +190,7 @@ def test_methods_offered_are_those_the_pipeline_can_run(image_pipe):
 
 def test_chat_endpoint_streams_highlights_and_compares(chat_url, chat_pipe, photo):
     client = Client(chat_url, verbose=False)
-    drafter = next(name for name in chat_app.default_drafters(chat_pipe) if name.startswith("pipeline drafter"))
+    drafter = next(name for name in chat_app.default_drafters(chat_pipe) if name.startswith("model:"))
     job = client.submit(handle_file(str(photo)), QUESTION, drafter, 3, 24, 0.0, 0, True, api_name="/chat")
     answer, summary, baseline_answer, record = job.result(timeout=60)
     assert len(job.outputs()) >= 3, "expected the answer to stream"

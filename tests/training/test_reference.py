@@ -116,7 +116,7 @@ def test_cli_trains_every_stage_into_a_pipeline_with_a_low_resolution_drafter_an
     assert 0 <= metrics["upsampler_heldout_accuracy"] <= 1 and 0 <= metrics["decode_resize_encode_heldout_accuracy"] <= 1
     # tau = 0 keeps every candidate: the output is the up-sampler's grid, which differs per up-sampler
     grids = {name: pipe(class_labels=[0, 1], speculative="mulo", acceptance="mulo",
-                        acceptance_options={"tau": 0.0, "upsampler": name},
+                        acceptance_options={"tau": 0.0}, speculative_options={"upsampler": name},
                         generator=torch.Generator().manual_seed(0), output_type="pt").tokens
              for name in ("learned", "decode-resize-encode")}
     assert grids["learned"].shape == (2, 8, 8) and not torch.equal(grids["learned"], grids["decode-resize-encode"])

@@ -126,7 +126,9 @@ def test_generate_refuses_bad_acceptance_settings_before_any_item(tmp_path):
     LlamaGenPipeline(target=gpt, vq=vq).save_pretrained(model)  # no low_res_drafter / upsampler
     labels = tmp_path / "labels.txt"
     labels.write_text("0\n1\n")
-    cases = [(("--speculative", "mulo", "--acceptance", "mulo", "--acceptance-option", "upsampler=learned"), "low_res_drafter"),
+    cases = [(("--speculative", "mulo", "--speculative-option", "upsampler=learned"), "low_res_drafter"),
+             (("--speculative", "sjd", "--speculative-option", "upsampler=learned"), "unknown option"),
+             (("--speculative", "sjd", "--acceptance", "mulo"), "commits elementwise"),
              (("--acceptance", "lantern", "--acceptance-option", "dleta=0.1"), "dleta"),
              (("--acceptance", "lantern", "--acceptance-option", "delta=-1"), "delta")]
     for i, (extra, message) in enumerate(cases):

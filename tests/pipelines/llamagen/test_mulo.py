@@ -9,16 +9,9 @@ import torch.nn.functional as F
 
 from mmspec.evaluation import EvalMethod, evaluate_llamagen
 from mmspec.pipelines.llamagen import LlamaGenCondition, LlamaGenPipeline
-from mmspec.pipelines.llamagen.mulo import (
-    DecodeResizeEncode,
-    MuLoConfig,
-    dilate,
-    island_schedule,
-    label_islands,
-    mulo_for_pipeline,
-    mulo_generate,
-    pooled_scores,
-)
+from mmspec.acceptance import get_acceptance_rule
+from mmspec.grid import dilate, island_schedule, label_islands, pooled_scores
+from mmspec.pipelines.llamagen.mulo import DecodeResizeEncode, make_upsampler, mulo_generate
 from mmspec.sampling import SamplingConfig, logits_to_probs
 from mmspec.stats import SOURCE_ACCEPTED, SOURCE_PREFILL, SOURCE_RECOVERED
 
@@ -36,10 +29,11 @@ def pipe() -> LlamaGenPipeline:
     return pipe
 
 
-def _run(pipe, labels, seed, guidance_scale=1.0, **options):
-    condition = LlamaGenCondition(class_labels=torch.tensor(labels))
-    sampling = SamplingConfig(guidance_scale=guidance_scale)
-    return mulo_for_pipeline(pipe, condition, sampling, torch.Generator().manual_seed(seed), "mulo", options)
+def _run(pipe, labels, seed, guidance_scale=1.0, max_rounds=4, **options):
+    out = pipe(class_labels=labels, guidance_scale=guidance_scale, speculative="mulo", acceptance_options=options,
+               speculative_options={"max_rounds": max_rounds}, generator=torch.Generator().manual_seed(seed),
+               output_type="pt")
+    return out.tokens, out.stats
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
@@ -66,8 +60,9 @@ def test_tau_above_one_equals_the_baseline_for_text_conditions_with_padding():
     base = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, guidance_scale=3.0,
                 generator=torch.Generator().manual_seed(5), output_type="pt")
     condition = LlamaGenCondition(caption_embs=embeds, caption_mask=mask)
-    tokens, _ = mulo_generate(gpt, draft, vq, condition, SamplingConfig(guidance_scale=3.0), MuLoConfig(tau=2.0),
-                              torch.Generator().manual_seed(5))
+    tokens, _ = mulo_generate(gpt, draft, condition, SamplingConfig(guidance_scale=3.0),
+                              make_upsampler("decode-resize-encode", vq), torch.Generator().manual_seed(5),
+                              acceptance_options={"tau": 2.0})
     assert torch.equal(tokens, base.tokens)
 
 
@@ -180,22 +175,26 @@ def test_kept_drafts_reach_tau_on_the_final_grid(pipe, pool, guidance_scale):
 
 
 def test_clear_errors(pipe):
-    for bad in [dict(tau=-0.1), dict(pool_size=2), dict(pool="median"), dict(radius=-1), dict(max_rounds=0),
-                dict(upsampler="nearest")]:
+    for bad in [dict(tau=-0.1), dict(pool_size=2), dict(pool="median"), dict(radius=-1)]:
         with pytest.raises(ValueError):
-            MuLoConfig(**bad)
+            get_acceptance_rule("mulo", {"grid": (6, 6)}, **bad)
+    for bad in [dict(max_rounds=0), dict(upsampler="nearest")]:
+        with pytest.raises(ValueError):
+            pipe(class_labels=[0], speculative="mulo", speculative_options=bad)
     condition = LlamaGenCondition(class_labels=torch.tensor([0]))
-    with pytest.raises(ValueError, match="own acceptance rule"):
-        mulo_for_pipeline(pipe, condition, SamplingConfig(), None, "lantern")
-    with pytest.raises(ValueError, match="unknown MuLo-SD options"):
-        mulo_for_pipeline(pipe, condition, SamplingConfig(), None, "mulo", {"delta": 0.1})
+    with pytest.raises(ValueError, match="commits prefix"):
+        pipe(class_labels=[0], speculative="mulo", acceptance="lantern")
+    with pytest.raises(TypeError, match="delta"):
+        pipe(class_labels=[0], speculative="mulo", acceptance_options={"delta": 0.1})
+    with pytest.raises(ValueError, match="unknown option"):
+        pipe(class_labels=[0], speculative="mulo", speculative_options={"tau": 0.1})
     without = LlamaGenPipeline(target=pipe.target, vq=pipe.vq, drafter=pipe.low_res_drafter)
     with pytest.raises(ValueError, match="low_res_drafter"):
-        mulo_for_pipeline(without, condition, SamplingConfig(), None)
+        without(class_labels=[0], speculative="mulo")
     with pytest.raises(ValueError, match="smaller grid"):
         LlamaGenPipeline(target=pipe.target, vq=pipe.vq, low_res_drafter=pipe.target)
     with pytest.raises(ValueError, match="not be larger"):
-        mulo_generate(pipe.low_res_drafter, pipe.target, pipe.vq, condition, SamplingConfig())
+        mulo_generate(pipe.low_res_drafter, pipe.target, condition, SamplingConfig(), make_upsampler("decode-resize-encode", pipe.vq))
 
 
 def test_mulo_in_mmspec_eval(pipe):

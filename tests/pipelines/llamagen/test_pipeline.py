@@ -181,11 +181,10 @@ def _random_head(gpt, path, target_name=None):
 @pytest.mark.parametrize("tree", [None, (3, 2, 6)])
 def test_eagle_greedy_equals_baseline_with_cfg(tiny_pipe, tmp_path, tree):
     from mmspec.drafters.eagle import TreeConfig
-    from mmspec.pipelines.llamagen import SpeculativeOptions
 
     pipe = LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq).load_eagle_head(_random_head(tiny_pipe.target, tmp_path))
     kw = dict(class_labels=[0, 3, 4], guidance_scale=2.0, temperature=0, output_type="pt")
-    options = SpeculativeOptions(eagle_tree=None if tree is None else TreeConfig(*tree))
+    options = {"tree": None if tree is None else TreeConfig(*tree)}
     spec = pipe(**kw, speculative="eagle", num_draft_tokens=3, speculative_options=options)
     assert torch.equal(spec.tokens, pipe(**kw).tokens)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmspec.pipelines.llamagen import LlamaGenCondition, LlamaGenPipeline, LlamaGenTokenUpsampler
-from mmspec.pipelines.llamagen.mulo import MuLoConfig, make_upsampler, mulo_for_pipeline, mulo_generate
+from mmspec.pipelines.llamagen.mulo import make_upsampler, mulo_generate
 from mmspec.sampling import SamplingConfig
 from mmspec.training.reference import UpsamplerTrainConfig, train_upsampler, upsampler_accuracy
 
@@ -90,22 +90,23 @@ def test_mulo_uses_the_learned_upsampler(pipe):
         seen.append(tokens)
         return pipe.upsampler.upsample(tokens, size)
 
-    tokens, stats = mulo_for_pipeline(pipe, condition, sampling, torch.Generator().manual_seed(4), "mulo",
-                                      {"tau": 0.0, "upsampler": "learned"})
-    explicit, _ = mulo_generate(pipe.target, pipe.low_res_drafter, pipe.vq, condition, sampling, MuLoConfig(tau=0.0),
-                                torch.Generator().manual_seed(4), upsampler=recording)
+    kw = dict(class_labels=[0, 3], guidance_scale=2.0, speculative="mulo", acceptance_options={"tau": 0.0},
+              output_type="pt")
+    out = pipe(**kw, speculative_options={"upsampler": "learned"}, generator=torch.Generator().manual_seed(4))
+    tokens, stats = out.tokens, out.stats
+    explicit, _ = mulo_generate(pipe.target, pipe.low_res_drafter, condition, sampling, recording,
+                                torch.Generator().manual_seed(4), acceptance_options={"tau": 0.0})
     assert torch.equal(tokens, explicit) and torch.equal(tokens, pipe.upsampler.upsample(seen[0], (6, 6)))
     assert stats.resampled_fraction == 0.0
-    free, _ = mulo_for_pipeline(pipe, condition, sampling, torch.Generator().manual_seed(4), "mulo", {"tau": 0.0})
+    free = pipe(**kw, generator=torch.Generator().manual_seed(4)).tokens
     assert torch.equal(free, make_upsampler("decode-resize-encode", pipe.vq)(seen[0], (6, 6)))
     assert not torch.equal(free, tokens)
 
 
 def test_clear_errors_for_a_missing_or_mismatched_upsampler(pipe):
-    condition = LlamaGenCondition(class_labels=torch.tensor([0]))
     without = LlamaGenPipeline(target=pipe.target, vq=pipe.vq, low_res_drafter=pipe.low_res_drafter)
     with pytest.raises(ValueError, match="train-reference --stage upsampler"):
-        mulo_for_pipeline(without, condition, SamplingConfig(), None, "mulo", {"upsampler": "learned"})
+        without(class_labels=[0], speculative="mulo", speculative_options={"upsampler": "learned"})
     with pytest.raises(ValueError, match="train the upsampler for this pair"):
         LlamaGenPipeline(target=pipe.target, vq=pipe.vq, low_res_drafter=pipe.low_res_drafter,
                          upsampler=LlamaGenTokenUpsampler(vocab_size=16, scale=3, dim=32))
