@@ -191,21 +191,10 @@ def generate(args: argparse.Namespace) -> int:
     # The method's drafter and the rule are built (and their settings checked) once, here: inside
     # the job a ValueError would only mark items as bad.
     try:
-        method = None if speculative is None else pipe.methods.get(speculative)
-        if method is not None:
-            method.build(pipe, method.resolve_options(speculative_options))
-        elif speculative_options:
-            raise ValueError("--speculative-option needs a speculative method")
+        spec = pipe.resolve_speculation(speculative, speculative_options, args.acceptance, acceptance_options)
     except (ValueError, TypeError) as err:
-        raise SystemExit(f"--speculative {args.speculative} / --speculative-option: {err}") from None
-    rule_name = args.acceptance or (method.default_rule if method is not None else "exact")
-    try:
-        acceptance = pipe.acceptance_rule(rule_name, **acceptance_options)
-        if method is not None and not method.accepts(acceptance):
-            raise ValueError(f"rule {rule_name!r} commits {acceptance.commit.value}; method {method.name!r} runs the "
-                             f"{method.loop} loop (its own rule: {method.default_rule!r})")
-    except (ValueError, TypeError) as err:
-        raise SystemExit(f"--acceptance {rule_name} / --acceptance-option: {err}") from None
+        raise SystemExit(f"--speculative {args.speculative} / --acceptance {args.acceptance}: {err}") from None
+    acceptance, rule_name = spec.rule, spec.rule.name
 
     def parse(value: str) -> int:
         try:

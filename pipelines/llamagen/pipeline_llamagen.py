@@ -20,7 +20,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from mmspec.acceptance import AcceptanceRule, get_acceptance_rule
+from mmspec.acceptance import AcceptanceRule
 from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget
 from mmspec.drafters import EagleDrafter, EagleHead, JacobiDrafter, ModelDrafter
@@ -33,6 +33,7 @@ from mmspec.stats import SpecStats
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
 from .modeling_upsampler import LlamaGenTokenUpsampler
 from .modeling_vq import LlamaGenVQ
+from ..base import SpeculativePipelineMixin
 from .mulo import GridTarget, LowResDrafter, check_pair, make_upsampler
 
 
@@ -97,7 +98,7 @@ def _mulo(pipe: "LlamaGenPipeline", options: dict) -> Any:
 NEIGHBOUR_CACHE = Path(os.environ.get("MMSPEC_CACHE", Path.home() / ".cache" / "mmspec")) / "neighbours"
 
 
-class LlamaGenPipeline(DiffusionPipeline):
+class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
     """LlamaGen (Sun et al. 2024, arXiv 2406.06525) with speculative decoding.
 
     Components: ``target`` (:class:`LlamaGenGPT`), ``vq`` (:class:`LlamaGenVQ`) and, optional, two
@@ -169,11 +170,6 @@ class LlamaGenPipeline(DiffusionPipeline):
             "cache_dir": NEIGHBOUR_CACHE,
             "memo": self._rule_memo,
         }
-
-    def acceptance_rule(self, name: str, **options) -> AcceptanceRule:
-        """The acceptance rule ``name`` with ``options``, built from this pipeline's models where it
-        needs them (``"lantern"``, ``"gsd"``, ``"mulo"``)."""
-        return get_acceptance_rule(name, self.rule_resources(), **options)
 
     def enable_compile(self, mode: str | None = None) -> "LlamaGenPipeline":
         """Decode and verify through ``torch.compile`` (CUDA graphs on CUDA): the fast baseline of
@@ -278,19 +274,11 @@ class LlamaGenPipeline(DiffusionPipeline):
         """
         condition = self._condition(class_labels, prompt_embeds, prompt_attention_mask)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
-        method = None if speculative is None else self.methods.get(speculative)
-        drafter = None if method is None else method.build(self, method.resolve_options(speculative_options))
-        if method is None and speculative_options:
-            raise ValueError("speculative_options apply to a speculative method; the baseline has none")
-        if isinstance(acceptance, AcceptanceRule):
-            if acceptance_options:
-                raise ValueError("acceptance_options apply to a rule given by name, not to a rule instance")
-        else:
-            acceptance = self.acceptance_rule(acceptance or (method.default_rule if method else "exact"),
-                                              **(acceptance_options or {}))
-        if method is not None and method.loop == "masked":
-            return self._masked(condition, sampling, drafter, acceptance, method.resolve_options(speculative_options),
-                                generator, output_type, return_dict, callback_on_step_end)
+        spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
+        drafter, acceptance = spec.drafter, spec.rule
+        if spec.method is not None and spec.method.loop == "masked":
+            return self._masked(condition, sampling, drafter, acceptance, spec.options, generator, output_type,
+                                return_dict, callback_on_step_end)
         num_tokens = self.target.config.block_size
         window = 1 if drafter is None else drafter.verify_width(num_draft_tokens)  # tokens per verify forward
         cache = self._cache(

@@ -26,6 +26,7 @@ from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 from mmspec.types import DraftContext, Drafter
 
+from ..base import SpeculativePipelineMixin
 from .targets import VLMPrompt, VLMTarget, load_vlm_target
 
 ImageInput = PIL.Image.Image | str | os.PathLike
@@ -62,7 +63,7 @@ def _ngram(pipe: "VLMPipeline", options: dict) -> NGramDrafter:
     return NGramDrafter(pipe.target.vocab_size)
 
 
-class VLMPipeline:
+class VLMPipeline(SpeculativePipelineMixin):
     """Speculative decoding for a VLM.
 
     Args:
@@ -72,13 +73,16 @@ class VLMPipeline:
             vocabulary), used when a call passes none; None = the baseline by default.
     """
 
-    #: The speculative methods this pipeline runs (``speculative=`` names).
     methods = VLM_METHODS
 
     def __init__(self, target: VLMTarget, processor: Any, drafter: Drafter | None = None) -> None:
         self.target = target
         self.processor = processor
         self.drafter = drafter
+
+    def rule_resources(self) -> dict:
+        """Rules over text tokens get the language model's token embedding (GSD's ``embedding="tokens"``)."""
+        return {"token_embeddings": self.target.decoder.tok_embeddings.weight.detach().float()}
 
     @classmethod
     def from_pretrained(
@@ -165,12 +169,11 @@ class VLMPipeline:
         else:
             vlm_prompt = self.build_prompt(images, prompt)
         vlm_prompt = vlm_prompt.to(self.target.device, self.target.dtype)
-        if speculative is not None:
-            if drafter is not None:
-                raise ValueError("pass either speculative= (a method name) or drafter= (an object), not both")
-            method = self.methods.get(speculative)
-            drafter = method.build(self, method.resolve_options(None))
-        drafter = drafter if drafter is not None else self.drafter
+        if speculative is not None and drafter is not None:
+            raise ValueError("pass either speculative= (a method name) or drafter= (an object), not both")
+        spec = self.resolve_speculation(speculative, None, acceptance)
+        acceptance = spec.rule
+        drafter = spec.drafter if spec.drafter is not None else drafter if drafter is not None else self.drafter
         drafter = drafter if num_draft_tokens > 0 else None
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
         settings = dict(

@@ -1,0 +1,71 @@
+"""What every mmspec pipeline shares: a registry of speculative methods, acceptance rules built
+from the pipeline's own models, and the resolution of one call's method, drafter and rule
+(``speculative=None`` is the plain autoregressive baseline through the same code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+from mmspec.acceptance import AcceptanceRule, get_acceptance_rule
+from mmspec.methods import Method, MethodRegistry
+
+
+@dataclass
+class Speculation:
+    """One call's choice: ``method`` (None = baseline), its ``drafter`` (None = baseline),
+    ``options`` (the method's, defaults filled in) and the acceptance ``rule``."""
+
+    method: Method | None
+    drafter: Any
+    options: dict
+    rule: AcceptanceRule
+
+
+class SpeculativePipelineMixin:
+    """Mixed into every pipeline class (``LlamaGenPipeline``, ``VLMPipeline``, ...), which sets
+    ``methods`` (its :class:`~mmspec.methods.MethodRegistry`) and, if some rules need its models,
+    overrides :meth:`rule_resources`."""
+
+    #: The speculative methods this pipeline runs (``speculative=`` names).
+    methods: ClassVar[MethodRegistry]
+
+    def rule_resources(self) -> dict:
+        """What rules that need this pipeline's models are built from (see
+        :meth:`mmspec.acceptance.AcceptanceRule.from_resources`); none by default."""
+        return {}
+
+    def acceptance_rule(self, name: str, **options: Any) -> AcceptanceRule:
+        """The acceptance rule ``name`` with ``options``, built from this pipeline's models where it
+        needs them."""
+        return get_acceptance_rule(name, self.rule_resources(), **options)
+
+    def resolve_speculation(
+        self,
+        speculative: str | None,
+        speculative_options: Mapping[str, Any] | None = None,
+        acceptance: str | AcceptanceRule | None = None,
+        acceptance_options: Mapping[str, Any] | None = None,
+    ) -> Speculation:
+        """Check and build one call's method, drafter and rule, or raise a ValueError that says what
+        is wrong: an unknown method or option, a missing component, a rule given as an instance with
+        options, a rule that commits differently from the method's loop. ``acceptance=None``: the
+        method's own rule (``"exact"`` for the baseline)."""
+        method = None if speculative is None else self.methods.get(speculative)
+        if method is None and speculative_options:
+            raise ValueError("speculative_options apply to a speculative method; the baseline has none")
+        options = {} if method is None else method.resolve_options(speculative_options)
+        drafter = None if method is None else method.build(self, options)
+        if isinstance(acceptance, AcceptanceRule):
+            if acceptance_options:
+                raise ValueError("acceptance_options apply to a rule given by name, not to a rule instance")
+            rule = acceptance
+        else:
+            default = method.default_rule if method is not None else "exact"
+            rule = self.acceptance_rule(acceptance or default, **dict(acceptance_options or {}))
+        if method is not None and not method.accepts(rule):
+            raise ValueError(
+                f"acceptance rule {rule.name!r} commits {rule.commit.value}, but speculative={method.name!r} runs the "
+                f"{method.loop} loop: use its own rule {method.default_rule!r} or another {method.loop}-loop rule"
+            )
+        return Speculation(method, drafter, options, rule)
