@@ -430,3 +430,29 @@ def test_registries_list_mulo_like_every_other_method(tmp_path):
     pipe = LlamaGenPipeline(target=gpt, vq=vq, low_res_drafter=low)
     assert runnable_methods(pipe) == ["mulo", "sjd"]
     assert LLAMAGEN_METHODS.get("mulo").loop == "masked" and LLAMAGEN_METHODS.get("mulo").default_rule == "mulo"
+
+
+def test_heatmaps_from_every_loop():
+    """The acceptance heat-map is drawn from the shared stats fields of all three loops."""
+    from mmspec.pipelines.llamagen import LlamaGenPipeline
+    from mmspec.visualize import acceptance_heatmap
+
+    from ..conftest import tiny_llamagen
+
+    gpt, vq = tiny_llamagen(grid=4)
+    low, _ = tiny_llamagen(grid=2, seed=1, dim=16, n_layer=1)
+    pipe = LlamaGenPipeline(target=gpt, vq=vq, low_res_drafter=low)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    stats = {
+        "causal": pipe(class_labels=[1], speculative="sjd", generator=generator, output_type="pt").stats,
+        "masked": pipe(class_labels=[1], speculative="mulo", acceptance_options={"tau": 0.05}, generator=generator,
+                       output_type="pt").stats,
+        "block": _video(tau=1.2, drafter_bias=1.0, seed=3)[0].stats,
+    }
+    for name, s in stats.items():
+        source, step = s.token_source[0], s.token_step[0]
+        side = 4 if name != "block" else 1
+        image = acceptance_heatmap(source.view(side, -1), step.view(side, -1), cell=4)
+        assert image.size == (4 * source.numel() // side, 4 * side), name
+        assert len(set(image.getdata())) > 1, name  # sources/steps are visible
