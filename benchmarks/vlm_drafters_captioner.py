@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mmspec.defaults import default_captioner_path, load_captioner_pipeline
+from mmspec.app.defaults import default_captioner_path, load_captioner_pipeline
 from mmspec.drafters import NGramDrafter
 from mmspec.drafters.eagle import TreeConfig
 from mmspec.pipelines.vlm import VISUAL_PATHS, VLMEagleDrafter

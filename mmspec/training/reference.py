@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.emoji import AugmentConfig, EmojiDataset
-from ..defaults import CLASSES_FILE
+from ..app.defaults import CLASSES_FILE
 from ..pipelines.llamagen import LlamaGenCondition, LlamaGenGPT, LlamaGenTokenUpsampler, LlamaGenVQ
 from ..pipelines.llamagen.mulo import DecodeResizeEncode
 from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline

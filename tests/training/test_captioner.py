@@ -1,4 +1,4 @@
-"""The captioner recipe (mmspec.training.captioner) and the embedded default captioner (mmspec.defaults)."""
+"""The captioner recipe (mmspec.training.captioner) and the embedded default captioner (mmspec.app.defaults)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from mmspec.defaults import CAPTIONER_DRAFTER_SUBFOLDER, default_captioner_path, load_default_captioner
+from mmspec.app.defaults import CAPTIONER_DRAFTER_SUBFOLDER, default_captioner_path, load_default_captioner
 from mmspec.training.captioner import (
     DEFAULT_QUESTION,
     TRAIN_QUESTIONS,

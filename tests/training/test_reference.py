@@ -1,4 +1,4 @@
-"""Reference-model recipes (mmspec.training.reference) and the embedded default (mmspec.defaults)."""
+"""Reference-model recipes (mmspec.training.reference) and the embedded default (mmspec.app.defaults)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from mmspec.defaults import default_llamagen_classes, default_llamagen_path, load_default_llamagen
+from mmspec.app.defaults import default_llamagen_classes, default_llamagen_path, load_default_llamagen
 from mmspec.pipelines.llamagen import LlamaGenPipeline
 from mmspec.training.loop import latest_checkpoint
 from mmspec.training.reference import (

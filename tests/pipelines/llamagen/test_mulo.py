@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmspec.evaluation import EvalMethod, evaluate_llamagen
+from mmspec.app.evaluation import EvalMethod, evaluate_llamagen
 from mmspec.pipelines.llamagen import LlamaGenCondition, LlamaGenPipeline
 from mmspec.pipelines.llamagen.mulo import (
     DecodeResizeEncode,

@@ -29,9 +29,20 @@ import torch
 from accelerate.utils import broadcast, reduce
 from tqdm.auto import tqdm
 
+from mmspec.app.jobs import job_state
 from mmspec.loop import required_cache_len, speculative_generate
+from mmspec.pipelines.vlm.drafters import (
+    VISUAL_PATHS,
+    DrafterLayout,
+    SequencePairs,
+    VLMEagleDrafter,
+    VLMEagleHead,
+    lay_out,
+    sequence_pairs,
+)
+from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline
+from mmspec.pipelines.vlm.targets import VLMPrompt, VLMTarget
 from mmspec.sampling import SamplingConfig
-from mmspec.jobs import job_state
 from mmspec.training.eagle import (
     Batches,
     EaglePairs,
@@ -42,10 +53,6 @@ from mmspec.training.eagle import (
     save_checkpoint,
     step_generator,
 )
-
-from .drafters import VISUAL_PATHS, DrafterLayout, SequencePairs, VLMEagleDrafter, VLMEagleHead, lay_out, sequence_pairs
-from .pipeline_vlm import VLMPipeline
-from .targets import VLMPrompt, VLMTarget
 
 #: Questions used when none are given (``--prompts``), and ViSpec's long-answer instruction.
 DEFAULT_QUESTIONS = ("Describe the image.", "What is in this picture?", "What do you see?")
@@ -229,7 +236,7 @@ def _training_items(args: argparse.Namespace) -> list[tuple[Any, str]]:
     if args.prompts is not None:
         questions = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
     if args.images is not None:
-        from mmspec.jobs import image_list
+        from mmspec.app.jobs import image_list
 
         images = image_list(args.images)
     else:

@@ -19,7 +19,7 @@ from mmspec.drafters import NGramDrafter
 from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline
 from mmspec.stats import SOURCE_ACCEPTED
 from mmspec.types import Drafter
-from mmspec.visualize import SOURCE_COLOURS
+from mmspec.app.visualize import SOURCE_COLOURS
 
 from . import MAX_UPLOAD_MB, pipeline_errors
 

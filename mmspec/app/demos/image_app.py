@@ -19,7 +19,7 @@ import torch
 
 from mmspec.acceptance import ACCEPTANCE_RULES
 from mmspec.pipelines.llamagen import SPECULATIVE_METHODS, LlamaGenPipeline, SpeculativeOptions
-from mmspec.visualize import acceptance_heatmap
+from mmspec.app.visualize import acceptance_heatmap
 
 from . import pipeline_errors
 

@@ -1,6 +1,6 @@
 """Gradio demos: ``mmspec demo image|chat``.
 
-The apps live in :mod:`mmspec.demos.image_app` and :mod:`mmspec.demos.chat_app` (they import
+The apps live in :mod:`mmspec.app.demos.image_app` and :mod:`mmspec.app.demos.chat_app` (they import
 gradio, the ``demo`` extra); this module holds what both share and the command-line entry, and
 imports gradio only when a demo is actually launched, so ``mmspec`` works without it.
 """

@@ -90,7 +90,7 @@ def _config(value: str | None, flag: str):
 
 def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """The pipeline named by the command line (official checkpoints, a saved folder, or the default)."""
-    from .pipelines.llamagen import LlamaGenPipeline
+    from ..pipelines.llamagen import LlamaGenPipeline
 
     if args.official_gpt or args.official_vq:
         if not (args.official_gpt and args.official_vq):
@@ -113,7 +113,7 @@ def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.d
 
 def llamagen_classes(args: argparse.Namespace) -> list[dict] | None:
     """The ``{"label", "char", "name"}`` entries of the classes file saved beside a reference
-    pipeline (the embedded default's or ``--model``'s; see :mod:`mmspec.defaults`), or None
+    pipeline (the embedded default's or ``--model``'s; see :mod:`mmspec.app.defaults`), or None
     (official checkpoints, or a folder without the file)."""
     from .defaults import CLASSES_FILE, default_llamagen_path
 
@@ -156,9 +156,9 @@ def generate(args: argparse.Namespace) -> int:
     """Generate images (batch over class labels; resumable; bad items skipped and reported)."""
     import time
 
-    from .drafters.eagle import TreeConfig
+    from ..drafters.eagle import TreeConfig
     from .jobs import job_state, parse_key_values, report, run_job
-    from .pipelines.llamagen import SpeculativeOptions
+    from ..pipelines.llamagen import SpeculativeOptions
     from .visualize import acceptance_heatmap
 
     device = torch.device(args.device)
@@ -183,7 +183,7 @@ def generate(args: argparse.Namespace) -> int:
     rule_options: dict | None = acceptance_options
     try:
         if speculative == "mulo":
-            from .pipelines.llamagen.mulo import mulo_setup
+            from ..pipelines.llamagen.mulo import mulo_setup
 
             mulo_setup(pipe, args.acceptance, acceptance_options)
         else:
@@ -327,12 +327,12 @@ def caption(args: argparse.Namespace) -> int:
     """Caption a folder or list of images to JSONL (resumable; unreadable images skipped and reported)."""
     import PIL.Image
 
-    from .drafters import NGramDrafter
+    from ..drafters import NGramDrafter
     from .jobs import JobOutput, image_list, job_state, report, run_job
 
     device = torch.device(args.device)
     if args.model:
-        from .pipelines.vlm import VLMPipeline
+        from ..pipelines.vlm import VLMPipeline
 
         pipe = VLMPipeline.from_pretrained(args.model, device=device)
     else:
@@ -376,15 +376,15 @@ def caption(args: argparse.Namespace) -> int:
 
 
 def _train_drafter_args(p: argparse.ArgumentParser) -> None:
-    from .pipelines.vlm.training import add_train_vlm_drafter_args
-    from .training.eagle import add_train_drafter_args
+    from ..training.vlm import add_train_vlm_drafter_args
+    from ..training.eagle import add_train_drafter_args
 
     add_train_drafter_args(p)
     add_train_vlm_drafter_args(p)
 
 
 def _train_vlm_drafter(args: argparse.Namespace) -> int:
-    from .pipelines.vlm.training import train_vlm_drafter_command
+    from ..training.vlm import train_vlm_drafter_command
 
     return train_vlm_drafter_command(args)
 
@@ -397,13 +397,13 @@ TRAIN_DRAFTER_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"vlm":
 def train_drafter(args: argparse.Namespace) -> int:
     """Train a draft head by self-distillation: EAGLE for LMs and LlamaGen, vision-aware EAGLE
     drafters (none/full/pool/prune/vispec/flash/specvlm) for VLMs; progress, checkpoints, resume."""
-    from .training.eagle import train_drafter_command
+    from ..training.eagle import train_drafter_command
 
     return TRAIN_DRAFTER_COMMANDS.get(args.target_kind, train_drafter_command)(args)
 
 
 def _train_reference_args(p: argparse.ArgumentParser) -> None:
-    from .training.reference import add_train_reference_args
+    from ..training.reference import add_train_reference_args
 
     add_train_reference_args(p)
 
@@ -411,13 +411,13 @@ def _train_reference_args(p: argparse.ArgumentParser) -> None:
 @command("train-reference", _train_reference_args)
 def train_reference(args: argparse.Namespace) -> int:
     """Train the reference models (VQ tokenizer, LlamaGen target and draft GPT) on the emoji data."""
-    from .training.reference import train_reference_command
+    from ..training.reference import train_reference_command
 
     return train_reference_command(args)
 
 
 def _train_captioner_args(p: argparse.ArgumentParser) -> None:
-    from .training.captioner import add_train_captioner_args
+    from ..training.captioner import add_train_captioner_args
 
     add_train_captioner_args(p)
 
@@ -425,7 +425,7 @@ def _train_captioner_args(p: argparse.ArgumentParser) -> None:
 @command("train-captioner", _train_captioner_args)
 def train_captioner(args: argparse.Namespace) -> int:
     """Train the reference captioner (a small LLaVA model and its drafter) on the emoji data."""
-    from .training.captioner import train_captioner_command
+    from ..training.captioner import train_captioner_command
 
     return train_captioner_command(args)
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # the pipeline imports diffusers; only load it when a model is requested
-    from .pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
+    from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 #: File next to a saved reference pipeline listing its classes (label, emoji, Unicode name).
@@ -45,7 +45,7 @@ def load_default_llamagen(device: str | torch.device = "cpu") -> LlamaGenPipelin
     Raises:
         FileNotFoundError: the assets are not installed (the message says how to rebuild them).
     """
-    from .pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
+    from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 
     path = _checked_path()
     # The weights are stored in float32, so no dtype argument (its name differs across diffusers).
@@ -67,7 +67,7 @@ def default_llamagen_classes() -> list[dict[str, object]]:
 
 # ---------------------------------------------------------------------------------------- captioner
 if TYPE_CHECKING:  # transformers' VLM classes load only when a captioner is requested
-    from .pipelines.vlm import VLMPipeline
+    from ..pipelines.vlm import VLMPipeline
 
 #: Subfolder of a saved captioner holding its draft model (a full LLaVA model, same processor).
 CAPTIONER_DRAFTER_SUBFOLDER = "drafter"
@@ -91,8 +91,8 @@ def load_captioner_pipeline(path: str | Path, device: str | torch.device = "cpu"
     Raises:
         FileNotFoundError: ``path`` holds no saved model.
     """
-    from .drafters import ModelDrafter
-    from .pipelines.vlm import VLMPipeline, load_vlm_target
+    from ..drafters import ModelDrafter
+    from ..pipelines.vlm import VLMPipeline, load_vlm_target
 
     path = Path(path)
     if not (path / "config.json").is_file():
