@@ -6,7 +6,11 @@ import torch
 
 from ..loop import GenerationOutput
 from ..pipelines.llamagen.official import GPT_PRESETS
-from ..pipelines.llamagen.pipeline_llamagen import SPECULATIVE_METHODS, LlamaGenPipeline, SpeculativeOptions
+from ..pipelines.llamagen.pipeline_llamagen import (
+    SPECULATIVE_METHODS,
+    LlamaGenPipeline,
+    SpeculativeOptions,
+)
 from .bench import BenchCase, BenchSuite, register_suite
 
 

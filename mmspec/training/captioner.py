@@ -88,12 +88,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from ..app.defaults import CAPTIONER_DRAFTER_SUBFOLDER, CLASSES_FILE, load_captioner_pipeline
 from ..drafters import NGramDrafter
 from ..pipelines.vlm import VLMPipeline
 from ..stats import SOURCE_ACCEPTED
 from .loop import TrainRun, clip_and_step, cosine_schedule, param_groups, run_training
 from .reference import RECIPE_FILE, EmojiDataConfig
+from .saved import CAPTIONER_DRAFTER_SUBFOLDER, CLASSES_FILE, load_captioner_pipeline
 
 try:  # recent transformers name the PIL backend; importing it directly avoids a fallback warning
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as _ImageProcessor
@@ -775,7 +775,7 @@ def save_captioner(model: LlavaForConditionalGeneration, processor: LlavaProcess
                    drafter: LlavaForConditionalGeneration | None = None, data: CaptionDataConfig | None = None,
                    recipe: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """``save_pretrained`` the model and processor to ``out`` (the drafter, with the processor, to
-    ``out/drafter``), the class list (:data:`~mmspec.app.defaults.CLASSES_FILE`, when ``data`` is
+    ``out/drafter``), the class list (:data:`~mmspec.training.saved.CLASSES_FILE`, when ``data`` is
     given) and the recipe (:data:`~mmspec.training.reference.RECIPE_FILE`).
 
     Args:

@@ -50,11 +50,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.emoji import AugmentConfig, EmojiDataset
-from ..app.defaults import CLASSES_FILE
 from ..pipelines.llamagen import LlamaGenCondition, LlamaGenGPT, LlamaGenTokenUpsampler, LlamaGenVQ
 from ..pipelines.llamagen.mulo import DecodeResizeEncode
 from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 from .loop import TrainRun, clip_and_step, cosine_schedule, param_groups, run_training
+from .saved import CLASSES_FILE
 
 # Held-out items come from another dataset seed, so they are never among the training scenes.
 HELDOUT_SEED_OFFSET = 1_000_003

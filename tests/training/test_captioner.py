@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from mmspec.app.defaults import CAPTIONER_DRAFTER_SUBFOLDER, default_captioner_path, load_default_captioner
+from mmspec.app.defaults import default_captioner_path, load_default_captioner
 from mmspec.training.captioner import (
     DEFAULT_QUESTION,
     TRAIN_QUESTIONS,
@@ -31,6 +31,7 @@ from mmspec.training.captioner import (
     train_captioner_command,
 )
 from mmspec.training.loop import latest_checkpoint
+from mmspec.training.saved import CAPTIONER_DRAFTER_SUBFOLDER
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ..models import add_llamagen_source, llamagen_classes, load_llamagen, resolve_dtype
+
 #: Queue limits: one generation at a time (pipelines reuse their static KV caches across calls,
 #: and one job already uses the whole device); a bounded waiting line so that a crowd gets a clear
 #: "queue is full" instead of an ever-longer wait.
@@ -50,8 +52,6 @@ def launch(demo: Any, host: str = "127.0.0.1", port: int | None = None, share: b
 
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mmspec demo``."""
-    from ..cli import _add_llamagen_source
-
     parser.add_argument("app", choices=["image", "chat"], help="image generation (LlamaGen) or visual chat (VLM)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's first free port from 7860)")
@@ -60,7 +60,7 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--vlm", default=None, help="chat: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...; "
                         "default: the embedded emoji captioner)")
-    _add_llamagen_source(parser)
+    add_llamagen_source(parser)
 
 
 def demo_command(args: argparse.Namespace) -> int:
@@ -70,18 +70,16 @@ def demo_command(args: argparse.Namespace) -> int:
     except ImportError:
         raise SystemExit("the demos need Gradio: pip install 'mmspec[demo]'") from None
     device = torch.device(args.device)
-    from ..cli import resolve_dtype
-
     dtype = resolve_dtype(args.dtype, device)
     if args.app == "image":
-        from ..cli import llamagen_classes, load_llamagen
         from .image_app import build_image_demo
 
         classes = llamagen_classes(args)
         names = None if classes is None else [f"{entry['char']} {entry['name']}" for entry in classes]
         demo = build_image_demo(load_llamagen(args, device, dtype), class_names=names)
     else:
-        from ..defaults import load_captioner_pipeline, load_default_captioner
+        from ...training.saved import load_captioner_pipeline
+        from ..defaults import load_default_captioner
         from .chat_app import build_chat_demo
 
         try:  # the embedded emoji captioner by default; --vlm DIR for any LLaVA / Qwen2-VL checkpoint

@@ -15,11 +15,11 @@ import gradio as gr
 import PIL.Image
 import torch
 
+from mmspec.app.visualize import SOURCE_COLOURS
 from mmspec.drafters import NGramDrafter
 from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline
 from mmspec.stats import SOURCE_ACCEPTED
 from mmspec.types import Drafter
-from mmspec.app.visualize import SOURCE_COLOURS
 
 from . import MAX_UPLOAD_MB, pipeline_errors
 

@@ -18,8 +18,8 @@ import PIL.Image
 import torch
 
 from mmspec.acceptance import ACCEPTANCE_RULES
-from mmspec.pipelines.llamagen import SPECULATIVE_METHODS, LlamaGenPipeline, SpeculativeOptions
 from mmspec.app.visualize import acceptance_heatmap
+from mmspec.pipelines.llamagen import SPECULATIVE_METHODS, LlamaGenPipeline, SpeculativeOptions
 
 from . import pipeline_errors
 
