@@ -23,7 +23,8 @@ from mmspec.pipelines.vlm import VISUAL_PATHS, VLMEagleDrafter
 from mmspec.app.defaults import default_captioner_path
 from mmspec.drafters import NGramDrafter
 from mmspec.drafters.eagle import TreeConfig
-from mmspec.training.captioner import DEFAULT_QUESTION, CaptionDataConfig
+from mmspec.training.captioner_data import CaptionDataConfig
+from mmspec.training.captioner_model import DEFAULT_QUESTION
 from mmspec.training.reference import RECIPE_FILE
 from mmspec.training.saved import load_captioner_pipeline
 

@@ -358,7 +358,7 @@ def train_reference(args: argparse.Namespace) -> int:
 
 
 def _train_captioner_args(p: argparse.ArgumentParser) -> None:
-    from ..training.captioner import add_train_captioner_args
+    from ..training.captioner_cli import add_train_captioner_args
 
     add_train_captioner_args(p)
 
@@ -366,7 +366,7 @@ def _train_captioner_args(p: argparse.ArgumentParser) -> None:
 @command("train-captioner", _train_captioner_args)
 def train_captioner(args: argparse.Namespace) -> int:
     """Train the reference captioner (a small LLaVA model and its drafter) on the emoji data."""
-    from ..training.captioner import train_captioner_command
+    from ..training.captioner_cli import train_captioner_command
 
     return train_captioner_command(args)
 

@@ -17,7 +17,7 @@
   clipping).
 
 ``config`` is any dataclass with ``steps``, ``checkpoint_dir``, ``checkpoint_every``, ``resume`` and
-``progress`` fields (e.g. :class:`~mmspec.training.reference.GPTTrainConfig`; :func:`train_head` also
+``progress`` fields (e.g. :class:`~mmspec.training.reference_gpt.GPTTrainConfig`; :func:`train_head` also
 reads ``lr`` and ``grad_clip``, e.g. :class:`~mmspec.training.eagle.EagleTrainConfig`).
 """
 

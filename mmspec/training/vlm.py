@@ -5,7 +5,7 @@ every step draws ``(images, question)`` prompts, lets the target answer them its
 sampled; ViSpec's recipe of long target-generated answers, Kang et al. 2025, arXiv 2509.15235, is
 ``answer_len`` plus an instruction asking for detail), teacher-forces prompt + answer through the
 target for its features ``f_t`` and trains the head on the same layout it drafts from
-(:func:`~mmspec.pipelines.vlm.drafters.lay_out`), visual-path parameters jointly, with EAGLE's loss
+(:func:`~mmspec.pipelines.vlm.drafter_layout.lay_out`), visual-path parameters jointly, with EAGLE's loss
 (:func:`mmspec.training.eagle.eagle_loss`: Smooth-L1 on features + ``w`` * cross-entropy against the
 target's soft next-token distribution). A semi-autoregressive head (FLASH) adds the same loss for
 each lookahead output against ``f_{t+1+j}``.
@@ -28,15 +28,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mmspec.loop import required_cache_len, speculative_generate
-from mmspec.pipelines.vlm.drafters import (
-    VISUAL_PATHS,
-    DrafterLayout,
-    SequencePairs,
-    VLMEagleDrafter,
-    VLMEagleHead,
-    lay_out,
-    sequence_pairs,
-)
+from mmspec.pipelines.vlm.drafter_layout import DrafterLayout, SequencePairs, lay_out, sequence_pairs
+from mmspec.pipelines.vlm.drafters import VLMEagleDrafter, VLMEagleHead
+from mmspec.pipelines.vlm.visual_paths import VISUAL_PATHS
 from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline
 from mmspec.pipelines.vlm.targets import VLMPrompt, VLMTarget
 from mmspec.sampling import SamplingConfig
@@ -186,7 +180,7 @@ def add_train_vlm_drafter_args(parser: argparse.ArgumentParser) -> None:
     come from :func:`mmspec.training.eagle.add_train_drafter_args`."""
     group = parser.add_argument_group("VLM drafters (--target-kind vlm)")
     group.add_argument("--visual-path", default="vispec", choices=sorted(VISUAL_PATHS),
-                       help="what the drafter keeps of the image tokens (pipelines/vlm/drafters.py)")
+                       help="what the drafter keeps of the image tokens (pipelines/vlm/visual_paths.py)")
     group.add_argument("--ratio", type=int, default=4, help="image-token reduction of the compressing paths")
     group.add_argument("--num-queries", type=int, default=64, help="learned queries per image (vispec, flash)")
     group.add_argument("--tokens-per-step", type=int, default=None,

@@ -2,7 +2,8 @@
 targets, and :class:`VLMPipeline` for speculative image-to-text generation."""
 
 from .decoder import RopeOffsetKVCache, VLMDecoder, VLMDecoderConfig, convert_language_model
-from .drafters import VISUAL_PATHS, VLMEagleConfig, VLMEagleDrafter, VLMEagleHead
+from .drafters import VLMEagleDrafter, VLMEagleHead
+from .visual_paths import VISUAL_PATHS, VLMEagleConfig
 from .pipeline_vlm import VLMPipeline, VLMPipelineOutput
 from .targets import (
     VLM_FAMILIES,

@@ -13,22 +13,16 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from mmspec.app.defaults import default_captioner_path, load_default_captioner
-from mmspec.training.captioner import (
+from mmspec.training.captioner import captioner_configs, train_caption_drafter, train_captioner
+from mmspec.training.captioner_cli import add_train_captioner_args, train_captioner_command
+from mmspec.training.captioner_data import CaptionDataConfig, CaptionExamples, caption_loss, render_caption_data
+from mmspec.training.captioner_model import (
     DEFAULT_QUESTION,
     TRAIN_QUESTIONS,
-    CaptionDataConfig,
-    CaptionExamples,
-    add_train_captioner_args,
     build_caption_processor,
     build_captioner,
     build_caption_tokenizer,
-    caption_loss,
-    captioner_configs,
     chat_prompt,
-    render_caption_data,
-    train_caption_drafter,
-    train_captioner,
-    train_captioner_command,
 )
 from mmspec.training.loop import latest_checkpoint
 from mmspec.training.saved import CAPTIONER_DRAFTER_SUBFOLDER

@@ -12,14 +12,9 @@ import torch
 
 from mmspec.drafters.eagle import TreeConfig
 from mmspec.pipelines.vlm import VLMPipeline, load_vlm_target
-from mmspec.pipelines.vlm.drafters import (
-    VISUAL_PATHS,
-    VLMEagleDrafter,
-    VLMEagleHead,
-    lay_out,
-    prompt_sequence,
-    sequence_pairs,
-)
+from mmspec.pipelines.vlm.drafter_layout import lay_out, prompt_sequence, sequence_pairs
+from mmspec.pipelines.vlm.drafters import VLMEagleDrafter, VLMEagleHead
+from mmspec.pipelines.vlm.visual_paths import VISUAL_PATHS
 from mmspec.training.vlm import (
     add_train_vlm_drafter_args,
     distilled_batches,
