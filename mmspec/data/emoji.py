@@ -16,9 +16,8 @@ from __future__ import annotations
 import math
 import operator
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -340,35 +339,3 @@ def _composite(pixels: np.ndarray, patch: np.ndarray, left: int, top: int) -> No
     region = pixels[y0:y1, x0:x1]
     region *= 1.0 - part[..., 3:]
     region += part[..., :3]
-
-
-def make_grid_preview(dataset: EmojiDataset, path: str | os.PathLike[str], n: int = 64) -> Path:
-    """Write the first ``n`` images of ``dataset`` as a square-ish PNG grid.
-
-    Args:
-        dataset: the dataset to preview (its ``return_pil`` setting does not matter).
-        path: the PNG file to write; parent folders are created.
-        n: number of images (at most ``len(dataset)``).
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-    """
-    n = min(n, len(dataset))
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    columns = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    size, pad = dataset.image_size, 2
-    grid_shape = (columns * (size + pad) + pad, rows * (size + pad) + pad)
-    grid = Image.new("RGB", grid_shape, (255, 255, 255))
-    for i in range(n):
-        image = dataset[i]["image"]
-        if isinstance(image, torch.Tensor):
-            array = (image.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-            image = Image.fromarray(array, "RGB")
-        row, col = divmod(i, columns)
-        grid.paste(image, (pad + col * (size + pad), pad + row * (size + pad)))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    return out

@@ -67,7 +67,13 @@ import torch
 import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from .captioner_data import CaptionDataConfig, CaptionExamples, caption_loss, render_caption_data, vision_features
+from .captioner_data import (
+    CaptionDataConfig,
+    CaptionExamples,
+    caption_loss,
+    render_caption_data,
+    vision_features,
+)
 from .captioner_model import (
     CHAT_TEMPLATE,
     CHATML_TEMPLATE,

@@ -13,7 +13,13 @@ from typing import Any
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from .captioner import PRESETS, captioner_configs, save_captioner, train_caption_drafter, train_captioner
+from .captioner import (
+    PRESETS,
+    captioner_configs,
+    save_captioner,
+    train_caption_drafter,
+    train_captioner,
+)
 from .captioner_eval import evaluate_captioner, save_caption_grid
 from .reference import RECIPE_FILE
 from .saved import load_captioner_pipeline

@@ -18,7 +18,13 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from ..drafters import NGramDrafter
 from ..pipelines.vlm import VLMPipeline
 from ..stats import SOURCE_ACCEPTED
-from .captioner_data import CaptionDataConfig, CaptionExamples, _chunks, caption_loss, render_caption_data
+from .captioner_data import (
+    CaptionDataConfig,
+    CaptionExamples,
+    _chunks,
+    caption_loss,
+    render_caption_data,
+)
 from .captioner_model import DEFAULT_QUESTION, IGNORE_INDEX, chat_prompt
 
 

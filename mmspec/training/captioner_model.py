@@ -4,9 +4,9 @@ recipe is :mod:`mmspec.training.captioner`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -24,7 +24,9 @@ from transformers import (
 )
 
 try:  # recent transformers name the PIL backend; importing it directly avoids a fallback warning
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as _ImageProcessor
+    from transformers.models.clip.image_processing_pil_clip import (
+        CLIPImageProcessorPil as _ImageProcessor,
+    )
 except ImportError:  # older releases: CLIPImageProcessor is the PIL implementation
     from transformers import CLIPImageProcessor as _ImageProcessor
 

@@ -46,7 +46,12 @@ from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 from .reference_data import EmojiDataConfig
 from .reference_eval import evaluate_reference
 from .reference_gpt import GPTTrainConfig, train_c2i_gpt
-from .reference_upsampler import UpsamplerTrainConfig, cached_tokens, train_upsampler, upsampler_pairs
+from .reference_upsampler import (
+    UpsamplerTrainConfig,
+    cached_tokens,
+    train_upsampler,
+    upsampler_pairs,
+)
 from .reference_vq import VQTrainConfig, train_vq
 from .saved import CLASSES_FILE
 

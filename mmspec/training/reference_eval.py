@@ -16,7 +16,12 @@ from ..pipelines.llamagen.mulo import DecodeResizeEncode
 from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 from .reference_data import EmojiDataConfig, render_images
 from .reference_gpt import gpt_training_loss
-from .reference_upsampler import UpsamplerTrainConfig, cached_tokens, upsampler_accuracy, upsampler_pairs
+from .reference_upsampler import (
+    UpsamplerTrainConfig,
+    cached_tokens,
+    upsampler_accuracy,
+    upsampler_pairs,
+)
 
 
 # ---------------------------------------------------------------------------------------- evaluation

@@ -21,18 +21,24 @@ weights as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from mmspec.loop import required_cache_len, speculative_generate
-from mmspec.pipelines.vlm.drafter_layout import DrafterLayout, SequencePairs, lay_out, sequence_pairs
+from mmspec.pipelines.vlm.drafter_layout import (
+    DrafterLayout,
+    SequencePairs,
+    lay_out,
+    sequence_pairs,
+)
 from mmspec.pipelines.vlm.drafters import VLMEagleDrafter, VLMEagleHead
-from mmspec.pipelines.vlm.visual_paths import VISUAL_PATHS
 from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline
 from mmspec.pipelines.vlm.targets import VLMPrompt, VLMTarget
+from mmspec.pipelines.vlm.visual_paths import VISUAL_PATHS
 from mmspec.sampling import SamplingConfig
 from mmspec.training.eagle import (
     Batches,

@@ -3,8 +3,9 @@ pairs with its image tokens, merged with a visual path's image entries by sequen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +160,7 @@ def prompt_sequence(target: VLMTarget, prompt: VLMPrompt, features: torch.Tensor
     return sequence_pairs(target, prompt, next_tokens, features, prompt.lengths.to(features.device) - 1, dtype)
 
 
-def lay_out(head: "VLMEagleHead", seq: SequencePairs) -> DrafterLayout:
+def lay_out(head: VLMEagleHead, seq: SequencePairs) -> DrafterLayout:
     """Merge the text pairs and the visual path's image entries of every row by sequence position
     (a row's entries fill slots ``0 .. lengths - 1``)."""
     batch, width = seq.next_tokens.shape

@@ -61,6 +61,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
 from mmspec.drafters.eagle import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -73,8 +76,6 @@ from mmspec.drafters.eagle import (
 from mmspec.modeling import RMSNorm, rope_frequencies
 from mmspec.sampling import sample_from_probs
 from mmspec.types import Draft, DraftContext, PrefillOutput, Verdict
-from safetensors.torch import load_file
-from torch import nn
 
 from .decoder import RopeOffsetKVCache
 from .drafter_layout import lay_out, prompt_sequence
@@ -137,7 +138,7 @@ class VLMEagleHead(EagleHead):
         self.register_buffer("rope_component", component, persistent=False)  # [D/2] t/h/w of each pair
 
     @classmethod
-    def for_target(cls, target: VLMTarget, visual_path: str = "full", n_head: int | None = None, **options) -> "VLMEagleHead":
+    def for_target(cls, target: VLMTarget, visual_path: str = "full", n_head: int | None = None, **options) -> VLMEagleHead:
         """A fresh head for ``target`` (named by :func:`~mmspec.drafters.eagle.target_fingerprint`).
 
         ``options``: further :class:`VLMEagleConfig` fields (``ratio``, ``num_queries``,
@@ -214,7 +215,7 @@ class VLMEagleHead(EagleHead):
 
     # ------------------------------------------------------------------ save / load
     @classmethod
-    def from_pretrained(cls, directory: str | Path, target: VLMTarget, visual_path: str | None = None) -> "VLMEagleHead":
+    def from_pretrained(cls, directory: str | Path, target: VLMTarget, visual_path: str | None = None) -> VLMEagleHead:
         """Load a head saved by ``save_pretrained`` for ``target``; ``ValueError`` if it was trained
         for another target (LM-head fingerprint, image token, RoPE kind) or, when ``visual_path`` is
         given, uses another visual path."""
@@ -320,7 +321,7 @@ class VLMEagleDrafter(EagleDrafter):
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, target: VLMTarget, visual_path: str | None = None, tree: TreeConfig | None = None
-    ) -> "VLMEagleDrafter":
+    ) -> VLMEagleDrafter:
         """Load a drafter for ``target`` (see :meth:`VLMEagleHead.from_pretrained` for the checks);
         ``tree`` overrides the saved tree budget."""
         head = VLMEagleHead.from_pretrained(directory, target, visual_path)

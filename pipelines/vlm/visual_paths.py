@@ -5,14 +5,15 @@ with the head configuration that names them."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from mmspec.drafters.eagle import EagleConfig
 from mmspec.modeling import RMSNorm
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class PoolCells:
         return self.first.shape[0]
 
     @classmethod
-    def of(cls, image: ImageTokens, ratio: int) -> "PoolCells":
+    def of(cls, image: ImageTokens, ratio: int) -> PoolCells:
         kh, kw = (k[image.span] for k in _window(ratio, image))  # [n]
         row, col = image.grid.unbind(-1)
         width = int(image.span_grid.max()) + 1 if image.num_spans else 1  # deliberate sync: layout, once per prompt

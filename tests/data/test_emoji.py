@@ -13,14 +13,14 @@ from mmspec.data import (
     GROUPS,
     AugmentConfig,
     EmojiDataset,
+    emoji_glyphs,
     emoji_group,
+    emoji_groups,
     find_emoji_font,
     load_glyph_atlas,
-    make_grid_preview,
     scene_caption,
     select_distinct_glyphs,
 )
-from mmspec.data import emoji_glyphs, emoji_groups
 
 INSTALL_HINT = "fonts-noto-color-emoji"
 
@@ -250,13 +250,3 @@ def test_bad_arguments(atlas):
 def test_bad_augment_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
         AugmentConfig(**kwargs)
-
-
-# --- helpers ------------------------------------------------------------------------------
-
-
-def test_make_grid_preview(atlas, tmp_path):
-    dataset = EmojiDataset(image_size=16, num_samples=10)
-    path = make_grid_preview(dataset, tmp_path / "sub" / "grid.png", n=10)
-    with Image.open(path) as grid:
-        assert grid.size == (4 * 18 + 2, 3 * 18 + 2)
