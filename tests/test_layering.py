@@ -12,7 +12,9 @@ statement, including those inside functions and ``TYPE_CHECKING`` blocks):
 * application (``mmspec/app/``): anything.
 
 Files are classified by the folder rules above, so new engine modules (``mmspec/loops/``, ...) are
-checked without being listed here.
+checked without being listed here. Within and across layers, modules import each other without
+cycles (imports under ``if TYPE_CHECKING:`` aside): e.g. the CLI and the demos share helpers through
+a third module instead of importing each other.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Import:
     line: int
     module: str  # absolute dotted name (an imported name that is a module is included, e.g. mmspec.app)
     in_function: bool
+    type_only: bool  # under `if TYPE_CHECKING:`
 
 
 def module_name(path: Path) -> str:
@@ -66,6 +69,12 @@ def layer_of(module: str) -> str | None:
     return ENGINE
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def source_files() -> list[Path]:
     files = []
     for folder in SOURCE_DIRS:
@@ -81,18 +90,23 @@ def imports_of(path: Path, source: str | None = None) -> list[Import]:
     tree = ast.parse(source, filename=str(path))
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    functions: list[tuple[int, int]] = [
-        (node.lineno, node.end_lineno) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    functions = [(n.lineno, n.end_lineno) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    type_blocks = [
+        (n.body[0].lineno, n.body[-1].end_lineno) for n in ast.walk(tree) if isinstance(n, ast.If) and _is_type_checking(n.test)
     ]
+    modules = {module_name(p) for p in source_files()}
 
     def nested(node: ast.AST) -> bool:
         return any(start < node.lineno <= end for start, end in functions)
+
+    def type_only(node: ast.AST) -> bool:
+        return any(start <= node.lineno <= end for start, end in type_blocks)
 
     found = []
     rel = path.relative_to(ROOT)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [Import(rel, node.lineno, alias.name, nested(node)) for alias in node.names]
+            found += [Import(rel, node.lineno, alias.name, nested(node), type_only(node)) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -101,10 +115,10 @@ def imports_of(path: Path, source: str | None = None) -> list[Import]:
             else:
                 module = node.module
             for alias in node.names:
-                # `from mmspec import app` / `from .. import training` import a subpackage.
+                # `from mmspec import app` / `from . import serving` import a (sub)package or module.
                 candidate = f"{module}.{alias.name}"
-                target = candidate if layer_of(candidate) != layer_of(module) else module
-                found.append(Import(rel, node.lineno, target, nested(node)))
+                target = candidate if candidate in modules or layer_of(candidate) != layer_of(module) else module
+                found.append(Import(rel, node.lineno, target, nested(node), type_only(node)))
     return found
 
 
@@ -130,6 +144,49 @@ def violations(path: Path, source: str | None = None) -> list[str]:
     return problems
 
 
+def import_cycles() -> list[list[str]]:
+    """Groups of modules that import each other, directly or through others (Tarjan's strongly
+    connected components of the import graph; imports under ``if TYPE_CHECKING:`` left out)."""
+    files = {module_name(p): p for p in source_files()}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        graph[name] = set()
+        for imp in imports_of(path):
+            target = imp.module
+            while target and target not in files:  # a name inside a module: the module
+                target = target.rpartition(".")[0]
+            if target and target != name and not imp.type_only:
+                graph[name].add(target)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
 def test_every_layer_has_files():
     """The classification sees the tree (a moved folder must not silently empty a layer)."""
     layers = {layer_of(module_name(path)) for path in source_files()}
@@ -140,6 +197,13 @@ def test_every_layer_has_files():
 def test_imports_point_down(path):
     problems = violations(path)
     assert not problems, "layering violations (docs/DESIGN.md §3b):\n" + "\n".join(problems)
+
+
+def test_no_import_cycles():
+    cycles = import_cycles()
+    assert not cycles, "modules importing each other (move what they share to a third module):\n" + "\n".join(
+        " <-> ".join(group) for group in cycles
+    )
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ pytest.importorskip("gradio_client", reason="gradio_client comes with gradio")
 from gradio_client import Client, handle_file  # noqa: E402  (after the skip)
 
 from mmspec.app.defaults import default_llamagen_classes, load_default_captioner, load_default_llamagen  # noqa: E402
-from mmspec.app.demos import MAX_UPLOAD_MB, chat_app, image_app, launch  # noqa: E402
+from mmspec.app.demos import chat_app, image_app  # noqa: E402
+from mmspec.app.demos.serving import MAX_UPLOAD_MB, launch  # noqa: E402
 from mmspec.drafters import ModelDrafter  # noqa: E402
 from mmspec.pipelines.llamagen import LlamaGenPipeline  # noqa: E402
 from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline  # noqa: E402

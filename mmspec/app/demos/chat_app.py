@@ -21,7 +21,7 @@ from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline
 from mmspec.stats import SOURCE_ACCEPTED
 from mmspec.types import Drafter
 
-from . import MAX_UPLOAD_MB, pipeline_errors
+from .serving import MAX_UPLOAD_MB, pipeline_errors
 
 BASELINE = "none (baseline)"
 ACCEPTED = "drafted + accepted"

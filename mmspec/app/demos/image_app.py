@@ -21,7 +21,7 @@ from mmspec.acceptance import ACCEPTANCE_RULES
 from mmspec.app.visualize import acceptance_heatmap
 from mmspec.pipelines.llamagen import SPECULATIVE_METHODS, LlamaGenPipeline, SpeculativeOptions
 
-from . import pipeline_errors
+from .serving import pipeline_errors
 
 BASELINE = "none"
 SLOTS = ("baseline", "method")  # file names of the two runs' pictures
