@@ -18,13 +18,15 @@ import time
 from pathlib import Path
 
 import torch
+from mmspec.pipelines.vlm import VISUAL_PATHS, VLMEagleDrafter
 
-from mmspec.defaults import default_captioner_path, load_captioner_pipeline
+from mmspec.app.defaults import default_captioner_path
 from mmspec.drafters import NGramDrafter
 from mmspec.drafters.eagle import TreeConfig
-from mmspec.pipelines.vlm import VISUAL_PATHS, VLMEagleDrafter
-from mmspec.training.captioner import DEFAULT_QUESTION, CaptionDataConfig
+from mmspec.training.captioner_data import CaptionDataConfig
+from mmspec.training.captioner_model import DEFAULT_QUESTION
 from mmspec.training.reference import RECIPE_FILE
+from mmspec.training.saved import load_captioner_pipeline
 
 NUM_DRAFT_TOKENS = 4
 TREE = TreeConfig(depth=4, top_k=3, total_nodes=10)

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from mmspec.demos import add_demo_args, demo_command
+from mmspec.app.demos import add_demo_args, demo_command
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

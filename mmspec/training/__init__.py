@@ -1,1 +1,3 @@
-"""Training recipes: drafters (EAGLE-style heads) and the reference models."""
+"""Training recipes: draft heads (EAGLE for LMs and LlamaGen, vision-aware VLM heads; one loop in
+:mod:`mmspec.training.loop`) and the embedded reference models. Recipes import pipelines; pipelines
+and the engine never import this package."""

@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
 from ..drafters.eagle import EagleConfig, EagleHead, target_fingerprint
 from ..loops import required_cache_len, speculative_generate
 from ..modeling import DecoderConfig, DecoderLM
 from ..sampling import SamplingConfig
 from ..types import Target, TokenPrompt
-from .loop import latest_checkpoint, save_state
+from .loop import train_head
 
 #: ``step -> (prompt, tokens [B, T])``: what ``target.prefill`` takes and the tokens that follow it.
 Batches = Callable[[int], tuple[Any, torch.Tensor]]
@@ -185,66 +184,23 @@ def eagle_loss(
     return loss, {"feature_loss": feature_loss.detach(), "token_loss": token_loss.detach()}
 
 
-def save_checkpoint(directory: Path, step: int, head: EagleHead, optimizer: torch.optim.Optimizer) -> None:
-    """Write the head, optimiser, step and global RNG state (:func:`~mmspec.training.loop.save_state`)."""
-    state = {
-        "step": step, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-        # The global RNG state, so that batch callables drawing from it also resume identically.
-        "torch_rng": torch.get_rng_state(),
-    }
-    save_state(directory, step, state)
-
-
-def resume_training(config: EagleTrainConfig, head: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """With ``config.resume``, load the head, optimizer and RNG state of the latest checkpoint in
-    ``config.checkpoint_dir`` (written by :func:`save_checkpoint`); return the step to start from."""
-    if not config.resume:
-        return 0
-    if config.checkpoint_dir is None:
-        raise ValueError("resume=True needs a checkpoint_dir")
-    latest = latest_checkpoint(config.checkpoint_dir)
-    if latest is None:
-        return 0
-    state = torch.load(latest, map_location="cpu", weights_only=True)
-    head.load_state_dict(state["head"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"]
-
-
 def train_eagle_head(target: Target, head: EagleHead, batches: Batches, config: EagleTrainConfig) -> list[float]:
     """Train ``head`` (in place) on ``batches`` (e.g. :func:`self_distilled_batches`) for the
     target whose embedding and LM head it shares; the target itself stays frozen.
 
-    Returns the losses of the steps run by this call. Checkpoints hold the head's weights, the
-    optimizer, the step and the RNG state; ``config.resume`` continues from the latest one, and
-    because step ``i``'s data depend only on ``(seed, i)`` a resumed run ends with the same weights
-    as an uninterrupted one.
+    Returns the losses of the steps run by this call (:func:`~mmspec.training.loop.train_head`).
+    Checkpoints hold the head's weights, the optimizer, the step and the RNG state; ``config.resume``
+    continues from the latest one, and because step ``i``'s data depend only on ``(seed, i)`` a
+    resumed run ends with the same weights as an uninterrupted one.
     """
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    directory = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
-    first_step = resume_training(config, head, optimizer)
-    losses = []
-    bar = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc="train EAGLE head",
-               disable=not config.progress)
-    head.train()
-    for step in bar:
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():  # the target is the teacher: frozen (its decode must not build graphs)
             prompt, tokens = batches(step)
             pairs = eagle_training_pairs(target, prompt, tokens, config.max_prompt_len)
-        with torch.enable_grad():
-            loss, parts = eagle_loss(head, pairs, config.feature_loss_weight, config.token_loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
-        optimizer.step()
-        losses.append(float(loss.detach()))  # one sync per step: logging, outside any decode loop
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", feature=f"{float(parts['feature_loss']):.4f}")
-        done = step + 1
-        if directory is not None and (done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-            save_checkpoint(directory, done, head, optimizer)
-    head.eval()
-    return losses
+        return eagle_loss(head, pairs, config.feature_loss_weight, config.token_loss_weight)
+
+    return train_head(head, config, step_loss, desc="train EAGLE head")
 
 
 # ---------------------------------------------------------------------- command line

@@ -6,14 +6,19 @@
   ``config.resume``; a resumed run ends bit for bit where an uninterrupted one does (same device and
   thread count). A checkpoint records the settings it was written with (:func:`config_fingerprint`)
   and refuses to resume a run with other settings.
+* :func:`train_head`: the draft-head loop shared by EAGLE heads (LMs, LlamaGen) and the
+  vision-aware VLM heads: AdamW, a loss per step from a step function, gradient clipping,
+  checkpoints (:func:`save_head_checkpoint`) and resumption (:func:`resume_head_training`), and
+  optionally data parallelism under ``accelerate launch`` (:func:`process_state`).
 * :func:`save_state` / :func:`latest_checkpoint`: the checkpoint files themselves
-  (``step-NNNNNNN.pt``, written atomically), also used by the EAGLE trainers' own loops.
+  (``step-NNNNNNN.pt``, written atomically).
 * :func:`cosine_schedule`, :func:`param_groups`, :func:`clip_and_step`: LlamaGen's optimisation
   recipe (linear warm-up then cosine decay; weight decay on matrices and embeddings only; gradient
   clipping).
 
 ``config`` is any dataclass with ``steps``, ``checkpoint_dir``, ``checkpoint_every``, ``resume`` and
-``progress`` fields (e.g. :class:`~mmspec.training.reference.GPTTrainConfig`).
+``progress`` fields (e.g. :class:`~mmspec.training.reference_gpt.GPTTrainConfig`; :func:`train_head` also
+reads ``lr`` and ``grad_clip``, e.g. :class:`~mmspec.training.eagle.EagleTrainConfig`).
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -159,3 +165,100 @@ def clip_and_step(run: TrainRun, loss: torch.Tensor, grad_clip: float) -> None:
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip)
     run.optimizer.step()
     run.scheduler.step()
+
+
+# ---------------------------------------------------------------------- draft heads
+def process_state():
+    """This process's place in a data-parallel run (``accelerate launch`` / ``torchrun``): accelerate's
+    ``PartialState``, asked for the CPU backend when there is no GPU (without it, CPU processes
+    launched together do not see each other)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def save_head_checkpoint(directory: Path, step: int, head: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write the head, optimiser, step and global RNG state (:func:`save_state`)."""
+    state = {
+        "step": step, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+        # The global RNG state, so that batch callables drawing from it also resume identically.
+        "torch_rng": torch.get_rng_state(),
+    }
+    save_state(directory, step, state)
+
+
+def resume_head_training(config: Any, head: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """With ``config.resume``, load the head, optimizer and RNG state of the latest checkpoint in
+    ``config.checkpoint_dir`` (written by :func:`save_head_checkpoint`); return the step to start from."""
+    if not config.resume:
+        return 0
+    if config.checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    latest = latest_checkpoint(config.checkpoint_dir)
+    if latest is None:
+        return 0
+    state = torch.load(latest, map_location="cpu", weights_only=True)
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
+
+
+def train_head(
+    head: torch.nn.Module,
+    config: Any,
+    step_loss: Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    desc: str,
+    data_parallel: bool = False,
+) -> list[float]:
+    """Train a draft head (in place) for ``config.steps`` AdamW steps; returns this call's per-step
+    losses (this process's).
+
+    ``step_loss(index)`` draws the data of ``index`` (the teacher under ``torch.no_grad()``) and
+    returns ``(loss, parts)`` with the loss's graph built (``parts["feature_loss"]`` is shown on the
+    progress bar). Without ``data_parallel`` the index is the step; with it, every process of an
+    ``accelerate launch`` starts from the main process's weights, draws index
+    ``step * num_processes + rank`` and averages gradients before each step, and only the main
+    process writes checkpoints and shows progress (one process behaves exactly as a plain run).
+    Checkpoints hold the head, the optimiser, the step and the RNG state; ``config.resume``
+    continues from the latest one, so a resumed run ends with the weights of an uninterrupted one
+    when the data of an index is fixed.
+    """
+    num_processes, rank, is_main = 1, 0, True
+    if data_parallel:
+        state = process_state()
+        num_processes, rank, is_main = state.num_processes, state.process_index, state.is_main_process
+    if num_processes > 1:  # every process starts from the main process's weights
+        from accelerate.utils import broadcast
+
+        with torch.no_grad():
+            for p in head.parameters():
+                p.copy_(broadcast(p.detach().clone(), from_process=0))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    directory = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    first_step = resume_head_training(config, head, optimizer)
+    losses = []
+    bar = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc=desc,
+               disable=not (config.progress and is_main))
+    head.train()
+    for step in bar:
+        with torch.enable_grad():
+            loss, parts = step_loss(step * num_processes + rank)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if num_processes > 1:
+            from accelerate.utils import reduce
+
+            for p in head.parameters():
+                if p.grad is not None:
+                    p.grad = reduce(p.grad, "mean")
+        torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))  # one sync per step: logging, outside any decode loop
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", feature=f"{float(parts['feature_loss']):.4f}")
+        done = step + 1
+        checkpoint = done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
+        if directory is not None and checkpoint and is_main:
+            save_head_checkpoint(directory, done, head, optimizer)
+    head.eval()
+    return losses

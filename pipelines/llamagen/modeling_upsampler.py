@@ -4,7 +4,7 @@ target's grid (``r`` times the side) in the same VQ codebook.
 
 The paper trains its up-samplers; their architecture could not be read for this build, so this one
 is this implementation's: a small convolutional network over token embeddings. It is trained by
-:func:`mmspec.training.reference.train_upsampler` on pairs of grids of the SAME scene tokenised at
+:func:`mmspec.training.reference_upsampler.train_upsampler` on pairs of grids of the SAME scene tokenised at
 both resolutions (cross-entropy of the high-resolution tokens), so for each target position it
 predicts the codebook entry most likely there given the low-resolution grid: a sharper candidate
 than the training-free decode -> resize -> re-encode, which encodes a blurred image.

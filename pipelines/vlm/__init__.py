@@ -2,8 +2,9 @@
 targets, and :class:`VLMPipeline` for speculative image-to-text generation."""
 
 from .decoder import RopeOffsetKVCache, VLMDecoder, VLMDecoderConfig, convert_language_model
-from .drafters import VISUAL_PATHS, VLMEagleConfig, VLMEagleDrafter, VLMEagleHead
+from .drafters import VLMEagleDrafter, VLMEagleHead
 from .pipeline_vlm import VLM_METHODS, VLMPipeline, VLMPipelineOutput
+from .visual_paths import VISUAL_PATHS, VLMEagleConfig
 from .targets import (
     VLM_FAMILIES,
     LlavaTarget,

@@ -47,15 +47,17 @@ after a span keeps its original positions, so drafts line up with the target's. 
 
 In every attention-pooled entry (vispec, flash, resampler) the same weights pool both halves, so
 an entry is an ``(embedding, feature)`` pair like the others.
+
+Modules: the configuration and the visual paths in :mod:`~mmspec.pipelines.vlm.visual_paths`, the
+layout of the drafter cache in :mod:`~mmspec.pipelines.vlm.drafter_layout`, the head and the
+drafter here.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +67,6 @@ from torch import nn
 from mmspec.drafters.eagle import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    EagleConfig,
     EagleDrafter,
     EagleHead,
     TreeConfig,
@@ -77,494 +78,11 @@ from mmspec.sampling import sample_from_probs
 from mmspec.types import Draft, DraftContext, PrefillOutput, Verdict
 
 from .decoder import RopeOffsetKVCache
+from .drafter_layout import lay_out, prompt_sequence
 from .targets import VLMPrompt, VLMTarget
+from .visual_paths import PATH_DEFAULTS, VISUAL_PATHS, VLMEagleConfig
 
 TREE_NAME = "tree.json"
-
-
-@dataclass(frozen=True)
-class VLMEagleConfig(EagleConfig):
-    """An :class:`~mmspec.drafters.eagle.EagleConfig` plus the visual path and the target's
-    multimodal conventions (all checked on loading).
-
-    Args:
-        visual_path: a key of :data:`VISUAL_PATHS`.
-        ratio: token-count reduction of the compressing paths (pool, prune, vispec, flash, specvlm).
-        num_queries: learned queries of vispec / flash (the most entries one image can get).
-        tokens_per_step: drafts per head forward in chains (FLASH's semi-autoregressive head: 2).
-        image_token_id: the target's image placeholder id.
-        mrope_section: the head's M-RoPE split of its ``head_dim / 2`` frequency pairs into
-            ``(t, h, w)`` sections, or None for 1-D RoPE targets.
-    """
-
-    visual_path: str = "full"
-    ratio: int = 4
-    num_queries: int = 64
-    tokens_per_step: int = 1
-    image_token_id: int = -1
-    mrope_section: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.visual_path not in VISUAL_PATHS:
-            raise ValueError(f"unknown visual path {self.visual_path!r}; available: {', '.join(VISUAL_PATHS)}")
-        if self.ratio < 1 or self.num_queries < 1 or self.tokens_per_step < 1:
-            raise ValueError(
-                f"ratio, num_queries and tokens_per_step must be >= 1, got {self.ratio}, {self.num_queries}, "
-                f"{self.tokens_per_step}"
-            )
-        if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
-            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}")
-
-
-# --------------------------------------------------------------------------- image tokens
-
-
-@dataclass
-class ImageTokens:
-    """Every image token of a batch that the drafter layout covers, flattened in (row, position)
-    order (``n`` tokens, ``S`` spans = images, numbered in the same order).
-
-    ``row``, ``position``: ``[n]`` batch row and sequence position. ``span``: ``[n]`` image index.
-    ``grid``: ``[n, 2]`` (row, column) in the image's token grid (raster order within a span).
-    ``rope``: ``[n, 3]`` the target's RoPE ids. ``embeds`` / ``features``: ``[n, H]`` the target's
-    input embedding and output feature. ``span_row``, ``span_first``, ``span_size``: ``[S]`` each
-    image's batch row, index of its first token and token count; ``span_grid``: ``[S, 2]`` grid size.
-    """
-
-    row: torch.Tensor
-    position: torch.Tensor
-    span: torch.Tensor
-    grid: torch.Tensor
-    rope: torch.Tensor
-    embeds: torch.Tensor
-    features: torch.Tensor
-    span_row: torch.Tensor
-    span_first: torch.Tensor
-    span_size: torch.Tensor
-    span_grid: torch.Tensor
-
-    @property
-    def num_spans(self) -> int:
-        return self.span_size.shape[0]
-
-
-@dataclass
-class VisualEntries:
-    """A visual path's output: ``m`` cache entries for the image spans.
-
-    ``token``: ``[m]`` index (into :class:`ImageTokens`) of each entry's representative token, whose
-    row, sequence position and RoPE ids the entry takes (increasing within a span).
-    ``embeds`` / ``features``: ``[m, H]``. ``span_global``: ``[S, H]`` a global feature per image added
-    to every later text entry (ViSpec), or None.
-    """
-
-    token: torch.Tensor
-    embeds: torch.Tensor
-    features: torch.Tensor
-    span_global: torch.Tensor | None = None
-
-
-def _segment_mean(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Mean of ``values [n, D]`` per segment id ``[n]`` -> ``[num_segments, D]`` (empty segments: 0)."""
-    total = values.new_zeros(num_segments, values.shape[-1]).index_add_(0, segment, values)
-    count = torch.bincount(segment, minlength=num_segments).clamp(min=1)
-    return total / count[:, None].to(values.dtype)
-
-
-def _span_attention(
-    queries: torch.Tensor, entry_span: torch.Tensor, keys: torch.Tensor, image: ImageTokens
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every entry attends over its own image's tokens only: ``softmax(q . k / sqrt(H))`` pools
-    both halves ``(e_i, f_i)``. ``queries [m, H]`` (entries grouped by span, in span order),
-    ``entry_span [m]``, ``keys [n, H]`` -> ``(embeds, features)`` ``[m, H]`` each. Computed per
-    image on padded blocks, so the cost is ``sum_s m_s N_s``, not ``m n``."""
-    num_spans, hidden = image.num_spans, keys.shape[-1]
-    if queries.shape[0] == 0:
-        return image.embeds[:0], image.features[:0]
-    width = int(image.span_size.max())  # deliberate sync: layout, once per prompt
-    offsets = torch.arange(width, device=keys.device)
-    inside = offsets[None] < image.span_size[:, None]  # [S, N]
-    index = torch.where(inside, image.span_first[:, None] + offsets, 0)  # [S, N]
-    count = torch.bincount(entry_span, minlength=num_spans)
-    rank = torch.arange(entry_span.shape[0], device=keys.device) - (count.cumsum(0) - count)[entry_span]
-    padded = queries.new_zeros(num_spans, int(count.max()), hidden)  # [S, m_max, H]
-    padded[entry_span, rank] = queries
-    scores = padded @ keys[index].transpose(1, 2) / math.sqrt(hidden)  # [S, m_max, N]
-    weights = scores.masked_fill(~inside[:, None], float("-inf")).softmax(-1)
-    pooled = (weights @ torch.cat([image.embeds, image.features], -1)[index])[entry_span, rank]  # [m, 2H]
-    return pooled.split(hidden, -1)
-
-
-def _window(ratio: int, image: ImageTokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooling window ``(kh, kw)`` per span ``[S]`` each: ``k x k`` when ``ratio = k^2`` and the
-    grid has more than one row, else ``1 x ratio``."""
-    k = math.isqrt(ratio)
-    two_d = (image.span_grid[:, 0] > 1) & (k * k == ratio)
-    return torch.where(two_d, k, 1), torch.where(two_d, k, ratio)
-
-
-@dataclass
-class PoolCells:
-    """The pooling windows of a batch's image tokens (``m`` cells, raster order per span).
-
-    ``cell``: ``[n]`` each token's cell. ``first``: ``[m]`` each cell's first (top-left) token.
-    ``offset``: ``[n]`` each token's place in its window, ``[0, ratio)``.
-    """
-
-    cell: torch.Tensor
-    first: torch.Tensor
-    offset: torch.Tensor
-
-    @property
-    def num_cells(self) -> int:
-        return self.first.shape[0]
-
-    @classmethod
-    def of(cls, image: ImageTokens, ratio: int) -> "PoolCells":
-        kh, kw = (k[image.span] for k in _window(ratio, image))  # [n]
-        row, col = image.grid.unbind(-1)
-        width = int(image.span_grid.max()) + 1 if image.num_spans else 1  # deliberate sync: layout, once per prompt
-        key = (image.span * width + row // kh) * width + col // kw  # sorts span-major, then raster
-        _, cell = torch.unique(key, return_inverse=True)
-        num_cells = int(cell.max()) + 1 if cell.numel() else 0
-        index = torch.arange(cell.shape[0], device=cell.device)
-        first = torch.full((num_cells,), cell.shape[0], device=cell.device).scatter_reduce(0, cell, index, "amin")
-        return cls(cell, first, (row % kh) * kw + col % kw)
-
-
-class VisualPath(nn.Module):
-    """Maps a batch's image tokens to drafter cache entries (see the module docstring)."""
-
-    def __init__(self, config: VLMEagleConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def forward(self, image: ImageTokens) -> VisualEntries:
-        raise NotImplementedError
-
-
-class NoVisual(VisualPath):
-    """Text-only drafter: the image spans leave no entry."""
-
-    def forward(self, image: ImageTokens) -> VisualEntries:
-        none = image.row[:0]
-        return VisualEntries(none, image.embeds[:0], image.features[:0])
-
-
-class FullVisual(VisualPath):
-    """EAGLE-VLM: every image token is an entry."""
-
-    def forward(self, image: ImageTokens) -> VisualEntries:
-        return VisualEntries(torch.arange(image.row.shape[0], device=image.row.device), image.embeds, image.features)
-
-
-class PoolVisual(VisualPath):
-    """Average pooling over each image's token grid (``ratio`` tokens per window)."""
-
-    def forward(self, image: ImageTokens) -> VisualEntries:
-        cells = PoolCells.of(image, self.config.ratio)
-        return VisualEntries(
-            cells.first,
-            _segment_mean(image.embeds, cells.cell, cells.num_cells),
-            _segment_mean(image.features, cells.cell, cells.num_cells),
-        )
-
-
-class PruneVisual(VisualPath):
-    """Keep the ``ceil(N / ratio)`` tokens of each image with the largest feature norm."""
-
-    def forward(self, image: ImageTokens) -> VisualEntries:
-        n = image.row.shape[0]
-        keep_count = -(-image.span_size // self.config.ratio)  # [S] ceil
-        by_norm = torch.argsort(image.features.norm(dim=-1), descending=True, stable=True)
-        order = by_norm[torch.argsort(image.span[by_norm], stable=True)]  # per span, largest norm first
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(n, device=order.device) - image.span_first[image.span[order]]
-        kept = torch.nonzero(rank < keep_count[image.span]).squeeze(1)  # sequence order
-        return VisualEntries(kept, image.embeds[kept], image.features[kept])
-
-
-class QueryVisual(VisualPath):
-    """Learned queries cross-attending over one half of each image's tokens (ViSpec's vision
-    adaptor over embeddings, FLASH's latent-aware compression over features): query ``j`` of a span
-    scores token ``i`` by ``q_j . norm(x_i) / sqrt(H)`` and pools ``(e_i, f_i)`` with those weights.
-
-    Args:
-        config: sizes (``num_queries``, ``ratio``).
-        source: ``"embeds"`` (ViSpec) or ``"features"`` (FLASH).
-        global_feature: add ViSpec's per-image global feature (mean of the outputs, projected;
-            the projection starts at zero, so an untrained adaptor adds nothing).
-    """
-
-    def __init__(self, config: VLMEagleConfig, source: str, global_feature: bool) -> None:
-        super().__init__(config)
-        hidden = config.hidden_size
-        self.source = source
-        self.queries = nn.Parameter(torch.randn(config.num_queries, hidden))
-        self.key_norm = RMSNorm(hidden, config.norm_eps)
-        self.global_proj = nn.Linear(hidden, hidden) if global_feature else None
-        if self.global_proj is not None:
-            nn.init.zeros_(self.global_proj.weight)
-            nn.init.zeros_(self.global_proj.bias)
-
-    def forward(self, image: ImageTokens) -> VisualEntries:
-        device = image.row.device
-        count = torch.minimum(-(-image.span_size // self.config.ratio), torch.full_like(image.span_size, self.config.num_queries))
-        span = torch.repeat_interleave(torch.arange(image.num_spans, device=device), count)  # [m]
-        j = torch.arange(span.shape[0], device=device) - (count.cumsum(0) - count)[span]  # query index in its span
-        token = image.span_first[span] + ((2 * j + 1) * image.span_size[span]) // (2 * count[span])
-        embeds, features = _span_attention(self.queries[j], span, self.key_norm(getattr(image, self.source)), image)
-        span_global = None
-        if self.global_proj is not None:
-            span_global = self.global_proj(_segment_mean(embeds, span, image.num_spans))  # [S, H]
-        return VisualEntries(token, embeds, features, span_global)
-
-
-class ElasticVisual(VisualPath):
-    """SpecVLM's elastic compressor: a gate picks one primitive per image (pool / prune / conv /
-    resampler), all laid out on the pooling windows. Ties (e.g. the zero-initialised gate) pick pooling."""
-
-    PRIMITIVES = ("pool", "prune", "conv", "resampler")
-
-    def __init__(self, config: VLMEagleConfig) -> None:
-        super().__init__(config)
-        hidden = config.hidden_size
-        self.gate = nn.Linear(hidden, len(self.PRIMITIVES))
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
-        self.conv = nn.Parameter(torch.ones(config.ratio, 2 * hidden))  # depthwise taps, [window offset, e|f]
-        self.resampler_query = nn.Linear(hidden, hidden, bias=False)
-        self.key_norm = RMSNorm(hidden, config.norm_eps)
-
-    def forward(self, image: ImageTokens) -> VisualEntries:
-        cells = PoolCells.of(image, self.config.ratio)
-        hidden, n = image.embeds.shape[-1], image.embeds.shape[0]
-        both = torch.cat([image.embeds, image.features], -1)  # [n, 2H]
-        pooled = _segment_mean(both, cells.cell, cells.num_cells)  # [m, 2H]
-        norm = image.features.norm(dim=-1)  # [n]
-        best = norm.new_full((cells.num_cells,), float("-inf")).scatter_reduce(0, cells.cell, norm, "amax")
-        candidates = torch.where(norm == best[cells.cell], torch.arange(n, device=norm.device), n)
-        winner = torch.full_like(cells.first, n).scatter_reduce(0, cells.cell, candidates, "amin")  # [m] max-norm token
-        conv = _segment_mean(both * self.conv[cells.offset], cells.cell, cells.num_cells)
-        cell_span = image.span[cells.first]  # [m]
-        queries = self.resampler_query(pooled[:, :hidden])
-        resampled = torch.cat(_span_attention(queries, cell_span, self.key_norm(image.embeds), image), -1)
-        options = torch.stack([pooled, both[winner], conv, resampled])  # [4, m, 2H], PRIMITIVES order
-        logits = self.gate(_segment_mean(image.embeds, image.span, image.num_spans))  # [S, 4]
-        choice = (
-            F.gumbel_softmax(logits, tau=1.0, hard=True)  # straight-through: one-hot forward, soft gradient
-            if self.training
-            else F.one_hot(logits.argmax(-1), len(self.PRIMITIVES)).to(logits.dtype)
-        )
-        chosen = torch.einsum("mk,kmd->md", choice[cell_span], options)
-        embeds, features = chosen.split(hidden, -1)
-        return VisualEntries(cells.first, embeds, features)
-
-
-#: ``visual_path`` name -> the module that builds its entries.
-VISUAL_PATHS: dict[str, Callable[[VLMEagleConfig], VisualPath]] = {
-    "none": NoVisual,
-    "full": FullVisual,
-    "pool": PoolVisual,
-    "prune": PruneVisual,
-    "vispec": lambda config: QueryVisual(config, source="embeds", global_feature=True),
-    "flash": lambda config: QueryVisual(config, source="features", global_feature=False),
-    "specvlm": ElasticVisual,
-}
-
-#: Defaults a visual path brings to :meth:`VLMEagleHead.for_target` (FLASH: its semi-AR head).
-PATH_DEFAULTS: dict[str, dict] = {"flash": {"tokens_per_step": 2}}
-
-
-# --------------------------------------------------------------------------- sequences and layouts
-
-
-@dataclass
-class SequencePairs:
-    """A batch of sequences as EAGLE pairs by sequence position ``t`` (``S`` positions per row).
-
-    ``next_tokens``: ``[B, S]`` ``x_{t+1}``. ``features``: ``[B, S, H]`` ``f_t``. ``rope``: ``[3, B, S]``
-    the target's RoPE ids of ``t``. ``num_pairs``: ``[B]`` pairs ``t < num_pairs`` enter the layout.
-    ``rope_offsets``: ``[B]`` RoPE id minus sequence position of the text after the prompt (M-RoPE
-    deltas; zero for 1-D RoPE). ``image``: the prompt's image tokens (excluded from the text pairs).
-    Training only: ``target_features`` ``[B, S, H]`` ``f_{t+1}`` and ``valid`` ``[B, S]`` the pairs
-    with a loss target.
-    """
-
-    next_tokens: torch.Tensor
-    features: torch.Tensor
-    rope: torch.Tensor
-    num_pairs: torch.Tensor
-    rope_offsets: torch.Tensor
-    image: ImageTokens
-    is_image: torch.Tensor
-    target_features: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
-
-
-@dataclass
-class DrafterLayout:
-    """What the drafter cache holds for a batch of sequences: ``M`` entries per row (padded).
-
-    ``embeds`` / ``features``: ``[B, M, H]``. ``rope``: ``[3, B, M]`` RoPE ids. ``bias``: ``[B, M, H]``
-    ViSpec's global image features added to text entries, or None. ``source``: ``[B, M]`` the
-    sequence position ``t`` of text entries (-1: image entry or padding). ``lengths``: ``[B]``
-    entries per row. ``text_bias``: ``[B, H]`` the bias of text after the prompt (all its images).
-    """
-
-    embeds: torch.Tensor
-    features: torch.Tensor
-    rope: torch.Tensor
-    bias: torch.Tensor | None
-    source: torch.Tensor
-    lengths: torch.Tensor
-    text_bias: torch.Tensor
-
-
-#: HF ``model_type`` -> tokens per side of one image's square token grid, for 1-D RoPE families
-#: whose images are plain patch grids (M-RoPE families read their grids off the RoPE ids).
-SQUARE_GRID_SIDE: dict[str, Callable[[object], int]] = {
-    "llava": lambda config: config.vision_config.image_size // config.vision_config.patch_size,
-}
-
-
-def _image_tokens(
-    target: VLMTarget, prompt: VLMPrompt, is_image: torch.Tensor, features: torch.Tensor, rope: torch.Tensor,
-    dtype: torch.dtype,
-) -> ImageTokens:
-    """Collect the image tokens ``is_image [B, S]`` (grids from M-RoPE ids, or square LLaVA-1.5
-    images, else one row per run of image tokens)."""
-    device = is_image.device
-    width = prompt.tokens.shape[1]
-    in_prompt = (prompt.tokens == target.image_token_id) & (
-        torch.arange(width, device=device)[None] < prompt.lengths[:, None]
-    )  # [B, P]: the rows of prompt.image_features, in order
-    embed_index = in_prompt.flatten().cumsum(0).view_as(in_prompt) - 1
-    row, position = torch.nonzero(is_image, as_tuple=True)  # deliberate sync: once per prompt / training step
-    n = row.shape[0]
-    image_features = prompt.image_features if n == 0 or prompt.image_features is not None else target.encode_images(prompt).image_features
-    embeds = image_features[embed_index[row, position]] if n else features.new_zeros(0, features.shape[-1])
-    ids = rope[:, row, position].T  # [n, 3]
-    new_run = torch.ones(n, dtype=torch.bool, device=device)
-    new_run[1:] = (row[1:] != row[:-1]) | (position[1:] != position[:-1] + 1)
-    run = new_run.cumsum(0) - 1
-    run_first = torch.nonzero(new_run).squeeze(1)
-    j = torch.arange(n, device=device) - run_first[run]  # index within the run
-    if target.decoder.config.mrope_section is not None:  # M-RoPE: the (h, w) ids are the grid
-        starts = torch.full((run_first.shape[0], 2), 1 << 30, device=device).scatter_reduce(
-            0, run[:, None].expand(-1, 2), ids[:, 1:], "amin"
-        )
-        grid, new_span = ids[:, 1:] - starts[run], new_run
-    else:
-        side = SQUARE_GRID_SIDE.get(target.config.model_type, lambda config: 0)(target.config)
-        per_image = max(side * side, 1)
-        square = (torch.bincount(run)[run] % per_image == 0) & (side > 0)  # [n] the run is whole square images
-        k = torch.where(square, j % per_image, j)
-        grid = torch.stack([torch.where(square, k // max(side, 1), 0), torch.where(square, k % max(side, 1), k)], -1)
-        new_span = new_run | (square & (k == 0))
-    span = new_span.cumsum(0) - 1
-    span_first = torch.nonzero(new_span).squeeze(1)
-    num_spans = span_first.shape[0]
-    span_grid = torch.zeros(num_spans, 2, dtype=torch.long, device=device).scatter_reduce(
-        0, span[:, None].expand(-1, 2), grid + 1, "amax"
-    )
-    return ImageTokens(
-        row=row, position=position, span=span, grid=grid, rope=ids, embeds=embeds.to(dtype),
-        features=features[row, position].to(dtype), span_row=row[span_first], span_first=span_first,
-        span_size=torch.bincount(span, minlength=num_spans), span_grid=span_grid,
-    )
-
-
-def _rope_ids(target: VLMTarget, prompt: VLMPrompt, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's RoPE ids ``[3, B, width]`` for the prompt and the text after it, and each
-    row's offset ``[B]`` (1-D RoPE: three equal rows)."""
-    positions, offsets = target.rope_positions(prompt)  # [B, P] or [3, B, P], [B]
-    positions = positions.expand(3, -1, -1) if positions.dim() == 2 else positions
-    s = torch.arange(width, device=positions.device)
-    after = (s[None] + offsets[:, None]).expand(3, -1, -1)  # [3, B, width]
-    prompt_ids = F.pad(positions, (0, width - positions.shape[-1]))
-    inside = s[None] < prompt.lengths[:, None]
-    return torch.where(inside, prompt_ids, after), offsets
-
-
-def sequence_pairs(
-    target: VLMTarget,
-    prompt: VLMPrompt,
-    next_tokens: torch.Tensor,
-    features: torch.Tensor,
-    num_pairs: torch.Tensor,
-    dtype: torch.dtype,
-    target_features: torch.Tensor | None = None,
-    valid: torch.Tensor | None = None,
-) -> SequencePairs:
-    """Sequences that start with ``prompt`` as EAGLE pairs: ``next_tokens [B, S]`` (``x_{t+1}``),
-    ``features [B, S, H]`` (``f_t``), pairs ``t < num_pairs [B]``; the prompt's image tokens among
-    them are the visual path's (``dtype``: the head's)."""
-    width = next_tokens.shape[1]
-    device = next_tokens.device
-    rope, offsets = _rope_ids(target, prompt, width)
-    tokens = F.pad(prompt.tokens.to(device), (0, width - prompt.tokens.shape[1]), value=-1)[:, :width]
-    is_image = (tokens == target.image_token_id) & (torch.arange(width, device=device)[None] < num_pairs[:, None])
-    return SequencePairs(
-        next_tokens=next_tokens, features=features, rope=rope, num_pairs=num_pairs, rope_offsets=offsets,
-        image=_image_tokens(target, prompt, is_image, features, rope, dtype), is_image=is_image,
-        target_features=target_features, valid=valid,
-    )
-
-
-def prompt_sequence(target: VLMTarget, prompt: VLMPrompt, features: torch.Tensor, dtype: torch.dtype) -> SequencePairs:
-    """The prompt's pairs ``t < L - 1`` (the last one is the drafter's first catch-up) from the
-    prefill features ``[B, P, H]``."""
-    tokens = prompt.tokens.to(features.device)
-    next_tokens = F.pad(tokens[:, 1:], (0, 1))
-    return sequence_pairs(target, prompt, next_tokens, features, prompt.lengths.to(features.device) - 1, dtype)
-
-
-def lay_out(head: "VLMEagleHead", seq: SequencePairs) -> DrafterLayout:
-    """Merge the text pairs and the visual path's image entries of every row by sequence position
-    (a row's entries fill slots ``0 .. lengths - 1``)."""
-    batch, width = seq.next_tokens.shape
-    device = seq.next_tokens.device
-    dtype = head.fc.weight.dtype
-    image = seq.image
-    entries = head.visual(image)
-    text = (torch.arange(width, device=device)[None] < seq.num_pairs[:, None]) & ~seq.is_image  # [B, S]
-    text_row, text_pos = torch.nonzero(text, as_tuple=True)
-    row = torch.cat([text_row, image.row[entries.token]])  # [E] every entry's row
-    key = torch.cat([text_pos, image.position[entries.token]])  # [E] its sequence position
-    order = torch.argsort(row * (width + 1) + key)
-    lengths = torch.bincount(row, minlength=batch)  # [B]
-    slot = torch.empty_like(order)
-    slot[order] = torch.arange(order.shape[0], device=device) - (lengths.cumsum(0) - lengths)[row[order]]
-    num_slots = int(lengths.max()) if batch else 0  # deliberate sync: layout, once per prompt
-    token_embeds = F.embedding(seq.next_tokens[text_row, text_pos].clamp(min=0), head.target_modules.embed.weight.detach())
-
-    def scatter(text_values: torch.Tensor, image_values: torch.Tensor) -> torch.Tensor:
-        values = torch.cat([text_values.to(dtype), image_values.to(dtype)])  # [E, H]
-        out = values.new_zeros(batch, num_slots, values.shape[-1])
-        out[row, slot] = values
-        return out
-
-    rope = torch.zeros(3, batch, num_slots, dtype=torch.long, device=device)
-    rope[:, row, slot] = torch.cat([seq.rope[:, text_row, text_pos], image.rope[entries.token].T], 1)
-    source = torch.full((batch, num_slots), -1, dtype=torch.long, device=device)
-    source[text_row, slot[: text_row.shape[0]]] = text_pos
-    bias, text_bias = None, torch.zeros(batch, head.config.hidden_size, dtype=dtype, device=device)
-    if entries.span_global is not None and image.num_spans:
-        glob = entries.span_global.to(dtype)  # [S, H]
-        text_bias = text_bias.index_add(0, image.span_row, glob)  # every image of the row
-        # A text entry gets the features of its row's images that start before it: a per-row
-        # running sum, indexed by the last such image (spans are in (row, position) order).
-        running = glob.cumsum(0) - (text_bias.cumsum(0) - text_bias)[image.span_row]  # [S, H]
-        span_key = image.span_row * (width + 1) + image.position[image.span_first]
-        last = torch.searchsorted(span_key, text_row * (width + 1) + text_pos) - 1  # [T]
-        own = (last >= 0) & (image.span_row[last.clamp(min=0)] == text_row)
-        text_values = torch.where(own[:, None], running[last.clamp(min=0)], 0)
-        bias = scatter(text_values, torch.zeros_like(entries.embeds))  # [B, M, H]
-    return DrafterLayout(
-        embeds=scatter(token_embeds, entries.embeds), features=scatter(seq.features[text_row, text_pos], entries.features),
-        rope=rope, bias=bias, source=source, lengths=lengths, text_bias=text_bias,
-    )
 
 
 # --------------------------------------------------------------------------- head and drafter
@@ -620,7 +138,7 @@ class VLMEagleHead(EagleHead):
         self.register_buffer("rope_component", component, persistent=False)  # [D/2] t/h/w of each pair
 
     @classmethod
-    def for_target(cls, target: VLMTarget, visual_path: str = "full", n_head: int | None = None, **options) -> "VLMEagleHead":
+    def for_target(cls, target: VLMTarget, visual_path: str = "full", n_head: int | None = None, **options) -> VLMEagleHead:
         """A fresh head for ``target`` (named by :func:`~mmspec.drafters.eagle.target_fingerprint`).
 
         ``options``: further :class:`VLMEagleConfig` fields (``ratio``, ``num_queries``,
@@ -697,7 +215,7 @@ class VLMEagleHead(EagleHead):
 
     # ------------------------------------------------------------------ save / load
     @classmethod
-    def from_pretrained(cls, directory: str | Path, target: VLMTarget, visual_path: str | None = None) -> "VLMEagleHead":
+    def from_pretrained(cls, directory: str | Path, target: VLMTarget, visual_path: str | None = None) -> VLMEagleHead:
         """Load a head saved by ``save_pretrained`` for ``target``; ``ValueError`` if it was trained
         for another target (LM-head fingerprint, image token, RoPE kind) or, when ``visual_path`` is
         given, uses another visual path."""
@@ -803,7 +321,7 @@ class VLMEagleDrafter(EagleDrafter):
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, target: VLMTarget, visual_path: str | None = None, tree: TreeConfig | None = None
-    ) -> "VLMEagleDrafter":
+    ) -> VLMEagleDrafter:
         """Load a drafter for ``target`` (see :meth:`VLMEagleHead.from_pretrained` for the checks);
         ``tree`` overrides the saved tree budget."""
         head = VLMEagleHead.from_pretrained(directory, target, visual_path)
@@ -811,4 +329,3 @@ class VLMEagleDrafter(EagleDrafter):
         if tree is None and tree_file.is_file():
             tree = TreeConfig(**json.loads(tree_file.read_text()))
         return cls(head.eval(), target, tree)
-

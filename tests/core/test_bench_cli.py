@@ -2,8 +2,8 @@ import json
 
 import torch
 
-from mmspec.bench import BENCH_SUITES, format_table, run_benchmark
-from mmspec.cli import main
+from mmspec.app.bench import BENCH_SUITES, format_table, run_benchmark
+from mmspec.app.cli import main
 
 
 def test_lm_suite_record_compares_methods_to_baseline_on_same_inputs():

@@ -418,7 +418,7 @@ def test_method_registry():
 def test_registries_list_mulo_like_every_other_method(tmp_path):
     """MuLo-SD is one more registered method: the image demo's method list and the ar-image
     bench read it from the registry whenever the pipeline has a low-resolution drafter."""
-    from mmspec.demos.image_app import runnable_methods
+    from mmspec.app.demos.image_app import runnable_methods
     from mmspec.pipelines.llamagen import LLAMAGEN_METHODS, LlamaGenPipeline
 
     from ..conftest import tiny_llamagen
@@ -435,7 +435,7 @@ def test_registries_list_mulo_like_every_other_method(tmp_path):
 def test_heatmaps_from_every_loop():
     """The acceptance heat-map is drawn from the shared stats fields of all three loops."""
     from mmspec.pipelines.llamagen import LlamaGenPipeline
-    from mmspec.visualize import acceptance_heatmap
+    from mmspec.app.visualize import acceptance_heatmap
 
     from ..conftest import tiny_llamagen
 

@@ -1,6 +1,5 @@
 """Tests for mmspec.data.emoji: the font-rendered emoji image–caption dataset."""
 
-import sys
 import unicodedata
 
 import numpy as np
@@ -14,15 +13,14 @@ from mmspec.data import (
     GROUPS,
     AugmentConfig,
     EmojiDataset,
-    bundled_photos,
+    emoji_glyphs,
     emoji_group,
+    emoji_groups,
     find_emoji_font,
     load_glyph_atlas,
-    make_grid_preview,
     scene_caption,
     select_distinct_glyphs,
 )
-from mmspec.data import emoji
 
 INSTALL_HINT = "fonts-noto-color-emoji"
 
@@ -54,7 +52,7 @@ def test_missing_font_env_var_and_defaults_raise(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=FONT_ENV_VAR):
         find_emoji_font()
     monkeypatch.delenv(FONT_ENV_VAR)
-    monkeypatch.setattr(emoji, "DEFAULT_FONT_PATHS", (tmp_path / "missing.ttf",))
+    monkeypatch.setattr(emoji_glyphs, "DEFAULT_FONT_PATHS", (tmp_path / "missing.ttf",))
     with pytest.raises(FileNotFoundError, match=INSTALL_HINT):
         find_emoji_font()
 
@@ -81,7 +79,7 @@ def test_catalogue_names_groups_and_exclusions(atlas):
     # Modifiers, components and combining marks only make sense inside sequences.
     for excluded in ("\U0001F3FB", "\U0001F9B0", "\u20E3", "\u200D"):
         assert excluded not in chars
-    assert atlas.images.shape == (len(glyphs), emoji.GLYPH_SIZE, emoji.GLYPH_SIZE, 4)
+    assert atlas.images.shape == (len(glyphs), emoji_glyphs.GLYPH_SIZE, emoji_glyphs.GLYPH_SIZE, 4)
     assert atlas.images.dtype == np.uint8
     # Every cell holds ink, and premultiplied colour never exceeds alpha.
     assert (atlas.images[..., 3].reshape(len(glyphs), -1).max(axis=1) > 0).all()
@@ -101,7 +99,7 @@ def test_group_mapping_examples_and_table_is_sorted():
     }
     for char, group in expected.items():
         assert emoji_group(char) == group, unicodedata.name(char)
-    ranges = emoji._GROUP_RANGES
+    ranges = emoji_groups._GROUP_RANGES
     for (first, last, _), (next_first, _, _) in zip(ranges, ranges[1:]):
         assert first <= last < next_first
 
@@ -252,19 +250,3 @@ def test_bad_arguments(atlas):
 def test_bad_augment_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
         AugmentConfig(**kwargs)
-
-
-# --- helpers ------------------------------------------------------------------------------
-
-
-def test_make_grid_preview(atlas, tmp_path):
-    dataset = EmojiDataset(image_size=16, num_samples=10)
-    path = make_grid_preview(dataset, tmp_path / "sub" / "grid.png", n=10)
-    with Image.open(path) as grid:
-        assert grid.size == (4 * 18 + 2, 3 * 18 + 2)
-
-
-def test_bundled_photos_without_scikit_image(monkeypatch):
-    monkeypatch.setitem(sys.modules, "skimage", None)  # makes `import skimage` fail
-    with pytest.raises(ImportError, match="pip install scikit-image"):
-        bundled_photos()

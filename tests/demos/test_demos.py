@@ -22,8 +22,9 @@ pytest.importorskip("gradio_client", reason="gradio_client comes with gradio")
 
 from gradio_client import Client, handle_file  # noqa: E402  (after the skip)
 
-from mmspec.defaults import default_llamagen_classes, load_default_captioner, load_default_llamagen  # noqa: E402
-from mmspec.demos import MAX_UPLOAD_MB, chat_app, image_app, launch  # noqa: E402
+from mmspec.app.defaults import default_llamagen_classes, load_default_captioner, load_default_llamagen  # noqa: E402
+from mmspec.app.demos import chat_app, image_app  # noqa: E402
+from mmspec.app.demos.serving import MAX_UPLOAD_MB, launch  # noqa: E402
 from mmspec.drafters import ModelDrafter  # noqa: E402
 from mmspec.pipelines.llamagen import LlamaGenPipeline  # noqa: E402
 from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline  # noqa: E402
@@ -241,7 +242,7 @@ def test_demo_command_serves_a_saved_pipeline_on_loopback(image_pipe, tmp_path, 
     import argparse
     import json
 
-    import mmspec.demos as demos
+    import mmspec.app.demos as demos
 
     image_pipe.save_pretrained(tmp_path / "pipe")
     (tmp_path / "pipe" / "classes.json").write_text(json.dumps(

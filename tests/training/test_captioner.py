@@ -1,4 +1,4 @@
-"""The captioner recipe (mmspec.training.captioner) and the embedded default captioner (mmspec.defaults)."""
+"""The captioner recipe (mmspec.training.captioner) and the embedded default captioner (mmspec.app.defaults)."""
 
 from __future__ import annotations
 
@@ -12,25 +12,20 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from mmspec.defaults import CAPTIONER_DRAFTER_SUBFOLDER, default_captioner_path, load_default_captioner
-from mmspec.training.captioner import (
+from mmspec.app.defaults import default_captioner_path, load_default_captioner
+from mmspec.training.captioner import captioner_configs, train_caption_drafter, train_captioner
+from mmspec.training.captioner_cli import add_train_captioner_args, train_captioner_command
+from mmspec.training.captioner_data import CaptionDataConfig, CaptionExamples, caption_loss, render_caption_data
+from mmspec.training.captioner_model import (
     DEFAULT_QUESTION,
     TRAIN_QUESTIONS,
-    CaptionDataConfig,
-    CaptionExamples,
-    add_train_captioner_args,
     build_caption_processor,
     build_captioner,
     build_caption_tokenizer,
-    caption_loss,
-    captioner_configs,
     chat_prompt,
-    render_caption_data,
-    train_caption_drafter,
-    train_captioner,
-    train_captioner_command,
 )
 from mmspec.training.loop import latest_checkpoint
+from mmspec.training.saved import CAPTIONER_DRAFTER_SUBFOLDER
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,18 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmspec.training import smollm2
-from mmspec.training.captioner import (
+from mmspec.training.captioner import captioner_configs
+from mmspec.training.captioner_cli import add_train_captioner_args, train_captioner_command
+from mmspec.training.captioner_data import CaptionExamples, render_caption_data
+from mmspec.training.captioner_model import (
     CHATML_TEMPLATE,
     DEFAULT_QUESTION,
     IMAGE_TOKEN,
     TRAIN_QUESTIONS,
-    CaptionExamples,
-    add_train_captioner_args,
     build_caption_processor,
     build_caption_tokenizer,
     build_captioner_from_lm,
-    captioner_configs,
     chat_prompt,
-    render_caption_data,
-    train_captioner_command,
 )
 
 CHATML = ("<|im_start|>", "<|im_end|>")
@@ -88,7 +86,8 @@ def _train(out, lm_folder, *extra: str) -> dict:
 
 def test_llava_around_a_pretrained_lm(tiny, tiny_lm):
     from mmspec.pipelines.vlm import VLMPipeline
-    from mmspec.training.captioner import _tune_only_last_layers, load_language_model
+    from mmspec.training.captioner import _tune_only_last_layers
+    from mmspec.training.captioner_model import load_language_model
 
     lm, tokenizer = load_language_model(str(tiny_lm))
     assert IMAGE_TOKEN not in tokenizer.get_vocab()
@@ -121,7 +120,7 @@ def test_llava_around_a_pretrained_lm(tiny, tiny_lm):
 
 
 def test_non_chatml_tokenizer_is_refused(tiny, tiny_lm):
-    from mmspec.training.captioner import load_language_model
+    from mmspec.training.captioner_model import load_language_model
 
     lm, tokenizer = load_language_model(str(tiny_lm))
     tokenizer.eos_token = "</s>"

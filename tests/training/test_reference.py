@@ -1,4 +1,4 @@
-"""Reference-model recipes (mmspec.training.reference) and the embedded default (mmspec.defaults)."""
+"""Reference-model recipes (mmspec.training.reference) and the embedded default (mmspec.app.defaults)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,13 @@ import shutil
 import pytest
 import torch
 
-from mmspec.defaults import default_llamagen_classes, default_llamagen_path, load_default_llamagen
+from mmspec.app.defaults import default_llamagen_classes, default_llamagen_path, load_default_llamagen
 from mmspec.pipelines.llamagen import LlamaGenPipeline
 from mmspec.training.loop import latest_checkpoint
-from mmspec.training.reference import (
-    add_train_reference_args,
-    build_vq,
-    gpt_training_loss,
-    reference_configs,
-    render_images,
-    to_model_range,
-    tokenize_images,
-    train_c2i_gpt,
-    train_reference_command,
-    train_vq,
-    vq_training_losses,
-)
+from mmspec.training.reference import add_train_reference_args, reference_configs, train_reference_command
+from mmspec.training.reference_data import render_images, to_model_range, tokenize_images
+from mmspec.training.reference_gpt import gpt_training_loss, train_c2i_gpt
+from mmspec.training.reference_vq import build_vq, train_vq, vq_training_losses
 
 
 @pytest.fixture(scope="module")

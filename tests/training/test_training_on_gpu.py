@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmspec.pipelines.llamagen import LlamaGenPipeline
-from mmspec.training.captioner import add_train_captioner_args, train_captioner_command
+from mmspec.training.captioner_cli import add_train_captioner_args, train_captioner_command
 from mmspec.training.reference import add_train_reference_args, train_reference_command
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,8 +6,8 @@ import json
 import PIL.Image
 import pytest
 
-from mmspec import jobs
-from mmspec.cli import main
+from mmspec.app import jobs
+from mmspec.app.cli import main
 from mmspec.pipelines.llamagen import LlamaGenPipeline
 
 from ...conftest import tiny_llamagen
@@ -64,7 +64,7 @@ def test_generate_shards_items_across_real_processes(model_dir, tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-         "-m", "mmspec.cli", "generate", "--model", str(model_dir), "--labels-file", str(labels),
+         "-m", "mmspec.app.cli", "generate", "--model", str(model_dir), "--labels-file", str(labels),
          "--output-dir", str(out), "--batch-size", "2", "--speculative", "none", "--device", "cpu"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=tmp_path,  # not the checkout's root: there its kernels/ would hide the installed `kernels`

@@ -8,8 +8,8 @@ import PIL.Image
 import pytest
 import torch
 
-from mmspec.cli import main
-from mmspec.evaluation import EvalMethod, TorchScriptFeatures, clip_score, frechet_distance
+from mmspec.app.cli import main
+from mmspec.app.evaluation import EvalMethod, TorchScriptFeatures, clip_score, frechet_distance
 from mmspec.pipelines.llamagen import LlamaGenPipeline
 
 from ...conftest import tiny_llamagen

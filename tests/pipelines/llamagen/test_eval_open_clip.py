@@ -17,8 +17,8 @@ import json
 import pytest
 import torch
 
-from mmspec.cli import main
-from mmspec.evaluation import OpenCLIPFeatures, clip_score, evaluate_llamagen
+from mmspec.app.cli import main
+from mmspec.app.evaluation import OpenCLIPFeatures, clip_score, evaluate_llamagen
 from mmspec.pipelines.llamagen import LlamaGenPipeline
 
 from ...conftest import tiny_llamagen

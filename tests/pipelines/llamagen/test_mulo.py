@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmspec.evaluation import EvalMethod, evaluate_llamagen
+from mmspec.app.evaluation import EvalMethod, evaluate_llamagen
 from mmspec.pipelines.llamagen import LlamaGenCondition, LlamaGenPipeline
 from mmspec.acceptance import get_acceptance_rule
 from mmspec.grid import dilate, island_schedule, label_islands, pooled_scores

@@ -9,7 +9,7 @@ import torch
 from mmspec.pipelines.llamagen import LlamaGenCondition, LlamaGenPipeline, LlamaGenTokenUpsampler
 from mmspec.pipelines.llamagen.mulo import make_upsampler, mulo_generate
 from mmspec.sampling import SamplingConfig
-from mmspec.training.reference import UpsamplerTrainConfig, train_upsampler, upsampler_accuracy
+from mmspec.training.reference_upsampler import UpsamplerTrainConfig, train_upsampler, upsampler_accuracy
 
 from ...conftest import tiny_llamagen
 

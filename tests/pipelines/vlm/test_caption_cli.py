@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mmspec.cli import main
+from mmspec.app.cli import main
 
 from .test_vlm import image, tiny_vlm
 

@@ -12,15 +12,10 @@ import torch
 
 from mmspec.drafters.eagle import TreeConfig
 from mmspec.pipelines.vlm import VLMPipeline, load_vlm_target
-from mmspec.pipelines.vlm.drafters import (
-    VISUAL_PATHS,
-    VLMEagleDrafter,
-    VLMEagleHead,
-    lay_out,
-    prompt_sequence,
-    sequence_pairs,
-)
-from mmspec.pipelines.vlm.training import (
+from mmspec.pipelines.vlm.drafter_layout import lay_out, prompt_sequence, sequence_pairs
+from mmspec.pipelines.vlm.drafters import VLMEagleDrafter, VLMEagleHead
+from mmspec.pipelines.vlm.visual_paths import VISUAL_PATHS
+from mmspec.training.vlm import (
     add_train_vlm_drafter_args,
     distilled_batches,
     train_vlm_drafter,
@@ -428,7 +423,7 @@ def test_training_runs_data_parallel_in_two_processes(tmp_path):
     import subprocess
     import sys
 
-    from mmspec.defaults import default_captioner_path, load_default_captioner
+    from mmspec.app.defaults import default_captioner_path, load_default_captioner
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -436,7 +431,7 @@ def test_training_runs_data_parallel_in_two_processes(tmp_path):
     out = tmp_path / "head"
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), "-m", "mmspec.cli", "train-drafter", "--target-kind", "vlm",
+         "--master_port", str(port), "-m", "mmspec.app.cli", "train-drafter", "--target-kind", "vlm",
          "--target-path", str(default_captioner_path()), "--output", str(out), "--visual-path", "pool",
          "--steps", "4", "--batch-size", "4", "--device", "cpu"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -5,7 +5,7 @@ every step draws ``(images, question)`` prompts, lets the target answer them its
 sampled; ViSpec's recipe of long target-generated answers, Kang et al. 2025, arXiv 2509.15235, is
 ``answer_len`` plus an instruction asking for detail), teacher-forces prompt + answer through the
 target for its features ``f_t`` and trains the head on the same layout it drafts from
-(:func:`~.drafters.lay_out`), visual-path parameters jointly, with EAGLE's loss
+(:func:`~mmspec.pipelines.vlm.drafter_layout.lay_out`), visual-path parameters jointly, with EAGLE's loss
 (:func:`mmspec.training.eagle.eagle_loss`: Smooth-L1 on features + ``w`` * cross-entropy against the
 target's soft next-token distribution). A semi-autoregressive head (FLASH) adds the same loss for
 each lookahead output against ``f_{t+1+j}``.
@@ -13,39 +13,42 @@ each lookahead output against ``f_{t+1+j}``.
 Pairs predicting an image feature, and answer tokens after the first end-of-sequence token, carry
 no loss. Data parallelism: under ``accelerate launch`` every process draws its own prompts (data
 index ``step * num_processes + rank``) and gradients are averaged across processes before each
-optimiser step; one process behaves exactly as a plain run. Checkpoints and resume reuse
-:mod:`mmspec.training.eagle`'s format: a resumed run ends with the same weights as an
-uninterrupted one.
+optimiser step; one process behaves exactly as a plain run. The loop, checkpoints and resume are
+EAGLE heads' own (:func:`mmspec.training.loop.train_head`): a resumed run ends with the same
+weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
-from accelerate.utils import broadcast, reduce
-from tqdm.auto import tqdm
 
 from mmspec.loops import required_cache_len, speculative_generate
+from mmspec.pipelines.vlm.drafter_layout import (
+    DrafterLayout,
+    SequencePairs,
+    lay_out,
+    sequence_pairs,
+)
+from mmspec.pipelines.vlm.drafters import VLMEagleDrafter, VLMEagleHead
+from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline
+from mmspec.pipelines.vlm.targets import VLMPrompt, VLMTarget
+from mmspec.pipelines.vlm.visual_paths import VISUAL_PATHS
 from mmspec.sampling import SamplingConfig
-from mmspec.jobs import job_state
 from mmspec.training.eagle import (
     Batches,
     EaglePairs,
     EagleTrainConfig,
     eagle_loss,
     eagle_training_pairs,
-    resume_training,
-    save_checkpoint,
     step_generator,
 )
-
-from .drafters import VISUAL_PATHS, DrafterLayout, SequencePairs, VLMEagleDrafter, VLMEagleHead, lay_out, sequence_pairs
-from .pipeline_vlm import VLMPipeline
-from .targets import VLMPrompt, VLMTarget
+from mmspec.training.loop import process_state, train_head
 
 #: Questions used when none are given (``--prompts``), and ViSpec's long-answer instruction.
 DEFAULT_QUESTIONS = ("Describe the image.", "What is in this picture?", "What do you see?")
@@ -165,41 +168,15 @@ def train_vlm_drafter(target: VLMTarget, head: VLMEagleHead, batches: Batches, c
     (frozen) on ``batches`` (e.g. :func:`distilled_batches`). Returns this call's per-step losses
     (this process's). Checkpoints (main process) hold weights, optimiser, step and RNG state;
     ``config.resume`` continues from the latest one."""
-    state = job_state()
-    if state.num_processes > 1:  # every process starts from the main process's weights
-        with torch.no_grad():
-            for p in head.parameters():
-                p.copy_(broadcast(p.detach().clone(), from_process=0))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    directory = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
-    first_step = resume_training(config, head, optimizer)
     dtype = head.fc.weight.dtype
-    losses = []
-    bar = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps,
-               desc=f"train VLM drafter ({head.config.visual_path})", disable=not (config.progress and state.is_main_process))
-    head.train()
-    for step in bar:
+
+    def step_loss(index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():  # the target is the teacher: frozen (its decode must not build graphs)
-            prompt, answer = batches(step * state.num_processes + state.process_index)
+            prompt, answer = batches(index)
             seq = distillation_sequence(target, prompt, answer, dtype)
-        with torch.enable_grad():
-            loss, parts = vlm_drafter_loss(head, seq, config.feature_loss_weight, config.token_loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        if state.num_processes > 1:
-            for p in head.parameters():
-                if p.grad is not None:
-                    p.grad = reduce(p.grad, "mean")
-        torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
-        optimizer.step()
-        losses.append(float(loss.detach()))  # one sync per step: logging, outside any decode loop
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", feature=f"{float(parts['feature_loss']):.4f}")
-        done = step + 1
-        checkpoint = done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
-        if directory is not None and checkpoint and state.is_main_process:
-            save_checkpoint(directory, done, head, optimizer)
-    head.eval()
-    return losses
+        return vlm_drafter_loss(head, seq, config.feature_loss_weight, config.token_loss_weight)
+
+    return train_head(head, config, step_loss, desc=f"train VLM drafter ({head.config.visual_path})", data_parallel=True)
 
 
 # ---------------------------------------------------------------------- command line
@@ -209,7 +186,7 @@ def add_train_vlm_drafter_args(parser: argparse.ArgumentParser) -> None:
     come from :func:`mmspec.training.eagle.add_train_drafter_args`."""
     group = parser.add_argument_group("VLM drafters (--target-kind vlm)")
     group.add_argument("--visual-path", default="vispec", choices=sorted(VISUAL_PATHS),
-                       help="what the drafter keeps of the image tokens (pipelines/vlm/drafters.py)")
+                       help="what the drafter keeps of the image tokens (pipelines/vlm/visual_paths.py)")
     group.add_argument("--ratio", type=int, default=4, help="image-token reduction of the compressing paths")
     group.add_argument("--num-queries", type=int, default=64, help="learned queries per image (vispec, flash)")
     group.add_argument("--tokens-per-step", type=int, default=None,
@@ -229,7 +206,7 @@ def _training_items(args: argparse.Namespace) -> list[tuple[Any, str]]:
     if args.prompts is not None:
         questions = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
     if args.images is not None:
-        from mmspec.jobs import image_list
+        from mmspec.data.images import image_list
 
         images = image_list(args.images)
     else:
@@ -260,7 +237,7 @@ def train_vlm_drafter_command(args: argparse.Namespace) -> int:
     make_prompt = vlm_prompt_sampler(pipeline, _training_items(args), config.batch_size, args.long_answers)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     losses = train_vlm_drafter(target, head, distilled_batches(target, make_prompt, config, sampling), config)
-    if job_state().is_main_process:
+    if process_state().is_main_process:
         VLMEagleDrafter(head, target).save_pretrained(args.output)
         print(f"trained a {args.visual_path!r} VLM drafter for {len(losses)} steps"
               + (f" (final loss {losses[-1]:.4f})" if losses else "") + f"; wrote {args.output}")

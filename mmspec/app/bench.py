@@ -4,7 +4,7 @@ A suite builds a target, inputs and a list of named configurations; :func:`run_b
 each (warm-up, then ``repeats`` timed runs and one profiled run for the draft/verify/other
 split) and writes one JSON record with the device, versions, command, steps, accepted length with
 and without the bonus token, wall times and the speedup against the baseline *of the same run*.
-Suites register themselves in :data:`BENCH_SUITES` (pipelines add theirs).
+Suites register themselves in :data:`BENCH_SUITES` (:mod:`mmspec.app.bench_llamagen` adds LlamaGen's).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .loops import GenerationOutput
+from .. import __version__
+from ..loops import GenerationOutput
 
 
 @dataclass
@@ -46,8 +46,8 @@ class BenchSuite:
 
 
 BENCH_SUITES: dict[str, Callable[..., BenchSuite]] = {}
-#: Modules that register suites when imported (pipelines keep their suites next to them).
-SUITE_MODULES = ("mmspec.pipelines.llamagen.bench",)
+#: Modules that register suites when imported (one per pipeline family, beside this one).
+SUITE_MODULES = ("mmspec.app.bench_llamagen",)
 
 
 def load_suites() -> dict[str, Callable[..., BenchSuite]]:
@@ -182,11 +182,11 @@ def lm_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1, *, d
     n-gram / small-model / self drafters' overheads (random weights: acceptance is not meaningful
     except for self-drafting, an upper bound). Prompts repeat a random 16-token phrase so n-gram
     lookup has something to find."""
-    from .drafters import ModelDrafter, NGramDrafter
-    from .loops import required_cache_len, speculative_generate
-    from .modeling import DecoderConfig, DecoderLM
-    from .sampling import SamplingConfig
-    from .types import TokenPrompt
+    from ..drafters import ModelDrafter, NGramDrafter
+    from ..loops import required_cache_len, speculative_generate
+    from ..modeling import DecoderConfig, DecoderLM
+    from ..sampling import SamplingConfig
+    from ..types import TokenPrompt
 
     gen = torch.Generator().manual_seed(1234)
     target = DecoderLM(DecoderConfig(vocab_size=vocab_size, dim=dim, n_layer=n_layer, n_head=max(dim // 64, 1))).to(device, dtype).eval()

@@ -15,12 +15,12 @@ import gradio as gr
 import PIL.Image
 import torch
 
+from mmspec.app.visualize import SOURCE_COLOURS
 from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline
 from mmspec.stats import SOURCE_ACCEPTED
 from mmspec.types import Drafter
-from mmspec.visualize import SOURCE_COLOURS
 
-from . import MAX_UPLOAD_MB, pipeline_errors
+from .serving import MAX_UPLOAD_MB, pipeline_errors
 
 BASELINE = "none (baseline)"
 ACCEPTED = "drafted + accepted"

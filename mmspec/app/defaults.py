@@ -9,12 +9,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # the pipeline imports diffusers; only load it when a model is requested
-    from .pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
+from ..training.saved import (
+    CAPTIONER_DRAFTER_SUBFOLDER,
+    CLASSES_FILE,
+    load_captioner_pipeline,
+)
 
-_ASSETS = Path(__file__).resolve().parent / "assets"
-#: File next to a saved reference pipeline listing its classes (label, emoji, Unicode name).
-CLASSES_FILE = "classes.json"
+if TYPE_CHECKING:  # the pipeline imports diffusers; only load it when a model is requested
+    from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
+
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: Subfolder of the reference pipeline holding its EAGLE head (``mmspec train-drafter``).
 EAGLE_SUBFOLDER = "eagle"
 _REBUILD_HINT = (
@@ -45,7 +49,7 @@ def load_default_llamagen(device: str | torch.device = "cpu") -> LlamaGenPipelin
     Raises:
         FileNotFoundError: the assets are not installed (the message says how to rebuild them).
     """
-    from .pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
+    from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 
     path = _checked_path()
     # The weights are stored in float32, so no dtype argument (its name differs across diffusers).
@@ -67,10 +71,8 @@ def default_llamagen_classes() -> list[dict[str, object]]:
 
 # ---------------------------------------------------------------------------------------- captioner
 if TYPE_CHECKING:  # transformers' VLM classes load only when a captioner is requested
-    from .pipelines.vlm import VLMPipeline
+    from ..pipelines.vlm import VLMPipeline
 
-#: Subfolder of a saved captioner holding its draft model (a full LLaVA model, same processor).
-CAPTIONER_DRAFTER_SUBFOLDER = "drafter"
 _CAPTIONER_REBUILD_HINT = (
     "Reinstall mmspec (the wheel ships the weights), or rebuild them with "
     "`mmspec train-captioner --out DIR` and copy DIR/captioner to {path}."
@@ -81,28 +83,6 @@ def default_captioner_path() -> Path:
     """Folder of the embedded emoji captioner: a LLaVA model (HF ``save_pretrained`` format, with
     its processor) trained on emoji, and its draft model in ``drafter/``."""
     return _ASSETS / "captioner-emoji"
-
-
-def load_captioner_pipeline(path: str | Path, device: str | torch.device = "cpu") -> VLMPipeline:
-    """A :class:`~mmspec.pipelines.vlm.VLMPipeline` for the captioner saved in ``path``, in float32 on
-    ``device``, whose default drafter is the :class:`~mmspec.drafters.ModelDrafter` over
-    ``path/drafter`` when that folder exists.
-
-    Raises:
-        FileNotFoundError: ``path`` holds no saved model.
-    """
-    from .drafters import ModelDrafter
-    from .pipelines.vlm import VLMPipeline, load_vlm_target
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no captioner in {path} (config.json is missing)")
-    drafter_path = path / CAPTIONER_DRAFTER_SUBFOLDER
-    drafter = None
-    if (drafter_path / "config.json").is_file():
-        # float32 explicitly: the weights may be stored in float16 to keep the package small.
-        drafter = ModelDrafter(load_vlm_target(drafter_path, dtype=torch.float32, device=device))
-    return VLMPipeline.from_pretrained(path, dtype=torch.float32, device=device, drafter=drafter)
 
 
 def load_default_captioner(device: str | torch.device = "cpu") -> VLMPipeline:

@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .stats import SOURCE_ACCEPTED, SOURCE_BONUS, SOURCE_PREFILL, SOURCE_RECOVERED
+from ..stats import SOURCE_ACCEPTED, SOURCE_BONUS, SOURCE_PREFILL, SOURCE_RECOVERED
 
 #: Colours of the token sources in :func:`acceptance_heatmap` (RGB).
 SOURCE_COLOURS = {

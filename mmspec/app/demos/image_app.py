@@ -18,10 +18,10 @@ import PIL.Image
 import torch
 
 from mmspec.acceptance import ACCEPTANCE_RULES
+from mmspec.app.visualize import acceptance_heatmap
 from mmspec.pipelines.llamagen import LlamaGenPipeline
-from mmspec.visualize import acceptance_heatmap
 
-from . import pipeline_errors
+from .serving import pipeline_errors
 
 BASELINE = "none"
 SLOTS = ("baseline", "method")  # file names of the two runs' pictures

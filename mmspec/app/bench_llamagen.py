@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from mmspec.bench import BenchCase, BenchSuite, register_suite
-from mmspec.loops import GenerationOutput
-
-from .official import GPT_PRESETS
-from .pipeline_llamagen import LlamaGenPipeline
+from ..loops import GenerationOutput
+from ..pipelines.llamagen.official import GPT_PRESETS
+from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
+from .bench import BenchCase, BenchSuite, register_suite
 
 
 def _pipeline(source: str, device: torch.device, dtype: torch.dtype, num_classes: int) -> LlamaGenPipeline:
     """``"default"``: the embedded reference model; ``"random:GPT-XL"``: an official size with random
     weights (per-step costs only: acceptance on random weights means nothing); else a saved folder."""
     if source == "default":
-        from mmspec.defaults import load_default_llamagen
+        from .defaults import load_default_llamagen
 
         pipe = load_default_llamagen()
     elif source.startswith("random:"):
-        from .modeling_gpt import LlamaGenGPT
-        from .modeling_vq import LlamaGenVQ
+        from ..pipelines.llamagen.modeling_gpt import LlamaGenGPT
+        from ..pipelines.llamagen.modeling_vq import LlamaGenVQ
 
         preset = source.split(":", 1)[1]
         if preset not in GPT_PRESETS:

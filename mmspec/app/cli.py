@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 
+from .models import add_llamagen_source, llamagen_classes, load_llamagen, resolve_dtype
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
@@ -63,70 +65,8 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """``--dtype`` as a torch dtype; by default bfloat16 on CUDA and float32 elsewhere."""
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise SystemExit(f"--dtype must be a torch dtype such as float32 or bfloat16, got {name!r}")
-    return getattr(torch, name)
-
-
-def _add_llamagen_source(p: argparse.ArgumentParser) -> None:
-    src = p.add_argument_group("model (default: the embedded reference model, offline)")
-    src.add_argument("--model", default=None, help="a LlamaGenPipeline folder written by save_pretrained")
-    src.add_argument("--official-gpt", default=None, help="official LlamaGen GPT checkpoint (.pt)")
-    src.add_argument("--official-vq", default=None, help="official LlamaGen VQ checkpoint (.pt)")
-    src.add_argument("--gpt-config", default=None, help="preset name (e.g. GPT-XL) or a JSON file of ModelArgs")
-    src.add_argument("--vq-config", default=None, help="preset name (e.g. VQ-16) or a JSON file of ModelArgs")
-
-
-def _config(value: str | None, flag: str):
-    if value is None:
-        raise SystemExit(f"{flag} is required with official checkpoints (a preset name or a JSON file)")
-    path = Path(value)
-    return json.loads(path.read_text()) if path.suffix == ".json" else value
-
-
-def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """The pipeline named by the command line (official checkpoints, a saved folder, or the default)."""
-    from .pipelines.llamagen import LlamaGenPipeline
-
-    if args.official_gpt or args.official_vq:
-        if not (args.official_gpt and args.official_vq):
-            raise SystemExit("pass both --official-gpt and --official-vq")
-        pipe = LlamaGenPipeline.from_official(args.official_gpt, args.official_vq, _config(args.gpt_config, "--gpt-config"),
-                                              _config(args.vq_config, "--vq-config"))
-    elif args.model:
-        pipe = LlamaGenPipeline.from_pretrained(args.model)
-    else:
-        from .defaults import load_default_llamagen
-
-        pipe = load_default_llamagen()
-    pipe.to(device)
-    if dtype != torch.float32:  # the VQ decoder stays in float32: it is cheap and fp32-sensitive
-        for model in (pipe.target, pipe.drafter, pipe.low_res_drafter):
-            if model is not None:
-                model.to(dtype)
-    return pipe
-
-
-def llamagen_classes(args: argparse.Namespace) -> list[dict] | None:
-    """The ``{"label", "char", "name"}`` entries of the classes file saved beside a reference
-    pipeline (the embedded default's or ``--model``'s; see :mod:`mmspec.defaults`), or None
-    (official checkpoints, or a folder without the file)."""
-    from .defaults import CLASSES_FILE, default_llamagen_path
-
-    if args.official_gpt:
-        return None
-    path = Path(args.model or default_llamagen_path()) / CLASSES_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    _add_llamagen_source(p)
+    add_llamagen_source(p)
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--class-labels", default=None, help="comma-separated class ids, e.g. 3,7,12")
     inputs.add_argument("--labels-file", type=Path, default=None, help="one class id per line (batch mode)")
@@ -137,7 +77,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="batch b uses seed + index of its first item")
-    from .pipelines.llamagen import LLAMAGEN_METHODS
+    from ..pipelines.llamagen import LLAMAGEN_METHODS
 
     methods = ", ".join(f"{m.name} ({m.description})" for m in LLAMAGEN_METHODS)
     p.add_argument("--speculative", default="sjd", help=f"speculative method, or 'none' for the baseline: {methods}")
@@ -163,7 +103,7 @@ def generate(args: argparse.Namespace) -> int:
     """Generate images (batch over class labels; resumable; bad items skipped and reported)."""
     import time
 
-    from .drafters.eagle import TreeConfig
+    from ..drafters.eagle import TreeConfig
     from .jobs import job_state, parse_key_values, report, run_job
     from .visualize import acceptance_heatmap
 
@@ -241,7 +181,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    _add_llamagen_source(p)
+    add_llamagen_source(p)
     p.add_argument("--method", action="append", default=[], metavar="SPEC",
                    help="SPECULATIVE[:ACCEPTANCE[:key=value,...]], e.g. sjd, sjd:lantern:delta=0.1,k=100, sjd:gsd (repeatable)")
     p.add_argument("--num-images", type=int, default=64)
@@ -318,7 +258,7 @@ def _caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    from .pipelines.vlm import VLM_METHODS
+    from ..pipelines.vlm import VLM_METHODS
 
     methods = ", ".join(f"{m.name} ({m.description})" for m in VLM_METHODS)
     p.add_argument("--drafter", default="default",
@@ -334,11 +274,12 @@ def caption(args: argparse.Namespace) -> int:
     """Caption a folder or list of images to JSONL (resumable; unreadable images skipped and reported)."""
     import PIL.Image
 
-    from .jobs import JobOutput, image_list, job_state, report, run_job
+    from ..data.images import image_list
+    from .jobs import JobOutput, job_state, report, run_job
 
     device = torch.device(args.device)
     if args.model:
-        from .pipelines.vlm import VLMPipeline
+        from ..pipelines.vlm import VLMPipeline
 
         pipe = VLMPipeline.from_pretrained(args.model, device=device)
     else:
@@ -383,15 +324,15 @@ def caption(args: argparse.Namespace) -> int:
 
 
 def _train_drafter_args(p: argparse.ArgumentParser) -> None:
-    from .pipelines.vlm.training import add_train_vlm_drafter_args
-    from .training.eagle import add_train_drafter_args
+    from ..training.eagle import add_train_drafter_args
+    from ..training.vlm import add_train_vlm_drafter_args
 
     add_train_drafter_args(p)
     add_train_vlm_drafter_args(p)
 
 
 def _train_vlm_drafter(args: argparse.Namespace) -> int:
-    from .pipelines.vlm.training import train_vlm_drafter_command
+    from ..training.vlm import train_vlm_drafter_command
 
     return train_vlm_drafter_command(args)
 
@@ -404,13 +345,13 @@ TRAIN_DRAFTER_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"vlm":
 def train_drafter(args: argparse.Namespace) -> int:
     """Train a draft head by self-distillation: EAGLE for LMs and LlamaGen, vision-aware EAGLE
     drafters (none/full/pool/prune/vispec/flash/specvlm) for VLMs; progress, checkpoints, resume."""
-    from .training.eagle import train_drafter_command
+    from ..training.eagle import train_drafter_command
 
     return TRAIN_DRAFTER_COMMANDS.get(args.target_kind, train_drafter_command)(args)
 
 
 def _train_reference_args(p: argparse.ArgumentParser) -> None:
-    from .training.reference import add_train_reference_args
+    from ..training.reference import add_train_reference_args
 
     add_train_reference_args(p)
 
@@ -418,13 +359,13 @@ def _train_reference_args(p: argparse.ArgumentParser) -> None:
 @command("train-reference", _train_reference_args)
 def train_reference(args: argparse.Namespace) -> int:
     """Train the reference models (VQ tokenizer, LlamaGen target and draft GPT) on the emoji data."""
-    from .training.reference import train_reference_command
+    from ..training.reference import train_reference_command
 
     return train_reference_command(args)
 
 
 def _train_captioner_args(p: argparse.ArgumentParser) -> None:
-    from .training.captioner import add_train_captioner_args
+    from ..training.captioner_cli import add_train_captioner_args
 
     add_train_captioner_args(p)
 
@@ -432,7 +373,7 @@ def _train_captioner_args(p: argparse.ArgumentParser) -> None:
 @command("train-captioner", _train_captioner_args)
 def train_captioner(args: argparse.Namespace) -> int:
     """Train the reference captioner (a small LLaVA model and its drafter) on the emoji data."""
-    from .training.captioner import train_captioner_command
+    from ..training.captioner_cli import train_captioner_command
 
     return train_captioner_command(args)
 

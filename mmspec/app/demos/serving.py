@@ -1,0 +1,42 @@
+"""What the Gradio demo apps share: queue and upload limits, the page style, showing a pipeline's
+errors in the page, and launching an app with those limits (:mod:`mmspec.app.demos`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+#: Queue limits: one generation at a time (pipelines reuse their static KV caches across calls,
+#: and one job already uses the whole device); a bounded waiting line so that a crowd gets a clear
+#: "queue is full" instead of an ever-longer wait.
+CONCURRENCY_LIMIT = 1
+MAX_QUEUE_SIZE = 16
+#: Largest upload accepted by the chat demo (checked by Gradio at upload time and again by the app).
+MAX_UPLOAD_MB = 10
+#: Page style: generated images are often a few dozen pixels wide; Gradio shows them at their
+#: natural size, so images marked ``mmspec-pixels`` are scaled up to their box, without blurring.
+PAGE_CSS = (".mmspec-pixels img { width: 100% !important; height: 100% !important; object-fit: contain;"
+            " image-rendering: pixelated; }")
+
+
+@contextlib.contextmanager
+def pipeline_errors() -> Iterator[None]:
+    """Show a pipeline's ``ValueError`` (impossible settings, e.g. the greedy rule with sampling)
+    to the user as a Gradio error message instead of a generic failure."""
+    import gradio as gr
+
+    try:
+        yield
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
+
+
+def launch(demo: Any, host: str = "127.0.0.1", port: int | None = None, share: bool = False, **kwargs: Any) -> Any:
+    """Queue and launch a demo with mmspec's limits; loopback only unless ``host``/``share`` say otherwise.
+
+    ``kwargs`` go to ``Blocks.launch`` (e.g. ``prevent_thread_lock=True`` in tests).
+    """
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=MAX_QUEUE_SIZE)
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=f"{MAX_UPLOAD_MB}mb",
+                       show_error=True, css=PAGE_CSS, **kwargs)

@@ -1,0 +1,76 @@
+"""Model selection shared by the command line and the demos: the ``--dtype`` and LlamaGen source
+arguments, and loading the pipeline (and its class names) they name. Both :mod:`mmspec.app.cli` and
+:mod:`mmspec.app.demos` import it; it imports neither."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``--dtype`` as a torch dtype; by default bfloat16 on CUDA and float32 elsewhere."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise SystemExit(f"--dtype must be a torch dtype such as float32 or bfloat16, got {name!r}")
+    return getattr(torch, name)
+
+
+def add_llamagen_source(p: argparse.ArgumentParser) -> None:
+    """The ``--model`` / ``--official-gpt`` / ``--official-vq`` / ``--gpt-config`` / ``--vq-config`` arguments
+    that :func:`load_llamagen` reads."""
+    src = p.add_argument_group("model (default: the embedded reference model, offline)")
+    src.add_argument("--model", default=None, help="a LlamaGenPipeline folder written by save_pretrained")
+    src.add_argument("--official-gpt", default=None, help="official LlamaGen GPT checkpoint (.pt)")
+    src.add_argument("--official-vq", default=None, help="official LlamaGen VQ checkpoint (.pt)")
+    src.add_argument("--gpt-config", default=None, help="preset name (e.g. GPT-XL) or a JSON file of ModelArgs")
+    src.add_argument("--vq-config", default=None, help="preset name (e.g. VQ-16) or a JSON file of ModelArgs")
+
+
+def _official_config(value: str | None, flag: str):
+    if value is None:
+        raise SystemExit(f"{flag} is required with official checkpoints (a preset name or a JSON file)")
+    path = Path(value)
+    return json.loads(path.read_text()) if path.suffix == ".json" else value
+
+
+def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The pipeline named by the command line (official checkpoints, a saved folder, or the default)."""
+    from ..pipelines.llamagen import LlamaGenPipeline
+
+    if args.official_gpt or args.official_vq:
+        if not (args.official_gpt and args.official_vq):
+            raise SystemExit("pass both --official-gpt and --official-vq")
+        pipe = LlamaGenPipeline.from_official(args.official_gpt, args.official_vq, _official_config(args.gpt_config, "--gpt-config"),
+                                              _official_config(args.vq_config, "--vq-config"))
+    elif args.model:
+        pipe = LlamaGenPipeline.from_pretrained(args.model)
+    else:
+        from .defaults import load_default_llamagen
+
+        pipe = load_default_llamagen()
+    pipe.to(device)
+    if dtype != torch.float32:  # the VQ decoder stays in float32: it is cheap and fp32-sensitive
+        for model in (pipe.target, pipe.drafter, pipe.low_res_drafter):
+            if model is not None:
+                model.to(dtype)
+    return pipe
+
+
+def llamagen_classes(args: argparse.Namespace) -> list[dict] | None:
+    """The ``{"label", "char", "name"}`` entries of the classes file saved beside a reference
+    pipeline (the embedded default's or ``--model``'s; see :data:`mmspec.training.saved.CLASSES_FILE`), or None
+    (official checkpoints, or a folder without the file)."""
+    from ..training.saved import CLASSES_FILE
+    from .defaults import default_llamagen_path
+
+    if args.official_gpt:
+        return None
+    path = Path(args.model or default_llamagen_path()) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
