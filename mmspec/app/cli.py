@@ -183,7 +183,9 @@ def generate(args: argparse.Namespace) -> int:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     add_llamagen_source(p)
     p.add_argument("--method", action="append", default=[], metavar="SPEC",
-                   help="SPECULATIVE[:ACCEPTANCE[:key=value,...]], e.g. sjd, sjd:lantern:delta=0.1,k=100, sjd:gsd (repeatable)")
+                   help="SPECULATIVE[:ACCEPTANCE[:RULE_OPTIONS[:METHOD_OPTIONS]]] (options: key=value,...), e.g. sjd, "
+                        "sjd:lantern:delta=0.1,k=100, sjd:gsd, mulo::tau=0.02:upsampler=learned (repeatable; an empty "
+                        "rule = the method's own)")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--classes", default=None, help="comma-separated class ids to cycle through (default: all)")
     p.add_argument("--batch-size", type=int, default=16)

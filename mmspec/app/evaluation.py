@@ -138,22 +138,27 @@ def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> flo
 
 @dataclass
 class EvalMethod:
-    """One configuration: ``"sjd"``, ``"sjd:lantern:delta=0.1,k=100"``, ``"eagle:exact"``,
-    ``"mulo::tau=0.02"``... (an empty or missing rule = the method's own rule)."""
+    """One configuration, ``SPECULATIVE[:ACCEPTANCE[:RULE_OPTIONS[:METHOD_OPTIONS]]]``: ``"sjd"``,
+    ``"sjd:lantern:delta=0.1,k=100"``, ``"eagle:exact"``, ``"mulo::tau=0.02:upsampler=learned"``...
+    (an empty or missing rule = the method's own rule; options are ``key=value`` lists)."""
 
     name: str
     speculative: str | None
     acceptance: str | None = None
     acceptance_options: dict = field(default_factory=dict)
+    speculative_options: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, spec: str) -> "EvalMethod":
         parts = spec.split(":")
-        if not parts[0] or len(parts) > 3:
-            raise ValueError(f"method spec {spec!r} must be SPECULATIVE[:ACCEPTANCE[:key=value,...]]")
-        options = parse_key_values([p for p in (parts[2] if len(parts) == 3 else "").split(",") if p], f"method {spec!r}")
+        if not parts[0] or len(parts) > 4:
+            raise ValueError(f"method spec {spec!r} must be SPECULATIVE[:ACCEPTANCE[:key=value,...[:key=value,...]]]")
+        parts += [""] * (4 - len(parts))
+        rule_options, method_options = (
+            parse_key_values([p for p in part.split(",") if p], f"method {spec!r}") for part in parts[2:]
+        )
         speculative = None if parts[0] == "none" else parts[0]
-        return cls(spec, speculative, parts[1] if len(parts) > 1 and parts[1] else None, options)
+        return cls(spec, speculative, parts[1] or None, rule_options, method_options)
 
 
 def _run(pipe, method: EvalMethod | None, labels, seeds, batch_size, sampling: dict) -> tuple[torch.Tensor, dict]:
@@ -167,7 +172,8 @@ def _run(pipe, method: EvalMethod | None, labels, seeds, batch_size, sampling: d
                    generator=torch.Generator(pipe.target.device).manual_seed(seeds[start]),
                    speculative=None if method is None else method.speculative,
                    acceptance=None if method is None else method.acceptance,
-                   acceptance_options=None if method is None else dict(method.acceptance_options), **sampling)
+                   acceptance_options=None if method is None else dict(method.acceptance_options),
+                   speculative_options=None if method is None else dict(method.speculative_options) or None, **sampling)
         seconds += time.perf_counter() - t0
         images.append(out.images.cpu())
         s = out.stats
