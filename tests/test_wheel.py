@@ -20,6 +20,10 @@ def test_wheel_contains_and_imports_every_module(tmp_path):
     (wheel,) = tmp_path.glob("mmspec-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert not any(n.startswith(("pipelines/", "kernels/")) for n in names), "pipelines/kernels must install under mmspec/"
+    # The top-level kernels/ and pipelines/ folders are namespace portions (no __init__.py, so they never
+    # hide Hugging Face's `kernels` from the checkout root); their modules must still be in the wheel.
+    assert {"mmspec/kernels/rejection.py", "mmspec/kernels/neighbourhood.py"} <= set(names)
+    assert not {"mmspec/kernels/__init__.py", "mmspec/pipelines/__init__.py"} & set(names)
     modules = sorted(
         n[:-3].replace("/", ".").removesuffix(".__init__") for n in names if n.endswith(".py")
     )
@@ -38,6 +42,10 @@ def test_wheel_contains_and_imports_every_module(tmp_path):
         f"for name in {modules!r}:\n"
         "    mod = importlib.import_module(name)\n"
         "    assert mod.__file__.startswith(site), (name, mod.__file__)\n"
+        "import mmspec, mmspec.kernels.rejection as rejection\n"
+        "assert [str(p) for p in mmspec.kernels.__path__] == [site + '/mmspec/kernels'], mmspec.kernels.__path__\n"
+        "from mmspec.pipelines import LlamaGenPipeline, VLMPipeline\n"
+        "assert LlamaGenPipeline is mmspec.LlamaGenPipeline and VLMPipeline.__module__ == 'mmspec.pipelines.vlm.pipeline_vlm'\n"
         "print('ok', len(sys.modules))\n"
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
