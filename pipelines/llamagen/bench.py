@@ -56,7 +56,7 @@ def ar_image_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1
         except ValueError:  # e.g. no drafter component for this method
             continue
         methods.append(name)
-    compiled = LlamaGenPipeline(target=pipe.target, vq=pipe.vq, drafter=pipe.drafter).enable_compile() if compile else None
+    compiled = LlamaGenPipeline(**pipe.components).enable_compile() if compile else None
 
     def case(name, method, runner):
         def run(generator: torch.Generator, profile: bool) -> GenerationOutput:
