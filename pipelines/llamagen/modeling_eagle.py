@@ -50,6 +50,7 @@ class LlamaGenEagleHead(ModelMixin, ConfigMixin):
         self.head = EagleHead(EagleConfig(hidden_size=hidden_size, n_head=n_head, vocab_size=vocab_size,
                                           target_name=target_name, multiple_of=multiple_of, norm_eps=norm_eps,
                                           rope_base=rope_base))
+        self.source = "the pipeline's `eagle` component"  # named in errors; from_pretrained sets its folder
 
     @classmethod
     def from_head(cls, head: EagleHead) -> LlamaGenEagleHead:
@@ -58,21 +59,21 @@ class LlamaGenEagleHead(ModelMixin, ConfigMixin):
         component.head = head
         return component
 
-    def bind(self, target: LlamaGenGPT, source: str = "the pipeline's `eagle` component") -> LlamaGenEagleHead:
+    def bind(self, target: LlamaGenGPT) -> LlamaGenEagleHead:
         """Share ``target``'s token embedding and LM head with the head, after checking that the head
         was trained for exactly this target (fingerprint of its LM head). Returns self.
 
         Raises:
-            ValueError: the head belongs to another target (the message names both).
+            ValueError: the head belongs to another target (the message names both, and the head's folder).
         """
-        check_target(self.head.config, target.tok_embeddings, target_fingerprint(target.output), source)
+        check_target(self.head.config, target.tok_embeddings, target_fingerprint(target.output), self.source)
         self.head.share_target(target.tok_embeddings, target.output)
         return self
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (the head's own weights, float32 or as they
-        are). ``kwargs``: the options diffusers passes to every component (``safe_serialization``,
-        ``variant``, ...): the head is always one safetensors file, so they do not apply."""
+        """Write ``config.json`` and ``model.safetensors`` (the head's own weights, in their dtype).
+        ``kwargs``: ``ModelMixin.save_pretrained``'s options (``safe_serialization``, ``variant``, ...),
+        accepted for compatibility; the head is always one safetensors file."""
         self.head.save_pretrained(save_directory)
 
     @classmethod
@@ -84,7 +85,7 @@ class LlamaGenEagleHead(ModelMixin, ConfigMixin):
 
         Args:
             pretrained_model_name_or_path: the folder (or the pipeline's folder with ``subfolder``).
-            torch_dtype: cast the weights (default: as stored).
+            torch_dtype: cast the weights (default: as stored); ``dtype`` is accepted as its alias.
             device_map: a single device to load onto (diffusers' pipeline ``device_map`` strategies such
                 as ``"balanced"`` place whole components; a device name is accepted here).
             kwargs: diffusers' other model-loading options (``variant``, ``low_cpu_mem_usage``, ...),
@@ -97,8 +98,10 @@ class LlamaGenEagleHead(ModelMixin, ConfigMixin):
         if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"no EAGLE head in {directory}: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
                                     "(written by `mmspec train-drafter` or LlamaGenPipeline.save_pretrained)")
-        component = cls(**json.loads((directory / CONFIG_NAME).read_text()))
-        component.head.load_state_dict(load_file(directory / WEIGHTS_NAME))
         if isinstance(device_map, dict):
             raise TypeError("an EAGLE head loads onto one device: pass device_map as a device name, not a dict")
+        torch_dtype = torch_dtype if torch_dtype is not None else kwargs.get("dtype")
+        component = cls(**json.loads((directory / CONFIG_NAME).read_text()))
+        component.head.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        component.source = str(directory)
         return component.to(device=device_map, dtype=torch_dtype).eval()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -139,6 +139,9 @@ class LlamaGenPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "target->vq"
     _optional_components = ["drafter", "low_res_drafter", "upsampler", "eagle"]
+    # The EAGLE head runs inside the drafter, not through its own forward, so model CPU offload's
+    # hooks would never bring it to the GPU: it stays on the execution device (it is small).
+    _exclude_from_cpu_offload: ClassVar[list[str]] = ["eagle"]
 
     def __init__(self, target: LlamaGenGPT, vq: LlamaGenVQ, drafter: Any = None,
                  low_res_drafter: LlamaGenGPT | None = None, upsampler: LlamaGenTokenUpsampler | None = None,
@@ -191,7 +194,7 @@ class LlamaGenPipeline(DiffusionPipeline):
             ValueError: the head was trained for another target (checked by a fingerprint of the
                 target's LM head).
         """
-        eagle = LlamaGenEagleHead.from_pretrained(path).bind(self.target, source=str(path))
+        eagle = LlamaGenEagleHead.from_pretrained(path).bind(self.target)
         self.register_modules(eagle=eagle.to(device=self.target.device, dtype=self.target.dtype))
         return self
 

@@ -274,7 +274,7 @@ def test_eagle_head_for_another_target_is_refused_at_load(tiny_pipe, tmp_path):
     _eagle_pipe(tiny_pipe, tmp_path).save_pretrained(tmp_path / "saved")
     other, _ = tiny_llamagen(seed=9)
     _random_head(other, tmp_path / "saved" / "eagle")  # overwrite the head with one for another target
-    with pytest.raises(ValueError, match="was trained for target 'sha256:.*not for target 'sha256:"):
+    with pytest.raises(ValueError, match=r"the EAGLE head in .*saved/eagle was trained for target 'sha256:.*not for target 'sha256:"):
         LlamaGenPipeline.from_pretrained(tmp_path / "saved")
     with pytest.raises(ValueError, match="was trained for target"):
         LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq,
