@@ -1,5 +1,6 @@
 """Build the wheel and import every module from it (not from the source tree)."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,9 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_contains_and_imports_every_module(tmp_path):
+    # Build from a clean copy: setuptools builds in the source tree's build/ and packs whatever an
+    # earlier build left in build/lib (a module since deleted or moved would ship again).
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "outputs", "results"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
-        capture_output=True, text=True,
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
+        capture_output=True, text=True, check=False,
     )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = tmp_path.glob("mmspec-*.whl")
@@ -48,6 +54,6 @@ def test_wheel_contains_and_imports_every_module(tmp_path):
         "assert LlamaGenPipeline is mmspec.LlamaGenPipeline and VLMPipeline.__module__ == 'mmspec.pipelines.vlm.pipeline_vlm'\n"
         "print('ok', len(sys.modules))\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr[-3000:]
