@@ -11,6 +11,7 @@ token when greedy.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import inspect
 from typing import Any, ClassVar
 
@@ -103,7 +104,7 @@ class PipelineTesterMixin(abc.ABC):
         output = self._run(pipe, inputs, **self.greedy_kwargs)
         as_tuple = self._run(pipe, inputs, return_dict=False, **self.greedy_kwargs)
         assert isinstance(as_tuple, tuple) and not isinstance(output, tuple)
-        fields = list(vars(output).values()) if not hasattr(output, "to_tuple") else list(output.to_tuple())
+        fields = [getattr(output, field.name) for field in dataclasses.fields(output)]
         assert len(as_tuple) == len(fields)
         for got, expected in zip(as_tuple, fields):
             assert_same_content(got, expected)
