@@ -12,7 +12,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from .kernels import chain_rejection_sample, tree_rejection_sample
+from .kernels.rejection import chain_rejection_sample, tree_rejection_sample
 from .types import Categorical, CommitMode, Distribution, Draft, Verdict
 
 ACCEPTANCE_RULES: dict[str, type["AcceptanceRule"]] = {}

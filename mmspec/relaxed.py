@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from .acceptance import AcceptanceRule, register_acceptance_rule
-from .kernels import chain_rejection_sample, gsd_group_mass, lantern_neighbour_mass, tree_walk_ref
+from .kernels.neighbourhood import gsd_group_mass, lantern_neighbour_mass
+from .kernels.rejection import chain_rejection_sample, tree_walk_ref
 from .types import Distribution, Draft, Verdict
 
 __all__ = [

@@ -19,8 +19,6 @@ if TYPE_CHECKING:  # the pipeline imports diffusers; only load it when a model i
     from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
-#: Subfolder of the reference pipeline holding its EAGLE head (``mmspec train-drafter``).
-EAGLE_SUBFOLDER = "eagle"
 _REBUILD_HINT = (
     "Reinstall mmspec (the wheel ships the weights), or rebuild them with "
     "`mmspec train-reference --stage all --out DIR` and copy DIR/pipeline to {path}."
@@ -44,7 +42,7 @@ def _checked_path() -> Path:
 
 def load_default_llamagen(device: str | torch.device = "cpu") -> LlamaGenPipeline:
     """Load the embedded LlamaGen reference pipeline (float32) on ``device``, with its EAGLE head
-    attached when one ships (``speculative="eagle"``).
+    (the ``eagle`` component, ``speculative="eagle"``).
 
     Raises:
         FileNotFoundError: the assets are not installed (the message says how to rebuild them).
@@ -53,10 +51,7 @@ def load_default_llamagen(device: str | torch.device = "cpu") -> LlamaGenPipelin
 
     path = _checked_path()
     # The weights are stored in float32, so no dtype argument (its name differs across diffusers).
-    pipe = LlamaGenPipeline.from_pretrained(path).to(device)
-    if (path / EAGLE_SUBFOLDER / "config.json").is_file():
-        pipe.load_eagle_head(str(path / EAGLE_SUBFOLDER))
-    return pipe
+    return LlamaGenPipeline.from_pretrained(path).to(device)
 
 
 def default_llamagen_classes() -> list[dict[str, object]]:

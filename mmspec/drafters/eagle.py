@@ -89,21 +89,37 @@ class EagleHead(nn.Module):
         config: sizes and the target's name.
         embed: the target's token embedding ``[V, H]`` (frozen, shared).
         lm_head: the target's LM head ``H -> V`` applied to its post-norm features (frozen, shared).
+            Both or neither: a head built without them (its weights loaded on their own, as a pipeline
+            component is) drafts only once :meth:`share_target` gives it the target's.
     """
 
-    def __init__(self, config: EagleConfig, embed: nn.Embedding, lm_head: nn.Linear) -> None:
+    def __init__(self, config: EagleConfig, embed: nn.Embedding | None = None, lm_head: nn.Linear | None = None) -> None:
         super().__init__()
-        expected = (config.vocab_size, config.hidden_size)
+        self.config = config
+        self.target_modules: TargetModules | None = None
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size)
+        self.block = TransformerBlock(config.hidden_size, config.n_head, None, config.ffn_dim, config.norm_eps)
+        if (embed is None) != (lm_head is None):
+            raise ValueError("give the EAGLE head both the target's embedding and its LM head, or neither")
+        if embed is not None:
+            self.share_target(embed, lm_head)
+
+    def share_target(self, embed: nn.Embedding, lm_head: nn.Linear) -> EagleHead:
+        """Share the target's token embedding and LM head (checked against the head's sizes). Returns the head."""
+        expected = (self.config.vocab_size, self.config.hidden_size)
         for name, module in (("embedding", embed), ("LM head", lm_head)):
             if tuple(module.weight.shape) != expected:
                 raise ValueError(
                     f"the target's {name} has weight shape {list(module.weight.shape)}, but the EAGLE head "
-                    f"for {config.target_name!r} needs [vocab_size, hidden_size] = {list(expected)}"
+                    f"for {self.config.target_name!r} needs [vocab_size, hidden_size] = {list(expected)}"
                 )
-        self.config = config
         self.target_modules = TargetModules(embed, lm_head)
-        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size)
-        self.block = TransformerBlock(config.hidden_size, config.n_head, None, config.ffn_dim, config.norm_eps)
+        return self
+
+    def _shared(self) -> TargetModules:
+        if self.target_modules is None:
+            raise RuntimeError("this EAGLE head has no target yet: call share_target(embed, lm_head) first")
+        return self.target_modules
 
     def forward(
         self,
@@ -117,14 +133,14 @@ class EagleHead(nn.Module):
         """Predicted features ``f_{t+1}`` ``[G*B, T, H]`` (EAGLE eq.: ``f_{t+1} = Block(fc([e_{t+1}; f_t]))``)."""
         groups = features.shape[0] // tokens.shape[0]
         dtype = self.fc.weight.dtype
-        embed = F.embedding(tokens, self.target_modules.embed.weight.detach()).to(dtype).repeat(groups, 1, 1)
+        embed = F.embedding(tokens, self._shared().embed.weight.detach()).to(dtype).repeat(groups, 1, 1)
         x = self.fc(torch.cat([embed, features.to(dtype)], dim=-1))
         freqs = rope_frequencies(positions, self.config.head_dim, self.config.rope_base).repeat(groups, 1, 1, 1)
         return self.block(x, freqs, cache, 0, slots, attn_mask)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """The target's LM head on (predicted) features ``[..., H]`` -> float32 logits ``[..., V]``."""
-        lm_head = self.target_modules.lm_head
+        lm_head = self._shared().lm_head
         bias = None if lm_head.bias is None else lm_head.bias.detach()
         return F.linear(features.to(lm_head.weight.dtype), lm_head.weight.detach(), bias).float()
 
@@ -153,16 +169,22 @@ class EagleHead(nn.Module):
         ``embed`` / ``lm_head`` it will share. A head trained for another target raises ValueError."""
         directory = Path(directory)
         config = EagleConfig(**json.loads((directory / CONFIG_NAME).read_text()))
-        vocab, hidden = embed.weight.shape
-        if (config.target_name, config.vocab_size, config.hidden_size) != (target_name, vocab, hidden):
-            raise ValueError(
-                f"the EAGLE head in {directory} was trained for target {config.target_name!r} "
-                f"(vocab {config.vocab_size}, hidden {config.hidden_size}), not for target {target_name!r} "
-                f"(vocab {vocab}, hidden {hidden}); train a head for {target_name!r} (mmspec train-drafter)"
-            )
+        check_target(config, embed, target_name, str(directory))
         head = cls(config, embed, lm_head)
         head.load_state_dict(load_file(directory / WEIGHTS_NAME))
         return head.to(embed.weight.device)
+
+
+def check_target(config: EagleConfig, embed: nn.Embedding, target_name: str, source: str) -> None:
+    """Raise ValueError unless the head described by ``config`` (loaded from ``source``) was trained for
+    the target ``target_name`` whose token embedding is ``embed``."""
+    vocab, hidden = embed.weight.shape
+    if (config.target_name, config.vocab_size, config.hidden_size) != (target_name, vocab, hidden):
+        raise ValueError(
+            f"the EAGLE head in {source} was trained for target {config.target_name!r} "
+            f"(vocab {config.vocab_size}, hidden {config.hidden_size}), not for target {target_name!r} "
+            f"(vocab {vocab}, hidden {hidden}); train a head for {target_name!r} (mmspec train-drafter)"
+        )
 
 
 def target_fingerprint(lm_head: nn.Linear) -> str:

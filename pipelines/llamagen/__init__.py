@@ -1,6 +1,7 @@
 """LlamaGen (Sun et al. 2024, arXiv 2406.06525): class/text-conditional GPT over VQ image tokens,
 the VQ tokenizer, and loaders for the official checkpoints."""
 
+from .modeling_eagle import LlamaGenEagleHead
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT, llamagen_freqs_2d
 from .modeling_upsampler import LlamaGenTokenUpsampler
 from .modeling_vq import LlamaGenVQ
@@ -22,6 +23,7 @@ __all__ = [
     "LLAMAGEN_METHODS",
     "VQ_PRESETS",
     "LlamaGenCondition",
+    "LlamaGenEagleHead",
     "LlamaGenGPT",
     "LlamaGenPipeline",
     "LlamaGenPipelineOutput",

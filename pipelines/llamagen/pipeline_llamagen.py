@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -24,12 +24,12 @@ from mmspec.acceptance import AcceptanceRule
 from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget
 from mmspec.drafters import EagleDrafter, EagleHead, JacobiDrafter, ModelDrafter
-from mmspec.drafters.eagle import target_fingerprint
 from mmspec.loops import masked_generate, required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 
+from .modeling_eagle import LlamaGenEagleHead
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
 from .modeling_upsampler import LlamaGenTokenUpsampler
 from .modeling_vq import LlamaGenVQ
@@ -105,15 +105,20 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
     drafters: ``drafter`` (a smaller ``LlamaGenGPT`` over the same grid, ``speculative="draft-model"``)
     and ``low_res_drafter`` (a ``LlamaGenGPT`` over a smaller grid of the same codebook,
     ``speculative="mulo"``), plus ``upsampler`` (a :class:`LlamaGenTokenUpsampler` from the
-    low-resolution grid to the target's, MuLo-SD's ``upsampler="learned"``). EAGLE heads attach
-    with :meth:`load_eagle_head`.
+    low-resolution grid to the target's, MuLo-SD's ``upsampler="learned"``), and ``eagle`` (a
+    :class:`LlamaGenEagleHead` trained for this target, ``speculative="eagle"``; also attached by
+    :meth:`load_eagle_head`). A head for another target is refused (fingerprint of the LM head).
     """
 
     model_cpu_offload_seq = "target->vq"
-    _optional_components = ["drafter", "low_res_drafter", "upsampler"]
+    _optional_components = ["drafter", "low_res_drafter", "upsampler", "eagle"]
+    # The EAGLE head runs inside the drafter, not through its own forward, so model CPU offload's
+    # hooks would never bring it to the GPU: it stays on the execution device (it is small).
+    _exclude_from_cpu_offload: ClassVar[list[str]] = ["eagle"]
 
     def __init__(self, target: LlamaGenGPT, vq: LlamaGenVQ, drafter: Any = None,
-                 low_res_drafter: LlamaGenGPT | None = None, upsampler: LlamaGenTokenUpsampler | None = None) -> None:
+                 low_res_drafter: LlamaGenGPT | None = None, upsampler: LlamaGenTokenUpsampler | None = None,
+                 eagle: LlamaGenEagleHead | None = None) -> None:
         super().__init__()
         if target.config.vocab_size != vq.config.codebook_size:
             raise ValueError(
@@ -140,19 +145,30 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                     f"grid by {upsampler.config.scale} to {side}x{side}, but the target's grid is "
                     f"{target.grid_size}x{target.grid_size}: train the upsampler for this pair"
                 )
+        if eagle is not None:
+            eagle.bind(target)
         self.register_modules(target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter,
-                              upsampler=upsampler)
-        self.eagle_head: EagleHead | None = None  # set by load_eagle_head()
+                              upsampler=upsampler, eagle=eagle)
         self._rule_memo: dict = {}  # tables rules build from this pipeline's models (LANTERN neighbours per k)
         self._compiled: CompiledTarget | None = None  # set by enable_compile()
         self._caches: dict[tuple, StaticKVCache] = {}  # reused across calls (CUDA graphs need fixed addresses)
 
-    def load_eagle_head(self, path: str) -> "LlamaGenPipeline":
-        """Attach an EAGLE head trained for this exact target (checked by a fingerprint of the
-        target's LM head: a head for another model is a clear error). Returns the pipeline."""
-        self.eagle_head = EagleHead.from_pretrained(
-            path, self.target.tok_embeddings, self.target.output, target_fingerprint(self.target.output)
-        ).eval()
+    @property
+    def eagle_head(self) -> EagleHead | None:
+        """The EAGLE head of the ``eagle`` component (sharing the target's embedding and LM head), or None."""
+        eagle = getattr(self, "eagle", None)
+        return None if eagle is None else eagle.head
+
+    def load_eagle_head(self, path: str | os.PathLike) -> "LlamaGenPipeline":
+        """Register the EAGLE head saved in ``path`` (``mmspec train-drafter``, or a pipeline's ``eagle``
+        subfolder) as the ``eagle`` component, on the target's device and dtype. Returns the pipeline.
+
+        Raises:
+            ValueError: the head was trained for another target (checked by a fingerprint of the
+                target's LM head).
+        """
+        eagle = LlamaGenEagleHead.from_pretrained(path).bind(self.target)
+        self.register_modules(eagle=eagle.to(device=self.target.device, dtype=self.target.dtype))
         return self
 
     #: The speculative methods this pipeline runs (``speculative=`` names).

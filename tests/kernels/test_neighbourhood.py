@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from mmspec.kernels import (
+from mmspec.kernels.neighbourhood import (
     HAS_TRITON,
     gsd_group_mass,
     gsd_group_mass_ref,

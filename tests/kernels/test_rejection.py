@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmspec.kernels import (
+from mmspec.kernels.rejection import (
     HAS_TRITON,
     chain_rejection_sample,
     chain_rejection_sample_ref,
@@ -340,12 +340,11 @@ def test_disable_env_var_forces_reference(monkeypatch):
 
 def test_module_imports_without_triton(tmp_path):
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import mmspec.kernels as K\n"
+            "import mmspec.kernels.rejection as K\n"
             "assert not K.HAS_TRITON\n"
             "try:\n    K.chain_rejection_sample_triton(None, None, None, None, None)\n"
             "except RuntimeError:\n    pass\nelse:\n    raise AssertionError\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    # cwd: `python -c` puts the working directory on sys.path, and the checkout's root holds kernels/
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

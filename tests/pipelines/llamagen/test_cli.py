@@ -67,7 +67,7 @@ def test_generate_shards_items_across_real_processes(model_dir, tmp_path):
          "-m", "mmspec.app.cli", "generate", "--model", str(model_dir), "--labels-file", str(labels),
          "--output-dir", str(out), "--batch-size", "2", "--speculative", "none", "--device", "cpu"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=tmp_path,  # not the checkout's root: there its kernels/ would hide the installed `kernels`
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = {r["index"]: path.name for path in out.glob("results.*.jsonl")

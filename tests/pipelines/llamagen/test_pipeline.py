@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -221,3 +222,84 @@ def test_relaxed_rules_by_name_build_from_the_pipeline(tiny_pipe, tmp_path):
     assert accepted["lantern"] >= accepted["exact"]
     with pytest.raises(ValueError, match="GSD embedding must be one of"):
         tiny_pipe(class_labels=[0], speculative="sjd", acceptance="gsd", acceptance_options={"embedding": "pixels"})
+
+
+# ------------------------------------------------------------------ the EAGLE head as a pipeline component
+def _eagle_pipe(tiny_pipe, tmp_path) -> LlamaGenPipeline:
+    return LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq).load_eagle_head(_random_head(tiny_pipe.target, tmp_path / "head"))
+
+
+EAGLE_CALL = {"class_labels": [0, 3], "guidance_scale": 2.0, "temperature": 0, "output_type": "pt", "speculative": "eagle",
+              "num_draft_tokens": 3}
+
+
+def test_eagle_head_is_a_registered_component(tiny_pipe, tmp_path):
+    from mmspec.pipelines.llamagen import LlamaGenEagleHead
+
+    pipe = _eagle_pipe(tiny_pipe, tmp_path)
+    assert isinstance(pipe.components["eagle"], LlamaGenEagleHead) and pipe.eagle_head is pipe.eagle.head
+    assert pipe.config.eagle == ("mmspec.pipelines.llamagen.modeling_eagle", "LlamaGenEagleHead")
+    # A fresh pipeline (own copies of the models) so that the shared fixture stays float32.
+    pipe = LlamaGenPipeline(**{name: copy.deepcopy(model) for name, model in pipe.components.items()})
+    assert pipe.eagle_head.target_modules.lm_head is pipe.target.output  # bound to the copy's own target
+    pipe.to(dtype=torch.float64)
+    assert pipe.eagle_head.fc.weight.dtype == torch.float64 and pipe.eagle.dtype == torch.float64
+    assert pipe.eagle_head.target_modules.embed.weight.dtype == torch.float64
+    spec = pipe(**EAGLE_CALL)
+    assert torch.equal(spec.tokens, pipe(**{**EAGLE_CALL, "speculative": None}).tokens)
+
+
+def test_eagle_head_save_load_round_trip(tiny_pipe, tmp_path):
+    pipe = _eagle_pipe(tiny_pipe, tmp_path)
+    pipe.save_pretrained(tmp_path / "saved")
+    assert {p.name for p in (tmp_path / "saved" / "eagle").iterdir()} == {"config.json", "model.safetensors"}
+    loaded = LlamaGenPipeline.from_pretrained(tmp_path / "saved")
+    assert loaded.eagle_head is not None and loaded.eagle_head.target_modules.lm_head is loaded.target.output
+    for name, weight in pipe.eagle_head.state_dict().items():
+        assert torch.equal(weight, loaded.eagle_head.state_dict()[name]), name
+    a, b = pipe(**EAGLE_CALL), loaded(**EAGLE_CALL)
+    assert torch.equal(a.tokens, b.tokens) and a.stats.steps == b.stats.steps < 2 * 9
+    # The subfolder is the format `mmspec train-drafter` writes: load_eagle_head reads it too.
+    again = LlamaGenPipeline(target=loaded.target, vq=loaded.vq).load_eagle_head(tmp_path / "saved" / "eagle")
+    assert torch.equal(again(**EAGLE_CALL).tokens, a.tokens)
+    # Saved without a head, a pipeline loads without one.
+    tiny_pipe.save_pretrained(tmp_path / "plain")
+    assert LlamaGenPipeline.from_pretrained(tmp_path / "plain").eagle_head is None
+
+
+def test_eagle_head_for_another_target_is_refused_at_load(tiny_pipe, tmp_path):
+    from mmspec.pipelines.llamagen import LlamaGenEagleHead
+
+    _eagle_pipe(tiny_pipe, tmp_path).save_pretrained(tmp_path / "saved")
+    other, _ = tiny_llamagen(seed=9)
+    _random_head(other, tmp_path / "saved" / "eagle")  # overwrite the head with one for another target
+    with pytest.raises(ValueError, match=r"the EAGLE head in .*saved/eagle was trained for target 'sha256:.*not for target 'sha256:"):
+        LlamaGenPipeline.from_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="was trained for target"):
+        LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq,
+                         eagle=LlamaGenEagleHead.from_pretrained(tmp_path / "saved" / "eagle"))
+    with pytest.raises(FileNotFoundError, match="no EAGLE head in"):
+        LlamaGenEagleHead.from_pretrained(tmp_path / "nowhere")
+
+
+def test_embedded_model_brings_its_eagle_head():
+    from mmspec.app.defaults import default_llamagen_path
+
+    pipe = LlamaGenPipeline.from_pretrained(default_llamagen_path())
+    assert pipe.eagle_head is not None and pipe.eagle_head.target_modules.lm_head is pipe.target.output
+    assert pipe.eagle_head.config.target_name == json.loads((default_llamagen_path() / "eagle" / "config.json").read_text())["target_name"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eagle_head_moves_to_cuda_and_generates(tiny_pipe, tmp_path):
+    pipe = _eagle_pipe(tiny_pipe, tmp_path)
+    pipe = LlamaGenPipeline(**{name: copy.deepcopy(model) for name, model in pipe.components.items()}).to("cuda")
+    assert pipe.eagle_head.fc.weight.is_cuda and pipe.eagle.device.type == "cuda"
+    call = {**EAGLE_CALL, "generator": torch.Generator("cuda").manual_seed(0)}
+    spec = pipe(**call)
+    assert spec.tokens.is_cuda and torch.equal(spec.tokens, pipe(**{**call, "speculative": None}).tokens)
+    # A head loaded into a pipeline already on CUDA lands there too.
+    head = _random_head(tiny_pipe.target, tmp_path / "head2")
+    fresh = LlamaGenPipeline(target=pipe.target, vq=pipe.vq).load_eagle_head(head)
+    assert fresh.eagle_head.fc.weight.is_cuda

@@ -435,7 +435,7 @@ def test_training_runs_data_parallel_in_two_processes(tmp_path):
          "--target-path", str(default_captioner_path()), "--output", str(out), "--visual-path", "pool",
          "--steps", "4", "--batch-size", "4", "--device", "cpu"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=tmp_path,  # not the checkout's root: there its kernels/ would hide the installed `kernels`
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     pipe = load_default_captioner()

@@ -1,1 +1,0 @@
-"""Diffusers-style pipelines, one folder per model family (installed as ``mmspec.pipelines``)."""
