@@ -144,6 +144,7 @@ class VLMPipeline(SpeculativePipelineMixin):
         return_dict: bool = True,
         stream: bool = False,
         speculative: str | None = None,
+        callback_on_step_end: Callable[["VLMPipeline", int, None, dict], Any] | None = None,
     ) -> VLMPipelineOutput | tuple | Iterator[str]:
         """Answer ``prompt`` about ``images``.
 
@@ -161,6 +162,9 @@ class VLMPipeline(SpeculativePipelineMixin):
             return_dict: False returns ``(text, token_ids, lengths, stats)``.
             stream: return a generator of text pieces (one per verify step, for a single prompt);
                 its return value (``StopIteration.value``) is the full output.
+            callback_on_step_end: ``f(pipe, step, None, {"num_generated": [B], "token_ids": [B, S]})``
+                after every verify step (diffusers convention; ``token_ids``: prompt + reply so far,
+                valid up to each row's prompt length + ``num_generated``); not with ``stream``.
         """
         if isinstance(prompt, VLMPrompt):
             if images is not None:
@@ -183,8 +187,24 @@ class VLMPipeline(SpeculativePipelineMixin):
         if stream:
             if vlm_prompt.tokens.shape[0] != 1:
                 raise ValueError("stream=True needs a single prompt")
+            if callback_on_step_end is not None:
+                raise ValueError("stream=True reports every step itself: pass no callback_on_step_end")
             return self._stream(vlm_prompt, settings, return_dict)
-        return self._pack(self._generate(vlm_prompt, settings), return_dict)
+        callback = None
+        if callback_on_step_end is not None:
+
+            def callback(step: int, num_generated: torch.Tensor, ctx: DraftContext) -> None:
+                callback_on_step_end(self, step, None, {"num_generated": num_generated, "token_ids": ctx.history})
+
+        return self._pack(self._generate(vlm_prompt, settings, callback), return_dict)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "VLMPipeline":
+        """Move the target and the drafter (when it is a module) to ``device`` / ``dtype``, like
+        ``DiffusionPipeline.to``; returns the pipeline."""
+        for model in (self.target, self.drafter):
+            if isinstance(model, torch.nn.Module):
+                model.to(device=device, dtype=dtype)
+        return self
 
     def _generate(
         self, prompt: VLMPrompt, settings: dict, callback: Callable[[int, torch.Tensor, DraftContext], None] | None = None,

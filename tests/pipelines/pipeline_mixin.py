@@ -28,7 +28,8 @@ class PipelineTesterMixin(abc.ABC):
     #: ``__call__`` arguments every mmspec pipeline takes (DESIGN.md §3): seeding, sampling, output
     #: form, draft length and the acceptance rule.
     common_call_params: ClassVar[frozenset[str]] = frozenset(
-        {"generator", "temperature", "top_k", "top_p", "return_dict", "num_draft_tokens", "acceptance"}
+        {"generator", "temperature", "top_k", "top_p", "return_dict", "num_draft_tokens", "acceptance",
+         "callback_on_step_end"}
     )
     #: This pipeline's further expected arguments (e.g. ``output_type``, ``callback_on_step_end``).
     call_params: ClassVar[frozenset[str]] = frozenset()
@@ -130,6 +131,23 @@ class PipelineTesterMixin(abc.ABC):
             expected = self._run(pipe, inputs, methods.get(name), **self.greedy_kwargs)
             got = self._run(loaded, inputs, reloaded_methods.get(name), **self.greedy_kwargs)
             assert self.generated_rows(got) == self.generated_rows(expected), f"method {name!r} after reloading"
+
+    def test_callback_on_step_end_runs_once_per_step(self):
+        """diffusers' convention: ``callback_on_step_end(pipe, step, timestep, kwargs)`` after every
+        verify step, with the pipeline and increasing step indices; the output is unchanged."""
+        pipe = self.get_pipeline()
+        inputs = self.get_inputs(batch_size=2)
+        for method in [None, *self._methods(pipe).values()]:
+            calls = []
+
+            def record(p, step, timestep, kwargs, calls=calls):
+                assert p is pipe and isinstance(kwargs, dict) and "num_generated" in kwargs
+                calls.append(step)
+
+            output = self._run(pipe, inputs, method, callback_on_step_end=record, **self.greedy_kwargs)
+            assert calls == list(range(1, len(calls) + 1)) and len(calls) == output.stats.steps, f"method {method!r}"
+            plain = self._run(pipe, inputs, method, **self.greedy_kwargs)
+            assert self.generated_rows(output) == self.generated_rows(plain), f"method {method!r}"
 
     def test_speculation_equals_baseline_when_greedy(self):
         pipe = self.get_pipeline()

@@ -30,7 +30,7 @@ def tiny_pipeline() -> LlamaGenPipeline:
 class TestLlamaGenPipelineCommon(PipelineTesterMixin):
     pipeline_class = LlamaGenPipeline
     call_params: ClassVar[frozenset[str]] = frozenset(
-        {"class_labels", "guidance_scale", "output_type", "callback_on_step_end", "acceptance_options"}
+        {"class_labels", "guidance_scale", "output_type", "acceptance_options", "speculative_options"}
     )
     method_param = "speculative"
 
