@@ -13,6 +13,7 @@ from typing import Callable, ClassVar
 import torch
 
 from .kernels import chain_rejection_sample, tree_rejection_sample
+from .sampling import SamplingConfig
 from .types import Draft, Verdict
 
 ACCEPTANCE_RULES: dict[str, type["AcceptanceRule"]] = {}
@@ -52,7 +53,17 @@ class AcceptanceRule(ABC):
 
     @abstractmethod
     def verify(self, draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
-        """Return the :class:`~mmspec.types.Verdict` for ``draft`` under ``target_probs``."""
+        """Return the :class:`~mmspec.types.Verdict` for ``draft`` under ``target_probs``.
+
+        Every rule accepts empty drafts (a ``[B, 0]`` chain, a root-only tree): the verdict is then
+        the bonus token alone (vLLM's ``test_empty_sequence``)."""
+
+    def target_sampling(self, sampling: SamplingConfig) -> SamplingConfig:
+        """The configuration the loop turns the target's logits into ``target_probs`` with, for this
+        rule's :meth:`verify`, in a run with ``sampling``. Default: the run's own. A rule that decides
+        greedily from soft probabilities (official LANTERN's greedy mode: the softmax at temperature 1)
+        returns another; drafts and the plain baseline keep ``sampling``."""
+        return sampling
 
 
 def _greedy_tree_walk(
@@ -107,7 +118,8 @@ class GreedyAcceptance(AcceptanceRule):
         k = draft.tokens.shape[1]
         match = (draft.tokens == best[:, :k]).long()
         num_accepted = match.cumprod(1).sum(1)
-        tokens = torch.cat([draft.tokens, torch.full_like(draft.tokens[:, :1], -1)], dim=1)
+        # new_full, not full_like(tokens[:, :1]): a k = 0 draft has no column to copy the shape from
+        tokens = torch.cat([draft.tokens, draft.tokens.new_full((draft.tokens.shape[0], 1), -1)], dim=1)
         positions = torch.arange(k + 1, device=tokens.device)[None]
         tokens = torch.where(positions < num_accepted[:, None], tokens, -1)
         tokens.scatter_(1, num_accepted[:, None], best.gather(1, num_accepted[:, None]))
@@ -147,5 +159,6 @@ class ExactAcceptance(AcceptanceRule):
             tree.max_depth,
         )
         rows = torch.arange(batch, device=device)
-        last = torch.cat([torch.zeros_like(accepted_nodes[:, :1]), accepted_nodes], 1).gather(1, num_accepted[:, None])[:, 0]
+        root = accepted_nodes.new_zeros(batch, 1)  # not zeros_like(accepted_nodes[:, :1]): a root-only tree has D = 0
+        last = torch.cat([root, accepted_nodes], 1).gather(1, num_accepted[:, None])[:, 0]
         return Verdict(num_accepted, tokens, is_bonus=tree.children[rows, last, 0] < 0, accepted_nodes=accepted_nodes)

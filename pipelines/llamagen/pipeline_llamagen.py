@@ -102,12 +102,26 @@ NEIGHBOUR_CACHE = Path(os.environ.get("MMSPEC_CACHE", Path.home() / ".cache" / "
 
 def _lantern(pipe: "LlamaGenPipeline", options: dict) -> LanternAcceptance:
     """LANTERN / LANTERN++ over this pipeline's VQ codebook neighbourhoods (table cached on disk);
-    ``k`` defaults to LANTERN's 1000 neighbours, capped at the codebook size - 1."""
-    k = options.pop("k", min(1000, pipe.target.vocab_size - 1))
+    ``k`` defaults to LANTERN's 1000 neighbours, capped at the codebook size - 1.
+
+    ``neighbour_rows``: ``"decoder"`` (mmspec's default: the rows the decoder looks up, L2-normalised
+    for LlamaGen's cosine codebook) or ``"raw"`` (the stored ``quantize.embedding.weight``, as the
+    official ``generate_codebook.py``; the default of ``variant="official"``, whose table also holds
+    the ``k + 1`` neighbours its residual zeroes)."""
+    vocab = pipe.target.vocab_size
+    k = options.pop("k", min(1000, vocab - 1))
     cache = options.pop("neighbour_cache", NEIGHBOUR_CACHE)
-    key = ("lantern", k)
+    official = options.get("variant", "mmspec") == "official"
+    rows = options.pop("neighbour_rows", "raw" if official else "decoder")
+    if rows not in ("decoder", "raw"):
+        raise ValueError(f"neighbour_rows must be 'decoder' (L2-normalised rows, as decoded) or 'raw' "
+                         f"(quantize.embedding.weight, as the official LANTERN code), got {rows!r}")
+    columns = min(k + 1, vocab - 1) if official and isinstance(k, int) else k
+    normalize = rows == "decoder" and pipe.vq.quantize.l2_norm
+    key = ("lantern", columns, normalize)
     if key not in pipe._tables:
-        pipe._tables[key] = load_or_build_neighbours(pipe.vq.codebook_embeddings().detach().float(), k, cache)
+        weight = pipe.vq.quantize.embedding.weight.detach().float()  # [V, C]
+        pipe._tables[key] = load_or_build_neighbours(weight, columns, cache, normalize=normalize)
     return LanternAcceptance(pipe._tables[key], k=k, **options)
 
 
