@@ -13,10 +13,15 @@ SpeculativeSampler.__call__`` and ``reject_sampling_single_token``. They share n
 import pytest
 import torch
 import torch.nn.functional as F
+from mmspec.pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 
 from mmspec.acceptance import get_acceptance_rule
-from mmspec.pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
-from mmspec.relaxed import GSDAcceptance, LanternAcceptance, build_latent_neighbours, load_or_build_neighbours
+from mmspec.relaxed import (
+    GSDAcceptance,
+    LanternAcceptance,
+    build_latent_neighbours,
+    load_or_build_neighbours,
+)
 from mmspec.relaxed_official import (
     gsd_official_accept_prob,
     gsd_official_residual,
