@@ -188,7 +188,11 @@ def gsd_candidates(probs: torch.Tensor, tokens: torch.Tensor, group_size: int) -
 
     Tokens are ranked by decreasing ``probs`` (ties by increasing id, stable); the window spans
     ranks ``r(x) - (G - 1) // 2 .. r(x) + G // 2`` (``G = 14``: the 6 tokens ranked just above
-    ``x``, ``x``, the 7 just below, as the reference code). Ranks outside the vocabulary give -1.
+    ``x``, ``x``, the 7 just below, the reference code's window away from the ends of the ranking).
+    Ranks outside the vocabulary give -1: the window is truncated at both ends. The reference code's
+    Python slice instead wraps for the 7 lowest-ranked tokens and comes out empty (plain ``p/q``
+    there); :func:`mmspec.relaxed_official.gsd_official_window` reproduces that
+    (``variant="official"``, ``docs/relaxed_rules.md``).
 
     Args: ``probs [R, V]``, ``tokens [R]``, ``group_size`` G >= 1. Returns ``[R, G]`` int64.
     """
