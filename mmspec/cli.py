@@ -232,7 +232,9 @@ def generate(args: argparse.Namespace) -> int:
     if job_state().is_main_process:
         report(args.output_dir, job, "images", {
             "command": "generate", "speculative": speculative, "acceptance": args.acceptance,
-            "acceptance_options": acceptance_options, "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
+            "acceptance_options": acceptance_options,
+            "acceptance_rule": acceptance if isinstance(acceptance, str) else repr(acceptance),  # resolved, e.g. variant
+            "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "device": str(device),
         })
     return 0
