@@ -689,3 +689,53 @@ def test_lantern_official_skips_a_repeated_sibling_token(nearest):
         assert verdict.tokens[b, : len(accepted)].tolist() == accepted
         assert int(verdict.tokens[b, len(accepted)]) == _inverse_cdf(sample_p, us[b])
     assert int((verdict.accepted_nodes[:, 0] == 2).sum()) == 0  # the repeat is never the accepted node
+
+
+class _RootOnlyDrafter:
+    """A custom drafter that proposes nothing: a root-only tree every step (issue: this reached the
+    empty-draft crash inside the loop)."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def prefill(self, ctx, prompt, prefill):
+        pass
+
+    def draft(self, ctx, num_draft_tokens, generator):
+        batch = ctx.last_tokens.shape[0]
+        return Draft(ctx.last_tokens[:, None], None, DraftTree.chain(0, batch).to(ctx.last_tokens.device))
+
+    def verify_width(self, num_draft_tokens):
+        return 1
+
+    def commit(self, ctx, verdict):
+        pass
+
+
+def test_root_only_trees_through_the_loop_are_greedy_decoding(target):
+    """Every rule, fed root-only trees by a drafter, commits the bonus token alone each step: under
+    greedy decoding that is the greedy baseline, token for token."""
+    from mmspec.loop import required_cache_len, speculative_generate
+    from mmspec.sampling import SamplingConfig
+    from mmspec.types import TokenPrompt
+
+    vocab = target.vocab_size
+    codebook = torch.randn(vocab, 3, generator=_gen(21))
+    table = build_latent_neighbours(codebook, vocab - 1)
+    prompt = TokenPrompt.from_lists([[1, 2, 3], [4, 5]])
+    greedy = SamplingConfig(temperature=0)
+
+    def run(drafter, rule):
+        cache = target.new_cache(2, required_cache_len(3, 12, 1))
+        return speculative_generate(target, prompt, cache, max_new_tokens=12, drafter=drafter, num_draft_tokens=1,
+                                    sampling=greedy, acceptance=rule, generator=_gen(0))
+
+    baseline = run(None, "exact")
+    rules = [get_acceptance_rule("greedy"), get_acceptance_rule("exact"), LanternAcceptance(table, k=4, delta=0.3),
+             GSDAcceptance(codebook), LanternAcceptance(table, k=4, delta=0.3, variant="official"),
+             LanternAcceptance(table, k=4, delta=0.3, variant="official", greedy=True),
+             GSDAcceptance(codebook, variant="official")]
+    for rule in rules:
+        out = run(_RootOnlyDrafter(vocab), rule)
+        assert torch.equal(out.tokens, baseline.tokens), rule
+        assert out.stats.steps == baseline.stats.steps, rule
