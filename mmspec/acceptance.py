@@ -13,6 +13,7 @@ from typing import Callable, ClassVar
 import torch
 
 from .kernels.rejection import chain_rejection_sample, tree_rejection_sample
+from .sampling import SamplingConfig
 from .types import Categorical, CommitMode, Distribution, Draft, Verdict
 
 ACCEPTANCE_RULES: dict[str, type["AcceptanceRule"]] = {}
@@ -72,7 +73,17 @@ class AcceptanceRule(ABC):
 
     @abstractmethod
     def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
-        """Return the :class:`~mmspec.types.Verdict` for ``draft`` under the ``target`` view."""
+        """Return the :class:`~mmspec.types.Verdict` for ``draft`` under the ``target`` view.
+
+        Every prefix rule accepts empty drafts (a ``[B, 0]`` chain, a root-only tree): the verdict is
+        then the bonus token alone (vLLM's ``test_empty_sequence``)."""
+
+    def target_sampling(self, sampling: SamplingConfig) -> SamplingConfig:
+        """The configuration the loop turns the target's logits into the rule's view with, in a run
+        with ``sampling``. Default: the run's own. A rule that decides greedily from soft
+        probabilities (official LANTERN's greedy mode: the softmax at temperature 1) returns another;
+        drafts and the plain baseline keep ``sampling``."""
+        return sampling
 
     def _probs(self, target: Distribution | None) -> torch.Tensor:
         """``target.probs`` of a categorical view, or a TypeError that says what to pass."""
@@ -135,7 +146,8 @@ class GreedyAcceptance(AcceptanceRule):
         k = draft.tokens.shape[1]
         match = (draft.tokens == best[:, :k]).long()
         num_accepted = match.cumprod(1).sum(1)
-        tokens = torch.cat([draft.tokens, torch.full_like(draft.tokens[:, :1], -1)], dim=1)
+        # new_full, not full_like(tokens[:, :1]): a k = 0 draft has no column to copy the shape from
+        tokens = torch.cat([draft.tokens, draft.tokens.new_full((draft.tokens.shape[0], 1), -1)], dim=1)
         positions = torch.arange(k + 1, device=tokens.device)[None]
         tokens = torch.where(positions < num_accepted[:, None], tokens, -1)
         tokens.scatter_(1, num_accepted[:, None], best.gather(1, num_accepted[:, None]))
@@ -176,5 +188,6 @@ class ExactAcceptance(AcceptanceRule):
             tree.max_depth,
         )
         rows = torch.arange(batch, device=device)
-        last = torch.cat([torch.zeros_like(accepted_nodes[:, :1]), accepted_nodes], 1).gather(1, num_accepted[:, None])[:, 0]
+        root = accepted_nodes.new_zeros(batch, 1)  # not zeros_like(accepted_nodes[:, :1]): a root-only tree has D = 0
+        last = torch.cat([root, accepted_nodes], 1).gather(1, num_accepted[:, None])[:, 0]
         return Verdict(num_accepted, tokens, is_bonus=tree.children[rows, last, 0] < 0, accepted_nodes=accepted_nodes)

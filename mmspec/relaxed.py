@@ -25,7 +25,9 @@ general is ``TVD(law, p) <= P(accept) - P_exact(accept)`` at that position (prov
 :class:`RelaxedAcceptance` docstring and tested).
 
 Both rules are registered (``get_acceptance_rule("lantern", neighbours=...)``,
-``get_acceptance_rule("gsd", embeddings=...)``) when this module is imported.
+``get_acceptance_rule("gsd", embeddings=...)``) when this module is imported. Both also take
+``variant="official"``: the authors' code reproduced (:mod:`mmspec.relaxed_official`), lossy with no
+bound; ``docs/relaxed_rules.md`` lists every difference from the defaults here and its measured effect.
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ import torch.nn.functional as F
 from .acceptance import AcceptanceRule, register_acceptance_rule
 from .kernels.neighbourhood import gsd_group_mass, lantern_neighbour_mass
 from .kernels.rejection import chain_rejection_sample, tree_walk_ref
+from .relaxed_official import (
+    LANTERN_PATHS,
+    verify_gsd_official,
+    verify_lantern_official,
+    verify_lantern_official_greedy,
+)
+from .sampling import SamplingConfig
 from .types import Distribution, Draft, Verdict
 
 __all__ = [
@@ -56,9 +65,13 @@ __all__ = [
     "load_or_build_neighbours",
 ]
 
+#: ``variant`` option of the relaxed rules: mmspec's bounded rules (default) or the authors' code
+#: reproduced (:mod:`mmspec.relaxed_official`; no bound).
+VARIANTS = ("mmspec", "official")
+
 #: Distances computed at once while building a neighbour table (rows x V), ~128 MB in float64.
 _DISTANCES_PER_CHUNK = 1 << 24
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: the row choice ("raw" / "normalised") is part of the key
 _BUILD_HINT = "build it with mmspec.relaxed.load_or_build_neighbours(vq.codebook_embeddings(), k, path)"
 
 
@@ -67,16 +80,21 @@ _BUILD_HINT = "build it with mmspec.relaxed.load_or_build_neighbours(vq.codebook
 # --------------------------------------------------------------------------------------------
 
 
-def build_latent_neighbours(codebook: torch.Tensor, k: int, chunk_size: int | None = None) -> torch.Tensor:
+def build_latent_neighbours(
+    codebook: torch.Tensor, k: int, chunk_size: int | None = None, normalize: bool = False
+) -> torch.Tensor:
     """The ``k`` nearest codebook rows of every token by Euclidean distance, nearest first, the
     token itself excluded (LANTERN's latent proximity: the candidates of ``A_{k,delta}(x)``).
 
     Args:
-        codebook: ``[V, C]`` code vectors exactly as the decoder sees them
-            (``LlamaGenVQ.codebook_embeddings()``: L2-normalised for LlamaGen's cosine codebook).
+        codebook: ``[V, C]`` code vectors. mmspec's default uses them exactly as the decoder sees them
+            (``LlamaGenVQ.codebook_embeddings()``: L2-normalised for LlamaGen's cosine codebook); the
+            official LANTERN code (``entrypoints/generate_codebook.py``: ``torch.cdist`` of
+            ``vq_model.quantize.embedding.weight``) uses the raw stored rows.
         k: neighbours per token, ``1 <= k <= V - 1``.
         chunk_size: rows per distance block; by default ``2**24 / V`` rows, so a ``V x V`` matrix is
             never materialised (16384 codes: 1024-row blocks of 128 MB in float64).
+        normalize: L2-normalise the rows first (``F.normalize``, as LlamaGen's quantiser does).
 
     Returns ``[V, k]`` int32 (``V = 16384, k = 1000``: 64 MB). Distances are computed in float64
     (float32 on MPS) from ``|a|^2 + |b|^2 - 2 a.b``; exact ties are ordered arbitrarily.
@@ -87,7 +105,8 @@ def build_latent_neighbours(codebook: torch.Tensor, k: int, chunk_size: int | No
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab - 1:
         raise ValueError(f"k must be an int in [1, {vocab - 1}] (codebook size - 1) for a codebook of {vocab} codes, got {k!r}")
     dtype = torch.float32 if codebook.device.type == "mps" else torch.float64
-    emb = codebook.detach().to(dtype)
+    rows = F.normalize(codebook.detach().float(), p=2, dim=-1) if normalize else codebook.detach()
+    emb = rows.to(dtype)
     norms = (emb * emb).sum(-1)  # [V]
     chunk = chunk_size or max(1, _DISTANCES_PER_CHUNK // vocab)
     table = torch.empty(vocab, k, dtype=torch.int32, device=codebook.device)
@@ -108,14 +127,14 @@ def codebook_digest(codebook: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _cache_file(cache_path: str | os.PathLike, k: int, digest: str) -> Path:
+def _cache_file(cache_path: str | os.PathLike, k: int, digest: str, rows: str) -> Path:
     path = Path(cache_path)
     if path.is_dir() or (not path.exists() and path.suffix == ""):
-        return path / f"lantern_neighbours_k{k}_{digest[:16]}.pt"
+        return path / f"lantern_neighbours_k{k}_{rows}_{digest[:16]}.pt"
     return path
 
 
-def _read_cache(path: Path, k: int, digest: str, vocab: int) -> torch.Tensor:
+def _read_cache(path: Path, k: int, digest: str, vocab: int, rows: str) -> torch.Tensor:
     """The table stored at ``path``; ValueError if it is not the one for this codebook and k."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != _CACHE_FORMAT:
@@ -124,32 +143,39 @@ def _read_cache(path: Path, k: int, digest: str, vocab: int) -> torch.Tensor:
         raise ValueError("it was built for a different codebook")
     if blob.get("k") != k:
         raise ValueError(f"it holds k={blob.get('k')} neighbours, k={k} was asked for")
+    if blob.get("rows") != rows:
+        raise ValueError(f"it was built from {blob.get('rows')} codebook rows, {rows} rows were asked for")
     table = blob.get("neighbours")
     if not isinstance(table, torch.Tensor) or tuple(table.shape) != (vocab, k) or table.dtype != torch.int32:
         raise ValueError("its table has the wrong shape or dtype")
     return table
 
 
-def load_or_build_neighbours(codebook: torch.Tensor, k: int, cache_path: str | os.PathLike) -> torch.Tensor:
-    """:func:`build_latent_neighbours`, cached on disk next to the model.
+def load_or_build_neighbours(
+    codebook: torch.Tensor, k: int, cache_path: str | os.PathLike, normalize: bool = False
+) -> torch.Tensor:
+    """:func:`build_latent_neighbours` (``normalize``: from L2-normalised rows), cached on disk next to
+    the model.
 
-    ``cache_path`` is a folder (the file is named after ``k`` and the codebook's hash, so several
-    tables can live side by side) or a ``.pt`` file. A file that cannot be read, or that was built
+    ``cache_path`` is a folder (the file is named after ``k``, the row choice — ``raw`` or
+    ``normalised`` — and the codebook's hash, so several tables can live side by side) or a ``.pt``
+    file. A file that cannot be read, or that was built
     for another codebook or another ``k``, is rebuilt with a warning. Writes are atomic (temporary
     file + rename). Returns ``[V, k]`` int32 on the codebook's device.
     """
     vocab = codebook.shape[0]
     digest = codebook_digest(codebook)
-    path = _cache_file(cache_path, k, digest)
+    rows = "normalised" if normalize else "raw"
+    path = _cache_file(cache_path, k, digest, rows)
     if path.is_file():
         try:
-            return _read_cache(path, k, digest, vocab).to(codebook.device)
+            return _read_cache(path, k, digest, vocab, rows).to(codebook.device)
         except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
             warnings.warn(f"LANTERN neighbour cache {path} is unusable ({err}); rebuilding it", stacklevel=2)
-    table = build_latent_neighbours(codebook, k)
+    table = build_latent_neighbours(codebook, k, normalize=normalize)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save({"format": _CACHE_FORMAT, "k": k, "codebook_sha256": digest, "neighbours": table.cpu()}, tmp)
+    torch.save({"format": _CACHE_FORMAT, "k": k, "rows": rows, "codebook_sha256": digest, "neighbours": table.cpu()}, tmp)
     os.replace(tmp, path)
     return table
 
@@ -165,7 +191,11 @@ def gsd_candidates(probs: torch.Tensor, tokens: torch.Tensor, group_size: int) -
 
     Tokens are ranked by decreasing ``probs`` (ties by increasing id, stable); the window spans
     ranks ``r(x) - (G - 1) // 2 .. r(x) + G // 2`` (``G = 14``: the 6 tokens ranked just above
-    ``x``, ``x``, the 7 just below, as the reference code). Ranks outside the vocabulary give -1.
+    ``x``, ``x``, the 7 just below, the reference code's window away from the ends of the ranking).
+    Ranks outside the vocabulary give -1: the window is truncated at both ends. The reference code's
+    Python slice instead wraps for the 7 lowest-ranked tokens and comes out empty (plain ``p/q``
+    there); :func:`mmspec.relaxed_official.gsd_official_window` reproduces that
+    (``variant="official"``, ``docs/relaxed_rules.md``).
 
     Args: ``probs [R, V]``, ``tokens [R]``, ``group_size`` G >= 1. Returns ``[R, G]`` int64.
     """
@@ -323,7 +353,27 @@ class LanternAcceptance(RelaxedAcceptance):
         k: neighbours considered, ``1 <= k <= V - 1`` (default 1000).
         mode: ``"tvd"`` (LANTERN) or ``"multiplicative"`` (LANTERN++).
         lam: ``lambda >= 1`` for ``mode="multiplicative"`` (the LANTERN++ scripts use 3 with k=10).
-        greedy_neighbours: ``m`` above, ``0 <= m <= k``.
+        greedy_neighbours: ``m`` above, ``0 <= m <= k`` (``variant="mmspec"`` only).
+        variant: ``"mmspec"`` (default; everything above: lossy with the stated bound) or ``"official"``
+            (lossy, **no bound**: reproduces ``jadohu/LANTERN``'s ``evaluate_posterior`` /
+            ``evaluate_posterior_v1``, :mod:`mmspec.relaxed_official`): the same acceptance
+            ``min(1, (p(x) + S) / q(x))`` (float32 prefix sums), but after a rejection the official
+            residual of the tree type, which zeroes ``x`` and the first ``k + 1`` listed neighbours
+            whenever one was counted, whether or not it was; ``moved_mass`` reports TVD between the
+            target and the committed token's law for a deterministic draft of ``x``. The neighbour table needs
+            ``min(k + 1, V - 1)`` columns, from raw codebook rows to match the official tables
+            (``LlamaGenPipeline``: ``neighbour_rows="raw"``, the official variant's default).
+        official_path: the official residual path (``variant="official"``): ``"auto"`` (default:
+            ``"dynamic"`` for deterministic drafts, ``"static-llamagen"`` when drafts carry
+            probabilities), ``"dynamic"`` (EAGLE-2 trees: ``qx = 1``, zero ``x`` and the neighbours
+            of the target), ``"static-llamagen"`` (EAGLE-1 trees on LlamaGen: ``norm(max(0, p - q'))``,
+            ``q'`` = draft zeroed at the neighbours) or ``"static-lumina"`` (EAGLE-1 on Lumina-mGPT:
+            ``norm(max(0, p' - q))``, ``p'`` = target zeroed there). Static paths accept with EAGLE-1's
+            ``qx``: the node's proposal before earlier siblings were removed (its first sibling's).
+        greedy: official greedy mode (``variant="official"``; needs a greedy run): the rule reads the
+            softmax at temperature 1 of the (CFG-combined) logits and keeps draft ``x`` iff raising
+            ``p(x)`` by ``S`` makes it the argmax; the next token is the argmax. Lossy, no bound (an
+            accepted stand-in differs from greedy decoding: TVD 1 at that token).
     """
 
     name = "lantern"
@@ -344,6 +394,9 @@ class LanternAcceptance(RelaxedAcceptance):
         mode: str = "tvd",
         lam: float | None = None,
         greedy_neighbours: int = 0,
+        variant: str = "mmspec",
+        official_path: str = "auto",
+        greedy: bool = False,
     ) -> None:
         if neighbours is None:
             raise ValueError(f"LANTERN needs the latent neighbour table of the target's VQ codebook: {_BUILD_HINT}, "
@@ -363,40 +416,108 @@ class LanternAcceptance(RelaxedAcceptance):
             raise ValueError(f"the neighbour table holds {columns} neighbours per token but k={k}: rebuild it with k={k} ({_BUILD_HINT})")
         if isinstance(greedy_neighbours, bool) or not isinstance(greedy_neighbours, int) or not 0 <= greedy_neighbours <= k:
             raise ValueError(f"greedy_neighbours must be an int in [0, k={k}], got {greedy_neighbours!r}")
-        table = neighbours[:, :k]
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS} (mmspec's bounded rule or the official code), got {variant!r}")
+        if official_path not in LANTERN_PATHS:
+            raise ValueError(f"official_path must be one of {LANTERN_PATHS}, got {official_path!r}")
+        if greedy is not True and greedy is not False:
+            raise ValueError(f"greedy must be true or false, got {greedy!r}")
+        if variant == "mmspec" and (official_path != "auto" or greedy):
+            raise ValueError("official_path and greedy are options of variant='official' "
+                             "(mmspec's own greedy relaxation is greedy_neighbours=m)")
+        if variant == "official" and greedy_neighbours:
+            raise ValueError("greedy_neighbours is mmspec's greedy relaxation; the official one is greedy=True")
+        official_columns = min(k + 1, vocab - 1)  # the official residual zeroes nearest_latents[x, :k + 1]
+        if variant == "official" and columns < official_columns:
+            raise ValueError(f"variant='official' zeroes the first k + 1 = {official_columns} neighbours after a rejection but "
+                             f"the table holds {columns}: rebuild it with k={official_columns} ({_BUILD_HINT})")
+        table = neighbours[:, : official_columns if variant == "official" else k]
         # Init-time checks (host syncs here are fine): ids in range, no self, no repeats.
         if bool(((table < 0) | (table >= vocab)).any()):
             raise ValueError(f"neighbour ids must lie in [0, {vocab}); {_BUILD_HINT}")
         if bool((table == torch.arange(vocab, device=table.device)[:, None]).any()):
             raise ValueError(f"a token must not be its own neighbour (row v of the table lists v); {_BUILD_HINT}")
-        if k > 1 and bool((table.sort(1).values.diff(dim=1) == 0).any()):
+        if table.shape[1] > 1 and bool((table.sort(1).values.diff(dim=1) == 0).any()):
             raise ValueError(f"a token's neighbours must be distinct; {_BUILD_HINT}")
+        self.official_table = table  # [V, k] (mmspec) or [V, min(k + 1, V - 1)] (official)
+        table = table[:, :k]
         self.neighbours = table
         self.delta = float(delta)
         self.k = k
         self.mode = mode
         self.lam = None if lam is None else float(lam)
         self.greedy_neighbours = greedy_neighbours
+        self.variant = variant
+        self.official_path = official_path
+        self.greedy = greedy
+        if variant == "official":
+            self.bound = ("no bound: reproduces the official LANTERN code (jadohu/LANTERN evaluate_posterior / "
+                          "evaluate_posterior_v1); moved_mass reports TVD(committed law, p) for a deterministic draft of x")
+        self.requires_greedy = greedy
         self._tables: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_resources(cls, resources: dict, **options) -> "LanternAcceptance":
-        """LANTERN over a pipeline's VQ codebook (``resources["codebook"]``): the neighbour table of
-        ``k`` (default LANTERN's 1000, capped at the codebook size - 1) is built once, cached on disk
-        under ``resources["cache_dir"]`` (or the option ``neighbour_cache``) and kept in ``resources["memo"]`` for later calls."""
+        """LANTERN over a pipeline's VQ codebook. ``k`` defaults to LANTERN's 1000 neighbours, capped
+        at the codebook size - 1. ``neighbour_rows``: ``"decoder"`` (mmspec's default: the rows the
+        decoder looks up, ``resources["codebook"]``, L2-normalised for LlamaGen's cosine codebook) or
+        ``"raw"`` (the stored ``quantize.embedding.weight``, ``resources["codebook_raw"]``, as the official
+        ``generate_codebook.py``; the default of ``variant="official"``, whose table also holds the
+        ``k + 1`` neighbours its residual zeroes; ``resources["codebook_l2_norm"]`` says whether the
+        decoder normalises the stored rows). The table is built once, cached on disk under
+        ``resources["cache_dir"]`` (or the option ``neighbour_cache``) and kept in ``resources["memo"]``."""
         if "codebook" not in resources:
             raise ValueError("acceptance='lantern' needs a pipeline with a VQ codebook (latent neighbourhoods)")
-        codebook = resources["codebook"]
-        k = options.pop("k", min(1000, codebook.shape[0] - 1))
+        vocab = resources["codebook"].shape[0]
+        k = options.pop("k", min(1000, vocab - 1))
         cache_dir = options.pop("neighbour_cache", resources.get("cache_dir"))
+        official = options.get("variant", "mmspec") == "official"
+        rows = options.pop("neighbour_rows", "raw" if official else "decoder")
+        if rows not in ("decoder", "raw"):
+            raise ValueError(f"neighbour_rows must be 'decoder' (the rows as decoded) or 'raw' "
+                             f"(quantize.embedding.weight, as the official LANTERN code), got {rows!r}")
+        columns = min(k + 1, vocab - 1) if official and isinstance(k, int) else k
+        # Decoder rows = the stored rows, L2-normalised where the decoder normalises them (as the
+        # official table is built from the stored rows): one table per (k, rows) choice.
+        stored = "codebook_raw" in resources
+        codebook = resources["codebook_raw"] if stored else resources["codebook"]
+        normalize = stored and rows == "decoder" and bool(resources.get("codebook_l2_norm", False))
+        key = ("lantern", columns, rows)
         memo = resources.setdefault("memo", {})
-        if ("lantern", k) not in memo:
-            memo[("lantern", k)] = load_or_build_neighbours(codebook.detach().float(), k, cache_dir)
-        return cls(memo[("lantern", k)], k=k, **options)
+        if key not in memo:
+            memo[key] = load_or_build_neighbours(codebook.detach().float(), columns, cache_dir, normalize=normalize)
+        return cls(memo[key], k=k, **options)
 
     def __repr__(self) -> str:
         budget = f"delta={self.delta}" if self.mode == "tvd" else f"lam={self.lam}"
+        if self.variant == "official":
+            return (f"LanternAcceptance(variant='official', mode={self.mode!r}, {budget}, k={self.k}, "
+                    f"official_path={self.official_path!r}, greedy={self.greedy})")
         return f"LanternAcceptance(mode={self.mode!r}, {budget}, k={self.k}, greedy_neighbours={self.greedy_neighbours})"
+
+    def target_sampling(self, sampling: SamplingConfig) -> SamplingConfig:
+        """Official greedy mode reads the softmax at temperature 1 of the CFG-combined logits (no top-k /
+        top-p), as ``evaluate_posterior``'s ``torch.softmax(logits)``; otherwise the run's own."""
+        if self.greedy:
+            return SamplingConfig(temperature=1.0, guidance_scale=sampling.guidance_scale)
+        return sampling
+
+    def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
+        target_probs = self._probs(target)
+        if self.variant == "mmspec":
+            return super().verify(draft, target, generator)
+        self.check_vocab(target_probs.shape[-1])
+        table = _device_copy(self._tables, self.official_table, target_probs.device)
+        relative = self.mode == "multiplicative"
+        limit = self.lam - 1.0 if relative else self.delta
+        if self.greedy:
+            return verify_lantern_official_greedy(draft, target_probs.float(), neighbours=table, k=self.k, limit=limit,
+                                                  relative=relative)
+        batch, num_nodes = draft.tokens.shape
+        uniform_accept = torch.rand(batch, num_nodes, generator=generator, device=target_probs.device)
+        uniform_sample = torch.rand(batch, generator=generator, device=target_probs.device)
+        return verify_lantern_official(draft, target_probs.float(), uniform_accept, uniform_sample, neighbours=table,
+                                       k=self.k, limit=limit, relative=relative, path=self.official_path)
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.neighbours.shape[0] != vocab_size:
@@ -471,6 +592,13 @@ class GSDAcceptance(RelaxedAcceptance):
         group_size: candidates per group G >= 1 (reference code 14, the paper reports 25-50).
         prob_threshold: ``|p(c) - p(x)|`` limit (reference 0.15).
         dist_threshold: squared-distance limit (reference 0.5).
+        variant: ``"mmspec"`` (default; everything above: lossy with the stated bound) or ``"official"``
+            (lossy, **no bound**: reproduces ``junhyukso/GSD``'s ``SpeculativeSampler.__call__``,
+            :mod:`mmspec.relaxed_official`): acceptance ``min(1, P(G) / Q(G))`` even where it is below
+            ``p(x) / q(x)``; residual ``norm(max(0, p - q))``; the window is the official slice
+            ``[pos - G//2 : pos + (G+1)//2]`` of the ascending ranking, empty for the ``G // 2``
+            lowest-ranked tokens (plain ``min(1, p/q)`` there); strict ``<`` filters. ``moved_mass``
+            reports TVD between the target and the committed token's law for a deterministic draft of ``x``.
     """
 
     name = "gsd"
@@ -488,6 +616,7 @@ class GSDAcceptance(RelaxedAcceptance):
         group_size: int = 14,
         prob_threshold: float = 0.15,
         dist_threshold: float = 0.5,
+        variant: str = "mmspec",
     ) -> None:
         if embeddings is None:
             raise ValueError("GSD needs token embeddings for its distance filter: pass embeddings=vq.codebook_embeddings() "
@@ -502,6 +631,12 @@ class GSDAcceptance(RelaxedAcceptance):
         self.group_size = group_size
         self.prob_threshold = float(prob_threshold)
         self.dist_threshold = float(dist_threshold)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS} (mmspec's bounded rule or the official code), got {variant!r}")
+        self.variant = variant
+        if variant == "official":
+            self.bound = ("no bound: reproduces the official GSD code (junhyukso/GSD SpeculativeSampler); "
+                          "moved_mass reports TVD(committed law, p) for a deterministic draft of x")
         self._tables: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -517,8 +652,22 @@ class GSDAcceptance(RelaxedAcceptance):
         return cls(resources[tables[embedding]].detach().float(), **options)
 
     def __repr__(self) -> str:
-        return (f"GSDAcceptance(group_size={self.group_size}, prob_threshold={self.prob_threshold}, "
+        variant = "variant='official', " if self.variant == "official" else ""
+        return (f"GSDAcceptance({variant}group_size={self.group_size}, prob_threshold={self.prob_threshold}, "
                 f"dist_threshold={self.dist_threshold})")
+
+    def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
+        target_probs = self._probs(target)
+        if self.variant == "mmspec":
+            return super().verify(draft, target, generator)
+        self.check_vocab(target_probs.shape[-1])
+        batch, num_nodes = draft.tokens.shape
+        uniform_accept = torch.rand(batch, num_nodes, generator=generator, device=target_probs.device)
+        uniform_sample = torch.rand(batch, generator=generator, device=target_probs.device)
+        embeddings = _device_copy(self._tables, self.embeddings, target_probs.device)
+        return verify_gsd_official(draft, target_probs.float(), uniform_accept, uniform_sample, embeddings=embeddings,
+                                   group_size=self.group_size, prob_threshold=self.prob_threshold,
+                                   dist_threshold=self.dist_threshold)
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.embeddings.shape[0] != vocab_size:

@@ -90,5 +90,5 @@ class DraftTree:
     def path_offsets(self, accepted_nodes: torch.Tensor) -> torch.Tensor:
         """``[B, D + 1]`` node indices of the root followed by the accepted path (-1 padded),
         i.e. the tokens that join the sequence, in order (used to compact the KV cache)."""
-        root = torch.zeros_like(accepted_nodes[:, :1])
+        root = accepted_nodes.new_zeros(accepted_nodes.shape[0], 1)  # D = 0 (root-only tree) has no column to slice
         return torch.cat([root, accepted_nodes], dim=1)

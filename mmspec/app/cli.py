@@ -174,6 +174,7 @@ def generate(args: argparse.Namespace) -> int:
             "command": "generate", "speculative": speculative, "acceptance": rule_name,
             "acceptance_options": acceptance_options,
             "speculative_options": {k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in speculative_options.items()},
+            "acceptance_rule": repr(acceptance),  # resolved, e.g. variant="official"
             "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "device": str(device),
         })

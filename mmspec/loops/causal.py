@@ -154,7 +154,9 @@ def speculative_generate(
             mask = cache.attention_mask(cache.slots(inputs.shape[1]), draft.tree.ancestor_mask)
             out = target.forward(inputs, draft.tree.positions(cache.lengths), cache, mask)
         target_probs = logits_to_probs(out.logits, sampling, out.uncond_logits)  # [B, T, V]
-        verdict = _verify(rule, draft, target_probs, generator)
+        rule_sampling = rule.target_sampling(sampling)  # e.g. official LANTERN greedy: softmax at temperature 1
+        rule_probs = target_probs if rule_sampling == sampling else logits_to_probs(out.logits, rule_sampling, out.uncond_logits)
+        verdict = _verify(rule, draft, target_probs, generator, rule_probs)
         if profile:
             sync(device)
         t2 = time.perf_counter()
@@ -197,13 +199,15 @@ def _last(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x[:, -1]
 
 
-def _verify(rule: AcceptanceRule, draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
-    """Apply the rule; an empty draft (the baseline) is a plain sample from the target."""
+def _verify(rule: AcceptanceRule, draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None,
+            rule_probs: torch.Tensor | None = None) -> Verdict:
+    """Apply the rule to ``rule_probs`` (``target_probs`` under :meth:`AcceptanceRule.target_sampling`;
+    default ``target_probs``); an empty draft (the baseline) is a plain sample from ``target_probs``."""
     if draft.tokens.shape[1] == 0:
         token = sample_from_probs(target_probs[:, 0], generator)
         zeros = torch.zeros_like(token)
         return Verdict(zeros, token[:, None], is_bonus=torch.ones_like(token, dtype=torch.bool))
-    return rule.verify(draft, Categorical(target_probs), generator)
+    return rule.verify(draft, Categorical(target_probs if rule_probs is None else rule_probs), generator)
 
 
 def _path_features(hidden: torch.Tensor | None, path: torch.Tensor | None) -> torch.Tensor | None:

@@ -180,7 +180,9 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         neighbourhoods, GSD), the GPT's token embedding (GSD), the token grid (MuLo-SD) and the
         neighbour-table cache folder."""
         return {
-            "codebook": self.vq.codebook_embeddings().detach().float(),
+            "codebook": self.vq.codebook_embeddings().detach().float(),  # [V, C] as the decoder sees them
+            "codebook_raw": self.vq.quantize.embedding.weight.detach().float(),  # [V, C] as stored
+            "codebook_l2_norm": bool(self.vq.quantize.l2_norm),  # the decoder looks up L2-normalised rows
             "token_embeddings": self.target.tok_embeddings.weight.detach().float(),
             "grid": (self.target.grid_size, self.target.grid_size),
             "cache_dir": NEIGHBOUR_CACHE,
