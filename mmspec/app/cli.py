@@ -395,6 +395,20 @@ def demo(args: argparse.Namespace) -> int:
     return demo_command(args)
 
 
+def _methods_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--markdown", action="store_true", help="print the Markdown of docs/methods.md")
+
+
+@command("methods", _methods_args)
+def methods(args: argparse.Namespace) -> int:
+    """List every pipeline's speculative methods and every acceptance rule (from the registries)."""
+    from .registry_docs import methods_markdown
+
+    text = methods_markdown()
+    print(text if args.markdown else text.replace("`", ""), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmspec", description="Speculative decoding for multimodal generative models.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,0 +1,25 @@
+"""docs/methods.md is generated from the registries: it must list exactly what they hold."""
+
+from pathlib import Path
+
+from mmspec.app.cli import main
+from mmspec.app.registry_docs import methods_markdown
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+
+
+def test_methods_doc_is_current():
+    assert DOC.read_text(encoding="utf-8") == methods_markdown(), (
+        "docs/methods.md is out of date: regenerate it with `mmspec methods --markdown > docs/methods.md`"
+    )
+
+
+def test_methods_command_lists_every_registered_method_and_rule(capsys):
+    from mmspec.acceptance import ACCEPTANCE_RULES
+    from mmspec.pipelines.llamagen import LLAMAGEN_METHODS
+    from mmspec.pipelines.vlm import VLM_METHODS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in [*LLAMAGEN_METHODS.names(), *VLM_METHODS.names(), *ACCEPTANCE_RULES]:
+        assert f"| {name} |" in out, name
