@@ -21,6 +21,7 @@ from .captioner import (
     train_captioner,
 )
 from .captioner_eval import evaluate_captioner, save_caption_grid
+from .loop import add_recipe_run_args
 from .reference import RECIPE_FILE
 from .saved import load_captioner_pipeline
 
@@ -50,16 +51,8 @@ def add_train_captioner_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout-samples", type=int, default=None, help="override the preset's held-out scenes")
     parser.add_argument("--draft-steps", type=int, default=None,
                         help="override the preset's drafter steps (0: no draft model)")
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's checkpoint interval")
-    parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the models train (default: cuda when available); evaluation runs on the CPU")
-    parser.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
-                        help="storage dtype of the saved weights")
     parser.add_argument("--grid", type=Path, default=None, help="also write a PNG of held-out captions here")
-    parser.add_argument("--no-eval", action="store_true", help="skip evaluate_captioner on the saved model")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_recipe_run_args(parser, saved="the saved weights", evaluation="evaluate_captioner on the saved model")
 
 
 def train_captioner_command(args: argparse.Namespace) -> int:

@@ -23,6 +23,8 @@ reads ``lr`` and ``grad_clip``, e.g. :class:`~mmspec.training.eagle.EagleTrainCo
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import json
 import math
@@ -262,3 +264,18 @@ def train_head(
             save_head_checkpoint(directory, done, head, optimizer)
     head.eval()
     return losses
+
+
+def add_recipe_run_args(parser: argparse.ArgumentParser, saved: str, evaluation: str) -> None:
+    """The run arguments every recipe command shares (``train-reference``, ``train-captioner``):
+    checkpoint interval, resume, threads, device, storage dtype of ``saved`` (what the recipe writes),
+    skipping ``evaluation`` (what it evaluates), progress bars."""
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's checkpoint interval")
+    parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the models train (default: cuda when available); evaluation runs on the CPU")
+    parser.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
+                        help=f"storage dtype of {saved}")
+    parser.add_argument("--no-eval", action="store_true", help=f"skip {evaluation}")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

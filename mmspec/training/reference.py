@@ -43,6 +43,7 @@ import torch
 
 from ..pipelines.llamagen import LlamaGenGPT, LlamaGenTokenUpsampler, LlamaGenVQ
 from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
+from .loop import add_recipe_run_args
 from .reference_data import EmojiDataConfig
 from .reference_eval import evaluate_reference
 from .reference_gpt import GPTTrainConfig, train_c2i_gpt
@@ -139,15 +140,7 @@ def add_train_reference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-res-draft-steps", type=int, default=None,
                         help="override the preset's low-resolution drafter steps")
     parser.add_argument("--upsampler-steps", type=int, default=None, help="override the preset's up-sampler steps")
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's checkpoint interval")
-    parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the models train (default: cuda when available); evaluation runs on the CPU")
-    parser.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
-                        help="storage dtype of OUT/pipeline's weights")
-    parser.add_argument("--no-eval", action="store_true", help="skip evaluate_reference on OUT/pipeline")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_recipe_run_args(parser, saved="OUT/pipeline's weights", evaluation="evaluate_reference on OUT/pipeline")
 
 
 def train_reference_command(args: argparse.Namespace) -> int:
