@@ -88,6 +88,9 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         if target.config.vae_embed_dim != vae.config.embed_dim:
             raise ValueError(f"the MAR's vae_embed_dim ({target.config.vae_embed_dim}) does not match the VAE's "
                              f"embed_dim ({vae.config.embed_dim}): use the VAE the MAR was trained with")
+        if target.config.vae_stride != vae.downsample_factor:
+            raise ValueError(f"the MAR's vae_stride ({target.config.vae_stride}) does not match the VAE's down-sampling "
+                             f"factor ({vae.downsample_factor}): use the VAE the MAR was trained with")
         if drafter is not None:
             check_pair(target, drafter)
         self.register_modules(target=target, vae=vae, drafter=drafter)
