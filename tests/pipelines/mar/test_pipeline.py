@@ -170,3 +170,15 @@ def test_cspd_with_another_draft_model(target):
     with pytest.raises(ValueError, match="diffusion steps"):
         MARPipeline(target=target, vae=pipe.vae, drafter=tiny_mar(num_sampling_steps="3"))(
             class_labels=[1], num_iter=4, speculative="cspd", output_type="pt")
+
+
+def test_cspd_reference_option_is_a_named_lossy_rule(pipe):
+    exact = call(pipe, speculative="cspd", num_draft_tokens=3, speculative_options={"prefill_steps": 1})
+    same = call(pipe, speculative="cspd", num_draft_tokens=3, speculative_options={"prefill_steps": 1},
+                acceptance="gaussian-tempered", acceptance_options={"lam": 1.0})
+    assert torch.equal(same.latents, exact.latents)
+    relaxed = call(pipe, speculative="cspd", num_draft_tokens=3, speculative_options={"prefill_steps": 1},
+                   acceptance="gaussian-tempered", acceptance_options={"lam": 42.0})
+    summary = relaxed.stats.summary()
+    assert summary["mean_tvd_per_token"] is not None and exact.stats.summary()["mean_tvd_per_token"] is None
+    assert int(relaxed.stats.row_accepted.sum()) >= int(exact.stats.row_accepted.sum())
