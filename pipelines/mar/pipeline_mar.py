@@ -11,8 +11,9 @@ official code draws them with numpy's global shuffle) and a generator seeded lik
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -50,7 +51,7 @@ MAR_METHODS = MethodRegistry("MARPipeline")
 
 @MAR_METHODS.register("cspd", loop="masked", default_rule="gaussian-exact", requires=("drafter",),
                       options={"prefill_steps": None, "prefill_fraction": 0.1})
-def _cspd(pipe: "MARPipeline", options: dict) -> Any:
+def _cspd(pipe: MARPipeline, options: dict) -> Any:
     """CSpD: a draft MAR proposes the next gamma steps' tokens with their Gaussians; exact density-ratio test."""
     if not isinstance(pipe.drafter, MARModel):
         raise ValueError("speculative='cspd' needs a draft MARModel as the pipeline's `drafter` component "
@@ -98,7 +99,7 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
     @classmethod
     def from_official(cls, mar: str, vae: str, mar_config: str | dict | None = None, vae_config: str | dict | None = None,
                       drafter: str | MARModel | None = None, drafter_config: str | dict | None = None,
-                      use_ema: bool = True) -> "MARPipeline":
+                      use_ema: bool = True) -> MARPipeline:
         """Build from official checkpoints (see :mod:`mmspec.pipelines.mar.official`): ``mar``
         (released ``{"model", "model_ema"}`` or trainer ``checkpoint-last.pth``; EMA weights unless
         ``use_ema=False``), ``vae`` (``kl16.ckpt``; widths read from the shapes unless ``vae_config``);
@@ -167,7 +168,7 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         sample_last_step: bool = False,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[["MARPipeline", int, None, dict], dict] | None = None,
+        callback_on_step_end: Callable[[MARPipeline, int, None, dict], dict] | None = None,
     ):
         """Generate images.
 

@@ -48,7 +48,7 @@ class MARPlan:
     noise_steps: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, orders: torch.Tensor, num_iter: int, guidance_scale: float, cfg_schedule: str) -> "MARPlan":
+    def build(cls, orders: torch.Tensor, num_iter: int, guidance_scale: float, cfg_schedule: str) -> MARPlan:
         batch, seq_len = orders.shape
         steps = mar_schedule(num_iter, seq_len, guidance_scale, cfg_schedule)
         positions, start = [], seq_len
