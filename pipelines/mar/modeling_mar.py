@@ -403,7 +403,12 @@ class MARModel(ModelMixin, ConfigMixin):
                 (what CSpD's densities describe).
         """
         net, sched = self.diffloss.net, self.schedule
-        x = noise_init
+        dtype = net.input_proj.weight.dtype
+        x, noise_steps = noise_init.to(dtype), noise_steps.to(dtype)
+        z = z.to(dtype)
+        z_null = None if z_null is None else z_null.to(dtype)
+        if isinstance(cfg_scale, torch.Tensor):
+            cfg_scale = cfg_scale.to(dtype)
         n = x.shape[0]
         cond = z if z_null is None else torch.cat([z, z_null])
         out = {}
