@@ -132,7 +132,7 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             device = generator.device if generator is not None else torch.device("cpu")
             return torch.argsort(torch.rand(batch, seq_len, generator=generator, device=device), dim=1).to(self.target.device)
         orders = torch.as_tensor(np.asarray(orders) if not isinstance(orders, torch.Tensor) else orders).long()
-        if orders.shape != (batch, seq_len) or not bool((orders.sort(1).values == torch.arange(seq_len)).all()):
+        if orders.shape != (batch, seq_len) or not bool((orders.sort(1).values == torch.arange(seq_len, device=orders.device)).all()):
             raise ValueError(f"orders must be a permutation of 0..{seq_len - 1} per row, shape ({batch}, {seq_len}); "
                              f"got shape {tuple(orders.shape)}")
         return orders.to(self.target.device)
