@@ -182,3 +182,34 @@ def test_cspd_reference_option_is_a_named_lossy_rule(pipe):
     summary = relaxed.stats.summary()
     assert summary["mean_tvd_per_token"] is not None and exact.stats.summary()["mean_tvd_per_token"] is None
     assert int(relaxed.stats.row_accepted.sum()) >= int(exact.stats.row_accepted.sum())
+
+
+def test_official_format_checkpoints_of_other_sizes_load(tmp_path):
+    """Official-layout files of sizes the fixtures do not cover: MAR with patch size 2 and another
+    buffer / depth / head count (dict config), a VAE of another width and depth (read from shapes)."""
+    from mmspec.pipelines.mar import load_official_mar, load_official_vae
+
+    fields = dict(img_size=64, vae_stride=8, patch_size=2, encoder_embed_dim=24, encoder_depth=3, encoder_num_heads=3,
+                  decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2, vae_embed_dim=3, class_num=7, buffer_size=5,
+                  diffloss_d=2, diffloss_w=24, num_sampling_steps="4")
+    mar = tiny_mar(seed=4, **fields)
+    ema = {k: v + 0.01 for k, v in mar.state_dict().items()}
+    torch.save({"model": mar.state_dict(), "model_ema": ema}, tmp_path / "mar.pth")
+    from mmspec.pipelines.mar import MARAutoencoderKL
+
+    torch.manual_seed(0)
+    vae = MARAutoencoderKL(embed_dim=3, ch=32, ch_mult=(1, 2, 2, 1), num_res_blocks=1, attn_resolutions=(64,)).eval()
+    torch.save({"model": vae.state_dict()}, tmp_path / "vae.pth")
+    loaded_vae = load_official_vae(tmp_path / "vae.pth")
+    assert loaded_vae.config.ch == 32 and tuple(loaded_vae.config.ch_mult) == (1, 2, 2, 1)
+    assert loaded_vae.config.num_res_blocks == 1 and tuple(loaded_vae.config.attn_resolutions) == (64,)
+    loaded = load_official_mar(tmp_path / "mar.pth", {**fields, "label_drop_prob": 0.1, "grad_checkpointing": False})
+    assert torch.equal(loaded.state_dict()["mask_token"], ema["mask_token"])
+    pipe = MARPipeline(target=loaded, vae=loaded_vae)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(class_labels=[6, 0], num_iter=3, guidance_scale=2.0, output_type="pt",
+               generator=torch.Generator().manual_seed(0))
+    assert out.latents.shape == (2, 3, 8, 8) and out.images.shape == (2, 3, 64, 64)  # 4x4 tokens of 2x2 patches
+    with torch.no_grad():
+        latents = torch.randn(1, 3, 8, 8)
+        assert torch.equal(loaded_vae.decode(latents), vae.decode(latents))
