@@ -143,3 +143,24 @@ def recording(drafter_cls: type) -> type:
 
     Recording.__name__ = f"Recording{drafter_cls.__name__}"
     return Recording
+
+
+def tiny_mar(seed: int = 0, **overrides):
+    """A random MAR small enough for CPU tests: 64 px, 16x VAE stride -> a 4x4 token grid of
+    4-channel tokens, 5-step diffusion head. ``overrides`` change any ``MARModel`` field."""
+    from mmspec.pipelines.mar import MARModel
+
+    fields = dict(img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
+                  decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, vae_embed_dim=4, class_num=5,
+                  buffer_size=2, diffloss_d=1, diffloss_w=32, num_sampling_steps="5")
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return MARModel(**fields).eval()
+
+
+def tiny_mar_vae(seed: int = 0, embed_dim: int = 4):
+    """A random KL VAE for :func:`tiny_mar` (five levels: 16x down-sampling, like KL-16; 32 channels)."""
+    from mmspec.pipelines.mar import MARAutoencoderKL
+
+    torch.manual_seed(seed)
+    return MARAutoencoderKL(embed_dim=embed_dim, ch=32, ch_mult=(1, 1, 1, 1, 2)).eval()

@@ -47,7 +47,7 @@ class BenchSuite:
 
 BENCH_SUITES: dict[str, Callable[..., BenchSuite]] = {}
 #: Modules that register suites when imported (one per pipeline family, beside this one).
-SUITE_MODULES = ("mmspec.app.bench_llamagen",)
+SUITE_MODULES = ("mmspec.app.bench_llamagen", "mmspec.app.bench_mar")
 
 
 def load_suites() -> dict[str, Callable[..., BenchSuite]]:
@@ -135,7 +135,8 @@ def run_benchmark(suite: BenchSuite, device: torch.device, repeats: int = 3, war
             "profiled_verify_s": summary["verify_time_s"],
             "profiled_other_s": summary["other_time_s"],
             "speedup_vs_baseline": baseline_time / wall,
-            "tokens_equal_baseline": bool(torch.equal(out.tokens, baseline_tokens)),
+            "tokens_equal_baseline": bool(out.tokens.shape == baseline_tokens.shape and torch.equal(out.tokens, baseline_tokens)),
+            "stats_summary": summary,
         })
     return {
         "suite": suite.name,
