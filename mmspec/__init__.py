@@ -31,4 +31,5 @@ def _check_source_tree_not_on_path() -> None:
 
 _check_source_tree_not_on_path()
 
-from . import relaxed  # noqa: E402,F401  (registers the relaxed acceptance rules: "lantern", "gsd")
+# The relaxed acceptance rules ("lantern", "gsd") register when mmspec.acceptance is imported (its
+# last line), not here: `import mmspec` stays free of torch, so `mmspec --help` starts fast.

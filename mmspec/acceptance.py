@@ -149,3 +149,6 @@ class ExactAcceptance(AcceptanceRule):
         rows = torch.arange(batch, device=device)
         last = torch.cat([torch.zeros_like(accepted_nodes[:, :1]), accepted_nodes], 1).gather(1, num_accepted[:, None])[:, 0]
         return Verdict(num_accepted, tokens, is_bonus=tree.children[rows, last, 0] < 0, accepted_nodes=accepted_nodes)
+
+
+from . import relaxed  # noqa: E402,F401  (registers the relaxed rules "lantern", "gsd"; after the names they import)

@@ -11,8 +11,6 @@ import argparse
 import contextlib
 from typing import Any, Iterator
 
-import torch
-
 #: Queue limits: one generation at a time (pipelines reuse their static KV caches across calls,
 #: and one job already uses the whole device); a bounded waiting line so that a crowd gets a clear
 #: "queue is full" instead of an ever-longer wait.
@@ -50,13 +48,13 @@ def launch(demo: Any, host: str = "127.0.0.1", port: int | None = None, share: b
 
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mmspec demo``."""
-    from ..cli import _add_llamagen_source
+    from ..cli import _add_device, _add_llamagen_source
 
     parser.add_argument("app", choices=["image", "chat"], help="image generation (LlamaGen) or visual chat (VLM)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's first free port from 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_device(parser)
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--vlm", default=None, help="chat: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...; "
                         "default: the embedded emoji captioner)")
@@ -69,8 +67,9 @@ def demo_command(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401  (only checks that the extra is installed)
     except ImportError:
         raise SystemExit("the demos need Gradio: pip install 'mmspec[demo]'") from None
-    device = torch.device(args.device)
-    from ..cli import resolve_dtype
+    from ..cli import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
 
     dtype = resolve_dtype(args.dtype, device)
     if args.app == "image":
