@@ -18,7 +18,15 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .jobs_io import FolderLock, JobLockedError, append_jsonl, read_jsonl, repair_jsonl, write_atomic
+from .jobs_io import (
+    FolderLock,
+    JobLockedError,
+    append_jsonl,
+    read_jsonl,
+    remove_stale_temp_files,
+    repair_jsonl,
+    write_atomic,
+)
 
 
 @dataclass
@@ -134,6 +142,7 @@ def run_job(
     with lock_output(out_dir):
         output = JobOutput(out_dir, state.process_index)
         notes = output.repair()
+        remove_stale_temp_files(out_dir)
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
         done = {r["index"] for r in JobOutput.read(out_dir, "results")}

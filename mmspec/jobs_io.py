@@ -116,6 +116,29 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete ``.NAME.<pid>.tmp`` files (from :func:`write_atomic` and image saves) whose writer is
+    no longer alive, i.e. left by a crashed job; returns them."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        pid = path.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 class FolderLock:
     """An exclusive, non-blocking ``flock`` on ``out_dir/.mmspec-job.<rank>.lock``.
 

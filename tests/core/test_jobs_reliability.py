@@ -1,0 +1,218 @@
+"""Batch jobs never lose or duplicate work: torn last lines, a locked output folder, results visible
+while a job runs, and real ``mmspec generate`` processes killed with SIGKILL at random points, then
+resumed, ending with exactly the outputs of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmspec import jobs
+from mmspec.cli import main
+from mmspec.jobs_io import FolderLock, JobLockedError, append_jsonl, read_jsonl, repair_jsonl
+
+from ..conftest import tiny_llamagen
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _double(items):
+    return [{"double": it.value * 2} for it in items]
+
+
+def test_torn_last_line_is_ignored_reported_and_repaired(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert jobs.run_job(["1", "2", "3", "4"], int, _double, out, batch_size=2, desc="t")["processed"] == 4
+    results = out / "results.0.jsonl"
+    whole = results.read_bytes()
+    results.write_bytes(whole[: -len(whole.splitlines()[-1]) // 2 - 1])  # the last line cut in the middle
+    contents = read_jsonl(results)
+    assert [r["index"] for r in contents.records] == [0, 1, 2] and contents.torn.startswith('{"index": 3')
+    assert [r["index"] for r in jobs.JobOutput.read(out, "results")] == [0, 1, 2]  # readers skip it
+    summary = jobs.run_job(["1", "2", "3", "4"], int, _double, out, batch_size=2, desc="t")
+    assert summary["processed"] == 1 and summary["skipped_done"] == 3
+    assert "incomplete last line" in summary["repaired"][0] and "incomplete last line" in capsys.readouterr().err
+    assert results.read_bytes() == whole  # item 3 redone, the torn bytes gone
+    assert repair_jsonl(results) is None
+    # A complete line without its newline is also an unfinished write; corruption elsewhere is an error.
+    results.write_bytes(whole.rstrip(b"\n"))
+    assert [r["index"] for r in read_jsonl(results).records] == [0, 1, 2]
+    results.write_bytes(b"garbage\n" + whole)
+    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
+        read_jsonl(results)
+
+
+def test_append_never_merges_into_a_torn_line(tmp_path):
+    path = tmp_path / "captions.jsonl"
+    path.write_text('{"a": 1}\n{"a": ')
+    append_jsonl(path, [{"a": 2}, {"a": 3}])
+    assert path.read_text().splitlines()[-2:] == ['{"a": 2}', '{"a": 3}']
+
+
+def test_errors_are_not_duplicated_on_rerun_and_results_count_once(tmp_path):
+    def process(items):
+        if any(it.value == 3 for it in items):
+            raise ValueError("three is cursed")
+        return _double(items)
+
+    raw = ["1", "x", "3", "4"]
+    for _ in range(3):
+        jobs.run_job(raw, int, process, tmp_path, batch_size=4, desc="t")
+    errors = (tmp_path / "errors.0.jsonl").read_text().splitlines()
+    assert len(errors) == 2  # "x" and "3", once each however many reruns
+    # A duplicated result line (e.g. from a job run before this version) counts once.
+    line = (tmp_path / "results.0.jsonl").read_text().splitlines()[0]
+    with (tmp_path / "results.0.jsonl").open("a") as f:
+        f.write(line + "\n")
+    assert jobs.write_summary(tmp_path, {})["num_results"] == 2
+
+
+def test_results_are_visible_while_the_job_runs(tmp_path):
+    seen = []
+
+    def process(items):
+        seen.append([r["index"] for r in read_jsonl(tmp_path / "results.0.jsonl").records])
+        return _double(items)
+
+    appended = []
+    jobs.run_job([str(i) for i in range(6)], int, process, tmp_path, batch_size=2, desc="t",
+                 on_results=lambda records: appended.append([r["index"] for r in records]))
+    assert seen == [[], [0, 1], [0, 1, 2, 3]]  # each batch finds the earlier batches on disk
+    assert appended == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_resume_keeps_the_original_batches(tmp_path):
+    """Batches are cut from all valid items, so a resumed job processes the rest in the same
+    groups (same seeds) as an uninterrupted run, even after an item failed inside a batch."""
+    calls = []
+
+    def process(items):
+        calls.append([it.index for it in items])
+        if any(it.value == 2 for it in items):
+            raise ValueError("two fails")
+        return _double(items)
+
+    raw = [str(i) for i in range(7)]
+    jobs.run_job(raw, int, process, tmp_path, batch_size=3, desc="t")
+    first = list(calls)
+    assert first == [[0, 1, 2], [0], [1], [2], [3, 4, 5], [6]]
+    calls.clear()
+    (tmp_path / "results.0.jsonl").write_text("".join(
+        line + "\n" for line in (tmp_path / "results.0.jsonl").read_text().splitlines() if json.loads(line)["index"] < 3))
+    jobs.run_job(raw, int, process, tmp_path, batch_size=3, desc="t")
+    assert calls == [[2], [2], [3, 4, 5], [6]]  # item 2 alone (then its retry), not [2, 3, 4], [5, 6]
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    code = ("import sys, time; from mmspec.jobs_io import FolderLock; FolderLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=folder.parent,
+                              env=ENV)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_second_job_on_a_folder_is_refused_naming_the_other_process(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = _hold_lock(out)
+    try:
+        with pytest.raises(JobLockedError, match=f"in use by another mmspec job: process {holder.pid}"):
+            FolderLock(out).acquire()
+        labels = tmp_path / "labels.txt"
+        labels.write_text("0\n")
+        # Refused before the model loads: the --model folder does not even exist.
+        with pytest.raises(SystemExit, match=rf"process {holder.pid} \(.*-c.*\).*another --output-dir"):
+            main(["generate", "--model", str(tmp_path / "missing"), "--labels-file", str(labels), "--output-dir", str(out)])
+        assert not list(out.glob("results.*"))
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel releases the lock of a killed process: no stale lock.
+    with FolderLock(out), FolderLock(out):  # re-entrant within one process
+        pass
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from mmspec.pipelines.llamagen import LlamaGenPipeline
+
+    gpt, vq = tiny_llamagen()
+    path = tmp_path_factory.mktemp("pipe")
+    LlamaGenPipeline(target=gpt, vq=vq).save_pretrained(path)
+    return path
+
+
+LABELS = [str(i % 5) for i in range(23)] + ["banana", "7"] + ["1", "2", "3"]
+
+
+def _generate_args(model_dir, out, labels):
+    return ["generate", "--model", str(model_dir), "--labels-file", str(labels), "--output-dir", str(out),
+            "--batch-size", "2", "--num-draft-tokens", "3", "--seed", "11", "--device", "cpu"]
+
+
+def _outputs(out: Path) -> tuple[dict, dict]:
+    """Result records without timings, and every image's bytes."""
+    records = {}
+    for path in out.glob("results.*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            record.pop("batch_seconds")
+            assert record["index"] not in records, f"item {record['index']} has two result lines"
+            records[record["index"]] = record
+    images = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    return records, images
+
+
+def test_killed_jobs_resume_to_the_uninterrupted_outputs(model_dir, tmp_path):
+    """SIGKILL a real `mmspec generate` at random points (several seeds; the first kill comes after a
+    random number of finished batches, plus a random delay), resume it (the resume itself may be
+    killed again): the final folder equals an uninterrupted run's, every input accounted exactly once."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    reference = tmp_path / "reference"
+    assert main(_generate_args(model_dir, reference, labels)) == 0
+    want_records, want_images = _outputs(reference)
+    assert len(want_records) == 26 and len(want_images) == 26
+    for seed in range(3):
+        rng = random.Random(seed)
+        out = tmp_path / f"killed{seed}"
+        kills = 0
+        for attempt in range(3):
+            run = subprocess.Popen([sys.executable, "-m", "mmspec.cli", *_generate_args(model_dir, out, labels)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENV)
+            if attempt < 2 and (attempt == 0 or rng.random() < 0.5):
+                done = len(read_jsonl(out / "results.0.jsonl").records)
+                target = done + rng.randint(0, (len(want_records) - done) // 2)
+                deadline = time.monotonic() + 120
+                while run.poll() is None and time.monotonic() < deadline:
+                    if (out / "results.0.jsonl").exists() and len(read_jsonl(out / "results.0.jsonl").records) >= target:
+                        time.sleep(rng.random() * 0.02)
+                        break
+                    time.sleep(0.002)
+                if run.poll() is None:
+                    run.send_signal(signal.SIGKILL)
+                    kills += 1
+                run.wait()
+                run.stderr.close()
+                continue
+            _, err = run.communicate(timeout=120)
+            assert run.returncode == 0, err[-2000:]
+            break
+        assert kills >= 1, "the job finished before it could be killed"
+        records, images = _outputs(out)
+        assert records == want_records and images == want_images, f"seed {seed}"
+        errors = [json.loads(line) for line in (out / "errors.0.jsonl").read_text().splitlines()]
+        assert sorted(e["index"] for e in errors) == [23, 24]  # once each, however many runs
+        assert sorted([*records, *(e["index"] for e in errors)]) == list(range(len(LABELS)))
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["num_results"] == 26 and stats["num_errors"] == 2
+        assert not list(out.glob(".*.tmp"))  # no half-written image or stats file left behind
