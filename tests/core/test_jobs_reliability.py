@@ -17,7 +17,13 @@ import pytest
 
 from mmspec import jobs
 from mmspec.cli import main
-from mmspec.jobs_io import FolderLock, JobLockedError, append_jsonl, read_jsonl, repair_jsonl
+from mmspec.jobs_io import (
+    FolderLock,
+    JobLockedError,
+    append_jsonl,
+    read_jsonl,
+    repair_jsonl,
+)
 
 from ..conftest import tiny_llamagen
 
