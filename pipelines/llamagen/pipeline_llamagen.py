@@ -311,7 +311,7 @@ class LlamaGenPipeline(DiffusionPipeline):
             sampling.uses_cfg,
         )
         progress = self.progress_bar(total=num_tokens)
-        done = [1]
+        done = [0]  # the bar counts every token (the first comes from the prefill), so it ends at its total
 
         def on_step(step: int, num_generated: torch.Tensor, ctx) -> None:
             now = int(num_generated.clamp(max=num_tokens).min())  # deliberate sync: progress display
