@@ -126,7 +126,10 @@ def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.d
         pipe = LlamaGenPipeline.from_official(args.official_gpt, args.official_vq, _config(args.gpt_config, "--gpt-config"),
                                               _config(args.vq_config, "--vq-config"))
     elif args.model:
-        pipe = LlamaGenPipeline.from_pretrained(args.model)
+        try:
+            pipe = LlamaGenPipeline.from_pretrained(args.model)
+        except (OSError, ValueError) as err:  # not a pipeline folder, or weights that do not match
+            raise SystemExit(f"error: --model {args.model}: {err}") from None
     else:
         from .defaults import load_default_llamagen
 

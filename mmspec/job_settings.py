@@ -9,6 +9,7 @@ pipelines' own validation (:mod:`mmspec.pipelines.validation`), still before the
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def _fail(message: str) -> None:
@@ -30,6 +31,22 @@ def _check_common(args: argparse.Namespace) -> None:
         _fail(f"--batch-size must be >= 1, got {args.batch_size}")
 
 
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hugging Face hub id ("org/name")."""
+    return os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    for flag in ("official_gpt", "official_vq"):
+        value = getattr(args, flag, None)
+        if value is not None and not os.path.isfile(value):
+            _fail(f"--{flag.replace('_', '-')} {value}: no such file")
+    if getattr(args, "model", None) is not None and _looks_local(args.model) and not os.path.isdir(args.model):
+        _fail(f"--model {args.model}: no such folder")
+    if getattr(args, "eagle_head", None) is not None and not os.path.isdir(args.eagle_head):
+        _fail(f"--eagle-head {args.eagle_head}: no such folder")
+
+
 def _check_greedy_rule(args: argparse.Namespace) -> None:
     from .acceptance import ACCEPTANCE_RULES
 
@@ -48,6 +65,7 @@ def check_generate_settings(args: argparse.Namespace) -> None:
     )
 
     _check_common(args)
+    _check_sources(args)
     _check_sampling(args, guidance=True)
     methods = sorted([*SPECULATIVE_METHODS, *GRID_METHODS])
     if args.speculative != "none" and args.speculative not in methods:
@@ -74,6 +92,7 @@ def check_caption_settings(args: argparse.Namespace, drafters: tuple[str, ...]) 
     from .acceptance import ACCEPTANCE_RULES
 
     _check_common(args)
+    _check_sources(args)
     _check_sampling(args, guidance=False)
     if args.max_new_tokens < 1:
         _fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -45,6 +45,8 @@ def no_model_loading(monkeypatch):
     (["--acceptance", "greedy"], "needs greedy decoding: add --temperature 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--eagle-tree", "3,2"], "--eagle-tree must be three positive integers"),
+    (["--model", "/nonexistent/pipe"], "--model /nonexistent/pipe: no such folder"),
+    (["--eagle-head", "/nonexistent/head"], "--eagle-head /nonexistent/head: no such folder"),
 ])
 def test_generate_bad_settings_exit_before_loading(tmp_path, no_model_loading, extra, message):
     out = tmp_path / "out"
@@ -62,6 +64,7 @@ def test_generate_bad_settings_exit_before_loading(tmp_path, no_model_loading, e
 ])
 def test_caption_bad_settings_exit_before_loading(tmp_path, no_model_loading, extra, message):
     image(0).save(tmp_path / "a.png")
+    (tmp_path / "model").mkdir()  # exists, so the setting under test is what stops the command
     with pytest.raises(SystemExit, match=message):
         main(["caption", str(tmp_path), "--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "out"), *extra])
     assert not (tmp_path / "out").exists()

@@ -126,7 +126,10 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return holder
 
 
-def test_second_job_on_a_folder_is_refused_naming_the_other_process(tmp_path):
+def test_second_job_on_a_folder_is_refused_naming_the_other_process(tmp_path, model_dir, monkeypatch):
+    from mmspec import cli
+
+    monkeypatch.setattr(cli, "load_llamagen", lambda *a, **k: pytest.fail("loaded the model despite the lock"))
     out = tmp_path / "out"
     out.mkdir()
     holder = _hold_lock(out)
@@ -135,9 +138,9 @@ def test_second_job_on_a_folder_is_refused_naming_the_other_process(tmp_path):
             FolderLock(out).acquire()
         labels = tmp_path / "labels.txt"
         labels.write_text("0\n")
-        # Refused before the model loads: the --model folder does not even exist.
+        # Refused before the model loads.
         with pytest.raises(SystemExit, match=rf"process {holder.pid} \(.*-c.*\).*another --output-dir"):
-            main(["generate", "--model", str(tmp_path / "missing"), "--labels-file", str(labels), "--output-dir", str(out)])
+            main(["generate", "--model", str(model_dir), "--labels-file", str(labels), "--output-dir", str(out)])
         assert not list(out.glob("results.*"))
     finally:
         holder.kill()
