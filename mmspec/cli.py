@@ -51,7 +51,7 @@ def bench(args: argparse.Namespace) -> int:
     from .bench import BENCH_SUITES, format_table, run_benchmark, write_record
 
     if args.suite not in BENCH_SUITES:
-        raise SystemExit(f"unknown suite {args.suite!r}; available: {', '.join(sorted(BENCH_SUITES))}")
+        raise SystemExit(f"error: unknown suite {args.suite!r}; available: {', '.join(sorted(BENCH_SUITES))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -61,7 +61,7 @@ def bench(args: argparse.Namespace) -> int:
     try:
         options = parse_key_values(args.option, "--option")
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise SystemExit(f"error: {err}") from None
     suite = BENCH_SUITES[args.suite](device, dtype, args.batch_size, **options)
     record = run_benchmark(suite, device, repeats=args.repeats, warmup=args.warmup, seed=args.seed)
     out = args.output or Path("results") / f"bench-{args.suite}.json"
@@ -84,7 +84,7 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError as err:
-        raise SystemExit(f"--device: {err}") from None
+        raise SystemExit(f"error: --device: {err}") from None
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -94,7 +94,7 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise SystemExit(f"--dtype must be a torch dtype such as float32 or bfloat16, got {name!r}")
+        raise SystemExit(f"error: --dtype must be a torch dtype such as float32 or bfloat16, got {name!r}")
     return getattr(torch, name)
 
 
@@ -109,7 +109,7 @@ def _add_llamagen_source(p: argparse.ArgumentParser) -> None:
 
 def _config(value: str | None, flag: str):
     if value is None:
-        raise SystemExit(f"{flag} is required with official checkpoints (a preset name or a JSON file)")
+        raise SystemExit(f"error: {flag} is required with official checkpoints (a preset name or a JSON file)")
     path = Path(value)
     return json.loads(path.read_text()) if path.suffix == ".json" else value
 
@@ -122,7 +122,7 @@ def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.d
 
     if args.official_gpt or args.official_vq:
         if not (args.official_gpt and args.official_vq):
-            raise SystemExit("pass both --official-gpt and --official-vq")
+            raise SystemExit("error: pass both --official-gpt and --official-vq")
         pipe = LlamaGenPipeline.from_official(args.official_gpt, args.official_vq, _config(args.gpt_config, "--gpt-config"),
                                               _config(args.vq_config, "--vq-config"))
     elif args.model:
@@ -203,12 +203,12 @@ def generate(args: argparse.Namespace) -> int:
     try:
         acceptance_options = parse_key_values(args.acceptance_option, "--acceptance-option")
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise SystemExit(f"error: {err}") from None
     if args.labels_file is not None:
         try:
             text = args.labels_file.read_text()
         except OSError as err:
-            raise SystemExit(f"--labels-file: {err}") from None
+            raise SystemExit(f"error: --labels-file: {err}") from None
         raw = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     else:
         raw = [x.strip() for x in args.class_labels.split(",") if x.strip()]
@@ -219,7 +219,7 @@ def generate(args: argparse.Namespace) -> int:
         try:
             pipe.load_eagle_head(args.eagle_head)
         except (OSError, ValueError) as err:
-            raise SystemExit(f"--eagle-head {args.eagle_head}: {err}") from None
+            raise SystemExit(f"error: --eagle-head {args.eagle_head}: {err}") from None
     num_classes = pipe.target.config.num_classes
     speculative = None if args.speculative == "none" else args.speculative
     # The rule is built (and its settings checked) once, here: inside the job a ValueError would only
@@ -234,7 +234,7 @@ def generate(args: argparse.Namespace) -> int:
         else:
             acceptance, rule_options = pipe.acceptance_rule(args.acceptance, **acceptance_options), None
     except (ValueError, TypeError) as err:
-        raise SystemExit(f"--acceptance {args.acceptance} / --acceptance-option: {err}") from None
+        raise SystemExit(f"error: --acceptance {args.acceptance} / --acceptance-option: {err}") from None
     options = SpeculativeOptions()
     if args.eagle_tree:
         depth, top_k, nodes = (int(x) for x in args.eagle_tree.split(","))
@@ -248,7 +248,7 @@ def generate(args: argparse.Namespace) -> int:
 
         check_llamagen_call(pipe, [0], **{**call, "speculative": None if speculative == "mulo" else speculative})
     except ValueError as err:
-        raise SystemExit(f"mmspec generate: {err}") from None
+        raise SystemExit(f"error: {err}") from None
 
     def parse(value: str) -> int:
         try:
@@ -344,7 +344,7 @@ def evaluate(args: argparse.Namespace) -> int:
     clip = None
     if args.clip_model or args.clip_weights:
         if not (args.clip_model and args.clip_weights):
-            raise SystemExit("CLIP score needs both --clip-model and --clip-weights")
+            raise SystemExit("error: CLIP score needs both --clip-model and --clip-weights")
         clip = OpenCLIPFeatures(args.clip_model, args.clip_weights)
     if args.features == "vq-encoder":
         features = VQEncoderFeatures(pipe.vq)
@@ -352,10 +352,10 @@ def evaluate(args: argparse.Namespace) -> int:
         features = TorchScriptFeatures(args.features.split(":", 1)[1])
     elif args.features == "clip":
         if clip is None:
-            raise SystemExit("--features clip needs --clip-model and --clip-weights")
+            raise SystemExit("error: --features clip needs --clip-model and --clip-weights")
         features = clip
     else:
-        raise SystemExit(f"--features must be vq-encoder, torchscript:PATH or clip, got {args.features!r}")
+        raise SystemExit(f"error: --features must be vq-encoder, torchscript:PATH or clip, got {args.features!r}")
     classes = llamagen_classes(args)
     class_names = None if classes is None else [entry["name"] for entry in classes]
     report = evaluate_llamagen(
@@ -408,7 +408,7 @@ def caption(args: argparse.Namespace) -> int:
     try:
         images = image_list(args.inputs)
     except FileNotFoundError as err:
-        raise SystemExit(str(err)) from None
+        raise SystemExit(f"error: {err}") from None
     device = resolve_device(args.device)
     lock = lock_output(args.output_dir)  # a second job on this folder stops here, before loading
     if args.model:
@@ -417,7 +417,7 @@ def caption(args: argparse.Namespace) -> int:
         try:
             pipe = VLMPipeline.from_pretrained(args.model, device=device)
         except (OSError, ValueError) as err:
-            raise SystemExit(f"--model {args.model}: {err}") from None
+            raise SystemExit(f"error: --model {args.model}: {err}") from None
     else:
         from .defaults import load_default_captioner
 
