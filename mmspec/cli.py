@@ -336,7 +336,10 @@ def evaluate(args: argparse.Namespace) -> int:
     pipe = load_llamagen(args, device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     if args.eagle_head:
-        pipe.load_eagle_head(args.eagle_head)
+        try:
+            pipe.load_eagle_head(args.eagle_head)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: --eagle-head {args.eagle_head}: {err}") from None
     methods = [EvalMethod.parse(m) for m in (args.method or ["sjd"])]
     num_classes = pipe.target.config.num_classes
     pool = [int(c) for c in args.classes.split(",")] if args.classes else list(range(num_classes))
@@ -424,6 +427,14 @@ def caption(args: argparse.Namespace) -> int:
         pipe = load_default_captioner(device)
     drafter = {"default": pipe.drafter, "ngram": NGramDrafter(pipe.target.vocab_size), "none": None}[args.drafter]
     num_draft_tokens = args.num_draft_tokens if drafter is not None else 0
+    try:  # limits of this model (positions, vocabulary), checked once instead of failing every image
+        from .pipelines.validation import check_vlm_call
+        from .sampling import SamplingConfig
+
+        check_vlm_call(pipe, max_new_tokens=args.max_new_tokens, num_draft_tokens=num_draft_tokens)
+        SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).validate_vocab(pipe.target.vocab_size)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     captions_path = args.output_dir / "captions.jsonl"
 
     def parse(path: str) -> str:

@@ -85,6 +85,18 @@ def vlm_dir(tmp_path_factory):
     return path
 
 
+def test_caption_limits_of_the_model_stop_the_job_before_any_image(vlm_dir, tmp_path):
+    image(0).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="max_new_tokens=100000 is more than the model's .* positions"):
+        main(["caption", str(tmp_path), "--model", str(vlm_dir), "--output-dir", str(out), "--max-new-tokens", "100000",
+              "--device", "cpu"])
+    with pytest.raises(SystemExit, match="top_k=100000 is larger than the vocabulary"):
+        main(["caption", str(tmp_path), "--model", str(vlm_dir), "--output-dir", str(out), "--top-k", "100000",
+              "--device", "cpu"])
+    assert not list(out.glob("*.jsonl"))
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` RGB pixels (a decompression bomb as the
     header shows it; no pixel data, so the test stays small and fast)."""
