@@ -9,8 +9,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
 from mmspec.pipelines.llamagen import LlamaGenPipeline
+
 from mmspec.visualize import image_grid
 
 from ...conftest import tiny_llamagen
