@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -240,9 +241,9 @@ def generate(args: argparse.Namespace) -> int:
         depth, top_k, nodes = (int(x) for x in args.eagle_tree.split(","))
         options = SpeculativeOptions(eagle_tree=TreeConfig(depth=depth, top_k=top_k, total_nodes=nodes))
         args.num_draft_tokens = depth  # a tree's num_draft_tokens is its depth
-    call = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                speculative=speculative, num_draft_tokens=args.num_draft_tokens, acceptance=acceptance,
-                acceptance_options=rule_options, speculative_options=options)
+    call = {"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "speculative": speculative, "num_draft_tokens": args.num_draft_tokens,
+            "acceptance": acceptance, "acceptance_options": rule_options, "speculative_options": options}
     try:  # the pipeline's own checks of settings against this model (vocabulary, sequence length)
         from .pipelines.validation import check_llamagen_call
 
@@ -328,7 +329,14 @@ def evaluate(args: argparse.Namespace) -> int:
     """Quality next to speed: each method vs its own baseline on the same seeds (TVD, FID, CLIP, grid)."""
     import torch
 
-    from .evaluation import EvalMethod, OpenCLIPFeatures, TorchScriptFeatures, VQEncoderFeatures, evaluate_llamagen, format_report
+    from .evaluation import (
+        EvalMethod,
+        OpenCLIPFeatures,
+        TorchScriptFeatures,
+        VQEncoderFeatures,
+        evaluate_llamagen,
+        format_report,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 #: Queue limits: one generation at a time (pipelines reuse their static KV caches across calls,
 #: and one job already uses the whole device); a bounded waiting line so that a crowd gets a clear
