@@ -86,7 +86,7 @@ def check_vlm_call(pipe: Any, *, max_new_tokens: Any, num_draft_tokens: Any, pro
     (``prompt_length``: the longest prompt in tokens, once known)."""
     limit = max_positions(pipe.target)
     check_int("max_new_tokens", max_new_tokens, 1, limit, f"the model's {limit} positions")
-    check_int("num_draft_tokens", num_draft_tokens, 0, None)  # 0: the baseline
+    check_int("num_draft_tokens", num_draft_tokens, 0, limit, f"the model's {limit} positions")  # 0: the baseline
     if prompt_length is not None and limit is not None and prompt_length + int(max_new_tokens) > limit:
         raise ValueError(f"the prompt has {prompt_length} tokens, so max_new_tokens={int(max_new_tokens)} would run past "
                          f"the model's {limit} positions: use max_new_tokens <= {max(limit - prompt_length, 0)}")

@@ -66,6 +66,8 @@ def test_vlm_call_checks(tmp_path):
         vlm(picture, "a?", num_draft_tokens=-1)
     with pytest.raises(ValueError, match="num_draft_tokens must be an integer"):
         vlm(picture, "a?", num_draft_tokens=2.5)
+    with pytest.raises(ValueError, match="num_draft_tokens=100000 is more than the model's .* positions"):
+        vlm(picture, "a?", num_draft_tokens=100_000)
     picture.save(tmp_path / "img.png")
     with pytest.raises(ValueError, match=r"got 2 prompts but a single image: pass one entry per prompt, e\.g\. \[image\] \* 2"):
         vlm(str(tmp_path / "img.png"), ["a?", "b?"])
