@@ -111,12 +111,32 @@ def job_state():
 
 def lock_output(out_dir: Path) -> FolderLock:
     """Take this process's lock on ``out_dir`` (created if needed); ``SystemExit`` with the holder's
-    pid and command if another job has it. Release with ``.release()`` (or use it as a context)."""
+    pid and command if another job has it. Release with ``.release()`` (or use it as a context).
+
+    In a data-parallel job every process locks its own rank's file and the processes agree (one
+    all-reduce) before going on: if any of them is refused, all of them stop. Every job has a rank
+    0, so two jobs on one folder always collide there, whatever their numbers of processes.
+    """
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    state = job_state()
+    lock, refusal = None, None
     try:
-        return FolderLock(out_dir, job_state().process_index).acquire()
+        lock = FolderLock(out_dir, state.process_index).acquire()
     except JobLockedError as err:
-        raise SystemExit(f"error: {err}") from None
+        refusal = str(err)
+    if state.num_processes > 1:
+        import torch
+        import torch.distributed as dist
+
+        agreed = torch.tensor([0 if refusal else 1], device=state.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if int(agreed.item()) == 0 and refusal is None:
+            lock.release()
+            refusal = (f"output folder {out_dir} is in use by another mmspec job (another process of this job was "
+                       "refused its lock; its message names the holder)")
+    if refusal is not None:
+        raise SystemExit(f"error: {refusal}")
+    return lock
 
 
 def run_job(

@@ -150,6 +150,34 @@ def test_second_job_on_a_folder_is_refused_naming_the_other_process(tmp_path, mo
         pass
 
 
+def test_every_process_of_a_data_parallel_job_stops_when_the_folder_is_taken(tmp_path, model_dir):
+    """Two processes started together (torchrun) against a folder another job holds: the one refused
+    and the one whose own lock was free both stop, before writing anything."""
+    import socket
+
+    out = tmp_path / "out"
+    out.mkdir()
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0\n1\n2\n3\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    holder = _hold_lock(out)
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+             "--master_port", str(port), "-m", "mmspec.cli", "generate", "--model", str(model_dir), "--labels-file",
+             str(labels), "--output-dir", str(out), "--speculative", "none", "--device", "cpu"],
+            capture_output=True, text=True, timeout=240, env=ENV, cwd=tmp_path, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.returncode != 0
+    assert f"in use by another mmspec job: process {holder.pid}" in run.stderr
+    assert "another process of this job was refused its lock" in run.stderr
+    assert not list(out.glob("results.*")) and not list(out.glob("*.png"))
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from mmspec.pipelines.llamagen import LlamaGenPipeline
@@ -181,42 +209,55 @@ def _outputs(out: Path) -> tuple[dict, dict]:
     return records, images
 
 
+def _kill_and_resume(seed: int, model_dir: Path, labels: Path, out: Path, num_results: int) -> int:
+    """Run `mmspec generate` into ``out`` until it finishes, SIGKILL-ing the first run (and, with
+    probability 1/2, the second) at a random point; returns the number of kills."""
+    rng = random.Random(seed)
+    results = out / "results.0.jsonl"
+    kills = 0
+    for attempt in range(3):
+        run = subprocess.Popen([sys.executable, "-m", "mmspec.cli", *_generate_args(model_dir, out, labels)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=out.parent, env=ENV)
+        if attempt < 2 and (attempt == 0 or rng.random() < 0.5):
+            done = len(read_jsonl(results).records)
+            target = done + rng.randint(0, (num_results - done) // 2)  # finished items before the kill
+            deadline = time.monotonic() + 120
+            while run.poll() is None and time.monotonic() < deadline:
+                if results.exists() and len(read_jsonl(results).records) >= target:
+                    time.sleep(rng.random() * 0.02)  # and a random point inside the next batch
+                    break
+                time.sleep(0.002)
+            if run.poll() is None:
+                run.send_signal(signal.SIGKILL)
+                kills += 1
+            run.wait()
+            run.stderr.close()
+            continue
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err[-2000:]
+        break
+    return kills
+
+
 def test_killed_jobs_resume_to_the_uninterrupted_outputs(model_dir, tmp_path):
-    """SIGKILL a real `mmspec generate` at random points (several seeds; the first kill comes after a
-    random number of finished batches, plus a random delay), resume it (the resume itself may be
-    killed again): the final folder equals an uninterrupted run's, every input accounted exactly once."""
+    """SIGKILL a real `mmspec generate` at random points (three seeds, run side by side; the first
+    kill comes after a random number of finished items plus a random delay), resume it (the resume
+    itself may be killed again): the final folder equals an uninterrupted run's, and every input is
+    accounted for exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(LABELS) + "\n")
     reference = tmp_path / "reference"
     assert main(_generate_args(model_dir, reference, labels)) == 0
     want_records, want_images = _outputs(reference)
     assert len(want_records) == 26 and len(want_images) == 26
-    for seed in range(3):
-        rng = random.Random(seed)
+    seeds = range(3)
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        kills = list(pool.map(lambda seed: _kill_and_resume(seed, model_dir, labels, tmp_path / f"killed{seed}", 26), seeds))
+    assert all(k >= 1 for k in kills), f"a job finished before it could be killed: {kills}"
+    for seed in seeds:
         out = tmp_path / f"killed{seed}"
-        kills = 0
-        for attempt in range(3):
-            run = subprocess.Popen([sys.executable, "-m", "mmspec.cli", *_generate_args(model_dir, out, labels)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENV)
-            if attempt < 2 and (attempt == 0 or rng.random() < 0.5):
-                done = len(read_jsonl(out / "results.0.jsonl").records)
-                target = done + rng.randint(0, (len(want_records) - done) // 2)
-                deadline = time.monotonic() + 120
-                while run.poll() is None and time.monotonic() < deadline:
-                    if (out / "results.0.jsonl").exists() and len(read_jsonl(out / "results.0.jsonl").records) >= target:
-                        time.sleep(rng.random() * 0.02)
-                        break
-                    time.sleep(0.002)
-                if run.poll() is None:
-                    run.send_signal(signal.SIGKILL)
-                    kills += 1
-                run.wait()
-                run.stderr.close()
-                continue
-            _, err = run.communicate(timeout=120)
-            assert run.returncode == 0, err[-2000:]
-            break
-        assert kills >= 1, "the job finished before it could be killed"
         records, images = _outputs(out)
         assert records == want_records and images == want_images, f"seed {seed}"
         errors = [json.loads(line) for line in (out / "errors.0.jsonl").read_text().splitlines()]
