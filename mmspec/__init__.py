@@ -83,6 +83,5 @@ def _export_pipelines(pipelines: ModuleType) -> None:
 _mount_top_level_folders()
 _export_pipelines(importlib.import_module(f"{__name__}.pipelines"))  # a namespace package: imports nothing
 
-# Register every acceptance rule by name: relaxed ("lantern", "gsd"), elementwise
-# ("elementwise-exact", "gaussian-exact", "mulo") and block routers ("score-threshold").
-from . import elementwise, relaxed, routers  # noqa: E402,F401
+# The acceptance rules register when mmspec.acceptance is imported (its last line), not here:
+# `import mmspec` stays free of torch, so `mmspec --help` starts fast.

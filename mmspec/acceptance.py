@@ -1,8 +1,10 @@
 """Acceptance rules: given a draft and the target's distributions, decide what to keep.
 
 Rules are the analogue of diffusers schedulers: swappable without touching the loop. Each states
-``lossless`` and, if lossy, the ``bound`` it guarantees. Look them up by name through
-:func:`get_acceptance_rule`; add one with :func:`register_acceptance_rule`.
+``lossless`` and, if lossy, the ``bound`` it guarantees. This module holds the base class, the
+registry (``ACCEPTANCE_RULES``, filled by :func:`register_acceptance_rule`) and the two lossless
+token rules; :mod:`mmspec.rules` imports every rule module and looks rules up by name
+(:func:`mmspec.rules.get_acceptance_rule`).
 """
 
 from __future__ import annotations
@@ -23,21 +25,6 @@ def register_acceptance_rule(cls: type["AcceptanceRule"]) -> type["AcceptanceRul
     """Class decorator: make a rule available by its ``name``."""
     ACCEPTANCE_RULES[cls.name] = cls
     return cls
-
-
-def get_acceptance_rule(rule: "str | AcceptanceRule", resources: dict | None = None, **kwargs) -> "AcceptanceRule":
-    """An instance of the rule called ``rule`` with options ``kwargs`` (or ``rule`` itself if it
-    already is one). ``resources``: what a pipeline offers rules that need its models (see
-    :meth:`AcceptanceRule.from_resources`); None outside a pipeline."""
-    if isinstance(rule, AcceptanceRule):
-        if kwargs:
-            raise ValueError("pass options either to the rule's constructor or by name, not both")
-        return rule
-    if rule not in ACCEPTANCE_RULES:
-        raise ValueError(f"unknown acceptance rule {rule!r}; available: {sorted(ACCEPTANCE_RULES)}")
-    if resources is None:
-        return ACCEPTANCE_RULES[rule](**kwargs)
-    return ACCEPTANCE_RULES[rule].from_resources(resources, **kwargs)
 
 
 class AcceptanceRule(ABC):

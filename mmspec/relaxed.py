@@ -625,6 +625,9 @@ class GSDAcceptance(RelaxedAcceptance):
             raise ValueError(f"embeddings must be a [V, C] tensor, got {getattr(embeddings, 'shape', type(embeddings))}")
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be an int >= 1 (1 = exact acceptance), got {group_size!r}")
+        if group_size > embeddings.shape[0]:
+            raise ValueError(f"group_size={group_size} is more than the {embeddings.shape[0]} tokens of the vocabulary a "
+                             f"group is drawn from: use at most {embeddings.shape[0]} (the paper: 25-50)")
         if not prob_threshold >= 0 or not dist_threshold >= 0:
             raise ValueError(f"thresholds must be >= 0, got prob_threshold={prob_threshold}, dist_threshold={dist_threshold}")
         self.embeddings = embeddings.detach().float()

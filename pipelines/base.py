@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from mmspec.acceptance import AcceptanceRule, get_acceptance_rule
+from mmspec.acceptance import AcceptanceRule
+from mmspec.rules import get_acceptance_rule
 from mmspec.methods import Method, MethodRegistry
 
 

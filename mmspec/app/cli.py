@@ -1,15 +1,19 @@
-"""The ``mmspec`` command line. Each subcommand is a small function registered in ``COMMANDS``."""
+"""The ``mmspec`` command line. Each subcommand is a small function registered in ``COMMANDS``.
+
+Start-up is kept fast: torch, diffusers and transformers are imported inside the commands, and only
+the chosen subcommand's arguments are built (``mmspec --help`` lists commands without loading any).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import torch
-
-from .models import add_llamagen_source, llamagen_classes, load_llamagen, resolve_dtype
+from .models import add_device, add_llamagen_source, llamagen_classes, load_llamagen, resolve_device, resolve_dtype
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -28,12 +32,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     from .bench import load_suites
 
     p.add_argument("--suite", default="lm", help=f"benchmark suite (available: {', '.join(sorted(load_suites()))})")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device(p)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="inputs per pipeline call")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run (the same for baseline and methods)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="suite-specific setting (repeatable)")
     p.add_argument("--output", type=Path, default=None, help="JSON record path (default results/bench-<suite>.json)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -42,20 +46,22 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 @command("bench", _bench_args)
 def bench(args: argparse.Namespace) -> int:
     """Run baseline and speculative configurations on the same inputs; write a JSON record."""
+    import torch
+
     from .bench import BENCH_SUITES, format_table, run_benchmark, write_record
 
     if args.suite not in BENCH_SUITES:
-        raise SystemExit(f"unknown suite {args.suite!r}; available: {', '.join(sorted(BENCH_SUITES))}")
+        raise SystemExit(f"error: unknown suite {args.suite!r}; available: {', '.join(sorted(BENCH_SUITES))}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     from .jobs import parse_key_values
 
     try:
         options = parse_key_values(args.option, "--option")
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise SystemExit(f"error: {err}") from None
     suite = BENCH_SUITES[args.suite](device, dtype, args.batch_size, **options)
     record = run_benchmark(suite, device, repeats=args.repeats, warmup=args.warmup, seed=args.seed)
     out = args.output or Path("results") / f"bench-{args.suite}.json"
@@ -68,33 +74,33 @@ def bench(args: argparse.Namespace) -> int:
 def _generate_args(p: argparse.ArgumentParser) -> None:
     add_llamagen_source(p)
     inputs = p.add_mutually_exclusive_group()
-    inputs.add_argument("--class-labels", default=None, help="comma-separated class ids, e.g. 3,7,12")
+    inputs.add_argument("--class-labels", default="0,1,2,3", help="comma-separated class ids, e.g. 3,7,12")
     inputs.add_argument("--labels-file", type=Path, default=None, help="one class id per line (batch mode)")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/generate"))
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/generate"),
+                   help="images, results.<rank>.jsonl, errors.<rank>.jsonl and stats.json (rerun to resume)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (> 1 runs the CFG pair)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (None: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold in (0, 1] (1: off)")
     p.add_argument("--seed", type=int, default=0, help="batch b uses seed + index of its first item")
-    from ..pipelines.llamagen import LLAMAGEN_METHODS
-
-    methods = ", ".join(f"{m.name} ({m.description})" for m in LLAMAGEN_METHODS)
-    p.add_argument("--speculative", default="sjd", help=f"speculative method, or 'none' for the baseline: {methods}")
+    p.add_argument("--speculative", default="sjd",
+                   help="a method of `mmspec methods` (sjd, draft-model, eagle, mulo, ...) or 'none' for the baseline")
     p.add_argument("--speculative-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the speculative method (repeatable), e.g. init=copy (sjd); upsampler=learned, "
                         "max_rounds=2 (mulo)")
-    p.add_argument("--num-draft-tokens", type=int, default=8)
+    p.add_argument("--num-draft-tokens", type=int, default=8, help="drafts per step (SJD: its window)")
     p.add_argument("--acceptance", default=None,
                    help="acceptance rule: exact, greedy, lantern, gsd (causal methods), mulo (mulo) ... "
                         "(default: the method's own rule)")
     p.add_argument("--acceptance-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a setting of the acceptance rule (repeatable), e.g. delta=0.1, k=100; for mulo: tau=0.02")
+                   help="a setting of the acceptance rule (repeatable), e.g. delta=0.1, k=100, variant=official; "
+                        "for mulo: tau=0.02")
     p.add_argument("--eagle-head", default=None, help="an EAGLE head folder trained for this model (speculative=eagle)")
     p.add_argument("--eagle-tree", default=None, metavar="DEPTH,TOP_K,NODES",
                    help="EAGLE-2 dynamic tree budget (default: a chain of --num-draft-tokens)")
     p.add_argument("--heatmaps", action="store_true", help="also write an acceptance heat-map per image")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device(p)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
 
 
@@ -103,25 +109,38 @@ def generate(args: argparse.Namespace) -> int:
     """Generate images (batch over class labels; resumable; bad items skipped and reported)."""
     import time
 
+    import torch
+
     from ..drafters.eagle import TreeConfig
-    from .jobs import job_state, parse_key_values, report, run_job
+    from .job_settings import check_generate_settings
+    from .jobs import job_state, lock_output, parse_key_values, report, run_job
     from .visualize import acceptance_heatmap
 
-    device = torch.device(args.device)
+    # Settings wrong for every item fail here, before the model loads (exit code 1, the message).
+    check_generate_settings(args)
+    device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     try:
         acceptance_options = parse_key_values(args.acceptance_option, "--acceptance-option")
         speculative_options = parse_key_values(args.speculative_option, "--speculative-option")
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise SystemExit(f"error: {err}") from None
     if args.labels_file is not None:
-        raw = [line.strip() for line in args.labels_file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        try:
+            text = args.labels_file.read_text()
+        except OSError as err:
+            raise SystemExit(f"error: --labels-file: {err}") from None
+        raw = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     else:
-        raw = [x.strip() for x in (args.class_labels or "0,1,2,3").split(",") if x.strip()]
+        raw = [x.strip() for x in args.class_labels.split(",") if x.strip()]
+    lock = lock_output(args.output_dir)  # a second job on this folder stops here, before loading
     pipe = load_llamagen(args, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     if args.eagle_head:
-        pipe.load_eagle_head(args.eagle_head)
+        try:
+            pipe.load_eagle_head(args.eagle_head)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: --eagle-head {args.eagle_head}: {err}") from None
     num_classes = pipe.target.config.num_classes
     speculative = None if args.speculative == "none" else args.speculative
     if args.eagle_tree:
@@ -133,8 +152,16 @@ def generate(args: argparse.Namespace) -> int:
     try:
         spec = pipe.resolve_speculation(speculative, speculative_options, args.acceptance, acceptance_options)
     except (ValueError, TypeError) as err:
-        raise SystemExit(f"--speculative {args.speculative} / --acceptance {args.acceptance}: {err}") from None
-    acceptance, rule_name = spec.rule, spec.rule.name
+        raise SystemExit(f"error: --speculative {args.speculative} / --acceptance {args.acceptance}: {err}") from None
+    call = {"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "speculative": speculative, "num_draft_tokens": args.num_draft_tokens,
+            "acceptance": spec.rule, "speculative_options": speculative_options or None}
+    try:  # the pipeline's own checks of settings against this model (vocabulary, sequence length)
+        from ..pipelines.validation import check_llamagen_call
+
+        check_llamagen_call(pipe, [0], **call)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
     def parse(value: str) -> int:
         try:
@@ -147,38 +174,47 @@ def generate(args: argparse.Namespace) -> int:
 
     def process(items):
         start = time.perf_counter()
-        out = pipe(class_labels=[it.value for it in items], guidance_scale=args.guidance_scale,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   generator=torch.Generator(device).manual_seed(args.seed + items[0].index),
-                   speculative=speculative, num_draft_tokens=args.num_draft_tokens, acceptance=acceptance,
-                   speculative_options=speculative_options or None)
+        out = pipe(class_labels=[it.value for it in items], generator=torch.Generator(device).manual_seed(args.seed + items[0].index),
+                   **call)
         seconds = time.perf_counter() - start
         grid = out.tokens.shape[1:]
         records = []
         for row, (item, image) in enumerate(zip(items, out.images)):
             name = f"{item.index:05d}_class{item.value}.png"
-            image.save(args.output_dir / name)
+            save_image_atomic(image, args.output_dir / name)
             record = {"file": name, "class_label": item.value, "seed": args.seed + items[0].index,
                       "batch_steps": out.stats.steps, "batch_seconds": seconds,
                       "row_steps": int(out.stats.row_steps[row]), "row_accepted": int(out.stats.row_accepted[row])}
             if args.heatmaps:
                 heat = f"{item.index:05d}_accept.png"
-                acceptance_heatmap(out.stats.token_source[row].reshape(grid), out.stats.token_step[row].reshape(grid)).save(args.output_dir / heat)
+                save_image_atomic(acceptance_heatmap(out.stats.token_source[row].reshape(grid), out.stats.token_step[row].reshape(grid)),
+                                  args.output_dir / heat)
                 record["heatmap"] = heat
             records.append(record)
         return records
 
-    job = run_job(raw, parse, process, args.output_dir, args.batch_size, desc="generate")
-    if job_state().is_main_process:
-        report(args.output_dir, job, "images", {
-            "command": "generate", "speculative": speculative, "acceptance": rule_name,
-            "acceptance_options": acceptance_options,
-            "speculative_options": {k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in speculative_options.items()},
-            "acceptance_rule": repr(acceptance),  # resolved, e.g. variant="official"
-            "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
-            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "device": str(device),
-        })
+    with lock:
+        job = run_job(raw, parse, process, args.output_dir, args.batch_size, desc="generate")
+        if job_state().is_main_process:
+            report(args.output_dir, job, "images", {
+                "command": "generate", "speculative": speculative, "acceptance": spec.rule.name,
+                "acceptance_options": acceptance_options,
+                "acceptance_rule": repr(spec.rule),  # resolved, e.g. variant="official"
+                "speculative_options": {k: v if isinstance(v, (int, float, str, bool)) else repr(v)
+                                        for k, v in speculative_options.items()},
+                "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
+                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "device": str(device),
+            })
     return 0
+
+
+def save_image_atomic(image: Any, path: Path) -> None:
+    """Save a PIL image through a temporary file and a rename: a crash never leaves half a PNG."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -187,37 +223,49 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="SPECULATIVE[:ACCEPTANCE[:RULE_OPTIONS[:METHOD_OPTIONS]]] (options: key=value,...), e.g. sjd, "
                         "sjd:lantern:delta=0.1,k=100, sjd:gsd, mulo::tau=0.02:upsampler=learned (repeatable; an empty "
                         "rule = the method's own)")
-    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--num-images", type=int, default=64, help="images per method (and per baseline)")
     p.add_argument("--classes", default=None, help="comma-separated class ids to cycle through (default: all)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--num-draft-tokens", type=int, default=8)
-    p.add_argument("--eagle-head", default=None)
+    p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first batch (the same for every method)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (> 1 runs the CFG pair)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (None: off)")
+    p.add_argument("--num-draft-tokens", type=int, default=8, help="drafts per step")
+    p.add_argument("--eagle-head", default=None, help="an EAGLE head folder trained for this model (method eagle)")
     p.add_argument("--features", default="vq-encoder",
                    help="FID features: vq-encoder (offline default), torchscript:PATH, or clip (the --clip-model image tower)")
     p.add_argument("--clip-model", default=None,
                    help="open_clip model name, or an open_clip model-config .json file, for CLIP score (with --clip-weights)")
     p.add_argument("--clip-weights", default=None, help="path to the open_clip weights file")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/eval"))
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/eval"), help="report.json and grid.png")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device(p)
 
 
 @command("eval", _eval_args)
 def evaluate(args: argparse.Namespace) -> int:
     """Quality next to speed: each method vs its own baseline on the same seeds (TVD, FID, CLIP, grid)."""
-    from .evaluation import EvalMethod, OpenCLIPFeatures, TorchScriptFeatures, VQEncoderFeatures, evaluate_llamagen, format_report
+    import torch
+
+    from .evaluation import (
+        EvalMethod,
+        OpenCLIPFeatures,
+        TorchScriptFeatures,
+        VQEncoderFeatures,
+        evaluate_llamagen,
+        format_report,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     pipe = load_llamagen(args, device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     if args.eagle_head:
-        pipe.load_eagle_head(args.eagle_head)
+        try:
+            pipe.load_eagle_head(args.eagle_head)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: --eagle-head {args.eagle_head}: {err}") from None
     methods = [EvalMethod.parse(m) for m in (args.method or ["sjd"])]
     num_classes = pipe.target.config.num_classes
     pool = [int(c) for c in args.classes.split(",")] if args.classes else list(range(num_classes))
@@ -225,7 +273,7 @@ def evaluate(args: argparse.Namespace) -> int:
     clip = None
     if args.clip_model or args.clip_weights:
         if not (args.clip_model and args.clip_weights):
-            raise SystemExit("CLIP score needs both --clip-model and --clip-weights")
+            raise SystemExit("error: CLIP score needs both --clip-model and --clip-weights")
         clip = OpenCLIPFeatures(args.clip_model, args.clip_weights)
     if args.features == "vq-encoder":
         features = VQEncoderFeatures(pipe.vq)
@@ -233,10 +281,10 @@ def evaluate(args: argparse.Namespace) -> int:
         features = TorchScriptFeatures(args.features.split(":", 1)[1])
     elif args.features == "clip":
         if clip is None:
-            raise SystemExit("--features clip needs --clip-model and --clip-weights")
+            raise SystemExit("error: --features clip needs --clip-model and --clip-weights")
         features = clip
     else:
-        raise SystemExit(f"--features must be vq-encoder, torchscript:PATH or clip, got {args.features!r}")
+        raise SystemExit(f"error: --features must be vq-encoder, torchscript:PATH or clip, got {args.features!r}")
     classes = llamagen_classes(args)
     class_names = None if classes is None else [entry["name"] for entry in classes]
     report = evaluate_llamagen(
@@ -251,84 +299,104 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _caption_args(p: argparse.ArgumentParser) -> None:
+    from .jobs_io import DEFAULT_MAX_IMAGE_SIDE
+
     p.add_argument("inputs", type=Path, help="a folder of images, or a text file with one image path per line")
     p.add_argument("--model", default=None, help="an HF VLM checkpoint folder (default: the embedded reference captioner)")
-    p.add_argument("--prompt", default="What is in the image?")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/caption"))
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    from ..pipelines.vlm import VLM_METHODS
-
-    methods = ", ".join(f"{m.name} ({m.description})" for m in VLM_METHODS)
+    p.add_argument("--prompt", default="What is in the image?", help="the question asked about every image")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/caption"),
+                   help="captions.jsonl (grows as the job runs), results/errors.<rank>.jsonl, stats.json (rerun to resume)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (decoded a batch at a time)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="caption length limit, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (None: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold in (0, 1] (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="batch b uses seed + index of its first item")
     p.add_argument("--drafter", default="default",
-                   help=f"speculative method: {methods}; 'default' = 'model' if the model has a drafter, else the "
-                        "baseline; 'none' = the baseline")
-    p.add_argument("--num-draft-tokens", type=int, default=4)
-    p.add_argument("--acceptance", default="exact")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help="a VLM method of `mmspec methods` (model: the model's own drafter; ngram: prompt lookup), "
+                        "'default' (model if the model has a drafter, else the baseline) or 'none' (the baseline)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="drafts per step")
+    p.add_argument("--acceptance", default="exact", help="acceptance rule: exact, greedy, ...")
+    p.add_argument("--max-image-side", type=int, default=DEFAULT_MAX_IMAGE_SIDE,
+                   help="larger images are skipped as bad items, from their header, before decoding (the chat demo's limit)")
+    add_device(p)
 
 
 @command("caption", _caption_args)
 def caption(args: argparse.Namespace) -> int:
     """Caption a folder or list of images to JSONL (resumable; unreadable images skipped and reported)."""
-    import PIL.Image
+    import torch
 
     from ..data.images import image_list
-    from .jobs import JobOutput, job_state, report, run_job
+    from ..pipelines.vlm.pipeline_vlm import VLM_METHODS
+    from .job_settings import check_caption_settings
+    from .jobs import JobOutput, job_state, lock_output, report, run_job
+    from .jobs_io import append_jsonl, check_image, load_image, write_atomic
 
-    device = torch.device(args.device)
+    check_caption_settings(args, ["default", "none", *VLM_METHODS.names()])
+    try:
+        images = image_list(args.inputs)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    device = resolve_device(args.device)
+    lock = lock_output(args.output_dir)  # a second job on this folder stops here, before loading
     if args.model:
         from ..pipelines.vlm import VLMPipeline
 
-        pipe = VLMPipeline.from_pretrained(args.model, device=device)
+        try:
+            pipe = VLMPipeline.from_pretrained(args.model, device=device)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: --model {args.model}: {err}") from None
     else:
         from .defaults import load_default_captioner
 
         pipe = load_default_captioner(device)
-    choices = ["default", "none", *pipe.methods.available(pipe)]
-    if args.drafter not in choices:
-        raise SystemExit(f"--drafter must be one of {choices} for this model, got {args.drafter!r}")
-    speculative = {"default": "model" if "model" in choices else None, "none": None}.get(args.drafter, args.drafter)
+    available = pipe.methods.available(pipe)
+    speculative = {"default": "model" if "model" in available else None, "none": None}.get(args.drafter, args.drafter)
+    if speculative is not None and speculative not in available:
+        raise SystemExit(f"error: --drafter {args.drafter}: this model lacks {pipe.methods.get(speculative).requires}")
     drafter = None if speculative is None else pipe.methods.get(speculative).build(pipe, {})
+    num_draft_tokens = args.num_draft_tokens if drafter is not None else 0
+    try:  # limits of this model (positions, vocabulary), checked once instead of failing every image
+        from ..pipelines.validation import check_vlm_call
+        from ..sampling import SamplingConfig
 
-    def parse(path: str) -> PIL.Image.Image:
-        try:
-            with PIL.Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError) as err:  # missing, truncated or not an image
-            raise ValueError(f"cannot read image {path}: {err}") from None
+        check_vlm_call(pipe, max_new_tokens=args.max_new_tokens, num_draft_tokens=num_draft_tokens)
+        SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).validate_vocab(pipe.target.vocab_size)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    captions_path = args.output_dir / "captions.jsonl"
+
+    def parse(path: str) -> str:
+        return check_image(path, args.max_image_side)  # the header only: pixels are decoded a batch at a time
 
     def process(items):
-        out = pipe([[it.value] for it in items], [args.prompt] * len(items), max_new_tokens=args.max_new_tokens,
+        pictures = [load_image(it.value, args.max_image_side) for it in items]
+        out = pipe([[picture] for picture in pictures], [args.prompt] * len(items), max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    generator=torch.Generator(device).manual_seed(args.seed + items[0].index), drafter=drafter,
-                   num_draft_tokens=args.num_draft_tokens if drafter is not None else 0, acceptance=args.acceptance)
+                   num_draft_tokens=num_draft_tokens, acceptance=args.acceptance)
         return [{"caption": text, "tokens": int(n), "row_steps": int(out.stats.row_steps[i]),
                  "row_accepted": int(out.stats.row_accepted[i])}
                 for i, (text, n) in enumerate(zip(out.text, out.lengths))]
 
-    try:
-        images = image_list(args.inputs)
-    except FileNotFoundError as err:
-        raise SystemExit(str(err)) from None
-    job = run_job(images, parse, process, args.output_dir, args.batch_size, desc="caption")
-    if job_state().is_main_process:
-        results = JobOutput.read(args.output_dir, "results")
-        with (args.output_dir / "captions.jsonl").open("w") as f:
-            for r in results:
-                f.write(json.dumps({"image": r["input"], "caption": r["caption"]}) + "\n")
-        report(args.output_dir, job, "captions", {"command": "caption", "prompt": args.prompt, "drafter": args.drafter,
-                                                  "num_draft_tokens": args.num_draft_tokens, "device": str(device)})
+    def write_captions(records):  # visible while the job runs; rewritten in input order at the end
+        append_jsonl(captions_path, [{"image": r["input"], "caption": r["caption"]} for r in records])
+
+    with lock:
+        job = run_job(images, parse, process, args.output_dir, args.batch_size, desc="caption", on_results=write_captions)
+        if job_state().is_main_process:
+            results = JobOutput.read(args.output_dir, "results")
+            write_atomic(captions_path, "".join(json.dumps({"image": r["input"], "caption": r["caption"]}) + "\n"
+                                                for r in results))
+            report(args.output_dir, job, "captions", {"command": "caption", "prompt": args.prompt, "drafter": args.drafter,
+                                                      "num_draft_tokens": args.num_draft_tokens, "device": str(device)})
     return 0
 
 
 def _train_drafter_args(p: argparse.ArgumentParser) -> None:
-    from ..training.eagle import add_train_drafter_args
     from ..training.vlm import add_train_vlm_drafter_args
+    from ..training.eagle import add_train_drafter_args
 
     add_train_drafter_args(p)
     add_train_vlm_drafter_args(p)
@@ -409,18 +477,50 @@ def methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmspec", description="Speculative decoding for multimodal generative models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where its help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def _describe_missing_help(parser: argparse.ArgumentParser) -> None:
+    """Options defined without help text (the training commands') still show their default."""
+    for action in parser._actions:
+        if action.help is None and action.option_strings:
+            action.help = action.dest.replace("_", " ")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return f"mmspec {__version__}"
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``mmspec`` parser. With ``argv``, only the subcommand it names gets its arguments (their
+    definitions import heavy modules); without, every subcommand does."""
+    parser = argparse.ArgumentParser(prog="mmspec", description="Speculative decoding for multimodal generative models.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), None)
     for name, (add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=(run.__doc__ or "").split("\n")[0])
-        add_args(p)
+        p = sub.add_parser(name, help=(run.__doc__ or "").split("\n")[0], description=run.__doc__,
+                           formatter_class=HelpFormatter)
+        if argv is None or name == chosen:
+            add_args(p)
+            _describe_missing_help(p)
         p.set_defaults(_run=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     return args._run(args)
 
 

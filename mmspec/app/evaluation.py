@@ -3,7 +3,7 @@
 For every method: accepted length, steps and wall time (from :class:`~mmspec.stats.SpecStats`), the
 total variation the acceptance rule actually incurred per token (lossy rules), FID against the
 baseline's images with a pluggable feature extractor, CLIP score when CLIP weights are given, and an
-image grid (rows: baseline, then each method; same labels and seeds in every column). A second
+image grid (rows: baseline, then each method, labelled on the left; same labels and seeds in every column). A second
 baseline run on other seeds gives FID's noise floor at this sample size: a method whose FID is
 within it is indistinguishable from the baseline by this measure.
 
@@ -236,7 +236,8 @@ def evaluate_llamagen(
         import PIL.Image
 
         tiles = [PIL.Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for row in rows for img in row]
-        image_grid(tiles, cols=min(grid_columns, len(class_labels))).save(out_dir / "grid.png")
+        labels = ["baseline", *(method.name for method in methods)]  # one row each, as in the report
+        image_grid(tiles, cols=min(grid_columns, len(class_labels)), row_labels=labels).save(out_dir / "grid.png")
     return report
 
 

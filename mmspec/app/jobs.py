@@ -4,17 +4,30 @@ reporting bad items without losing good results, data-parallel under ``accelerat
 Layout of an output folder: ``results.<rank>.jsonl`` (one line per finished item), ``errors.<rank>.jsonl``
 (one line per bad item, with the reason) and ``stats.json`` (the summary, written by rank 0). An item
 counts as done when its result line exists, so an interrupted job resumes where it stopped; results
-are appended and flushed item by item.
+are appended batch by batch (flushed and fsync-ed, see :mod:`mmspec.app.jobs_io`), and the folder is
+locked for the job's duration so a second job on it is refused.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tqdm.auto import tqdm
+
+from .jobs_io import (
+    FolderLock,
+    JobLockedError,
+    append_jsonl,
+    read_jsonl,
+    remove_stale_temp_files,
+    repair_jsonl,
+    write_atomic,
+)
 
 
 @dataclass
@@ -27,34 +40,63 @@ class JobItem:
 
 
 class JobOutput:
-    """Appends results and errors for one process (``rank``) of a job in ``out_dir``."""
+    """Appends results and errors for one process (``rank``) of a job in ``out_dir``.
+
+    Writes go through :func:`~mmspec.app.jobs_io.append_jsonl` (whole lines, flushed and fsync-ed), so a
+    crash can only tear a file's last line; :meth:`repair` cuts such a line off before appending.
+    An error already recorded for an item with the same message is not written again, so reruns
+    do not grow ``errors.<rank>.jsonl``.
+    """
 
     def __init__(self, out_dir: Path, rank: int = 0) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.results_path = self.out_dir / f"results.{rank}.jsonl"
         self.errors_path = self.out_dir / f"errors.{rank}.jsonl"
+        self._known_errors: set[tuple[int, str]] | None = None
+
+    def repair(self) -> list[str]:
+        """Cut a crash-torn last line off this rank's files; returns one message per repaired file."""
+        notes = []
+        for path in (self.results_path, self.errors_path):
+            torn = repair_jsonl(path)
+            if torn is not None:
+                notes.append(f"{path.name}: ignored an incomplete last line left by an interrupted run "
+                             f"({len(torn)} characters: {torn[:60]!r}); its item is redone")
+        return notes
 
     @staticmethod
     def read(out_dir: Path, kind: str) -> list[dict]:
-        """All records of ``kind`` ("results" or "errors") written by every rank, by index."""
+        """All records of ``kind`` ("results" or "errors") written by every rank, by index. Results
+        count once per index (the first one written); an incomplete last line is ignored."""
         records = []
         for path in sorted(Path(out_dir).glob(f"{kind}.*.jsonl")):
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    records.append(json.loads(line))
-        return sorted(records, key=lambda r: r["index"])
+            records += read_jsonl(path).records
+        records.sort(key=lambda r: r["index"])
+        if kind != "results":
+            return records
+        seen: set[int] = set()
+        unique = []
+        for r in records:
+            if r["index"] not in seen:
+                seen.add(r["index"])
+                unique.append(r)
+        return unique
 
-    def _append(self, path: Path, record: dict) -> None:
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+    def results(self, records: list[dict]) -> None:
+        """Append a batch of results with one durable write."""
+        append_jsonl(self.results_path, records)
 
     def result(self, record: dict) -> None:
-        self._append(self.results_path, record)
+        self.results([record])
 
     def error(self, item: JobItem, message: str) -> None:
-        self._append(self.errors_path, {"index": item.index, "input": item.raw, "error": message})
+        if self._known_errors is None:
+            self._known_errors = {(e["index"], e["error"]) for e in read_jsonl(self.errors_path).records}
+        if (item.index, message) in self._known_errors:
+            return
+        self._known_errors.add((item.index, message))
+        append_jsonl(self.errors_path, [{"index": item.index, "input": item.raw, "error": message}])
 
 
 def job_state():
@@ -67,6 +109,36 @@ def job_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def lock_output(out_dir: Path) -> FolderLock:
+    """Take this process's lock on ``out_dir`` (created if needed); ``SystemExit`` with the holder's
+    pid and command if another job has it. Release with ``.release()`` (or use it as a context).
+
+    In a data-parallel job every process locks its own rank's file and the processes agree (one
+    all-reduce) before going on: if any of them is refused, all of them stop. Every job has a rank
+    0, so two jobs on one folder always collide there, whatever their numbers of processes.
+    """
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    state = job_state()
+    lock, refusal = None, None
+    try:
+        lock = FolderLock(out_dir, state.process_index).acquire()
+    except JobLockedError as err:
+        refusal = str(err)
+    if state.num_processes > 1:
+        import torch
+        import torch.distributed as dist
+
+        agreed = torch.tensor([0 if refusal else 1], device=state.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if int(agreed.item()) == 0 and refusal is None:
+            lock.release()
+            refusal = (f"output folder {out_dir} is in use by another mmspec job (another process of this job was "
+                       "refused its lock; its message names the holder)")
+    if refusal is not None:
+        raise SystemExit(f"error: {refusal}")
+    return lock
+
+
 def run_job(
     raw_items: list[str],
     parse: Callable[[str], Any],
@@ -74,48 +146,64 @@ def run_job(
     out_dir: Path,
     batch_size: int,
     desc: str,
+    on_results: Callable[[list[dict]], None] | None = None,
 ) -> dict:
     """Parse, shard, skip finished items, process in batches; return this process's summary.
 
-    ``parse(raw)`` raises ``ValueError`` for a bad item (recorded in errors, job goes on);
-    ``process(items)`` returns one result dict per item (each gets ``index`` and ``input`` added).
-    A batch that raises ``ValueError`` is retried item by item so one bad item loses nothing else.
+    ``parse(raw)`` raises ``ValueError`` for a bad item (recorded in errors, job goes on); it should
+    be cheap (decode images in ``process``, a batch at a time). ``process(items)`` returns one result
+    dict per item (each gets ``index`` and ``input`` added). A batch that raises ``ValueError`` is
+    retried item by item so one bad item loses nothing else. ``on_results(records)`` is called with
+    each batch's records once they are durably written (e.g. to append a user-facing file).
+
+    Batches are cut from the list of valid items, finished or not, so a resumed job processes the
+    remaining items in the same batches (hence with the same seeds) as an uninterrupted one.
     """
     state = job_state()
-    output = JobOutput(out_dir, state.process_index)
-    done = {r["index"] for r in JobOutput.read(out_dir, "results")}
-    mine = [JobItem(i, raw) for i, raw in enumerate(raw_items) if i % state.num_processes == state.process_index]
-    todo, skipped = [], 0
-    for item in mine:
-        if item.index in done:
-            skipped += 1
-            continue
-        try:
-            item.value = parse(item.raw)
-        except ValueError as err:
-            output.error(item, str(err))
-            continue
-        todo.append(item)
-    failed = 0
-    with tqdm(total=len(todo), desc=desc, unit="item", disable=not state.is_local_main_process) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
+    with lock_output(out_dir):
+        output = JobOutput(out_dir, state.process_index)
+        notes = output.repair()
+        remove_stale_temp_files(out_dir)
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+        done = {r["index"] for r in JobOutput.read(out_dir, "results")}
+        mine = [JobItem(i, raw) for i, raw in enumerate(raw_items) if i % state.num_processes == state.process_index]
+        valid, skipped = [], 0
+        for item in mine:
+            if item.index in done:
+                skipped += 1
+                valid.append(item)
+                continue
             try:
-                groups = [(batch, process(batch))]
-            except ValueError:
-                groups = []
-                for item in batch:  # isolate the bad item(s)
-                    try:
-                        groups.append(([item], process([item])))
-                    except ValueError as err:
-                        output.error(item, str(err))
-                        failed += 1
-            for items, results in groups:
-                for item, result in zip(items, results):
-                    output.result({"index": item.index, "input": item.raw, **result})
-            bar.update(len(batch))
+                item.value = parse(item.raw)
+            except ValueError as err:
+                output.error(item, str(err))
+                continue
+            valid.append(item)
+        batches = [[it for it in valid[s : s + batch_size] if it.index not in done] for s in range(0, len(valid), batch_size)]
+        batches = [b for b in batches if b]
+        todo = sum(len(b) for b in batches)
+        failed = 0
+        with tqdm(total=todo, desc=desc, unit="item", disable=not state.is_local_main_process) as bar:
+            for batch in batches:
+                try:
+                    groups = [(batch, process(batch))]
+                except ValueError:
+                    groups = []
+                    for item in batch:  # isolate the bad item(s)
+                        try:
+                            groups.append(([item], process([item])))
+                        except ValueError as err:
+                            output.error(item, str(err))
+                            failed += 1
+                records = [{"index": item.index, "input": item.raw, **result}
+                           for items, results in groups for item, result in zip(items, results)]
+                output.results(records)
+                if on_results is not None and records:
+                    on_results(records)
+                bar.update(len(batch))
     state.wait_for_everyone()
-    return {"assigned": len(mine), "skipped_done": skipped, "processed": len(todo) - failed}
+    return {"assigned": len(mine), "skipped_done": skipped, "processed": todo - failed, "repaired": notes}
 
 
 def parse_key_values(pairs: list[str], what: str) -> dict:
@@ -144,6 +232,8 @@ def report(out_dir: Path, job: dict, what: str, extra: dict) -> dict:
           f"mean accepted drafts per step: {accepted / max(steps, 1):.2f}")
     for err in summary["errors"]:
         print(f"  skipped item {err['index']} ({err['input']!r}): {err['error']}")
+    for note in job.get("repaired", []):
+        print(f"  repaired: {note}")
     return summary
 
 
@@ -156,5 +246,5 @@ def write_summary(out_dir: Path, extra: dict) -> dict:
     latest = {e["index"]: e for e in JobOutput.read(out_dir, "errors")}
     errors = [e for i, e in sorted(latest.items()) if i not in finished]
     summary = {"num_results": len(results), "num_errors": len(errors), "errors": errors, **extra}
-    (Path(out_dir) / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(Path(out_dir) / "stats.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,22 +1,44 @@
-"""Model selection shared by the command line and the demos: the ``--dtype`` and LlamaGen source
-arguments, and loading the pipeline (and its class names) they name. Both :mod:`mmspec.app.cli` and
-:mod:`mmspec.app.demos` import it; it imports neither."""
+"""Model selection shared by the command line and the demos: the ``--device`` / ``--dtype`` and
+LlamaGen source arguments, and loading the pipeline (and its class names) they name. Both
+:mod:`mmspec.app.cli` and :mod:`mmspec.app.demos` import it; it imports neither. torch is imported
+inside the functions, so building the parser (``mmspec --help``) stays fast."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    """The ``--device`` argument that :func:`resolve_device` reads."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device`` as a torch device; by default CUDA when available, else the CPU."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise SystemExit(f"error: --device: {err}") from None
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """``--dtype`` as a torch dtype; by default bfloat16 on CUDA and float32 elsewhere."""
+    import torch
+
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise SystemExit(f"--dtype must be a torch dtype such as float32 or bfloat16, got {name!r}")
+        raise SystemExit(f"error: --dtype must be a torch dtype such as float32 or bfloat16, got {name!r}")
     return getattr(torch, name)
 
 
@@ -33,22 +55,28 @@ def add_llamagen_source(p: argparse.ArgumentParser) -> None:
 
 def _official_config(value: str | None, flag: str):
     if value is None:
-        raise SystemExit(f"{flag} is required with official checkpoints (a preset name or a JSON file)")
+        raise SystemExit(f"error: {flag} is required with official checkpoints (a preset name or a JSON file)")
     path = Path(value)
     return json.loads(path.read_text()) if path.suffix == ".json" else value
 
 
 def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """The pipeline named by the command line (official checkpoints, a saved folder, or the default)."""
+    import torch
+
     from ..pipelines.llamagen import LlamaGenPipeline
 
     if args.official_gpt or args.official_vq:
         if not (args.official_gpt and args.official_vq):
-            raise SystemExit("pass both --official-gpt and --official-vq")
-        pipe = LlamaGenPipeline.from_official(args.official_gpt, args.official_vq, _official_config(args.gpt_config, "--gpt-config"),
+            raise SystemExit("error: pass both --official-gpt and --official-vq")
+        pipe = LlamaGenPipeline.from_official(args.official_gpt, args.official_vq,
+                                              _official_config(args.gpt_config, "--gpt-config"),
                                               _official_config(args.vq_config, "--vq-config"))
     elif args.model:
-        pipe = LlamaGenPipeline.from_pretrained(args.model)
+        try:
+            pipe = LlamaGenPipeline.from_pretrained(args.model)
+        except (OSError, ValueError) as err:  # not a pipeline folder, or weights that do not match
+            raise SystemExit(f"error: --model {args.model}: {err}") from None
     else:
         from .defaults import load_default_llamagen
 

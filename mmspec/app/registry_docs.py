@@ -1,12 +1,12 @@
 """``mmspec methods``: the speculative methods of every pipeline and every acceptance rule, read
 from the registries (``LlamaGenPipeline.methods``, ``VLMPipeline.methods``,
-``mmspec.acceptance.ACCEPTANCE_RULES``). ``docs/methods.md`` is this output (a test keeps it current)."""
+``mmspec.rules.ACCEPTANCE_RULES``). ``docs/methods.md`` is this output (a test keeps it current)."""
 
 from __future__ import annotations
 
 import importlib
 
-from ..acceptance import ACCEPTANCE_RULES
+from ..rules import ACCEPTANCE_RULES
 from ..methods import LOOP_COMMITS
 
 #: Pipeline classes whose registries are listed: (title, module, class name).
@@ -35,7 +35,7 @@ def methods_markdown() -> str:
             lines.append(f"| `{method.name}` | {method.loop} | `{method.default_rule}` | {options} | {needs} | "
                          f"{'yes' if method.lossless else 'no'} | {_cell(method.description)} |")
         lines.append("")
-    lines += ["## Acceptance rules: `mmspec.acceptance.ACCEPTANCE_RULES`", "",
+    lines += ["## Acceptance rules: `mmspec.rules.ACCEPTANCE_RULES`", "",
               "| `acceptance=` | commits (loop) | reads | lossless | guarantee |", "|---|---|---|---|---|"]
     loops = {commit: loop for loop, commit in LOOP_COMMITS.items()}
     for name in sorted(ACCEPTANCE_RULES):

@@ -17,15 +17,30 @@ SOURCE_COLOURS = {
 }
 
 
-def image_grid(images: list[PIL.Image.Image], cols: int, pad: int = 2, background=(255, 255, 255)) -> PIL.Image.Image:
-    """Tile equally sized images row-major into one picture."""
+def image_grid(images: list[PIL.Image.Image], cols: int, pad: int = 2, background=(255, 255, 255),
+               row_labels: list[str] | None = None) -> PIL.Image.Image:
+    """Tile equally sized images row-major into one picture; ``row_labels`` (one per row) are
+    written in a column on the left."""
     if not images:
         raise ValueError("image_grid needs at least one image")
     width, height = images[0].size
     rows = (len(images) + cols - 1) // cols
-    grid = PIL.Image.new("RGB", (cols * (width + pad) + pad, rows * (height + pad) + pad), background)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"image_grid got {len(row_labels)} row labels for {rows} rows")
+    left = 0
+    if row_labels:
+        from PIL import ImageDraw, ImageFont
+
+        font = ImageFont.load_default()
+        measure = ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
+        left = max(int(measure.textlength(label, font=font)) for label in row_labels) + 2 * pad
+    grid = PIL.Image.new("RGB", (left + cols * (width + pad) + pad, rows * (height + pad) + pad), background)
     for i, image in enumerate(images):
-        grid.paste(image.convert("RGB"), (pad + (i % cols) * (width + pad), pad + (i // cols) * (height + pad)))
+        grid.paste(image.convert("RGB"), (left + pad + (i % cols) * (width + pad), pad + (i // cols) * (height + pad)))
+    if row_labels:
+        draw = ImageDraw.Draw(grid)
+        for row, label in enumerate(row_labels):
+            draw.text((pad, pad + row * (height + pad) + height // 2), label, fill=(0, 0, 0), font=font, anchor="lm")
     return grid
 
 

@@ -36,6 +36,7 @@ from ..modeling import TransformerBlock, find_multiple, rope_frequencies
 from ..sampling import SamplingConfig, logits_to_probs, sample_from_probs
 from ..tree import DraftTree
 from ..types import Draft, DraftContext, PrefillOutput, Verdict
+from ..weights_check import check_weights
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -162,16 +163,27 @@ class EagleHead(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
 
     @classmethod
+    def load(cls, directory: str | Path) -> "EagleHead":
+        """Load a head saved by :meth:`save_pretrained`, not yet sharing a target's embedding and LM head
+        (:meth:`share_target`). A folder without a head, another model's config or mismatched weights
+        raise ValueError naming the folder and the keys."""
+        directory = Path(directory)
+        head = cls(read_eagle_config(directory))
+        weights = load_file(directory / WEIGHTS_NAME)
+        check_weights("the EAGLE head", str(directory), {k: v.shape for k, v in head.state_dict().items()},
+                      {k: v.shape for k, v in weights.items()})
+        head.load_state_dict(weights)
+        return head
+
+    @classmethod
     def from_pretrained(
         cls, directory: str | Path, embed: nn.Embedding, lm_head: nn.Linear, target_name: str
     ) -> "EagleHead":
         """Load a head saved by :meth:`save_pretrained` for the target ``target_name`` whose
         ``embed`` / ``lm_head`` it will share. A head trained for another target raises ValueError."""
-        directory = Path(directory)
-        config = EagleConfig(**json.loads((directory / CONFIG_NAME).read_text()))
-        check_target(config, embed, target_name, str(directory))
-        head = cls(config, embed, lm_head)
-        head.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        check_target(read_eagle_config(Path(directory)), embed, target_name, str(directory))
+        head = cls.load(directory)
+        head.share_target(embed, lm_head)
         return head.to(embed.weight.device)
 
 
@@ -185,6 +197,24 @@ def check_target(config: EagleConfig, embed: nn.Embedding, target_name: str, sou
             f"(vocab {config.vocab_size}, hidden {config.hidden_size}), not for target {target_name!r} "
             f"(vocab {vocab}, hidden {hidden}); train a head for {target_name!r} (mmspec train-drafter)"
         )
+
+
+def read_eagle_config(directory: Path) -> EagleConfig:
+    """The :class:`EagleConfig` saved in ``directory``; ``ValueError`` saying what is wrong when the
+    folder holds no EAGLE head (missing files, another model's config)."""
+    from dataclasses import MISSING, fields
+
+    if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+        raise ValueError(f"{directory} holds no EAGLE head: it needs {CONFIG_NAME} and {WEIGHTS_NAME} as written by "
+                         "EagleHead.save_pretrained (`mmspec train-drafter`)")
+    raw = json.loads((directory / CONFIG_NAME).read_text())
+    names = {f.name for f in fields(EagleConfig)}
+    required = {f.name for f in fields(EagleConfig) if f.default is MISSING}
+    unexpected, missing = sorted(set(raw) - names), sorted(required - set(raw))
+    if unexpected or missing:
+        raise ValueError(f"{directory / CONFIG_NAME} is not an EAGLE head config (missing keys: {missing or 'none'}; "
+                         f"unexpected keys: {unexpected[:8] or 'none'}): point at a folder written by `mmspec train-drafter`")
+    return EagleConfig(**raw)
 
 
 def target_fingerprint(lm_head: nn.Linear) -> str:

@@ -10,6 +10,7 @@ or compacts the accepted path (trees). Rows of a batch accept different numbers 
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -87,6 +88,10 @@ def speculative_generate(
             ``ctx.history`` holds prompt + committed tokens up to ``ctx.history_lengths``).
         profile: synchronise the device around draft and verify to time them separately.
     """
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_draft_tokens", num_draft_tokens)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # 2.5 would fail deep inside torch
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    max_new_tokens, num_draft_tokens = int(max_new_tokens), int(num_draft_tokens)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if drafter is not None and num_draft_tokens < 1:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..acceptance import AcceptanceRule, get_acceptance_rule
+from ..acceptance import AcceptanceRule
+from ..rules import get_acceptance_rule
 from ..types import CommitMode
 
 _LOOP_FOR = {

@@ -13,18 +13,15 @@ which refuses a head trained for another target.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from safetensors.torch import load_file
 
 from mmspec.drafters.eagle import (
     CONFIG_NAME,
-    WEIGHTS_NAME,
     EagleConfig,
     EagleHead,
     check_target,
@@ -92,16 +89,12 @@ class LlamaGenEagleHead(ModelMixin, ConfigMixin):
                 which do not apply to a single small safetensors file.
 
         Raises:
-            FileNotFoundError: the folder holds no EAGLE head.
+            ValueError: the folder holds no EAGLE head, another model's config, or mismatched weights.
         """
         directory = Path(pretrained_model_name_or_path) / (subfolder or "")
-        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"no EAGLE head in {directory}: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
-                                    "(written by `mmspec train-drafter` or LlamaGenPipeline.save_pretrained)")
         if isinstance(device_map, dict):
             raise TypeError("an EAGLE head loads onto one device: pass device_map as a device name, not a dict")
         torch_dtype = torch_dtype if torch_dtype is not None else kwargs.get("dtype")
-        component = cls(**json.loads((directory / CONFIG_NAME).read_text()))
-        component.head.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        component = cls.from_head(EagleHead.load(directory))
         component.source = str(directory)
         return component.to(device=device_map, dtype=torch_dtype).eval()

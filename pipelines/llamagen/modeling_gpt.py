@@ -27,6 +27,8 @@ from mmspec.cache import StaticKVCache
 from mmspec.modeling import RMSNorm, TransformerBlock, find_multiple
 from mmspec.types import PrefillOutput, TargetOutput
 
+from ..component_mixin import ComponentMixin
+
 # The official CaptionEmbedder is always built with its default ``token_num=120`` (the T5 feature
 # length), whatever ``cls_token_num`` is: ``uncond_embedding`` is ``[120, caption_dim]``.
 CAPTION_TOKEN_NUM = 120
@@ -147,7 +149,7 @@ class CaptionEmbedder(nn.Module):
         return self.cap_proj(caption)
 
 
-class LlamaGenGPT(ModelMixin, ConfigMixin):
+class LlamaGenGPT(ComponentMixin, ModelMixin, ConfigMixin):
     """LlamaGen class- or text-conditional GPT implementing mmspec's target contract.
 
     Config fields are the official ``ModelArgs`` fields that shape the network or its inference

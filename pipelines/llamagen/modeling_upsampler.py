@@ -17,10 +17,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..component_mixin import ComponentMixin
 from .modeling_vq import ResnetBlock
 
 
-class LlamaGenTokenUpsampler(ModelMixin, ConfigMixin):
+class LlamaGenTokenUpsampler(ComponentMixin, ModelMixin, ConfigMixin):
     """Token grid ``[B, h, w]`` -> logits over the codebook on the ``scale``-times grid.
 
     Layers: token embedding -> ``num_blocks`` residual conv blocks at the low resolution -> 1x1 conv

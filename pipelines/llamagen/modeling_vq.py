@@ -16,6 +16,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..component_mixin import ComponentMixin
+
 # Official ``codebook_used`` length (a rolling window of recently used indices, train mode only).
 CODEBOOK_USAGE_WINDOW = 65536
 
@@ -229,7 +231,7 @@ class VectorQuantizer(nn.Module):
         return quant, indices.view(batch, height, width)
 
 
-class LlamaGenVQ(ModelMixin, ConfigMixin):
+class LlamaGenVQ(ComponentMixin, ModelMixin, ConfigMixin):
     """LlamaGen VQ tokenizer: ``encoder -> quant_conv -> quantize`` and
     ``post_quant_conv -> decoder``. Images are ``[B, 3, H, W]`` in ``[-1, 1]``.
 

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from mmspec.acceptance import get_acceptance_rule
+from mmspec.rules import get_acceptance_rule
 from mmspec.cache import StaticKVCache
 from mmspec.grid import island_schedule, label_islands
 from mmspec.loops import fork_generator, masked_generate, required_cache_len, speculative_generate

@@ -29,6 +29,7 @@ from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 
+from ..validation import check_class_labels, check_llamagen_call
 from .modeling_eagle import LlamaGenEagleHead
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
 from .modeling_upsampler import LlamaGenTokenUpsampler
@@ -220,12 +221,9 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
     def _condition(self, class_labels, prompt_embeds, prompt_attention_mask) -> LlamaGenCondition:
         device = self.target.device
         if class_labels is not None:
-            labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels, dtype=torch.long)
             if self.target.config.model_type != "c2i":
                 raise ValueError("this is a text-conditional (t2i) model: pass prompt_embeds, not class_labels")
-            bad = [int(x) for x in labels if not 0 <= int(x) < self.target.config.num_classes]
-            if bad:
-                raise ValueError(f"class labels {bad} are outside [0, {self.target.config.num_classes})")
+            labels = check_class_labels(class_labels, self.target.config.num_classes)
             return LlamaGenCondition(class_labels=labels.to(device))
         if prompt_embeds is None:
             raise ValueError("pass class_labels (c2i models) or prompt_embeds (t2i models)")
@@ -290,6 +288,9 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         Returns:
             :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
         """
+        check_llamagen_call(self, class_labels, speculative=speculative,
+                            num_draft_tokens=num_draft_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            guidance_scale=guidance_scale)
         condition = self._condition(class_labels, prompt_embeds, prompt_attention_mask)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
@@ -304,7 +305,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             sampling.uses_cfg,
         )
         progress = self.progress_bar(total=num_tokens)
-        done = [1]
+        done = [0]  # the bar counts every token (the first comes from the prefill), so it ends at its total
 
         def on_step(step: int, num_generated: torch.Tensor, ctx) -> None:
             now = int(num_generated.clamp(max=num_tokens).min())  # deliberate sync: progress display

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import PIL.Image
 import torch
 from transformers import AutoProcessor
@@ -26,10 +27,12 @@ from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 from mmspec.types import DraftContext, Drafter
 
+from ..validation import array_to_pil, check_vlm_call, is_single_image
 from ..base import SpeculativePipelineMixin
 from .targets import VLMPrompt, VLMTarget, load_vlm_target
 
-ImageInput = PIL.Image.Image | str | os.PathLike
+#: One image: PIL, a path, or an array / tensor (``[H, W, C]`` or ``[C, H, W]``, uint8 or floats in [0, 1]).
+ImageInput = PIL.Image.Image | str | os.PathLike | Any
 
 
 @dataclass
@@ -106,7 +109,14 @@ class VLMPipeline(SpeculativePipelineMixin):
         Raises:
             ValueError: an image cannot be read (the message names it), or images do not match prompts.
         """
+        if not isinstance(prompt, str) and (not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is an empty list: pass at least one question")
+        if not isinstance(prompt, str) and is_single_image(images):
+            raise ValueError(f"got {len(prompts)} prompts but a single image: pass one entry per prompt, e.g. "
+                             f"[image] * {len(prompts)} for the same image")
         per_prompt = [images] if isinstance(prompt, str) else images
         if per_prompt is None:
             per_prompt = [None] * len(prompts)
@@ -116,7 +126,7 @@ class VLMPipeline(SpeculativePipelineMixin):
         for question, entry in zip(prompts, per_prompt):
             if entry is None:
                 row = []
-            elif isinstance(entry, (PIL.Image.Image, str, os.PathLike)):
+            elif is_single_image(entry):
                 row = [entry]
             else:
                 row = list(entry)
@@ -166,6 +176,7 @@ class VLMPipeline(SpeculativePipelineMixin):
                 after every verify step (diffusers convention; ``token_ids``: prompt + reply so far,
                 valid up to each row's prompt length + ``num_generated``); not with ``stream``.
         """
+        check_vlm_call(self, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens)
         if isinstance(prompt, VLMPrompt):
             if images is not None:
                 raise ValueError("pass images=None with a pre-processed VLMPrompt (its pixel values are inside)")
@@ -173,6 +184,8 @@ class VLMPipeline(SpeculativePipelineMixin):
         else:
             vlm_prompt = self.build_prompt(images, prompt)
         vlm_prompt = vlm_prompt.to(self.target.device, self.target.dtype)
+        check_vlm_call(self, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
+                       prompt_length=vlm_prompt.tokens.shape[1])
         if speculative is not None and drafter is not None:
             raise ValueError("pass either speculative= (a method name) or drafter= (an object), not both")
         spec = self.resolve_speculation(speculative, None, acceptance)
@@ -297,7 +310,12 @@ class VLMPipeline(SpeculativePipelineMixin):
 
 
 def _load_image(image: ImageInput, index: int) -> PIL.Image.Image:
-    """An RGB image from a PIL image or a path; ``ValueError`` naming the file if it is unreadable."""
+    """An RGB image from a PIL image, a path or an array / tensor; ``ValueError`` naming the image if
+    it is unreadable."""
+    if not isinstance(image, (PIL.Image.Image, str, os.PathLike, *_ARRAYS)):
+        raise ValueError(f"image #{index} must be a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}")
+    if isinstance(image, _ARRAYS):
+        return array_to_pil(image, f"image #{index}")
     name = f"image #{index}" if isinstance(image, PIL.Image.Image) else f"{os.fspath(image)!r}"
     try:
         loaded = image if isinstance(image, PIL.Image.Image) else PIL.Image.open(image)
@@ -305,6 +323,9 @@ def _load_image(image: ImageInput, index: int) -> PIL.Image.Image:
         return loaded.convert("RGB")
     except OSError as exc:
         raise ValueError(f"cannot read {name}: {exc}") from exc
+
+
+_ARRAYS = (torch.Tensor, np.ndarray)
 
 
 class _Cancelled(Exception):

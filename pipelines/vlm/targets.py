@@ -285,11 +285,19 @@ def load_vlm_target(
         device: where the target runs (None: CPU for paths, the model's device for instances).
 
     Raises:
-        ValueError: the architecture is not one of :data:`VLM_FAMILIES`.
+        ValueError: the architecture is not one of :data:`VLM_FAMILIES`, or the weights do not match
+            the config (missing, unexpected or mis-shaped tensors; the message names them).
     """
     if isinstance(path_or_model, (str, os.PathLike)):
         family = vlm_family(AutoConfig.from_pretrained(path_or_model).model_type)
-        model = family.hf_class().from_pretrained(path_or_model, dtype=dtype).eval()
+        model, info = family.hf_class().from_pretrained(path_or_model, dtype=dtype, output_loading_info=True)
+        problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(problems.values()):  # transformers only warns, then runs with random weights
+            found = ", ".join(f"{kind.replace('_', ' ')}: {keys[:8]}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
+                              for kind, keys in problems.items() if keys)
+            raise ValueError(f"the weights of {family.hf_class().__name__} in {path_or_model} do not match its config "
+                             f"({found}): the folder holds another model's weights")
+        model = model.eval()
         if device is not None:
             model.to(device)
         return family.target_class.from_hf(model, release_language_model=True)

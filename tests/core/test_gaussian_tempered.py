@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from mmspec.acceptance import get_acceptance_rule
+from mmspec.rules import get_acceptance_rule
 from mmspec.types import DiagonalGaussian, Draft
 
 PAIRS = [(1.0, 0.8, 1), (0.5, 1.0, 4), (1.5, 0.3, 1)]  # q's mean, q's std, channels; p = N(0, 1)

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from mmspec.acceptance import ACCEPTANCE_RULES, AcceptanceRule, get_acceptance_rule, register_acceptance_rule
+from mmspec.acceptance import AcceptanceRule, register_acceptance_rule
+from mmspec.rules import ACCEPTANCE_RULES, get_acceptance_rule
 from mmspec.loops import block_generate, masked_generate, required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
 from mmspec.stats import SOURCE_ACCEPTED, SOURCE_NONE, SOURCE_PREFILL, SOURCE_RECOVERED

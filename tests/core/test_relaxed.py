@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmspec.acceptance import ExactAcceptance, GreedyAcceptance, get_acceptance_rule
+from mmspec.acceptance import ExactAcceptance, GreedyAcceptance
+from mmspec.rules import get_acceptance_rule
 from mmspec.pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 from mmspec.relaxed import (
     GSDAcceptance,

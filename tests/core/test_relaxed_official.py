@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from mmspec.pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 
-from mmspec.acceptance import get_acceptance_rule
+from mmspec.rules import get_acceptance_rule
 from mmspec.relaxed import (
     GSDAcceptance,
     LanternAcceptance,

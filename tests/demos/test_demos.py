@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,31 @@ def test_baseline_only_and_impossible_settings(image_url):
         client.predict(CLASS, SEED, "sjd", "exact", image_app.MAX_DRAFT_TOKENS + 1, 4.0, 1.0, 0, api_name="/generate")
 
 
+def test_class_label_sent_as_text_through_the_api(image_url, image_pipe):
+    """The endpoint's schema types the class dropdown as a string: "2" means class 2; junk is refused."""
+    client = Client(image_url, verbose=False)
+    as_text = client.predict(str(CLASS), SEED, "none", "exact", 4, 4.0, 1.0, 0, api_name="/generate")
+    np.testing.assert_array_equal(_pixels(as_text[0]), np.asarray(_direct(image_pipe).images[0]))
+    first = client.predict("0", SEED, "none", "exact", 4, 4.0, 1.0, 0, api_name="/generate")
+    assert first[4]["runs"]["baseline"]["steps"] == GRID * GRID - 1
+    for bad, message in (("1.7", "must be a class id"), ("banana", "must be a class id"), ("999", "outside \\[0, ")):
+        with pytest.raises(Exception, match=message):
+            client.predict(bad, SEED, "none", "exact", 4, 4.0, 1.0, 0, api_name="/generate")
+
+
+def test_class_label_parsing():
+    assert image_app.parse_class_label(" 3 ", 5) == 3 and image_app.parse_class_label(4, 5) == 4
+    with pytest.raises(gr.Error, match="class id"):
+        image_app.parse_class_label(True, 5)
+
+
+def test_image_page_does_not_promise_equal_pictures_for_sampling(image_pipe):
+    demo = image_app.build_image_demo(image_pipe, warmup=False)
+    text = " ".join(b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and isinstance(b.value, str))
+    assert "lossless *in distribution*" in text and "only greedy decoding (temperature 0) gives the same picture" in text
+    assert "**same seed**" not in text
+
+
 def test_preview_decodes_the_generated_tokens_and_greys_the_rest(image_pipe):
     out = _direct(image_pipe, output_type="np")
     tokens = out.tokens[0].flatten()
@@ -231,6 +257,20 @@ def test_bad_uploads_get_clear_messages(chat_url, tmp_path):
         chat_app.load_upload(str(tmp_path / "huge.png"))  # and by the app itself, for other launchers
     with pytest.raises(Exception, match="Upload an image first"):
         client.predict(None, QUESTION, chat_app.BASELINE, 3, 8, 0.0, 0, False, api_name="/chat")
+
+
+def test_long_questions_are_refused_before_the_queue_is_held(chat_url, chat_pipe, photo):
+    """A 200,000-character question is refused at once, with the limit (characters, then tokens)."""
+    client = Client(chat_url, verbose=False)
+    start = time.perf_counter()
+    with pytest.raises(Exception, match=f"The question is 200,000 characters long; the limit is {chat_app.MAX_QUESTION_CHARS:,}"):
+        client.predict(handle_file(str(photo)), "why " * 50_000, chat_app.BASELINE, 3, 8, 0.0, 0, False, api_name="/chat")
+    assert time.perf_counter() - start < 10
+    long_in_tokens = " ".join(["a"] * (chat_app.MAX_QUESTION_TOKENS + 1))
+    assert len(long_in_tokens) <= chat_app.MAX_QUESTION_CHARS
+    with pytest.raises(gr.Error, match=f"tokens long; the limit is {chat_app.MAX_QUESTION_TOKENS} tokens"):
+        chat_app.check_question(chat_pipe, long_in_tokens)
+    assert chat_app.check_question(chat_pipe, QUESTION) == QUESTION
 
 
 # --------------------------------------------------------------------------- command line

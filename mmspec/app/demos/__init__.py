@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from ..models import add_llamagen_source, llamagen_classes, load_llamagen, resolve_dtype
+from ..models import add_device, add_llamagen_source, llamagen_classes, load_llamagen, resolve_device, resolve_dtype
 from .serving import launch
 
 
@@ -22,7 +20,7 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's first free port from 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device(parser)
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--vlm", default=None, help="chat: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...; "
                         "default: the embedded emoji captioner)")
@@ -35,7 +33,7 @@ def demo_command(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401  (only checks that the extra is installed)
     except ImportError:
         raise SystemExit("the demos need Gradio: pip install 'mmspec[demo]'") from None
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.app == "image":
         from .image_app import build_image_demo

@@ -28,6 +28,24 @@ MAX_IMAGE_SIDE = 4096
 MAX_NEW_TOKENS = 512
 MAX_DRAFT_TOKENS = 16
 MAX_SEED = 2**31 - 1
+#: Longest question accepted, in tokens (checked with the model's tokenizer) and, before
+#: tokenizing, in characters (the text box also stops typing there): a huge question would hold
+#: the single generation queue for minutes.
+MAX_QUESTION_TOKENS = 256
+MAX_QUESTION_CHARS = 2000
+
+
+def check_question(pipe: VLMPipeline, question: str | None) -> str:
+    """The question, or a ``gr.Error`` if it is empty or longer than the limits above."""
+    if not question or not question.strip():
+        raise gr.Error("Ask a question about the image.")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise gr.Error(f"The question is {len(question):,} characters long; the limit is {MAX_QUESTION_CHARS:,} "
+                       f"characters ({MAX_QUESTION_TOKENS} tokens).")
+    tokens = len(pipe.processor.tokenizer(question, add_special_tokens=False).input_ids)
+    if tokens > MAX_QUESTION_TOKENS:
+        raise gr.Error(f"The question is {tokens} tokens long; the limit is {MAX_QUESTION_TOKENS} tokens.")
+    return question
 
 
 def load_upload(path: str | None) -> PIL.Image.Image:
@@ -148,8 +166,7 @@ def build_chat_demo(pipe: VLMPipeline, drafters: dict[str, Drafter] | None = Non
     def chat(image_path, question, drafter_name, num_draft_tokens, max_new_tokens, temperature, seed, compare):
         """Stream the chosen drafter's answer, then (if asked) the baseline's; see build_chat_demo."""
         image = load_upload(image_path)
-        if not question or not question.strip():
-            raise gr.Error("Ask a question about the image.")
+        question = check_question(pipe, question)
         if seed is None:
             raise gr.Error("Enter a seed (an integer).")
         drafter = drafters.get(drafter_name)
@@ -185,7 +202,8 @@ def build_chat_demo(pipe: VLMPipeline, drafters: dict[str, Drafter] | None = Non
             with gr.Column(scale=1):
                 upload = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="image-upload")
                 preview = gr.Image(label="Preview", interactive=False, height=220, elem_id="image-preview")
-                question = gr.Textbox(label="Question", value="Describe the image.", elem_id="question")
+                question = gr.Textbox(label=f"Question (up to {MAX_QUESTION_TOKENS} tokens)", value="Describe the image.",
+                                      max_length=MAX_QUESTION_CHARS, elem_id="question")
                 drafter_name = gr.Dropdown([*drafters, BASELINE], value=next(iter(drafters), BASELINE), label="Drafter")
                 compare = gr.Checkbox(value=True, label="Compare with the baseline (A/B)")
                 with gr.Accordion("Knobs", open=False):

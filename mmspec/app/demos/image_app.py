@@ -1,5 +1,6 @@
 """Gradio app: class-conditional image generation, the plain baseline and a speculative method side
-by side on the same seed, with wall time, steps, speed-up and the acceptance heat-map.
+by side with the same seed (identical pictures only under greedy decoding: sampling rules are
+lossless in distribution), with wall time, steps, speed-up and the acceptance heat-map.
 
 Thin by design: every number shown comes from ``LlamaGenPipeline.__call__`` and its ``SpecStats``;
 this module only runs the two calls, streams progress and lays out the results.
@@ -17,7 +18,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from mmspec.acceptance import ACCEPTANCE_RULES
+from mmspec.rules import ACCEPTANCE_RULES
 from mmspec.app.visualize import acceptance_heatmap
 from mmspec.pipelines.llamagen import LlamaGenPipeline
 
@@ -106,6 +107,18 @@ def run_streaming(pipe: LlamaGenPipeline, **kwargs: Any) -> Iterator[tuple[PIL.I
         yield None, future.result()
 
 
+def parse_class_label(value: Any, num_classes: int) -> int:
+    """The class id chosen in the page (an int) or sent through the API (an int or its text, e.g.
+    ``"0"``: the endpoint's schema types the dropdown as a string); ``gr.Error`` otherwise."""
+    text = str(value).strip() if value is not None else ""
+    if isinstance(value, bool) or not (isinstance(value, int) or text.lstrip("-").isdigit()):
+        raise gr.Error(f"class_label must be a class id (an integer in [0, {num_classes})), got {value!r}")
+    label = int(text)
+    if not 0 <= label < num_classes:
+        raise gr.Error(f"class_label {label} is outside [0, {num_classes})")
+    return label
+
+
 def stats_markdown(rows: list[tuple[str, Any]], record: dict) -> str:
     """A table of steps, wall time and tokens per step for each run, then the speed-up (if any)."""
     lines = ["| run | steps (NFE) | wall time | tokens / step (with bonus) |", "|---|---:|---:|---:|"]
@@ -145,6 +158,7 @@ def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = Non
         if seed is None:
             raise gr.Error("Enter a seed (an integer).")
         seed = int(seed)
+        class_label = parse_class_label(class_label, pipe.target.config.num_classes)
         common = dict(class_labels=[class_label], guidance_scale=guidance_scale, temperature=temperature,
                       top_k=int(top_k) or None)
         runs = [("baseline", {"speculative": None})]
@@ -187,14 +201,18 @@ def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = Non
     with gr.Blocks(title="mmspec: speculative image generation") as demo:
         gr.Markdown(
             "# Speculative image generation\n"
-            "The plain autoregressive baseline and a speculative method run on the **same seed**. "
-            "Lossless rules give the baseline's distribution; the heat-map shows where drafts were "
+            "The plain autoregressive baseline and a speculative method run with the same seed. With "
+            "sampling (temperature > 0) the two pictures usually differ even for lossless rules: those are "
+            "lossless *in distribution* (every image is as likely as under the baseline), not draw for draw; "
+            "only greedy decoding (temperature 0) gives the same picture. Relaxed rules (LANTERN, GSD) trade "
+            "a bounded change of distribution for speed. The heat-map shows where drafts were "
             "accepted (green), resampled after a rejection (red) or added as the bonus token (blue); "
             "shades alternate between verify steps."
         )
         with gr.Row():
             with gr.Column(scale=1):
-                class_label = gr.Dropdown(classes, value=classes[0][1], label="Class")
+                # Custom values let API clients send the id as text ("0"); generate() checks it.
+                class_label = gr.Dropdown(classes, value=classes[0][1], label="Class", allow_custom_value=True)
                 seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                 method = gr.Dropdown([BASELINE, *methods], value=methods[0] if methods else BASELINE, label="Method")
                 acceptance = gr.Dropdown(rules, value=DEFAULT_RULE, label="Acceptance rule")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mmspec.app.evaluation import EvalMethod, evaluate_llamagen
 from mmspec.pipelines.llamagen import LlamaGenCondition, LlamaGenPipeline
-from mmspec.acceptance import get_acceptance_rule
+from mmspec.rules import get_acceptance_rule
 from mmspec.grid import dilate, island_schedule, label_islands, pooled_scores
 from mmspec.pipelines.llamagen.mulo import DecodeResizeEncode, make_upsampler, mulo_generate
 from mmspec.sampling import SamplingConfig, logits_to_probs

@@ -278,7 +278,7 @@ def test_eagle_head_for_another_target_is_refused_at_load(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="was trained for target"):
         LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq,
                          eagle=LlamaGenEagleHead.from_pretrained(tmp_path / "saved" / "eagle"))
-    with pytest.raises(FileNotFoundError, match="no EAGLE head in"):
+    with pytest.raises(ValueError, match="holds no EAGLE head"):
         LlamaGenEagleHead.from_pretrained(tmp_path / "nowhere")
 
 

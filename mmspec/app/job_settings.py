@@ -1,0 +1,103 @@
+"""Checks of batch-job settings (``mmspec generate`` / ``mmspec caption``) made before any model
+loads: a setting that is wrong for every item is the command's error (a message and exit code 1),
+never a "bad item" logged once per input.
+
+Model-dependent limits (vocabulary, sequence length) are checked right after loading, by the
+pipelines' own validation (:mod:`mmspec.pipelines.validation`), still before the first item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _fail(message: str) -> None:
+    raise SystemExit(f"error: {message}")
+
+
+def _check_sampling(args: argparse.Namespace, guidance: bool) -> None:
+    from ..sampling import SamplingConfig
+
+    try:
+        SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       guidance_scale=args.guidance_scale if guidance else 1.0)
+    except ValueError as err:
+        _fail(f"{err} (--temperature / --top-k / --top-p{' / --guidance-scale' if guidance else ''})")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        _fail(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hugging Face hub id ("org/name")."""
+    return os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    for flag in ("official_gpt", "official_vq"):
+        value = getattr(args, flag, None)
+        if value is not None and not os.path.isfile(value):
+            _fail(f"--{flag.replace('_', '-')} {value}: no such file")
+    if getattr(args, "model", None) is not None and _looks_local(args.model) and not os.path.isdir(args.model):
+        _fail(f"--model {args.model}: no such folder")
+    if getattr(args, "eagle_head", None) is not None and not os.path.isdir(args.eagle_head):
+        _fail(f"--eagle-head {args.eagle_head}: no such folder")
+
+
+def _check_greedy_rule(args: argparse.Namespace) -> None:
+    from ..rules import ACCEPTANCE_RULES
+
+    rule = ACCEPTANCE_RULES.get(args.acceptance or "")
+    if rule is not None and rule.requires_greedy and not (args.temperature == 0 or args.top_k == 1):
+        _fail(f"--acceptance {args.acceptance} needs greedy decoding: add --temperature 0 (or --top-k 1)")
+
+
+def check_generate_settings(args: argparse.Namespace) -> None:
+    """``SystemExit`` with a message if ``mmspec generate``'s settings cannot work for any item."""
+    from ..rules import ACCEPTANCE_RULES
+    from ..pipelines.llamagen.pipeline_llamagen import LLAMAGEN_METHODS
+
+    _check_common(args)
+    _check_sources(args)
+    _check_sampling(args, guidance=True)
+    methods = LLAMAGEN_METHODS.names()
+    if args.speculative != "none" and args.speculative not in methods:
+        _fail(f"--speculative must be 'none' (the baseline) or one of {', '.join(methods)}; got {args.speculative!r}")
+    if args.acceptance is not None and args.acceptance not in ACCEPTANCE_RULES:
+        _fail(f"--acceptance must be one of {', '.join(sorted(ACCEPTANCE_RULES))}; got {args.acceptance!r}")
+    _check_greedy_rule(args)
+    if args.speculative != "none" and args.num_draft_tokens < 1 and not args.eagle_tree:
+        _fail(f"--num-draft-tokens must be >= 1 with --speculative {args.speculative}, got {args.num_draft_tokens} "
+              "(use --speculative none for the baseline)")
+    if args.eagle_tree:
+        parts = args.eagle_tree.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+            _fail(f"--eagle-tree must be three positive integers DEPTH,TOP_K,NODES, got {args.eagle_tree!r}")
+        if args.speculative != "eagle":
+            _fail("--eagle-tree needs --speculative eagle")
+    if args.labels_file is not None and not args.labels_file.is_file():
+        _fail(f"--labels-file {args.labels_file}: no such file")
+
+
+def check_caption_settings(args: argparse.Namespace, drafters: list[str]) -> None:
+    """``SystemExit`` with a message if ``mmspec caption``'s settings cannot work for any image."""
+    from ..rules import ACCEPTANCE_RULES
+
+    _check_common(args)
+    _check_sources(args)
+    _check_sampling(args, guidance=False)
+    if args.max_new_tokens < 1:
+        _fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.drafter not in drafters:
+        _fail(f"--drafter must be one of {sorted(drafters)}, got {args.drafter!r}")
+    if args.drafter != "none" and args.num_draft_tokens < 1:
+        _fail(f"--num-draft-tokens must be >= 1 with a drafter, got {args.num_draft_tokens} (use --drafter none for "
+              "the baseline)")
+    if args.acceptance not in ACCEPTANCE_RULES:
+        _fail(f"--acceptance must be one of {', '.join(sorted(ACCEPTANCE_RULES))}; got {args.acceptance!r}")
+    _check_greedy_rule(args)
+    if args.max_image_side < 1:
+        _fail(f"--max-image-side must be >= 1, got {args.max_image_side}")

@@ -1,0 +1,266 @@
+"""Batch jobs never lose or duplicate work: torn last lines, a locked output folder, results visible
+while a job runs, and real ``mmspec generate`` processes killed with SIGKILL at random points, then
+resumed, ending with exactly the outputs of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmspec.app import jobs
+from mmspec.app.cli import main
+from mmspec.app.jobs_io import (
+    FolderLock,
+    JobLockedError,
+    append_jsonl,
+    read_jsonl,
+    repair_jsonl,
+)
+
+from ..conftest import tiny_llamagen
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _double(items):
+    return [{"double": it.value * 2} for it in items]
+
+
+def test_torn_last_line_is_ignored_reported_and_repaired(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert jobs.run_job(["1", "2", "3", "4"], int, _double, out, batch_size=2, desc="t")["processed"] == 4
+    results = out / "results.0.jsonl"
+    whole = results.read_bytes()
+    results.write_bytes(whole[: -len(whole.splitlines()[-1]) // 2 - 1])  # the last line cut in the middle
+    contents = read_jsonl(results)
+    assert [r["index"] for r in contents.records] == [0, 1, 2] and contents.torn.startswith('{"index": 3')
+    assert [r["index"] for r in jobs.JobOutput.read(out, "results")] == [0, 1, 2]  # readers skip it
+    summary = jobs.run_job(["1", "2", "3", "4"], int, _double, out, batch_size=2, desc="t")
+    assert summary["processed"] == 1 and summary["skipped_done"] == 3
+    assert "incomplete last line" in summary["repaired"][0] and "incomplete last line" in capsys.readouterr().err
+    assert results.read_bytes() == whole  # item 3 redone, the torn bytes gone
+    assert repair_jsonl(results) is None
+    # A complete line without its newline is also an unfinished write; corruption elsewhere is an error.
+    results.write_bytes(whole.rstrip(b"\n"))
+    assert [r["index"] for r in read_jsonl(results).records] == [0, 1, 2]
+    results.write_bytes(b"garbage\n" + whole)
+    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
+        read_jsonl(results)
+
+
+def test_append_never_merges_into_a_torn_line(tmp_path):
+    path = tmp_path / "captions.jsonl"
+    path.write_text('{"a": 1}\n{"a": ')
+    append_jsonl(path, [{"a": 2}, {"a": 3}])
+    assert path.read_text().splitlines()[-2:] == ['{"a": 2}', '{"a": 3}']
+
+
+def test_errors_are_not_duplicated_on_rerun_and_results_count_once(tmp_path):
+    def process(items):
+        if any(it.value == 3 for it in items):
+            raise ValueError("three is cursed")
+        return _double(items)
+
+    raw = ["1", "x", "3", "4"]
+    for _ in range(3):
+        jobs.run_job(raw, int, process, tmp_path, batch_size=4, desc="t")
+    errors = (tmp_path / "errors.0.jsonl").read_text().splitlines()
+    assert len(errors) == 2  # "x" and "3", once each however many reruns
+    # A duplicated result line (e.g. from a job run before this version) counts once.
+    line = (tmp_path / "results.0.jsonl").read_text().splitlines()[0]
+    with (tmp_path / "results.0.jsonl").open("a") as f:
+        f.write(line + "\n")
+    assert jobs.write_summary(tmp_path, {})["num_results"] == 2
+
+
+def test_results_are_visible_while_the_job_runs(tmp_path):
+    seen = []
+
+    def process(items):
+        seen.append([r["index"] for r in read_jsonl(tmp_path / "results.0.jsonl").records])
+        return _double(items)
+
+    appended = []
+    jobs.run_job([str(i) for i in range(6)], int, process, tmp_path, batch_size=2, desc="t",
+                 on_results=lambda records: appended.append([r["index"] for r in records]))
+    assert seen == [[], [0, 1], [0, 1, 2, 3]]  # each batch finds the earlier batches on disk
+    assert appended == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_resume_keeps_the_original_batches(tmp_path):
+    """Batches are cut from all valid items, so a resumed job processes the rest in the same
+    groups (same seeds) as an uninterrupted run, even after an item failed inside a batch."""
+    calls = []
+
+    def process(items):
+        calls.append([it.index for it in items])
+        if any(it.value == 2 for it in items):
+            raise ValueError("two fails")
+        return _double(items)
+
+    raw = [str(i) for i in range(7)]
+    jobs.run_job(raw, int, process, tmp_path, batch_size=3, desc="t")
+    first = list(calls)
+    assert first == [[0, 1, 2], [0], [1], [2], [3, 4, 5], [6]]
+    calls.clear()
+    (tmp_path / "results.0.jsonl").write_text("".join(
+        line + "\n" for line in (tmp_path / "results.0.jsonl").read_text().splitlines() if json.loads(line)["index"] < 3))
+    jobs.run_job(raw, int, process, tmp_path, batch_size=3, desc="t")
+    assert calls == [[2], [2], [3, 4, 5], [6]]  # item 2 alone (then its retry), not [2, 3, 4], [5, 6]
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    code = ("import sys, time; from mmspec.app.jobs_io import FolderLock; FolderLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=folder.parent,
+                              env=ENV)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_second_job_on_a_folder_is_refused_naming_the_other_process(tmp_path, model_dir, monkeypatch):
+    from mmspec.app import cli
+
+    monkeypatch.setattr(cli, "load_llamagen", lambda *a, **k: pytest.fail("loaded the model despite the lock"))
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = _hold_lock(out)
+    try:
+        with pytest.raises(JobLockedError, match=f"in use by another mmspec job: process {holder.pid}"):
+            FolderLock(out).acquire()
+        labels = tmp_path / "labels.txt"
+        labels.write_text("0\n")
+        # Refused before the model loads.
+        with pytest.raises(SystemExit, match=rf"process {holder.pid} \(.*-c.*\).*another --output-dir"):
+            main(["generate", "--model", str(model_dir), "--labels-file", str(labels), "--output-dir", str(out)])
+        assert not list(out.glob("results.*"))
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel releases the lock of a killed process: no stale lock.
+    with FolderLock(out), FolderLock(out):  # re-entrant within one process
+        pass
+
+
+def test_every_process_of_a_data_parallel_job_stops_when_the_folder_is_taken(tmp_path, model_dir):
+    """Two processes started together (torchrun) against a folder another job holds: the one refused
+    and the one whose own lock was free both stop, before writing anything."""
+    import socket
+
+    out = tmp_path / "out"
+    out.mkdir()
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0\n1\n2\n3\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    holder = _hold_lock(out)
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+             "--master_port", str(port), "-m", "mmspec.app.cli", "generate", "--model", str(model_dir), "--labels-file",
+             str(labels), "--output-dir", str(out), "--speculative", "none", "--device", "cpu"],
+            capture_output=True, text=True, timeout=240, env=ENV, cwd=tmp_path, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.returncode != 0
+    assert f"in use by another mmspec job: process {holder.pid}" in run.stderr
+    assert "another process of this job was refused its lock" in run.stderr
+    assert not list(out.glob("results.*")) and not list(out.glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from mmspec.pipelines.llamagen import LlamaGenPipeline
+
+    gpt, vq = tiny_llamagen()
+    path = tmp_path_factory.mktemp("pipe")
+    LlamaGenPipeline(target=gpt, vq=vq).save_pretrained(path)
+    return path
+
+
+LABELS = [str(i % 5) for i in range(23)] + ["banana", "7"] + ["1", "2", "3"]
+
+
+def _generate_args(model_dir, out, labels):
+    return ["generate", "--model", str(model_dir), "--labels-file", str(labels), "--output-dir", str(out),
+            "--batch-size", "2", "--num-draft-tokens", "3", "--seed", "11", "--device", "cpu"]
+
+
+def _outputs(out: Path) -> tuple[dict, dict]:
+    """Result records without timings, and every image's bytes."""
+    records = {}
+    for path in out.glob("results.*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            record.pop("batch_seconds")
+            assert record["index"] not in records, f"item {record['index']} has two result lines"
+            records[record["index"]] = record
+    images = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    return records, images
+
+
+def _kill_at_random_points(seed: int, model_dir: Path, labels: Path, out: Path, num_results: int) -> int:
+    """Start `mmspec generate` into ``out`` and SIGKILL it at a random point; with probability 1/2
+    start it again and kill that resumed run too. Returns the number of kills."""
+    rng = random.Random(seed)
+    results = out / "results.0.jsonl"
+    kills = 0
+    for attempt in range(2):
+        if attempt and rng.random() < 0.5:
+            break
+        run = subprocess.Popen([sys.executable, "-m", "mmspec.app.cli", *_generate_args(model_dir, out, labels)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=out.parent, env=ENV)
+        done = len(read_jsonl(results).records)
+        target = done + rng.randint(0, (num_results - done) // 2)  # finished items before the kill
+        deadline = time.monotonic() + 120
+        while run.poll() is None and time.monotonic() < deadline:
+            if results.exists() and len(read_jsonl(results).records) >= target:
+                time.sleep(rng.random() * 0.02)  # and a random point inside the next batch
+                break
+            time.sleep(0.002)
+        if run.poll() is None:
+            run.send_signal(signal.SIGKILL)
+            kills += 1
+        run.wait()
+    return kills
+
+
+def test_killed_jobs_resume_to_the_uninterrupted_outputs(model_dir, tmp_path):
+    """SIGKILL a real `mmspec generate` at random points (three seeds, run side by side; a kill comes
+    after a random number of finished items plus a random delay; a resumed run may be killed again),
+    then resume: the final folder equals an uninterrupted run's, and every input is accounted for
+    exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    reference = tmp_path / "reference"
+    assert main(_generate_args(model_dir, reference, labels)) == 0
+    want_records, want_images = _outputs(reference)
+    assert len(want_records) == 26 and len(want_images) == 26
+    seeds = range(3)
+    with ThreadPoolExecutor(len(seeds)) as pool:  # real processes, killed side by side
+        kills = list(pool.map(lambda seed: _kill_at_random_points(seed, model_dir, labels, tmp_path / f"killed{seed}", 26),
+                              seeds))
+    assert all(k >= 1 for k in kills), f"a job finished before it could be killed: {kills}"
+    for seed in seeds:
+        out = tmp_path / f"killed{seed}"
+        assert main(_generate_args(model_dir, out, labels)) == 0  # the resume (in this process: no start-up cost)
+        records, images = _outputs(out)
+        assert records == want_records and images == want_images, f"seed {seed}"
+        errors = [json.loads(line) for line in (out / "errors.0.jsonl").read_text().splitlines()]
+        assert sorted(e["index"] for e in errors) == [23, 24]  # once each, however many runs
+        assert sorted([*records, *(e["index"] for e in errors)]) == list(range(len(LABELS)))
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["num_results"] == 26 and stats["num_errors"] == 2
+        assert not list(out.glob(".*.tmp"))  # no half-written image or stats file left behind
