@@ -1,6 +1,6 @@
 """mmspec: speculative decoding for multimodal generative models.
 
-``from mmspec import LlamaGenPipeline, VLMPipeline`` (or ``from mmspec.pipelines import ...``) loads a
+``from mmspec import LlamaGenPipeline, VLMPipeline, MARPipeline`` (or ``from mmspec.pipelines import ...``) loads a
 pipeline on first use: ``import mmspec`` itself imports torch, never diffusers or transformers.
 
 Layout. ``mmspec.kernels`` and ``mmspec.pipelines`` are the checkout's top-level ``kernels/`` and
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _PIPELINES = {
     "LlamaGenPipeline": "mmspec.pipelines.llamagen.pipeline_llamagen",
     "VLMPipeline": "mmspec.pipelines.vlm.pipeline_vlm",
+    "MARPipeline": "mmspec.pipelines.mar.pipeline_mar",
 }
 #: Subpackages that live in top-level folders of the checkout (namespace portions, no __init__.py).
 _TOP_LEVEL_FOLDERS = ("kernels", "pipelines")

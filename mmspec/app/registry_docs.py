@@ -1,5 +1,5 @@
 """``mmspec methods``: the speculative methods of every pipeline and every acceptance rule, read
-from the registries (``LlamaGenPipeline.methods``, ``VLMPipeline.methods``,
+from the registries (``LlamaGenPipeline.methods``, ``VLMPipeline.methods``, ``MARPipeline.methods``,
 ``mmspec.rules.ACCEPTANCE_RULES``). ``docs/methods.md`` is this output (a test keeps it current)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from ..methods import LOOP_COMMITS
 PIPELINES = (
     ("LlamaGen (AR images)", "mmspec.pipelines.llamagen.pipeline_llamagen", "LlamaGenPipeline"),
     ("VLMs (image-to-text)", "mmspec.pipelines.vlm.pipeline_vlm", "VLMPipeline"),
+    ("MAR (continuous-token AR images)", "mmspec.pipelines.mar.pipeline_mar", "MARPipeline"),
 )
 
 
