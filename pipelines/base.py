@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from mmspec.acceptance import AcceptanceRule
-from mmspec.rules import get_acceptance_rule
+from mmspec.rules import ACCEPTANCE_RULES, get_acceptance_rule
 from mmspec.methods import Method, MethodRegistry
 
 
@@ -38,8 +38,11 @@ class SpeculativePipelineMixin:
 
     def acceptance_rule(self, name: str, **options: Any) -> AcceptanceRule:
         """The acceptance rule ``name`` with ``options``, built from this pipeline's models where it
-        needs them."""
-        return get_acceptance_rule(name, self.rule_resources(), **options)
+        needs them (only rules that override ``from_resources`` get :meth:`rule_resources`: its tensors
+        are not gathered for every call of the plain rules)."""
+        rule = ACCEPTANCE_RULES.get(name)
+        needs = rule is not None and rule.from_resources.__func__ is not AcceptanceRule.from_resources.__func__
+        return get_acceptance_rule(name, self.rule_resources() if needs else None, **options)
 
     def resolve_speculation(
         self,
