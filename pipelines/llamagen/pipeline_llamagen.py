@@ -23,7 +23,8 @@ from diffusers.utils import BaseOutput
 from mmspec.acceptance import AcceptanceRule
 from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget
-from mmspec.drafters import EagleDrafter, EagleHead, JacobiDrafter, ModelDrafter
+from mmspec.drafters import EagleDrafter, EagleHead, ModelDrafter
+from mmspec.drafters.factory import jacobi_method, with_window
 from mmspec.drafters.eagle import target_fingerprint
 from mmspec.loops import masked_generate, required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
@@ -53,19 +54,25 @@ class LlamaGenPipelineOutput(BaseOutput):
 LLAMAGEN_METHODS = MethodRegistry("LlamaGenPipeline")
 
 
-@LLAMAGEN_METHODS.register("sjd", options={"init": "random"})
-def _sjd(pipe: "LlamaGenPipeline", options: dict) -> JacobiDrafter:
-    """Speculative Jacobi decoding (training-free; ``init``: fresh guesses "random" or "copy" = the token above)."""
-    grid = pipe.target.grid_size
-    return JacobiDrafter(pipe.target.vocab_size, init=options["init"], copy_offset=grid if options["init"] == "copy" else None)
+@LLAMAGEN_METHODS.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
+def _sjd(pipe: "LlamaGenPipeline", options: dict) -> Any:
+    """Speculative Jacobi decoding (training-free; ``init``: fresh guesses "random" or "copy" = the token above;
+    ``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: "fixed", "heuristic" or "cost" (adaptive))."""
+    return jacobi_method(pipe.target.vocab_size, pipe.target.grid_size, options)
 
 
-@LLAMAGEN_METHODS.register("draft-model", requires=("drafter",))
-def _draft_model(pipe: "LlamaGenPipeline", options: dict) -> ModelDrafter:
+@LLAMAGEN_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
+def _mc_sjd(pipe: "LlamaGenPipeline", options: dict) -> Any:
+    """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
+    return jacobi_method(pipe.target.vocab_size, pipe.target.grid_size, options)
+
+
+@LLAMAGEN_METHODS.register("draft-model", options={"window": "fixed"}, requires=("drafter",))
+def _draft_model(pipe: "LlamaGenPipeline", options: dict) -> Any:
     """A smaller LlamaGen GPT with the same codebook (the ``drafter`` component) proposes a chain."""
     if not isinstance(pipe.drafter, LlamaGenGPT):
         raise ValueError("speculative='draft-model' needs a smaller LlamaGenGPT as the pipeline's `drafter` component")
-    return ModelDrafter(pipe.drafter)
+    return with_window(ModelDrafter(pipe.drafter), options["window"])
 
 
 @LLAMAGEN_METHODS.register("eagle", options={"tree": None}, requires=("eagle_head",))
@@ -257,12 +264,13 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             generator: seeds every draw; on CPU the baseline reproduces the official ``generate()``
                 under ``torch.manual_seed`` with the same seed.
             speculative: None (baseline) or a method of :data:`LLAMAGEN_METHODS` (``"sjd"``,
-                ``"draft-model"``, ``"eagle"``, ``"mulo"``). num_draft_tokens: drafts per step (SJD: window size).
+                ``"mc-sjd"``, ``"draft-model"``, ``"eagle"``, ``"mulo"``). num_draft_tokens: drafts per step (SJD:
+                window size; with ``speculative_options={"window": "heuristic" | "cost"}`` the maximum width).
             acceptance: rule name or instance (``"exact"``, ``"greedy"``, ``"lantern"``, ``"gsd"``, ...);
                 None = the method's default rule (``"exact"``; MuLo-SD: ``"mulo"``).
             acceptance_options: keyword options of a rule given by name (e.g. ``{"delta": 0.1}``).
             speculative_options: the method's options (``LLAMAGEN_METHODS.get(name).options``: SJD
-                ``init``, EAGLE ``tree``, MuLo-SD ``upsampler`` / ``max_rounds``).
+                ``init`` / ``coupling`` / ``window``, EAGLE ``tree``, MuLo-SD ``upsampler`` / ``max_rounds``).
             output_type: ``"pil"``, ``"np"`` or ``"pt"``. return_dict: output object or tuple.
             callback_on_step_end: ``f(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after
                 every verify step (diffusers convention; the timestep slot is None for AR models;
