@@ -14,15 +14,19 @@ Policies:
   +2 after a step whose drafts were all accepted, -1 otherwise. Per batch: a step counts as fully
   accepted when the active rows' mean accepted length reaches the width (at batch 1, exactly
   transformers' rule).
-- ``"cost"`` — maximise expected committed tokens per second. Acceptance: ``a_d`` = P(draft at depth
-  ``d`` kept | reached), an exponentially weighted count per depth (prior 1/2). Expected tokens of width
-  ``w``: ``E(w) = 1 + sum_{d<=w} prod_{j<=d} a_j`` (the bonus/recovered token included; Leviathan et
-  al. 2023, Eq. 1 with per-depth rates). Cost: the measured wall time of a whole step at width ``w``
-  (time between consecutive ``draft`` calls: draft + verify + commit, closed by the loop's one host
-  sync per step), exponentially averaged; unmeasured widths from a line through the measured ones
-  (slope >= 0), or with one measured width from the prior ``c(w) ∝ 1 + cost_slope * w``. The width
-  maximising ``E(w) / c(w)`` is taken; every ``explore_every`` steps a neighbour width is tried so the
-  estimates stay current.
+- ``"cost"`` — maximise committed tokens per second. Per width ``w`` it keeps exponentially weighted
+  averages of the committed tokens per row and step ``T(w)`` (bonus/recovered included) and of the wall
+  time of a whole step ``C(w)`` (time between consecutive ``draft`` calls: draft + verify + commit,
+  closed by the loop's one host sync per step), and takes the width maximising ``T(w) / C(w)``.
+  Widths not measured yet are estimated: ``T`` from per-depth acceptance rates ``a_d`` (P(draft at
+  depth ``d`` kept | reached), prior 1/2) as ``1 + sum_{d<=w} prod_{j<=d} a_j`` (Leviathan et al.
+  2023, Eq. 1 with per-depth rates), ``C`` from a line through the measured widths (slope >= 0), or
+  with one measured width from the prior ``C(w) ∝ 1 + cost_slope * w``. ``T`` is measured per width,
+  not derived from depth rates alone, because a Jacobi window's acceptance depends on its width
+  (deeper guesses converge over the iterations they spend in the window). Widths come from a coarse
+  grid (1, 2, 4, 8, 12, 16, 24, ...; few shapes to compile); every ``explore_every`` steps the less
+  measured neighbour of the best width is tried for three steps so the estimates stay current. Pass a ``memory`` dict (pipelines
+  keep one per method and options) to carry what was learned across calls, per batch size.
 
 Both are lossless: which drafts are proposed never changes what exact acceptance commits, and the
 width is a function of past verdicts only.
@@ -31,7 +35,7 @@ width is a function of past verdicts only.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ..types import Draft, DraftContext, PrefillOutput, Verdict
 
@@ -51,10 +55,14 @@ class AdaptiveWindow:
             (ENVIRONMENT: 9 tokens cost 1.8x one), a GPU's is ~0.01.
         explore_every: ``"cost"``: try a neighbour width every this many steps (0: never).
         decay: weight of the past in the exponential averages of acceptance and cost.
+        memory: a dict that keeps the ``"cost"`` tables across calls (one entry per batch size);
+            None: learned afresh in every call.
+        clock: seconds now (default ``time.perf_counter``; tests inject a synthetic one).
     """
 
     def __init__(self, drafter: Any, policy: str = "heuristic", min_width: int = 1, initial: int | None = None,
-                 cost_slope: float = 0.1, explore_every: int = 8, decay: float = 0.9) -> None:
+                 cost_slope: float = 0.1, explore_every: int = 8, decay: float = 0.9, memory: dict | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if policy not in POLICIES:
             raise ValueError(f"window policy must be one of {POLICIES} (or 'fixed' in a method's options), got {policy!r}")
         if min_width < 1 or (initial is not None and initial < min_width):
@@ -70,16 +78,26 @@ class AdaptiveWindow:
         self.cost_slope = cost_slope
         self.explore_every = explore_every
         self.decay = decay
+        self.clock = clock
         self.widths: list[int] = []  # every step's width, across calls
-        self._costs: dict[int, float] = {}  # width -> averaged seconds per step (kept across calls)
+        self.memory = {} if memory is None else memory
+        self._tables(0)
         self._reset()
+
+    def _tables(self, batch_size: int) -> None:
+        """Point the learned tables at ``memory[batch_size]`` (created empty)."""
+        tables = self.memory.setdefault(batch_size, {"costs": {}, "tokens": {}, "counts": {}, "accepted": [], "reached": []})
+        self._costs: dict[int, float] = tables["costs"]  # width -> averaged seconds per step
+        self._tokens: dict[int, float] = tables["tokens"]  # width -> averaged committed tokens per row and step
+        self._counts: dict[int, int] = tables["counts"]  # width -> steps measured
+        self._accepted: list[float] = tables["accepted"]  # per depth (index d - 1): weighted kept counts
+        self._reached: list[float] = tables["reached"]  # weighted reached counts
 
     def _reset(self) -> None:
         self._width: int | None = None
-        self._accepted: list[float] = []  # per depth (index d - 1): weighted kept counts
-        self._reached: list[float] = []  # weighted reached counts
         self._tick: float | None = None  # when the current step's draft started
         self._steps = 0
+        self._probe = 0  # steps an exploration probe still holds its width
 
     @property
     def vocab_size(self) -> int:
@@ -89,11 +107,12 @@ class AdaptiveWindow:
         return self.drafter.verify_width(num_draft_tokens)  # the maximum sizes the cache
 
     def prefill(self, ctx: DraftContext, prompt: Any, prefill: PrefillOutput) -> None:
+        self._tables(ctx.last_tokens.shape[0])
         self._reset()
         self.drafter.prefill(ctx, prompt, prefill)
 
     def draft(self, ctx: DraftContext, num_draft_tokens: int, generator) -> Draft:
-        now = time.perf_counter()
+        now = self.clock()
         if self._tick is not None and self.widths:  # the previous step, closed by the loop's sync
             w = self.widths[-1]
             seconds = now - self._tick
@@ -101,7 +120,7 @@ class AdaptiveWindow:
             self._costs[w] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
         self._tick = now
         k = num_draft_tokens
-        if self._width is None:
+        if self._width is None and (self.policy == "heuristic" or not self._tokens):
             self._width = self.initial if self.initial is not None else k
         elif self.policy == "cost":
             self._width = self._best_width(k)
@@ -123,6 +142,10 @@ class AdaptiveWindow:
             full = sum(accepted) >= width * len(accepted)
             self._width = width + 2 if full else width - 1
             return
+        tokens = sum(accepted) / len(accepted) + 1.0  # committed per row, bonus/recovered included
+        old = self._tokens.get(width)
+        self._tokens[width] = tokens if old is None else self.decay * old + (1 - self.decay) * tokens
+        self._counts[width] = self._counts.get(width, 0) + 1
         while len(self._accepted) < width:
             self._accepted.append(0.0)
             self._reached.append(0.0)
@@ -138,7 +161,10 @@ class AdaptiveWindow:
         return (self._accepted[depth - 1] + 0.5) / (self._reached[depth - 1] + 1.0)
 
     def expected_tokens(self, width: int) -> float:
-        """``E(w)``: committed tokens per row and step at width ``w`` (bonus/recovered included)."""
+        """Committed tokens per row and step at width ``w`` (bonus/recovered included): measured when
+        the width has run a few steps, else from the per-depth acceptance rates."""
+        if self._counts.get(width, 0) >= 3:
+            return self._tokens[width]
         total, chain = 1.0, 1.0
         for d in range(1, width + 1):
             chain *= self.acceptance(d)
@@ -161,13 +187,25 @@ class AdaptiveWindow:
         slope = max(slope, 0.0)
         return max(mean_c + slope * (width - mean_w), 1e-9)
 
+    def candidates(self, k: int) -> list[int]:
+        """The widths the ``"cost"`` policy chooses from: 1, 2, 4, 8, 12, 16, 24, 32, ... up to ``k`` (and
+        ``k`` itself), at least ``min_width`` — few distinct shapes (one compiled graph each)."""
+        grid, w = [1, 2, 4, 8], 12
+        while w <= k:
+            grid.append(w)
+            w += 4 if w < 16 else 8
+        return sorted({max(self.min_width, min(w, k)) for w in grid + [k]})
+
     def _best_width(self, k: int) -> int:
-        candidates = range(self.min_width, k + 1)
+        candidates = self.candidates(k)
+        if self._probe:  # hold an exploration probe for a few steps: a Jacobi window needs them to fill
+            self._probe -= 1
+            return self._width
         best = max(candidates, key=lambda w: self.expected_tokens(w) / self.cost(w))
         if self.explore_every and self._steps % self.explore_every == 0:
-            # Alternate up/down probes around the best width, so both neighbours stay measured.
-            step = 1 if (self._steps // self.explore_every) % 2 else -1
-            probe = best + step
-            if self.min_width <= probe <= k:
-                return probe
+            i = candidates.index(best)
+            neighbours = [candidates[j] for j in (i - 1, i + 1) if 0 <= j < len(candidates)]
+            if neighbours:  # the less measured neighbour
+                self._probe = 2
+                return min(neighbours, key=lambda w: (self._counts.get(w, 0), -w))
         return best

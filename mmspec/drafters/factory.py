@@ -12,20 +12,27 @@ from .jacobi import JacobiDrafter
 WINDOWS = ("fixed",) + POLICIES
 
 
-def with_window(drafter: Any, window: str) -> Any:
-    """``drafter`` itself (``window="fixed"``) or wrapped in an :class:`AdaptiveWindow` with that policy."""
+def with_window(drafter: Any, window: str, memory: dict | None = None) -> Any:
+    """``drafter`` itself (``window="fixed"``) or wrapped in an :class:`AdaptiveWindow` with that policy
+    (``memory``: a dict that carries what the cost-aware policy learned across calls)."""
     if window == "fixed":
         return drafter
     if window not in POLICIES:
         raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
-    return AdaptiveWindow(drafter, policy=window)
+    return AdaptiveWindow(drafter, policy=window, memory=memory)
 
 
-def jacobi_method(vocab_size: int, grid_width: int, options: dict) -> Any:
+def window_memory(memo: dict, method: str, options: dict) -> dict:
+    """The entry of a pipeline's ``memo`` dict for one method and its options (adaptive windows learn per
+    configuration and, inside it, per batch size)."""
+    return memo.setdefault((method, tuple(sorted((k, repr(v)) for k, v in options.items()))), {})
+
+
+def jacobi_method(vocab_size: int, grid_width: int, options: dict, memory: dict | None = None) -> Any:
     """The drafter of an SJD / MC-SJD method from its options: ``init`` ("random" or "copy": the token
     one grid row above, ``grid_width`` tokens back), ``coupling`` ("none", "maximal", "gumbel") and
     ``window`` (:data:`WINDOWS`)."""
     init = options["init"]
     drafter = JacobiDrafter(vocab_size, init=init, copy_offset=grid_width if init == "copy" else None,
                             coupling=options["coupling"])
-    return with_window(drafter, options.get("window", "fixed"))
+    return with_window(drafter, options.get("window", "fixed"), memory)

@@ -101,8 +101,9 @@ class JacobiDrafter:
             (SJD, independent), ``"maximal"`` (MC-SJD) or ``"gumbel"`` (shared race noise); see the
             module docstring. All are lossless with exact acceptance.
 
-    ``num_coupled`` / ``num_kept`` (tensors, read at the end): redrawn positions that had a previous
-    guess, and how many of them kept it (the paper's token stability).
+    ``num_coupled`` / ``num_kept`` (tensors, read at the end): redrawn positions whose previous guess
+    was itself drawn from a target distribution (not a fresh guess), and how many of them kept it:
+    the paper's token stability across iterations (with ``"maximal"``, its mean is ``1 - TV(q_t, q_{t-1})``).
     """
 
     def __init__(self, vocab_size: int, init: str = "random", copy_offset: int | None = None,
@@ -131,6 +132,8 @@ class JacobiDrafter:
         self.has_prev: torch.Tensor | None = None  # [B, S] it had one (it was in the last window)
         self.noise: torch.Tensor | None = None  # [B, S, V] Exp(1) race noise per position (gumbel)
         self._draft: Draft | None = None  # the last draft (its tokens and proposals become prev_*)
+        self._drawn: torch.Tensor | None = None  # [B, w] its slots drawn from a target distribution
+        self.prev_drawn: torch.Tensor | None = None  # [B, S] the slot's previous guess was such a draw
         self.num_coupled = torch.zeros((), dtype=torch.long)
         self.num_kept = torch.zeros((), dtype=torch.long)
 
@@ -171,6 +174,7 @@ class JacobiDrafter:
             self.noise = new if old is None else torch.where(torch.isnan(old), new, old)
         if self.window_probs is None or self.window_probs.shape[0] != batch:
             self._draft = Draft(tokens=fresh, draft_probs=one_hot)
+            self._drawn = torch.zeros_like(fresh, dtype=torch.bool)
             return self._draft
         covered = self._fit(self.covered, w, False)  # [B, w]
         probs = self._fit(self.window_probs, w, 0.0)  # [B, w, V] (uncovered slots: unused)
@@ -178,17 +182,18 @@ class JacobiDrafter:
         if self.coupling == "gumbel":
             redraw = gumbel_coupling(probs, self.noise)
             has_prev = self._fit(self.has_prev, w, False) & covered
-            self._count(has_prev, redraw == self._fit(self.prev_tokens, w, 0))
+            self._count(has_prev & self._fit(self.prev_drawn, w, False), redraw == self._fit(self.prev_tokens, w, 0))
         elif self.coupling == "maximal":
             has_prev = self._fit(self.has_prev, w, False) & covered
             prev_tokens = torch.where(has_prev, self._fit(self.prev_tokens, w, 0), 0)
             prev_probs = torch.where(has_prev[..., None], self._fit(self.prev_probs, w, 0.0), probs)
             coupled, kept = self.couple(prev_tokens, prev_probs, probs, generator)
             redraw = torch.where(has_prev, coupled, sample_from_probs(probs, generator))
-            self._count(has_prev, kept)
+            self._count(has_prev & self._fit(self.prev_drawn, w, False), kept)
         else:
             redraw = sample_from_probs(probs, generator)  # [B, w]
         tokens = torch.where(covered, redraw, fresh)
+        self._drawn = covered
         self._draft = Draft(tokens=tokens, draft_probs=torch.where(covered[..., None], probs, one_hot))
         return self._draft
 
@@ -218,6 +223,7 @@ class JacobiDrafter:
         self.has_prev = source < k  # the slot's position was in the window just verified
         prev = source.clamp(max=k - 1)
         self.prev_tokens = self._draft.tokens.gather(1, prev)
+        self.prev_drawn = self._drawn.gather(1, prev) & self.has_prev
         self.prev_probs = self._draft.draft_probs.gather(1, prev[..., None].expand(-1, -1, self.vocab_size))
         if self.coupling == "gumbel":
             noise = self.noise.gather(1, prev[..., None].expand(-1, -1, self.vocab_size))

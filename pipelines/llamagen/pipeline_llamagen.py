@@ -24,7 +24,7 @@ from mmspec.acceptance import AcceptanceRule
 from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget
 from mmspec.drafters import EagleDrafter, EagleHead, ModelDrafter
-from mmspec.drafters.factory import jacobi_method, with_window
+from mmspec.drafters.factory import jacobi_method, window_memory, with_window
 from mmspec.drafters.eagle import target_fingerprint
 from mmspec.loops import masked_generate, required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
@@ -58,13 +58,15 @@ LLAMAGEN_METHODS = MethodRegistry("LlamaGenPipeline")
 def _sjd(pipe: "LlamaGenPipeline", options: dict) -> Any:
     """Speculative Jacobi decoding (training-free; ``init``: fresh guesses "random" or "copy" = the token above;
     ``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: "fixed", "heuristic" or "cost" (adaptive))."""
-    return jacobi_method(pipe.target.vocab_size, pipe.target.grid_size, options)
+    return jacobi_method(pipe.target.vocab_size, pipe.target.grid_size, options,
+                         window_memory(pipe._window_memo, "sjd", options))
 
 
 @LLAMAGEN_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
 def _mc_sjd(pipe: "LlamaGenPipeline", options: dict) -> Any:
     """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
-    return jacobi_method(pipe.target.vocab_size, pipe.target.grid_size, options)
+    return jacobi_method(pipe.target.vocab_size, pipe.target.grid_size, options,
+                         window_memory(pipe._window_memo, "mc-sjd", options))
 
 
 @LLAMAGEN_METHODS.register("draft-model", options={"window": "fixed"}, requires=("drafter",))
@@ -72,7 +74,7 @@ def _draft_model(pipe: "LlamaGenPipeline", options: dict) -> Any:
     """A smaller LlamaGen GPT with the same codebook (the ``drafter`` component) proposes a chain."""
     if not isinstance(pipe.drafter, LlamaGenGPT):
         raise ValueError("speculative='draft-model' needs a smaller LlamaGenGPT as the pipeline's `drafter` component")
-    return with_window(ModelDrafter(pipe.drafter), options["window"])
+    return with_window(ModelDrafter(pipe.drafter), options["window"], window_memory(pipe._window_memo, "draft-model", options))
 
 
 @LLAMAGEN_METHODS.register("eagle", options={"tree": None}, requires=("eagle_head",))
@@ -151,6 +153,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                               upsampler=upsampler)
         self.eagle_head: EagleHead | None = None  # set by load_eagle_head()
         self._rule_memo: dict = {}  # tables rules build from this pipeline's models (LANTERN neighbours per k)
+        self._window_memo: dict = {}  # what adaptive draft windows learned (per method, options, batch size)
         self._compiled: CompiledTarget | None = None  # set by enable_compile()
         self._caches: dict[tuple, StaticKVCache] = {}  # reused across calls (CUDA graphs need fixed addresses)
 

@@ -127,13 +127,36 @@ def test_adaptive_window_widths_are_recorded_and_bounded(target, draft_model):
     assert out.stats.summary()["mean_draft_width"] == pytest.approx(sum(widths) / len(widths))
 
 
-def test_cost_policy_prefers_wide_windows_when_everything_is_accepted_and_narrow_when_nothing_is(target):
-    cheap = AdaptiveWindow(ModelDrafter(target), "cost", explore_every=0)  # self-drafting: all accepted
-    generate(target, PROMPTS[:1], cheap, k=6, max_new=40)
-    assert cheap.widths[-1] >= 5
-    hopeless = AdaptiveWindow(JacobiDrafter(target.vocab_size), "cost", explore_every=0, cost_slope=0.5)
-    generate(target, PROMPTS[:1], hopeless, k=6, max_new=40, sampling=SamplingConfig(temperature=1.0), seed=3)
-    assert min(hopeless.widths) < 6
+class SyntheticCost(AdaptiveWindow):
+    """An adaptive window whose steps cost ``1 + slope * width`` synthetic seconds (a noise-free clock)."""
+
+    def __init__(self, drafter, slope, **kw):
+        self.now, self.slope = 0.0, slope
+        super().__init__(drafter, "cost", clock=lambda: self.now, **kw)
+
+    def draft(self, ctx, num_draft_tokens, generator):
+        if self.widths:
+            self.now += 1.0 + self.slope * self.widths[-1]
+        return super().draft(ctx, num_draft_tokens, generator)
+
+
+def test_cost_policy_goes_wide_when_drafts_are_kept_and_narrow_when_they_are_not(target):
+    # Every draft kept (self-drafting), a cheap verify: the widest window wins.
+    wide = SyntheticCost(ModelDrafter(target), slope=0.05, explore_every=4)
+    generate(target, PROMPTS[:1], wide, k=6, max_new=60)
+    assert wide.candidates(6) == [1, 2, 4, 6] and set(wide.widths) == {4, 6}  # 4: exploration probes
+    assert max(wide.candidates(6), key=lambda w: wide.expected_tokens(w) / wide.cost(w)) == 6
+    # Random-guess drafts on a peaked model at temperature 1 (few kept), an expensive verify: narrow.
+    narrow = SyntheticCost(JacobiDrafter(target.vocab_size), slope=0.5, explore_every=4)
+    generate(target, PROMPTS[:1], narrow, k=6, max_new=60, sampling=SamplingConfig(temperature=1.0), seed=3)
+    assert max(narrow.widths[-12:]) <= 2
+    # What was learned carries over to the next call through `memory` (per batch size).
+    memory = {}
+    first = SyntheticCost(ModelDrafter(target), slope=0.05, explore_every=0, memory=memory)
+    generate(target, PROMPTS[:1], first, k=6, max_new=30)
+    second = SyntheticCost(ModelDrafter(target), slope=0.05, explore_every=0, memory=memory)
+    generate(target, PROMPTS[:1], second, k=6, max_new=30)
+    assert set(memory) == {0, 1} and second.widths[0] == 6 and memory[1]["counts"][6] > 0
 
 
 def test_adaptive_window_refuses_trees_and_bad_policies(draft_model):
