@@ -74,8 +74,8 @@ def run_config(pipe, config, labels, batch_size, guidance_scale) -> dict:
             accepted += int(out.stats.row_accepted.sum())
             widths += out.stats.draft_widths
             for d in made:
-                kept += int(d.num_kept)
-                coupled += int(d.num_coupled)
+                kept += int(d.num_kept_drawn)
+                coupled += int(d.num_coupled_drawn)
             made.clear()
         seconds = time.perf_counter() - start
     finally:

@@ -101,9 +101,10 @@ class JacobiDrafter:
             (SJD, independent), ``"maximal"`` (MC-SJD) or ``"gumbel"`` (shared race noise); see the
             module docstring. All are lossless with exact acceptance.
 
-    ``num_coupled`` / ``num_kept`` (tensors, read at the end): redrawn positions whose previous guess
-    was itself drawn from a target distribution (not a fresh guess), and how many of them kept it:
-    the paper's token stability across iterations (with ``"maximal"``, its mean is ``1 - TV(q_t, q_{t-1})``).
+    ``num_coupled`` / ``num_kept`` (tensors, read at the end): redrawn positions that had a previous
+    guess (fresh or drawn), and how many kept it; ``num_coupled_drawn`` / ``num_kept_drawn``: the same
+    for previous guesses that were themselves drawn from a target distribution — the paper's token
+    stability across iterations (with ``"maximal"``, its mean is ``E[1 - TV(q_t, q_{t-1})]``).
     """
 
     def __init__(self, vocab_size: int, init: str = "random", copy_offset: int | None = None,
@@ -136,6 +137,8 @@ class JacobiDrafter:
         self.prev_drawn: torch.Tensor | None = None  # [B, S] the slot's previous guess was such a draw
         self.num_coupled = torch.zeros((), dtype=torch.long)
         self.num_kept = torch.zeros((), dtype=torch.long)
+        self.num_coupled_drawn = torch.zeros((), dtype=torch.long)
+        self.num_kept_drawn = torch.zeros((), dtype=torch.long)
 
     def prefill(self, ctx: DraftContext, prompt, prefill: PrefillOutput) -> None:
         self._reset()
@@ -182,14 +185,14 @@ class JacobiDrafter:
         if self.coupling == "gumbel":
             redraw = gumbel_coupling(probs, self.noise)
             has_prev = self._fit(self.has_prev, w, False) & covered
-            self._count(has_prev & self._fit(self.prev_drawn, w, False), redraw == self._fit(self.prev_tokens, w, 0))
+            self._count(has_prev, self._fit(self.prev_drawn, w, False), redraw == self._fit(self.prev_tokens, w, 0))
         elif self.coupling == "maximal":
             has_prev = self._fit(self.has_prev, w, False) & covered
             prev_tokens = torch.where(has_prev, self._fit(self.prev_tokens, w, 0), 0)
             prev_probs = torch.where(has_prev[..., None], self._fit(self.prev_probs, w, 0.0), probs)
             coupled, kept = self.couple(prev_tokens, prev_probs, probs, generator)
             redraw = torch.where(has_prev, coupled, sample_from_probs(probs, generator))
-            self._count(has_prev & self._fit(self.prev_drawn, w, False), kept)
+            self._count(has_prev, self._fit(self.prev_drawn, w, False), kept)
         else:
             redraw = sample_from_probs(probs, generator)  # [B, w]
         tokens = torch.where(covered, redraw, fresh)
@@ -204,9 +207,13 @@ class JacobiDrafter:
         it with a deliberately wrong coupling, which must fail the distribution test)."""
         return maximal_coupling(prev_tokens, prev_probs, new_probs, generator)
 
-    def _count(self, has_prev: torch.Tensor, kept: torch.Tensor) -> None:
-        self.num_coupled = self.num_coupled.to(has_prev.device) + has_prev.sum()
-        self.num_kept = self.num_kept.to(has_prev.device) + (has_prev & kept).sum()
+    def _count(self, has_prev: torch.Tensor, drawn: torch.Tensor, kept: torch.Tensor) -> None:
+        """Accumulate the stability counters (all ``[B, w]`` bool; sync-free)."""
+        device = has_prev.device
+        self.num_coupled = self.num_coupled.to(device) + has_prev.sum()
+        self.num_kept = self.num_kept.to(device) + (has_prev & kept).sum()
+        self.num_coupled_drawn = self.num_coupled_drawn.to(device) + (has_prev & drawn).sum()
+        self.num_kept_drawn = self.num_kept_drawn.to(device) + (has_prev & drawn & kept).sum()
 
     def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
         """Shift the window past the committed tokens: remember, for every next slot, the target

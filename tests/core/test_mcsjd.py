@@ -101,8 +101,11 @@ def test_mcsjd_keeps_more_drafts_than_sjd_on_a_peaked_model():
     target = tiny_lm(vocab_size=48, seed=3, sharpness=3.0)
     sampling = SamplingConfig(temperature=1.0)
     prompts = PROMPTS * 4
-    runs = {c: generate(target, prompts, JacobiDrafter(48, coupling=c), k=6, sampling=sampling, max_new=40, seed=2)
-            for c in ("none", "maximal", "gumbel")}
+    drafters = {c: JacobiDrafter(48, coupling=c) for c in ("none", "maximal", "gumbel")}
+    runs = {c: generate(target, prompts, d, k=6, sampling=sampling, max_new=40, seed=2) for c, d in drafters.items()}
+    stable = drafters["maximal"]
+    assert int(stable.num_coupled_drawn) > 0 and 0 < int(stable.num_kept_drawn) < int(stable.num_coupled_drawn)
+    assert int(drafters["none"].num_coupled) == 0  # SJD does not couple
     sjd = runs["none"].stats.mean_accepted
     assert runs["maximal"].stats.mean_accepted > 1.2 * sjd, {c: r.stats.mean_accepted for c, r in runs.items()}
     assert runs["gumbel"].stats.mean_accepted > 1.2 * sjd, {c: r.stats.mean_accepted for c, r in runs.items()}
