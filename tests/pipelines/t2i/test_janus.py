@@ -134,3 +134,35 @@ def test_clear_errors(janus_dir):
         pipe(input_ids=torch.tensor([[BOS, 5, 7]]))
     with pytest.raises(ValueError, match="unknown speculative method 'eagle'"):
         pipe(input_ids=PROMPTS, speculative="eagle")
+
+
+def tiny_processor():
+    """A JanusProcessor over a word-level tokenizer built offline (left padding, as Janus's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import JanusImageProcessor, JanusProcessor, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<bos>", "<eos>", "a", "red", "cat", "dog", "blue"]
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update({"<image_placeholder>": 60, "<unk>": 61, "<begin_of_image>": BOI, "<end_of_image>": 63})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left", extra_special_tokens={"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
+                                                   "eoi_token": "<end_of_image>"})
+    return JanusProcessor(image_processor=JanusImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+
+
+def test_text_prompts_through_the_processor_saved_with_the_model(janus_dir, tmp_path):
+    folder = tmp_path / "with-processor"
+    JanusImagePipeline.from_pretrained(janus_dir).model.save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    pipe = JanusImagePipeline.from_pretrained(folder)
+    assert pipe.processor is not None
+    prompts = ["a red cat", "dog"]
+    enc = pipe.processor(text=prompts, generation_mode="image", padding=True, return_tensors="pt")
+    assert enc["input_ids"][:, -1].eq(BOI).all() and enc["attention_mask"][1, 0] == 0  # BOI appended, left padding
+    expected = _hf_greedy(pipe.model, enc["input_ids"], enc["attention_mask"], 3.0)
+    out = pipe(prompt=prompts, guidance_scale=3.0, temperature=0, speculative="mc-sjd", num_draft_tokens=4,
+               output_type="tokens")
+    assert torch.equal(out.tokens.flatten(1), expected)
