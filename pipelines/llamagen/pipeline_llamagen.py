@@ -152,6 +152,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         self.register_modules(target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter,
                               upsampler=upsampler)
         self.eagle_head: EagleHead | None = None  # set by load_eagle_head()
+        self.text_encoder = None  # a T5PromptEncoder, set by load_text_encoder() (t2i prompt=)
         self._rule_memo: dict = {}  # tables rules build from this pipeline's models (LANTERN neighbours per k)
         self._window_memo: dict = {}  # what adaptive draft windows learned (per method, options, batch size)
         self._compiled: CompiledTarget | None = None  # set by enable_compile()
@@ -163,6 +164,17 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         self.eagle_head = EagleHead.from_pretrained(
             path, self.target.tok_embeddings, self.target.output, target_fingerprint(self.target.output)
         ).eval()
+        return self
+
+    def load_text_encoder(self, path: str, max_length: int | None = None) -> "LlamaGenPipeline":
+        """Attach the FLAN-T5 encoder of a t2i model from a local folder (model + tokenizer, e.g.
+        ``google/flan-t5-xl`` saved with ``save_pretrained``), so that ``prompt=`` works. Returns the pipeline."""
+        from .text_encoder import T5PromptEncoder
+
+        if self.target.config.model_type != "t2i":
+            raise ValueError("a text encoder serves text-conditional (t2i) models; this one is class-conditional")
+        self.text_encoder = T5PromptEncoder.from_pretrained(
+            path, max_length=max_length or self.target.config.cls_token_num, device=self.target.device)
         return self
 
     #: The speculative methods this pipeline runs (``speculative=`` names).
@@ -256,11 +268,13 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[["LlamaGenPipeline", int, None, dict], dict] | None = None,
+        prompt: str | list[str] | None = None,
     ):
         """Generate images.
 
         Args:
             class_labels: class ids (c2i). prompt_embeds / prompt_attention_mask: text features (t2i).
+            prompt: text (t2i), encoded by the T5 encoder attached with :meth:`load_text_encoder`.
             guidance_scale: classifier-free guidance; > 1 runs the ``[cond ; uncond]`` pair.
             temperature, top_k, top_p: sampling (temperature 0 or top_k 1 = greedy). LlamaGen's
                 sample scripts use top_k=2000 with its 16384-code tokenizers.
@@ -283,6 +297,10 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         Returns:
             :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
         """
+        if prompt is not None:
+            if prompt_embeds is not None or self.text_encoder is None:
+                raise ValueError("prompt= needs a text encoder (pipe.load_text_encoder(t5_folder)) and no prompt_embeds")
+            prompt_embeds, prompt_attention_mask = self.text_encoder(prompt)
         condition = self._condition(class_labels, prompt_embeds, prompt_attention_mask)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
