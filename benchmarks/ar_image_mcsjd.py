@@ -86,9 +86,14 @@ def run_config(pipe, config, labels, batch_size, guidance_scale) -> dict:
 
 
 def run_table(pipe, configs, labels, batch_size, guidance_scale, repeats) -> list[dict]:
+    """Every configuration ``repeats`` times, round-robin (repeat r of every configuration, then r + 1),
+    so that load changes on a shared machine hit all configurations alike; medians per configuration."""
+    all_runs: list[list[dict]] = [[] for _ in configs]
+    for _ in range(repeats):
+        for runs, config in zip(all_runs, configs):
+            runs.append(run_config(pipe, config, labels, batch_size, guidance_scale))
     rows = []
-    for config in configs:
-        runs = [run_config(pipe, config, labels, batch_size, guidance_scale) for _ in range(repeats)]
+    for config, runs in zip(configs, all_runs):
         rows.append({
             "name": config[0], "speculative": config[1], "speculative_options": config[2], "num_draft_tokens": config[3],
             "acceptance": None if config[4] is None else config[4][0],
