@@ -35,7 +35,8 @@ width is a function of past verdicts only.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..types import Draft, DraftContext, PrefillOutput, Verdict
 

@@ -28,7 +28,7 @@ class T5PromptEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, max_length: int = 120, device: torch.device | str = "cpu",
-                        torch_dtype: torch.dtype | None = None) -> "T5PromptEncoder":
+                        torch_dtype: torch.dtype | None = None) -> T5PromptEncoder:
         """Load the encoder and tokenizer from a local folder (no hub access is attempted)."""
         from transformers import AutoTokenizer, T5EncoderModel
 

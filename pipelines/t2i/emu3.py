@@ -137,14 +137,14 @@ EMU3_METHODS = MethodRegistry("Emu3ImagePipeline")
 
 
 @EMU3_METHODS.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
-def _sjd(pipe: "Emu3ImagePipeline", options: dict) -> Any:
+def _sjd(pipe: Emu3ImagePipeline, options: dict) -> Any:
     """Speculative Jacobi decoding (``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: adaptive)."""
     return jacobi_method(pipe.target.vocab_size, pipe.target.width + 1, options,
                          window_memory(pipe._window_memo, "sjd", options))
 
 
 @EMU3_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
-def _mc_sjd(pipe: "Emu3ImagePipeline", options: dict) -> Any:
+def _mc_sjd(pipe: Emu3ImagePipeline, options: dict) -> Any:
     """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
     return jacobi_method(pipe.target.vocab_size, pipe.target.width + 1, options,
                          window_memory(pipe._window_memo, "mc-sjd", options))
@@ -168,7 +168,7 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
         self._rule_memo: dict = {}
 
     @classmethod
-    def from_pretrained(cls, path, height: int, width: int, torch_dtype: torch.dtype | None = None) -> "Emu3ImagePipeline":
+    def from_pretrained(cls, path, height: int, width: int, torch_dtype: torch.dtype | None = None) -> Emu3ImagePipeline:
         """Load a local transformers folder written by ``save_pretrained``."""
         from transformers import Emu3ForConditionalGeneration
 

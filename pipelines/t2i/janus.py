@@ -26,8 +26,8 @@ import PIL.Image
 import torch
 from torch import nn
 
-from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.drafters.factory import jacobi_method, window_memory
+from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
@@ -130,13 +130,13 @@ JANUS_METHODS = MethodRegistry("JanusImagePipeline")
 
 
 @JANUS_METHODS.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
-def _sjd(pipe: "JanusImagePipeline", options: dict) -> Any:
+def _sjd(pipe: JanusImagePipeline, options: dict) -> Any:
     """Speculative Jacobi decoding (``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: adaptive)."""
     return jacobi_method(pipe.target.vocab_size, pipe.grid_size, options, window_memory(pipe._window_memo, "sjd", options))
 
 
 @JANUS_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
-def _mc_sjd(pipe: "JanusImagePipeline", options: dict) -> Any:
+def _mc_sjd(pipe: JanusImagePipeline, options: dict) -> Any:
     """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
     return jacobi_method(pipe.target.vocab_size, pipe.grid_size, options,
                          window_memory(pipe._window_memo, "mc-sjd", options))
@@ -174,7 +174,7 @@ class JanusImagePipeline(SpeculativePipelineMixin):
         self._rule_memo: dict = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs) -> "JanusImagePipeline":
+    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs) -> JanusImagePipeline:
         """Load a local transformers folder (``save_pretrained`` of the model; a processor is loaded
         with it when the folder has one)."""
         from transformers import AutoProcessor, JanusForConditionalGeneration

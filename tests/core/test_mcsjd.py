@@ -8,8 +8,8 @@ from mmspec.drafters import AdaptiveWindow, JacobiDrafter, ModelDrafter
 from mmspec.drafters.jacobi import maximal_coupling
 from mmspec.sampling import SamplingConfig, sample_from_probs
 
-from ..conftest import assert_rows_follow, noisy_copy, tiny_lm
-from .test_loop import GREEDY, PROMPTS, _exact_joint, generate
+from ..conftest import assert_rows_follow, tiny_lm
+from .test_loop import PROMPTS, _exact_joint, generate
 
 
 class ReusePreviousToken(JacobiDrafter):
