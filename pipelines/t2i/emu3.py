@@ -11,11 +11,14 @@ columns of their BPE ids (``vocabulary_map``), and the row layout enforced by ma
 either a visual token or the end of line). Restricting to the allowed tokens before CFG gives the
 same distribution and argmax as CFG over the full vocabulary followed by the mask: unbatched CFG is
 ``u + g (c - u)`` plus a per-row constant, which softmax and argmax ignore. The negative prompt runs
-as the unconditional row of a ``[cond ; uncond]`` pair (it must have the prompt's length).
+as the unconditional row of a ``[cond ; uncond]`` pair (padded to the prompt's length; each row keeps
+its own left padding, blocked in :class:`Emu3Cache`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +34,7 @@ from mmspec.types import PrefillOutput, TargetOutput
 
 from ..base import SpeculativePipelineMixin
 from ..vlm.decoder import TEXT_ARCHITECTURES, RopeOffsetKVCache, TextArchitecture, convert_language_model
-from .janus import JanusImagePipelineOutput, JanusPrompt
+from .janus import JanusImagePipelineOutput
 
 # Emu3's text model is a Llama (same module names, RoPE and SwiGLU; ``attention_bias`` covers q, k, v, o):
 # the VLM path's static-cache converter reads it once it knows the model type.
@@ -43,13 +46,46 @@ TEXT_ARCHITECTURES.setdefault(
 MASKED = -1e9
 
 
+@dataclass
+class Emu3Prompt:
+    """Left-padded prompts ``input_ids`` / ``attention_mask`` ``[B, P]`` and the CFG negative prompts
+    ``uncond_ids`` / ``uncond_mask`` ``[B, P]`` (same length, their own padding)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    uncond_ids: torch.Tensor
+    uncond_mask: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+
 class Emu3Cache(RopeOffsetKVCache):
     """A static cache that also knows where each row's image starts (``image_start [B]``: the cache
-    slot of the first generated token), which decides the row layout mask."""
+    slot of the first generated token, which decides the row layout mask) and lets the two CFG rows
+    have their own left padding: ``group_blocked [G*B, S]`` keys invisible to the other queries of
+    that physical row, ``uncond_rope_offsets [B]`` the negative prompt's RoPE offset."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.image_start = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        self.uncond_rope_offsets = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        self.group_blocked = torch.zeros(self.groups * self.batch_size, self.max_seq_len, dtype=torch.bool,
+                                         device=self.device)
+
+    def reset(self) -> None:
+        super().reset()
+        self.uncond_rope_offsets.zero_()
+        self.group_blocked.zero_()
+
+    def attention_mask(self, slots: torch.Tensor, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The base mask ``[G*B, 1, T, S]`` without the keys blocked in each physical row (a blocked
+        query still sees itself, so its softmax is defined)."""
+        mask = super().attention_mask(slots, tree_mask)
+        key_slots = torch.arange(self.max_seq_len, device=self.device)
+        own = (key_slots == slots[..., None]).repeat(self.groups, 1, 1)  # [G*B, T, S]
+        return mask & (~self.group_blocked[:, None, :] | own)[:, None]
 
 
 class Emu3ImageTarget(nn.Module):
@@ -97,21 +133,29 @@ class Emu3ImageTarget(nn.Module):
         hidden, uncond_hidden = out.hidden_states.chunk(2)
         return TargetOutput(cond, hidden, uncond, uncond_hidden)
 
-    def prefill(self, prompt: JanusPrompt, cache: Emu3Cache) -> PrefillOutput:
+    def _rope(self, positions: torch.Tensor, cache: Emu3Cache) -> torch.Tensor:
+        """RoPE positions ``[G*B, T]`` of cache slots ``positions [B, T]`` for both CFG rows."""
+        rope = positions + cache.rope_offsets[:, None]
+        if cache.groups == 1:
+            return rope
+        return torch.cat([rope, positions + cache.uncond_rope_offsets[:, None]])
+
+    def prefill(self, prompt: Emu3Prompt, cache: Emu3Cache) -> PrefillOutput:
         """Write and commit the prompt (and the negative prompt as the unconditional row)."""
         if prompt.batch_size != cache.batch_size:
             raise ValueError(f"the prompt has {prompt.batch_size} rows but the cache {cache.batch_size}")
-        ids = prompt.input_ids if cache.groups == 1 else torch.cat([prompt.input_ids, prompt.uncond_ids])
-        mask = prompt.attention_mask.to(torch.bool)
-        length = ids.shape[1]
+        length = prompt.input_ids.shape[1]
         if length > cache.max_seq_len:
             raise ValueError(f"the cache holds {cache.max_seq_len} positions, fewer than the {length}-token prompt")
-        cache.block_keys(~mask)
-        pad = length - mask.sum(1)
-        cache.rope_offsets.copy_(-pad)
+        masks = [prompt.attention_mask, prompt.uncond_mask][: cache.groups]
+        ids = torch.cat([prompt.input_ids, prompt.uncond_ids][: cache.groups])
+        cache.group_blocked[:, :length] = ~torch.cat(masks).to(torch.bool)
+        cache.rope_offsets.copy_(-(length - prompt.attention_mask.sum(1)))
+        cache.uncond_rope_offsets.copy_(-(length - prompt.uncond_mask.sum(1)))
         cache.image_start.fill_(length)
-        rope = (torch.arange(length, device=ids.device)[None] - pad[:, None]).clamp(min=0)
-        out = self.decoder(ids, rope.repeat(cache.groups, 1), cache)
+        slots = torch.arange(length, device=ids.device).expand(cache.batch_size, -1)
+        rope = self._rope(slots, cache).clamp(min=0)
+        out = self.decoder(ids, rope, cache)
         cache.commit(torch.full((cache.batch_size,), length, dtype=torch.long, device=cache.device))
         last = TargetOutput(out.logits[:, -1:], out.hidden_states[:, -1:])
         return PrefillOutput(self._logits(last, cache.lengths[:, None] - 1, cache),
@@ -126,8 +170,7 @@ class Emu3ImageTarget(nn.Module):
     ) -> TargetOutput:
         """Run generated tokens at the next ``T`` cache slots (both CFG rows; written, not committed)."""
         bpe = self.bpe_ids[tokens].repeat(cache.groups, 1)
-        rope = (positions + cache.rope_offsets[:, None]).repeat(cache.groups, 1)
-        return self._logits(self.decoder(bpe, rope, cache, attn_mask), positions, cache)
+        return self._logits(self.decoder(bpe, self._rope(positions, cache), cache, attn_mask), positions, cache)
 
     __call__ = forward
 
@@ -157,12 +200,14 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
         model: a ``transformers.Emu3ForConditionalGeneration`` (its config's ``vocabulary_map`` maps
             visual tokens and ``<|extra_200|>`` to BPE ids).
         height, width: the token grid to generate (Emu3's processor writes ``{h}*{w}`` into the prompt).
+        processor: an ``Emu3Processor`` (left padding), for ``prompt=``; None: pass token ids.
     """
 
     methods = EMU3_METHODS
 
-    def __init__(self, model: nn.Module, height: int, width: int) -> None:
+    def __init__(self, model: nn.Module, height: int, width: int, processor: Any = None) -> None:
         self.model = model.eval()
+        self.processor = processor
         self.target = Emu3ImageTarget(model, height, width)
         self._window_memo: dict = {}
         self._rule_memo: dict = {}
@@ -170,9 +215,34 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
     @classmethod
     def from_pretrained(cls, path, height: int, width: int, torch_dtype: torch.dtype | None = None) -> Emu3ImagePipeline:
         """Load a local transformers folder written by ``save_pretrained``."""
-        from transformers import Emu3ForConditionalGeneration
+        from transformers import AutoProcessor, Emu3ForConditionalGeneration
 
-        return cls(Emu3ForConditionalGeneration.from_pretrained(path, dtype=torch_dtype), height, width)
+        processor = None
+        if (Path(path) / "processor_config.json").exists() or (Path(path) / "tokenizer_config.json").exists():
+            processor = AutoProcessor.from_pretrained(path)
+        return cls(Emu3ForConditionalGeneration.from_pretrained(path, dtype=torch_dtype), height, width, processor)
+
+    def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] = "") -> tuple[torch.Tensor, ...]:
+        """``(input_ids, negative_prompt_ids, attention_mask, negative_prompt_attention_mask)`` ``[B, P]`` for
+        text prompts: Emu3's processor in image-generation mode (``<|image start|>{h}*{w}<|image token|>``
+        appended), prompts and negative prompts padded together to one length (the CFG pair shares the
+        cache's slots; each keeps its own padding)."""
+        if self.processor is None:
+            raise ValueError("prompt= needs the pipeline's processor (Emu3Processor); or pass input_ids")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        h, w = self.target.height, self.target.width
+        enc = self.processor(text=prompts + negatives, return_for_image_generation=True, ratio=f"{w}:{h}",
+                             image_area=h * w * self.processor.downsample_ratio ** 2, padding=True, return_tensors="pt")
+        if [list(x) for x in enc["image_sizes"]][0] != [h, w]:
+            raise ValueError(f"the processor laid out a {enc['image_sizes'][0]} grid, the pipeline generates {h}x{w}")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if not bool(mask[:, -1].all()):
+            raise ValueError("the processor's tokenizer must pad on the left (tokenizer.padding_side = 'left')")
+        n = len(prompts)
+        return ids[:n], ids[n:], mask[:n], mask[n:]
 
     def rule_resources(self) -> dict:
         """The VQ codebook (the end-of-line token gets a far-away vector: nobody's latent neighbour)."""
@@ -187,9 +257,12 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
     @torch.no_grad()
     def __call__(
         self,
-        input_ids: torch.Tensor,  # [B, P] left-padded prompts ending where the image starts
+        input_ids: torch.Tensor | None = None,  # [B, P] left-padded prompts ending where the image starts
         negative_prompt_ids: torch.Tensor | None = None,  # [B, P] the CFG negative prompt (same length)
         attention_mask: torch.Tensor | None = None,  # [B, P]
+        negative_prompt_attention_mask: torch.Tensor | None = None,  # [B, P]
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] = "",
         guidance_scale: float = 3.0,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -203,9 +276,18 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
         output_type: str = "pil",
         return_dict: bool = True,
     ):
-        """Generate ``height x width`` token images. ``guidance_scale > 1`` needs ``negative_prompt_ids``.
+        """Generate ``height x width`` token images for ``input_ids`` or text ``prompt`` (with the processor;
+        ``negative_prompt`` is the CFG negative, default empty). ``guidance_scale > 1`` with token ids needs
+        ``negative_prompt_ids``.
         ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (Emu3's VQ decoder) or ``"tokens"``. The output
         ``tokens`` are codebook indices ``[B, height, width]`` (ends of line removed)."""
+        if prompt is not None:
+            if input_ids is not None or negative_prompt_ids is not None:
+                raise ValueError("pass prompt (text) or input_ids / negative_prompt_ids (tokens), not both")
+            input_ids, negative_prompt_ids, attention_mask, negative_prompt_attention_mask = self.encode_prompt(
+                prompt, negative_prompt)
+        if input_ids is None:
+            raise ValueError("pass prompt (with a processor) or input_ids [B, P]")
         device = self.target.decoder.tok_embeddings.weight.device
         input_ids = input_ids.to(device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
@@ -213,11 +295,13 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
         if sampling.uses_cfg:
             if negative_prompt_ids is None or negative_prompt_ids.shape != input_ids.shape:
                 raise ValueError("guidance_scale > 1 needs negative_prompt_ids of the prompt's shape [B, P] "
-                                 "(left-pad it like the prompt)")
+                                 "(left-padded, with negative_prompt_attention_mask)")
             uncond = negative_prompt_ids.to(device)
+            uncond_mask = (torch.ones_like(uncond) if negative_prompt_attention_mask is None
+                           else negative_prompt_attention_mask.to(device))
         else:
-            uncond = input_ids
-        prompt = JanusPrompt(input_ids, mask, uncond)
+            uncond, uncond_mask = input_ids, mask
+        prompt = Emu3Prompt(input_ids, mask, uncond, uncond_mask)
         spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
         window = 1 if spec.drafter is None else spec.drafter.verify_width(num_draft_tokens)
         cache = self.target.new_cache(input_ids.shape[0],

@@ -76,3 +76,46 @@ def test_sampling_images_and_relaxed_rules(emu3_dir, tmp_path):
     assert torch.equal(off.tokens, exact.tokens)
     with pytest.raises(ValueError, match="needs negative_prompt_ids"):
         pipe(PROMPTS, guidance_scale=3.0)
+
+
+def tiny_processor():
+    """An Emu3Processor over a word-level tokenizer built offline (left padding)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Emu3ImageProcessor, Emu3Processor, PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "a": 3, "red": 4, "cat": 5, "blurry": 6, "3": 11, "*": 12,
+             "<image>": 31, "<|image start|>": 32, "<|image end|>": 33, "<|image token|>": WRAP, "<|extra_201|>": 35,
+             "<unk>": 36}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left", extra_special_tokens={
+            "image_token": "<image>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
+            "image_wrapper_token": "<|image token|>", "eof_token": "<|extra_201|>"})
+    return Emu3Processor(image_processor=Emu3ImageProcessor(), tokenizer=tokenizer)
+
+
+def test_text_prompts_through_the_processor_saved_with_the_model(emu3_dir, tmp_path):
+    folder = tmp_path / "with-processor"
+    Emu3ImagePipeline.from_pretrained(emu3_dir, height=H, width=W).model.save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    pipe = Emu3ImagePipeline.from_pretrained(folder, height=H, width=W)
+    ids, negative, mask, negative_mask = pipe.encode_prompt(["a red cat", "cat"], negative_prompt="blurry")
+    assert ids.shape == negative.shape and ids[:, -1].eq(WRAP).all() and mask[1, 0] == 0
+    assert not torch.equal(mask, negative_mask)  # the CFG rows are padded differently
+    by_text = pipe(prompt=["a red cat", "cat"], negative_prompt="blurry", guidance_scale=3.0, temperature=0,
+                   speculative="mc-sjd", num_draft_tokens=4, output_type="tokens")
+    # transformers with the same ids and masks (its unbatched CFG runs the negative prompt on its own).
+    visual = list(range(V_TEXT, V_TEXT + CODES))
+
+    def allowed(batch_id, input_ids):
+        offset = input_ids.shape[0] - int((input_ids == WRAP).nonzero()[0][0])
+        return [EOL] if offset % (W + 1) == 0 else visual
+
+    expected = pipe.model.generate(ids, attention_mask=mask, max_new_tokens=(W + 1) * H, do_sample=False,
+                                   prefix_allowed_tokens_fn=allowed, guidance_scale=3.0, negative_prompt_ids=negative,
+                                   negative_prompt_attention_mask=negative_mask, pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(pipe.bpe_sequences(by_text.tokens), expected)
+    with pytest.raises(ValueError, match="not both"):
+        pipe(ids, prompt="a cat")
