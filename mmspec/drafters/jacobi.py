@@ -15,7 +15,9 @@ How the redraw is made is the ``coupling``:
 
 - ``"none"`` (SJD): an independent draw from the new distribution ``q_t``. Even when ``q_t`` barely
   moved, the token re-rolls, so the tokens after it see a new context and the window does not settle.
-- ``"maximal"`` (MC-SJD, the paper's maximal coupling, its Eq. for the coupled draft): keep the
+- ``"maximal"`` (MC-SJD: the draft of a position is sampled maximally coupled with its draft of the
+  previous iteration; equation numbers not cited: only the paper's abstract and summaries could be
+  read here, the coupling itself is the standard maximal coupling of two categoricals): keep the
   previous draft ``y ~ q_{t-1}`` of the same position with probability ``min(1, q_t(y) / q_{t-1}(y))``,
   otherwise draw from the residual ``norm(max(0, q_t - q_{t-1}))``. ``P(x_t = x_{t-1}) = 1 - TV(q_t, q_{t-1})``,
   the largest any coupling allows.
