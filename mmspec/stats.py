@@ -55,8 +55,12 @@ class SpecStats:
     moved_mass_sum: torch.Tensor = field(init=False)
     moved_mass_max: torch.Tensor = field(init=False)
     moved_mass_tokens: torch.Tensor = field(init=False)
+    #: Draft depth verified at each step of the causal loop (a host-side int per step: the chain's
+    #: length, a tree's depth). Constant unless an adaptive window (``mmspec.drafters.adaptive``) chose it.
+    draft_widths: list = field(init=False)
 
     def __post_init__(self) -> None:
+        self.draft_widths = []
         shape = (self.batch_size, self.max_new_tokens)
         self.token_source = torch.full(shape, -1, dtype=torch.long, device=self.device)
         self.token_step = torch.full(shape, -1, dtype=torch.long, device=self.device)
@@ -79,6 +83,7 @@ class SpecStats:
     ) -> None:
         """Account one verify step of the causal loop (sync-free)."""
         self.steps += 1
+        self.draft_widths.append(source.shape[1] - 1)  # a shape, no sync
         self.row_steps += active.long()
         self.row_accepted += torch.where(active, num_accepted, 0)
         depth = torch.arange(self.accepted_at_depth.shape[0], device=num_accepted.device)
@@ -169,6 +174,8 @@ class SpecStats:
             **({} if profiled else {"timing_note": "draft/verify/other times are measured only with profile=True"}),
             "mean_tvd_per_token": float(self.moved_mass_sum) / int(self.moved_mass_tokens) if lossy else None,
             "max_tvd_per_token": float(self.moved_mass_max) if lossy else None,
+            "mean_draft_width": sum(self.draft_widths) / len(self.draft_widths) if self.draft_widths else None,
+            "draft_width_counts": {str(w): self.draft_widths.count(w) for w in sorted(set(self.draft_widths))},
         }
 
     def to_dict(self) -> dict:

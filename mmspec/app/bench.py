@@ -128,6 +128,7 @@ def run_benchmark(suite: BenchSuite, device: torch.device, repeats: int = 3, war
             "mean_accepted_without_bonus": out.stats.mean_accepted,
             "mean_tokens_per_step_with_bonus": out.stats.mean_tokens_per_step,
             "acceptance_rate_at_depth": summary["acceptance_rate_at_depth"],
+            "mean_draft_width": summary.get("mean_draft_width"),
             "wall_time_s_median": wall,
             "wall_time_s_all": times,
             "tokens_per_s": generated / wall,

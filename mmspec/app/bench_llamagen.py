@@ -42,31 +42,51 @@ def _pipeline(source: str, device: torch.device, dtype: torch.dtype, num_classes
 @register_suite("ar-image")
 def ar_image_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1, *, source: str = "default",
                    guidance_scale: float = 3.0, temperature: float = 1.0, top_k: int | None = None,
-                   num_draft_tokens: int = 8, acceptance: str | None = None, compile: bool = False,
-                   num_classes: int = 1000) -> BenchSuite:
+                   num_draft_tokens: int = 8, acceptance: str | None = None, acceptance_options: str = "",
+                   configs: str | None = None, compile: bool = False, num_classes: int = 1000) -> BenchSuite:
     """LlamaGen class-to-image: the baseline and every registered speculative method the pipeline
     has the components for (``pipe.methods``), on the same class labels and seed; each method with
-    ``acceptance`` when that rule fits its loop, else skipped (default: each method's own rule)."""
+    ``acceptance`` when that rule fits its loop, else skipped (default: each method's own rule).
+
+    ``acceptance_options``: the rule's options as ``"delta=0.1,k=100"``. ``configs``: instead of every
+    method, these configurations, ``;``-separated, each ``METHOD[:key=value,...]`` with the method's
+    options (``speculative_options``) and ``k=`` for ``num_draft_tokens``, e.g.
+    ``"sjd;mc-sjd;mc-sjd:coupling=gumbel;mc-sjd:window=cost,k=16"``."""
+    from .jobs import parse_key_values
+
     pipe = _pipeline(source, device, dtype, num_classes)
     labels = [i % pipe.target.config.num_classes for i in range(batch_size)]
-    rule = None if acceptance is None else pipe.acceptance_rule(acceptance)
-    methods = [None] + [name for name in pipe.methods.available(pipe)
-                        if rule is None or pipe.methods.get(name).accepts(rule)]
+    rule_options = parse_key_values([p for p in acceptance_options.split(",") if p], "acceptance_options")
+    rule = None if acceptance is None else pipe.acceptance_rule(acceptance, **rule_options)
+    if configs is None:
+        specs = [(name, name, {}, num_draft_tokens) for name in pipe.methods.available(pipe)
+                 if rule is None or pipe.methods.get(name).accepts(rule)]
+    else:
+        specs = []
+        for spec in [c for c in configs.split(";") if c]:
+            method, _, opts = spec.partition(":")
+            options = parse_key_values([p for p in opts.split(",") if p], f"config {spec!r}")
+            pipe.methods.get(method)  # a clear error for an unknown method, before anything runs
+            specs.append((spec, method, options, int(options.pop("k", num_draft_tokens))))
+    specs = [("baseline", None, {}, num_draft_tokens)] + specs
     compiled = LlamaGenPipeline(**pipe.components).enable_compile() if compile else None
 
-    def case(name, method, runner):
+    def case(name, method, options, k, runner):
         def run(generator: torch.Generator, profile: bool) -> GenerationOutput:
             out = runner(class_labels=labels, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                         generator=generator, speculative=method, num_draft_tokens=num_draft_tokens,
-                         acceptance=acceptance, output_type="pt")
+                         generator=generator, speculative=method, num_draft_tokens=k,
+                         acceptance=None if method is None else acceptance,
+                         acceptance_options=rule_options or None if method is not None and acceptance else None,
+                         speculative_options=options or None, output_type="pt")
             return GenerationOutput(tokens=out.tokens.flatten(1), lengths=torch.full((len(labels),), out.tokens[0].numel()),
                                     stats=out.stats)
-        return BenchCase(name, run, {"speculative": method, "compiled": runner is compiled})
+        return BenchCase(name, run, {"speculative": method, "speculative_options": options, "num_draft_tokens": k,
+                                     "compiled": runner is compiled})
 
-    cases = [case(f"{m or 'baseline'} (eager)", m, pipe) for m in methods]
+    cases = [case(f"{name} (eager)", m, o, k, pipe) for name, m, o, k in specs]
     if compiled is not None:
-        cases.insert(1, case("baseline (compiled)", None, compiled))
-        cases += [case(f"{m} (compiled)", m, compiled) for m in methods[1:]]
+        cases.insert(1, case("baseline (compiled)", None, {}, num_draft_tokens, compiled))
+        cases += [case(f"{name} (compiled)", m, o, k, compiled) for name, m, o, k in specs[1:]]
     cfg = pipe.target.config
     return BenchSuite(
         name="ar-image",
@@ -75,5 +95,5 @@ def ar_image_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1
         setup={"source": source, "dim": cfg.dim, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
                "tokens_per_image": cfg.block_size, "dtype": str(dtype), "batch_size": batch_size,
                "guidance_scale": guidance_scale, "temperature": temperature, "top_k": top_k,
-               "num_draft_tokens": num_draft_tokens, "acceptance": acceptance},
+               "num_draft_tokens": num_draft_tokens, "acceptance": acceptance, "acceptance_options": rule_options},
     )

@@ -1,5 +1,5 @@
 """``mmspec methods``: the speculative methods of every pipeline and every acceptance rule, read
-from the registries (``LlamaGenPipeline.methods``, ``VLMPipeline.methods``, ``MARPipeline.methods``,
+from the registries (``LlamaGenPipeline.methods``, ``VLMPipeline.methods``, ``MARPipeline.methods``, the text-to-image pipelines',
 ``mmspec.rules.ACCEPTANCE_RULES``). ``docs/methods.md`` is this output (a test keeps it current)."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ PIPELINES = (
     ("LlamaGen (AR images)", "mmspec.pipelines.llamagen.pipeline_llamagen", "LlamaGenPipeline"),
     ("VLMs (image-to-text)", "mmspec.pipelines.vlm.pipeline_vlm", "VLMPipeline"),
     ("MAR (continuous-token AR images)", "mmspec.pipelines.mar.pipeline_mar", "MARPipeline"),
+    ("Janus / Janus-Pro (text-to-image)", "mmspec.pipelines.t2i.janus", "JanusImagePipeline"),
+    ("Emu3 (text-to-image)", "mmspec.pipelines.t2i.emu3", "Emu3ImagePipeline"),
 )
 
 

@@ -23,7 +23,8 @@ from diffusers.utils import BaseOutput
 from mmspec.acceptance import AcceptanceRule
 from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget
-from mmspec.drafters import EagleDrafter, EagleHead, JacobiDrafter, ModelDrafter
+from mmspec.drafters import EagleDrafter, EagleHead, ModelDrafter
+from mmspec.drafters.factory import jacobi_method, window_memory, with_window
 from mmspec.loops import masked_generate, required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
@@ -54,19 +55,27 @@ class LlamaGenPipelineOutput(BaseOutput):
 LLAMAGEN_METHODS = MethodRegistry("LlamaGenPipeline")
 
 
-@LLAMAGEN_METHODS.register("sjd", options={"init": "random"})
-def _sjd(pipe: "LlamaGenPipeline", options: dict) -> JacobiDrafter:
-    """Speculative Jacobi decoding (training-free; ``init``: fresh guesses "random" or "copy" = the token above)."""
-    grid = pipe.target.grid_size
-    return JacobiDrafter(pipe.target.vocab_size, init=options["init"], copy_offset=grid if options["init"] == "copy" else None)
+@LLAMAGEN_METHODS.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
+def _sjd(pipe: "LlamaGenPipeline", options: dict) -> Any:
+    """Speculative Jacobi decoding (training-free; ``init``: fresh guesses "random" or "copy" = the token above;
+    ``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: "fixed", "heuristic" or "cost" (adaptive))."""
+    return jacobi_method(pipe.target.vocab_size, pipe.target.grid_size, options,
+                         window_memory(pipe._window_memo, "sjd", options))
 
 
-@LLAMAGEN_METHODS.register("draft-model", requires=("drafter",))
-def _draft_model(pipe: "LlamaGenPipeline", options: dict) -> ModelDrafter:
+@LLAMAGEN_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
+def _mc_sjd(pipe: "LlamaGenPipeline", options: dict) -> Any:
+    """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
+    return jacobi_method(pipe.target.vocab_size, pipe.target.grid_size, options,
+                         window_memory(pipe._window_memo, "mc-sjd", options))
+
+
+@LLAMAGEN_METHODS.register("draft-model", options={"window": "fixed"}, requires=("drafter",))
+def _draft_model(pipe: "LlamaGenPipeline", options: dict) -> Any:
     """A smaller LlamaGen GPT with the same codebook (the ``drafter`` component) proposes a chain."""
     if not isinstance(pipe.drafter, LlamaGenGPT):
         raise ValueError("speculative='draft-model' needs a smaller LlamaGenGPT as the pipeline's `drafter` component")
-    return ModelDrafter(pipe.drafter)
+    return with_window(ModelDrafter(pipe.drafter), options["window"], window_memory(pipe._window_memo, "draft-model", options))
 
 
 @LLAMAGEN_METHODS.register("eagle", options={"tree": None}, requires=("eagle_head",))
@@ -150,7 +159,9 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             eagle.bind(target)
         self.register_modules(target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter,
                               upsampler=upsampler, eagle=eagle)
+        self.text_encoder = None  # a T5PromptEncoder, set by load_text_encoder() (t2i prompt=)
         self._rule_memo: dict = {}  # tables rules build from this pipeline's models (LANTERN neighbours per k)
+        self._window_memo: dict = {}  # what adaptive draft windows learned (per method, options, batch size)
         self._compiled: CompiledTarget | None = None  # set by enable_compile()
         self._caches: dict[tuple, StaticKVCache] = {}  # reused across calls (CUDA graphs need fixed addresses)
 
@@ -170,6 +181,17 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         """
         eagle = LlamaGenEagleHead.from_pretrained(path).bind(self.target)
         self.register_modules(eagle=eagle.to(device=self.target.device, dtype=self.target.dtype))
+        return self
+
+    def load_text_encoder(self, path: str, max_length: int | None = None) -> "LlamaGenPipeline":
+        """Attach the FLAN-T5 encoder of a t2i model from a local folder (model + tokenizer, e.g.
+        ``google/flan-t5-xl`` saved with ``save_pretrained``), so that ``prompt=`` works. Returns the pipeline."""
+        from .text_encoder import T5PromptEncoder
+
+        if self.target.config.model_type != "t2i":
+            raise ValueError("a text encoder serves text-conditional (t2i) models; this one is class-conditional")
+        self.text_encoder = T5PromptEncoder.from_pretrained(
+            path, max_length=max_length or self.target.config.cls_token_num, device=self.target.device)
         return self
 
     #: The speculative methods this pipeline runs (``speculative=`` names).
@@ -262,23 +284,26 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[["LlamaGenPipeline", int, None, dict], dict] | None = None,
+        prompt: str | list[str] | None = None,
     ):
         """Generate images.
 
         Args:
             class_labels: class ids (c2i). prompt_embeds / prompt_attention_mask: text features (t2i).
+            prompt: text (t2i), encoded by the T5 encoder attached with :meth:`load_text_encoder`.
             guidance_scale: classifier-free guidance; > 1 runs the ``[cond ; uncond]`` pair.
             temperature, top_k, top_p: sampling (temperature 0 or top_k 1 = greedy). LlamaGen's
                 sample scripts use top_k=2000 with its 16384-code tokenizers.
             generator: seeds every draw; on CPU the baseline reproduces the official ``generate()``
                 under ``torch.manual_seed`` with the same seed.
             speculative: None (baseline) or a method of :data:`LLAMAGEN_METHODS` (``"sjd"``,
-                ``"draft-model"``, ``"eagle"``, ``"mulo"``). num_draft_tokens: drafts per step (SJD: window size).
+                ``"mc-sjd"``, ``"draft-model"``, ``"eagle"``, ``"mulo"``). num_draft_tokens: drafts per step (SJD:
+                window size; with ``speculative_options={"window": "heuristic" | "cost"}`` the maximum width).
             acceptance: rule name or instance (``"exact"``, ``"greedy"``, ``"lantern"``, ``"gsd"``, ...);
                 None = the method's default rule (``"exact"``; MuLo-SD: ``"mulo"``).
             acceptance_options: keyword options of a rule given by name (e.g. ``{"delta": 0.1}``).
             speculative_options: the method's options (``LLAMAGEN_METHODS.get(name).options``: SJD
-                ``init``, EAGLE ``tree``, MuLo-SD ``upsampler`` / ``max_rounds``).
+                ``init`` / ``coupling`` / ``window``, EAGLE ``tree``, MuLo-SD ``upsampler`` / ``max_rounds``).
             output_type: ``"pil"``, ``"np"`` or ``"pt"``. return_dict: output object or tuple.
             callback_on_step_end: ``f(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after
                 every verify step (diffusers convention; the timestep slot is None for AR models;
@@ -288,6 +313,10 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         Returns:
             :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
         """
+        if prompt is not None:
+            if prompt_embeds is not None or self.text_encoder is None:
+                raise ValueError("prompt= needs a text encoder (pipe.load_text_encoder(t5_folder)) and no prompt_embeds")
+            prompt_embeds, prompt_attention_mask = self.text_encoder(prompt)
         check_llamagen_call(self, class_labels, speculative=speculative,
                             num_draft_tokens=num_draft_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             guidance_scale=guidance_scale)

@@ -429,7 +429,7 @@ def test_registries_list_mulo_like_every_other_method(tmp_path):
     low, _ = tiny_llamagen(grid=2, seed=1, dim=16, n_layer=1)
     assert "mulo" not in runnable_methods(LlamaGenPipeline(target=gpt, vq=vq))
     pipe = LlamaGenPipeline(target=gpt, vq=vq, low_res_drafter=low)
-    assert runnable_methods(pipe) == ["mulo", "sjd"]
+    assert runnable_methods(pipe) == ["mc-sjd", "mulo", "sjd"]
     assert LLAMAGEN_METHODS.get("mulo").loop == "masked" and LLAMAGEN_METHODS.get("mulo").default_rule == "mulo"
 
 

@@ -207,7 +207,7 @@ def test_preview_decodes_the_generated_tokens_and_greys_the_rest(image_pipe):
 def test_methods_offered_are_those_the_pipeline_can_run(image_pipe):
     gpt, vq = tiny_llamagen(grid=GRID, vocab_size=32)
     assert "draft-model" in image_app.runnable_methods(image_pipe)
-    assert image_app.runnable_methods(LlamaGenPipeline(target=gpt, vq=vq)) == ["sjd"]
+    assert image_app.runnable_methods(LlamaGenPipeline(target=gpt, vq=vq)) == ["mc-sjd", "sjd"]
     # Relaxed rules get their codebook tables from the pipeline, so they are offered too.
     assert {"exact", "greedy", "lantern", "gsd"} <= set(image_app.buildable_rules(image_pipe))
 

@@ -101,6 +101,24 @@ def test_bench_ar_image_suite_runs_every_method_on_the_same_inputs(model_dir, tm
     assert record["setup"]["tokens_per_image"] == 9
 
 
+def test_bench_ar_image_configs_with_method_options_and_rule_options(model_dir, tmp_path):
+    """``configs``: chosen methods with their options and widths; ``acceptance_options`` reach the rule."""
+    out = tmp_path / "bench.json"
+    configs = "sjd;mc-sjd:coupling=gumbel;mc-sjd:window=cost,k=4"
+    assert main(["bench", "--suite", "ar-image", "--option", f"source={model_dir}", "--option", f"configs={configs}",
+                 "--option", "acceptance=lantern", "--option", f"acceptance_options=delta=0.0,k=4,neighbour_cache={tmp_path}",
+                 "--option", "temperature=0", "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [r["name"] for r in record["results"]] == ["baseline (eager)", "sjd (eager)", "mc-sjd:coupling=gumbel (eager)",
+                                                      "mc-sjd:window=cost,k=4 (eager)"]
+    assert record["results"][3]["config"]["num_draft_tokens"] == 4 and record["results"][3]["mean_draft_width"] <= 4
+    assert record["setup"]["acceptance_options"]["delta"] == 0.0
+    assert all(r["tokens_equal_baseline"] for r in record["results"])  # greedy + LANTERN δ = 0: lossless
+    with pytest.raises(ValueError, match="unknown speculative method 'nope'"):
+        main(["bench", "--suite", "ar-image", "--option", f"source={model_dir}", "--option", "configs=nope",
+              "--repeats", "1", "--warmup", "0", "--output", str(out)])
+
+
 def test_generate_passes_acceptance_options(model_dir, tmp_path):
     """--acceptance-option reaches the rule: LANTERN with delta = 0 is exact acceptance (same
     images), a large delta moves mass (other images); the options are recorded in stats.json."""

@@ -68,13 +68,21 @@ def test_greedy_speculation_equals_greedy_baseline_on_official_model(official, s
     assert spec.stats.steps <= base.stats.steps
 
 
-@pytest.mark.parametrize("speculative,acceptance", [("sjd", "exact"), ("sjd", "greedy"), ("draft-model", "exact")])
+@pytest.mark.parametrize("speculative,acceptance,options", [
+    ("sjd", "exact", None), ("sjd", "greedy", None), ("draft-model", "exact", None),
+    ("mc-sjd", "exact", None), ("mc-sjd", "greedy", {"coupling": "gumbel", "init": "copy"}),
+    ("mc-sjd", "exact", {"window": "cost"}), ("sjd", "exact", {"coupling": "maximal", "window": "heuristic"}),
+    ("draft-model", "exact", {"window": "heuristic"}),
+])
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
-def test_greedy_speculation_equals_baseline_tiny(tiny_pipe, speculative, acceptance, guidance_scale):
+def test_greedy_speculation_equals_baseline_tiny(tiny_pipe, speculative, acceptance, options, guidance_scale):
     kw = dict(class_labels=[0, 4, 2, 2], guidance_scale=guidance_scale, temperature=0, output_type="pt")
     base = tiny_pipe(**kw)
-    spec = tiny_pipe(**kw, speculative=speculative, acceptance=acceptance, num_draft_tokens=3)
+    spec = tiny_pipe(**kw, speculative=speculative, acceptance=acceptance, num_draft_tokens=3,
+                     speculative_options=options)
     assert torch.equal(spec.tokens, base.tokens)
+    if options and "window" in options:
+        assert max(spec.stats.draft_widths) <= 3 and len(spec.stats.draft_widths) == spec.stats.steps
 
 
 def test_cfg_topk_topp_identical_in_draft_and_target(tiny_pipe):
@@ -101,7 +109,7 @@ def _exact_first_tokens(gpt, label, sampling, n):
     return joint
 
 
-@pytest.mark.parametrize("speculative", ["sjd", "draft-model"])
+@pytest.mark.parametrize("speculative", ["sjd", "draft-model", "mc-sjd"])
 def test_exact_sampling_matches_baseline_distribution_with_cfg(speculative):
     """Joint law of the first 3 tokens under CFG + top-k, 12k images in one batch, vs the exact law."""
     gpt, vq = tiny_llamagen(vocab_size=4, grid=2, seed=3, sharpness=1.5)
@@ -222,6 +230,17 @@ def test_relaxed_rules_by_name_build_from_the_pipeline(tiny_pipe, tmp_path):
     assert accepted["lantern"] >= accepted["exact"]
     with pytest.raises(ValueError, match="GSD embedding must be one of"):
         tiny_pipe(class_labels=[0], speculative="sjd", acceptance="gsd", acceptance_options={"embedding": "pixels"})
+    # MC-SJD under the relaxed rules: with relaxation off it is exact MC-SJD token for token.
+    mc = dict(kw, speculative="mc-sjd")
+    for coupling in ("maximal", "gumbel"):
+        opts = {"coupling": coupling}
+        exact_mc = tiny_pipe(**mc, speculative_options=opts, generator=torch.Generator().manual_seed(0))
+        off_mc = tiny_pipe(**mc, speculative_options=opts, generator=torch.Generator().manual_seed(0),
+                           acceptance="lantern", acceptance_options={"delta": 0.0, "k": 4, "neighbour_cache": tmp_path})
+        assert torch.equal(off_mc.tokens, exact_mc.tokens)
+        on_mc = tiny_pipe(**mc, speculative_options=opts, generator=torch.Generator().manual_seed(0),
+                          acceptance="gsd", acceptance_options={"group_size": 3})
+        assert on_mc.stats.summary()["max_tvd_per_token"] is not None
 
 
 # ------------------------------------------------------------------ the EAGLE head as a pipeline component

@@ -1,0 +1,38 @@
+"""Builders shared by the pipelines' method registries (one place that turns a method's options into
+a drafter, so every AR image pipeline offers SJD / MC-SJD and adaptive windows the same way)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .adaptive import POLICIES, AdaptiveWindow
+from .jacobi import JacobiDrafter
+
+#: ``window`` option values: a fixed width, or an :class:`AdaptiveWindow` policy.
+WINDOWS = ("fixed",) + POLICIES
+
+
+def with_window(drafter: Any, window: str, memory: dict | None = None) -> Any:
+    """``drafter`` itself (``window="fixed"``) or wrapped in an :class:`AdaptiveWindow` with that policy
+    (``memory``: a dict that carries what the cost-aware policy learned across calls)."""
+    if window == "fixed":
+        return drafter
+    if window not in POLICIES:
+        raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
+    return AdaptiveWindow(drafter, policy=window, memory=memory)
+
+
+def window_memory(memo: dict, method: str, options: dict) -> dict:
+    """The entry of a pipeline's ``memo`` dict for one method and its options (adaptive windows learn per
+    configuration and, inside it, per batch size)."""
+    return memo.setdefault((method, tuple(sorted((k, repr(v)) for k, v in options.items()))), {})
+
+
+def jacobi_method(vocab_size: int, grid_width: int, options: dict, memory: dict | None = None) -> Any:
+    """The drafter of an SJD / MC-SJD method from its options: ``init`` ("random" or "copy": the token
+    one grid row above, ``grid_width`` tokens back), ``coupling`` ("none", "maximal", "gumbel") and
+    ``window`` (:data:`WINDOWS`)."""
+    init = options["init"]
+    drafter = JacobiDrafter(vocab_size, init=init, copy_offset=grid_width if init == "copy" else None,
+                            coupling=options["coupling"])
+    return with_window(drafter, options.get("window", "fixed"), memory)

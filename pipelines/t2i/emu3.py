@@ -1,0 +1,335 @@
+"""Emu3 text-to-image (Wang et al. 2024, arXiv 2409.18869) through transformers'
+``Emu3ForConditionalGeneration``, as an mmspec target and pipeline.
+
+transformers generates Emu3 images with the plain ``generate`` plus two user-side pieces (its model
+card): a ``prefix_allowed_tokens_fn`` that allows only visual tokens inside a row and the end-of-line
+token (``<|extra_200|>``) after every ``width`` of them, and classifier-free guidance against a
+negative prompt (``guidance_scale`` + ``negative_prompt_ids``: the unbatched CFG processor, on
+log-softmaxed logits). :class:`Emu3ImageTarget` runs the same thing over mmspec's static cache with
+its own vocabulary: the ``C`` codebook indices plus one end-of-line token (id ``C``), the LM head's
+columns of their BPE ids (``vocabulary_map``), and the row layout enforced by masking (a position is
+either a visual token or the end of line). Restricting to the allowed tokens before CFG gives the
+same distribution and argmax as CFG over the full vocabulary followed by the mask: unbatched CFG is
+``u + g (c - u)`` plus a per-row constant, which softmax and argmax ignore. The negative prompt runs
+as the unconditional row of a ``[cond ; uncond]`` pair (padded to the prompt's length; each row keeps
+its own left padding, blocked in :class:`Emu3Cache`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import nn
+
+from mmspec.drafters.factory import jacobi_method, window_memory
+from mmspec.loops import required_cache_len, speculative_generate
+from mmspec.methods import MethodRegistry
+from mmspec.sampling import SamplingConfig
+from mmspec.types import PrefillOutput, TargetOutput
+
+from ..base import SpeculativePipelineMixin
+from ..vlm.decoder import TEXT_ARCHITECTURES, RopeOffsetKVCache, TextArchitecture, convert_language_model
+from .janus import JanusImagePipelineOutput
+
+# Emu3's text model is a Llama (same module names, RoPE and SwiGLU; ``attention_bias`` covers q, k, v, o):
+# the VLM path's static-cache converter reads it once it knows the model type.
+TEXT_ARCHITECTURES.setdefault(
+    "emu3_text_model", TextArchitecture(qkv_bias=lambda c: c.attention_bias, out_bias=lambda c: c.attention_bias)
+)
+
+#: Logit of a token the row layout forbids (finite: CFG of two masked logits stays masked, no NaN).
+MASKED = -1e9
+
+
+@dataclass
+class Emu3Prompt:
+    """Left-padded prompts ``input_ids`` / ``attention_mask`` ``[B, P]`` and the CFG negative prompts
+    ``uncond_ids`` / ``uncond_mask`` ``[B, P]`` (same length, their own padding)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    uncond_ids: torch.Tensor
+    uncond_mask: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class Emu3Cache(RopeOffsetKVCache):
+    """A static cache that also knows where each row's image starts (``image_start [B]``: the cache
+    slot of the first generated token, which decides the row layout mask) and lets the two CFG rows
+    have their own left padding: ``group_blocked [G*B, S]`` keys invisible to the other queries of
+    that physical row, ``uncond_rope_offsets [B]`` the negative prompt's RoPE offset."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.image_start = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        self.uncond_rope_offsets = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        self.group_blocked = torch.zeros(self.groups * self.batch_size, self.max_seq_len, dtype=torch.bool,
+                                         device=self.device)
+
+    def reset(self) -> None:
+        super().reset()
+        self.uncond_rope_offsets.zero_()
+        self.group_blocked.zero_()
+
+    def attention_mask(self, slots: torch.Tensor, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The base mask ``[G*B, 1, T, S]`` without the keys blocked in each physical row (a blocked
+        query still sees itself, so its softmax is defined)."""
+        mask = super().attention_mask(slots, tree_mask)
+        key_slots = torch.arange(self.max_seq_len, device=self.device)
+        own = (key_slots == slots[..., None]).repeat(self.groups, 1, 1)  # [G*B, T, S]
+        return mask & (~self.group_blocked[:, None, :] | own)[:, None]
+
+
+class Emu3ImageTarget(nn.Module):
+    """The image-generation path of an ``Emu3ForConditionalGeneration`` for ``height x width`` token grids.
+
+    Vocabulary: ids ``0 .. C-1`` are codebook indices, ``C`` is the end-of-line token; generated
+    sequences are ``height`` rows of ``width`` visual tokens and one end of line (``num_tokens``).
+    """
+
+    def __init__(self, model: nn.Module, height: int, width: int) -> None:
+        super().__init__()
+        mapping = model.model.vocabulary_mapping
+        if mapping.eol_token_id is None:
+            raise ValueError("the model's vocabulary_map has no end-of-line token '<|extra_200|>'")
+        codes = model.config.vq_config.codebook_size
+        img2bpe = mapping.img2bpe
+        missing = [i for i in range(codes) if i not in img2bpe]
+        if missing:
+            raise ValueError(f"the vocabulary_map lacks visual tokens for codebook indices {missing[:5]}...")
+        self.decoder = convert_language_model(model.model.text_model, model.lm_head, model.config.text_config)
+        bpe = torch.tensor([img2bpe[i] for i in range(codes)] + [mapping.eol_token_id])
+        self.register_buffer("bpe_ids", bpe, persistent=False)  # [C + 1] our id -> BPE id
+        self.vocab_size = codes + 1
+        self.eol = codes
+        self.height, self.width = height, width
+        self.num_tokens = height * (width + 1)
+
+    def new_cache(self, batch_size: int, max_seq_len: int, cfg: bool = False) -> Emu3Cache:
+        c, p = self.decoder.config, self.decoder.tok_embeddings.weight
+        return Emu3Cache(c.n_layer, batch_size, c.n_kv_head, max_seq_len, c.head_dim, dtype=p.dtype, device=p.device,
+                         groups=2 if cfg else 1)
+
+    def _logits(self, out: TargetOutput, slots: torch.Tensor, cache: Emu3Cache) -> TargetOutput:
+        """Restrict to our vocabulary, mask by the row layout for the tokens that come after ``slots
+        [B, T]``, split the CFG halves."""
+        logits = out.logits.index_select(-1, self.bpe_ids)  # [G*B, T, C + 1]
+        index = slots + 1 - cache.image_start[:, None]  # [B, T] generated index of the predicted token
+        is_eol = (index % (self.width + 1)) == self.width
+        allowed = torch.where(is_eol[..., None], torch.arange(self.vocab_size, device=logits.device) == self.eol,
+                              torch.arange(self.vocab_size, device=logits.device) != self.eol)  # [B, T, C + 1]
+        logits = logits.masked_fill(~allowed.repeat(cache.groups, 1, 1), MASKED)
+        if cache.groups == 1:
+            return TargetOutput(logits, out.hidden_states)
+        cond, uncond = logits.chunk(2)
+        hidden, uncond_hidden = out.hidden_states.chunk(2)
+        return TargetOutput(cond, hidden, uncond, uncond_hidden)
+
+    def _rope(self, positions: torch.Tensor, cache: Emu3Cache) -> torch.Tensor:
+        """RoPE positions ``[G*B, T]`` of cache slots ``positions [B, T]`` for both CFG rows."""
+        rope = positions + cache.rope_offsets[:, None]
+        if cache.groups == 1:
+            return rope
+        return torch.cat([rope, positions + cache.uncond_rope_offsets[:, None]])
+
+    def prefill(self, prompt: Emu3Prompt, cache: Emu3Cache) -> PrefillOutput:
+        """Write and commit the prompt (and the negative prompt as the unconditional row)."""
+        if prompt.batch_size != cache.batch_size:
+            raise ValueError(f"the prompt has {prompt.batch_size} rows but the cache {cache.batch_size}")
+        length = prompt.input_ids.shape[1]
+        if length > cache.max_seq_len:
+            raise ValueError(f"the cache holds {cache.max_seq_len} positions, fewer than the {length}-token prompt")
+        masks = [prompt.attention_mask, prompt.uncond_mask][: cache.groups]
+        ids = torch.cat([prompt.input_ids, prompt.uncond_ids][: cache.groups])
+        cache.group_blocked[:, :length] = ~torch.cat(masks).to(torch.bool)
+        cache.rope_offsets.copy_(-(length - prompt.attention_mask.sum(1)))
+        cache.uncond_rope_offsets.copy_(-(length - prompt.uncond_mask.sum(1)))
+        cache.image_start.fill_(length)
+        slots = torch.arange(length, device=ids.device).expand(cache.batch_size, -1)
+        rope = self._rope(slots, cache).clamp(min=0)
+        out = self.decoder(ids, rope, cache)
+        cache.commit(torch.full((cache.batch_size,), length, dtype=torch.long, device=cache.device))
+        last = TargetOutput(out.logits[:, -1:], out.hidden_states[:, -1:])
+        return PrefillOutput(self._logits(last, cache.lengths[:, None] - 1, cache),
+                             hidden_states_all=out.hidden_states[: cache.batch_size])
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, T] our ids (codebook index or end of line)
+        positions: torch.Tensor,  # [B, T] cache slots
+        cache: Emu3Cache,
+        attn_mask: torch.Tensor | None = None,  # [G*B, 1, T, S] bool, None = causal
+    ) -> TargetOutput:
+        """Run generated tokens at the next ``T`` cache slots (both CFG rows; written, not committed)."""
+        bpe = self.bpe_ids[tokens].repeat(cache.groups, 1)
+        return self._logits(self.decoder(bpe, self._rope(positions, cache), cache, attn_mask), positions, cache)
+
+    __call__ = forward
+
+
+#: Emu3's speculative methods (training-free).
+EMU3_METHODS = MethodRegistry("Emu3ImagePipeline")
+
+
+@EMU3_METHODS.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
+def _sjd(pipe: Emu3ImagePipeline, options: dict) -> Any:
+    """Speculative Jacobi decoding (``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: adaptive)."""
+    return jacobi_method(pipe.target.vocab_size, pipe.target.width + 1, options,
+                         window_memory(pipe._window_memo, "sjd", options))
+
+
+@EMU3_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
+def _mc_sjd(pipe: Emu3ImagePipeline, options: dict) -> Any:
+    """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
+    return jacobi_method(pipe.target.vocab_size, pipe.target.width + 1, options,
+                         window_memory(pipe._window_memo, "mc-sjd", options))
+
+
+class Emu3ImagePipeline(SpeculativePipelineMixin):
+    """Text-to-image with Emu3, with or without speculative decoding (``"sjd"``, ``"mc-sjd"``).
+
+    Args:
+        model: a ``transformers.Emu3ForConditionalGeneration`` (its config's ``vocabulary_map`` maps
+            visual tokens and ``<|extra_200|>`` to BPE ids).
+        height, width: the token grid to generate (Emu3's processor writes ``{h}*{w}`` into the prompt).
+        processor: an ``Emu3Processor`` (left padding), for ``prompt=``; None: pass token ids.
+    """
+
+    methods = EMU3_METHODS
+
+    def __init__(self, model: nn.Module, height: int, width: int, processor: Any = None) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.target = Emu3ImageTarget(model, height, width)
+        self._window_memo: dict = {}
+        self._rule_memo: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, path, height: int, width: int, torch_dtype: torch.dtype | None = None) -> Emu3ImagePipeline:
+        """Load a local transformers folder written by ``save_pretrained``."""
+        from transformers import AutoProcessor, Emu3ForConditionalGeneration
+
+        processor = None
+        if (Path(path) / "processor_config.json").exists() or (Path(path) / "tokenizer_config.json").exists():
+            processor = AutoProcessor.from_pretrained(path)
+        return cls(Emu3ForConditionalGeneration.from_pretrained(path, dtype=torch_dtype), height, width, processor)
+
+    def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] = "") -> tuple[torch.Tensor, ...]:
+        """``(input_ids, negative_prompt_ids, attention_mask, negative_prompt_attention_mask)`` ``[B, P]`` for
+        text prompts: Emu3's processor in image-generation mode (``<|image start|>{h}*{w}<|image token|>``
+        appended), prompts and negative prompts padded together to one length (the CFG pair shares the
+        cache's slots; each keeps its own padding)."""
+        if self.processor is None:
+            raise ValueError("prompt= needs the pipeline's processor (Emu3Processor); or pass input_ids")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        h, w = self.target.height, self.target.width
+        enc = self.processor(text=prompts + negatives, return_for_image_generation=True, ratio=f"{w}:{h}",
+                             image_area=h * w * self.processor.downsample_ratio ** 2, padding=True, return_tensors="pt")
+        if [list(x) for x in enc["image_sizes"]][0] != [h, w]:
+            raise ValueError(f"the processor laid out a {enc['image_sizes'][0]} grid, the pipeline generates {h}x{w}")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if not bool(mask[:, -1].all()):
+            raise ValueError("the processor's tokenizer must pad on the left (tokenizer.padding_side = 'left')")
+        n = len(prompts)
+        return ids[:n], ids[n:], mask[:n], mask[n:]
+
+    def rule_resources(self) -> dict:
+        """The VQ codebook (the end-of-line token gets a far-away vector: nobody's latent neighbour)."""
+        from ..llamagen.pipeline_llamagen import NEIGHBOUR_CACHE
+
+        codebook = self.model.model.vqmodel.quantize.embedding.weight.detach().float()
+        far = torch.full_like(codebook[:1], 1e6)
+        embeddings = self.target.decoder.tok_embeddings.weight.detach().float()[self.target.bpe_ids]
+        return {"codebook": torch.cat([codebook, far]), "token_embeddings": embeddings,
+                "grid": (self.target.height, self.target.width + 1), "cache_dir": NEIGHBOUR_CACHE, "memo": self._rule_memo}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        input_ids: torch.Tensor | None = None,  # [B, P] left-padded prompts ending where the image starts
+        negative_prompt_ids: torch.Tensor | None = None,  # [B, P] the CFG negative prompt (same length)
+        attention_mask: torch.Tensor | None = None,  # [B, P]
+        negative_prompt_attention_mask: torch.Tensor | None = None,  # [B, P]
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] = "",
+        guidance_scale: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        speculative: str | None = None,
+        num_draft_tokens: int = 8,
+        acceptance: str | None = None,
+        acceptance_options: dict | None = None,
+        speculative_options: dict | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate ``height x width`` token images for ``input_ids`` or text ``prompt`` (with the processor;
+        ``negative_prompt`` is the CFG negative, default empty). ``guidance_scale > 1`` with token ids needs
+        ``negative_prompt_ids``.
+        ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (Emu3's VQ decoder) or ``"tokens"``. The output
+        ``tokens`` are codebook indices ``[B, height, width]`` (ends of line removed)."""
+        if prompt is not None:
+            if input_ids is not None or negative_prompt_ids is not None:
+                raise ValueError("pass prompt (text) or input_ids / negative_prompt_ids (tokens), not both")
+            input_ids, negative_prompt_ids, attention_mask, negative_prompt_attention_mask = self.encode_prompt(
+                prompt, negative_prompt)
+        if input_ids is None:
+            raise ValueError("pass prompt (with a processor) or input_ids [B, P]")
+        device = self.target.decoder.tok_embeddings.weight.device
+        input_ids = input_ids.to(device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+        if sampling.uses_cfg:
+            if negative_prompt_ids is None or negative_prompt_ids.shape != input_ids.shape:
+                raise ValueError("guidance_scale > 1 needs negative_prompt_ids of the prompt's shape [B, P] "
+                                 "(left-padded, with negative_prompt_attention_mask)")
+            uncond = negative_prompt_ids.to(device)
+            uncond_mask = (torch.ones_like(uncond) if negative_prompt_attention_mask is None
+                           else negative_prompt_attention_mask.to(device))
+        else:
+            uncond, uncond_mask = input_ids, mask
+        prompt = Emu3Prompt(input_ids, mask, uncond, uncond_mask)
+        spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
+        window = 1 if spec.drafter is None else spec.drafter.verify_width(num_draft_tokens)
+        cache = self.target.new_cache(input_ids.shape[0],
+                                      required_cache_len(input_ids.shape[1], self.target.num_tokens, window),
+                                      cfg=sampling.uses_cfg)
+        out = speculative_generate(self.target, prompt, cache, max_new_tokens=self.target.num_tokens,
+                                   drafter=spec.drafter, acceptance=spec.rule, num_draft_tokens=num_draft_tokens,
+                                   sampling=sampling, generator=generator)
+        h, w = self.target.height, self.target.width
+        codes = out.tokens.view(-1, h, w + 1)[..., :w]
+        images = None if output_type == "tokens" else self._decode(codes, output_type)
+        if not return_dict:
+            return images, codes, out.stats
+        return JanusImagePipelineOutput(images=images, tokens=codes, stats=out.stats)
+
+    def bpe_sequences(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes [B, h, w]`` as the BPE ids transformers' ``generate`` emits (rows ended by end of line)."""
+        eol = torch.full_like(codes[..., :1], self.target.eol)
+        return self.target.bpe_ids[torch.cat([codes, eol], -1)].flatten(1)
+
+    def _decode(self, codes: torch.Tensor, output_type: str):
+        pixels = self.model.model.vqmodel.decode(codes)  # [B, 3, H, W] in [-1, 1]
+        images = ((pixels.float() + 1) / 2).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return array
+        if output_type == "pil":
+            return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'tokens', got {output_type!r}")

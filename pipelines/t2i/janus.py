@@ -1,0 +1,276 @@
+"""Janus / Janus-Pro text-to-image (Chen et al. 2025, arXiv 2501.17811) through transformers'
+``JanusForConditionalGeneration``, as an mmspec target and pipeline.
+
+Image mode of transformers' ``generate(..., generation_mode="image")``: the prompt (ending with the
+begin-of-image token) is run for a ``[cond ; uncond]`` pair of rows — the unconditional row is the
+prompt with every token but BOS and BOI replaced by the pad token —, each image token is predicted by
+``generation_head`` from the language model's last hidden state, classifier-free guidance combines
+the two rows' raw logits (``uncond + scale * (cond - uncond)``), and the chosen token re-enters through
+``generation_embeddings`` + ``generation_aligner``. :class:`JanusImageTarget` is exactly that over
+mmspec's static cache (the Llama language model converted by the VLM path's
+:func:`~mmspec.pipelines.vlm.decoder.convert_language_model`, with ``generation_head`` as its output
+layer), so the causal loop runs the baseline, SJD, MC-SJD and the relaxed rules on it; LANTERN / GSD
+read the VQ codebook (``vqmodel.quantize.embedding``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import nn
+
+from mmspec.drafters.factory import jacobi_method, window_memory
+from mmspec.loops import required_cache_len, speculative_generate
+from mmspec.methods import MethodRegistry
+from mmspec.sampling import SamplingConfig
+from mmspec.stats import SpecStats
+from mmspec.types import PrefillOutput, TargetOutput
+
+from ..base import SpeculativePipelineMixin
+from ..vlm.decoder import RopeOffsetKVCache, convert_language_model
+
+
+@dataclass
+class JanusPrompt:
+    """Left-padded prompts as transformers' processor gives them: ``input_ids`` / ``attention_mask``
+    ``[B, P]`` (each prompt ends with the begin-of-image token) and the unconditional twin
+    ``uncond_ids`` ``[B, P]``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    uncond_ids: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class JanusImageTarget(nn.Module):
+    """The image-generation path of a ``JanusForConditionalGeneration`` over mmspec's static cache.
+
+    ``vocab_size``: the VQ codebook size (image tokens). Caches keep ``[cond ; uncond]`` row pairs
+    under CFG; left padding is blocked in the cache and RoPE positions count real tokens only (the
+    per-row offset lives in the cache's ``rope_offsets``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        config = model.config
+        self.decoder = convert_language_model(model.model.language_model, model.lm_head, config.text_config)
+        self.decoder.output = model.model.generation_head  # image-token logits instead of text logits
+        self.generation_embeddings = model.model.generation_embeddings
+        self.generation_aligner = model.model.generation_aligner
+        self.vocab_size = config.vq_config.num_embeddings
+        self.num_image_tokens = config.vision_config.num_image_tokens
+
+    def new_cache(self, batch_size: int, max_seq_len: int, cfg: bool = False) -> RopeOffsetKVCache:
+        c, p = self.decoder.config, self.decoder.tok_embeddings.weight
+        return RopeOffsetKVCache(c.n_layer, batch_size, c.n_kv_head, max_seq_len, c.head_dim, dtype=p.dtype,
+                                 device=p.device, groups=2 if cfg else 1)
+
+    def _split(self, out: TargetOutput, groups: int) -> TargetOutput:
+        if groups == 1:
+            return out
+        logits, uncond_logits = out.logits.chunk(2)
+        hidden, uncond_hidden = out.hidden_states.chunk(2)
+        return TargetOutput(logits, hidden, uncond_logits, uncond_hidden)
+
+    def prefill(self, prompt: JanusPrompt, cache: RopeOffsetKVCache) -> PrefillOutput:
+        """Write and commit the prompt (both CFG rows); the output predicts the first image token."""
+        if prompt.batch_size != cache.batch_size:
+            raise ValueError(f"the prompt has {prompt.batch_size} rows but the cache {cache.batch_size}")
+        ids = prompt.input_ids if cache.groups == 1 else torch.cat([prompt.input_ids, prompt.uncond_ids])
+        mask = prompt.attention_mask.to(torch.bool)  # [B, P]
+        length = ids.shape[1]
+        if length > cache.max_seq_len:
+            raise ValueError(f"the cache holds {cache.max_seq_len} positions, fewer than the {length}-token prompt")
+        cache.block_keys(~mask)
+        pad = length - mask.sum(1)  # [B] left padding per row
+        cache.rope_offsets.copy_(-pad)
+        rope = (torch.arange(length, device=ids.device)[None] - pad[:, None]).clamp(min=0)  # [B, P]
+        out = self.decoder.forward_embeds(self.decoder.tok_embeddings(ids), rope.repeat(cache.groups, 1), cache)
+        cache.commit(torch.full((cache.batch_size,), length, dtype=torch.long, device=cache.device))
+        last = TargetOutput(out.logits[:, -1:], out.hidden_states[:, -1:])
+        return PrefillOutput(self._split(last, cache.groups), hidden_states_all=out.hidden_states[: cache.batch_size])
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, T] image-token ids
+        positions: torch.Tensor,  # [B, T] cache slots (sequence positions)
+        cache: RopeOffsetKVCache,
+        attn_mask: torch.Tensor | None = None,  # [G*B, 1, T, S] bool, None = causal
+    ) -> TargetOutput:
+        """Run image tokens at the next ``T`` cache slots of both CFG rows (written, not committed)."""
+        embeds = self.generation_aligner(self.generation_embeddings(tokens)).repeat(cache.groups, 1, 1)
+        rope = positions + cache.rope_offsets[:, None]
+        return self._split(self.decoder.forward_embeds(embeds, rope.repeat(cache.groups, 1), cache, attn_mask), cache.groups)
+
+    __call__ = forward
+
+
+@dataclass
+class JanusImagePipelineOutput:
+    """``images``: PIL list / ``np.ndarray [B, H, W, 3]`` / ``torch.Tensor [B, 3, H, W]`` in [0, 1]
+    (None for ``output_type="tokens"``); ``tokens``: ``[B, h, w]`` image tokens; ``stats``: SpecStats."""
+
+    images: Any
+    tokens: torch.Tensor
+    stats: SpecStats
+
+
+#: Janus's speculative methods (training-free: no draft model or head ships for it).
+JANUS_METHODS = MethodRegistry("JanusImagePipeline")
+
+
+@JANUS_METHODS.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
+def _sjd(pipe: JanusImagePipeline, options: dict) -> Any:
+    """Speculative Jacobi decoding (``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: adaptive)."""
+    return jacobi_method(pipe.target.vocab_size, pipe.grid_size, options, window_memory(pipe._window_memo, "sjd", options))
+
+
+@JANUS_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
+def _mc_sjd(pipe: JanusImagePipeline, options: dict) -> Any:
+    """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
+    return jacobi_method(pipe.target.vocab_size, pipe.grid_size, options,
+                         window_memory(pipe._window_memo, "mc-sjd", options))
+
+
+class JanusImagePipeline(SpeculativePipelineMixin):
+    """Text-to-image with Janus / Janus-Pro, with or without speculative decoding.
+
+    Args:
+        model: a ``transformers.JanusForConditionalGeneration``.
+        processor: a ``JanusProcessor`` (for ``prompt=``), or None (pass ``input_ids``).
+        boi_token_id / pad_token_id / bos_token_id: default to the model's generation config
+            (``generation_kwargs["boi_token_id"]``, ``pad_token_id``, ``bos_token_id``).
+    """
+
+    methods = JANUS_METHODS
+
+    def __init__(self, model: nn.Module, processor: Any = None, boi_token_id: int | None = None,
+                 pad_token_id: int | None = None, bos_token_id: int | None = None) -> None:
+        gen = model.generation_config
+        self.model = model.eval()
+        self.processor = processor
+        self.boi_token_id = boi_token_id if boi_token_id is not None else (gen.generation_kwargs or {}).get("boi_token_id")
+        self.pad_token_id = pad_token_id if pad_token_id is not None else gen.pad_token_id
+        self.bos_token_id = bos_token_id if bos_token_id is not None else gen.bos_token_id
+        missing = [n for n in ("boi_token_id", "pad_token_id", "bos_token_id") if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"the model's generation config lacks {missing}: pass them to JanusImagePipeline")
+        self.target = JanusImageTarget(model)
+        side = math.isqrt(self.target.num_image_tokens)
+        if side * side != self.target.num_image_tokens:
+            raise ValueError(f"num_image_tokens ({self.target.num_image_tokens}) is not a square grid")
+        self.grid_size = side
+        self._window_memo: dict = {}
+        self._rule_memo: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs) -> JanusImagePipeline:
+        """Load a local transformers folder (``save_pretrained`` of the model; a processor is loaded
+        with it when the folder has one)."""
+        from transformers import AutoProcessor, JanusForConditionalGeneration
+
+        model = JanusForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+        processor = None
+        if (Path(path) / "processor_config.json").exists() or (Path(path) / "tokenizer_config.json").exists():
+            processor = AutoProcessor.from_pretrained(path)
+        return cls(model, processor=processor, **kwargs)
+
+    def rule_resources(self) -> dict:
+        """The VQ codebook (LANTERN's latent neighbourhoods, GSD), the image-token embedding, the grid."""
+        from ..llamagen.pipeline_llamagen import NEIGHBOUR_CACHE
+
+        return {
+            "codebook": self.model.model.vqmodel.quantize.embedding.weight.detach().float(),
+            "token_embeddings": self.target.generation_embeddings.weight.detach().float(),
+            "grid": (self.grid_size, self.grid_size),
+            "cache_dir": NEIGHBOUR_CACHE,
+            "memo": self._rule_memo,
+        }
+
+    def encode_prompt(self, prompt: str | list[str] | None, input_ids: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None) -> JanusPrompt:
+        """Token ids (left-padded) and their unconditional twin, as transformers' image mode builds them."""
+        if prompt is not None:
+            if input_ids is not None:
+                raise ValueError("pass prompt or input_ids, not both")
+            if self.processor is None:
+                raise ValueError("prompt= needs the pipeline's processor (JanusProcessor); or pass input_ids")
+            enc = self.processor(text=[prompt] if isinstance(prompt, str) else list(prompt), generation_mode="image",
+                                 padding=True, return_tensors="pt")
+            input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        if input_ids is None:
+            raise ValueError("pass prompt (with a processor) or input_ids [B, P] ending with the begin-of-image token")
+        device = self.target.decoder.tok_embeddings.weight.device
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        if not bool((input_ids[:, -1] == self.boi_token_id).all()):  # left padding: the last column is real
+            raise ValueError(f"each prompt must end with the begin-of-image token {self.boi_token_id} "
+                             "(JanusProcessor(..., generation_mode='image') appends it)")
+        keep = (input_ids == self.bos_token_id) | (input_ids == self.boi_token_id)
+        uncond = torch.where(keep, input_ids, torch.full_like(input_ids, self.pad_token_id))
+        return JanusPrompt(input_ids, attention_mask, uncond)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: torch.Tensor | None = None,  # [B, P] left-padded, ending with BOI
+        attention_mask: torch.Tensor | None = None,  # [B, P]
+        guidance_scale: float = 5.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        speculative: str | None = None,
+        num_draft_tokens: int = 8,
+        acceptance: str | None = None,
+        acceptance_options: dict | None = None,
+        speculative_options: dict | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate images (``num_image_tokens`` tokens each) for ``prompt`` or ``input_ids``.
+
+        ``guidance_scale`` > 1 runs the ``[cond ; uncond]`` pair (Janus's default 5); ``temperature`` 0
+        is greedy (transformers' ``do_sample=False``). ``speculative``: None (baseline), ``"sjd"`` or
+        ``"mc-sjd"``; ``acceptance``: ``"exact"`` (default), ``"greedy"``, ``"lantern"``, ``"gsd"``.
+        ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (decoded by Janus's VQ) or ``"tokens"`` (no decode).
+        """
+        janus_prompt = self.encode_prompt(prompt, input_ids, attention_mask)
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+        spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
+        num_tokens = self.target.num_image_tokens
+        window = 1 if spec.drafter is None else spec.drafter.verify_width(num_draft_tokens)
+        cache = self.target.new_cache(janus_prompt.batch_size,
+                                      required_cache_len(janus_prompt.input_ids.shape[1], num_tokens, window),
+                                      cfg=sampling.uses_cfg)
+        out = speculative_generate(self.target, janus_prompt, cache, max_new_tokens=num_tokens, drafter=spec.drafter,
+                                   acceptance=spec.rule, num_draft_tokens=num_draft_tokens, sampling=sampling,
+                                   generator=generator)
+        tokens = out.tokens.view(-1, self.grid_size, self.grid_size)
+        images = None if output_type == "tokens" else self._decode(out.tokens, output_type)
+        if not return_dict:
+            return images, tokens, out.stats
+        return JanusImagePipelineOutput(images=images, tokens=tokens, stats=out.stats)
+
+    def _decode(self, tokens: torch.Tensor, output_type: str):
+        pixels = self.model.decode_image_tokens(tokens)  # [B, H, W, 3] in [-1, 1]
+        images = ((pixels.float() + 1) / 2).clamp(0, 1)
+        if output_type == "pt":
+            return images.permute(0, 3, 1, 2)
+        array = images.cpu().numpy()
+        if output_type == "np":
+            return array
+        if output_type == "pil":
+            return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'tokens', got {output_type!r}")

@@ -1,0 +1,170 @@
+"""MC-SJD (arXiv 2510.24211): coupled Jacobi redrafting is lossless, and a wrong coupling is not.
+Adaptive draft windows (mmspec.drafters.adaptive): lossless, recorded, bounded by the maximum."""
+
+import pytest
+import torch
+
+from mmspec.drafters import AdaptiveWindow, JacobiDrafter, ModelDrafter
+from mmspec.drafters.jacobi import maximal_coupling
+from mmspec.sampling import SamplingConfig, sample_from_probs
+
+from ..conftest import assert_rows_follow, tiny_lm
+from .test_loop import PROMPTS, _exact_joint, generate
+
+
+class ReusePreviousToken(JacobiDrafter):
+    """A deliberately WRONG coupling: keep the previous guess whenever the new distribution allows
+    it (``q_t(y) > 0``), without the ``min(1, q_t(y) / q_{t-1}(y))`` correction, while still reporting
+    ``q_t`` as its draft probability. The draft then follows (mostly) the old law, not ``q_t``."""
+
+    def couple(self, prev_tokens, prev_probs, new_probs, generator):
+        allowed = new_probs.gather(-1, prev_tokens[..., None])[..., 0] > 0
+        return torch.where(allowed, prev_tokens, sample_from_probs(new_probs, generator)), allowed
+
+
+COUPLED = {
+    "maximal": lambda v, **kw: JacobiDrafter(v, coupling="maximal", **kw),
+    "gumbel": lambda v, **kw: JacobiDrafter(v, coupling="gumbel", **kw),
+    "maximal-copy": lambda v, **kw: JacobiDrafter(v, coupling="maximal", init="copy", copy_offset=3, **kw),
+    "gumbel-heuristic": lambda v, **kw: AdaptiveWindow(JacobiDrafter(v, coupling="gumbel", **kw), "heuristic"),
+    "maximal-cost": lambda v, **kw: AdaptiveWindow(JacobiDrafter(v, coupling="maximal", **kw), "cost", explore_every=2),
+}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("kind", sorted(COUPLED))
+@pytest.mark.parametrize("acceptance", ["greedy", "exact"])
+def test_greedy_mcsjd_equals_greedy_baseline(target, batch, kind, acceptance):
+    base = generate(target, PROMPTS[:batch])
+    spec = generate(target, PROMPTS[:batch], COUPLED[kind](target.vocab_size), acceptance=acceptance)
+    assert torch.equal(spec.tokens, base.tokens)
+
+
+@pytest.mark.parametrize("kind", ["maximal", "gumbel", "maximal-cost"])
+def test_mcsjd_sampling_reproduces_target_distribution(kind):
+    """Same set-up and tolerance as the loop's distribution test (3x the expected TVD of an exact
+    sampler, 20k samples): the coupled drafts are verified against the law they really follow."""
+    vocab, length, n = 5, 3, 20_000
+    target = tiny_lm(vocab_size=vocab, dim=16, n_layer=1, n_head=2, seed=11, sharpness=1.5)
+    sampling = SamplingConfig(temperature=0.9, top_k=4)
+    prompt = [0, 1, 2, 1]
+    drafter = COUPLED[kind](vocab)
+    out = generate(target, [prompt] * n, drafter, k=2, sampling=sampling, max_new=length, seed=7)
+    assert_rows_follow(out.tokens, _exact_joint(target, prompt, vocab, length, sampling))
+    inner = drafter.drafter if isinstance(drafter, AdaptiveWindow) else drafter
+    assert int(inner.num_coupled) > n // 2  # the coupling really ran (on positions with a previous guess)
+    assert 0 < int(inner.num_kept) < int(inner.num_coupled)
+
+
+def test_broken_coupling_fails_the_distribution_test():
+    """The control: reusing the previous token without correcting its draft probability is caught."""
+    vocab, length, n = 5, 3, 20_000
+    target = tiny_lm(vocab_size=vocab, dim=16, n_layer=1, n_head=2, seed=11, sharpness=1.5)
+    sampling = SamplingConfig(temperature=0.9, top_k=4)
+    prompt = [0, 1, 2, 1]
+    out = generate(target, [prompt] * n, ReusePreviousToken(vocab, coupling="maximal"), k=2, sampling=sampling,
+                   max_new=length, seed=7)
+    with pytest.raises(AssertionError):
+        assert_rows_follow(out.tokens, _exact_joint(target, prompt, vocab, length, sampling))
+
+
+def test_maximal_coupling_keeps_one_minus_tv_and_has_the_new_marginal():
+    """P(x = y) = 1 - TV(q_t, q_{t-1}) (the maximum) and x ~ q_t, for y ~ q_{t-1}; 200k draws."""
+    g = torch.Generator().manual_seed(0)
+    n, v = 200_000, 6
+    prev = torch.softmax(torch.randn(v, generator=g) * 2, -1)
+    new = torch.softmax(torch.randn(v, generator=g) * 2, -1)
+    y = sample_from_probs(prev.expand(n, 1, v), g)  # [n, 1]
+    x, kept = maximal_coupling(y, prev.expand(n, 1, v), new.expand(n, 1, v), g)
+    tv = 0.5 * (prev - new).abs().sum()
+    assert abs(float((x == y).float().mean()) - float(1 - tv)) < 0.005
+    assert torch.equal(kept, x == y)  # a rejected y has no residual mass: the redraw never lands on it
+    freq = torch.bincount(x.flatten(), minlength=v).float() / n
+    assert float((freq - new).abs().max()) < 0.005
+
+
+def test_gumbel_coupling_keeps_tokens_when_the_distribution_does_not_move():
+    """With unchanged target distributions the Gumbel redraw reproduces the previous draw exactly,
+    while SJD's independent redraw re-rolls it."""
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(64, 8, 32, generator=g), -1)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=g)
+    from mmspec.drafters.jacobi import gumbel_coupling
+
+    assert torch.equal(gumbel_coupling(probs, noise), gumbel_coupling(probs.clone(), noise))
+    assert not torch.equal(sample_from_probs(probs, g), sample_from_probs(probs, g))
+
+
+def test_mcsjd_keeps_more_drafts_than_sjd_on_a_peaked_model():
+    """The point of the coupling: on a model with peaked (image-like) distributions at temperature 1,
+    the window settles and more drafts are kept per step than with independent redraws."""
+    target = tiny_lm(vocab_size=48, seed=3, sharpness=3.0)
+    sampling = SamplingConfig(temperature=1.0)
+    prompts = PROMPTS * 4
+    drafters = {c: JacobiDrafter(48, coupling=c) for c in ("none", "maximal", "gumbel")}
+    runs = {c: generate(target, prompts, d, k=6, sampling=sampling, max_new=40, seed=2) for c, d in drafters.items()}
+    stable = drafters["maximal"]
+    assert int(stable.num_coupled_drawn) > 0 and 0 < int(stable.num_kept_drawn) < int(stable.num_coupled_drawn)
+    assert int(drafters["none"].num_coupled) == 0  # SJD does not couple
+    sjd = runs["none"].stats.mean_accepted
+    assert runs["maximal"].stats.mean_accepted > 1.2 * sjd, {c: r.stats.mean_accepted for c, r in runs.items()}
+    assert runs["gumbel"].stats.mean_accepted > 1.2 * sjd, {c: r.stats.mean_accepted for c, r in runs.items()}
+
+
+def test_coupling_option_is_checked():
+    with pytest.raises(ValueError, match="coupling must be one of"):
+        JacobiDrafter(8, coupling="max")
+
+
+# ---------------------------------------------------------------------------------------- adaptive
+
+
+def test_adaptive_window_widths_are_recorded_and_bounded(target, draft_model):
+    drafter = AdaptiveWindow(ModelDrafter(draft_model), "heuristic", initial=2)
+    out = generate(target, PROMPTS[:1], drafter, k=6, max_new=40)
+    widths = out.stats.draft_widths
+    assert widths == drafter.widths and len(widths) == out.stats.steps
+    assert widths[0] == 2 and max(widths) <= 6 and min(widths) >= 1 and len(set(widths)) > 1
+    for a, b in zip(widths, widths[1:]):  # transformers' schedule: +2 after a fully accepted step, else -1
+        assert b in (min(a + 2, 6), max(a - 1, 1))
+    assert out.stats.summary()["mean_draft_width"] == pytest.approx(sum(widths) / len(widths))
+
+
+class SyntheticCost(AdaptiveWindow):
+    """An adaptive window whose steps cost ``1 + slope * width`` synthetic seconds (a noise-free clock)."""
+
+    def __init__(self, drafter, slope, **kw):
+        self.now, self.slope = 0.0, slope
+        super().__init__(drafter, "cost", clock=lambda: self.now, **kw)
+
+    def draft(self, ctx, num_draft_tokens, generator):
+        if self.widths:
+            self.now += 1.0 + self.slope * self.widths[-1]
+        return super().draft(ctx, num_draft_tokens, generator)
+
+
+def test_cost_policy_goes_wide_when_drafts_are_kept_and_narrow_when_they_are_not(target):
+    # Every draft kept (self-drafting), a cheap verify: the widest window wins.
+    wide = SyntheticCost(ModelDrafter(target), slope=0.05, explore_every=4)
+    generate(target, PROMPTS[:1], wide, k=6, max_new=60)
+    assert wide.candidates(6) == [1, 2, 4, 6] and set(wide.widths) == {4, 6}  # 4: exploration probes
+    assert max(wide.candidates(6), key=lambda w: wide.expected_tokens(w) / wide.cost(w)) == 6
+    # Random-guess drafts on a peaked model at temperature 1 (few kept), an expensive verify: narrow.
+    narrow = SyntheticCost(JacobiDrafter(target.vocab_size), slope=0.5, explore_every=4)
+    generate(target, PROMPTS[:1], narrow, k=6, max_new=60, sampling=SamplingConfig(temperature=1.0), seed=3)
+    assert max(narrow.widths[-12:]) <= 2
+    # What was learned carries over to the next call through `memory` (per batch size).
+    memory = {}
+    first = SyntheticCost(ModelDrafter(target), slope=0.05, explore_every=0, memory=memory)
+    generate(target, PROMPTS[:1], first, k=6, max_new=30)
+    second = SyntheticCost(ModelDrafter(target), slope=0.05, explore_every=0, memory=memory)
+    generate(target, PROMPTS[:1], second, k=6, max_new=30)
+    assert set(memory) == {0, 1} and second.widths[0] == 6 and memory[1]["counts"][6] > 0
+
+
+def test_adaptive_window_refuses_trees_and_bad_policies(draft_model):
+    with pytest.raises(ValueError, match="chain drafter"):
+        AdaptiveWindow(ModelDrafter(draft_model, num_alternatives=2))
+    with pytest.raises(ValueError, match="window policy must be one of"):
+        AdaptiveWindow(ModelDrafter(draft_model), "fast")
+    assert AdaptiveWindow(ModelDrafter(draft_model)).verify_width(5) == 6  # the maximum sizes the cache
