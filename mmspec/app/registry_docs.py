@@ -1,6 +1,6 @@
-"""``mmspec methods``: the speculative methods of every pipeline and every acceptance rule, read
-from the registries (``LlamaGenPipeline.methods``, ``VLMPipeline.methods``, ``MARPipeline.methods``, the text-to-image pipelines',
-``mmspec.rules.ACCEPTANCE_RULES``). ``docs/methods.md`` is this output (a test keeps it current)."""
+"""``mmspec methods``: the speculative methods of every pipeline in ``PIPELINES`` and every acceptance
+rule, read from the registries (each pipeline class's ``methods``, ``mmspec.rules.ACCEPTANCE_RULES``).
+``docs/methods.md`` is this output (a test keeps it current)."""
 
 from __future__ import annotations
 
