@@ -144,6 +144,7 @@ class VLMPipeline(SpeculativePipelineMixin):
         return_dict: bool = True,
         stream: bool = False,
         speculative: str | None = None,
+        repetition_penalty: float | None = None,
     ) -> VLMPipelineOutput | tuple | Iterator[str]:
         """Answer ``prompt`` about ``images``.
 
@@ -158,6 +159,9 @@ class VLMPipeline(SpeculativePipelineMixin):
             speculative: a method of :data:`VLM_METHODS` (``"model"``: the pipeline's drafter,
                 ``"ngram"``: prompt lookup) instead of a drafter object; not both.
             acceptance: the acceptance rule (name or instance), e.g. ``"exact"``, ``"greedy"``.
+            repetition_penalty: CTRL's penalty as transformers applies it (prompt tokens included),
+                in target and drafts alike; None = the checkpoint's ``generation_config`` value
+                (``target.generation_defaults``; Qwen2-VL-Instruct ships 1.05), 1 = off.
             return_dict: False returns ``(text, token_ids, lengths, stats)``.
             stream: return a generator of text pieces (one per verify step, for a single prompt);
                 its return value (``StopIteration.value``) is the full output.
@@ -175,7 +179,9 @@ class VLMPipeline(SpeculativePipelineMixin):
         acceptance = spec.rule
         drafter = spec.drafter if spec.drafter is not None else drafter if drafter is not None else self.drafter
         drafter = drafter if num_draft_tokens > 0 else None
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        if repetition_penalty is None:
+            repetition_penalty = self.target.generation_defaults.get("repetition_penalty", 1.0)
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         settings = dict(
             max_new_tokens=max_new_tokens, drafter=drafter, acceptance=acceptance, sampling=sampling,
             num_draft_tokens=num_draft_tokens if drafter is not None else 0, generator=generator,
@@ -277,12 +283,19 @@ class VLMPipeline(SpeculativePipelineMixin):
 
 
 def _load_image(image: ImageInput, index: int) -> PIL.Image.Image:
-    """An RGB image from a PIL image or a path; ``ValueError`` naming the file if it is unreadable."""
+    """A decoded PIL image from a PIL image or a path, **unconverted**; ``ValueError`` naming the file
+    if it is unreadable.
+
+    The mode is left to the processor, as ``processor(images=...)`` + ``model.generate`` do:
+    transformers' image processors composite transparent pixels (RGBA, LA, P with a transparent
+    colour) onto white (``image_transforms.convert_to_rgb``), while ``Image.convert("RGB")`` would
+    expose the hidden colour of fully transparent pixels and change the answers (issue 16, bug 1).
+    """
     name = f"image #{index}" if isinstance(image, PIL.Image.Image) else f"{os.fspath(image)!r}"
     try:
         loaded = image if isinstance(image, PIL.Image.Image) else PIL.Image.open(image)
         loaded.load()  # decode now: truncated or corrupt files fail here, not inside the processor
-        return loaded.convert("RGB")
+        return loaded
     except OSError as exc:
         raise ValueError(f"cannot read {name}: {exc}") from exc
 
