@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import PIL.Image
 import torch
@@ -20,6 +21,7 @@ from transformers import AutoProcessor
 
 from mmspec.acceptance import AcceptanceRule
 from mmspec.drafters import NGramDrafter
+from mmspec.drafters.eagle3 import Eagle3Drafter
 from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
@@ -27,6 +29,7 @@ from mmspec.stats import SpecStats
 from mmspec.types import DraftContext, Drafter
 
 from ..base import SpeculativePipelineMixin
+from .eagle3 import load_eagle3_drafter
 from .targets import VLMPrompt, VLMTarget, load_vlm_target
 
 ImageInput = PIL.Image.Image | str | os.PathLike
@@ -50,7 +53,7 @@ VLM_METHODS = MethodRegistry("VLMPipeline")
 
 
 @VLM_METHODS.register("model", requires=("drafter",))
-def _model(pipe: "VLMPipeline", options: dict) -> Drafter:
+def _model(pipe: VLMPipeline, options: dict) -> Drafter:
     """The pipeline's drafter component (a draft VLM/LM or a vision-aware EAGLE head)."""
     if pipe.drafter is None:
         raise ValueError("speculative='model' needs the pipeline's drafter (VLMPipeline(..., drafter=...))")
@@ -58,9 +61,21 @@ def _model(pipe: "VLMPipeline", options: dict) -> Drafter:
 
 
 @VLM_METHODS.register("ngram")
-def _ngram(pipe: "VLMPipeline", options: dict) -> NGramDrafter:
+def _ngram(pipe: VLMPipeline, options: dict) -> NGramDrafter:
     """Prompt lookup: n-grams of the prompt and reply propose the continuation (training-free)."""
     return NGramDrafter(pipe.target.vocab_size)
+
+
+@VLM_METHODS.register("eagle3", options={"path": None, "layer_convention": None})
+def _eagle3(pipe: VLMPipeline, options: dict) -> Drafter:
+    """EAGLE-3 (arXiv 2503.01840): a head over three fused target layers with a reduced draft
+    vocabulary, from ``path`` -- mmspec's saved layout (``mmspec train-drafter --arch eagle3``) or the
+    vLLM / SGLang format (``layer_convention``: how that file's aux layer ids read, default "sglang")."""
+    if options["path"] is None:
+        if isinstance(pipe.drafter, Eagle3Drafter):
+            return pipe.drafter
+        raise ValueError("speculative='eagle3' needs speculative_options={'path': DIR} (or an Eagle3Drafter as drafter)")
+    return load_eagle3_drafter(options["path"], pipe.target, layer_convention=options["layer_convention"])
 
 
 class VLMPipeline(SpeculativePipelineMixin):
@@ -88,7 +103,7 @@ class VLMPipeline(SpeculativePipelineMixin):
     def from_pretrained(
         cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
         drafter: Drafter | None = None,
-    ) -> "VLMPipeline":
+    ) -> VLMPipeline:
         """Load target and processor from an HF checkpoint directory or hub id."""
         return cls(load_vlm_target(path, dtype=dtype, device=device), AutoProcessor.from_pretrained(path), drafter)
 
@@ -145,6 +160,7 @@ class VLMPipeline(SpeculativePipelineMixin):
         stream: bool = False,
         speculative: str | None = None,
         repetition_penalty: float | None = None,
+        speculative_options: dict | None = None,
     ) -> VLMPipelineOutput | tuple | Iterator[str]:
         """Answer ``prompt`` about ``images``.
 
@@ -157,7 +173,8 @@ class VLMPipeline(SpeculativePipelineMixin):
             drafter: overrides the pipeline's drafter for this call.
             num_draft_tokens: drafts per step (0: the autoregressive baseline, even with a drafter).
             speculative: a method of :data:`VLM_METHODS` (``"model"``: the pipeline's drafter,
-                ``"ngram"``: prompt lookup) instead of a drafter object; not both.
+                ``"ngram"``: prompt lookup, ``"eagle3"``) instead of a drafter object; not both.
+            speculative_options: the method's options (e.g. ``{"path": DIR}`` for ``"eagle3"``).
             acceptance: the acceptance rule (name or instance), e.g. ``"exact"``, ``"greedy"``.
             repetition_penalty: CTRL's penalty as transformers applies it (prompt tokens included),
                 in target and drafts alike; None = the checkpoint's ``generation_config`` value
@@ -175,7 +192,7 @@ class VLMPipeline(SpeculativePipelineMixin):
         vlm_prompt = vlm_prompt.to(self.target.device, self.target.dtype)
         if speculative is not None and drafter is not None:
             raise ValueError("pass either speculative= (a method name) or drafter= (an object), not both")
-        spec = self.resolve_speculation(speculative, None, acceptance)
+        spec = self.resolve_speculation(speculative, speculative_options, acceptance)
         acceptance = spec.rule
         drafter = spec.drafter if spec.drafter is not None else drafter if drafter is not None else self.drafter
         drafter = drafter if num_draft_tokens > 0 else None
@@ -204,8 +221,12 @@ class VLMPipeline(SpeculativePipelineMixin):
         prompt = self.target.encode_images(prompt)
         eos_ids = self.target.eos_token_ids
         pad_id = self._pad_token_id()
+        # Drafters that read other target features than the last layer's (EAGLE-3: three layers
+        # fused) say so by wrapping the target for this run.
+        features_target = getattr(drafter, "features_target", None)
+        target = self.target if features_target is None else features_target(self.target)
         out = speculative_generate(
-            self.target, prompt, self.target.new_cache(prompt.tokens.shape[0], capacity),
+            target, prompt, self.target.new_cache(prompt.tokens.shape[0], capacity),
             eos_token_id=eos_ids[0] if eos_ids else None, pad_token_id=pad_id, callback=callback, **settings,
         )
         tokens, lengths = out.tokens, out.lengths

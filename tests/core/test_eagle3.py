@@ -11,7 +11,13 @@ from mmspec.drafters.eagle3 import AuxFeatureTarget, Eagle3Drafter, Eagle3Head, 
 from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.sampling import SamplingConfig
 from mmspec.training.eagle import self_distilled_batches, token_prompts
-from mmspec.training.eagle3 import Eagle3TrainConfig, choose_draft_vocab, eagle3_ttt_loss, teacher_force, train_eagle3_head
+from mmspec.training.eagle3 import (
+    Eagle3TrainConfig,
+    choose_draft_vocab,
+    eagle3_ttt_loss,
+    teacher_force,
+    train_eagle3_head,
+)
 from mmspec.types import TokenPrompt
 
 from ..conftest import assert_rows_follow, tiny_lm
