@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
@@ -206,7 +206,14 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 @command("eval", _eval_args)
 def evaluate(args: argparse.Namespace) -> int:
     """Quality next to speed: each method vs its own baseline on the same seeds (TVD, FID, CLIP, grid)."""
-    from .evaluation import EvalMethod, OpenCLIPFeatures, TorchScriptFeatures, VQEncoderFeatures, evaluate_llamagen, format_report
+    from .evaluation import (
+        EvalMethod,
+        OpenCLIPFeatures,
+        TorchScriptFeatures,
+        VQEncoderFeatures,
+        evaluate_llamagen,
+        format_report,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -325,10 +332,12 @@ def caption(args: argparse.Namespace) -> int:
 
 def _train_drafter_args(p: argparse.ArgumentParser) -> None:
     from ..training.eagle import add_train_drafter_args
+    from ..training.eagle3 import add_train_eagle3_args
     from ..training.vlm import add_train_vlm_drafter_args
 
     add_train_drafter_args(p)
     add_train_vlm_drafter_args(p)
+    add_train_eagle3_args(p)
 
 
 def _train_vlm_drafter(args: argparse.Namespace) -> int:
@@ -347,7 +356,25 @@ def train_drafter(args: argparse.Namespace) -> int:
     drafters (none/full/pool/prune/vispec/flash/specvlm) for VLMs; progress, checkpoints, resume."""
     from ..training.eagle import train_drafter_command
 
+    if args.arch == "eagle3":
+        from ..training.eagle3 import train_eagle3_command
+
+        return train_eagle3_command(args)
     return TRAIN_DRAFTER_COMMANDS.get(args.target_kind, train_drafter_command)(args)
+
+
+def _export_drafter_args(p: argparse.ArgumentParser) -> None:
+    from .export import add_export_args
+
+    add_export_args(p)
+
+
+@command("export-drafter", _export_drafter_args)
+def export_drafter(args: argparse.Namespace) -> int:
+    """Write a trained EAGLE-3 drafter in the on-disk format vLLM and SGLang load (--format eagle3)."""
+    from .export import export_drafter_command
+
+    return export_drafter_command(args)
 
 
 def _train_reference_args(p: argparse.ArgumentParser) -> None:

@@ -21,16 +21,18 @@ vocabulary (``d2t`` / ``t2d``; ties and a short corpus are filled by the lowest 
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..drafters.eagle3 import AuxFeatureTarget, Eagle3Head
+from ..drafters.eagle3 import AuxFeatureTarget, Eagle3Drafter, Eagle3Head, eagle3_head_for_lm
+from ..sampling import SamplingConfig
 from ..types import TokenPrompt
-from .eagle import Batches, EagleTrainConfig, eagle_training_pairs
-from .loop import train_head
+from .eagle import TARGET_KINDS, Batches, EagleTrainConfig, eagle_training_pairs, load_lm_target, self_distilled_batches
+from .loop import process_state, train_head
 
 
 @dataclass
@@ -185,3 +187,65 @@ def train_eagle3_head(
 
     return train_head(head, config, step_loss, desc=desc, data_parallel=True)
 
+
+
+# ---------------------------------------------------------------------- command line
+def add_train_eagle3_args(parser: argparse.ArgumentParser) -> None:
+    """The EAGLE-3 options of ``mmspec train-drafter --arch eagle3`` (the shared ones -- target,
+    output, steps, batch size, lr, sampling, checkpoints, device; ``--images`` / ``--prompts`` for
+    VLMs -- come from the EAGLE and VLM argument groups)."""
+    group = parser.add_argument_group("EAGLE-3 heads (--arch eagle3)")
+    group.add_argument("--arch", default="eagle", choices=("eagle", "eagle3"),
+                       help="eagle: EAGLE-1/2 feature head (VLMs: with --visual-path); eagle3: EAGLE-3 head over three "
+                            "fused target layers with a reduced draft vocabulary (exports to vLLM / SGLang)")
+    group.add_argument("--draft-vocab-size", type=int, default=None,
+                       help="draft vocabulary: the most frequent target tokens of the training data (default: the full vocabulary)")
+    group.add_argument("--ttt-steps", type=int, default=3, help="training-time-test steps (EAGLE-3; SpecForge uses 7)")
+    group.add_argument("--aux-layers", default=None,
+                       help="three target layers whose outputs are fused, 'a,b,c' (0-based; default: 1, N/2-1, N-4)")
+    group.add_argument("--vocab-batches", type=int, default=8, help="batches counted to choose the draft vocabulary")
+
+
+def _aux_layers(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    ids = tuple(int(part) for part in text.split(","))
+    if len(ids) != 3:
+        raise SystemExit(f"--aux-layers takes three comma-separated layer ids, got {text!r}")
+    return ids  # type: ignore[return-value]
+
+
+def train_eagle3_command(args: argparse.Namespace) -> int:
+    """Train an EAGLE-3 head for an LM (``--target-kind lm``) or VLM (``--target-kind vlm``) target."""
+    config = Eagle3TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seq_len=getattr(args, "answer_len", None) or args.seq_len,
+        seed=args.seed, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        ttt_steps=args.ttt_steps, vocab_batches=args.vocab_batches,
+    )
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    aux = _aux_layers(args.aux_layers)
+    if args.target_kind == "vlm":
+        from mmspec.pipelines.vlm.eagle3 import eagle3_head_for_vlm
+        from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline
+
+        from .vlm import _training_items, distilled_batches, vlm_prompt_sampler
+
+        pipeline = VLMPipeline.from_pretrained(args.target_path, device=args.device)
+        target = pipeline.target
+        head = eagle3_head_for_vlm(target, args.draft_vocab_size, aux)
+        make_prompt = vlm_prompt_sampler(pipeline, _training_items(args), config.batch_size, args.long_answers)
+        batches = distilled_batches(target, make_prompt, config, sampling)
+    elif args.target_kind == "lm":
+        target = load_lm_target(args.target_path, args.device)
+        head = eagle3_head_for_lm(target, args.draft_vocab_size, aux)
+        make_prompt, config.max_prompt_len = TARGET_KINDS["lm"].prompts(target, args, config.batch_size, args.device)
+        batches = self_distilled_batches(target, make_prompt, config, sampling, args.device)
+    else:
+        raise SystemExit(f"--arch eagle3 trains heads for --target-kind lm or vlm, not {args.target_kind!r}")
+    losses = train_eagle3_head(target, head, batches, config)
+    if process_state().is_main_process:
+        Eagle3Drafter(head.eval()).save_pretrained(args.output)
+        print(f"trained an EAGLE-3 head (draft vocabulary {head.config.draft_vocab_size}, aux layers "
+              f"{list(head.config.aux_layer_ids)}) for {len(losses)} steps"
+              + (f" (final loss {losses[-1]:.4f})" if losses else "") + f"; wrote {args.output}")
+    return 0

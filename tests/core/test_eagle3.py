@@ -166,3 +166,23 @@ def test_save_load_round_trip_and_wrong_target(tmp_path, trained):
     with pytest.raises(ValueError, match="must name layers of the target"):
         eagle3_head_for_lm(target, aux_layer_ids=(0, 1, 9))
     assert isinstance(loaded.head, Eagle3Head)
+
+
+def test_train_drafter_arch_eagle3_for_an_lm(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from mmspec.app.cli import main
+
+    target = tiny_lm(n_layer=4)
+    (tmp_path / "lm").mkdir()
+    save_file(target.state_dict(), tmp_path / "lm" / "model.safetensors")
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(target.to_dict()))
+    assert main(["train-drafter", "--arch", "eagle3", "--target-path", str(tmp_path / "lm"), "--output",
+                 str(tmp_path / "head"), "--steps", "2", "--batch-size", "2", "--seq-len", "4", "--draft-vocab-size", "16",
+                 "--aux-layers", "0,1,3", "--device", "cpu"]) == 0
+    drafter = Eagle3Drafter.from_pretrained(tmp_path / "head", target)
+    assert drafter.head.config.aux_layer_ids == (0, 1, 3) and int(drafter.head.t2d.sum()) == 16
+    prompt = TokenPrompt.from_lists([[1, 2, 3]])
+    assert torch.equal(_run(target, prompt, drafter).tokens, _run(target, prompt).tokens)

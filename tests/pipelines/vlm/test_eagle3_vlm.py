@@ -278,3 +278,46 @@ def test_mismatched_drafts_are_refused(tmp_path):
     write_eagle3(head, tmp_path / "q")
     with pytest.raises(ValueError, match="target type 'llava' .this target: 'qwen2_vl'.; 1-D RoPE positions"):
         read_eagle3(tmp_path / "q", target_spec(_pipe("qwen2_vl").target), None)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_train_eagle3_then_export_on_the_command_line(tmp_path, capsys):
+    from mmspec.app.cli import main
+
+    model, processor = tiny_vlm("qwen2_vl")
+    model.save_pretrained(tmp_path / "model")
+    processor.image_processor.save_pretrained(tmp_path / "model")
+    processor.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        image(30 + i).save(tmp_path / "images" / f"{i}.png")
+    pipe = VLMPipeline(load_vlm_target(model), processor)
+    from mmspec.pipelines.vlm import pipeline_vlm
+
+    original = pipeline_vlm.VLMPipeline.from_pretrained
+    # The tiny Qwen processor is a stand-in (no torchvision on CPU CI): hand the CLI the same pipeline.
+    pipeline_vlm.VLMPipeline.from_pretrained = classmethod(lambda cls, path, dtype=None, device=None, drafter=None: pipe)
+    try:
+        assert main(["train-drafter", "--arch", "eagle3", "--target-kind", "vlm", "--target-path", str(tmp_path / "model"),
+                     "--output", str(tmp_path / "drafter"), "--images", str(tmp_path / "images"), "--steps", "3",
+                     "--batch-size", "2", "--answer-len", "6", "--draft-vocab-size", "40", "--ttt-steps", "2",
+                     "--vocab-batches", "2", "--device", "cpu"]) == 0
+    finally:
+        pipeline_vlm.VLMPipeline.from_pretrained = original
+    trained = Eagle3Drafter.from_pretrained(tmp_path / "drafter", pipe.target)
+    assert trained.head.config.draft_vocab_size == 40 and trained.head.config.mrope_section == (2, 1, 1)
+    assert main(["export-drafter", str(tmp_path / "drafter"), "--format", "eagle3", "--out", str(tmp_path / "out"),
+                 "--layer-convention", "vllm", "--dtype", "bfloat16"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in trained.head.config.aux_layer_ids]
+    assert config["mmspec"]["layer_convention"] == "vllm" and config["torch_dtype"] == "bfloat16"
+    imported = load_eagle3_drafter(tmp_path / "out", pipe.target)  # the record says how the ids read
+    assert imported.head.config.aux_layer_ids == trained.head.config.aux_layer_ids
+    assert load_file(tmp_path / "out" / "model.safetensors")["fc.weight"].dtype == torch.bfloat16
+    with pytest.raises(SystemExit, match="only EAGLE-3 heads export"):
+        from mmspec.pipelines.vlm.drafters import VLMEagleDrafter, VLMEagleHead
+
+        VLMEagleDrafter(VLMEagleHead.for_target(pipe.target, "pool"), pipe.target).save_pretrained(tmp_path / "pool")
+        main(["export-drafter", str(tmp_path / "pool"), "--out", str(tmp_path / "x")])
