@@ -255,10 +255,12 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _caption_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", type=Path, help="a folder of images, or a text file with one image path per line")
+    p.add_argument("inputs", type=Path, nargs="+",
+                   help="image files, folders of images, or text files with one image path per line (any mix)")
     p.add_argument("--model", default=None, help="an HF VLM checkpoint folder (default: the embedded reference captioner)")
     p.add_argument("--prompt", default="What is in the image?")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/caption"))
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="write captions.jsonl + stats.json there (resumable); without it, print 'path<TAB>caption' lines")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -315,10 +317,18 @@ def caption(args: argparse.Namespace) -> int:
                  "row_accepted": int(out.stats.row_accepted[i])}
                 for i, (text, n) in enumerate(zip(out.text, out.lengths))]
 
-    try:
-        images = image_list(args.inputs)
-    except FileNotFoundError as err:
-        raise SystemExit(str(err)) from None
+    images = _caption_inputs(args.inputs, image_list)
+    if args.output_dir is None:  # print path<TAB>caption; the job's files go to a scratch folder
+        import sys
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mmspec-caption-") as scratch:
+            run_job(images, parse, process, Path(scratch), args.batch_size, desc="caption")
+            for r in JobOutput.read(Path(scratch), "results"):
+                print(f"{r['input']}\t{r['caption']}")
+            for e in JobOutput.read(Path(scratch), "errors"):
+                print(f"{e['input']}: {e['error']}", file=sys.stderr)
+        return 0
     job = run_job(images, parse, process, args.output_dir, args.batch_size, desc="caption")
     if job_state().is_main_process:
         results = JobOutput.read(args.output_dir, "results")
@@ -328,6 +338,29 @@ def caption(args: argparse.Namespace) -> int:
         report(args.output_dir, job, "captions", {"command": "caption", "prompt": args.prompt, "drafter": args.drafter,
                                                   "num_draft_tokens": args.num_draft_tokens, "device": str(device)})
     return 0
+
+
+def _caption_inputs(inputs: list[Path], image_list: Callable[[Path], list[str]]) -> list[str]:
+    """Image paths from ``mmspec caption``'s arguments: an image file is itself (by its suffix, or
+    because it is not text), a folder / a list file is expanded (:func:`mmspec.data.images.image_list`)."""
+    from ..data.images import IMAGE_SUFFIXES
+
+    paths: list[str] = []
+    for path in inputs:
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            paths.append(str(path))
+            continue
+        if path.is_file():
+            try:
+                path.read_text()
+            except UnicodeDecodeError:  # binary: an image with an unusual name, not a list file
+                paths.append(str(path))
+                continue
+        try:
+            paths += image_list(path)
+        except FileNotFoundError as err:
+            raise SystemExit(str(err)) from None
+    return paths
 
 
 def _train_drafter_args(p: argparse.ArgumentParser) -> None:
