@@ -66,16 +66,16 @@ def _ngram(pipe: VLMPipeline, options: dict) -> NGramDrafter:
     return NGramDrafter(pipe.target.vocab_size)
 
 
-@VLM_METHODS.register("eagle3", options={"path": None, "layer_convention": None})
+@VLM_METHODS.register("eagle3", options={"path": None, "layer_convention": None}, needs_options=("path",))
 def _eagle3(pipe: VLMPipeline, options: dict) -> Drafter:
     """EAGLE-3 (arXiv 2503.01840): a head over three fused target layers with a reduced draft
     vocabulary, from ``path`` -- mmspec's saved layout (``mmspec train-drafter --arch eagle3``) or the
     vLLM / SGLang format (``layer_convention``: how that file's aux layer ids read, default "sglang")."""
-    if options["path"] is None:
+    if options.get("path") is None:
         if isinstance(pipe.drafter, Eagle3Drafter):
             return pipe.drafter
         raise ValueError("speculative='eagle3' needs speculative_options={'path': DIR} (or an Eagle3Drafter as drafter)")
-    return load_eagle3_drafter(options["path"], pipe.target, layer_convention=options["layer_convention"])
+    return load_eagle3_drafter(options["path"], pipe.target, layer_convention=options.get("layer_convention"))
 
 
 class VLMPipeline(SpeculativePipelineMixin):

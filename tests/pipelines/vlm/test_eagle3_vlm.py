@@ -321,3 +321,13 @@ def test_train_eagle3_then_export_on_the_command_line(tmp_path, capsys):
 
         VLMEagleDrafter(VLMEagleHead.for_target(pipe.target, "pool"), pipe.target).save_pretrained(tmp_path / "pool")
         main(["export-drafter", str(tmp_path / "pool"), "--out", str(tmp_path / "x")])
+
+
+def test_eagle3_method_is_listed_only_with_a_path():
+    from mmspec.app.demos.chat_app import default_drafters
+
+    pipe = _pipe("llava")
+    assert "eagle3" in pipe.methods and "eagle3" not in pipe.methods.available(pipe)
+    assert not any(label.startswith("eagle3") for label in default_drafters(pipe))  # the demo builds what is listed
+    with pytest.raises(ValueError, match="speculative='eagle3' needs speculative_options=\\{'path': DIR\\}"):
+        pipe(image(0), QUESTION, speculative="eagle3")
