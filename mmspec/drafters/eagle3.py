@@ -483,8 +483,9 @@ class Eagle3Drafter(EagleDrafter):
         self._rope_source: Any = None
 
     def features_target(self, target: Any) -> AuxFeatureTarget:
-        """``target`` wrapped so that its features are ``[l ; m ; h]`` of the head's layers."""
-        name = target_fingerprint(_lm_head(target))
+        """``target`` wrapped so that its features are ``[l ; m ; h]`` of the head's layers. The target
+        is checked against the head's fingerprint once (hashing a large LM head takes a while)."""
+        name = self.head.config.target_name if target is self._rope_source else target_fingerprint(_lm_head(target))
         if name != self.head.config.target_name:
             raise ValueError(
                 f"this EAGLE-3 head was trained for target {self.head.config.target_name!r}, not {name!r} "
