@@ -43,11 +43,15 @@ class Eagle3TrainConfig(EagleTrainConfig):
         ttt_steps: unrolled training-time-test steps (SpecForge uses 7; 1 = no test-time unrolling).
         step_decay: weight ``decay^j`` of step ``j``'s loss.
         vocab_batches: batches counted to choose the draft vocabulary.
+        init_lm_head: ``"random"`` (EAGLE-3's head is trained from scratch) or ``"target"``: start
+            ``lm_head`` from the target's LM-head rows of the draft vocabulary and ``norm`` from the
+            target's final norm (a warm start for small training budgets; an mmspec choice).
     """
 
     ttt_steps: int = 3
     step_decay: float = 0.8
     vocab_batches: int = 8
+    init_lm_head: str = "random"
 
 
 @dataclass
@@ -168,6 +172,17 @@ def choose_draft_vocab(head: Eagle3Head, batches: Batches, num_batches: int) -> 
     return chosen
 
 
+def init_from_target(head: Eagle3Head, target: Any) -> None:
+    """``lm_head`` <- the target's LM-head rows of the draft vocabulary, ``norm`` <- the target's
+    final norm (widths must agree: a head as wide as its target)."""
+    owner = getattr(target, "decoder", target)
+    if owner.output.weight.shape[1] != head.config.hidden_size:
+        raise ValueError("init_lm_head='target' needs a head as wide as the target")
+    with torch.no_grad():
+        head.lm_head.weight.copy_(owner.output.weight[head.draft_to_target])
+        head.norm.weight.copy_(owner.norm.weight)
+
+
 def train_eagle3_head(
     target: Any, head: Eagle3Head, batches: Batches, config: Eagle3TrainConfig, choose_vocab: bool = True,
     desc: str = "train EAGLE-3 head",
@@ -175,9 +190,13 @@ def train_eagle3_head(
     """Train ``head`` (in place) on ``batches`` for the frozen ``target``; with ``choose_vocab`` and a
     reduced draft vocabulary, pick it first (:func:`choose_draft_vocab`). Returns the per-step losses.
     Checkpoints / resume / data parallelism: :func:`~mmspec.training.loop.train_head`."""
+    if config.init_lm_head not in ("random", "target"):
+        raise ValueError(f"init_lm_head must be 'random' or 'target', got {config.init_lm_head!r}")
     if choose_vocab and head.config.draft_vocab_size < head.config.vocab_size and not config.resume:
         with torch.no_grad():
             choose_draft_vocab(head, batches, config.vocab_batches)
+    if config.init_lm_head == "target" and not config.resume:
+        init_from_target(head, target)
 
     def step_loss(index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():  # the target is the teacher: frozen
@@ -204,6 +223,8 @@ def add_train_eagle3_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--aux-layers", default=None,
                        help="three target layers whose outputs are fused, 'a,b,c' (0-based; default: 1, N/2-1, N-4)")
     group.add_argument("--vocab-batches", type=int, default=8, help="batches counted to choose the draft vocabulary")
+    group.add_argument("--init-lm-head", default="random", choices=("random", "target"),
+                       help="target: start the draft LM head from the target's rows of the draft vocabulary")
 
 
 def _aux_layers(text: str | None) -> tuple[int, int, int] | None:
@@ -220,7 +241,7 @@ def train_eagle3_command(args: argparse.Namespace) -> int:
     config = Eagle3TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seq_len=getattr(args, "answer_len", None) or args.seq_len,
         seed=args.seed, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        ttt_steps=args.ttt_steps, vocab_batches=args.vocab_batches,
+        ttt_steps=args.ttt_steps, vocab_batches=args.vocab_batches, init_lm_head=args.init_lm_head,
     )
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     aux = _aux_layers(args.aux_layers)

@@ -186,3 +186,14 @@ def test_train_drafter_arch_eagle3_for_an_lm(tmp_path):
     assert drafter.head.config.aux_layer_ids == (0, 1, 3) and int(drafter.head.t2d.sum()) == 16
     prompt = TokenPrompt.from_lists([[1, 2, 3]])
     assert torch.equal(_run(target, prompt, drafter).tokens, _run(target, prompt).tokens)
+
+
+def test_lm_head_warm_start_from_the_target():
+    from mmspec.training.eagle3 import init_from_target
+
+    target = tiny_lm(n_layer=4)
+    head = eagle3_head_for_lm(target, draft_vocab_size=6)
+    head.set_draft_vocab(torch.tensor([1, 4, 9, 16, 25, 36]))
+    init_from_target(head, target)
+    torch.testing.assert_close(head.lm_head.weight, target.output.weight[[1, 4, 9, 16, 25, 36]])
+    torch.testing.assert_close(head.norm.weight, target.norm.weight)
