@@ -13,6 +13,7 @@ wall time, and whether every caption equals the baseline's.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from vlm_drafters_captioner import heldout_images  # noqa: E402  (the benchmarks folder is on sys.path)
 
+from mmspec.drafters.eagle import EagleDrafter, TreeConfig
 from mmspec.drafters.eagle3 import ARCH, ARCH_KEY
 from mmspec.drafters.eagle3_format import is_eagle3_dir
 from mmspec.pipelines.vlm import VLMEagleDrafter
@@ -28,6 +30,7 @@ from mmspec.training.captioner_model import DEFAULT_QUESTION
 from mmspec.training.saved import load_captioner_pipeline
 
 NUM_DRAFT_TOKENS = 4
+TREE = TreeConfig(depth=4, top_k=3, total_nodes=10)
 
 
 class TimedDrafter:
@@ -55,7 +58,7 @@ def load_drafter(path: Path, target):
     return VLMEagleDrafter.from_pretrained(path, target)
 
 
-def caption_all(pipe, images, drafter, batch_size: int) -> tuple[dict, list[str]]:
+def caption_all(pipe, images, drafter, batch_size: int, num_draft_tokens: int) -> tuple[dict, list[str]]:
     timed = TimedDrafter(drafter) if drafter is not None else None
     start = time.perf_counter()
     steps = accepted = row_steps = 0
@@ -63,7 +66,7 @@ def caption_all(pipe, images, drafter, batch_size: int) -> tuple[dict, list[str]
     for i in range(0, len(images), batch_size):
         batch = images[i : i + batch_size]
         out = pipe([[image] for image in batch], [DEFAULT_QUESTION] * len(batch), max_new_tokens=16, drafter=timed,
-                   num_draft_tokens=NUM_DRAFT_TOKENS if drafter is not None else 0)
+                   num_draft_tokens=num_draft_tokens if drafter is not None else 0)
         steps += out.stats.steps
         accepted += int(out.stats.row_accepted.sum())
         row_steps += int(out.stats.row_steps.sum())
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trees", action="store_true", help="also measure every EAGLE-style drafter with EAGLE-2 trees 4x3/10")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_captioner_pipeline(args.model)
@@ -94,10 +98,16 @@ def main(argv: list[str] | None = None) -> None:
         candidates.append((args.draft_model_name, pipe.drafter))
     for spec in args.drafter:
         name, _, path = spec.partition("=")
-        candidates.append((name, load_drafter(Path(path), pipe.target)))
+        drafter = load_drafter(Path(path), pipe.target)
+        candidates.append((name, drafter))
+        if args.trees and isinstance(drafter, EagleDrafter):
+            tree_drafter = copy.copy(drafter)
+            tree_drafter.tree = TREE
+            candidates.append((name.replace("chain 4", "tree 4x3/10"), tree_drafter))
     rows, baseline_texts = {}, None
     for name, drafter in candidates:
-        rows[name], texts = caption_all(pipe, images, drafter, args.batch_size)
+        k = TREE.depth if getattr(drafter, "tree", None) is not None else NUM_DRAFT_TOKENS
+        rows[name], texts = caption_all(pipe, images, drafter, args.batch_size, k)
         if baseline_texts is None:
             baseline_texts = texts
             rows[name]["exact_match_captions"] = sum(t == c for t, c in zip(texts, captions)) / len(captions)
