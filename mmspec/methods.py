@@ -23,7 +23,10 @@ class Method:
     :mod:`mmspec.loops` function runs it). ``default_rule``: the acceptance rule used when a call
     names none. ``options``: option name -> default. ``requires``: pipeline components that must be
     set (e.g. ``"drafter"``, ``"eagle_head"``). ``lossless``: whether the method with its default rule
-    reproduces the target (in distribution; token for token when greedy).
+    reproduces the target (in distribution; token for token when greedy). ``needs_options``: options
+    without a usable default (e.g. a drafter's path): until a call gives them the method is not
+    listed by :meth:`MethodRegistry.available` (demos and CLIs build every available method with
+    defaults).
     """
 
     name: str
@@ -34,6 +37,7 @@ class Method:
     requires: tuple[str, ...] = ()
     lossless: bool = True
     description: str = ""
+    needs_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.loop not in LOOPS:
@@ -67,7 +71,7 @@ class MethodRegistry:
 
     def register(self, name: str, *, loop: str = "causal", default_rule: str = "exact",
                  options: Mapping[str, Any] | None = None, requires: tuple[str, ...] = (), lossless: bool = True,
-                 description: str = "") -> Callable[[Callable[[Any, dict], Any]], Callable[[Any, dict], Any]]:
+                 description: str = "", needs_options: tuple[str, ...] = ()) -> Callable[[Callable[[Any, dict], Any]], Callable[[Any, dict], Any]]:
         """Decorator: register ``build(pipe, options) -> drafter`` as method ``name`` (its docstring is
         the description unless one is given)."""
 
@@ -75,7 +79,8 @@ class MethodRegistry:
             if name in self._methods:
                 raise ValueError(f"{self.pipeline} already has a speculative method {name!r}")
             text = description or (build.__doc__ or "").strip().split("\n")[0]
-            self._methods[name] = Method(name, loop, build, default_rule, options or {}, tuple(requires), lossless, text)
+            self._methods[name] = Method(name, loop, build, default_rule, options or {}, tuple(requires), lossless, text,
+                                         tuple(needs_options))
             return build
 
         return wrap
@@ -90,8 +95,10 @@ class MethodRegistry:
         return sorted(self._methods)
 
     def available(self, pipe: Any) -> list[str]:
-        """Names of the methods ``pipe`` has every required component for."""
-        return [name for name in self.names() if not self._methods[name].missing(pipe)]
+        """Names of the methods ``pipe`` has every required component for and that run with their
+        default options (no ``needs_options``)."""
+        return [name for name in self.names()
+                if not self._methods[name].missing(pipe) and not self._methods[name].needs_options]
 
     def __contains__(self, name: object) -> bool:
         return name in self._methods

@@ -23,12 +23,18 @@ class SamplingConfig:
         top_p: nucleus threshold in (0, 1]; 1 = off.
         guidance_scale: classifier-free guidance ``uncond + (cond - uncond) * scale``; used only
             when unconditional logits are given (Ho & Salimans 2022).
+        repetition_penalty: CTRL's penalty (Keskar et al. 2019, arXiv 1909.05858, Sec. 4.1) as
+            transformers applies it: the logit ``l`` of every token already in the sequence (prompt
+            included) becomes ``l / penalty`` if ``l > 0`` else ``l * penalty``; 1 = off. It needs
+            the sequence: callers pass ``seen`` to :func:`logits_to_probs` (the causal loop does,
+            per verify position, so speculation stays lossless).
     """
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float = 1.0
     guidance_scale: float = 1.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -39,6 +45,8 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filtering), got {self.top_p}")
         if not self.guidance_scale >= 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -58,16 +66,52 @@ class SamplingConfig:
             )
 
 
+    @property
+    def penalizes_repetition(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+
+def seen_tokens(tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[B, V]`` bool: which ids occur in ``tokens[b, :lengths[b]]`` (``tokens [B, S]``; entries past a
+    row's length, padding included, do not count). What :func:`logits_to_probs` takes as ``seen``."""
+    valid = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]  # [B, S]
+    counts = torch.zeros(tokens.shape[0], vocab_size, device=tokens.device)
+    counts.scatter_add_(1, tokens.clamp(0, vocab_size - 1), valid.float())
+    return counts > 0
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor,  # [..., V] float32
+    seen: torch.Tensor,  # [..., V] bool (broadcastable)
+    penalty: float,
+) -> torch.Tensor:
+    """CTRL's repetition penalty exactly as transformers' ``RepetitionPenaltyLogitsProcessor``:
+    ``l / penalty`` for seen tokens with ``l > 0``, ``l * penalty`` for seen tokens with ``l <= 0``."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
 def logits_to_probs(
     logits: torch.Tensor,  # [..., V]
     config: SamplingConfig,
     uncond_logits: torch.Tensor | None = None,  # [..., V]
+    seen: torch.Tensor | None = None,  # [..., V] bool: tokens already in the sequence
 ) -> torch.Tensor:
-    """CFG combine → temperature → top-k → top-p → softmax, in float32. Returns ``[..., V]``."""
+    """CFG combine → repetition penalty → temperature → top-k → top-p → softmax, in float32 (the
+    order of transformers' logits processors). Returns ``[..., V]``.
+
+    ``seen`` is required when ``config.repetition_penalty != 1`` (the penalty depends on the
+    sequence); it is ignored otherwise."""
     logits = logits.float()
     if uncond_logits is not None and config.uses_cfg:
         uncond_logits = uncond_logits.float()
         logits = uncond_logits + (logits - uncond_logits) * config.guidance_scale
+    if config.penalizes_repetition:
+        if seen is None:
+            raise ValueError(
+                "repetition_penalty != 1 needs the tokens already in the sequence: pass seen= (see seen_tokens)"
+            )
+        logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
     if config.temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
     logits = logits / config.temperature

@@ -153,6 +153,8 @@ class DraftContext:
     ``num_new``: ``[B]`` how many tokens the last step committed per row.
     ``condition``: whatever conditions the generation (class labels, image features, CFG flag, ...).
     ``sampling``: the sampling configuration; drafters must use the same ``logits_to_probs``.
+    ``seen``: ``[B, V]`` bool, the ids in prompt + committed tokens, when ``sampling`` has a
+        repetition penalty (``logits_to_probs(..., seen=...)``); None otherwise.
     """
 
     history: torch.Tensor
@@ -165,6 +167,7 @@ class DraftContext:
     target_probs: torch.Tensor | None = None
     num_new: torch.Tensor | None = None
     condition: Any = None
+    seen: torch.Tensor | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ the chosen subcommand's arguments are built (``mmspec --help`` lists commands wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -301,11 +302,13 @@ def evaluate(args: argparse.Namespace) -> int:
 def _caption_args(p: argparse.ArgumentParser) -> None:
     from .jobs_io import DEFAULT_MAX_IMAGE_SIDE
 
-    p.add_argument("inputs", type=Path, help="a folder of images, or a text file with one image path per line")
+    p.add_argument("inputs", type=Path, nargs="+",
+                   help="image files, folders of images, or text files with one image path per line (any mix)")
     p.add_argument("--model", default=None, help="an HF VLM checkpoint folder (default: the embedded reference captioner)")
     p.add_argument("--prompt", default="What is in the image?", help="the question asked about every image")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/caption"),
-                   help="captions.jsonl (grows as the job runs), results/errors.<rank>.jsonl, stats.json (rerun to resume)")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="captions.jsonl (grows as the job runs), results/errors.<rank>.jsonl, stats.json (rerun to "
+                        "resume); without it, 'path<TAB>caption' lines go to stdout and bad images to stderr")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (decoded a batch at a time)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="caption length limit, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
@@ -334,12 +337,10 @@ def caption(args: argparse.Namespace) -> int:
     from .jobs_io import append_jsonl, check_image, load_image, write_atomic
 
     check_caption_settings(args, ["default", "none", *VLM_METHODS.names()])
-    try:
-        images = image_list(args.inputs)
-    except FileNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
+    images = _caption_inputs(args.inputs, image_list)
     device = resolve_device(args.device)
-    lock = lock_output(args.output_dir)  # a second job on this folder stops here, before loading
+    # A second job on the output folder stops here, before loading (stdout mode has no folder to share).
+    lock = lock_output(args.output_dir) if args.output_dir is not None else contextlib.nullcontext()
     if args.model:
         from ..pipelines.vlm import VLMPipeline
 
@@ -365,7 +366,6 @@ def caption(args: argparse.Namespace) -> int:
         SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).validate_vocab(pipe.target.vocab_size)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    captions_path = args.output_dir / "captions.jsonl"
 
     def parse(path: str) -> str:
         return check_image(path, args.max_image_side)  # the header only: pixels are decoded a batch at a time
@@ -379,6 +379,18 @@ def caption(args: argparse.Namespace) -> int:
         return [{"caption": text, "tokens": int(n), "row_steps": int(out.stats.row_steps[i]),
                  "row_accepted": int(out.stats.row_accepted[i])}
                 for i, (text, n) in enumerate(zip(out.text, out.lengths))]
+
+    if args.output_dir is None:  # print path<TAB>caption; the job's files go to a scratch folder
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mmspec-caption-") as scratch:
+            run_job(images, parse, process, Path(scratch), args.batch_size, desc="caption")
+            for r in JobOutput.read(Path(scratch), "results"):
+                print(f"{r['input']}\t{r['caption']}")
+            for e in JobOutput.read(Path(scratch), "errors"):
+                print(f"{e['input']}: {e['error']}", file=sys.stderr)
+        return 0
+    captions_path = args.output_dir / "captions.jsonl"
 
     def write_captions(records):  # visible while the job runs; rewritten in input order at the end
         append_jsonl(captions_path, [{"image": r["input"], "caption": r["caption"]} for r in records])
@@ -394,12 +406,37 @@ def caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _caption_inputs(inputs: list[Path], image_list: Callable[[Path], list[str]]) -> list[str]:
+    """Image paths from ``mmspec caption``'s arguments: an image file is itself (by its suffix, or
+    because it is not text), a folder / a list file is expanded (:func:`mmspec.data.images.image_list`)."""
+    from ..data.images import IMAGE_SUFFIXES
+
+    paths: list[str] = []
+    for path in inputs:
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            paths.append(str(path))
+            continue
+        if path.is_file():
+            try:
+                path.read_text()
+            except UnicodeDecodeError:  # binary: an image with an unusual name, not a list file
+                paths.append(str(path))
+                continue
+        try:
+            paths += image_list(path)
+        except FileNotFoundError as err:
+            raise SystemExit(f"error: {err}") from None
+    return paths
+
+
 def _train_drafter_args(p: argparse.ArgumentParser) -> None:
-    from ..training.vlm import add_train_vlm_drafter_args
     from ..training.eagle import add_train_drafter_args
+    from ..training.eagle3 import add_train_eagle3_args
+    from ..training.vlm import add_train_vlm_drafter_args
 
     add_train_drafter_args(p)
     add_train_vlm_drafter_args(p)
+    add_train_eagle3_args(p)
 
 
 def _train_vlm_drafter(args: argparse.Namespace) -> int:
@@ -418,7 +455,25 @@ def train_drafter(args: argparse.Namespace) -> int:
     drafters (none/full/pool/prune/vispec/flash/specvlm) for VLMs; progress, checkpoints, resume."""
     from ..training.eagle import train_drafter_command
 
+    if args.arch == "eagle3":
+        from ..training.eagle3 import train_eagle3_command
+
+        return train_eagle3_command(args)
     return TRAIN_DRAFTER_COMMANDS.get(args.target_kind, train_drafter_command)(args)
+
+
+def _export_drafter_args(p: argparse.ArgumentParser) -> None:
+    from .export import add_export_args
+
+    add_export_args(p)
+
+
+@command("export-drafter", _export_drafter_args)
+def export_drafter(args: argparse.Namespace) -> int:
+    """Write a trained EAGLE-3 drafter in the on-disk format vLLM and SGLang load (--format eagle3)."""
+    from .export import export_drafter_command
+
+    return export_drafter_command(args)
 
 
 def _train_reference_args(p: argparse.ArgumentParser) -> None:

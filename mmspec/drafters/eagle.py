@@ -313,6 +313,7 @@ class EagleDrafter:
 
     def draft(self, ctx: DraftContext, num_draft_tokens: int, generator: torch.Generator | None) -> Draft:
         """Catch up on the last step's features, then draft a chain or an EAGLE-2 tree."""
+        self._seen = ctx.seen  # [B, V] or None: a repetition penalty applies to drafts too
         feature, logits = self._catch_up(ctx)  # [G*B, H], [G*B, V]: the root's predicted feature
         if self.tree is None:
             return self._draft_chain(ctx, feature, logits, num_draft_tokens, generator)
@@ -422,7 +423,9 @@ class EagleDrafter:
         """``[G*B, ..., V]`` head logits -> ``[B, ..., V]`` draft distribution, through the target's
         own ``logits_to_probs`` (CFG, temperature, top-k, top-p), so draft and target agree."""
         cond, uncond = (logits, None) if self.cache.groups == 1 else logits.chunk(2)
-        return logits_to_probs(cond, sampling, uncond)
+        seen = getattr(self, "_seen", None)  # [B, V] -> [B, 1.., V] to match cond
+        seen = None if seen is None else seen.view(seen.shape[0], *([1] * (cond.dim() - 2)), seen.shape[-1])
+        return logits_to_probs(cond, sampling, uncond, seen)
 
     def _rank_probs(self, logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
         """The distribution that scores tree candidates: ``q`` itself, except for greedy configs,

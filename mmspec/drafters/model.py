@@ -56,13 +56,16 @@ class ModelDrafter:
         batch = ctx.last_tokens.shape[0]
         token = ctx.last_tokens
         tokens, probs = [], []
+        seen = ctx.seen  # [B, V] or None: the repetition penalty sees the drafts as the target will
         for step in range(num_draft_tokens + 1):
             out = self.model.forward(token[:, None], self.cache.slots(1), self.cache, None)
             self.cache.commit(torch.ones(batch, dtype=torch.long, device=token.device))
             if step == num_draft_tokens:
                 break  # this forward only cached d_k
-            q = logits_to_probs(out.logits[:, -1], ctx.sampling, None if out.uncond_logits is None else out.uncond_logits[:, -1])
+            q = logits_to_probs(out.logits[:, -1], ctx.sampling, None if out.uncond_logits is None else out.uncond_logits[:, -1], seen)
             token = sample_from_probs(q, generator)
+            if seen is not None:
+                seen = seen.scatter(1, token[:, None], True)
             tokens.append(token)
             probs.append(q)
         self.cache.rollback(ctx.positions)  # drafts are not committed until verified

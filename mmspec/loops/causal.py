@@ -19,7 +19,7 @@ import torch
 
 from ..acceptance import AcceptanceRule
 from ..cache import StaticKVCache
-from ..sampling import SamplingConfig, logits_to_probs, sample_from_probs
+from ..sampling import SamplingConfig, logits_to_probs, sample_from_probs, seen_tokens
 from ..stats import SpecStats
 from ..types import Categorical, CommitMode, Draft, DraftContext, Drafter, Target, TokenPrompt, Verdict
 from .common import resolve_rule, sync
@@ -119,10 +119,15 @@ def speculative_generate(
             "drafter.verify_width(num_draft_tokens))"
         )
     batch = pre.output.logits.shape[0]
-    first = sample_from_probs(logits_to_probs(pre.output.logits[:, -1], sampling, _last(pre.output.uncond_logits)), generator)
     k = num_draft_tokens if drafter is not None else 0
     prefix = prompt.tokens if isinstance(prompt, TokenPrompt) else torch.zeros(batch, 0, dtype=torch.long, device=device)
     prefix_len = prompt.lengths if isinstance(prompt, TokenPrompt) else torch.zeros(batch, dtype=torch.long, device=device)
+    vocab = pre.output.logits.shape[-1]
+    penalize = sampling.penalizes_repetition
+    seen = seen_tokens(prefix, prefix_len, vocab) if penalize else None  # [B, V] prompt tokens
+    first = sample_from_probs(
+        logits_to_probs(pre.output.logits[:, -1], sampling, _last(pre.output.uncond_logits), seen), generator
+    )
     history = torch.full((batch, prefix.shape[1] + max_new_tokens + k + 1), pad_token_id, dtype=torch.long, device=device)
     history[:, : prefix.shape[1]] = prefix
     history.scatter_(1, prefix_len[:, None], first[:, None])
@@ -130,6 +135,7 @@ def speculative_generate(
         history=history, history_lengths=prefix_len + 1, last_tokens=first, positions=cache.lengths.clone(),
         sampling=sampling, hidden_states=pre.output.hidden_states,
         uncond_hidden_states=pre.output.uncond_hidden_states, num_new=torch.ones_like(prefix_len), condition=condition,
+        seen=seen_tokens(history, prefix_len + 1, vocab) if penalize else None,
     )
     num_out = torch.ones(batch, dtype=torch.long, device=device)  # generated so far, per row
     finished = first == eos_token_id if eos_token_id is not None else torch.zeros_like(first, dtype=torch.bool)
@@ -158,9 +164,11 @@ def speculative_generate(
             inputs = draft.tokens
             mask = cache.attention_mask(cache.slots(inputs.shape[1]), draft.tree.ancestor_mask)
             out = target.forward(inputs, draft.tree.positions(cache.lengths), cache, mask)
-        target_probs = logits_to_probs(out.logits, sampling, out.uncond_logits)  # [B, T, V]
+        window_seen = _window_seen(ctx.seen, inputs, draft.tree) if penalize else None  # [B, T, V]
+        target_probs = logits_to_probs(out.logits, sampling, out.uncond_logits, window_seen)  # [B, T, V]
         rule_sampling = rule.target_sampling(sampling)  # e.g. official LANTERN greedy: softmax at temperature 1
-        rule_probs = target_probs if rule_sampling == sampling else logits_to_probs(out.logits, rule_sampling, out.uncond_logits)
+        rule_probs = (target_probs if rule_sampling == sampling
+                      else logits_to_probs(out.logits, rule_sampling, out.uncond_logits, window_seen))
         verdict = _verify(rule, draft, target_probs, generator, rule_probs)
         if profile:
             sync(device)
@@ -185,6 +193,7 @@ def speculative_generate(
             sampling=sampling, hidden_states=_path_features(out.hidden_states, path),
             uncond_hidden_states=_path_features(out.uncond_hidden_states, path), target_probs=target_probs,
             num_new=num_new, condition=condition,
+            seen=seen_tokens(history, ctx.history_lengths + num_new, vocab) if penalize else None,
         )
         num_out += num_new
         if drafter is not None:
@@ -198,6 +207,19 @@ def speculative_generate(
     stats.total_time = time.perf_counter() - start
     stats.draft_time, stats.verify_time = (stats.draft_time, stats.verify_time) if profile else (0.0, 0.0)
     return _finish(history, prefix_len, num_out, max_new_tokens, eos_token_id, pad_token_id, stats)
+
+
+def _window_seen(seen: torch.Tensor, inputs: torch.Tensor, tree) -> torch.Tensor:
+    """``[B, T, V]``: the ids a verify position conditions on -- prompt + committed (``seen [B, V]``)
+    plus the drafts on its own path (chain: inputs ``1..i``; tree: node ``i``'s ancestors and itself)
+    -- so a repetition penalty gives each position exactly the baseline's logits (lossless)."""
+    num = inputs.shape[1]
+    if tree is None:
+        path = torch.ones(num, num, dtype=torch.bool, device=inputs.device).tril()[None]  # [1, T, T]
+    else:
+        path = tree.ancestor_mask  # [B, T, T] ancestors and self
+    one_hot = torch.nn.functional.one_hot(inputs, seen.shape[-1]).float()  # [B, T, V]
+    return seen[:, None] | (torch.matmul(path.float(), one_hot) > 0)  # inputs[0] = last is already in seen
 
 
 def _last(x: torch.Tensor | None) -> torch.Tensor | None:

@@ -3,6 +3,7 @@ targets, and :class:`VLMPipeline` for speculative image-to-text generation."""
 
 from .decoder import RopeOffsetKVCache, VLMDecoder, VLMDecoderConfig, convert_language_model
 from .drafters import VLMEagleDrafter, VLMEagleHead
+from .eagle3 import eagle3_head_for_vlm, load_eagle3_drafter
 from .pipeline_vlm import VLM_METHODS, VLMPipeline, VLMPipelineOutput
 from .visual_paths import VISUAL_PATHS, VLMEagleConfig
 from .targets import (
@@ -34,6 +35,8 @@ __all__ = [
     "VLMPrompt",
     "VLMTarget",
     "convert_language_model",
+    "eagle3_head_for_vlm",
+    "load_eagle3_drafter",
     "load_vlm_target",
     "vlm_family",
 ]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -21,6 +22,7 @@ from transformers import AutoProcessor
 
 from mmspec.acceptance import AcceptanceRule
 from mmspec.drafters import NGramDrafter
+from mmspec.drafters.eagle3 import Eagle3Drafter
 from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
@@ -29,6 +31,7 @@ from mmspec.types import DraftContext, Drafter
 
 from ..validation import array_to_pil, check_vlm_call, is_single_image
 from ..base import SpeculativePipelineMixin
+from .eagle3 import load_eagle3_drafter
 from .targets import VLMPrompt, VLMTarget, load_vlm_target
 
 #: One image: PIL, a path, or an array / tensor (``[H, W, C]`` or ``[C, H, W]``, uint8 or floats in [0, 1]).
@@ -53,7 +56,7 @@ VLM_METHODS = MethodRegistry("VLMPipeline")
 
 
 @VLM_METHODS.register("model", requires=("drafter",))
-def _model(pipe: "VLMPipeline", options: dict) -> Drafter:
+def _model(pipe: VLMPipeline, options: dict) -> Drafter:
     """The pipeline's drafter component (a draft VLM/LM or a vision-aware EAGLE head)."""
     if pipe.drafter is None:
         raise ValueError("speculative='model' needs the pipeline's drafter (VLMPipeline(..., drafter=...))")
@@ -61,9 +64,21 @@ def _model(pipe: "VLMPipeline", options: dict) -> Drafter:
 
 
 @VLM_METHODS.register("ngram")
-def _ngram(pipe: "VLMPipeline", options: dict) -> NGramDrafter:
+def _ngram(pipe: VLMPipeline, options: dict) -> NGramDrafter:
     """Prompt lookup: n-grams of the prompt and reply propose the continuation (training-free)."""
     return NGramDrafter(pipe.target.vocab_size)
+
+
+@VLM_METHODS.register("eagle3", options={"path": None, "layer_convention": None}, needs_options=("path",))
+def _eagle3(pipe: VLMPipeline, options: dict) -> Drafter:
+    """EAGLE-3 (arXiv 2503.01840): a head over three fused target layers with a reduced draft
+    vocabulary, from ``path`` -- mmspec's saved layout (``mmspec train-drafter --arch eagle3``) or the
+    vLLM / SGLang format (``layer_convention``: how that file's aux layer ids read, default "sglang")."""
+    if options.get("path") is None:
+        if isinstance(pipe.drafter, Eagle3Drafter):
+            return pipe.drafter
+        raise ValueError("speculative='eagle3' needs speculative_options={'path': DIR} (or an Eagle3Drafter as drafter)")
+    return load_eagle3_drafter(options["path"], pipe.target, layer_convention=options.get("layer_convention"))
 
 
 class VLMPipeline(SpeculativePipelineMixin):
@@ -91,7 +106,7 @@ class VLMPipeline(SpeculativePipelineMixin):
     def from_pretrained(
         cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
         drafter: Drafter | None = None,
-    ) -> "VLMPipeline":
+    ) -> VLMPipeline:
         """Load target and processor from an HF checkpoint directory or hub id."""
         return cls(load_vlm_target(path, dtype=dtype, device=device), AutoProcessor.from_pretrained(path), drafter)
 
@@ -155,6 +170,8 @@ class VLMPipeline(SpeculativePipelineMixin):
         stream: bool = False,
         speculative: str | None = None,
         callback_on_step_end: Callable[["VLMPipeline", int, None, dict], Any] | None = None,
+        repetition_penalty: float | None = None,
+        speculative_options: dict | None = None,
     ) -> VLMPipelineOutput | tuple | Iterator[str]:
         """Answer ``prompt`` about ``images``.
 
@@ -167,8 +184,12 @@ class VLMPipeline(SpeculativePipelineMixin):
             drafter: overrides the pipeline's drafter for this call.
             num_draft_tokens: drafts per step (0: the autoregressive baseline, even with a drafter).
             speculative: a method of :data:`VLM_METHODS` (``"model"``: the pipeline's drafter,
-                ``"ngram"``: prompt lookup) instead of a drafter object; not both.
+                ``"ngram"``: prompt lookup, ``"eagle3"``) instead of a drafter object; not both.
+            speculative_options: the method's options (e.g. ``{"path": DIR}`` for ``"eagle3"``).
             acceptance: the acceptance rule (name or instance), e.g. ``"exact"``, ``"greedy"``.
+            repetition_penalty: CTRL's penalty as transformers applies it (prompt tokens included),
+                in target and drafts alike; None = the checkpoint's ``generation_config`` value
+                (``target.generation_defaults``; Qwen2-VL-Instruct ships 1.05), 1 = off.
             return_dict: False returns ``(text, token_ids, lengths, stats)``.
             stream: return a generator of text pieces (one per verify step, for a single prompt);
                 its return value (``StopIteration.value``) is the full output.
@@ -188,11 +209,13 @@ class VLMPipeline(SpeculativePipelineMixin):
                        prompt_length=vlm_prompt.tokens.shape[1])
         if speculative is not None and drafter is not None:
             raise ValueError("pass either speculative= (a method name) or drafter= (an object), not both")
-        spec = self.resolve_speculation(speculative, None, acceptance)
+        spec = self.resolve_speculation(speculative, speculative_options, acceptance)
         acceptance = spec.rule
         drafter = spec.drafter if spec.drafter is not None else drafter if drafter is not None else self.drafter
         drafter = drafter if num_draft_tokens > 0 else None
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        if repetition_penalty is None:
+            repetition_penalty = self.target.generation_defaults.get("repetition_penalty", 1.0)
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         settings = dict(
             max_new_tokens=max_new_tokens, drafter=drafter, acceptance=acceptance, sampling=sampling,
             num_draft_tokens=num_draft_tokens if drafter is not None else 0, generator=generator,
@@ -231,8 +254,12 @@ class VLMPipeline(SpeculativePipelineMixin):
         prompt = self.target.encode_images(prompt)
         eos_ids = self.target.eos_token_ids
         pad_id = self._pad_token_id()
+        # Drafters that read other target features than the last layer's (EAGLE-3: three layers
+        # fused) say so by wrapping the target for this run.
+        features_target = getattr(drafter, "features_target", None)
+        target = self.target if features_target is None else features_target(self.target)
         out = speculative_generate(
-            self.target, prompt, self.target.new_cache(prompt.tokens.shape[0], capacity),
+            target, prompt, self.target.new_cache(prompt.tokens.shape[0], capacity),
             eos_token_id=eos_ids[0] if eos_ids else None, pad_token_id=pad_id, callback=callback, **settings,
         )
         tokens, lengths = out.tokens, out.lengths
@@ -310,8 +337,15 @@ class VLMPipeline(SpeculativePipelineMixin):
 
 
 def _load_image(image: ImageInput, index: int) -> PIL.Image.Image:
-    """An RGB image from a PIL image, a path or an array / tensor; ``ValueError`` naming the image if
-    it is unreadable."""
+    """A decoded PIL image from a PIL image or a path, **unconverted** (an RGB image from a numpy
+    array or tensor, in the layouts transformers' processors take); ``ValueError`` naming the image
+    if it is unreadable.
+
+    The mode is left to the processor, as ``processor(images=...)`` + ``model.generate`` do:
+    transformers' image processors composite transparent pixels (RGBA, LA, P with a transparent
+    colour) onto white (``image_transforms.convert_to_rgb``), while ``Image.convert("RGB")`` would
+    expose the hidden colour of fully transparent pixels and change the answers (issue 16, bug 1).
+    """
     if not isinstance(image, (PIL.Image.Image, str, os.PathLike, *_ARRAYS)):
         raise ValueError(f"image #{index} must be a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}")
     if isinstance(image, _ARRAYS):
@@ -320,7 +354,7 @@ def _load_image(image: ImageInput, index: int) -> PIL.Image.Image:
     try:
         loaded = image if isinstance(image, PIL.Image.Image) else PIL.Image.open(image)
         loaded.load()  # decode now: truncated or corrupt files fail here, not inside the processor
-        return loaded.convert("RGB")
+        return loaded
     except OSError as exc:
         raise ValueError(f"cannot read {name}: {exc}") from exc
 

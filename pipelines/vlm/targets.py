@@ -16,6 +16,7 @@ overwritten). Processor output, left-padded or not, is converted by :meth:`VLMPr
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Mapping
 
@@ -43,6 +44,10 @@ class VLMPrompt(TokenPrompt):
     2 video (Qwen; derived from the image token when absent). ``image_features``: ``[n, H]``
     projected features of all image tokens in order; when set, prefill skips the vision tower
     (:meth:`VLMTarget.encode_images` fills it so a target and a model drafter share one encoding).
+    ``features_from``: the vision encoder that computed ``image_features`` (set by
+    :meth:`VLMTarget.encode_images`); another model reuses them only if it has that very encoder,
+    otherwise it encodes ``pixel_values`` itself (a 2B draft VLM must not embed a 7B's features).
+    None: features given by the caller, trusted as this model's own.
     """
 
     pixel_values: torch.Tensor | None = None
@@ -50,6 +55,7 @@ class VLMPrompt(TokenPrompt):
     image_grid_thw: torch.Tensor | None = None
     mm_token_type_ids: torch.Tensor | None = None
     image_features: torch.Tensor | None = None
+    features_from: nn.Module | None = None
 
     @classmethod
     def from_processor(cls, batch: Mapping[str, torch.Tensor]) -> "VLMPrompt":
@@ -97,13 +103,19 @@ class VLMTarget(nn.Module):
     #: :class:`VLMPrompt` fields passed to ``encoder.get_image_features`` besides ``pixel_values``.
     image_inputs: tuple[str, ...] = ()
 
-    def __init__(self, encoder: nn.Module, decoder: VLMDecoder, config, eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, encoder: nn.Module, decoder: VLMDecoder, config, eos_token_ids: tuple[int, ...] = (),
+        generation_defaults: Mapping[str, float] | None = None,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.config = config
         self.image_token_id = int(config.image_token_id)
         self.eos_token_ids = tuple(eos_token_ids)
+        #: logits processors the checkpoint's ``generation_config.json`` asks for and mmspec applies
+        #: (:func:`generation_defaults`); the pipeline uses them unless a call overrides them.
+        self.generation_defaults = dict(generation_defaults or {})
 
     @classmethod
     def from_hf(cls, model: nn.Module, release_language_model: bool = False) -> "VLMTarget":
@@ -121,12 +133,12 @@ class VLMTarget(nn.Module):
             model.model.language_model = None
         eos = model.generation_config.eos_token_id
         eos_ids = () if eos is None else tuple([eos] if isinstance(eos, int) else eos)
-        return cls(model.model, decoder, model.config, eos_ids)
+        return cls(model.model, decoder, model.config, eos_ids, generation_defaults(model.generation_config))
 
     def with_decoder(self, decoder: VLMDecoder) -> "VLMTarget":
         """The same family and vision encoder (shared) with another language model: e.g. a smaller
         or perturbed decoder as a :class:`~mmspec.drafters.ModelDrafter` model."""
-        return type(self)(self.encoder, decoder, self.config, self.eos_token_ids)
+        return type(self)(self.encoder, decoder, self.config, self.eos_token_ids, self.generation_defaults)
 
     # ------------------------------------------------------------------ target contract
     @property
@@ -181,10 +193,14 @@ class VLMTarget(nn.Module):
         return torch.cat(list(per_image), dim=0)
 
     def encode_images(self, prompt: VLMPrompt) -> VLMPrompt:
-        """``prompt`` with :attr:`VLMPrompt.image_features` computed (no-op without images)."""
-        if prompt.pixel_values is None or prompt.image_features is not None:
+        """``prompt`` with :attr:`VLMPrompt.image_features` computed by this model's encoder (no-op
+        without images, or when they already are this encoder's / the caller's own features).
+        Features another encoder computed are replaced by this one's (issue 16, bug 2)."""
+        if prompt.pixel_values is None:
             return prompt
-        return replace(prompt, image_features=self.image_features(prompt))
+        if prompt.image_features is not None and prompt.features_from in (None, self.encoder):
+            return prompt
+        return replace(prompt, image_features=self.image_features(prompt), features_from=self.encoder)
 
     def embed_prompt(self, prompt: VLMPrompt) -> torch.Tensor:
         """Input embeddings ``[B, P, H]``: token embeddings with image features at image tokens."""
@@ -202,6 +218,11 @@ class VLMTarget(nn.Module):
             )
         if features is None:
             return embeds
+        if features.shape[-1] != embeds.shape[-1]:
+            raise ValueError(
+                f"the image features have width {features.shape[-1]} but this language model's embeddings have "
+                f"{embeds.shape[-1]}: features from another VLM's vision tower cannot be used (pass pixel values)"
+            )
         return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
 
     def rope_positions(self, prompt: VLMPrompt) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +231,42 @@ class VLMTarget(nn.Module):
         tokens = prompt.tokens
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         return positions, torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+
+
+#: ``generation_config`` fields that change which token greedy / sampled decoding picks and that
+#: mmspec does not implement, with the value that means "off". A checkpoint setting one gets a warning.
+UNSUPPORTED_GENERATION_FIELDS: dict[str, object] = {
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
+    "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None,
+    "exponential_decay_length_penalty": None, "num_beams": 1, "min_p": None, "typical_p": 1.0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+}
+
+
+def generation_defaults(generation_config) -> dict[str, float]:
+    """The logits processors of an HF ``GenerationConfig`` that mmspec applies (in target and
+    drafter alike): ``repetition_penalty``. Fields it cannot reproduce
+    (:data:`UNSUPPORTED_GENERATION_FIELDS`) set to anything but "off" raise a ``UserWarning`` naming
+    them: outputs would differ from ``model.generate``. Sampling fields (``temperature``, ``top_k``,
+    ``top_p``, ``do_sample``) are not read: mmspec's pipelines take them from the call (greedy by
+    default)."""
+    defaults = {}
+    penalty = getattr(generation_config, "repetition_penalty", None)
+    if penalty is not None and float(penalty) != 1.0:
+        defaults["repetition_penalty"] = float(penalty)
+    ignored = []
+    for name, off in UNSUPPORTED_GENERATION_FIELDS.items():
+        value = getattr(generation_config, name, off)
+        if value is not None and value != off and not (isinstance(value, (list, tuple, dict)) and not value):
+            ignored.append(f"{name}={value!r}")
+    if ignored:
+        warnings.warn(
+            f"the checkpoint's generation_config sets {', '.join(ignored)}, which mmspec does not implement: "
+            "its outputs will differ from model.generate for those settings (repetition_penalty is applied)",
+            UserWarning, stacklevel=3,
+        )
+    return defaults
 
 
 class LlavaTarget(VLMTarget):
