@@ -222,14 +222,16 @@ def check_image(path: str, max_side: int = DEFAULT_MAX_IMAGE_SIDE) -> str:
 
 
 def load_image(path: str, max_side: int = DEFAULT_MAX_IMAGE_SIDE):
-    """Decode ``path`` as an RGB PIL image after :func:`check_image`; ``ValueError`` if it is
-    unreadable, too large, truncated or corrupt."""
+    """Decode ``path`` as a PIL image after :func:`check_image`, in its own mode (the VLM processor
+    converts it as ``processor(...)`` does: transparent pixels composited onto white, not dropped);
+    ``ValueError`` if it is unreadable, too large, truncated or corrupt."""
     import PIL.Image
 
     check_image(path, max_side)
     try:
         with _no_pil_bomb_limit(), PIL.Image.open(path) as image:
-            return image.convert("RGB")
+            image.load()  # decode now: truncated or corrupt pixel data fails here
+            return image.copy()
     except (OSError, ValueError) as err:  # truncated or corrupt pixel data
         raise ValueError(f"cannot decode image {path}: {err}") from None
 

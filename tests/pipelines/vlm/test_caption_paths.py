@@ -50,3 +50,29 @@ def test_unreadable_paths_go_to_stderr(model_dir, tmp_path, capsys):
     assert "broken.png" in captured.err and "cannot read image" in captured.err
     with pytest.raises(SystemExit, match="no such folder or list file"):
         main(["caption", str(tmp_path / "missing.png"), "--model", str(model_dir), "--device", "cpu"])
+
+
+def test_the_caption_job_hands_transparent_images_to_the_processor_unconverted(model_dir, tmp_path, capsys):
+    """The batch job decodes images without dropping alpha: its caption of an RGBA image equals the
+    pipeline's on the same RGBA image (the processor composites onto white, issue 16 bug 1)."""
+    import numpy as np
+    import PIL.Image
+
+    rgba = np.asarray(image(3).convert("RGBA")).copy()
+    rgba[:, : rgba.shape[1] // 2, 3] = 0  # left half fully transparent: its hidden colour must not matter
+    rgba[:, : rgba.shape[1] // 2, :3] = (255, 0, 0)
+    picture = PIL.Image.fromarray(rgba, "RGBA")
+    picture.save(tmp_path / "alpha.png")
+    common = ["--model", str(model_dir), "--drafter", "none", "--max-new-tokens", "5", "--device", "cpu"]
+    assert main(["caption", str(tmp_path / "alpha.png"), *common]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    model, processor = tiny_vlm("llava")
+    pipe = VLMPipeline(load_vlm_target(model), processor)
+    with PIL.Image.open(tmp_path / "alpha.png") as loaded:
+        loaded.load()
+        expected = pipe(loaded.copy(), "What is in the image?", max_new_tokens=5)
+    assert line == f"{tmp_path / 'alpha.png'}\t{expected.text[0]}"
+    # The check has teeth: dropping alpha (the hidden red shows) gives the processor other pixels.
+    composited = processor.image_processor(picture, return_tensors="pt").pixel_values
+    alpha_dropped = processor.image_processor(picture.convert("RGB"), return_tensors="pt").pixel_values
+    assert not np.allclose(composited.numpy(), alpha_dropped.numpy())
