@@ -34,17 +34,21 @@ def coupling_configs(k: int) -> list[tuple[str, str | None, dict, int, tuple | N
     out = [("baseline", None, {}, k, None)]
     for rule in (None, LANTERN):
         tag = "" if rule is None else " + LANTERN δ=0.1"
-        out += [(f"sjd k={k}{tag}", "sjd", {}, k, rule),
-                (f"mc-sjd maximal k={k}{tag}", "mc-sjd", {}, k, rule),
-                (f"mc-sjd gumbel k={k}{tag}", "mc-sjd", {"coupling": "gumbel"}, k, rule)]
+        out += [
+            (f"sjd k={k}{tag}", "sjd", {}, k, rule),
+            (f"mc-sjd maximal k={k}{tag}", "mc-sjd", {}, k, rule),
+            (f"mc-sjd gumbel k={k}{tag}", "mc-sjd", {"coupling": "gumbel"}, k, rule),
+        ]
     return out
 
 
 def window_configs(widths: list[int], max_width: int) -> list[tuple]:
     out = [("baseline", None, {}, max_width, None)]
     out += [(f"mc-sjd fixed k={w}", "mc-sjd", {}, w, None) for w in widths]
-    out += [(f"mc-sjd heuristic (max {max_width})", "mc-sjd", {"window": "heuristic"}, max_width, None),
-            (f"mc-sjd cost-aware (max {max_width})", "mc-sjd", {"window": "cost"}, max_width, None)]
+    out += [
+        (f"mc-sjd heuristic (max {max_width})", "mc-sjd", {"window": "heuristic"}, max_width, None),
+        (f"mc-sjd cost-aware (max {max_width})", "mc-sjd", {"window": "cost"}, max_width, None),
+    ]
     return out
 
 
@@ -65,10 +69,18 @@ def run_config(pipe, config, labels, batch_size, guidance_scale) -> dict:
         kept = coupled = 0
         start = time.perf_counter()
         for s in range(0, len(labels), batch_size):
-            out = pipe(class_labels=labels[s : s + batch_size], guidance_scale=guidance_scale, temperature=1.0,
-                       generator=torch.Generator().manual_seed(s), speculative=method, num_draft_tokens=k,
-                       speculative_options=options or None, acceptance=None if rule is None else rule[0],
-                       acceptance_options=None if rule is None else rule[1], output_type="pt")
+            out = pipe(
+                class_labels=labels[s : s + batch_size],
+                guidance_scale=guidance_scale,
+                temperature=1.0,
+                generator=torch.Generator().manual_seed(s),
+                speculative=method,
+                num_draft_tokens=k,
+                speculative_options=options or None,
+                acceptance=None if rule is None else rule[0],
+                acceptance_options=None if rule is None else rule[1],
+                output_type="pt",
+            )
             steps += out.stats.steps
             row_steps += int(out.stats.row_steps.sum())
             accepted += int(out.stats.row_accepted.sum())
@@ -80,9 +92,13 @@ def run_config(pipe, config, labels, batch_size, guidance_scale) -> dict:
         seconds = time.perf_counter() - start
     finally:
         jacobi.JacobiDrafter.__init__ = original
-    return {"steps": steps, "accepted_per_step": accepted / max(row_steps, 1), "wall_s": seconds,
-            "mean_width": sum(widths) / len(widths) if widths else 0.0,
-            "kept_fraction": kept / coupled if coupled else None}
+    return {
+        "steps": steps,
+        "accepted_per_step": accepted / max(row_steps, 1),
+        "wall_s": seconds,
+        "mean_width": sum(widths) / len(widths) if widths else 0.0,
+        "kept_fraction": kept / coupled if coupled else None,
+    }
 
 
 def run_table(pipe, configs, labels, batch_size, guidance_scale, repeats) -> list[dict]:
@@ -94,18 +110,25 @@ def run_table(pipe, configs, labels, batch_size, guidance_scale, repeats) -> lis
             runs.append(run_config(pipe, config, labels, batch_size, guidance_scale))
     rows = []
     for config, runs in zip(configs, all_runs):
-        rows.append({
-            "name": config[0], "speculative": config[1], "speculative_options": config[2], "num_draft_tokens": config[3],
-            "acceptance": None if config[4] is None else config[4][0],
-            "acceptance_options": None if config[4] is None else config[4][1],
-            "steps": statistics.median(r["steps"] for r in runs),
-            "accepted_per_step": statistics.median(r["accepted_per_step"] for r in runs),
-            "mean_width": statistics.median(r["mean_width"] for r in runs),
-            "kept_fraction": runs[0]["kept_fraction"],
-            "wall_s_median": statistics.median(r["wall_s"] for r in runs),
-            "wall_s_all": [r["wall_s"] for r in runs],
-        })
-        print(f"  {config[0]}: {rows[-1]['steps']} steps, {rows[-1]['accepted_per_step']:.2f} acc/step", file=sys.stderr)
+        rows.append(
+            {
+                "name": config[0],
+                "speculative": config[1],
+                "speculative_options": config[2],
+                "num_draft_tokens": config[3],
+                "acceptance": None if config[4] is None else config[4][0],
+                "acceptance_options": None if config[4] is None else config[4][1],
+                "steps": statistics.median(r["steps"] for r in runs),
+                "accepted_per_step": statistics.median(r["accepted_per_step"] for r in runs),
+                "mean_width": statistics.median(r["mean_width"] for r in runs),
+                "kept_fraction": runs[0]["kept_fraction"],
+                "wall_s_median": statistics.median(r["wall_s"] for r in runs),
+                "wall_s_all": [r["wall_s"] for r in runs],
+            }
+        )
+        print(
+            f"  {config[0]}: {rows[-1]['steps']} steps, {rows[-1]['accepted_per_step']:.2f} acc/step", file=sys.stderr
+        )
     base = rows[0]["wall_s_median"]
     for row in rows:
         row["speedup"] = base / row["wall_s_median"]
@@ -113,13 +136,17 @@ def run_table(pipe, configs, labels, batch_size, guidance_scale, repeats) -> lis
 
 
 def markdown(rows: list[dict], sjd_ref: dict[str, float] | None = None) -> str:
-    lines = ["| config | target forwards | accepted/step (w/o bonus) | × SJD accepted | kept guesses | mean width | wall s (median) | speedup |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | target forwards | accepted/step (w/o bonus) | × SJD accepted | kept guesses | mean width | wall s (median) | speedup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ref = (sjd_ref or {}).get(r["name"])
         kept = "" if r["kept_fraction"] is None else f"{r['kept_fraction']:.2f}"
-        lines.append(f"| {r['name']} | {r['steps']:g} | {r['accepted_per_step']:.2f} | {'' if ref is None else f'{ref:.2f}x'} | "
-                     f"{kept} | {r['mean_width']:.1f} | {r['wall_s_median']:.2f} | {r['speedup']:.2f}x |")
+        lines.append(
+            f"| {r['name']} | {r['steps']:g} | {r['accepted_per_step']:.2f} | {'' if ref is None else f'{ref:.2f}x'} | "
+            f"{kept} | {r['mean_width']:.1f} | {r['wall_s_median']:.2f} | {r['speedup']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -138,22 +165,39 @@ def main() -> None:
     pipe = load_default_llamagen()
     pipe.set_progress_bar_config(disable=True)
     labels = [i % pipe.target.config.num_classes for i in range(args.num_images)]
-    run_config(pipe, ("warm-up", "mc-sjd", {}, 8, None), labels[: args.batch_size], args.batch_size, args.guidance_scale)
+    run_config(
+        pipe, ("warm-up", "mc-sjd", {}, 8, None), labels[: args.batch_size], args.batch_size, args.guidance_scale
+    )
     record = {
-        "environment": {"device": "cpu", "processor": platform.processor() or platform.machine(),
-                        "threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "command": " ".join(["python"] + sys.argv)},
-        "setup": {"batch_size": args.batch_size, "num_images": args.num_images, "guidance_scale": args.guidance_scale,
-                  "temperature": 1.0, "top_k": None, "repeats": args.repeats, "seeds": "generator seeded by each batch's first index"},
-        "coupling": {}, "window": None,
+        "environment": {
+            "device": "cpu",
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python"] + sys.argv),
+        },
+        "setup": {
+            "batch_size": args.batch_size,
+            "num_images": args.num_images,
+            "guidance_scale": args.guidance_scale,
+            "temperature": 1.0,
+            "top_k": None,
+            "repeats": args.repeats,
+            "seeds": "generator seeded by each batch's first index",
+        },
+        "coupling": {},
+        "window": None,
     }
     for k in args.num_draft_tokens:
         print(f"coupling, k={k}", file=sys.stderr)
-        record["coupling"][str(k)] = run_table(pipe, coupling_configs(k), labels, args.batch_size, args.guidance_scale, args.repeats)
+        record["coupling"][str(k)] = run_table(
+            pipe, coupling_configs(k), labels, args.batch_size, args.guidance_scale, args.repeats
+        )
     print("window", file=sys.stderr)
-    record["window"] = run_table(pipe, window_configs(args.widths, max(args.widths)), labels, args.batch_size,
-                                 args.guidance_scale, args.repeats)
+    record["window"] = run_table(
+        pipe, window_configs(args.widths, max(args.widths)), labels, args.batch_size, args.guidance_scale, args.repeats
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n")
     env = record["environment"]

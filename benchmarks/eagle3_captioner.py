@@ -65,15 +65,24 @@ def caption_all(pipe, images, drafter, batch_size: int, num_draft_tokens: int) -
     texts: list[str] = []
     for i in range(0, len(images), batch_size):
         batch = images[i : i + batch_size]
-        out = pipe([[image] for image in batch], [DEFAULT_QUESTION] * len(batch), max_new_tokens=16, drafter=timed,
-                   num_draft_tokens=num_draft_tokens if drafter is not None else 0)
+        out = pipe(
+            [[image] for image in batch],
+            [DEFAULT_QUESTION] * len(batch),
+            max_new_tokens=16,
+            drafter=timed,
+            num_draft_tokens=num_draft_tokens if drafter is not None else 0,
+        )
         steps += out.stats.steps
         accepted += int(out.stats.row_accepted.sum())
         row_steps += int(out.stats.row_steps.sum())
         texts += out.text
     per_step = accepted / max(row_steps, 1)
-    record = {"steps": steps, "accepted_per_step_without_bonus": per_step, "tokens_per_step_with_bonus": per_step + 1,
-              "wall_s": time.perf_counter() - start}
+    record = {
+        "steps": steps,
+        "accepted_per_step_without_bonus": per_step,
+        "tokens_per_step_with_bonus": per_step + 1,
+        "wall_s": time.perf_counter() - start,
+    }
     if timed is not None:
         record["draft_ms_per_step"] = 1000 * timed.draft_seconds / max(timed.draft_calls, 1)
     return record, texts
@@ -82,13 +91,17 @@ def caption_all(pipe, images, drafter, batch_size: int, num_draft_tokens: int) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="captioner folder written by mmspec train-captioner")
-    parser.add_argument("--drafter", action="append", default=[], metavar="NAME=DIR", help="a drafter to measure (repeatable)")
+    parser.add_argument(
+        "--drafter", action="append", default=[], metavar="NAME=DIR", help="a drafter to measure (repeatable)"
+    )
     parser.add_argument("--draft-model-name", default="draft model (captioner recipe)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "eagle3-captioner-cpu.json")
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--trees", action="store_true", help="also measure every EAGLE-style drafter with EAGLE-2 trees 4x3/10")
+    parser.add_argument(
+        "--trees", action="store_true", help="also measure every EAGLE-style drafter with EAGLE-2 trees 4x3/10"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_captioner_pipeline(args.model)
@@ -113,8 +126,13 @@ def main(argv: list[str] | None = None) -> None:
             rows[name]["exact_match_captions"] = sum(t == c for t, c in zip(texts, captions)) / len(captions)
         rows[name]["equal_to_baseline"] = texts == baseline_texts
         print(name, rows[name], flush=True)
-    record = {"model": str(args.model), "num_images": len(images), "threads": args.threads,
-              "num_draft_tokens": NUM_DRAFT_TOKENS, "rows": rows}
+    record = {
+        "model": str(args.model),
+        "num_images": len(images),
+        "threads": args.threads,
+        "num_draft_tokens": NUM_DRAFT_TOKENS,
+        "rows": rows,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n")
 

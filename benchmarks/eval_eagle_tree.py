@@ -20,11 +20,11 @@ import json
 from pathlib import Path
 
 import torch
-from mmspec.pipelines.llamagen.pipeline_llamagen import SpeculativeOptions
 
 from mmspec.app.defaults import load_default_llamagen
-from mmspec.drafters.eagle import TreeConfig
 from mmspec.app.evaluation import EvalMethod, evaluate_llamagen, format_report
+from mmspec.drafters.eagle import TreeConfig
+from mmspec.pipelines.llamagen.pipeline_llamagen import SpeculativeOptions
 
 
 class _TreePipe:
@@ -60,11 +60,21 @@ def main() -> None:
     pipe = load_default_llamagen()
     pipe.set_progress_bar_config(disable=True)
     labels = [i % pipe.target.config.num_classes for i in range(args.num_images)]  # as mmspec eval
-    sampling = {"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": None,
-                "num_draft_tokens": depth}  # mmspec eval's defaults; trees draft paths of the tree's depth
-    report = evaluate_llamagen(_TreePipe(pipe, SpeculativeOptions(eagle_tree=TreeConfig(depth, top_k, nodes))),
-                               [EvalMethod.parse(m) for m in args.method], labels, seed=args.seed,
-                               batch_size=args.batch_size, sampling=sampling, out_dir=args.output_dir)
+    sampling = {
+        "guidance_scale": args.guidance_scale,
+        "temperature": args.temperature,
+        "top_k": None,
+        "num_draft_tokens": depth,
+    }  # mmspec eval's defaults; trees draft paths of the tree's depth
+    report = evaluate_llamagen(
+        _TreePipe(pipe, SpeculativeOptions(eagle_tree=TreeConfig(depth, top_k, nodes))),
+        [EvalMethod.parse(m) for m in args.method],
+        labels,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        sampling=sampling,
+        out_dir=args.output_dir,
+    )
     report["eagle_tree"] = {"depth": depth, "top_k": top_k, "total_nodes": nodes}
     (args.output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))

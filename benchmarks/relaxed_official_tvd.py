@@ -83,8 +83,12 @@ def main() -> None:
     default = _mmspec_residual(relaxed, one_hot)
     tvd = _tvd(official, default)
     results["lantern_dynamic_residual_tvd"] = {
-        "all_rows": float(tvd.mean()), "rows_with_a_counted_neighbour": float(tvd[counted].mean()),
-        "share_of_rows_with_a_counted_neighbour": float(counted.float().mean()), "k": k, "delta": delta}
+        "all_rows": float(tvd.mean()),
+        "rows_with_a_counted_neighbour": float(tvd[counted].mean()),
+        "share_of_rows_with_a_counted_neighbour": float(counted.float().mean()),
+        "k": k,
+        "delta": delta,
+    }
 
     # 2. LANTERN++ (lambda = 3, k = 10), static tree (stochastic drafts): both official paths.
     k, lam = args.lpp_k, args.lpp_lam
@@ -100,7 +104,9 @@ def main() -> None:
 
     # 3. LANTERN acceptance: official float32 prefix vs mmspec's kernel (float64 prefix).
     mass_official, _ = lantern_official_mass(p, x_det, table, args.lantern_k, args.lantern_delta)
-    mass_default = LanternAcceptance(table, k=args.lantern_k, delta=args.lantern_delta).relaxed_target(p, x_det, None)[1]
+    mass_default = LanternAcceptance(table, k=args.lantern_k, delta=args.lantern_delta).relaxed_target(p, x_det, None)[
+        1
+    ]
     results["lantern_acceptance_max_abs_diff"] = float((mass_official - mass_default).abs().max())
 
     # 4. GSD (G = 14, thresholds 0.15 / 0.5 on the synthetic codebook rows): acceptance and residual.
@@ -115,14 +121,16 @@ def main() -> None:
     window = gsd_official_window(p, x_sto, 14)
     wrapped = (window < 0).all(-1)
     results["gsd"] = {
-        "mean_acceptance_default": float(default_accept.mean()), "mean_acceptance_official": float(official_accept.mean()),
+        "mean_acceptance_default": float(default_accept.mean()),
+        "mean_acceptance_official": float(official_accept.mean()),
         "mean_acceptance_exact": float(exact.mean()),
         "share_official_below_exact": float((official_accept < exact - 1e-7).float().mean()),
         "mean_abs_acceptance_diff": float((official_accept - default_accept).abs().mean()),
         "residual_tvd": float(_tvd(official_residual, default_residual).mean()),
         "share_of_drafts_in_the_wrapped_bottom_7": float(wrapped.float().mean()),
         "mean_abs_acceptance_diff_in_the_wrap": float((official_accept - default_accept)[wrapped].abs().mean())
-        if bool(wrapped.any()) else 0.0,
+        if bool(wrapped.any())
+        else 0.0,
     }
     # The wrap on purpose: drafts at the 7 lowest ranks (uniformly), where the windows differ most.
     low = p.argsort(-1)[torch.arange(rows), torch.arange(rows) % 7]
@@ -131,8 +139,10 @@ def main() -> None:
     q_low = q.gather(1, low[:, None])[:, 0]
     default_low = (relaxed_low.gather(1, low[:, None])[:, 0] / q_low).clamp(max=1)
     results["gsd"]["bottom_7_drafts"] = {
-        "mean_acceptance_default": float(default_low.mean()), "mean_acceptance_official": float(official_low.mean()),
-        "share_where_they_differ": float(((official_low - default_low).abs() > 1e-6).float().mean())}
+        "mean_acceptance_default": float(default_low.mean()),
+        "mean_acceptance_official": float(official_low.mean()),
+        "share_where_they_differ": float(((official_low - default_low).abs() > 1e-6).float().mean()),
+    }
 
     # 5. Neighbour tables: raw vs L2-normalised rows, k = 10.
     raw10, norm10 = build_latent_neighbours(codebook, 10), build_latent_neighbours(codebook, 10, normalize=True)
@@ -142,8 +152,9 @@ def main() -> None:
 
         weight = load_default_llamagen().vq.quantize.embedding.weight.detach().float()
         norms = weight.norm(dim=-1)
-        tables["reference_model_k10_overlap"] = _overlap(build_latent_neighbours(weight, 10),
-                                                         build_latent_neighbours(weight, 10, normalize=True))
+        tables["reference_model_k10_overlap"] = _overlap(
+            build_latent_neighbours(weight, 10), build_latent_neighbours(weight, 10, normalize=True)
+        )
         tables["reference_model_row_norms"] = [float(norms.min()), float(norms.max())]
     except FileNotFoundError as err:
         tables["reference_model"] = f"not measured: {err}"
@@ -157,7 +168,8 @@ def main() -> None:
     mmspec_relaxed, _ = mmspec_rule.relaxed_target(one_hot_target, near, None)
     results["greedy_nearest_neighbour_of_argmax_accepted"] = {
         "official": float(official_pass.float().mean()),
-        "mmspec_greedy_neighbours_1": float((mmspec_relaxed.gather(1, near[:, None])[:, 0] == 1).float().mean())}
+        "mmspec_greedy_neighbours_1": float((mmspec_relaxed.gather(1, near[:, None])[:, 0] == 1).float().mean()),
+    }
 
     text = json.dumps(results, indent=2)
     print(text)

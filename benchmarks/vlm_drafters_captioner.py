@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-from mmspec.pipelines.vlm import VISUAL_PATHS, VLMEagleDrafter
 
 from mmspec.app.defaults import default_captioner_path
 from mmspec.drafters import NGramDrafter
 from mmspec.drafters.eagle import TreeConfig
+from mmspec.pipelines.vlm import VISUAL_PATHS, VLMEagleDrafter
 from mmspec.training.captioner_data import CaptionDataConfig
 from mmspec.training.captioner_model import DEFAULT_QUESTION
 from mmspec.training.reference import RECIPE_FILE
@@ -39,15 +39,24 @@ def caption_all(pipe, images, drafter, batch_size: int) -> tuple[dict, list[str]
     texts: list[str] = []
     for i in range(0, len(images), batch_size):
         batch = images[i : i + batch_size]
-        out = pipe([[image] for image in batch], [DEFAULT_QUESTION] * len(batch), max_new_tokens=16, drafter=drafter,
-                   num_draft_tokens=NUM_DRAFT_TOKENS if drafter is not None else 0)
+        out = pipe(
+            [[image] for image in batch],
+            [DEFAULT_QUESTION] * len(batch),
+            max_new_tokens=16,
+            drafter=drafter,
+            num_draft_tokens=NUM_DRAFT_TOKENS if drafter is not None else 0,
+        )
         steps += out.stats.steps
         accepted += int(out.stats.row_accepted.sum())
         row_steps += int(out.stats.row_steps.sum())
         texts += out.text
     per_step = accepted / max(row_steps, 1)
-    record = {"steps": steps, "accepted_per_step_without_bonus": per_step, "tokens_per_step_with_bonus": per_step + 1,
-              "wall_s": time.perf_counter() - start}
+    record = {
+        "steps": steps,
+        "accepted_per_step_without_bonus": per_step,
+        "tokens_per_step_with_bonus": per_step + 1,
+        "wall_s": time.perf_counter() - start,
+    }
     return record, texts
 
 
@@ -64,9 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("drafters_dir", type=Path, help="folder of trained VLM drafters, one subfolder per visual path")
     parser.add_argument("--model", type=Path, default=None, help="captioner folder (default: the embedded captioner)")
-    parser.add_argument("--draft-model-name", default="draft model (1-layer LM, shipped)",
-                        help="row name of the captioner's own draft model")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "vlm-drafters-captioner-cpu.json")
+    parser.add_argument(
+        "--draft-model-name",
+        default="draft model (1-layer LM, shipped)",
+        help="row name of the captioner's own draft model",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).parent / "results" / "vlm-drafters-captioner-cpu.json"
+    )
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)

@@ -60,8 +60,7 @@ def _check_neighbour_mass(probs, tokens, neighbours, budget):
     return rows, vocab, neighbours.shape[1]
 
 
-def _check_group_mass(target_probs, draft_probs, tokens, candidates, embeddings, prob_threshold,
-                      dist_threshold):
+def _check_group_mass(target_probs, draft_probs, tokens, candidates, embeddings, prob_threshold, dist_threshold):
     """Validates :func:`gsd_group_mass`'s arguments and returns ``(R, V, G, C)``."""
     if target_probs.dim() != 2:
         raise _shape_error("target_probs", "[R, V]", target_probs)
@@ -75,8 +74,9 @@ def _check_group_mass(target_probs, draft_probs, tokens, candidates, embeddings,
     if embeddings.dim() != 2 or embeddings.shape[0] != vocab:
         raise _shape_error("embeddings", f"[V, C] with V = {vocab} (one row per token)", embeddings)
     if not prob_threshold >= 0 or not dist_threshold >= 0:
-        raise ValueError(f"thresholds must be >= 0, got prob_threshold={prob_threshold}, "
-                         f"dist_threshold={dist_threshold}")
+        raise ValueError(
+            f"thresholds must be >= 0, got prob_threshold={prob_threshold}, dist_threshold={dist_threshold}"
+        )
     return rows, vocab, candidates.shape[1], embeddings.shape[1]
 
 
@@ -101,8 +101,10 @@ def lantern_neighbour_mass_ref(
     rows, _, num_neighbours = _check_neighbour_mass(probs, tokens, neighbours, budget)
     device = probs.device
     if num_neighbours == 0 or rows == 0:
-        return (torch.zeros(rows, dtype=torch.float32, device=device),
-                torch.zeros(rows, dtype=torch.long, device=device))
+        return (
+            torch.zeros(rows, dtype=torch.float32, device=device),
+            torch.zeros(rows, dtype=torch.long, device=device),
+        )
     acc = _accumulation_dtype(device)
     p = probs.float()
     tokens = tokens.long()
@@ -126,8 +128,7 @@ def gsd_group_mass_ref(
     dist_threshold,
 ):
     """PyTorch reference of :func:`gsd_group_mass` (same arguments and returns)."""
-    _check_group_mass(target_probs, draft_probs, tokens, candidates, embeddings, prob_threshold,
-                      dist_threshold)
+    _check_group_mass(target_probs, draft_probs, tokens, candidates, embeddings, prob_threshold, dist_threshold)
     acc = _accumulation_dtype(target_probs.device)
     p = target_probs.float()
     tokens = tokens.long()
@@ -139,8 +140,7 @@ def gsd_group_mass_ref(
     emb = embeddings.float()
     diff = emb[ids].to(acc) - emb[tokens].to(acc)[:, None]  # [R, G, C]
     dist = (diff * diff).sum(-1)  # [R, G] squared Euclidean distance to the draft token
-    members = (valid & ((p_c - p_x).abs() <= _as_float32(prob_threshold))
-               & (dist <= _as_float32(dist_threshold)))
+    members = valid & ((p_c - p_x).abs() <= _as_float32(prob_threshold)) & (dist <= _as_float32(dist_threshold))
     if draft_probs is None:
         q_c = (ids == tokens[:, None]).float()
     else:
@@ -235,8 +235,9 @@ if HAS_TRITON:
             offs_c = start + offs_c0
             in_dim = offs_c < dim
             e_x = tl.load(embeddings_ptr + x * dim + offs_c, mask=in_dim, other=0.0)
-            e_c = tl.load(embeddings_ptr + ids[:, None] * dim + offs_c[None, :],
-                          mask=valid[:, None] & in_dim[None, :], other=0.0)
+            e_c = tl.load(
+                embeddings_ptr + ids[:, None] * dim + offs_c[None, :], mask=valid[:, None] & in_dim[None, :], other=0.0
+            )
             diff = e_c.to(ACC_DTYPE) - e_x.to(ACC_DTYPE)[None, :]
             dist += tl.sum(diff * diff, 1)
         dist_limit = (tl.zeros((), tl.float32) + dist_threshold).to(ACC_DTYPE)
@@ -272,8 +273,7 @@ def _kernel_probs(probs):
     return probs.float().contiguous()
 
 
-def lantern_neighbour_mass_triton(probs, tokens, neighbours, budget, relative=False,
-                                  block_size=None):
+def lantern_neighbour_mass_triton(probs, tokens, neighbours, budget, relative=False, block_size=None):
     """Triton launcher of :func:`lantern_neighbour_mass`; ``block_size`` (a power of two)
     overrides the neighbour chunk size (tests use it to exercise several chunks)."""
     _require_triton()
@@ -287,20 +287,32 @@ def lantern_neighbour_mass_triton(probs, tokens, neighbours, budget, relative=Fa
         neighbours = neighbours.contiguous()
     block = block_size or min(triton.next_power_of_2(num_neighbours), 1024)
     lantern_neighbour_mass_kernel[(rows,)](
-        _kernel_probs(probs), tokens.long().contiguous(), neighbours, mass, count, vocab,
-        num_neighbours, neighbours.stride(0), _as_float32(budget), RELATIVE=bool(relative),
-        ACC_DTYPE=_triton_acc_dtype(device), BLOCK=block, num_warps=4,
+        _kernel_probs(probs),
+        tokens.long().contiguous(),
+        neighbours,
+        mass,
+        count,
+        vocab,
+        num_neighbours,
+        neighbours.stride(0),
+        _as_float32(budget),
+        RELATIVE=bool(relative),
+        ACC_DTYPE=_triton_acc_dtype(device),
+        BLOCK=block,
+        num_warps=4,
     )
     return mass, count
 
 
-def gsd_group_mass_triton(target_probs, draft_probs, tokens, candidates, embeddings,
-                          prob_threshold, dist_threshold, block_size=None):
+def gsd_group_mass_triton(
+    target_probs, draft_probs, tokens, candidates, embeddings, prob_threshold, dist_threshold, block_size=None
+):
     """Triton launcher of :func:`gsd_group_mass`; ``block_size`` (a power of two) overrides the
     embedding-dimension chunk size."""
     _require_triton()
-    rows, vocab, group, dim = _check_group_mass(target_probs, draft_probs, tokens, candidates,
-                                                embeddings, prob_threshold, dist_threshold)
+    rows, vocab, group, dim = _check_group_mass(
+        target_probs, draft_probs, tokens, candidates, embeddings, prob_threshold, dist_threshold
+    )
     device = target_probs.device
     p_sum = torch.zeros(rows, dtype=torch.float32, device=device)
     q_sum = torch.zeros(rows, dtype=torch.float32, device=device)
@@ -310,12 +322,24 @@ def gsd_group_mass_triton(target_probs, draft_probs, tokens, candidates, embeddi
     target = _kernel_probs(target_probs)
     block_c = block_size or min(triton.next_power_of_2(max(dim, 1)), 64)
     gsd_group_mass_kernel[(rows,)](
-        target, target if draft_probs is None else _kernel_probs(draft_probs),
-        tokens.long().contiguous(), candidates.long().contiguous(),
-        embeddings.float().contiguous(), p_sum, q_sum, members, vocab, group, dim,
-        _as_float32(prob_threshold), _as_float32(dist_threshold),
-        Q_MODE=2 if draft_probs is None else 1, ACC_DTYPE=_triton_acc_dtype(device),
-        BLOCK_G=triton.next_power_of_2(group), BLOCK_C=block_c, num_warps=4,
+        target,
+        target if draft_probs is None else _kernel_probs(draft_probs),
+        tokens.long().contiguous(),
+        candidates.long().contiguous(),
+        embeddings.float().contiguous(),
+        p_sum,
+        q_sum,
+        members,
+        vocab,
+        group,
+        dim,
+        _as_float32(prob_threshold),
+        _as_float32(dist_threshold),
+        Q_MODE=2 if draft_probs is None else 1,
+        ACC_DTYPE=_triton_acc_dtype(device),
+        BLOCK_G=triton.next_power_of_2(group),
+        BLOCK_C=block_c,
+        num_warps=4,
     )
     return p_sum, q_sum, members.bool()
 
@@ -373,5 +397,4 @@ def gsd_group_mass(
     :func:`gsd_group_mass_ref`.
     """
     op = gsd_group_mass_triton if _use_triton(target_probs) else gsd_group_mass_ref
-    return op(target_probs, draft_probs, tokens, candidates, embeddings, prob_threshold,
-              dist_threshold)
+    return op(target_probs, draft_probs, tokens, candidates, embeddings, prob_threshold, dist_threshold)

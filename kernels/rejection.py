@@ -63,10 +63,7 @@ def _check_draft_probs(draft_probs, leading, expected, vocab):
     if draft_probs.dim() != 3 or tuple(draft_probs.shape[:2]) != leading:
         raise _shape_error("draft_probs", expected, draft_probs)
     if draft_probs.shape[2] != vocab:
-        raise ValueError(
-            f"draft vocabulary size {draft_probs.shape[2]} does not match "
-            f"target vocabulary size {vocab}"
-        )
+        raise ValueError(f"draft vocabulary size {draft_probs.shape[2]} does not match target vocabulary size {vocab}")
 
 
 def _check_chain(draft_tokens, draft_probs, target_probs, uniform_accept, uniform_sample):
@@ -87,8 +84,7 @@ def _check_chain(draft_tokens, draft_probs, target_probs, uniform_accept, unifor
     return batch, k, vocab
 
 
-def _check_tree(node_tokens, children, draft_probs, target_probs, uniform_accept, uniform_sample,
-                max_depth):
+def _check_tree(node_tokens, children, draft_probs, target_probs, uniform_accept, uniform_sample, max_depth):
     """Validates the tree op's shapes and returns ``(B, N, C, V)``."""
     if node_tokens.dim() != 2:
         raise _shape_error("node_tokens", "[B, N]", node_tokens)
@@ -102,8 +98,7 @@ def _check_tree(node_tokens, children, draft_probs, target_probs, uniform_accept
     vocab = target_probs.shape[2]
     if vocab == 0:
         raise ValueError("target_probs has an empty vocabulary")
-    _check_draft_probs(draft_probs, (batch, num_nodes),
-                       f"[B, N, V] = [{batch}, {num_nodes}, {vocab}]", vocab)
+    _check_draft_probs(draft_probs, (batch, num_nodes), f"[B, N, V] = [{batch}, {num_nodes}, {vocab}]", vocab)
     if tuple(uniform_accept.shape) != (batch, num_nodes):
         raise _shape_error("uniform_accept", f"[B, N] = [{batch}, {num_nodes}]", uniform_accept)
     if tuple(uniform_sample.shape) != (batch,):
@@ -114,8 +109,7 @@ def _check_tree(node_tokens, children, draft_probs, target_probs, uniform_accept
 
 
 def _use_triton(probs):
-    return (HAS_TRITON and probs.is_cuda
-            and os.environ.get("MMSPEC_DISABLE_TRITON", "0") != "1")
+    return HAS_TRITON and probs.is_cuda and os.environ.get("MMSPEC_DISABLE_TRITON", "0") != "1"
 
 
 def _require_triton():
@@ -181,8 +175,7 @@ def chain_rejection_sample_ref(
     uniform_sample,  # [B] in [0, 1)
 ):
     """PyTorch reference of :func:`chain_rejection_sample` (same arguments and returns)."""
-    batch, k, vocab = _check_chain(draft_tokens, draft_probs, target_probs, uniform_accept,
-                                   uniform_sample)
+    batch, k, vocab = _check_chain(draft_tokens, draft_probs, target_probs, uniform_accept, uniform_sample)
     tokens = draft_tokens.long()
     target = target_probs.float()
     draft = None if draft_probs is None else draft_probs.float()
@@ -293,8 +286,7 @@ def tree_walk_ref(
             # All-zero residual: p == q, the rejection had probability 0 (see
             # _sample_residual_ref); fall back to the node's own target.
             residual = torch.where(total > 0, residual / total, target[rows, cur])
-            p = torch.where(accept[:, None], target[rows, node],
-                            torch.where(reject[:, None], residual, p))
+            p = torch.where(accept[:, None], target[rows, node], torch.where(reject[:, None], residual, p))
             accepted_nodes[:, depth] = torch.where(accept, child, accepted_nodes[:, depth])
             out_tokens[:, depth] = torch.where(accept, x, out_tokens[:, depth])
             cur = torch.where(accept, node, cur)
@@ -342,8 +334,7 @@ if HAS_TRITON:
         return tl.maximum(p - q, 0.0)
 
     @triton.jit
-    def _sample_residual(p_row, q_row, x, q_limit, s, vocab, BLOCK: tl.constexpr,
-                         Q_MODE: tl.constexpr):
+    def _sample_residual(p_row, q_row, x, q_limit, s, vocab, BLOCK: tl.constexpr, Q_MODE: tl.constexpr):
         """Inverse-CDF sample (uniform ``s``) from max(0, p - q), or p if that is all zero.
         Two passes over V: totals, then a blockwise running cumsum (same rule as the ref)."""
         offs0 = tl.arange(0, BLOCK)
@@ -502,14 +493,12 @@ if HAS_TRITON:
                                 tl.store(work + offs, tl.math.div_rn(r, total), mask=mask)
                         else:
                             # p == q: probability-0 rejection, fall back to the node's target
-                            _copy_row(work, target_probs_ptr + (row * num_nodes + cur) * vocab,
-                                      vocab, BLOCK)
+                            _copy_row(work, target_probs_ptr + (row * num_nodes + cur) * vocab, vocab, BLOCK)
                     tl.debug_barrier()
             active = active * moved
 
         # Q_MODE 0: sample the working row itself (recovered or bonus token)
-        token = _sample_residual(work, work, -1, 0, tl.load(uniform_sample_ptr + row), vocab,
-                                 BLOCK, 0)
+        token = _sample_residual(work, work, -1, 0, tl.load(uniform_sample_ptr + row), vocab, BLOCK, 0)
         tl.store(out_tokens_ptr + row * (max_depth + 1) + depth, token.to(tl.int64))
         tl.store(num_accepted_ptr + row, depth.to(tl.int64))
 
@@ -534,8 +523,7 @@ def chain_rejection_sample_triton(
     """Triton launcher of :func:`chain_rejection_sample`; ``block_size`` (a power of two)
     overrides the vocabulary chunk size (tests use it to exercise several chunks)."""
     _require_triton()
-    batch, k, vocab = _check_chain(draft_tokens, draft_probs, target_probs, uniform_accept,
-                                   uniform_sample)
+    batch, k, vocab = _check_chain(draft_tokens, draft_probs, target_probs, uniform_accept, uniform_sample)
     device = draft_tokens.device
     target = _kernel_probs(target_probs)
     num_accepted = torch.empty(batch, dtype=torch.long, device=device)
@@ -575,8 +563,8 @@ def tree_rejection_sample_triton(
     row holding each program's working residual. ``block_size`` as in the chain launcher."""
     _require_triton()
     batch, num_nodes, num_slots, vocab = _check_tree(
-        node_tokens, children, draft_probs, target_probs, uniform_accept, uniform_sample,
-        max_depth)
+        node_tokens, children, draft_probs, target_probs, uniform_accept, uniform_sample, max_depth
+    )
     device = node_tokens.device
     target = _kernel_probs(target_probs)
     num_accepted = torch.empty(batch, dtype=torch.long, device=device)
@@ -673,5 +661,4 @@ def tree_rejection_sample(
     :func:`tree_rejection_sample_ref`.
     """
     op = tree_rejection_sample_triton if _use_triton(target_probs) else tree_rejection_sample_ref
-    return op(node_tokens, children, draft_probs, target_probs, uniform_accept, uniform_sample,
-              max_depth)
+    return op(node_tokens, children, draft_probs, target_probs, uniform_accept, uniform_sample, max_depth)

@@ -10,7 +10,8 @@ token rules; :mod:`mmspec.rules` imports every rule module and looks rules up by
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -18,10 +19,10 @@ from .kernels.rejection import chain_rejection_sample, tree_rejection_sample
 from .sampling import SamplingConfig
 from .types import Categorical, CommitMode, Distribution, Draft, Verdict
 
-ACCEPTANCE_RULES: dict[str, type["AcceptanceRule"]] = {}
+ACCEPTANCE_RULES: dict[str, type[AcceptanceRule]] = {}
 
 
-def register_acceptance_rule(cls: type["AcceptanceRule"]) -> type["AcceptanceRule"]:
+def register_acceptance_rule(cls: type[AcceptanceRule]) -> type[AcceptanceRule]:
     """Class decorator: make a rule available by its ``name``."""
     ACCEPTANCE_RULES[cls.name] = cls
     return cls
@@ -51,7 +52,7 @@ class AcceptanceRule(ABC):
     distribution: ClassVar[type | None] = Categorical
 
     @classmethod
-    def from_resources(cls, resources: dict, **options) -> "AcceptanceRule":
+    def from_resources(cls, resources: dict, **options) -> AcceptanceRule:
         """Build the rule for a pipeline: ``resources`` holds what the pipeline offers rules that
         need its models (``"codebook"`` ``[V, C]``, ``"token_embeddings"`` ``[V, H]``, ``"grid"``
         ``(h, w)``, ``"cache_dir"``: see ``SpeculativePipeline.rule_resources``); most rules only
@@ -75,8 +76,10 @@ class AcceptanceRule(ABC):
     def _probs(self, target: Distribution | None) -> torch.Tensor:
         """``target.probs`` of a categorical view, or a TypeError that says what to pass."""
         if not isinstance(target, Categorical):
-            raise TypeError(f"acceptance rule {self.name!r} reads a Categorical view of the target "
-                            f"(mmspec.types.Categorical(probs [B, T, V])), got {type(target).__name__}")
+            raise TypeError(
+                f"acceptance rule {self.name!r} reads a Categorical view of the target "
+                f"(mmspec.types.Categorical(probs [B, T, V])), got {type(target).__name__}"
+            )
         return target.probs
 
 
@@ -171,7 +174,12 @@ class ExactAcceptance(AcceptanceRule):
             return Verdict(num_accepted, tokens, is_bonus=num_accepted == num_nodes)
         tree = draft.tree
         num_accepted, accepted_nodes, tokens = tree_rejection_sample(
-            draft.tokens, tree.children, draft.draft_probs, target_probs, uniform_accept, uniform_sample,
+            draft.tokens,
+            tree.children,
+            draft.draft_probs,
+            target_probs,
+            uniform_accept,
+            uniform_sample,
             tree.max_depth,
         )
         rows = torch.arange(batch, device=device)

@@ -94,7 +94,9 @@ class StaticKVCache:
         self.blocked[:, : blocked.shape[1]] = blocked.to(torch.bool)
 
     # ------------------------------------------------------------------ writes
-    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys/values of one layer at ``slots`` and return the layer's full K, V.
 
         Args:

@@ -54,8 +54,12 @@ class CompiledTarget:
         if self.mode == "reduce-overhead":
             # CUDA-graph outputs live in static memory overwritten by the next replay: copy them
             # out, because the loop keeps the features for the drafter until the next step.
-            out = TargetOutput(*(None if t is None else t.clone() for t in
-                                 (out.logits, out.hidden_states, out.uncond_logits, out.uncond_hidden_states)))
+            out = TargetOutput(
+                *(
+                    None if t is None else t.clone()
+                    for t in (out.logits, out.hidden_states, out.uncond_logits, out.uncond_hidden_states)
+                )
+            )
         return out
 
     __call__ = forward

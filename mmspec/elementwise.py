@@ -15,8 +15,6 @@ the target on its own (``commit = "elementwise"``; run by :func:`mmspec.loops.ma
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
 from .acceptance import AcceptanceRule, register_acceptance_rule
@@ -51,8 +49,11 @@ class ElementwiseExactAcceptance(AcceptanceRule):
         p = self._probs(target).float()  # [B, k, V]
         tokens = draft.tokens  # [B, k]
         pending = _pending(draft)
-        q = draft.draft_probs.float() if draft.draft_probs is not None else torch.nn.functional.one_hot(
-            tokens, p.shape[-1]).float()
+        q = (
+            draft.draft_probs.float()
+            if draft.draft_probs is not None
+            else torch.nn.functional.one_hot(tokens, p.shape[-1]).float()
+        )
         p_x, q_x = p.gather(2, tokens[..., None])[..., 0], q.gather(2, tokens[..., None])[..., 0]
         uniform = torch.rand(tokens.shape, generator=generator, device=p.device)
         accept = uniform * q_x < p_x  # u < p(x) / q(x), without dividing by zero
@@ -92,8 +93,10 @@ class GaussianExactAcceptance(AcceptanceRule):
 
     def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
         if not isinstance(target, DiagonalGaussian) or draft.proposal is None:
-            raise TypeError("gaussian-exact reads a DiagonalGaussian view of the target and the draft's Gaussian "
-                            "proposal (Draft.proposal)")
+            raise TypeError(
+                "gaussian-exact reads a DiagonalGaussian view of the target and the draft's Gaussian "
+                "proposal (Draft.proposal)"
+            )
         p, q, x = target, draft.proposal, draft.tokens  # x: [B, k, C]
         pending = _pending(draft)
         uniform = torch.rand(x.shape[:2], generator=generator, device=x.device)
@@ -102,7 +105,9 @@ class GaussianExactAcceptance(AcceptanceRule):
         source = torch.where(accept, SOURCE_ACCEPTED, SOURCE_RECOVERED).masked_fill(~pending, SOURCE_NONE)
         return Verdict.elementwise(torch.where(accept[..., None], x, recovered), source)
 
-    def residual_sample(self, p: DiagonalGaussian, q: DiagonalGaussian, generator: torch.Generator | None) -> torch.Tensor:
+    def residual_sample(
+        self, p: DiagonalGaussian, q: DiagonalGaussian, generator: torch.Generator | None
+    ) -> torch.Tensor:
         """One draw ``[B, k, C]`` per element from ``norm(max(0, p - q))`` (acceptance–rejection with
         proposal ``p``, ``max_tries`` tries, then a plain draw from ``p``). A fixed number of tries for
         every element keeps the random stream independent of the outcomes."""
@@ -111,7 +116,8 @@ class GaussianExactAcceptance(AcceptanceRule):
         for _ in range(self.max_tries):
             y = p.sample(generator)
             keep = torch.rand(out.shape[:2], generator=generator, device=out.device) < -torch.expm1(
-                q.log_prob(y) - p.log_prob(y))  # u < 1 - q(y)/p(y)
+                q.log_prob(y) - p.log_prob(y)
+            )  # u < 1 - q(y)/p(y)
             take = keep & ~done
             out = torch.where(take[..., None], y, out)
             done |= keep
@@ -138,8 +144,9 @@ class GaussianTemperedAcceptance(GaussianExactAcceptance):
 
     name = "gaussian-tempered"
     lossless = False
-    bound = ("none a priori; TVD(committed, p) <= acceptance gained over the exact test (estimated per run in "
-             "moved_mass)")
+    bound = (
+        "none a priori; TVD(committed, p) <= acceptance gained over the exact test (estimated per run in moved_mass)"
+    )
 
     def __init__(self, lam: float = 42.0, sigma_ratio: bool = True, max_tries: int = 100) -> None:
         super().__init__(max_tries)
@@ -149,8 +156,10 @@ class GaussianTemperedAcceptance(GaussianExactAcceptance):
 
     def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
         if not isinstance(target, DiagonalGaussian) or draft.proposal is None:
-            raise TypeError("gaussian-tempered reads a DiagonalGaussian view of the target and the draft's Gaussian "
-                            "proposal (Draft.proposal)")
+            raise TypeError(
+                "gaussian-tempered reads a DiagonalGaussian view of the target and the draft's Gaussian "
+                "proposal (Draft.proposal)"
+            )
         p, q, x = target, draft.proposal, draft.tokens.float()  # x: [B, k, C]
         pending = _pending(draft)
         z_p = (x - p.mean.float()) / p.std.float()
@@ -166,8 +175,9 @@ class GaussianTemperedAcceptance(GaussianExactAcceptance):
         a_relaxed, a_exact = log_relaxed.clamp(max=0).exp(), log_exact.clamp(max=0).exp()
         gained = (a_relaxed - a_exact).clamp(min=0) / a_relaxed.clamp(min=1e-30)
         moved = torch.where(accept & pending, gained, 0.0)
-        return Verdict.elementwise(torch.where(accept[..., None], draft.tokens, recovered.to(draft.tokens.dtype)), source,
-                                   moved_mass=moved)
+        return Verdict.elementwise(
+            torch.where(accept[..., None], draft.tokens, recovered.to(draft.tokens.dtype)), source, moved_mass=moved
+        )
 
 
 @register_acceptance_rule
@@ -191,12 +201,15 @@ class PooledThresholdAcceptance(AcceptanceRule):
     bound = "no per-token TVD bound; every kept draft has pooled target probability >= tau on its last verify"
     commit = CommitMode.ELEMENTWISE
 
-    def __init__(self, grid: tuple[int, int], tau: float = 0.05, pool_size: int = 3, pool: str = "mean",
-                 radius: int = 1) -> None:
+    def __init__(
+        self, grid: tuple[int, int], tau: float = 0.05, pool_size: int = 3, pool: str = "mean", radius: int = 1
+    ) -> None:
         if not tau >= 0:
             raise ValueError(f"tau must be >= 0 (a probability threshold; > 1 accepts nothing), got {tau}")
         if not _is_int(pool_size) or pool_size < 1 or pool_size % 2 == 0:
-            raise ValueError(f"pool_size must be an odd integer >= 1 (a window centred on the token), got {pool_size!r}")
+            raise ValueError(
+                f"pool_size must be an odd integer >= 1 (a window centred on the token), got {pool_size!r}"
+            )
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if not _is_int(radius) or radius < 0:
@@ -204,14 +217,16 @@ class PooledThresholdAcceptance(AcceptanceRule):
         self.grid, self.tau, self.pool_size, self.pool, self.radius = tuple(grid), tau, pool_size, pool, radius
 
     @classmethod
-    def from_resources(cls, resources: dict, **options) -> "PooledThresholdAcceptance":
+    def from_resources(cls, resources: dict, **options) -> PooledThresholdAcceptance:
         if "grid" not in resources:
             raise ValueError("acceptance='mulo' needs a pipeline with a 2-D token grid")
         return cls(resources["grid"], **options)
 
     def __repr__(self) -> str:
-        return (f"PooledThresholdAcceptance(grid={self.grid}, tau={self.tau}, pool_size={self.pool_size}, "
-                f"pool={self.pool!r}, radius={self.radius})")
+        return (
+            f"PooledThresholdAcceptance(grid={self.grid}, tau={self.tau}, pool_size={self.pool_size}, "
+            f"pool={self.pool!r}, radius={self.radius})"
+        )
 
     def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
         probs = self._probs(target)  # [B, N, V]

@@ -5,9 +5,10 @@ default acceptance rule, options). The pipelines dispatch on it; the CLI (``gene
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 LOOPS = ("causal", "masked", "block")
 #: How the rules a loop runs commit (``AcceptanceRule.commit`` values).
@@ -69,9 +70,18 @@ class MethodRegistry:
         self.pipeline = pipeline
         self._methods: dict[str, Method] = {}
 
-    def register(self, name: str, *, loop: str = "causal", default_rule: str = "exact",
-                 options: Mapping[str, Any] | None = None, requires: tuple[str, ...] = (), lossless: bool = True,
-                 description: str = "", needs_options: tuple[str, ...] = ()) -> Callable[[Callable[[Any, dict], Any]], Callable[[Any, dict], Any]]:
+    def register(
+        self,
+        name: str,
+        *,
+        loop: str = "causal",
+        default_rule: str = "exact",
+        options: Mapping[str, Any] | None = None,
+        requires: tuple[str, ...] = (),
+        lossless: bool = True,
+        description: str = "",
+        needs_options: tuple[str, ...] = (),
+    ) -> Callable[[Callable[[Any, dict], Any]], Callable[[Any, dict], Any]]:
         """Decorator: register ``build(pipe, options) -> drafter`` as method ``name`` (its docstring is
         the description unless one is given)."""
 
@@ -79,8 +89,9 @@ class MethodRegistry:
             if name in self._methods:
                 raise ValueError(f"{self.pipeline} already has a speculative method {name!r}")
             text = description or (build.__doc__ or "").strip().split("\n")[0]
-            self._methods[name] = Method(name, loop, build, default_rule, options or {}, tuple(requires), lossless, text,
-                                         tuple(needs_options))
+            self._methods[name] = Method(
+                name, loop, build, default_rule, options or {}, tuple(requires), lossless, text, tuple(needs_options)
+            )
             return build
 
         return wrap
@@ -97,8 +108,11 @@ class MethodRegistry:
     def available(self, pipe: Any) -> list[str]:
         """Names of the methods ``pipe`` has every required component for and that run with their
         default options (no ``needs_options``)."""
-        return [name for name in self.names()
-                if not self._methods[name].missing(pipe) and not self._methods[name].needs_options]
+        return [
+            name
+            for name in self.names()
+            if not self._methods[name].missing(pipe) and not self._methods[name].needs_options
+        ]
 
     def __contains__(self, name: object) -> bool:
         return name in self._methods

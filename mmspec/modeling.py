@@ -31,7 +31,9 @@ def rope_frequencies(positions: torch.Tensor, head_dim: int, base: float = 10000
 
     Computed in float32 like LlamaGen's ``precompute_freqs_cis`` (Su et al. 2021, RoFormer eq. 34).
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2].float() / head_dim))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2].float() / head_dim)
+    )
     angles = positions.float()[..., None] * inv_freq
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
@@ -72,8 +74,15 @@ class Attention(nn.Module):
     ``qkv_bias`` / ``out_bias`` add biases to the fused q/k/v and output projections (Qwen2).
     """
 
-    def __init__(self, dim: int, n_head: int, n_kv_head: int | None = None, head_dim: int | None = None,
-                 qkv_bias: bool = False, out_bias: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_head: int,
+        n_kv_head: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+    ) -> None:
         super().__init__()
         if head_dim is None and dim % n_head:
             raise ValueError(f"dim ({dim}) must be divisible by n_head ({n_head})")
@@ -100,7 +109,10 @@ class Attention(nn.Module):
         v = v.view(rows, num_new, self.n_kv_head, self.head_dim)
         keys, values = cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), slots)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask,
+            q.transpose(1, 2),
+            keys.to(q.dtype),
+            values.to(q.dtype),
+            attn_mask=attn_mask,
             enable_gqa=self.n_kv_head != self.n_head,
         )
         return self.wo(out.transpose(1, 2).reshape(rows, num_new, q_dim))
@@ -122,8 +134,17 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm Llama block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``."""
 
-    def __init__(self, dim: int, n_head: int, n_kv_head: int | None, hidden_dim: int, norm_eps: float,
-                 head_dim: int | None = None, qkv_bias: bool = False, out_bias: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_head: int,
+        n_kv_head: int | None,
+        hidden_dim: int,
+        norm_eps: float,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.attention = Attention(dim, n_head, n_kv_head, head_dim, qkv_bias, out_bias)
         self.feed_forward = FeedForward(dim, hidden_dim)
@@ -181,8 +202,13 @@ class DecoderLM(nn.Module):
             raise ValueError("DecoderLM has no unconditional branch: classifier-free guidance is not available")
         p = self.output.weight
         return StaticKVCache(
-            self.config.n_layer, batch_size, self.config.n_kv_head or self.config.n_head, max_seq_len,
-            self.config.head_dim, dtype=p.dtype, device=p.device,
+            self.config.n_layer,
+            batch_size,
+            self.config.n_kv_head or self.config.n_head,
+            max_seq_len,
+            self.config.head_dim,
+            dtype=p.dtype,
+            device=p.device,
         )
 
     def forward(

@@ -103,7 +103,9 @@ def build_latent_neighbours(
         raise ValueError(f"codebook must have shape [V, C], got {list(codebook.shape)}")
     vocab = codebook.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab - 1:
-        raise ValueError(f"k must be an int in [1, {vocab - 1}] (codebook size - 1) for a codebook of {vocab} codes, got {k!r}")
+        raise ValueError(
+            f"k must be an int in [1, {vocab - 1}] (codebook size - 1) for a codebook of {vocab} codes, got {k!r}"
+        )
     dtype = torch.float32 if codebook.device.type == "mps" else torch.float64
     rows = F.normalize(codebook.detach().float(), p=2, dim=-1) if normalize else codebook.detach()
     emb = rows.to(dtype)
@@ -175,7 +177,9 @@ def load_or_build_neighbours(
     table = build_latent_neighbours(codebook, k, normalize=normalize)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save({"format": _CACHE_FORMAT, "k": k, "rows": rows, "codebook_sha256": digest, "neighbours": table.cpu()}, tmp)
+    torch.save(
+        {"format": _CACHE_FORMAT, "k": k, "rows": rows, "codebook_sha256": digest, "neighbours": table.cpu()}, tmp
+    )
     os.replace(tmp, path)
     return table
 
@@ -270,13 +274,15 @@ class RelaxedAcceptance(AcceptanceRule):
             return self._verify_chain(draft, target_probs.float(), uniform_accept, uniform_sample)
         return self._verify_tree(draft, target_probs.float(), uniform_accept, uniform_sample)
 
-    def _verify_chain(self, draft: Draft, target: torch.Tensor, uniform_accept: torch.Tensor,
-                      uniform_sample: torch.Tensor) -> Verdict:
+    def _verify_chain(
+        self, draft: Draft, target: torch.Tensor, uniform_accept: torch.Tensor, uniform_sample: torch.Tensor
+    ) -> Verdict:
         batch, k = draft.tokens.shape
         vocab = target.shape[-1]
         q = draft.draft_probs
         relaxed, moved = self.relaxed_target(
-            target[:, :k].reshape(batch * k, vocab), draft.tokens.reshape(batch * k),
+            target[:, :k].reshape(batch * k, vocab),
+            draft.tokens.reshape(batch * k),
             None if q is None else q.reshape(batch * k, vocab),
         )
         # [B, k+1, V]: relaxed targets for the drafts, the plain target for the bonus position
@@ -286,23 +292,27 @@ class RelaxedAcceptance(AcceptanceRule):
         moved_mass = F.pad(torch.where(committed, moved.view(batch, k), 0.0), (0, 1))  # bonus: 0
         return Verdict(num_accepted, tokens, is_bonus=num_accepted == k, moved_mass=moved_mass)
 
-    def _verify_tree(self, draft: Draft, target: torch.Tensor, uniform_accept: torch.Tensor,
-                     uniform_sample: torch.Tensor) -> Verdict:
+    def _verify_tree(
+        self, draft: Draft, target: torch.Tensor, uniform_accept: torch.Tensor, uniform_sample: torch.Tensor
+    ) -> Verdict:
         """Recursive rejection sampling over siblings (the exact tree walk) with each tested node's
         target replaced by its relaxed target."""
         tree = draft.tree
         batch = draft.tokens.shape[0]
         draft_probs = None if draft.draft_probs is None else draft.draft_probs.float()
-        walk = tree_walk_ref(draft.tokens, tree.children, draft_probs, target, uniform_accept, tree.max_depth,
-                             relax=self.relaxed_target)
+        walk = tree_walk_ref(
+            draft.tokens, tree.children, draft_probs, target, uniform_accept, tree.max_depth, relax=self.relaxed_target
+        )
         # The recovered or bonus token: a chain of zero drafts samples its bonus from the residual
         # with the shared inverse-CDF rule (Triton on CUDA), exactly as the tree kernel's final draw.
-        _, final = chain_rejection_sample(draft.tokens[:, :0], None, walk.residual[:, None], uniform_accept[:, :0],
-                                          uniform_sample)
+        _, final = chain_rejection_sample(
+            draft.tokens[:, :0], None, walk.residual[:, None], uniform_accept[:, :0], uniform_sample
+        )
         walk.tokens.scatter_(1, walk.num_accepted[:, None], final)
         is_bonus = tree.children[torch.arange(batch, device=target.device), walk.node, 0] < 0  # stopped at a leaf
-        return Verdict(walk.num_accepted, walk.tokens, is_bonus, accepted_nodes=walk.accepted_nodes,
-                       moved_mass=walk.moved_mass)
+        return Verdict(
+            walk.num_accepted, walk.tokens, is_bonus, accepted_nodes=walk.accepted_nodes, moved_mass=walk.moved_mass
+        )
 
 
 def _device_copy(cache: dict, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -399,9 +409,15 @@ class LanternAcceptance(RelaxedAcceptance):
         greedy: bool = False,
     ) -> None:
         if neighbours is None:
-            raise ValueError(f"LANTERN needs the latent neighbour table of the target's VQ codebook: {_BUILD_HINT}, "
-                             "then pass it as LanternAcceptance(neighbours=table, ...)")
-        if not isinstance(neighbours, torch.Tensor) or neighbours.dim() != 2 or neighbours.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"LANTERN needs the latent neighbour table of the target's VQ codebook: {_BUILD_HINT}, "
+                "then pass it as LanternAcceptance(neighbours=table, ...)"
+            )
+        if (
+            not isinstance(neighbours, torch.Tensor)
+            or neighbours.dim() != 2
+            or neighbours.dtype not in (torch.int32, torch.int64)
+        ):
             raise ValueError(f"neighbours must be an int32/int64 tensor [V, K]; {_BUILD_HINT}")
         vocab, columns = neighbours.shape
         if mode not in ("tvd", "multiplicative"):
@@ -409,28 +425,44 @@ class LanternAcceptance(RelaxedAcceptance):
         if mode == "tvd" and not 0.0 <= delta <= 1.0:
             raise ValueError(f"delta must be in [0, 1] (a total-variation budget; 0 = exact acceptance), got {delta}")
         if mode == "multiplicative" and (lam is None or not lam >= 1.0):
-            raise ValueError(f"mode='multiplicative' needs lam >= 1 (p~(x) <= lam * p(x); 1 = exact acceptance), got {lam}")
+            raise ValueError(
+                f"mode='multiplicative' needs lam >= 1 (p~(x) <= lam * p(x); 1 = exact acceptance), got {lam}"
+            )
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab - 1:
-            raise ValueError(f"k must be an int in [1, {vocab - 1}] (codebook size - 1) for a codebook of {vocab} codes, got {k!r}")
+            raise ValueError(
+                f"k must be an int in [1, {vocab - 1}] (codebook size - 1) for a codebook of {vocab} codes, got {k!r}"
+            )
         if k > columns:
-            raise ValueError(f"the neighbour table holds {columns} neighbours per token but k={k}: rebuild it with k={k} ({_BUILD_HINT})")
-        if isinstance(greedy_neighbours, bool) or not isinstance(greedy_neighbours, int) or not 0 <= greedy_neighbours <= k:
+            raise ValueError(
+                f"the neighbour table holds {columns} neighbours per token but k={k}: rebuild it with k={k} ({_BUILD_HINT})"
+            )
+        if (
+            isinstance(greedy_neighbours, bool)
+            or not isinstance(greedy_neighbours, int)
+            or not 0 <= greedy_neighbours <= k
+        ):
             raise ValueError(f"greedy_neighbours must be an int in [0, k={k}], got {greedy_neighbours!r}")
         if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS} (mmspec's bounded rule or the official code), got {variant!r}")
+            raise ValueError(
+                f"variant must be one of {VARIANTS} (mmspec's bounded rule or the official code), got {variant!r}"
+            )
         if official_path not in LANTERN_PATHS:
             raise ValueError(f"official_path must be one of {LANTERN_PATHS}, got {official_path!r}")
         if greedy is not True and greedy is not False:
             raise ValueError(f"greedy must be true or false, got {greedy!r}")
         if variant == "mmspec" and (official_path != "auto" or greedy):
-            raise ValueError("official_path and greedy are options of variant='official' "
-                             "(mmspec's own greedy relaxation is greedy_neighbours=m)")
+            raise ValueError(
+                "official_path and greedy are options of variant='official' "
+                "(mmspec's own greedy relaxation is greedy_neighbours=m)"
+            )
         if variant == "official" and greedy_neighbours:
             raise ValueError("greedy_neighbours is mmspec's greedy relaxation; the official one is greedy=True")
         official_columns = min(k + 1, vocab - 1)  # the official residual zeroes nearest_latents[x, :k + 1]
         if variant == "official" and columns < official_columns:
-            raise ValueError(f"variant='official' zeroes the first k + 1 = {official_columns} neighbours after a rejection but "
-                             f"the table holds {columns}: rebuild it with k={official_columns} ({_BUILD_HINT})")
+            raise ValueError(
+                f"variant='official' zeroes the first k + 1 = {official_columns} neighbours after a rejection but "
+                f"the table holds {columns}: rebuild it with k={official_columns} ({_BUILD_HINT})"
+            )
         table = neighbours[:, : official_columns if variant == "official" else k]
         # Init-time checks (host syncs here are fine): ids in range, no self, no repeats.
         if bool(((table < 0) | (table >= vocab)).any()):
@@ -451,13 +483,15 @@ class LanternAcceptance(RelaxedAcceptance):
         self.official_path = official_path
         self.greedy = greedy
         if variant == "official":
-            self.bound = ("no bound: reproduces the official LANTERN code (jadohu/LANTERN evaluate_posterior / "
-                          "evaluate_posterior_v1); moved_mass reports TVD(committed law, p) for a deterministic draft of x")
+            self.bound = (
+                "no bound: reproduces the official LANTERN code (jadohu/LANTERN evaluate_posterior / "
+                "evaluate_posterior_v1); moved_mass reports TVD(committed law, p) for a deterministic draft of x"
+            )
         self.requires_greedy = greedy
         self._tables: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_resources(cls, resources: dict, **options) -> "LanternAcceptance":
+    def from_resources(cls, resources: dict, **options) -> LanternAcceptance:
         """LANTERN over a pipeline's VQ codebook. ``k`` defaults to LANTERN's 1000 neighbours, capped
         at the codebook size - 1. ``neighbour_rows``: ``"decoder"`` (mmspec's default: the rows the
         decoder looks up, ``resources["codebook"]``, L2-normalised for LlamaGen's cosine codebook) or
@@ -474,8 +508,10 @@ class LanternAcceptance(RelaxedAcceptance):
         official = options.get("variant", "mmspec") == "official"
         rows = options.pop("neighbour_rows", "raw" if official else "decoder")
         if rows not in ("decoder", "raw"):
-            raise ValueError(f"neighbour_rows must be 'decoder' (the rows as decoded) or 'raw' "
-                             f"(quantize.embedding.weight, as the official LANTERN code), got {rows!r}")
+            raise ValueError(
+                f"neighbour_rows must be 'decoder' (the rows as decoded) or 'raw' "
+                f"(quantize.embedding.weight, as the official LANTERN code), got {rows!r}"
+            )
         columns = min(k + 1, vocab - 1) if official and isinstance(k, int) else k
         # Decoder rows = the stored rows, L2-normalised where the decoder normalises them (as the
         # official table is built from the stored rows): one table per (k, rows) choice.
@@ -491,9 +527,13 @@ class LanternAcceptance(RelaxedAcceptance):
     def __repr__(self) -> str:
         budget = f"delta={self.delta}" if self.mode == "tvd" else f"lam={self.lam}"
         if self.variant == "official":
-            return (f"LanternAcceptance(variant='official', mode={self.mode!r}, {budget}, k={self.k}, "
-                    f"official_path={self.official_path!r}, greedy={self.greedy})")
-        return f"LanternAcceptance(mode={self.mode!r}, {budget}, k={self.k}, greedy_neighbours={self.greedy_neighbours})"
+            return (
+                f"LanternAcceptance(variant='official', mode={self.mode!r}, {budget}, k={self.k}, "
+                f"official_path={self.official_path!r}, greedy={self.greedy})"
+            )
+        return (
+            f"LanternAcceptance(mode={self.mode!r}, {budget}, k={self.k}, greedy_neighbours={self.greedy_neighbours})"
+        )
 
     def target_sampling(self, sampling: SamplingConfig) -> SamplingConfig:
         """Official greedy mode reads the softmax at temperature 1 of the CFG-combined logits (no top-k /
@@ -511,13 +551,23 @@ class LanternAcceptance(RelaxedAcceptance):
         relative = self.mode == "multiplicative"
         limit = self.lam - 1.0 if relative else self.delta
         if self.greedy:
-            return verify_lantern_official_greedy(draft, target_probs.float(), neighbours=table, k=self.k, limit=limit,
-                                                  relative=relative)
+            return verify_lantern_official_greedy(
+                draft, target_probs.float(), neighbours=table, k=self.k, limit=limit, relative=relative
+            )
         batch, num_nodes = draft.tokens.shape
         uniform_accept = torch.rand(batch, num_nodes, generator=generator, device=target_probs.device)
         uniform_sample = torch.rand(batch, generator=generator, device=target_probs.device)
-        return verify_lantern_official(draft, target_probs.float(), uniform_accept, uniform_sample, neighbours=table,
-                                       k=self.k, limit=limit, relative=relative, path=self.official_path)
+        return verify_lantern_official(
+            draft,
+            target_probs.float(),
+            uniform_accept,
+            uniform_sample,
+            neighbours=table,
+            k=self.k,
+            limit=limit,
+            relative=relative,
+            path=self.official_path,
+        )
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.neighbours.shape[0] != vocab_size:
@@ -619,31 +669,43 @@ class GSDAcceptance(RelaxedAcceptance):
         variant: str = "mmspec",
     ) -> None:
         if embeddings is None:
-            raise ValueError("GSD needs token embeddings for its distance filter: pass embeddings=vq.codebook_embeddings() "
-                             "(VQ codebook) or embeddings=gpt.tok_embeddings.weight (the GPT's token embedding)")
+            raise ValueError(
+                "GSD needs token embeddings for its distance filter: pass embeddings=vq.codebook_embeddings() "
+                "(VQ codebook) or embeddings=gpt.tok_embeddings.weight (the GPT's token embedding)"
+            )
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-            raise ValueError(f"embeddings must be a [V, C] tensor, got {getattr(embeddings, 'shape', type(embeddings))}")
+            raise ValueError(
+                f"embeddings must be a [V, C] tensor, got {getattr(embeddings, 'shape', type(embeddings))}"
+            )
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be an int >= 1 (1 = exact acceptance), got {group_size!r}")
         if group_size > embeddings.shape[0]:
-            raise ValueError(f"group_size={group_size} is more than the {embeddings.shape[0]} tokens of the vocabulary a "
-                             f"group is drawn from: use at most {embeddings.shape[0]} (the paper: 25-50)")
+            raise ValueError(
+                f"group_size={group_size} is more than the {embeddings.shape[0]} tokens of the vocabulary a "
+                f"group is drawn from: use at most {embeddings.shape[0]} (the paper: 25-50)"
+            )
         if not prob_threshold >= 0 or not dist_threshold >= 0:
-            raise ValueError(f"thresholds must be >= 0, got prob_threshold={prob_threshold}, dist_threshold={dist_threshold}")
+            raise ValueError(
+                f"thresholds must be >= 0, got prob_threshold={prob_threshold}, dist_threshold={dist_threshold}"
+            )
         self.embeddings = embeddings.detach().float()
         self.group_size = group_size
         self.prob_threshold = float(prob_threshold)
         self.dist_threshold = float(dist_threshold)
         if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS} (mmspec's bounded rule or the official code), got {variant!r}")
+            raise ValueError(
+                f"variant must be one of {VARIANTS} (mmspec's bounded rule or the official code), got {variant!r}"
+            )
         self.variant = variant
         if variant == "official":
-            self.bound = ("no bound: reproduces the official GSD code (junhyukso/GSD SpeculativeSampler); "
-                          "moved_mass reports TVD(committed law, p) for a deterministic draft of x")
+            self.bound = (
+                "no bound: reproduces the official GSD code (junhyukso/GSD SpeculativeSampler); "
+                "moved_mass reports TVD(committed law, p) for a deterministic draft of x"
+            )
         self._tables: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_resources(cls, resources: dict, **options) -> "GSDAcceptance":
+    def from_resources(cls, resources: dict, **options) -> GSDAcceptance:
         """GSD with distances in the pipeline's VQ codebook (``embedding="codebook"``, default when
         the pipeline has one) or its token embedding (``embedding="tokens"``)."""
         embedding = options.pop("embedding", "codebook" if "codebook" in resources else "tokens")
@@ -656,8 +718,10 @@ class GSDAcceptance(RelaxedAcceptance):
 
     def __repr__(self) -> str:
         variant = "variant='official', " if self.variant == "official" else ""
-        return (f"GSDAcceptance({variant}group_size={self.group_size}, prob_threshold={self.prob_threshold}, "
-                f"dist_threshold={self.dist_threshold})")
+        return (
+            f"GSDAcceptance({variant}group_size={self.group_size}, prob_threshold={self.prob_threshold}, "
+            f"dist_threshold={self.dist_threshold})"
+        )
 
     def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
         target_probs = self._probs(target)
@@ -668,9 +732,16 @@ class GSDAcceptance(RelaxedAcceptance):
         uniform_accept = torch.rand(batch, num_nodes, generator=generator, device=target_probs.device)
         uniform_sample = torch.rand(batch, generator=generator, device=target_probs.device)
         embeddings = _device_copy(self._tables, self.embeddings, target_probs.device)
-        return verify_gsd_official(draft, target_probs.float(), uniform_accept, uniform_sample, embeddings=embeddings,
-                                   group_size=self.group_size, prob_threshold=self.prob_threshold,
-                                   dist_threshold=self.dist_threshold)
+        return verify_gsd_official(
+            draft,
+            target_probs.float(),
+            uniform_accept,
+            uniform_sample,
+            embeddings=embeddings,
+            group_size=self.group_size,
+            prob_threshold=self.prob_threshold,
+            dist_threshold=self.dist_threshold,
+        )
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.embeddings.shape[0] != vocab_size:
@@ -712,5 +783,7 @@ class GSDAcceptance(RelaxedAcceptance):
         values = torch.where(ids == x[:, None], x_value[:, None], values)
         # Slots outside the vocabulary write x's own new value at x: every write to an index agrees.
         valid = candidates >= 0
-        relaxed = p.clone().scatter_(1, torch.where(valid, ids, x[:, None]), torch.where(valid, values, x_value[:, None]))
+        relaxed = p.clone().scatter_(
+            1, torch.where(valid, ids, x[:, None]), torch.where(valid, values, x_value[:, None])
+        )
         return relaxed, gain

@@ -350,18 +350,22 @@ def _finish(draft: Draft, walk: TreeWalk, uniform_sample: torch.Tensor, chain: b
     """Draw the recovered or bonus token from the walk's final distribution (inverse CDF, the same
     rule as every other rule) and build the verdict."""
     batch = walk.num_accepted.shape[0]
-    _, final = chain_rejection_sample(walk.tokens[:, :0], None, walk.residual[:, None], uniform_sample.new_zeros(batch, 0),
-                                      uniform_sample)
+    _, final = chain_rejection_sample(
+        walk.tokens[:, :0], None, walk.residual[:, None], uniform_sample.new_zeros(batch, 0), uniform_sample
+    )
     walk.tokens.scatter_(1, walk.num_accepted[:, None], final)
     if chain:
         k = draft.tokens.shape[1]
         return Verdict(walk.num_accepted, walk.tokens, walk.num_accepted == k, moved_mass=walk.moved_mass)
     is_bonus = draft.tree.children[torch.arange(batch, device=walk.node.device), walk.node, 0] < 0
-    return Verdict(walk.num_accepted, walk.tokens, is_bonus, accepted_nodes=walk.accepted_nodes, moved_mass=walk.moved_mass)
+    return Verdict(
+        walk.num_accepted, walk.tokens, is_bonus, accepted_nodes=walk.accepted_nodes, moved_mass=walk.moved_mass
+    )
 
 
-def _walk(draft: Draft, target: torch.Tensor, uniform_accept: torch.Tensor, uniform_sample: torch.Tensor,
-          **walk_options) -> Verdict:
+def _walk(
+    draft: Draft, target: torch.Tensor, uniform_accept: torch.Tensor, uniform_sample: torch.Tensor, **walk_options
+) -> Verdict:
     chain = draft.tree is None
     if chain:
         tokens, tree, q, uniform = _as_tree(draft, uniform_accept)
@@ -372,8 +376,16 @@ def _walk(draft: Draft, target: torch.Tensor, uniform_accept: torch.Tensor, unif
 
 
 def verify_lantern_official(
-    draft: Draft, target: torch.Tensor, uniform_accept: torch.Tensor, uniform_sample: torch.Tensor, *,
-    neighbours: torch.Tensor, k: int, limit: float, relative: bool, path: str,
+    draft: Draft,
+    target: torch.Tensor,
+    uniform_accept: torch.Tensor,
+    uniform_sample: torch.Tensor,
+    *,
+    neighbours: torch.Tensor,
+    k: int,
+    limit: float,
+    relative: bool,
+    path: str,
 ) -> Verdict:
     """LANTERN's sampling verification as the official code runs it (module docstring). ``target``
     ``[B, k+1, V]`` (chain) / ``[B, N, V]`` (tree); ``uniform_accept`` ``[B, k]`` / ``[B, N]``;
@@ -388,13 +400,30 @@ def verify_lantern_official(
         return lantern_official_residual(p, x, q, neighbours, k, counted, path)
 
     static = path != "dynamic"
-    return _walk(draft, target, uniform_accept, uniform_sample, accept_prob=accept_prob, residual=residual,
-                 qx_from="first-sibling" if static else "one", dedupe=True, skip_zero_q=static, strict=False)
+    return _walk(
+        draft,
+        target,
+        uniform_accept,
+        uniform_sample,
+        accept_prob=accept_prob,
+        residual=residual,
+        qx_from="first-sibling" if static else "one",
+        dedupe=True,
+        skip_zero_q=static,
+        strict=False,
+    )
 
 
 def verify_gsd_official(
-    draft: Draft, target: torch.Tensor, uniform_accept: torch.Tensor, uniform_sample: torch.Tensor, *,
-    embeddings: torch.Tensor, group_size: int, prob_threshold: float, dist_threshold: float,
+    draft: Draft,
+    target: torch.Tensor,
+    uniform_accept: torch.Tensor,
+    uniform_sample: torch.Tensor,
+    *,
+    embeddings: torch.Tensor,
+    group_size: int,
+    prob_threshold: float,
+    dist_threshold: float,
 ) -> Verdict:
     """GSD's acceptance as ``SpeculativeSampler.__call__`` runs it on a chain (module docstring);
     trees (not in the official code, which verifies Jacobi chains) apply the same test to each
@@ -406,8 +435,16 @@ def verify_gsd_official(
     def residual(p, x, q, state):
         return gsd_official_residual(p, x, q)
 
-    return _walk(draft, target, uniform_accept, uniform_sample, accept_prob=accept_prob, residual=residual,
-                 qx_from=None, strict=True)
+    return _walk(
+        draft,
+        target,
+        uniform_accept,
+        uniform_sample,
+        accept_prob=accept_prob,
+        residual=residual,
+        qx_from=None,
+        strict=True,
+    )
 
 
 def _preorder_rank(tree: DraftTree) -> torch.Tensor:
@@ -426,7 +463,13 @@ def _preorder_rank(tree: DraftTree) -> torch.Tensor:
 
 
 def verify_lantern_official_greedy(
-    draft: Draft, target: torch.Tensor, *, neighbours: torch.Tensor, k: int, limit: float, relative: bool,
+    draft: Draft,
+    target: torch.Tensor,
+    *,
+    neighbours: torch.Tensor,
+    k: int,
+    limit: float,
+    relative: bool,
 ) -> Verdict:
     """LANTERN's greedy mode (module docstring). ``target``: softmax at temperature 1 of the logits,
     ``[B, k+1, V]`` / ``[B, N, V]``. Chains keep drafts while :func:`lantern_official_greedy_pass`
@@ -440,8 +483,9 @@ def verify_lantern_official_greedy(
     best = target.argmax(-1)  # [B, T]
     if draft.tree is None:
         num = draft.tokens.shape[1]
-        passed = lantern_official_greedy_pass(target[:, :num].reshape(batch * num, vocab), draft.tokens.reshape(-1),
-                                              neighbours, k, limit, relative)
+        passed = lantern_official_greedy_pass(
+            target[:, :num].reshape(batch * num, vocab), draft.tokens.reshape(-1), neighbours, k, limit, relative
+        )
         passed = passed.view(batch, num)
         num_accepted = passed.long().cumprod(1).sum(1)
         positions = torch.arange(num + 1, device=device)[None]
@@ -454,8 +498,9 @@ def verify_lantern_official_greedy(
     num_nodes = tree.num_nodes
     parent = tree.parents.clamp_min(0)  # [B, N]
     parent_p = target.gather(1, parent[..., None].expand(-1, -1, vocab))  # [B, N, V]
-    passed = lantern_official_greedy_pass(parent_p.reshape(-1, vocab), draft.tokens.reshape(-1), neighbours, k, limit,
-                                          relative).view(batch, num_nodes)
+    passed = lantern_official_greedy_pass(
+        parent_p.reshape(-1, vocab), draft.tokens.reshape(-1), neighbours, k, limit, relative
+    ).view(batch, num_nodes)
     alive = torch.zeros(batch, num_nodes, dtype=torch.bool, device=device)
     alive[:, 0] = True
     for n in range(1, num_nodes):  # parents precede children
@@ -469,13 +514,20 @@ def verify_lantern_official_greedy(
     for _ in range(tree.max_depth):
         d = tree.depth[rows, walker]
         on_path = d > 0
-        accepted_nodes.scatter_(1, (d - 1).clamp_min(0)[:, None],
-                                torch.where(on_path, walker, accepted_nodes.gather(1, (d - 1).clamp_min(0)[:, None])[:, 0])[:, None])
+        accepted_nodes.scatter_(
+            1,
+            (d - 1).clamp_min(0)[:, None],
+            torch.where(on_path, walker, accepted_nodes.gather(1, (d - 1).clamp_min(0)[:, None])[:, 0])[:, None],
+        )
         walker = torch.where(on_path, parent[rows, walker], walker)
     tokens = torch.full((batch, tree.max_depth + 1), -1, dtype=torch.long, device=device)
-    tokens[:, : tree.max_depth] = torch.where(accepted_nodes >= 0, draft.tokens.gather(1, accepted_nodes.clamp_min(0)), -1)
+    tokens[:, : tree.max_depth] = torch.where(
+        accepted_nodes >= 0, draft.tokens.gather(1, accepted_nodes.clamp_min(0)), -1
+    )
     tokens.scatter_(1, num_accepted[:, None], best[rows, node][:, None])
     path_best = best.gather(1, parent.gather(1, accepted_nodes.clamp_min(0)))  # [B, D] argmax at each parent
     off = (accepted_nodes >= 0) & (tokens[:, : tree.max_depth] != path_best)
     moved = F.pad(off.float(), (0, 1))
-    return Verdict(num_accepted, tokens, tree.children[rows, node, 0] < 0, accepted_nodes=accepted_nodes, moved_mass=moved)
+    return Verdict(
+        num_accepted, tokens, tree.children[rows, node, 0] < 0, accepted_nodes=accepted_nodes, moved_mass=moved
+    )

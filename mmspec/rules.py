@@ -12,7 +12,7 @@ from .acceptance import ACCEPTANCE_RULES, AcceptanceRule
 __all__ = ["ACCEPTANCE_RULES", "get_acceptance_rule"]
 
 
-def get_acceptance_rule(rule: "str | AcceptanceRule", resources: dict | None = None, **kwargs) -> "AcceptanceRule":
+def get_acceptance_rule(rule: str | AcceptanceRule, resources: dict | None = None, **kwargs) -> AcceptanceRule:
     """An instance of the rule called ``rule`` with options ``kwargs`` (or ``rule`` itself if it
     already is one). ``resources``: what a pipeline offers rules that need its models (see
     :meth:`AcceptanceRule.from_resources`); None outside a pipeline."""

@@ -65,7 +65,6 @@ class SamplingConfig:
                 f"use top_k <= {vocab_size} or top_k=None to disable top-k filtering"
             )
 
-
     @property
     def penalizes_repetition(self) -> bool:
         return self.repetition_penalty != 1.0

@@ -36,7 +36,7 @@ class DraftTree:
         return self.parents.shape[1]
 
     @classmethod
-    def from_parents(cls, parents: torch.Tensor | list[int] | list[list[int]]) -> "DraftTree":
+    def from_parents(cls, parents: torch.Tensor | list[int] | list[list[int]]) -> DraftTree:
         """Build masks, depths and the children table from parent pointers ``[B, N]`` or ``[N]``.
 
         Siblings are tested in increasing node index, so a drafter lists its most likely child
@@ -72,15 +72,19 @@ class DraftTree:
         return cls(parents, depth, ancestor, children, int(depth.max()), max_children)
 
     @classmethod
-    def chain(cls, num_draft_tokens: int, batch_size: int = 1) -> "DraftTree":
+    def chain(cls, num_draft_tokens: int, batch_size: int = 1) -> DraftTree:
         """A chain of ``num_draft_tokens`` drafts as a tree (node i's parent is i - 1)."""
         parents = torch.arange(-1, num_draft_tokens, dtype=torch.long)
         return cls.from_parents(parents[None].expand(batch_size, -1).contiguous())
 
-    def to(self, device: torch.device | str) -> "DraftTree":
+    def to(self, device: torch.device | str) -> DraftTree:
         return DraftTree(
-            self.parents.to(device), self.depth.to(device), self.ancestor_mask.to(device),
-            self.children.to(device), self.max_depth, self.max_children,
+            self.parents.to(device),
+            self.depth.to(device),
+            self.ancestor_mask.to(device),
+            self.children.to(device),
+            self.max_depth,
+            self.max_children,
         )
 
     def positions(self, base: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, Union, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -86,7 +86,7 @@ class Scores:
 
 
 #: The views a rule can read (``AcceptanceRule.distribution`` names one).
-Distribution = Union[Categorical, DiagonalGaussian, Scores]
+Distribution = Categorical | DiagonalGaussian | Scores
 
 
 @dataclass
@@ -112,7 +112,7 @@ class TokenPrompt:
     lengths: torch.Tensor
 
     @classmethod
-    def from_lists(cls, prompts: list[list[int]], pad_id: int = 0, device: torch.device | str = "cpu") -> "TokenPrompt":
+    def from_lists(cls, prompts: list[list[int]], pad_id: int = 0, device: torch.device | str = "cpu") -> TokenPrompt:
         """Build from ragged Python lists (right padding with ``pad_id``)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt must contain at least one token")
@@ -247,21 +247,40 @@ class Verdict:
         return self.source == SOURCE_ACCEPTED
 
     @classmethod
-    def elementwise(cls, tokens: torch.Tensor, source: torch.Tensor, *, regenerate: torch.Tensor | None = None,
-                    moved_mass: torch.Tensor | None = None) -> "Verdict":
+    def elementwise(
+        cls,
+        tokens: torch.Tensor,
+        source: torch.Tensor,
+        *,
+        regenerate: torch.Tensor | None = None,
+        moved_mass: torch.Tensor | None = None,
+    ) -> Verdict:
         """A verdict over ``tokens [B, W, *E]`` whose elements are decided independently
         (``source [B, W]``; ``regenerate [B, W]`` bool: left for the target)."""
-        return cls(num_accepted=(source == SOURCE_ACCEPTED).sum(1), tokens=tokens,
-                   is_bonus=torch.zeros_like(source[:, 0], dtype=torch.bool), moved_mass=moved_mass, source=source,
-                   regenerate=regenerate, commit=CommitMode.ELEMENTWISE)
+        return cls(
+            num_accepted=(source == SOURCE_ACCEPTED).sum(1),
+            tokens=tokens,
+            is_bonus=torch.zeros_like(source[:, 0], dtype=torch.bool),
+            moved_mass=moved_mass,
+            source=source,
+            regenerate=regenerate,
+            commit=CommitMode.ELEMENTWISE,
+        )
 
     @classmethod
-    def block(cls, blocks: torch.Tensor, accepted: torch.Tensor, scores: torch.Tensor | None = None) -> "Verdict":
+    def block(cls, blocks: torch.Tensor, accepted: torch.Tensor, scores: torch.Tensor | None = None) -> Verdict:
         """A router's verdict on ``blocks [B, 1, *E]``: ``accepted [B]`` bool keeps a row's block,
         otherwise the target regenerates it."""
         source = torch.where(accepted, SOURCE_ACCEPTED, SOURCE_NONE)[:, None]
-        return cls(num_accepted=accepted.long(), tokens=blocks, is_bonus=torch.zeros_like(accepted),
-                   source=source, regenerate=~accepted[:, None], commit=CommitMode.BLOCK, scores=scores)
+        return cls(
+            num_accepted=accepted.long(),
+            tokens=blocks,
+            is_bonus=torch.zeros_like(accepted),
+            source=source,
+            regenerate=~accepted[:, None],
+            commit=CommitMode.BLOCK,
+            scores=scores,
+        )
 
 
 @runtime_checkable
@@ -331,7 +350,9 @@ class MaskedTarget(Protocol):
         """The target's view of the elements at ``positions [B, k]`` given the current output (its
         forwards counted in ``steps``)."""
 
-    def regenerate(self, positions: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None) -> "Regeneration":
+    def regenerate(
+        self, positions: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
+    ) -> Regeneration:
         """Draw the elements at ``positions [B, k]`` where ``mask`` from the target itself."""
 
 

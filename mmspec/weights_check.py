@@ -15,8 +15,9 @@ def _list(keys: Sequence[str]) -> str:
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > SHOWN else shown
 
 
-def weights_mismatch(component: str, source: str, expected: Mapping[str, Sequence[int]],
-                     found: Mapping[str, Sequence[int]]) -> str | None:
+def weights_mismatch(
+    component: str, source: str, expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]]
+) -> str | None:
     """A message describing how the tensor names and shapes ``found`` in ``source`` differ from
     those the ``component`` ``expected``, or None when they match exactly."""
     missing = sorted(set(expected) - set(found))
@@ -30,14 +31,19 @@ def weights_mismatch(component: str, source: str, expected: Mapping[str, Sequenc
     if unexpected:
         parts.append(f"unexpected keys: {_list(unexpected)}")
     if shapes:
-        parts.append("shape mismatches: " + _list([f"{k} (checkpoint {tuple(found[k])}, model {tuple(expected[k])})"
-                                                   for k in shapes]))
-    return (f"the weights of {component} in {source} do not match its config ({'; '.join(parts)}): the folder holds "
-            "another model's weights, or weights from another version of this model")
+        parts.append(
+            "shape mismatches: "
+            + _list([f"{k} (checkpoint {tuple(found[k])}, model {tuple(expected[k])})" for k in shapes])
+        )
+    return (
+        f"the weights of {component} in {source} do not match its config ({'; '.join(parts)}): the folder holds "
+        "another model's weights, or weights from another version of this model"
+    )
 
 
-def check_weights(component: str, source: str, expected: Mapping[str, Sequence[int]],
-                  found: Mapping[str, Sequence[int]]) -> None:
+def check_weights(
+    component: str, source: str, expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]]
+) -> None:
     """``ValueError`` with :func:`weights_mismatch`'s message if the two differ."""
     message = weights_mismatch(component, source, expected, found)
     if message is not None:

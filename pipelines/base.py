@@ -4,12 +4,13 @@ from the pipeline's own models, and the resolution of one call's method, drafter
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from mmspec.acceptance import AcceptanceRule
-from mmspec.rules import ACCEPTANCE_RULES, get_acceptance_rule
 from mmspec.methods import Method, MethodRegistry
+from mmspec.rules import ACCEPTANCE_RULES, get_acceptance_rule
 
 
 @dataclass

@@ -54,8 +54,10 @@ def check_class_labels(class_labels: Any, num_classes: int) -> torch.Tensor:
         raise ValueError("class_labels is empty: pass at least one class id")
     wrong = [x for x in labels if not is_int(x)]
     if wrong:
-        raise ValueError(f"class_labels must be integers, got {wrong[:5]!r} (convert strings with int(), and do not "
-                         "pass fractional ids)")
+        raise ValueError(
+            f"class_labels must be integers, got {wrong[:5]!r} (convert strings with int(), and do not "
+            "pass fractional ids)"
+        )
     ids = [int(x) for x in labels]
     bad = [x for x in ids if not 0 <= x < num_classes]
     if bad:
@@ -63,9 +65,18 @@ def check_class_labels(class_labels: Any, num_classes: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def check_llamagen_call(pipe: Any, class_labels: Any, *, speculative: str | None = None, num_draft_tokens: Any = 8,
-                        temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
-                        guidance_scale: float = 4.0, **_: Any) -> None:
+def check_llamagen_call(
+    pipe: Any,
+    class_labels: Any,
+    *,
+    speculative: str | None = None,
+    num_draft_tokens: Any = 8,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    guidance_scale: float = 4.0,
+    **_: Any,
+) -> None:
     """The checks :class:`~mmspec.pipelines.llamagen.LlamaGenPipeline` makes before generating."""
     from mmspec.sampling import SamplingConfig
 
@@ -74,11 +85,13 @@ def check_llamagen_call(pipe: Any, class_labels: Any, *, speculative: str | None
         check_class_labels(class_labels, config.num_classes)
     if top_k is not None and not is_int(top_k):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    SamplingConfig(temperature=temperature, top_k=None if top_k is None else int(top_k), top_p=top_p,
-                   guidance_scale=guidance_scale).validate_vocab(config.vocab_size)
+    SamplingConfig(
+        temperature=temperature, top_k=None if top_k is None else int(top_k), top_p=top_p, guidance_scale=guidance_scale
+    ).validate_vocab(config.vocab_size)
     if speculative is not None:
-        check_int("num_draft_tokens", num_draft_tokens, 1, config.block_size,
-                  f"the {config.block_size} tokens of an image")
+        check_int(
+            "num_draft_tokens", num_draft_tokens, 1, config.block_size, f"the {config.block_size} tokens of an image"
+        )
 
 
 def check_vlm_call(pipe: Any, *, max_new_tokens: Any, num_draft_tokens: Any, prompt_length: int | None = None) -> None:
@@ -88,8 +101,10 @@ def check_vlm_call(pipe: Any, *, max_new_tokens: Any, num_draft_tokens: Any, pro
     check_int("max_new_tokens", max_new_tokens, 1, limit, f"the model's {limit} positions")
     check_int("num_draft_tokens", num_draft_tokens, 0, limit, f"the model's {limit} positions")  # 0: the baseline
     if prompt_length is not None and limit is not None and prompt_length + int(max_new_tokens) > limit:
-        raise ValueError(f"the prompt has {prompt_length} tokens, so max_new_tokens={int(max_new_tokens)} would run past "
-                         f"the model's {limit} positions: use max_new_tokens <= {max(limit - prompt_length, 0)}")
+        raise ValueError(
+            f"the prompt has {prompt_length} tokens, so max_new_tokens={int(max_new_tokens)} would run past "
+            f"the model's {limit} positions: use max_new_tokens <= {max(limit - prompt_length, 0)}"
+        )
 
 
 def max_positions(target: Any) -> int | None:
@@ -117,8 +132,10 @@ def array_to_pil(image: np.ndarray | torch.Tensor, name: str) -> PIL.Image.Image
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(f"{name}: an image array must be [H, W], [H, W, C] or [C, H, W] with C in (1, 3, 4), got shape "
-                         f"{tuple(image.shape)}")
+        raise ValueError(
+            f"{name}: an image array must be [H, W], [H, W, C] or [C, H, W] with C in (1, 3, 4), got shape "
+            f"{tuple(image.shape)}"
+        )
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"{name}: an image array must hold numbers, got {array.dtype}")
     if np.issubdtype(array.dtype, np.floating):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import importlib.util
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +51,9 @@ def fixtures_dir() -> Path:
     return Path(os.environ.get("MMSPEC_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 
-def tiny_lm(vocab_size: int = 48, dim: int = 32, n_layer: int = 2, n_head: int = 4, seed: int = 0, sharpness: float = 8.0) -> DecoderLM:
+def tiny_lm(
+    vocab_size: int = 48, dim: int = 32, n_layer: int = 2, n_head: int = 4, seed: int = 0, sharpness: float = 8.0
+) -> DecoderLM:
     """A random Llama-architecture LM with sharp (low-entropy) logits, in eval mode."""
     torch.manual_seed(seed)
     model = DecoderLM(DecoderConfig(vocab_size=vocab_size, dim=dim, n_layer=n_layer, n_head=n_head, multiple_of=16))
@@ -90,21 +91,45 @@ def draft_model(target) -> DecoderLM:
     return noisy_copy(target, noise=0.6)
 
 
-def tiny_llamagen(vocab_size: int = 16, grid: int = 3, num_classes: int = 5, dim: int = 32, n_layer: int = 2,
-                  seed: int = 0, sharpness: float = 3.0, model_type: str = "c2i"):
+def tiny_llamagen(
+    vocab_size: int = 16,
+    grid: int = 3,
+    num_classes: int = 5,
+    dim: int = 32,
+    n_layer: int = 2,
+    seed: int = 0,
+    sharpness: float = 3.0,
+    model_type: str = "c2i",
+):
     """A random LlamaGen GPT (c2i or t2i) + VQ pair small enough for CPU tests (4x4-pixel patches)."""
     from mmspec.pipelines.llamagen import LlamaGenGPT, LlamaGenVQ
 
     torch.manual_seed(seed)
-    gpt = LlamaGenGPT(dim=dim, n_layer=n_layer, n_head=4, multiple_of=32, num_classes=num_classes, vocab_size=vocab_size,
-                      block_size=grid * grid, model_type=model_type, caption_dim=24,
-                      cls_token_num=1 if model_type == "c2i" else 6)
+    gpt = LlamaGenGPT(
+        dim=dim,
+        n_layer=n_layer,
+        n_head=4,
+        multiple_of=32,
+        num_classes=num_classes,
+        vocab_size=vocab_size,
+        block_size=grid * grid,
+        model_type=model_type,
+        caption_dim=24,
+        cls_token_num=1 if model_type == "c2i" else 6,
+    )
     with torch.no_grad():  # the official init zeroes the LM head (uniform logits): give it structure
         for p in gpt.parameters():
             p.normal_(0, 1 / max(p.shape[-1], 1) ** 0.5) if p.dim() > 1 else p.fill_(1.0)
         gpt.output.weight.mul_(sharpness)
-    vq = LlamaGenVQ(codebook_size=vocab_size, codebook_embed_dim=4, encoder_ch_mult=(1, 1), decoder_ch_mult=(1, 1),
-                    z_channels=32, ch=32, num_res_blocks=1)
+    vq = LlamaGenVQ(
+        codebook_size=vocab_size,
+        codebook_embed_dim=4,
+        encoder_ch_mult=(1, 1),
+        decoder_ch_mult=(1, 1),
+        z_channels=32,
+        ch=32,
+        num_res_blocks=1,
+    )
     return gpt.eval(), vq.eval()
 
 
@@ -150,9 +175,23 @@ def tiny_mar(seed: int = 0, **overrides):
     4-channel tokens, 5-step diffusion head. ``overrides`` change any ``MARModel`` field."""
     from mmspec.pipelines.mar import MARModel
 
-    fields = dict(img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
-                  decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, vae_embed_dim=4, class_num=5,
-                  buffer_size=2, diffloss_d=1, diffloss_w=32, num_sampling_steps="5")
+    fields = dict(
+        img_size=64,
+        vae_stride=16,
+        patch_size=1,
+        encoder_embed_dim=32,
+        encoder_depth=1,
+        encoder_num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        vae_embed_dim=4,
+        class_num=5,
+        buffer_size=2,
+        diffloss_d=1,
+        diffloss_w=32,
+        num_sampling_steps="5",
+    )
     fields.update(overrides)
     torch.manual_seed(seed)
     return MARModel(**fields).eval()

@@ -15,9 +15,9 @@ def test_methods_doc_is_current():
 
 
 def test_methods_command_lists_every_registered_method_and_rule(capsys):
-    from mmspec.rules import ACCEPTANCE_RULES
     from mmspec.pipelines.llamagen import LLAMAGEN_METHODS
     from mmspec.pipelines.vlm import VLM_METHODS
+    from mmspec.rules import ACCEPTANCE_RULES
 
     assert main(["methods"]) == 0
     out = capsys.readouterr().out

@@ -90,9 +90,13 @@ def imports_of(path: Path, source: str | None = None) -> list[Import]:
     tree = ast.parse(source, filename=str(path))
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    functions = [(n.lineno, n.end_lineno) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    functions = [
+        (n.lineno, n.end_lineno) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
     type_blocks = [
-        (n.body[0].lineno, n.body[-1].end_lineno) for n in ast.walk(tree) if isinstance(n, ast.If) and _is_type_checking(n.test)
+        (n.body[0].lineno, n.body[-1].end_lineno)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.If) and _is_type_checking(n.test)
     ]
     modules = {module_name(p) for p in source_files()}
 
@@ -137,8 +141,10 @@ def violations(path: Path, source: str | None = None) -> list[str]:
                 if not lazy_pipeline:
                     problems.append(f"{where} ({target} layer; {own} must not depend on it)")
         elif own == ENGINE and top not in sys.stdlib_module_names and top not in ENGINE_THIRD_PARTY:
-            problems.append(f"{where} (the engine imports only the standard library, "
-                            f"{', '.join(sorted(ENGINE_THIRD_PARTY))} and engine modules)")
+            problems.append(
+                f"{where} (the engine imports only the standard library, "
+                f"{', '.join(sorted(ENGINE_THIRD_PARTY))} and engine modules)"
+            )
         elif top in FORBIDDEN_THIRD_PARTY.get(own, set()):
             problems.append(f"{where} (not allowed in the {own} layer)")
     return problems
@@ -209,11 +215,19 @@ def test_no_import_cycles():
 @pytest.mark.parametrize(
     ("file", "source", "expected"),
     [
-        ("mmspec/loops/causal.py", "def f():\n    import transformers\n", "mmspec/loops/causal.py:2: engine module imports transformers"),
+        (
+            "mmspec/loops/causal.py",
+            "def f():\n    import transformers\n",
+            "mmspec/loops/causal.py:2: engine module imports transformers",
+        ),
         ("mmspec/stats.py", "from .pipelines.llamagen import LlamaGenPipeline\n", "imports mmspec.pipelines.llamagen"),
         ("mmspec/stats.py", "from . import app\n", "engine module imports mmspec.app"),
         ("kernels/rejection.py", "from mmspec.training import loop\n", "imports mmspec.training"),
-        ("pipelines/vlm/targets.py", "def f():\n    from mmspec.app.jobs import job_state\n", "pipelines module imports mmspec.app.jobs"),
+        (
+            "pipelines/vlm/targets.py",
+            "def f():\n    from mmspec.app.jobs import job_state\n",
+            "pipelines module imports mmspec.app.jobs",
+        ),
         ("pipelines/llamagen/mulo.py", "import gradio as gr\n", "imports gradio"),
         ("pipelines/llamagen/mulo.py", "from ...data.emoji import EmojiDataset\n", "imports mmspec.data.emoji"),
         ("mmspec/training/eagle.py", "from ..app.defaults import CLASSES_FILE\n", "imports mmspec.app.defaults"),
@@ -229,10 +243,19 @@ def test_checker_reports_violations(file, source, expected):
 @pytest.mark.parametrize(
     ("file", "source"),
     [
-        ("mmspec/__init__.py", "def __getattr__(name):\n    from . import pipelines\n    return getattr(pipelines, name)\n"),
-        ("mmspec/loops/causal.py", "import math\nimport torch\nfrom ..types import Draft\nfrom mmspec.kernels import chain_rejection_sample\n"),
+        (
+            "mmspec/__init__.py",
+            "def __getattr__(name):\n    from . import pipelines\n    return getattr(pipelines, name)\n",
+        ),
+        (
+            "mmspec/loops/causal.py",
+            "import math\nimport torch\nfrom ..types import Draft\nfrom mmspec.kernels import chain_rejection_sample\n",
+        ),
         ("pipelines/vlm/targets.py", "import transformers\nfrom mmspec.types import TargetOutput\n"),
-        ("mmspec/training/vlm.py", "from mmspec.pipelines.vlm import VLMPipeline\nfrom ..data.images import image_list\n"),
+        (
+            "mmspec/training/vlm.py",
+            "from mmspec.pipelines.vlm import VLMPipeline\nfrom ..data.images import image_list\n",
+        ),
         ("mmspec/app/cli.py", "from ..training.eagle import add_train_drafter_args\nimport gradio\n"),
     ],
 )

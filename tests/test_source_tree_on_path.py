@@ -36,8 +36,9 @@ print("ok")
 
 
 def _python(code: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args, "-c", code], check=False, cwd=cwd, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run(
+        [sys.executable, *args, "-c", code], check=False, cwd=cwd, capture_output=True, text=True, timeout=180
+    )
 
 
 @pytest.mark.parametrize("where", ["checkout root", "elsewhere"])
@@ -79,16 +80,21 @@ def test_pytest_runs_from_the_checkout_root():
     """``python -m pytest`` in the root, in pytest's default import mode, which puts the root itself on
     ``sys.path`` (the project's configuration uses ``--import-mode=importlib``; ``-o addopts=`` drops it)."""
     test = f"{Path(__file__).relative_to(REPO)}::test_transformers_and_kernels_import_here"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", test],
-                         check=False, cwd=REPO, capture_output=True, text=True, timeout=180)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", test],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "1 passed" in run.stdout
 
 
 def test_unknown_attributes_raise_attribute_error():
-    import mmspec.pipelines
-
     import mmspec
+    import mmspec.pipelines
 
     for module in (mmspec, mmspec.pipelines):
         with pytest.raises(AttributeError, match="has no attribute 'NoSuchPipeline'"):

@@ -15,9 +15,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -99,7 +100,9 @@ def _timed(case: BenchCase, seed: int, device: torch.device, profile: bool) -> t
     return out, time.perf_counter() - start
 
 
-def run_benchmark(suite: BenchSuite, device: torch.device, repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
+def run_benchmark(
+    suite: BenchSuite, device: torch.device, repeats: int = 3, warmup: int = 1, seed: int = 0
+) -> dict[str, Any]:
     """Run every case of ``suite`` on the same seed and inputs; return the JSON-ready record."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -119,26 +122,30 @@ def run_benchmark(suite: BenchSuite, device: torch.device, repeats: int = 3, war
             baseline_tokens, baseline_time = out.tokens, wall
         generated = int(out.lengths.sum())
         summary = profiled.stats.summary()
-        results.append({
-            "name": case.name,
-            "config": case.config,
-            "steps": out.stats.steps,
-            "prefill_steps": out.stats.prefill_steps,
-            "generated_tokens": generated,
-            "mean_accepted_without_bonus": out.stats.mean_accepted,
-            "mean_tokens_per_step_with_bonus": out.stats.mean_tokens_per_step,
-            "acceptance_rate_at_depth": summary["acceptance_rate_at_depth"],
-            "mean_draft_width": summary.get("mean_draft_width"),
-            "wall_time_s_median": wall,
-            "wall_time_s_all": times,
-            "tokens_per_s": generated / wall,
-            "profiled_draft_s": summary["draft_time_s"],
-            "profiled_verify_s": summary["verify_time_s"],
-            "profiled_other_s": summary["other_time_s"],
-            "speedup_vs_baseline": baseline_time / wall,
-            "tokens_equal_baseline": bool(out.tokens.shape == baseline_tokens.shape and torch.equal(out.tokens, baseline_tokens)),
-            "stats_summary": summary,
-        })
+        results.append(
+            {
+                "name": case.name,
+                "config": case.config,
+                "steps": out.stats.steps,
+                "prefill_steps": out.stats.prefill_steps,
+                "generated_tokens": generated,
+                "mean_accepted_without_bonus": out.stats.mean_accepted,
+                "mean_tokens_per_step_with_bonus": out.stats.mean_tokens_per_step,
+                "acceptance_rate_at_depth": summary["acceptance_rate_at_depth"],
+                "mean_draft_width": summary.get("mean_draft_width"),
+                "wall_time_s_median": wall,
+                "wall_time_s_all": times,
+                "tokens_per_s": generated / wall,
+                "profiled_draft_s": summary["draft_time_s"],
+                "profiled_verify_s": summary["verify_time_s"],
+                "profiled_other_s": summary["other_time_s"],
+                "speedup_vs_baseline": baseline_time / wall,
+                "tokens_equal_baseline": bool(
+                    out.tokens.shape == baseline_tokens.shape and torch.equal(out.tokens, baseline_tokens)
+                ),
+                "stats_summary": summary,
+            }
+        )
     return {
         "suite": suite.name,
         "description": suite.description,
@@ -177,9 +184,20 @@ def write_record(record: dict[str, Any], path: Path) -> None:
 
 
 @register_suite("lm")
-def lm_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1, *, dim: int = 256, n_layer: int = 4,
-             draft_dim: int = 64, vocab_size: int = 512, prompt_len: int = 64, max_new_tokens: int = 128,
-             num_draft_tokens: int = 4, temperature: float = 0.0) -> BenchSuite:
+def lm_suite(
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 1,
+    *,
+    dim: int = 256,
+    n_layer: int = 4,
+    draft_dim: int = 64,
+    vocab_size: int = 512,
+    prompt_len: int = 64,
+    max_new_tokens: int = 128,
+    num_draft_tokens: int = 4,
+    temperature: float = 0.0,
+) -> BenchSuite:
     """A Llama-architecture target with random weights: measures the loop's per-step costs and the
     n-gram / small-model / self drafters' overheads (random weights: acceptance is not meaningful
     except for self-drafting, an upper bound). Prompts repeat a random 16-token phrase so n-gram
@@ -191,20 +209,39 @@ def lm_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1, *, d
     from ..types import TokenPrompt
 
     gen = torch.Generator().manual_seed(1234)
-    target = DecoderLM(DecoderConfig(vocab_size=vocab_size, dim=dim, n_layer=n_layer, n_head=max(dim // 64, 1))).to(device, dtype).eval()
-    draft = DecoderLM(DecoderConfig(vocab_size=vocab_size, dim=draft_dim, n_layer=1, n_head=max(draft_dim // 32, 1))).to(device, dtype).eval()
+    target = (
+        DecoderLM(DecoderConfig(vocab_size=vocab_size, dim=dim, n_layer=n_layer, n_head=max(dim // 64, 1)))
+        .to(device, dtype)
+        .eval()
+    )
+    draft = (
+        DecoderLM(DecoderConfig(vocab_size=vocab_size, dim=draft_dim, n_layer=1, n_head=max(draft_dim // 32, 1)))
+        .to(device, dtype)
+        .eval()
+    )
     phrase = torch.randint(0, vocab_size, (batch_size, 16), generator=gen)
-    prompt = TokenPrompt(phrase.repeat(1, (prompt_len + 15) // 16)[:, :prompt_len].to(device),
-                         torch.full((batch_size,), prompt_len, device=device))
+    prompt = TokenPrompt(
+        phrase.repeat(1, (prompt_len + 15) // 16)[:, :prompt_len].to(device),
+        torch.full((batch_size,), prompt_len, device=device),
+    )
     sampling = SamplingConfig(temperature=temperature)
 
     def case(name, drafter, window):
         def run(generator, profile):
             with torch.inference_mode():
                 cache = target.new_cache(batch_size, required_cache_len(prompt_len, max_new_tokens, window))
-                return speculative_generate(target, prompt, cache, max_new_tokens=max_new_tokens, drafter=drafter,
-                                            num_draft_tokens=num_draft_tokens, sampling=sampling, generator=generator,
-                                            profile=profile)
+                return speculative_generate(
+                    target,
+                    prompt,
+                    cache,
+                    max_new_tokens=max_new_tokens,
+                    drafter=drafter,
+                    num_draft_tokens=num_draft_tokens,
+                    sampling=sampling,
+                    generator=generator,
+                    profile=profile,
+                )
+
         return BenchCase(name, run, {"drafter": name, "num_draft_tokens": 0 if drafter is None else num_draft_tokens})
 
     k = num_draft_tokens
@@ -218,7 +255,13 @@ def lm_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1, *, d
             case("small-model tree (3 per depth)", ModelDrafter(draft, num_alternatives=3), 1 + 3 * k),
             case("self-draft (upper bound)", ModelDrafter(target), k + 1),
         ],
-        setup={"target": asdict(target.config), "draft": asdict(draft.config), "dtype": str(dtype),
-               "batch_size": batch_size, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
-               "sampling": asdict(sampling)},
+        setup={
+            "target": asdict(target.config),
+            "draft": asdict(draft.config),
+            "dtype": str(dtype),
+            "batch_size": batch_size,
+            "prompt_len": prompt_len,
+            "max_new_tokens": max_new_tokens,
+            "sampling": asdict(sampling),
+        },
     )

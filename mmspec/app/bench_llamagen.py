@@ -40,10 +40,22 @@ def _pipeline(source: str, device: torch.device, dtype: torch.dtype, num_classes
 
 
 @register_suite("ar-image")
-def ar_image_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1, *, source: str = "default",
-                   guidance_scale: float = 3.0, temperature: float = 1.0, top_k: int | None = None,
-                   num_draft_tokens: int = 8, acceptance: str | None = None, acceptance_options: str = "",
-                   configs: str | None = None, compile: bool = False, num_classes: int = 1000) -> BenchSuite:
+def ar_image_suite(
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 1,
+    *,
+    source: str = "default",
+    guidance_scale: float = 3.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    num_draft_tokens: int = 8,
+    acceptance: str | None = None,
+    acceptance_options: str = "",
+    configs: str | None = None,
+    compile: bool = False,
+    num_classes: int = 1000,
+) -> BenchSuite:
     """LlamaGen class-to-image: the baseline and every registered speculative method the pipeline
     has the components for (``pipe.methods``), on the same class labels and seed; each method with
     ``acceptance`` when that rule fits its loop, else skipped (default: each method's own rule).
@@ -59,8 +71,11 @@ def ar_image_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1
     rule_options = parse_key_values([p for p in acceptance_options.split(",") if p], "acceptance_options")
     rule = None if acceptance is None else pipe.acceptance_rule(acceptance, **rule_options)
     if configs is None:
-        specs = [(name, name, {}, num_draft_tokens) for name in pipe.methods.available(pipe)
-                 if rule is None or pipe.methods.get(name).accepts(rule)]
+        specs = [
+            (name, name, {}, num_draft_tokens)
+            for name in pipe.methods.available(pipe)
+            if rule is None or pipe.methods.get(name).accepts(rule)
+        ]
     else:
         specs = []
         for spec in [c for c in configs.split(";") if c]:
@@ -73,15 +88,33 @@ def ar_image_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1
 
     def case(name, method, options, k, runner):
         def run(generator: torch.Generator, profile: bool) -> GenerationOutput:
-            out = runner(class_labels=labels, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                         generator=generator, speculative=method, num_draft_tokens=k,
-                         acceptance=None if method is None else acceptance,
-                         acceptance_options=rule_options or None if method is not None and acceptance else None,
-                         speculative_options=options or None, output_type="pt")
-            return GenerationOutput(tokens=out.tokens.flatten(1), lengths=torch.full((len(labels),), out.tokens[0].numel()),
-                                    stats=out.stats)
-        return BenchCase(name, run, {"speculative": method, "speculative_options": options, "num_draft_tokens": k,
-                                     "compiled": runner is compiled})
+            out = runner(
+                class_labels=labels,
+                guidance_scale=guidance_scale,
+                temperature=temperature,
+                top_k=top_k,
+                generator=generator,
+                speculative=method,
+                num_draft_tokens=k,
+                acceptance=None if method is None else acceptance,
+                acceptance_options=rule_options or None if method is not None and acceptance else None,
+                speculative_options=options or None,
+                output_type="pt",
+            )
+            return GenerationOutput(
+                tokens=out.tokens.flatten(1), lengths=torch.full((len(labels),), out.tokens[0].numel()), stats=out.stats
+            )
+
+        return BenchCase(
+            name,
+            run,
+            {
+                "speculative": method,
+                "speculative_options": options,
+                "num_draft_tokens": k,
+                "compiled": runner is compiled,
+            },
+        )
 
     cases = [case(f"{name} (eager)", m, o, k, pipe) for name, m, o, k in specs]
     if compiled is not None:
@@ -92,8 +125,19 @@ def ar_image_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1
         name="ar-image",
         description=ar_image_suite.__doc__.split("\n")[0],
         cases=cases,
-        setup={"source": source, "dim": cfg.dim, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
-               "tokens_per_image": cfg.block_size, "dtype": str(dtype), "batch_size": batch_size,
-               "guidance_scale": guidance_scale, "temperature": temperature, "top_k": top_k,
-               "num_draft_tokens": num_draft_tokens, "acceptance": acceptance, "acceptance_options": rule_options},
+        setup={
+            "source": source,
+            "dim": cfg.dim,
+            "n_layer": cfg.n_layer,
+            "vocab_size": cfg.vocab_size,
+            "tokens_per_image": cfg.block_size,
+            "dtype": str(dtype),
+            "batch_size": batch_size,
+            "guidance_scale": guidance_scale,
+            "temperature": temperature,
+            "top_k": top_k,
+            "num_draft_tokens": num_draft_tokens,
+            "acceptance": acceptance,
+            "acceptance_options": rule_options,
+        },
     )

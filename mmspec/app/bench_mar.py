@@ -18,15 +18,39 @@ from ..pipelines.mar.pipeline_mar import MARPipeline
 from .bench import BenchCase, BenchSuite, register_suite
 
 #: Small random MARs for CPU runs: 128 px -> 8x8 = 64 tokens of 16 channels, 10-step heads.
-_SMALL = {"img_size": 128, "vae_stride": 16, "patch_size": 1, "vae_embed_dim": 16, "class_num": 10, "buffer_size": 4,
-          "num_sampling_steps": "10", "mlp_ratio": 4.0}
+_SMALL = {
+    "img_size": 128,
+    "vae_stride": 16,
+    "patch_size": 1,
+    "vae_embed_dim": 16,
+    "class_num": 10,
+    "buffer_size": 4,
+    "num_sampling_steps": "10",
+    "mlp_ratio": 4.0,
+}
 SMALL_CONFIGS = {
-    "random-small": {**_SMALL, "encoder_embed_dim": 128, "encoder_depth": 3, "encoder_num_heads": 4,
-                     "decoder_embed_dim": 128, "decoder_depth": 3, "decoder_num_heads": 4, "diffloss_d": 3,
-                     "diffloss_w": 256},
-    "random-tiny": {**_SMALL, "encoder_embed_dim": 64, "encoder_depth": 1, "encoder_num_heads": 4,
-                    "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4, "diffloss_d": 2,
-                    "diffloss_w": 128},
+    "random-small": {
+        **_SMALL,
+        "encoder_embed_dim": 128,
+        "encoder_depth": 3,
+        "encoder_num_heads": 4,
+        "decoder_embed_dim": 128,
+        "decoder_depth": 3,
+        "decoder_num_heads": 4,
+        "diffloss_d": 3,
+        "diffloss_w": 256,
+    },
+    "random-tiny": {
+        **_SMALL,
+        "encoder_embed_dim": 64,
+        "encoder_depth": 1,
+        "encoder_num_heads": 4,
+        "decoder_embed_dim": 64,
+        "decoder_depth": 1,
+        "decoder_num_heads": 4,
+        "diffloss_d": 2,
+        "diffloss_w": 128,
+    },
 }
 
 
@@ -47,10 +71,21 @@ def _model(source: str, seed: int) -> MARModel:
 
 
 @register_suite("mar")
-def mar_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1, *, target: str = "random-small",
-              drafter: str = "random-tiny", num_iter: int = 16, gamma: int = 4, guidance_scale: float = 3.0,
-              cfg_schedule: str = "linear", temperature: float = 1.0, prefill_steps: int | None = None,
-              lam: float = 42.0) -> BenchSuite:
+def mar_suite(
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 1,
+    *,
+    target: str = "random-small",
+    drafter: str = "random-tiny",
+    num_iter: int = 16,
+    gamma: int = 4,
+    guidance_scale: float = 3.0,
+    cfg_schedule: str = "linear",
+    temperature: float = 1.0,
+    prefill_steps: int | None = None,
+    lam: float = 42.0,
+) -> BenchSuite:
     """MAR class-to-image: baseline at num_iter and num_iter/gamma, CSpD exact and tempered (lossy)."""
     target_model, draft_model = _model(target, 0), _model(drafter, 1)
     levels = target_model.config.vae_stride.bit_length()  # log2(stride) + 1 resolution levels
@@ -66,34 +101,77 @@ def mar_suite(device: torch.device, dtype: torch.dtype, batch_size: int = 1, *, 
 
     def case(name: str, steps: int, method: str | None, acceptance: str | None = None, options: dict | None = None):
         def run(generator: torch.Generator, profile: bool) -> GenerationOutput:
-            orders = torch.stack([torch.randperm(pipe.target.seq_len, generator=torch.Generator().manual_seed(i))
-                                  for i in range(batch_size)])
-            out = pipe(class_labels=labels, num_iter=steps, guidance_scale=guidance_scale, cfg_schedule=cfg_schedule,
-                       temperature=temperature, orders=orders, generator=generator, speculative=method,
-                       num_draft_tokens=gamma, acceptance=acceptance, acceptance_options=options,
-                       speculative_options=speculative_options if method else None, output_type="pt")
+            orders = torch.stack(
+                [
+                    torch.randperm(pipe.target.seq_len, generator=torch.Generator().manual_seed(i))
+                    for i in range(batch_size)
+                ]
+            )
+            out = pipe(
+                class_labels=labels,
+                num_iter=steps,
+                guidance_scale=guidance_scale,
+                cfg_schedule=cfg_schedule,
+                temperature=temperature,
+                orders=orders,
+                generator=generator,
+                speculative=method,
+                num_draft_tokens=gamma,
+                acceptance=acceptance,
+                acceptance_options=options,
+                speculative_options=speculative_options if method else None,
+                output_type="pt",
+            )
             tokens = out.latents.flatten(1)
-            return GenerationOutput(tokens=tokens, lengths=torch.full((batch_size,), pipe.target.seq_len),
-                                    stats=out.stats)
-        return BenchCase(name, run, {"num_iter": steps, "speculative": method, "acceptance": acceptance,
-                                     "acceptance_options": options, "gamma": gamma if method else None})
+            return GenerationOutput(
+                tokens=tokens, lengths=torch.full((batch_size,), pipe.target.seq_len), stats=out.stats
+            )
+
+        return BenchCase(
+            name,
+            run,
+            {
+                "num_iter": steps,
+                "speculative": method,
+                "acceptance": acceptance,
+                "acceptance_options": options,
+                "gamma": gamma if method else None,
+            },
+        )
 
     cases = [
         case(f"baseline num_iter={num_iter}", num_iter, None),
         case(f"baseline num_iter={num_iter // gamma}", num_iter // gamma, None),
         case(f"cspd gamma={gamma} gaussian-exact", num_iter, "cspd"),
-        case(f"cspd gamma={gamma} gaussian-tempered lam={lam:g} (lossy)", num_iter, "cspd", "gaussian-tempered",
-             {"lam": lam}),
+        case(
+            f"cspd gamma={gamma} gaussian-tempered lam={lam:g} (lossy)",
+            num_iter,
+            "cspd",
+            "gaussian-tempered",
+            {"lam": lam},
+        ),
     ]
     tcfg, dcfg = pipe.target.config, pipe.drafter.config
     return BenchSuite(
         name="mar",
         description=mar_suite.__doc__.split("\n")[0],
         cases=cases,
-        setup={"target": target, "drafter": drafter, "target_width": tcfg.encoder_embed_dim,
-               "target_depth": tcfg.encoder_depth + tcfg.decoder_depth, "draft_width": dcfg.encoder_embed_dim,
-               "draft_depth": dcfg.encoder_depth + dcfg.decoder_depth, "tokens_per_image": pipe.target.seq_len,
-               "dtype": str(dtype), "batch_size": batch_size, "num_iter": num_iter, "gamma": gamma,
-               "guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
-               "prefill_steps": prefill_steps, "note": "random weights: acceptance rates say nothing about trained pairs"},
+        setup={
+            "target": target,
+            "drafter": drafter,
+            "target_width": tcfg.encoder_embed_dim,
+            "target_depth": tcfg.encoder_depth + tcfg.decoder_depth,
+            "draft_width": dcfg.encoder_embed_dim,
+            "draft_depth": dcfg.encoder_depth + dcfg.decoder_depth,
+            "tokens_per_image": pipe.target.seq_len,
+            "dtype": str(dtype),
+            "batch_size": batch_size,
+            "num_iter": num_iter,
+            "gamma": gamma,
+            "guidance_scale": guidance_scale,
+            "cfg_schedule": cfg_schedule,
+            "temperature": temperature,
+            "prefill_steps": prefill_steps,
+            "note": "random weights: acceptance rates say nothing about trained pairs",
+        },
     )

@@ -39,7 +39,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
     p.add_argument("--seed", type=int, default=0, help="seed of every run (the same for baseline and methods)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="suite-specific setting (repeatable)")
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="suite-specific setting (repeatable)"
+    )
     p.add_argument("--output", type=Path, default=None, help="JSON record path (default results/bench-<suite>.json)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
@@ -77,29 +79,53 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--class-labels", default="0,1,2,3", help="comma-separated class ids, e.g. 3,7,12")
     inputs.add_argument("--labels-file", type=Path, default=None, help="one class id per line (batch mode)")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/generate"),
-                   help="images, results.<rank>.jsonl, errors.<rank>.jsonl and stats.json (rerun to resume)")
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("outputs/generate"),
+        help="images, results.<rank>.jsonl, errors.<rank>.jsonl and stats.json (rerun to resume)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (> 1 runs the CFG pair)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (None: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold in (0, 1] (1: off)")
     p.add_argument("--seed", type=int, default=0, help="batch b uses seed + index of its first item")
-    p.add_argument("--speculative", default="sjd",
-                   help="a method of `mmspec methods` (sjd, draft-model, eagle, mulo, ...) or 'none' for the baseline")
-    p.add_argument("--speculative-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a setting of the speculative method (repeatable), e.g. init=copy (sjd); upsampler=learned, "
-                        "max_rounds=2 (mulo)")
+    p.add_argument(
+        "--speculative",
+        default="sjd",
+        help="a method of `mmspec methods` (sjd, draft-model, eagle, mulo, ...) or 'none' for the baseline",
+    )
+    p.add_argument(
+        "--speculative-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the speculative method (repeatable), e.g. init=copy (sjd); upsampler=learned, "
+        "max_rounds=2 (mulo)",
+    )
     p.add_argument("--num-draft-tokens", type=int, default=8, help="drafts per step (SJD: its window)")
-    p.add_argument("--acceptance", default=None,
-                   help="acceptance rule: exact, greedy, lantern, gsd (causal methods), mulo (mulo) ... "
-                        "(default: the method's own rule)")
-    p.add_argument("--acceptance-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a setting of the acceptance rule (repeatable), e.g. delta=0.1, k=100, variant=official; "
-                        "for mulo: tau=0.02")
+    p.add_argument(
+        "--acceptance",
+        default=None,
+        help="acceptance rule: exact, greedy, lantern, gsd (causal methods), mulo (mulo) ... "
+        "(default: the method's own rule)",
+    )
+    p.add_argument(
+        "--acceptance-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the acceptance rule (repeatable), e.g. delta=0.1, k=100, variant=official; "
+        "for mulo: tau=0.02",
+    )
     p.add_argument("--eagle-head", default=None, help="an EAGLE head folder trained for this model (speculative=eagle)")
-    p.add_argument("--eagle-tree", default=None, metavar="DEPTH,TOP_K,NODES",
-                   help="EAGLE-2 dynamic tree budget (default: a chain of --num-draft-tokens)")
+    p.add_argument(
+        "--eagle-tree",
+        default=None,
+        metavar="DEPTH,TOP_K,NODES",
+        help="EAGLE-2 dynamic tree budget (default: a chain of --num-draft-tokens)",
+    )
     p.add_argument("--heatmaps", action="store_true", help="also write an acceptance heat-map per image")
     add_device(p)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -154,9 +180,16 @@ def generate(args: argparse.Namespace) -> int:
         spec = pipe.resolve_speculation(speculative, speculative_options, args.acceptance, acceptance_options)
     except (ValueError, TypeError) as err:
         raise SystemExit(f"error: --speculative {args.speculative} / --acceptance {args.acceptance}: {err}") from None
-    call = {"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "speculative": speculative, "num_draft_tokens": args.num_draft_tokens,
-            "acceptance": spec.rule, "speculative_options": speculative_options or None}
+    call = {
+        "guidance_scale": args.guidance_scale,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "speculative": speculative,
+        "num_draft_tokens": args.num_draft_tokens,
+        "acceptance": spec.rule,
+        "speculative_options": speculative_options or None,
+    }
     try:  # the pipeline's own checks of settings against this model (vocabulary, sequence length)
         from ..pipelines.validation import check_llamagen_call
 
@@ -175,21 +208,34 @@ def generate(args: argparse.Namespace) -> int:
 
     def process(items):
         start = time.perf_counter()
-        out = pipe(class_labels=[it.value for it in items], generator=torch.Generator(device).manual_seed(args.seed + items[0].index),
-                   **call)
+        out = pipe(
+            class_labels=[it.value for it in items],
+            generator=torch.Generator(device).manual_seed(args.seed + items[0].index),
+            **call,
+        )
         seconds = time.perf_counter() - start
         grid = out.tokens.shape[1:]
         records = []
         for row, (item, image) in enumerate(zip(items, out.images)):
             name = f"{item.index:05d}_class{item.value}.png"
             save_image_atomic(image, args.output_dir / name)
-            record = {"file": name, "class_label": item.value, "seed": args.seed + items[0].index,
-                      "batch_steps": out.stats.steps, "batch_seconds": seconds,
-                      "row_steps": int(out.stats.row_steps[row]), "row_accepted": int(out.stats.row_accepted[row])}
+            record = {
+                "file": name,
+                "class_label": item.value,
+                "seed": args.seed + items[0].index,
+                "batch_steps": out.stats.steps,
+                "batch_seconds": seconds,
+                "row_steps": int(out.stats.row_steps[row]),
+                "row_accepted": int(out.stats.row_accepted[row]),
+            }
             if args.heatmaps:
                 heat = f"{item.index:05d}_accept.png"
-                save_image_atomic(acceptance_heatmap(out.stats.token_source[row].reshape(grid), out.stats.token_step[row].reshape(grid)),
-                                  args.output_dir / heat)
+                save_image_atomic(
+                    acceptance_heatmap(
+                        out.stats.token_source[row].reshape(grid), out.stats.token_step[row].reshape(grid)
+                    ),
+                    args.output_dir / heat,
+                )
                 record["heatmap"] = heat
             records.append(record)
         return records
@@ -197,15 +243,28 @@ def generate(args: argparse.Namespace) -> int:
     with lock:
         job = run_job(raw, parse, process, args.output_dir, args.batch_size, desc="generate")
         if job_state().is_main_process:
-            report(args.output_dir, job, "images", {
-                "command": "generate", "speculative": speculative, "acceptance": spec.rule.name,
-                "acceptance_options": acceptance_options,
-                "acceptance_rule": repr(spec.rule),  # resolved, e.g. variant="official"
-                "speculative_options": {k: v if isinstance(v, (int, float, str, bool)) else repr(v)
-                                        for k, v in speculative_options.items()},
-                "num_draft_tokens": args.num_draft_tokens, "guidance_scale": args.guidance_scale,
-                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "device": str(device),
-            })
+            report(
+                args.output_dir,
+                job,
+                "images",
+                {
+                    "command": "generate",
+                    "speculative": speculative,
+                    "acceptance": spec.rule.name,
+                    "acceptance_options": acceptance_options,
+                    "acceptance_rule": repr(spec.rule),  # resolved, e.g. variant="official"
+                    "speculative_options": {
+                        k: v if isinstance(v, (int, float, str, bool)) else repr(v)
+                        for k, v in speculative_options.items()
+                    },
+                    "num_draft_tokens": args.num_draft_tokens,
+                    "guidance_scale": args.guidance_scale,
+                    "temperature": args.temperature,
+                    "top_k": args.top_k,
+                    "top_p": args.top_p,
+                    "device": str(device),
+                },
+            )
     return 0
 
 
@@ -220,10 +279,15 @@ def save_image_atomic(image: Any, path: Path) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     add_llamagen_source(p)
-    p.add_argument("--method", action="append", default=[], metavar="SPEC",
-                   help="SPECULATIVE[:ACCEPTANCE[:RULE_OPTIONS[:METHOD_OPTIONS]]] (options: key=value,...), e.g. sjd, "
-                        "sjd:lantern:delta=0.1,k=100, sjd:gsd, mulo::tau=0.02:upsampler=learned (repeatable; an empty "
-                        "rule = the method's own)")
+    p.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="SPECULATIVE[:ACCEPTANCE[:RULE_OPTIONS[:METHOD_OPTIONS]]] (options: key=value,...), e.g. sjd, "
+        "sjd:lantern:delta=0.1,k=100, sjd:gsd, mulo::tau=0.02:upsampler=learned (repeatable; an empty "
+        "rule = the method's own)",
+    )
     p.add_argument("--num-images", type=int, default=64, help="images per method (and per baseline)")
     p.add_argument("--classes", default=None, help="comma-separated class ids to cycle through (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
@@ -233,10 +297,16 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (None: off)")
     p.add_argument("--num-draft-tokens", type=int, default=8, help="drafts per step")
     p.add_argument("--eagle-head", default=None, help="an EAGLE head folder trained for this model (method eagle)")
-    p.add_argument("--features", default="vq-encoder",
-                   help="FID features: vq-encoder (offline default), torchscript:PATH, or clip (the --clip-model image tower)")
-    p.add_argument("--clip-model", default=None,
-                   help="open_clip model name, or an open_clip model-config .json file, for CLIP score (with --clip-weights)")
+    p.add_argument(
+        "--features",
+        default="vq-encoder",
+        help="FID features: vq-encoder (offline default), torchscript:PATH, or clip (the --clip-model image tower)",
+    )
+    p.add_argument(
+        "--clip-model",
+        default=None,
+        help="open_clip model name, or an open_clip model-config .json file, for CLIP score (with --clip-weights)",
+    )
     p.add_argument("--clip-weights", default=None, help="path to the open_clip weights file")
     p.add_argument("--output-dir", type=Path, default=Path("outputs/eval"), help="report.json and grid.png")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -289,10 +359,21 @@ def evaluate(args: argparse.Namespace) -> int:
     classes = llamagen_classes(args)
     class_names = None if classes is None else [entry["name"] for entry in classes]
     report = evaluate_llamagen(
-        pipe, methods, labels, seed=args.seed, batch_size=args.batch_size, features=features, clip=clip,
-        class_names=class_names, out_dir=args.output_dir,
-        sampling={"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
-                  "num_draft_tokens": args.num_draft_tokens},
+        pipe,
+        methods,
+        labels,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        features=features,
+        clip=clip,
+        class_names=class_names,
+        out_dir=args.output_dir,
+        sampling={
+            "guidance_scale": args.guidance_scale,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "num_draft_tokens": args.num_draft_tokens,
+        },
     )
     print(format_report(report))
     print(f"\nwrote {args.output_dir / 'report.json'} and {args.output_dir / 'grid.png'}")
@@ -302,26 +383,43 @@ def evaluate(args: argparse.Namespace) -> int:
 def _caption_args(p: argparse.ArgumentParser) -> None:
     from .jobs_io import DEFAULT_MAX_IMAGE_SIDE
 
-    p.add_argument("inputs", type=Path, nargs="+",
-                   help="image files, folders of images, or text files with one image path per line (any mix)")
-    p.add_argument("--model", default=None, help="an HF VLM checkpoint folder (default: the embedded reference captioner)")
+    p.add_argument(
+        "inputs",
+        type=Path,
+        nargs="+",
+        help="image files, folders of images, or text files with one image path per line (any mix)",
+    )
+    p.add_argument(
+        "--model", default=None, help="an HF VLM checkpoint folder (default: the embedded reference captioner)"
+    )
     p.add_argument("--prompt", default="What is in the image?", help="the question asked about every image")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="captions.jsonl (grows as the job runs), results/errors.<rank>.jsonl, stats.json (rerun to "
-                        "resume); without it, 'path<TAB>caption' lines go to stdout and bad images to stderr")
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="captions.jsonl (grows as the job runs), results/errors.<rank>.jsonl, stats.json (rerun to "
+        "resume); without it, 'path<TAB>caption' lines go to stdout and bad images to stderr",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (decoded a batch at a time)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="caption length limit, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (None: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold in (0, 1] (1: off)")
     p.add_argument("--seed", type=int, default=0, help="batch b uses seed + index of its first item")
-    p.add_argument("--drafter", default="default",
-                   help="a VLM method of `mmspec methods` (model: the model's own drafter; ngram: prompt lookup), "
-                        "'default' (model if the model has a drafter, else the baseline) or 'none' (the baseline)")
+    p.add_argument(
+        "--drafter",
+        default="default",
+        help="a VLM method of `mmspec methods` (model: the model's own drafter; ngram: prompt lookup), "
+        "'default' (model if the model has a drafter, else the baseline) or 'none' (the baseline)",
+    )
     p.add_argument("--num-draft-tokens", type=int, default=4, help="drafts per step")
     p.add_argument("--acceptance", default="exact", help="acceptance rule: exact, greedy, ...")
-    p.add_argument("--max-image-side", type=int, default=DEFAULT_MAX_IMAGE_SIDE,
-                   help="larger images are skipped as bad items, from their header, before decoding (the chat demo's limit)")
+    p.add_argument(
+        "--max-image-side",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_SIDE,
+        help="larger images are skipped as bad items, from their header, before decoding (the chat demo's limit)",
+    )
     add_device(p)
 
 
@@ -363,7 +461,9 @@ def caption(args: argparse.Namespace) -> int:
         from ..sampling import SamplingConfig
 
         check_vlm_call(pipe, max_new_tokens=args.max_new_tokens, num_draft_tokens=num_draft_tokens)
-        SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).validate_vocab(pipe.target.vocab_size)
+        SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).validate_vocab(
+            pipe.target.vocab_size
+        )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -372,13 +472,27 @@ def caption(args: argparse.Namespace) -> int:
 
     def process(items):
         pictures = [load_image(it.value, args.max_image_side) for it in items]
-        out = pipe([[picture] for picture in pictures], [args.prompt] * len(items), max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   generator=torch.Generator(device).manual_seed(args.seed + items[0].index), drafter=drafter,
-                   num_draft_tokens=num_draft_tokens, acceptance=args.acceptance)
-        return [{"caption": text, "tokens": int(n), "row_steps": int(out.stats.row_steps[i]),
-                 "row_accepted": int(out.stats.row_accepted[i])}
-                for i, (text, n) in enumerate(zip(out.text, out.lengths))]
+        out = pipe(
+            [[picture] for picture in pictures],
+            [args.prompt] * len(items),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            generator=torch.Generator(device).manual_seed(args.seed + items[0].index),
+            drafter=drafter,
+            num_draft_tokens=num_draft_tokens,
+            acceptance=args.acceptance,
+        )
+        return [
+            {
+                "caption": text,
+                "tokens": int(n),
+                "row_steps": int(out.stats.row_steps[i]),
+                "row_accepted": int(out.stats.row_accepted[i]),
+            }
+            for i, (text, n) in enumerate(zip(out.text, out.lengths))
+        ]
 
     if args.output_dir is None:  # print path<TAB>caption; the job's files go to a scratch folder
         import tempfile
@@ -396,13 +510,27 @@ def caption(args: argparse.Namespace) -> int:
         append_jsonl(captions_path, [{"image": r["input"], "caption": r["caption"]} for r in records])
 
     with lock:
-        job = run_job(images, parse, process, args.output_dir, args.batch_size, desc="caption", on_results=write_captions)
+        job = run_job(
+            images, parse, process, args.output_dir, args.batch_size, desc="caption", on_results=write_captions
+        )
         if job_state().is_main_process:
             results = JobOutput.read(args.output_dir, "results")
-            write_atomic(captions_path, "".join(json.dumps({"image": r["input"], "caption": r["caption"]}) + "\n"
-                                                for r in results))
-            report(args.output_dir, job, "captions", {"command": "caption", "prompt": args.prompt, "drafter": args.drafter,
-                                                      "num_draft_tokens": args.num_draft_tokens, "device": str(device)})
+            write_atomic(
+                captions_path,
+                "".join(json.dumps({"image": r["input"], "caption": r["caption"]}) + "\n" for r in results),
+            )
+            report(
+                args.output_dir,
+                job,
+                "captions",
+                {
+                    "command": "caption",
+                    "prompt": args.prompt,
+                    "drafter": args.drafter,
+                    "num_draft_tokens": args.num_draft_tokens,
+                    "device": str(device),
+                },
+            )
     return 0
 
 
@@ -558,14 +686,18 @@ def _version() -> str:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``mmspec`` parser. With ``argv``, only the subcommand it names gets its arguments (their
     definitions import heavy modules); without, every subcommand does."""
-    parser = argparse.ArgumentParser(prog="mmspec", description="Speculative decoding for multimodal generative models.",
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mmspec",
+        description="Speculative decoding for multimodal generative models.",
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), None)
     for name, (add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=(run.__doc__ or "").split("\n")[0], description=run.__doc__,
-                           formatter_class=HelpFormatter)
+        p = sub.add_parser(
+            name, help=(run.__doc__ or "").split("\n")[0], description=run.__doc__, formatter_class=HelpFormatter
+        )
         if argv is None or name == chosen:
             add_args(p)
             _describe_missing_help(p)

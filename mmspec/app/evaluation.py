@@ -89,9 +89,13 @@ class OpenCLIPFeatures:
         try:
             import open_clip
         except ImportError as err:
-            raise ImportError('CLIP score needs open_clip: pip install "mmspec[clip]" (open-clip-torch and torchvision)') from err
+            raise ImportError(
+                'CLIP score needs open_clip: pip install "mmspec[clip]" (open-clip-torch and torchvision)'
+            ) from err
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"CLIP weights {weights} do not exist: pass the path of an open_clip checkpoint file")
+            raise FileNotFoundError(
+                f"CLIP weights {weights} do not exist: pass the path of an open_clip checkpoint file"
+            )
         if model_name.endswith(".json"):
             if not Path(model_name).is_file():
                 raise FileNotFoundError(f"open_clip model config {model_name} does not exist")
@@ -149,7 +153,7 @@ class EvalMethod:
     speculative_options: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, spec: str) -> "EvalMethod":
+    def parse(cls, spec: str) -> EvalMethod:
         parts = spec.split(":")
         if not parts[0] or len(parts) > 4:
             raise ValueError(f"method spec {spec!r} must be SPECULATIVE[:ACCEPTANCE[:key=value,...[:key=value,...]]]")
@@ -168,12 +172,16 @@ def _run(pipe, method: EvalMethod | None, labels, seeds, batch_size, sampling: d
     committed = 0.0  # tokens per step x row steps: each stats type defines tokens per step (MuLo-SD: grid / forwards)
     for start in range(0, len(labels), batch_size):
         t0 = time.perf_counter()
-        out = pipe(class_labels=labels[start : start + batch_size], output_type="pt",
-                   generator=torch.Generator(pipe.target.device).manual_seed(seeds[start]),
-                   speculative=None if method is None else method.speculative,
-                   acceptance=None if method is None else method.acceptance,
-                   acceptance_options=None if method is None else dict(method.acceptance_options),
-                   speculative_options=None if method is None else dict(method.speculative_options) or None, **sampling)
+        out = pipe(
+            class_labels=labels[start : start + batch_size],
+            output_type="pt",
+            generator=torch.Generator(pipe.target.device).manual_seed(seeds[start]),
+            speculative=None if method is None else method.speculative,
+            acceptance=None if method is None else method.acceptance,
+            acceptance_options=None if method is None else dict(method.acceptance_options),
+            speculative_options=None if method is None else dict(method.speculative_options) or None,
+            **sampling,
+        )
         seconds += time.perf_counter() - t0
         images.append(out.images.cpu())
         s = out.stats
@@ -185,7 +193,8 @@ def _run(pipe, method: EvalMethod | None, labels, seeds, batch_size, sampling: d
         tvd_tokens += int(s.moved_mass_tokens)
         tvd_max = max(tvd_max, float(s.moved_mass_max))
     return torch.cat(images), {
-        "steps": steps, "wall_time_s": seconds,
+        "steps": steps,
+        "wall_time_s": seconds,
         "mean_accepted_without_bonus": accepted / max(row_steps, 1),
         "mean_tokens_per_step_with_bonus": committed / max(row_steps, 1),
         "mean_tvd_per_token": tvd_sum / tvd_tokens if tvd_tokens else 0.0,
@@ -214,9 +223,14 @@ def evaluate_llamagen(
     base_images, base_stats = _run(pipe, None, class_labels, seeds, batch_size, sampling)
     floor_images, _ = _run(pipe, None, class_labels, [s + 10_000 for s in seeds], batch_size, sampling)
     base_features = features(base_images)
-    report = {"features": features.name, "num_images": len(class_labels), "sampling": sampling,
-              "baseline": base_stats, "fid_noise_floor": frechet_distance(features(floor_images), base_features),
-              "methods": []}
+    report = {
+        "features": features.name,
+        "num_images": len(class_labels),
+        "sampling": sampling,
+        "baseline": base_stats,
+        "fid_noise_floor": frechet_distance(features(floor_images), base_features),
+        "methods": [],
+    }
     texts = clip.text([f"a photo of {class_names[c]}" for c in class_labels]) if clip and class_names else None
     if texts is not None:
         report["baseline"]["clip_score"] = clip_score(clip(base_images), texts)
@@ -235,7 +249,11 @@ def evaluate_llamagen(
         (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         import PIL.Image
 
-        tiles = [PIL.Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for row in rows for img in row]
+        tiles = [
+            PIL.Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+            for row in rows
+            for img in row
+        ]
         labels = ["baseline", *(method.name for method in methods)]  # one row each, as in the report
         image_grid(tiles, cols=min(grid_columns, len(class_labels)), row_labels=labels).save(out_dir / "grid.png")
     return report
@@ -243,14 +261,19 @@ def evaluate_llamagen(
 
 def format_report(report: dict) -> str:
     """Markdown table: speed and quality side by side."""
-    lines = [f"features: {report['features']}, {report['num_images']} images; FID noise floor "
-             f"(baseline vs baseline on other seeds): {report['fid_noise_floor']:.3f}", "",
-             "| method | steps | accepted/step (w/o bonus) | wall s | speedup | mean TVD/token | max TVD | FID vs baseline |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"features: {report['features']}, {report['num_images']} images; FID noise floor "
+        f"(baseline vs baseline on other seeds): {report['fid_noise_floor']:.3f}",
+        "",
+        "| method | steps | accepted/step (w/o bonus) | wall s | speedup | mean TVD/token | max TVD | FID vs baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     b = report["baseline"]
     lines.append(f"| baseline | {b['steps']} | 0.00 | {b['wall_time_s']:.2f} | 1.00x | 0 | 0 | 0 |")
     for m in report["methods"]:
-        lines.append(f"| {m['method']['name']} | {m['steps']} | {m['mean_accepted_without_bonus']:.2f} | "
-                     f"{m['wall_time_s']:.2f} | {m['speedup_vs_baseline']:.2f}x | {m['mean_tvd_per_token']:.4f} | "
-                     f"{m['max_tvd_per_token']:.4f} | {m['fid_vs_baseline']:.3f} |")
+        lines.append(
+            f"| {m['method']['name']} | {m['steps']} | {m['mean_accepted_without_bonus']:.2f} | "
+            f"{m['wall_time_s']:.2f} | {m['speedup_vs_baseline']:.2f}x | {m['mean_tvd_per_token']:.4f} | "
+            f"{m['max_tvd_per_token']:.4f} | {m['fid_vs_baseline']:.3f} |"
+        )
     return "\n".join(lines)

@@ -26,12 +26,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("drafter", type=Path, help="a drafter saved by mmspec (mmspec train-drafter --arch eagle3 --output DIR)")
+    p.add_argument(
+        "drafter", type=Path, help="a drafter saved by mmspec (mmspec train-drafter --arch eagle3 --output DIR)"
+    )
     p.add_argument("--format", default="eagle3", choices=FORMATS, help="eagle3: vLLM / SGLang LlamaForCausalLMEagle3")
     p.add_argument("--out", type=Path, required=True, help="directory to write (config.json + model.safetensors)")
-    p.add_argument("--layer-convention", default="sglang", choices=LAYER_CONVENTIONS,
-                   help="how the aux layer ids are written: sglang = output of layer k (SGLang, SpecForge); "
-                        "vllm = state entering layer k (k + 1 of the former)")
+    p.add_argument(
+        "--layer-convention",
+        default="sglang",
+        choices=LAYER_CONVENTIONS,
+        help="how the aux layer ids are written: sglang = output of layer k (SGLang, SpecForge); "
+        "vllm = state entering layer k (k + 1 of the former)",
+    )
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights (default: as trained)")
 
 
@@ -43,7 +49,9 @@ def load_saved_head(directory: Path) -> Eagle3Head:
         raise SystemExit(f"{directory}: no {CONFIG_NAME}; pass a drafter directory written by mmspec train-drafter")
     saved = json.loads(config_file.read_text())
     if saved.get(ARCH_KEY) != ARCH:
-        kind = "an EAGLE-1/2 feature head" + (f" (visual path {saved['visual_path']!r})" if "visual_path" in saved else "")
+        kind = "an EAGLE-1/2 feature head" + (
+            f" (visual path {saved['visual_path']!r})" if "visual_path" in saved else ""
+        )
         raise SystemExit(
             f"{directory} holds {kind}, which vLLM and SGLang cannot serve (it regresses the target's last feature "
             "through the target's LM head and, for VLMs, compresses image tokens in ways the engines do not "
@@ -60,7 +68,9 @@ def export_drafter_command(args: argparse.Namespace) -> int:
     head = load_saved_head(args.drafter)
     out = write_eagle3(head, args.out, args.layer_convention, DTYPES.get(args.dtype) if args.dtype else None)
     c = head.config
-    print(f"wrote {out} ({args.format}: hidden {c.hidden_size}, draft vocabulary {c.draft_vocab_size} of "
-          f"{c.vocab_size}, aux layers {list(c.aux_layer_ids)} as layer outputs, written in the "
-          f"{args.layer_convention} convention)")
+    print(
+        f"wrote {out} ({args.format}: hidden {c.hidden_size}, draft vocabulary {c.draft_vocab_size} of "
+        f"{c.vocab_size}, aux layers {list(c.aux_layer_ids)} as layer outputs, written in the "
+        f"{args.layer_convention} convention)"
+    )
     return 0

@@ -20,8 +20,12 @@ def _check_sampling(args: argparse.Namespace, guidance: bool) -> None:
     from ..sampling import SamplingConfig
 
     try:
-        SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       guidance_scale=args.guidance_scale if guidance else 1.0)
+        SamplingConfig(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            guidance_scale=args.guidance_scale if guidance else 1.0,
+        )
     except ValueError as err:
         _fail(f"{err} (--temperature / --top-k / --top-p{' / --guidance-scale' if guidance else ''})")
 
@@ -57,8 +61,8 @@ def _check_greedy_rule(args: argparse.Namespace) -> None:
 
 def check_generate_settings(args: argparse.Namespace) -> None:
     """``SystemExit`` with a message if ``mmspec generate``'s settings cannot work for any item."""
-    from ..rules import ACCEPTANCE_RULES
     from ..pipelines.llamagen.pipeline_llamagen import LLAMAGEN_METHODS
+    from ..rules import ACCEPTANCE_RULES
 
     _check_common(args)
     _check_sources(args)
@@ -70,8 +74,10 @@ def check_generate_settings(args: argparse.Namespace) -> None:
         _fail(f"--acceptance must be one of {', '.join(sorted(ACCEPTANCE_RULES))}; got {args.acceptance!r}")
     _check_greedy_rule(args)
     if args.speculative != "none" and args.num_draft_tokens < 1 and not args.eagle_tree:
-        _fail(f"--num-draft-tokens must be >= 1 with --speculative {args.speculative}, got {args.num_draft_tokens} "
-              "(use --speculative none for the baseline)")
+        _fail(
+            f"--num-draft-tokens must be >= 1 with --speculative {args.speculative}, got {args.num_draft_tokens} "
+            "(use --speculative none for the baseline)"
+        )
     if args.eagle_tree:
         parts = args.eagle_tree.split(",")
         if len(parts) != 3 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
@@ -94,8 +100,10 @@ def check_caption_settings(args: argparse.Namespace, drafters: list[str]) -> Non
     if args.drafter not in drafters:
         _fail(f"--drafter must be one of {sorted(drafters)}, got {args.drafter!r}")
     if args.drafter != "none" and args.num_draft_tokens < 1:
-        _fail(f"--num-draft-tokens must be >= 1 with a drafter, got {args.num_draft_tokens} (use --drafter none for "
-              "the baseline)")
+        _fail(
+            f"--num-draft-tokens must be >= 1 with a drafter, got {args.num_draft_tokens} (use --drafter none for "
+            "the baseline)"
+        )
     if args.acceptance not in ACCEPTANCE_RULES:
         _fail(f"--acceptance must be one of {', '.join(sorted(ACCEPTANCE_RULES))}; got {args.acceptance!r}")
     _check_greedy_rule(args)

@@ -61,8 +61,10 @@ class JobOutput:
         for path in (self.results_path, self.errors_path):
             torn = repair_jsonl(path)
             if torn is not None:
-                notes.append(f"{path.name}: ignored an incomplete last line left by an interrupted run "
-                             f"({len(torn)} characters: {torn[:60]!r}); its item is redone")
+                notes.append(
+                    f"{path.name}: ignored an incomplete last line left by an interrupted run "
+                    f"({len(torn)} characters: {torn[:60]!r}); its item is redone"
+                )
         return notes
 
     @staticmethod
@@ -132,8 +134,10 @@ def lock_output(out_dir: Path) -> FolderLock:
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         if int(agreed.item()) == 0 and refusal is None:
             lock.release()
-            refusal = (f"output folder {out_dir} is in use by another mmspec job (another process of this job was "
-                       "refused its lock; its message names the holder)")
+            refusal = (
+                f"output folder {out_dir} is in use by another mmspec job (another process of this job was "
+                "refused its lock; its message names the holder)"
+            )
     if refusal is not None:
         raise SystemExit(f"error: {refusal}")
     return lock
@@ -180,7 +184,9 @@ def run_job(
                 output.error(item, str(err))
                 continue
             valid.append(item)
-        batches = [[it for it in valid[s : s + batch_size] if it.index not in done] for s in range(0, len(valid), batch_size)]
+        batches = [
+            [it for it in valid[s : s + batch_size] if it.index not in done] for s in range(0, len(valid), batch_size)
+        ]
         batches = [b for b in batches if b]
         todo = sum(len(b) for b in batches)
         failed = 0
@@ -196,8 +202,11 @@ def run_job(
                         except ValueError as err:
                             output.error(item, str(err))
                             failed += 1
-                records = [{"index": item.index, "input": item.raw, **result}
-                           for items, results in groups for item, result in zip(items, results)]
+                records = [
+                    {"index": item.index, "input": item.raw, **result}
+                    for items, results in groups
+                    for item, result in zip(items, results)
+                ]
                 output.results(records)
                 if on_results is not None and records:
                     on_results(records)
@@ -227,9 +236,11 @@ def report(out_dir: Path, job: dict, what: str, extra: dict) -> dict:
     results = JobOutput.read(out_dir, "results")
     steps = sum(r["row_steps"] for r in results)
     accepted = sum(r["row_accepted"] for r in results)
-    print(f"{summary['num_results']} {what} in {out_dir} ({summary['num_errors']} bad items; this run: "
-          f"{job['processed']} new, {job['skipped_done']} already done); "
-          f"mean accepted drafts per step: {accepted / max(steps, 1):.2f}")
+    print(
+        f"{summary['num_results']} {what} in {out_dir} ({summary['num_errors']} bad items; this run: "
+        f"{job['processed']} new, {job['skipped_done']} already done); "
+        f"mean accepted drafts per step: {accepted / max(steps, 1):.2f}"
+    )
     for err in summary["errors"]:
         print(f"  skipped item {err['index']} ({err['input']!r}): {err['error']}")
     for note in job.get("repaired", []):

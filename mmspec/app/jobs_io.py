@@ -64,8 +64,10 @@ def read_jsonl(path: Path) -> JsonlContents:
         try:
             out.records.append(json.loads(raw))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: line {number} is not valid JSON ({err}); only a crash-torn last "
-                             "line is repaired automatically: fix or delete that line") from None
+            raise ValueError(
+                f"{path}: line {number} is not valid JSON ({err}); only a crash-torn last "
+                "line is repaired automatically: fix or delete that line"
+            ) from None
     return out
 
 
@@ -173,16 +175,21 @@ class FolderLock:
                 holder = json.loads(self.path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
                 holder = {}
-            who = (f"process {holder.get('pid', '?')} ({holder.get('command', 'unknown command')}, "
-                   f"started {holder.get('started', '?')})")
+            who = (
+                f"process {holder.get('pid', '?')} ({holder.get('command', 'unknown command')}, "
+                f"started {holder.get('started', '?')})"
+            )
             raise JobLockedError(
                 f"output folder {self.path.parent} is in use by another mmspec job: {who}. Wait for it to "
                 "finish (or stop it), or choose another --output-dir; run data-parallel jobs with "
                 "`accelerate launch` so their processes split the items."
             ) from None
         os.ftruncate(fd, 0)
-        info = {"pid": os.getpid(), "command": " ".join(sys.argv)[:300],
-                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        info = {
+            "pid": os.getpid(),
+            "command": " ".join(sys.argv)[:300],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        }
         os.write(fd, json.dumps(info).encode())
         self._fd = fd
         self._held[self._key] = [fd, 1]
@@ -216,8 +223,9 @@ def check_image(path: str, max_side: int = DEFAULT_MAX_IMAGE_SIDE) -> str:
     except (OSError, ValueError) as err:  # missing, unreadable or not an image
         raise ValueError(f"cannot read image {path}: {err}") from None
     if max(width, height) > max_side:
-        raise ValueError(f"image {path} is {width}x{height} pixels; the limit is {max_side} pixels a side "
-                         "(--max-image-side)")
+        raise ValueError(
+            f"image {path} is {width}x{height} pixels; the limit is {max_side} pixels a side (--max-image-side)"
+        )
     return path
 
 

@@ -69,9 +69,12 @@ def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.d
     if args.official_gpt or args.official_vq:
         if not (args.official_gpt and args.official_vq):
             raise SystemExit("error: pass both --official-gpt and --official-vq")
-        pipe = LlamaGenPipeline.from_official(args.official_gpt, args.official_vq,
-                                              _official_config(args.gpt_config, "--gpt-config"),
-                                              _official_config(args.vq_config, "--vq-config"))
+        pipe = LlamaGenPipeline.from_official(
+            args.official_gpt,
+            args.official_vq,
+            _official_config(args.gpt_config, "--gpt-config"),
+            _official_config(args.vq_config, "--vq-config"),
+        )
     elif args.model:
         try:
             pipe = LlamaGenPipeline.from_pretrained(args.model)

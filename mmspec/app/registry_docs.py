@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import importlib
 
-from ..rules import ACCEPTANCE_RULES
 from ..methods import LOOP_COMMITS
+from ..rules import ACCEPTANCE_RULES
 
 #: Pipeline classes whose registries are listed: (title, module, class name).
 PIPELINES = (
@@ -25,25 +25,40 @@ def _cell(text: str) -> str:
 
 def methods_markdown() -> str:
     """The registries as Markdown tables (methods per pipeline, then the rules)."""
-    lines = ["# Methods and acceptance rules", "",
-             "Generated from the registries by `mmspec methods --markdown`; do not edit by hand.", ""]
+    lines = [
+        "# Methods and acceptance rules",
+        "",
+        "Generated from the registries by `mmspec methods --markdown`; do not edit by hand.",
+        "",
+    ]
     for title, module, name in PIPELINES:
         pipeline = getattr(importlib.import_module(module), name)
-        lines += [f"## {title}: `{name}.methods`", "",
-                  "| `speculative=` | loop | default rule | options (defaults) | needs | lossless | what |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {title}: `{name}.methods`",
+            "",
+            "| `speculative=` | loop | default rule | options (defaults) | needs | lossless | what |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for method in pipeline.methods:
             options = ", ".join(f"`{k}={v!r}`" for k, v in method.options.items()) or "—"
             needs = ", ".join(f"`{c}`" for c in method.requires) or "—"
-            lines.append(f"| `{method.name}` | {method.loop} | `{method.default_rule}` | {options} | {needs} | "
-                         f"{'yes' if method.lossless else 'no'} | {_cell(method.description)} |")
+            lines.append(
+                f"| `{method.name}` | {method.loop} | `{method.default_rule}` | {options} | {needs} | "
+                f"{'yes' if method.lossless else 'no'} | {_cell(method.description)} |"
+            )
         lines.append("")
-    lines += ["## Acceptance rules: `mmspec.rules.ACCEPTANCE_RULES`", "",
-              "| `acceptance=` | commits (loop) | reads | lossless | guarantee |", "|---|---|---|---|---|"]
+    lines += [
+        "## Acceptance rules: `mmspec.rules.ACCEPTANCE_RULES`",
+        "",
+        "| `acceptance=` | commits (loop) | reads | lossless | guarantee |",
+        "|---|---|---|---|---|",
+    ]
     loops = {commit: loop for loop, commit in LOOP_COMMITS.items()}
     for name in sorted(ACCEPTANCE_RULES):
         rule = ACCEPTANCE_RULES[name]
         view = rule.distribution.__name__ if rule.distribution is not None else "—"
-        lines.append(f"| `{name}` | {rule.commit.value} ({loops[rule.commit.value]}) | `{view}` | "
-                     f"{'yes' if rule.lossless else 'no'} | {_cell(rule.bound)} |")
+        lines.append(
+            f"| `{name}` | {rule.commit.value} ({loops[rule.commit.value]}) | `{view}` | "
+            f"{'yes' if rule.lossless else 'no'} | {_cell(rule.bound)} |"
+        )
     return "\n".join(lines) + "\n"

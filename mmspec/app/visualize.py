@@ -17,8 +17,13 @@ SOURCE_COLOURS = {
 }
 
 
-def image_grid(images: list[PIL.Image.Image], cols: int, pad: int = 2, background=(255, 255, 255),
-               row_labels: list[str] | None = None) -> PIL.Image.Image:
+def image_grid(
+    images: list[PIL.Image.Image],
+    cols: int,
+    pad: int = 2,
+    background=(255, 255, 255),
+    row_labels: list[str] | None = None,
+) -> PIL.Image.Image:
     """Tile equally sized images row-major into one picture; ``row_labels`` (one per row) are
     written in a column on the left."""
     if not images:

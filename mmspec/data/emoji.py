@@ -96,21 +96,14 @@ class AugmentConfig:
             raise ValueError(f"position_jitter must be in [0, 0.5], got {self.position_jitter}")
         low, high = self.scale_range
         if not 0.0 < low <= high <= 1.0:
-            raise ValueError(
-                f"scale_range must satisfy 0 < low <= high <= 1, got {self.scale_range}"
-            )
+            raise ValueError(f"scale_range must satisfy 0 < low <= high <= 1, got {self.scale_range}")
         if not 0.0 <= self.rotation_degrees <= 180.0:
             raise ValueError(f"rotation_degrees must be in [0, 180], got {self.rotation_degrees}")
         unknown = [kind for kind in self.backgrounds if kind not in BACKGROUND_KINDS]
         if not self.backgrounds or unknown:
-            raise ValueError(
-                f"backgrounds must be a non-empty tuple of {BACKGROUND_KINDS}, "
-                f"got {self.backgrounds}"
-            )
+            raise ValueError(f"backgrounds must be a non-empty tuple of {BACKGROUND_KINDS}, got {self.backgrounds}")
         if not (isinstance(self.max_glyphs_per_scene, int) and self.max_glyphs_per_scene >= 1):
-            raise ValueError(
-                f"max_glyphs_per_scene must be an int >= 1, got {self.max_glyphs_per_scene}"
-            )
+            raise ValueError(f"max_glyphs_per_scene must be an int >= 1, got {self.max_glyphs_per_scene}")
 
     @classmethod
     def none(cls, backgrounds: tuple[str, ...] = ("white",)) -> AugmentConfig:
@@ -188,9 +181,7 @@ class EmojiDataset(Dataset):
         if classes is None:
             return list(range(len(self._atlas.glyphs)))
         if isinstance(classes, (bool, str)) or not isinstance(classes, (int, Sequence)):
-            raise ValueError(
-                f"classes must be None, an int or a list of emoji characters/names, got {classes!r}"
-            )
+            raise ValueError(f"classes must be None, an int or a list of emoji characters/names, got {classes!r}")
         if isinstance(classes, int):
             return select_distinct_glyphs(self._atlas, classes)
         ids = [self._atlas.index(key) for key in classes]
@@ -292,9 +283,7 @@ class EmojiDataset(Dataset):
             self._base_cache[label] = base
         return base
 
-    def _draw_glyph(
-        self, pixels: np.ndarray, rng: np.random.Generator, label: int, slot: int, count: int
-    ) -> None:
+    def _draw_glyph(self, pixels: np.ndarray, rng: np.random.Generator, label: int, slot: int, count: int) -> None:
         aug = self.augment
         size = self.image_size
         slot_width = size / count

@@ -64,7 +64,7 @@ _AFTER_UNICODE_14 = frozenset(
 )  # fmt: skip
 
 # Rendered first when choosing visually distinct classes, so ``classes=1`` is a smiley.
-_FIRST_DISTINCT = "\U0001F600"
+_FIRST_DISTINCT = "\U0001f600"
 
 
 def find_emoji_font(font_path: str | os.PathLike[str] | None = None) -> Path:

@@ -16,6 +16,9 @@ def image_list(inputs: Path) -> list[str]:
         return sorted(str(p) for p in inputs.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if inputs.is_file():
         base = inputs.parent
-        return [str(Path(line.strip()) if Path(line.strip()).is_absolute() else base / line.strip())
-                for line in inputs.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        return [
+            str(Path(line.strip()) if Path(line.strip()).is_absolute() else base / line.strip())
+            for line in inputs.read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
     raise FileNotFoundError(f"{inputs}: no such folder or list file")

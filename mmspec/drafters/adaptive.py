@@ -61,11 +61,22 @@ class AdaptiveWindow:
         clock: seconds now (default ``time.perf_counter``; tests inject a synthetic one).
     """
 
-    def __init__(self, drafter: Any, policy: str = "heuristic", min_width: int = 1, initial: int | None = None,
-                 cost_slope: float = 0.1, explore_every: int = 8, decay: float = 0.9, memory: dict | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        drafter: Any,
+        policy: str = "heuristic",
+        min_width: int = 1,
+        initial: int | None = None,
+        cost_slope: float = 0.1,
+        explore_every: int = 8,
+        decay: float = 0.9,
+        memory: dict | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         if policy not in POLICIES:
-            raise ValueError(f"window policy must be one of {POLICIES} (or 'fixed' in a method's options), got {policy!r}")
+            raise ValueError(
+                f"window policy must be one of {POLICIES} (or 'fixed' in a method's options), got {policy!r}"
+            )
         if min_width < 1 or (initial is not None and initial < min_width):
             raise ValueError(f"need 1 <= min_width <= initial, got min_width={min_width}, initial={initial}")
         if not 0 <= decay < 1:
@@ -87,7 +98,9 @@ class AdaptiveWindow:
 
     def _tables(self, batch_size: int) -> None:
         """Point the learned tables at ``memory[batch_size]`` (created empty)."""
-        tables = self.memory.setdefault(batch_size, {"costs": {}, "tokens": {}, "counts": {}, "accepted": [], "reached": []})
+        tables = self.memory.setdefault(
+            batch_size, {"costs": {}, "tokens": {}, "counts": {}, "accepted": [], "reached": []}
+        )
         self._costs: dict[int, float] = tables["costs"]  # width -> averaged seconds per step
         self._tokens: dict[int, float] = tables["tokens"]  # width -> averaged committed tokens per row and step
         self._counts: dict[int, int] = tables["counts"]  # width -> steps measured

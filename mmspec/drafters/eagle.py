@@ -94,7 +94,9 @@ class EagleHead(nn.Module):
             component is) drafts only once :meth:`share_target` gives it the target's.
     """
 
-    def __init__(self, config: EagleConfig, embed: nn.Embedding | None = None, lm_head: nn.Linear | None = None) -> None:
+    def __init__(
+        self, config: EagleConfig, embed: nn.Embedding | None = None, lm_head: nn.Linear | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.target_modules: TargetModules | None = None
@@ -149,8 +151,14 @@ class EagleHead(nn.Module):
         """An empty one-layer cache for ``batch_size`` rows (``groups = 2``: CFG pairs)."""
         weight = self.fc.weight
         return StaticKVCache(
-            1, batch_size, self.config.n_head, max_seq_len, self.config.head_dim,
-            dtype=weight.dtype, device=weight.device, groups=groups,
+            1,
+            batch_size,
+            self.config.n_head,
+            max_seq_len,
+            self.config.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+            groups=groups,
         )
 
     # ------------------------------------------------------------------ save / load
@@ -163,22 +171,26 @@ class EagleHead(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "EagleHead":
+    def load(cls, directory: str | Path) -> EagleHead:
         """Load a head saved by :meth:`save_pretrained`, not yet sharing a target's embedding and LM head
         (:meth:`share_target`). A folder without a head, another model's config or mismatched weights
         raise ValueError naming the folder and the keys."""
         directory = Path(directory)
         head = cls(read_eagle_config(directory))
         weights = load_file(directory / WEIGHTS_NAME)
-        check_weights("the EAGLE head", str(directory), {k: v.shape for k, v in head.state_dict().items()},
-                      {k: v.shape for k, v in weights.items()})
+        check_weights(
+            "the EAGLE head",
+            str(directory),
+            {k: v.shape for k, v in head.state_dict().items()},
+            {k: v.shape for k, v in weights.items()},
+        )
         head.load_state_dict(weights)
         return head
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, embed: nn.Embedding, lm_head: nn.Linear, target_name: str
-    ) -> "EagleHead":
+    ) -> EagleHead:
         """Load a head saved by :meth:`save_pretrained` for the target ``target_name`` whose
         ``embed`` / ``lm_head`` it will share. A head trained for another target raises ValueError."""
         check_target(read_eagle_config(Path(directory)), embed, target_name, str(directory))
@@ -205,15 +217,19 @@ def read_eagle_config(directory: Path) -> EagleConfig:
     from dataclasses import MISSING, fields
 
     if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-        raise ValueError(f"{directory} holds no EAGLE head: it needs {CONFIG_NAME} and {WEIGHTS_NAME} as written by "
-                         "EagleHead.save_pretrained (`mmspec train-drafter`)")
+        raise ValueError(
+            f"{directory} holds no EAGLE head: it needs {CONFIG_NAME} and {WEIGHTS_NAME} as written by "
+            "EagleHead.save_pretrained (`mmspec train-drafter`)"
+        )
     raw = json.loads((directory / CONFIG_NAME).read_text())
     names = {f.name for f in fields(EagleConfig)}
     required = {f.name for f in fields(EagleConfig) if f.default is MISSING}
     unexpected, missing = sorted(set(raw) - names), sorted(required - set(raw))
     if unexpected or missing:
-        raise ValueError(f"{directory / CONFIG_NAME} is not an EAGLE head config (missing keys: {missing or 'none'}; "
-                         f"unexpected keys: {unexpected[:8] or 'none'}): point at a folder written by `mmspec train-drafter`")
+        raise ValueError(
+            f"{directory / CONFIG_NAME} is not an EAGLE head config (missing keys: {missing or 'none'}; "
+            f"unexpected keys: {unexpected[:8] or 'none'}): point at a folder written by `mmspec train-drafter`"
+        )
     return EagleConfig(**raw)
 
 

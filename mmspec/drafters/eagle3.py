@@ -108,7 +108,9 @@ class Eagle3Config:
                 f"aux_layer_ids {self.aux_layer_ids} must name layers of the target (0 .. {self.target_num_layers - 1})"
             )
         if not 1 <= self.draft_vocab_size <= self.vocab_size:
-            raise ValueError(f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], got {self.draft_vocab_size}")
+            raise ValueError(
+                f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], got {self.draft_vocab_size}"
+            )
         if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}")
 
@@ -139,7 +141,9 @@ def decoder_layers(target: Any) -> nn.ModuleList:
         layers = getattr(owner, "layers", None)
         if isinstance(layers, nn.ModuleList):
             return layers
-    raise ValueError(f"{type(target).__name__} exposes no decoder layers (.layers or .decoder.layers): EAGLE-3 needs them")
+    raise ValueError(
+        f"{type(target).__name__} exposes no decoder layers (.layers or .decoder.layers): EAGLE-3 needs them"
+    )
 
 
 class AuxFeatureTarget:
@@ -166,8 +170,10 @@ class AuxFeatureTarget:
         captured: list[torch.Tensor | None] = [None] * len(self.layer_ids)
         handles = []
         for slot, index in enumerate(self.layer_ids):
+
             def hook(module, args, output, slot=slot):
                 captured[slot] = output
+
             handles.append(self._layers[index].register_forward_hook(hook))
         return handles, captured
 
@@ -245,8 +251,9 @@ class Eagle3Attention(nn.Module):
 
     def attend(self, q, keys, values, mask) -> torch.Tensor:
         """``q [B, h, T, D]`` over ``keys/values [B, h_kv, S, D]`` with ``mask [B, 1, T, S]`` -> ``[B, T, H]``."""
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                             enable_gqa=self.n_kv != self.n_head)
+        out = F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=self.n_kv != self.n_head
+        )
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -325,7 +332,9 @@ class Eagle3Head(nn.Module):
         and the ``t2d`` mask."""
         ids = target_ids.to(self.d2t.device, torch.long)
         if ids.shape != (self.config.draft_vocab_size,) or not bool((ids[1:] > ids[:-1]).all()):
-            raise ValueError(f"the draft vocabulary must be {self.config.draft_vocab_size} distinct ascending target ids")
+            raise ValueError(
+                f"the draft vocabulary must be {self.config.draft_vocab_size} distinct ascending target ids"
+            )
         if int(ids[0]) < 0 or int(ids[-1]) >= self.config.vocab_size:
             raise ValueError(f"draft vocabulary ids must lie in [0, {self.config.vocab_size})")
         self.d2t.copy_(ids - torch.arange(len(ids), device=ids.device))
@@ -401,8 +410,9 @@ class Eagle3Head(nn.Module):
             raise ValueError("EAGLE-3 heads do not support classifier-free guidance (one group)")
         weight = self.fc.weight
         c = self.config
-        return Eagle3Cache(1, batch_size, c.num_key_value_heads, max_seq_len, c.head_dim,
-                           dtype=weight.dtype, device=weight.device)
+        return Eagle3Cache(
+            1, batch_size, c.num_key_value_heads, max_seq_len, c.head_dim, dtype=weight.dtype, device=weight.device
+        )
 
     # ------------------------------------------------------------------ save / load (mmspec's own layout)
     def save_pretrained(self, directory: str | Path) -> None:
@@ -415,13 +425,15 @@ class Eagle3Head(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps({ARCH_KEY: ARCH, **asdict(self.config)}, indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, embed: nn.Embedding | None, target_name: str | None = None) -> Eagle3Head:
+    def from_pretrained(
+        cls, directory: str | Path, embed: nn.Embedding | None, target_name: str | None = None
+    ) -> Eagle3Head:
         """Load a head saved by :meth:`save_pretrained`; ``target_name`` (the target's LM-head
         fingerprint) must match the saved one when given."""
         directory = Path(directory)
         data = json.loads((directory / CONFIG_NAME).read_text())
         if data.get(ARCH_KEY) != ARCH:
-            raise ValueError(f"{directory} holds no mmspec EAGLE-3 head (config.json has no \"{ARCH_KEY}\": \"{ARCH}\")")
+            raise ValueError(f'{directory} holds no mmspec EAGLE-3 head (config.json has no "{ARCH_KEY}": "{ARCH}")')
         config = Eagle3Config.from_dict(data)
         if target_name is not None and config.target_name != target_name:
             raise ValueError(
@@ -434,17 +446,32 @@ class Eagle3Head(nn.Module):
 
 
 def eagle3_config_for(
-    target_hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, intermediate_size: int, vocab_size: int,
-    num_layers: int, target_name: str, draft_vocab_size: int | None = None, aux_layer_ids: tuple[int, int, int] | None = None,
+    target_hidden_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    intermediate_size: int,
+    vocab_size: int,
+    num_layers: int,
+    target_name: str,
+    draft_vocab_size: int | None = None,
+    aux_layer_ids: tuple[int, int, int] | None = None,
     **extra,
 ) -> Eagle3Config:
     """A head as wide as its target (the engines' convention: the draft config mirrors the target's)."""
     return Eagle3Config(
-        hidden_size=target_hidden_size, target_hidden_size=target_hidden_size, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, head_dim=head_dim, intermediate_size=intermediate_size,
-        vocab_size=vocab_size, draft_vocab_size=draft_vocab_size or vocab_size,
-        aux_layer_ids=aux_layer_ids or default_aux_layers(num_layers), target_name=target_name,
-        target_num_layers=num_layers, **extra,
+        hidden_size=target_hidden_size,
+        target_hidden_size=target_hidden_size,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate_size,
+        vocab_size=vocab_size,
+        draft_vocab_size=draft_vocab_size or vocab_size,
+        aux_layer_ids=aux_layer_ids or default_aux_layers(num_layers),
+        target_name=target_name,
+        target_num_layers=num_layers,
+        **extra,
     )
 
 
@@ -452,8 +479,17 @@ def eagle3_head_for_lm(target: Any, draft_vocab_size: int | None = None, aux_lay
     """A fresh head for an engine :class:`~mmspec.modeling.DecoderLM` target (shares its embedding)."""
     c = target.config
     config = eagle3_config_for(
-        c.dim, c.n_head, c.n_kv_head or c.n_head, c.head_dim, c.hidden_dim, target.vocab_size, c.n_layer,
-        target_fingerprint(target.output), draft_vocab_size, aux_layer_ids, rms_norm_eps=c.norm_eps,
+        c.dim,
+        c.n_head,
+        c.n_kv_head or c.n_head,
+        c.head_dim,
+        c.hidden_dim,
+        target.vocab_size,
+        c.n_layer,
+        target_fingerprint(target.output),
+        draft_vocab_size,
+        aux_layer_ids,
+        rms_norm_eps=c.norm_eps,
         rope_theta=c.rope_base,
     )
     return Eagle3Head(config, target.tok_embeddings).to(target.output.weight.device)

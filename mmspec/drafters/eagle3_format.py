@@ -45,10 +45,19 @@ from .eagle3 import Eagle3Config, Eagle3Head, decoder_layers, default_aux_layers
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 LAYER_CONVENTIONS = ("sglang", "vllm")
 FORMAT_TENSORS = (
-    "fc.weight", "midlayer.hidden_norm.weight", "midlayer.input_layernorm.weight",
-    "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight", "midlayer.self_attn.v_proj.weight",
-    "midlayer.self_attn.o_proj.weight", "midlayer.post_attention_layernorm.weight", "midlayer.mlp.gate_proj.weight",
-    "midlayer.mlp.up_proj.weight", "midlayer.mlp.down_proj.weight", "norm.weight", "lm_head.weight",
+    "fc.weight",
+    "midlayer.hidden_norm.weight",
+    "midlayer.input_layernorm.weight",
+    "midlayer.self_attn.q_proj.weight",
+    "midlayer.self_attn.k_proj.weight",
+    "midlayer.self_attn.v_proj.weight",
+    "midlayer.self_attn.o_proj.weight",
+    "midlayer.post_attention_layernorm.weight",
+    "midlayer.mlp.gate_proj.weight",
+    "midlayer.mlp.up_proj.weight",
+    "midlayer.mlp.down_proj.weight",
+    "norm.weight",
+    "lm_head.weight",
 )
 
 
@@ -76,9 +85,13 @@ def target_spec(target: Any) -> Eagle3TargetSpec:
     text = getattr(hf, "text_config", None)
     context = getattr(text, "max_position_embeddings", None) or 4096
     return Eagle3TargetSpec(
-        vocab_size=owner.output.weight.shape[0], hidden_size=config.dim, num_layers=len(decoder_layers(target)),
-        name=target_fingerprint(owner.output), model_type=model_type,
-        mrope_section=getattr(config, "mrope_section", None), max_position_embeddings=int(context),
+        vocab_size=owner.output.weight.shape[0],
+        hidden_size=config.dim,
+        num_layers=len(decoder_layers(target)),
+        name=target_fingerprint(owner.output),
+        model_type=model_type,
+        mrope_section=getattr(config, "mrope_section", None),
+        max_position_embeddings=int(context),
     )
 
 
@@ -88,7 +101,10 @@ def _check_convention(layer_convention: str) -> None:
 
 
 def write_eagle3(
-    head: Eagle3Head, out: str | Path, layer_convention: str = "sglang", dtype: torch.dtype | None = None,
+    head: Eagle3Head,
+    out: str | Path,
+    layer_convention: str = "sglang",
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``head`` in the serving format to ``out`` (created); returns ``out``.
 
@@ -121,8 +137,11 @@ def write_eagle3(
         "tie_word_embeddings": False,
         "torch_dtype": str(weight_dtype).removeprefix("torch."),
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": ids, "use_aux_hidden_state": True},
-        "mmspec": {"target_name": c.target_name, "target_num_layers": c.target_num_layers,
-                   "layer_convention": layer_convention},
+        "mmspec": {
+            "target_name": c.target_name,
+            "target_num_layers": c.target_num_layers,
+            "layer_convention": layer_convention,
+        },
     }
     if c.mrope_section is not None:
         config["rope_scaling"] = {"type": "mrope", "rope_type": "default", "mrope_section": list(c.mrope_section)}
@@ -152,7 +171,10 @@ def is_eagle3_dir(directory: str | Path) -> bool:
 
 
 def read_eagle3(
-    directory: str | Path, spec: Eagle3TargetSpec, embed: nn.Embedding | None = None, layer_convention: str | None = None,
+    directory: str | Path,
+    spec: Eagle3TargetSpec,
+    embed: nn.Embedding | None = None,
+    layer_convention: str | None = None,
 ) -> Eagle3Head:
     """Load a draft in the serving format as an :class:`~mmspec.drafters.eagle3.Eagle3Head` for the
     target described by ``spec`` whose token embedding is ``embed`` (used when the file ships none).
@@ -168,7 +190,7 @@ def read_eagle3(
     cfg = json.loads(config_file.read_text())
     if ARCHITECTURE not in (cfg.get("architectures") or []):
         raise ValueError(
-            f"{directory}/config.json declares architectures {cfg.get('architectures')}, not [\"{ARCHITECTURE}\"]: "
+            f'{directory}/config.json declares architectures {cfg.get("architectures")}, not ["{ARCHITECTURE}"]: '
             "not an EAGLE-3 draft"
         )
     if cfg.get("num_hidden_layers", 1) != 1:
@@ -212,13 +234,22 @@ def read_eagle3(
         raise ValueError(f"the EAGLE-3 draft in {directory} lacks tensors {missing}")
     owns_embedding = "embed_tokens.weight" in tensors
     config = Eagle3Config(
-        hidden_size=hidden, target_hidden_size=target_hidden, num_attention_heads=heads,
+        hidden_size=hidden,
+        target_hidden_size=target_hidden,
+        num_attention_heads=heads,
         num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads), intermediate_size=int(cfg["intermediate_size"]),
-        vocab_size=vocab, draft_vocab_size=draft_vocab, aux_layer_ids=aux, target_name=spec.name,
-        target_num_layers=spec.num_layers, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)), mrope_section=None if mrope is None else tuple(mrope),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)), shares_embedding=not owns_embedding,
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        intermediate_size=int(cfg["intermediate_size"]),
+        vocab_size=vocab,
+        draft_vocab_size=draft_vocab,
+        aux_layer_ids=aux,
+        target_name=spec.name,
+        target_num_layers=spec.num_layers,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        mrope_section=None if mrope is None else tuple(mrope),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        shares_embedding=not owns_embedding,
         target_model_type=wanted_type,
     )
     if not owns_embedding and embed is not None and embed.weight.shape[1] != hidden:
@@ -230,14 +261,20 @@ def read_eagle3(
     expected = {name: tuple(value.shape) for name, value in head.state_dict().items()}
     if "d2t" not in tensors:  # a full-vocabulary draft may ship no maps
         if draft_vocab != vocab:
-            raise ValueError(f"the EAGLE-3 draft in {directory} has draft_vocab_size {draft_vocab} < {vocab} but no d2t map")
+            raise ValueError(
+                f"the EAGLE-3 draft in {directory} has draft_vocab_size {draft_vocab} < {vocab} but no d2t map"
+            )
         tensors["d2t"] = torch.zeros(draft_vocab, dtype=torch.long)
         tensors["t2d"] = torch.ones(vocab, dtype=torch.bool)
     if "t2d" not in tensors:  # vLLM does not read it; rebuild it from d2t
         tensors["t2d"] = torch.zeros(vocab, dtype=torch.bool).index_fill(
-            0, (torch.arange(draft_vocab) + tensors["d2t"].long()).clamp(0, vocab - 1), True)
-    wrong = [f"{name} {list(tensors[name].shape)} (expected {list(shape)})" for name, shape in expected.items()
-             if name in tensors and tuple(tensors[name].shape) != shape]
+            0, (torch.arange(draft_vocab) + tensors["d2t"].long()).clamp(0, vocab - 1), True
+        )
+    wrong = [
+        f"{name} {list(tensors[name].shape)} (expected {list(shape)})"
+        for name, shape in expected.items()
+        if name in tensors and tuple(tensors[name].shape) != shape
+    ]
     if wrong:
         raise ValueError(f"the EAGLE-3 draft in {directory} has tensors of the wrong shape: {', '.join(wrong)}")
     d2t = tensors["d2t"].to(torch.long)
@@ -250,4 +287,3 @@ def read_eagle3(
     state = {name: tensors[name] for name in expected if name not in ("d2t", "t2d")}
     head.load_state_dict({**state, "d2t": d2t, "t2d": t2d}, strict=True)
     return head.to(embed.weight.device if embed is not None else "cpu")
-

@@ -33,6 +33,7 @@ def jacobi_method(vocab_size: int, grid_width: int, options: dict, memory: dict 
     one grid row above, ``grid_width`` tokens back), ``coupling`` ("none", "maximal", "gumbel") and
     ``window`` (:data:`WINDOWS`)."""
     init = options["init"]
-    drafter = JacobiDrafter(vocab_size, init=init, copy_offset=grid_width if init == "copy" else None,
-                            coupling=options["coupling"])
+    drafter = JacobiDrafter(
+        vocab_size, init=init, copy_offset=grid_width if init == "copy" else None, coupling=options["coupling"]
+    )
     return with_window(drafter, options.get("window", "fixed"), memory)

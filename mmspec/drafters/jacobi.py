@@ -109,15 +109,17 @@ class JacobiDrafter:
     stability across iterations (with ``"maximal"``, its mean is ``E[1 - TV(q_t, q_{t-1})]``).
     """
 
-    def __init__(self, vocab_size: int, init: str = "random", copy_offset: int | None = None,
-                 coupling: str = "none") -> None:
+    def __init__(
+        self, vocab_size: int, init: str = "random", copy_offset: int | None = None, coupling: str = "none"
+    ) -> None:
         if init not in ("random", "copy"):
             raise ValueError(f"init must be 'random' or 'copy', got {init!r}")
         if init == "copy" and (copy_offset is None or copy_offset < 1):
             raise ValueError("init='copy' needs copy_offset >= 1 (the image grid width)")
         if coupling not in COUPLINGS:
-            raise ValueError(f"coupling must be one of {COUPLINGS} ('none' = SJD, 'maximal' / 'gumbel' = MC-SJD), "
-                             f"got {coupling!r}")
+            raise ValueError(
+                f"coupling must be one of {COUPLINGS} ('none' = SJD, 'maximal' / 'gumbel' = MC-SJD), got {coupling!r}"
+            )
         self.vocab_size = vocab_size
         self.init = init
         self.copy_offset = copy_offset
@@ -202,8 +204,13 @@ class JacobiDrafter:
         self._draft = Draft(tokens=tokens, draft_probs=torch.where(covered[..., None], probs, one_hot))
         return self._draft
 
-    def couple(self, prev_tokens: torch.Tensor, prev_probs: torch.Tensor, new_probs: torch.Tensor,
-               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def couple(
+        self,
+        prev_tokens: torch.Tensor,
+        prev_probs: torch.Tensor,
+        new_probs: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``"maximal"`` redraw of guesses ``prev_tokens [B, w]`` drawn from ``prev_probs [B, w, V]``
         given the new distributions ``new_probs [B, w, V]``: :func:`maximal_coupling` (a test overrides
         it with a deliberately wrong coupling, which must fail the distribution test)."""

@@ -62,7 +62,9 @@ class ModelDrafter:
             self.cache.commit(torch.ones(batch, dtype=torch.long, device=token.device))
             if step == num_draft_tokens:
                 break  # this forward only cached d_k
-            q = logits_to_probs(out.logits[:, -1], ctx.sampling, None if out.uncond_logits is None else out.uncond_logits[:, -1], seen)
+            q = logits_to_probs(
+                out.logits[:, -1], ctx.sampling, None if out.uncond_logits is None else out.uncond_logits[:, -1], seen
+            )
             token = sample_from_probs(q, generator)
             if seen is not None:
                 seen = seen.scatter(1, token[:, None], True)
@@ -98,7 +100,9 @@ class ModelDrafter:
             parents += [parent] * width
         key = (batch, k, chain.device)
         if key not in self._trees:
-            self._trees[key] = DraftTree.from_parents(torch.tensor(parents).expand(batch, -1).contiguous()).to(chain.device)
+            self._trees[key] = DraftTree.from_parents(torch.tensor(parents).expand(batch, -1).contiguous()).to(
+                chain.device
+            )
         tree = self._trees[key]
         nodes = torch.stack(cand, 2).reshape(batch, k * width)  # [B, k * width]
         tokens = torch.cat([ctx.last_tokens[:, None], nodes], 1)

@@ -12,8 +12,9 @@ target-only output bit for bit, and one that accepts everything the draft-only o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -81,9 +82,9 @@ def block_generate(
             target.write_block(index, block)
             stats = stats or BlockStats(block.shape[0], 0, num_blocks, device=block.device)
             forced = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
-            stats.record_elements(_column(forced, index, num_blocks),
-                                  torch.full_like(stats.token_source, SOURCE_PREFILL),
-                                  index)
+            stats.record_elements(
+                _column(forced, index, num_blocks), torch.full_like(stats.token_source, SOURCE_PREFILL), index
+            )
             stats.target_blocks += block.shape[0]
             stats.verify_time += time.perf_counter() - t0
         else:
@@ -104,9 +105,13 @@ def block_generate(
             # 4. stats
             stats = stats or BlockStats(block.shape[0], 0, num_blocks, device=block.device)
             accepted = verdict.accepted[:, 0]
-            stats.record_elements(_column(torch.ones_like(accepted), index, num_blocks),
-                                  torch.full_like(stats.token_source, SOURCE_RECOVERED).masked_fill(
-                                      _column(accepted, index, num_blocks), SOURCE_ACCEPTED), index)
+            stats.record_elements(
+                _column(torch.ones_like(accepted), index, num_blocks),
+                torch.full_like(stats.token_source, SOURCE_RECOVERED).masked_fill(
+                    _column(accepted, index, num_blocks), SOURCE_ACCEPTED
+                ),
+                index,
+            )
             stats.scores[:, index] = verdict.scores
             stats.row_accepted += accepted.long()
             stats.draft_blocks += int(accepted.sum())  # deliberate sync, once per block

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numbers
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -120,21 +121,33 @@ def speculative_generate(
         )
     batch = pre.output.logits.shape[0]
     k = num_draft_tokens if drafter is not None else 0
-    prefix = prompt.tokens if isinstance(prompt, TokenPrompt) else torch.zeros(batch, 0, dtype=torch.long, device=device)
-    prefix_len = prompt.lengths if isinstance(prompt, TokenPrompt) else torch.zeros(batch, dtype=torch.long, device=device)
+    prefix = (
+        prompt.tokens if isinstance(prompt, TokenPrompt) else torch.zeros(batch, 0, dtype=torch.long, device=device)
+    )
+    prefix_len = (
+        prompt.lengths if isinstance(prompt, TokenPrompt) else torch.zeros(batch, dtype=torch.long, device=device)
+    )
     vocab = pre.output.logits.shape[-1]
     penalize = sampling.penalizes_repetition
     seen = seen_tokens(prefix, prefix_len, vocab) if penalize else None  # [B, V] prompt tokens
     first = sample_from_probs(
         logits_to_probs(pre.output.logits[:, -1], sampling, _last(pre.output.uncond_logits), seen), generator
     )
-    history = torch.full((batch, prefix.shape[1] + max_new_tokens + k + 1), pad_token_id, dtype=torch.long, device=device)
+    history = torch.full(
+        (batch, prefix.shape[1] + max_new_tokens + k + 1), pad_token_id, dtype=torch.long, device=device
+    )
     history[:, : prefix.shape[1]] = prefix
     history.scatter_(1, prefix_len[:, None], first[:, None])
     ctx = DraftContext(
-        history=history, history_lengths=prefix_len + 1, last_tokens=first, positions=cache.lengths.clone(),
-        sampling=sampling, hidden_states=pre.output.hidden_states,
-        uncond_hidden_states=pre.output.uncond_hidden_states, num_new=torch.ones_like(prefix_len), condition=condition,
+        history=history,
+        history_lengths=prefix_len + 1,
+        last_tokens=first,
+        positions=cache.lengths.clone(),
+        sampling=sampling,
+        hidden_states=pre.output.hidden_states,
+        uncond_hidden_states=pre.output.uncond_hidden_states,
+        num_new=torch.ones_like(prefix_len),
+        condition=condition,
         seen=seen_tokens(history, prefix_len + 1, vocab) if penalize else None,
     )
     num_out = torch.ones(batch, dtype=torch.long, device=device)  # generated so far, per row
@@ -167,8 +180,11 @@ def speculative_generate(
         window_seen = _window_seen(ctx.seen, inputs, draft.tree) if penalize else None  # [B, T, V]
         target_probs = logits_to_probs(out.logits, sampling, out.uncond_logits, window_seen)  # [B, T, V]
         rule_sampling = rule.target_sampling(sampling)  # e.g. official LANTERN greedy: softmax at temperature 1
-        rule_probs = (target_probs if rule_sampling == sampling
-                      else logits_to_probs(out.logits, rule_sampling, out.uncond_logits, window_seen))
+        rule_probs = (
+            target_probs
+            if rule_sampling == sampling
+            else logits_to_probs(out.logits, rule_sampling, out.uncond_logits, window_seen)
+        )
         verdict = _verify(rule, draft, target_probs, generator, rule_probs)
         if profile:
             sync(device)
@@ -185,14 +201,22 @@ def speculative_generate(
         _write_ragged(history, ctx.history_lengths, verdict.tokens, num_new)
         new_last = verdict.tokens.gather(1, verdict.num_accepted[:, None])[:, 0]
         if eos_token_id is not None:
-            hit_eos = ((verdict.tokens == eos_token_id) & (torch.arange(verdict.tokens.shape[1], device=device)[None] < num_new[:, None])).any(1)
+            hit_eos = (
+                (verdict.tokens == eos_token_id)
+                & (torch.arange(verdict.tokens.shape[1], device=device)[None] < num_new[:, None])
+            ).any(1)
             finished = finished | hit_eos
         ctx = DraftContext(
-            history=history, history_lengths=ctx.history_lengths + num_new,
-            last_tokens=torch.where(active, new_last, ctx.last_tokens), positions=cache.lengths.clone(),
-            sampling=sampling, hidden_states=_path_features(out.hidden_states, path),
-            uncond_hidden_states=_path_features(out.uncond_hidden_states, path), target_probs=target_probs,
-            num_new=num_new, condition=condition,
+            history=history,
+            history_lengths=ctx.history_lengths + num_new,
+            last_tokens=torch.where(active, new_last, ctx.last_tokens),
+            positions=cache.lengths.clone(),
+            sampling=sampling,
+            hidden_states=_path_features(out.hidden_states, path),
+            uncond_hidden_states=_path_features(out.uncond_hidden_states, path),
+            target_probs=target_probs,
+            num_new=num_new,
+            condition=condition,
             seen=seen_tokens(history, ctx.history_lengths + num_new, vocab) if penalize else None,
         )
         num_out += num_new
@@ -226,8 +250,13 @@ def _last(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x[:, -1]
 
 
-def _verify(rule: AcceptanceRule, draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None,
-            rule_probs: torch.Tensor | None = None) -> Verdict:
+def _verify(
+    rule: AcceptanceRule,
+    draft: Draft,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None,
+    rule_probs: torch.Tensor | None = None,
+) -> Verdict:
     """Apply the rule to ``rule_probs`` (``target_probs`` under :meth:`AcceptanceRule.target_sampling`;
     default ``target_probs``); an empty draft (the baseline) is a plain sample from ``target_probs``."""
     if draft.tokens.shape[1] == 0:

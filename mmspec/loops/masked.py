@@ -12,8 +12,9 @@ rounds per draft re-test the still-drafted elements after edits changed their co
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -101,19 +102,30 @@ def masked_generate(
             regen = target.regenerate(positions, regenerate & active[:, None], generator)
             # 4. stats: the last decision about each element wins
             kept = pending & verdict.accepted
-            stats.record_elements(_scatter(torch.zeros_like(drafted), positions, kept | recovered),
-                                  _scatter(torch.zeros_like(stats.token_source), positions,
-                                           torch.where(kept, SOURCE_ACCEPTED, SOURCE_RECOVERED)),
-                                  verify_step)
+            stats.record_elements(
+                _scatter(torch.zeros_like(drafted), positions, kept | recovered),
+                _scatter(
+                    torch.zeros_like(stats.token_source),
+                    positions,
+                    torch.where(kept, SOURCE_ACCEPTED, SOURCE_RECOVERED),
+                ),
+                verify_step,
+            )
             regenerated = regen.step >= 0
-            stats.record_elements(_scatter(torch.zeros_like(drafted), positions, regenerated),
-                                  _scatter(torch.zeros_like(stats.token_source), positions,
-                                           torch.where(regen.step == 0, SOURCE_PREFILL, SOURCE_RECOVERED)),
-                                  _scatter(torch.zeros_like(stats.token_step), positions, regen.step))
+            stats.record_elements(
+                _scatter(torch.zeros_like(drafted), positions, regenerated),
+                _scatter(
+                    torch.zeros_like(stats.token_source),
+                    positions,
+                    torch.where(regen.step == 0, SOURCE_PREFILL, SOURCE_RECOVERED),
+                ),
+                _scatter(torch.zeros_like(stats.token_step), positions, regen.step),
+            )
             stats.num_regions += regen.num_regions
             if verdict.moved_mass is not None:
-                moved = _scatter(moved, positions, torch.where(pending, verdict.moved_mass.double(),
-                                                               moved.gather(1, positions)))
+                moved = _scatter(
+                    moved, positions, torch.where(pending, verdict.moved_mass.double(), moved.gather(1, positions))
+                )
             rejected = (pending & ~verdict.accepted).any(1)
             stats.converged |= active & ~rejected
             active &= rejected

@@ -150,10 +150,14 @@ class CaptionerTrainConfig:
 
     def __post_init__(self) -> None:
         if self.language_model is None and self.tune_lm_layers is not None:
-            raise ValueError("tune_lm_layers applies to a pretrained language_model only (from scratch, the whole LM trains)")
+            raise ValueError(
+                "tune_lm_layers applies to a pretrained language_model only (from scratch, the whole LM trains)"
+            )
         if self.language_model is not None and (self.tune_lm_layers is None or self.tune_lm_layers < 0):
-            raise ValueError(f"with language_model={self.language_model!r}, tune_lm_layers must be an int >= 0 "
-                             f"(0: projector only), got {self.tune_lm_layers!r}")
+            raise ValueError(
+                f"with language_model={self.language_model!r}, tune_lm_layers must be an int >= 0 "
+                f"(0: projector only), got {self.tune_lm_layers!r}"
+            )
 
     def stage(self, name: str) -> CaptionerTrainConfig:
         """This configuration as stage ``name`` (:data:`STAGES`) runs it: the stage's steps, batch
@@ -163,12 +167,22 @@ class CaptionerTrainConfig:
             raise ValueError(f"unknown stage {name!r}: one of {STAGES}")
         folder = None if self.checkpoint_dir is None else str(Path(self.checkpoint_dir) / name)
         if name == "vision":
-            return dataclasses.replace(self, steps=self.vision_steps, batch_size=self.vision_batch_size,
-                                       lr=self.vision_lr, checkpoint_dir=folder)
+            return dataclasses.replace(
+                self,
+                steps=self.vision_steps,
+                batch_size=self.vision_batch_size,
+                lr=self.vision_lr,
+                checkpoint_dir=folder,
+            )
         if name == "drafter":
-            return dataclasses.replace(self, model=dataclasses.replace(self.model, text_layers=self.draft_layers),
-                                       steps=self.draft_steps, lr=self.draft_lr, seed=self.seed + 1,
-                                       checkpoint_dir=folder)
+            return dataclasses.replace(
+                self,
+                model=dataclasses.replace(self.model, text_layers=self.draft_layers),
+                steps=self.draft_steps,
+                lr=self.draft_lr,
+                seed=self.seed + 1,
+                checkpoint_dir=folder,
+            )
         return dataclasses.replace(self, checkpoint_dir=folder)
 
 
@@ -190,16 +204,46 @@ def captioner_configs(preset: str, seed: int = 0) -> CaptionerTrainConfig:
     if preset == "reference":
         return CaptionerTrainConfig(data=CaptionDataConfig(seed=seed), seed=seed)
     if preset == "smollm2":
-        return CaptionerTrainConfig(data=CaptionDataConfig(heldout_samples=256, seed=seed), seed=seed, language_model=SMOLLM2,
-                                    tune_lm_layers=SMOLLM2_TUNE_LAYERS, steps=SMOLLM2_STEPS, batch_size=SMOLLM2_BATCH,
-                                    lr=SMOLLM2_LR, warmup_steps=SMOLLM2_WARMUP, unk_prob=0.0, draft_layers=2,
-                                    draft_steps=SMOLLM2_DRAFT_STEPS, draft_lr=SMOLLM2_LR)
+        return CaptionerTrainConfig(
+            data=CaptionDataConfig(heldout_samples=256, seed=seed),
+            seed=seed,
+            language_model=SMOLLM2,
+            tune_lm_layers=SMOLLM2_TUNE_LAYERS,
+            steps=SMOLLM2_STEPS,
+            batch_size=SMOLLM2_BATCH,
+            lr=SMOLLM2_LR,
+            warmup_steps=SMOLLM2_WARMUP,
+            unk_prob=0.0,
+            draft_layers=2,
+            draft_steps=SMOLLM2_DRAFT_STEPS,
+            draft_lr=SMOLLM2_LR,
+        )
     if preset == "tiny":
         data = CaptionDataConfig(image_size=16, num_classes=4, num_samples=64, heldout_samples=8, seed=seed)
-        model = CaptionerModelConfig(patch_size=8, vision_dim=16, vision_layers=1, vision_heads=2, vision_mlp=32,
-                                     text_dim=32, text_layers=2, text_heads=2, text_kv_heads=1, text_mlp=64)
-        return CaptionerTrainConfig(data=data, model=model, vision_steps=4, vision_batch_size=8, steps=6, batch_size=8,
-                                    warmup_steps=1, seed=seed, draft_steps=4, checkpoint_every=3)
+        model = CaptionerModelConfig(
+            patch_size=8,
+            vision_dim=16,
+            vision_layers=1,
+            vision_heads=2,
+            vision_mlp=32,
+            text_dim=32,
+            text_layers=2,
+            text_heads=2,
+            text_kv_heads=1,
+            text_mlp=64,
+        )
+        return CaptionerTrainConfig(
+            data=data,
+            model=model,
+            vision_steps=4,
+            vision_batch_size=8,
+            steps=6,
+            batch_size=8,
+            warmup_steps=1,
+            seed=seed,
+            draft_steps=4,
+            checkpoint_every=3,
+        )
     raise ValueError(f"unknown preset {preset!r}: one of {PRESETS}")
 
 
@@ -209,7 +253,9 @@ def _examples(processor: LlavaProcessor, data: CaptionDataConfig, heldout: bool 
     return CaptionExamples(processor, images, captions)
 
 
-def _run(name: str, model: torch.nn.Module, trainable: list[torch.nn.Parameter], config: CaptionerTrainConfig) -> TrainRun:
+def _run(
+    name: str, model: torch.nn.Module, trainable: list[torch.nn.Parameter], config: CaptionerTrainConfig
+) -> TrainRun:
     """The checkpointed state of one stage: AdamW over ``trainable``, warm-up + cosine schedule."""
     holder = torch.nn.ParameterList(trainable)  # param_groups splits a module's parameters
     optimizer = torch.optim.AdamW(param_groups(holder, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
@@ -217,8 +263,9 @@ def _run(name: str, model: torch.nn.Module, trainable: list[torch.nn.Parameter],
     return TrainRun(name, config, model, optimizer, scheduler, torch.Generator().manual_seed(config.seed))
 
 
-def pretrain_vision_tower(model: LlavaForConditionalGeneration, examples: CaptionExamples, labels: torch.Tensor,
-                          config: CaptionerTrainConfig) -> None:
+def pretrain_vision_tower(
+    model: LlavaForConditionalGeneration, examples: CaptionExamples, labels: torch.Tensor, config: CaptionerTrainConfig
+) -> None:
     """Stage 1, in place: train ``model``'s vision tower as a classifier of ``labels`` (a linear
     head on its mean-pooled :func:`vision_features`, discarded afterwards); ``config``:
     ``config.stage("vision")``."""
@@ -239,8 +286,9 @@ def pretrain_vision_tower(model: LlavaForConditionalGeneration, examples: Captio
     run_training(run, step)
 
 
-def _instruction_tune(name: str, model: LlavaForConditionalGeneration, examples: CaptionExamples,
-                      config: CaptionerTrainConfig) -> None:
+def _instruction_tune(
+    name: str, model: LlavaForConditionalGeneration, examples: CaptionExamples, config: CaptionerTrainConfig
+) -> None:
     """Train ``model``'s parameters that require grad on the captions (cached vision features)."""
     # Gradients left on the frozen vision tower by pre-training would count in the clipping norm
     # (which spans the whole model) and make a resumed run differ from an uninterrupted one.
@@ -266,12 +314,13 @@ def _tune_only_last_layers(model: LlavaForConditionalGeneration, num_layers: int
     model.lm_head.requires_grad_(False)
     if num_layers > 0:
         lm.norm.requires_grad_(True)
-        for layer in lm.layers[len(lm.layers) - num_layers:]:
+        for layer in lm.layers[len(lm.layers) - num_layers :]:
             layer.requires_grad_(True)
 
 
-def train_captioner(config: CaptionerTrainConfig, lm_cache_dir: str | Path | None = None,
-                    device: str | torch.device = "cpu") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def train_captioner(
+    config: CaptionerTrainConfig, lm_cache_dir: str | Path | None = None, device: str | torch.device = "cpu"
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Build the tokenizer, processor and model, pre-train the vision tower (stage ``"vision"``),
     then instruction-tune the projector and language model (stage ``"captioner"``).
 
@@ -315,8 +364,9 @@ def train_captioner(config: CaptionerTrainConfig, lm_cache_dir: str | Path | Non
     return model.eval(), processor
 
 
-def train_caption_drafter(target: LlavaForConditionalGeneration, processor: LlavaProcessor,
-                          config: CaptionerTrainConfig) -> LlavaForConditionalGeneration:
+def train_caption_drafter(
+    target: LlavaForConditionalGeneration, processor: LlavaProcessor, config: CaptionerTrainConfig
+) -> LlavaForConditionalGeneration:
     """Train the draft captioner: the target's vision tower and projector (copied, frozen) under a
     new ``config.stage("drafter")``-sized language model. With a pretrained
     ``config.language_model`` that language model is the target's cut to its first
@@ -355,7 +405,9 @@ def _truncated_captioner(target: LlavaForConditionalGeneration, num_layers: int)
     """A copy of ``target`` whose language model keeps its first ``num_layers`` decoder layers."""
     depth = target.config.text_config.num_hidden_layers
     if not 0 < num_layers < depth:
-        raise ValueError(f"draft_layers must be in [1, {depth - 1}] for a {depth}-layer language model, got {num_layers}")
+        raise ValueError(
+            f"draft_layers must be in [1, {depth - 1}] for a {depth}-layer language model, got {num_layers}"
+        )
     config = copy.deepcopy(target.config)
     config.text_config.num_hidden_layers = num_layers
     if getattr(config.text_config, "layer_types", None) is not None:
@@ -369,9 +421,15 @@ def _truncated_captioner(target: LlavaForConditionalGeneration, num_layers: int)
 
 
 # ---------------------------------------------------------------------------------------- saving
-def save_captioner(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: str | Path,
-                   drafter: LlavaForConditionalGeneration | None = None, data: CaptionDataConfig | None = None,
-                   recipe: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+def save_captioner(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    out: str | Path,
+    drafter: LlavaForConditionalGeneration | None = None,
+    data: CaptionDataConfig | None = None,
+    recipe: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """``save_pretrained`` the model and processor to ``out`` (the drafter, with the processor, to
     ``out/drafter``), the class list (:data:`~mmspec.training.saved.CLASSES_FILE`, when ``data`` is
     given) and the recipe (:data:`~mmspec.training.reference.RECIPE_FILE`).

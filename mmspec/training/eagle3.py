@@ -89,7 +89,11 @@ def teacher_force(head: Eagle3Head, target: Any, prompt: Any, tokens: torch.Tens
     target_logits = F.linear(final_next.to(lm_head.weight.dtype), lm_head.weight.detach()).float()  # [B, S, V]
     batch, seq = pairs.next_tokens.shape
     s = torch.arange(seq, device=aux.device)[None]
-    lengths = prompt.lengths.to(aux.device) if isinstance(prompt, TokenPrompt) else torch.zeros(batch, dtype=torch.long, device=aux.device)
+    lengths = (
+        prompt.lengths.to(aux.device)
+        if isinstance(prompt, TokenPrompt)
+        else torch.zeros(batch, dtype=torch.long, device=aux.device)
+    )
     # Generated token j sits at sequence position lengths + j; a pair s predicts position s + 2.
     answer_end = lengths + (~after_end).sum(1).to(aux.device)  # [B] one past the last real token
     valid = pairs.valid & (s + 1 < answer_end[:, None])  # x_{s+1} is a real token (its feature f_{s+1} is)
@@ -184,7 +188,11 @@ def init_from_target(head: Eagle3Head, target: Any) -> None:
 
 
 def train_eagle3_head(
-    target: Any, head: Eagle3Head, batches: Batches, config: Eagle3TrainConfig, choose_vocab: bool = True,
+    target: Any,
+    head: Eagle3Head,
+    batches: Batches,
+    config: Eagle3TrainConfig,
+    choose_vocab: bool = True,
     desc: str = "train EAGLE-3 head",
 ) -> list[float]:
     """Train ``head`` (in place) on ``batches`` for the frozen ``target``; with ``choose_vocab`` and a
@@ -207,24 +215,38 @@ def train_eagle3_head(
     return train_head(head, config, step_loss, desc=desc, data_parallel=True)
 
 
-
 # ---------------------------------------------------------------------- command line
 def add_train_eagle3_args(parser: argparse.ArgumentParser) -> None:
     """The EAGLE-3 options of ``mmspec train-drafter --arch eagle3`` (the shared ones -- target,
     output, steps, batch size, lr, sampling, checkpoints, device; ``--images`` / ``--prompts`` for
     VLMs -- come from the EAGLE and VLM argument groups)."""
     group = parser.add_argument_group("EAGLE-3 heads (--arch eagle3)")
-    group.add_argument("--arch", default="eagle", choices=("eagle", "eagle3"),
-                       help="eagle: EAGLE-1/2 feature head (VLMs: with --visual-path); eagle3: EAGLE-3 head over three "
-                            "fused target layers with a reduced draft vocabulary (exports to vLLM / SGLang)")
-    group.add_argument("--draft-vocab-size", type=int, default=None,
-                       help="draft vocabulary: the most frequent target tokens of the training data (default: the full vocabulary)")
+    group.add_argument(
+        "--arch",
+        default="eagle",
+        choices=("eagle", "eagle3"),
+        help="eagle: EAGLE-1/2 feature head (VLMs: with --visual-path); eagle3: EAGLE-3 head over three "
+        "fused target layers with a reduced draft vocabulary (exports to vLLM / SGLang)",
+    )
+    group.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        default=None,
+        help="draft vocabulary: the most frequent target tokens of the training data (default: the full vocabulary)",
+    )
     group.add_argument("--ttt-steps", type=int, default=3, help="training-time-test steps (EAGLE-3; SpecForge uses 7)")
-    group.add_argument("--aux-layers", default=None,
-                       help="three target layers whose outputs are fused, 'a,b,c' (0-based; default: 1, N/2-1, N-4)")
+    group.add_argument(
+        "--aux-layers",
+        default=None,
+        help="three target layers whose outputs are fused, 'a,b,c' (0-based; default: 1, N/2-1, N-4)",
+    )
     group.add_argument("--vocab-batches", type=int, default=8, help="batches counted to choose the draft vocabulary")
-    group.add_argument("--init-lm-head", default="random", choices=("random", "target"),
-                       help="target: start the draft LM head from the target's rows of the draft vocabulary")
+    group.add_argument(
+        "--init-lm-head",
+        default="random",
+        choices=("random", "target"),
+        help="target: start the draft LM head from the target's rows of the draft vocabulary",
+    )
 
 
 def _aux_layers(text: str | None) -> tuple[int, int, int] | None:
@@ -239,9 +261,17 @@ def _aux_layers(text: str | None) -> tuple[int, int, int] | None:
 def train_eagle3_command(args: argparse.Namespace) -> int:
     """Train an EAGLE-3 head for an LM (``--target-kind lm``) or VLM (``--target-kind vlm``) target."""
     config = Eagle3TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seq_len=getattr(args, "answer_len", None) or args.seq_len,
-        seed=args.seed, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        ttt_steps=args.ttt_steps, vocab_batches=args.vocab_batches, init_lm_head=args.init_lm_head,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seq_len=getattr(args, "answer_len", None) or args.seq_len,
+        seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        ttt_steps=args.ttt_steps,
+        vocab_batches=args.vocab_batches,
+        init_lm_head=args.init_lm_head,
     )
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     aux = _aux_layers(args.aux_layers)
@@ -266,7 +296,10 @@ def train_eagle3_command(args: argparse.Namespace) -> int:
     losses = train_eagle3_head(target, head, batches, config)
     if process_state().is_main_process:
         Eagle3Drafter(head.eval()).save_pretrained(args.output)
-        print(f"trained an EAGLE-3 head (draft vocabulary {head.config.draft_vocab_size}, aux layers "
-              f"{list(head.config.aux_layer_ids)}) for {len(losses)} steps"
-              + (f" (final loss {losses[-1]:.4f})" if losses else "") + f"; wrote {args.output}")
+        print(
+            f"trained an EAGLE-3 head (draft vocabulary {head.config.draft_vocab_size}, aux layers "
+            f"{list(head.config.aux_layer_ids)}) for {len(losses)} steps"
+            + (f" (final loss {losses[-1]:.4f})" if losses else "")
+            + f"; wrote {args.output}"
+        )
     return 0

@@ -24,7 +24,6 @@ reads ``lr`` and ``grad_clip``, e.g. :class:`~mmspec.training.eagle.EagleTrainCo
 from __future__ import annotations
 
 import argparse
-
 import dataclasses
 import json
 import math
@@ -182,7 +181,9 @@ def process_state():
 def save_head_checkpoint(directory: Path, step: int, head: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Write the head, optimiser, step and global RNG state (:func:`save_state`)."""
     state = {
-        "step": step, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+        "step": step,
+        "head": head.state_dict(),
+        "optimizer": optimizer.state_dict(),
         # The global RNG state, so that batch callables drawing from it also resume identically.
         "torch_rng": torch.get_rng_state(),
     }
@@ -240,8 +241,13 @@ def train_head(
     directory = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
     first_step = resume_head_training(config, head, optimizer)
     losses = []
-    bar = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc=desc,
-               disable=not (config.progress and is_main))
+    bar = tqdm(
+        range(first_step, config.steps),
+        initial=first_step,
+        total=config.steps,
+        desc=desc,
+        disable=not (config.progress and is_main),
+    )
     head.train()
     for step in bar:
         with torch.enable_grad():
@@ -273,9 +279,13 @@ def add_recipe_run_args(parser: argparse.ArgumentParser, saved: str, evaluation:
     parser.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's checkpoint interval")
     parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the models train (default: cuda when available); evaluation runs on the CPU")
-    parser.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
-                        help=f"storage dtype of {saved}")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the models train (default: cuda when available); evaluation runs on the CPU",
+    )
+    parser.add_argument(
+        "--save-dtype", choices=("float32", "float16"), default="float32", help=f"storage dtype of {saved}"
+    )
     parser.add_argument("--no-eval", action="store_true", help=f"skip {evaluation}")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -65,9 +65,15 @@ STAGE_COMPONENTS = {"gpt": "target", "draft": "drafter", "low-res-draft": "low_r
 
 # ---------------------------------------------------------------------------------------- pipeline
 def save_reference_pipeline(
-    vq: LlamaGenVQ, target: LlamaGenGPT, drafter: LlamaGenGPT | None, data: EmojiDataConfig, out: str | Path,
-    recipe: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
-    low_res_drafter: LlamaGenGPT | None = None, upsampler: LlamaGenTokenUpsampler | None = None,
+    vq: LlamaGenVQ,
+    target: LlamaGenGPT,
+    drafter: LlamaGenGPT | None,
+    data: EmojiDataConfig,
+    out: str | Path,
+    recipe: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    low_res_drafter: LlamaGenGPT | None = None,
+    upsampler: LlamaGenTokenUpsampler | None = None,
 ) -> LlamaGenPipeline:
     """Assemble a :class:`LlamaGenPipeline` and ``save_pretrained`` it to ``out`` with the class
     list (:data:`CLASSES_FILE`) and, if given, the recipe (:data:`RECIPE_FILE`).
@@ -105,40 +111,77 @@ def reference_configs(preset: str, seed: int = 0) -> dict[str, VQTrainConfig | G
     default) or ``"tiny"`` (seconds on a CPU; for tests and smoke runs)."""
     if preset == "reference":
         data = EmojiDataConfig(seed=seed)
-        return {"vq": VQTrainConfig(data=data, seed=seed), "gpt": GPTTrainConfig(data=data, seed=seed),
-                "draft": GPTTrainConfig.draft(data=data, seed=seed + 1),
-                "low-res-draft": GPTTrainConfig.low_res_draft(data), "upsampler": UpsamplerTrainConfig(data=data)}
+        return {
+            "vq": VQTrainConfig(data=data, seed=seed),
+            "gpt": GPTTrainConfig(data=data, seed=seed),
+            "draft": GPTTrainConfig.draft(data=data, seed=seed + 1),
+            "low-res-draft": GPTTrainConfig.low_res_draft(data),
+            "upsampler": UpsamplerTrainConfig(data=data),
+        }
     if preset == "tiny":
         data = EmojiDataConfig(image_size=16, num_classes=4, num_samples=64, heldout_samples=8, seed=seed)
-        small = {"steps": 4, "batch_size": 8, "dim": 16, "n_layer": 1, "n_head": 2, "warmup_steps": 1, "checkpoint_every": 2}
+        small = {
+            "steps": 4,
+            "batch_size": 8,
+            "dim": 16,
+            "n_layer": 1,
+            "n_head": 2,
+            "warmup_steps": 1,
+            "checkpoint_every": 2,
+        }
         return {
-            "vq": VQTrainConfig(data=data, seed=seed, steps=4, batch_size=8, codebook_size=32, ch_mult=(1, 2),
-                                z_channels=32, restart_every=2, warmup_steps=1, checkpoint_every=2),
+            "vq": VQTrainConfig(
+                data=data,
+                seed=seed,
+                steps=4,
+                batch_size=8,
+                codebook_size=32,
+                ch_mult=(1, 2),
+                z_channels=32,
+                restart_every=2,
+                warmup_steps=1,
+                checkpoint_every=2,
+            ),
             "gpt": GPTTrainConfig(data=data, seed=seed, **{**small, "dim": 32}),
             "draft": GPTTrainConfig.draft(data=data, seed=seed + 1, **small),
             "low-res-draft": GPTTrainConfig.low_res_draft(data, **small),
-            "upsampler": UpsamplerTrainConfig(data=data, dim=32, steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2),
+            "upsampler": UpsamplerTrainConfig(
+                data=data, dim=32, steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2
+            ),
         }
     raise ValueError(f"unknown preset {preset!r}: 'reference' or 'tiny'")
 
 
 def add_train_reference_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mmspec train-reference``."""
-    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all",
-                        help="vq, then gpt (target), draft (drafter), low-res-draft (MuLo-SD's drafter at half the "
-                             "image side) and upsampler (MuLo-SD's learned up-sampler), which need OUT/vq; all = the five "
-                             "in order")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="output folder: OUT/<stage> (save_pretrained), OUT/checkpoints/<stage>, "
-                             "and OUT/pipeline + OUT/eval.json once all five exist")
-    parser.add_argument("--preset", choices=("reference", "tiny"), default="reference",
-                        help="reference = the embedded default's recipe; tiny = a seconds-long smoke run")
+    parser.add_argument(
+        "--stage",
+        choices=(*STAGES, "all"),
+        default="all",
+        help="vq, then gpt (target), draft (drafter), low-res-draft (MuLo-SD's drafter at half the "
+        "image side) and upsampler (MuLo-SD's learned up-sampler), which need OUT/vq; all = the five "
+        "in order",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder: OUT/<stage> (save_pretrained), OUT/checkpoints/<stage>, "
+        "and OUT/pipeline + OUT/eval.json once all five exist",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=("reference", "tiny"),
+        default="reference",
+        help="reference = the embedded default's recipe; tiny = a seconds-long smoke run",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vq-steps", type=int, default=None, help="override the preset's VQ steps")
     parser.add_argument("--gpt-steps", type=int, default=None, help="override the preset's target steps")
     parser.add_argument("--draft-steps", type=int, default=None, help="override the preset's drafter steps")
-    parser.add_argument("--low-res-draft-steps", type=int, default=None,
-                        help="override the preset's low-resolution drafter steps")
+    parser.add_argument(
+        "--low-res-draft-steps", type=int, default=None, help="override the preset's low-resolution drafter steps"
+    )
     parser.add_argument("--upsampler-steps", type=int, default=None, help="override the preset's up-sampler steps")
     add_recipe_run_args(parser, saved="OUT/pipeline's weights", evaluation="evaluate_reference on OUT/pipeline")
 
@@ -152,8 +195,13 @@ def train_reference_command(args: argparse.Namespace) -> int:
     common = {"resume": args.resume, "progress": not args.no_progress}
     if args.checkpoint_every is not None:
         common["checkpoint_every"] = args.checkpoint_every
-    overrides = {"vq": args.vq_steps, "gpt": args.gpt_steps, "draft": args.draft_steps,
-                 "low-res-draft": args.low_res_draft_steps, "upsampler": args.upsampler_steps}
+    overrides = {
+        "vq": args.vq_steps,
+        "gpt": args.gpt_steps,
+        "draft": args.draft_steps,
+        "low-res-draft": args.low_res_draft_steps,
+        "upsampler": args.upsampler_steps,
+    }
     configs = {}
     for stage, config in presets.items():
         steps = {"steps": overrides[stage]} if overrides[stage] is not None else {}
@@ -183,8 +231,10 @@ def train_reference_command(args: argparse.Namespace) -> int:
     (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
     missing = [stage for stage in STAGES if not (out / stage).is_dir()]
     if missing:
-        print(f"{out / 'pipeline'} not assembled: stage(s) {', '.join(missing)} not trained yet "
-              f"(`mmspec train-reference --stage STAGE --out {out}`)")
+        print(
+            f"{out / 'pipeline'} not assembled: stage(s) {', '.join(missing)} not trained yet "
+            f"(`mmspec train-reference --stage STAGE --out {out}`)"
+        )
     else:
         vq = LlamaGenVQ.from_pretrained(out / "vq").eval()
         gpts = {STAGE_COMPONENTS[stage]: LlamaGenGPT.from_pretrained(out / stage).eval() for stage in STAGE_COMPONENTS}
@@ -193,9 +243,17 @@ def train_reference_command(args: argparse.Namespace) -> int:
             if isinstance(config, dict):
                 for key in ("checkpoint_dir", "resume", "progress"):
                     config.pop(key)
-        pipe = save_reference_pipeline(vq, gpts["target"], gpts["drafter"], configs["vq"].data, out / "pipeline", recipe,
-                                       dtype=getattr(torch, args.save_dtype), low_res_drafter=gpts["low_res_drafter"],
-                                       upsampler=LlamaGenTokenUpsampler.from_pretrained(out / "upsampler").eval())
+        pipe = save_reference_pipeline(
+            vq,
+            gpts["target"],
+            gpts["drafter"],
+            configs["vq"].data,
+            out / "pipeline",
+            recipe,
+            dtype=getattr(torch, args.save_dtype),
+            low_res_drafter=gpts["low_res_drafter"],
+            upsampler=LlamaGenTokenUpsampler.from_pretrained(out / "upsampler").eval(),
+        )
         print(f"pipeline -> {out / 'pipeline'}")
         if not args.no_eval:
             metrics = evaluate_reference(pipe, configs["vq"].data)

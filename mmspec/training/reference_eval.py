@@ -105,8 +105,12 @@ def evaluate_reference(
         low_ce = heldout_cross_entropy(pipe.low_res_drafter, low_labels, low_tokens)
         result["low_res_drafter_heldout_ppl"] = math.exp(low_ce)
     if isinstance(pipe.upsampler, LlamaGenTokenUpsampler):
-        low, high = upsampler_pairs(pipe.vq, UpsamplerTrainConfig(data=data, scale=pipe.upsampler.config.scale),
-                                    heldout=True, tokens=heldout_tokens)
+        low, high = upsampler_pairs(
+            pipe.vq,
+            UpsamplerTrainConfig(data=data, scale=pipe.upsampler.config.scale),
+            heldout=True,
+            tokens=heldout_tokens,
+        )
         result["upsampler_heldout_accuracy"] = upsampler_accuracy(pipe.upsampler.upsample, low, high)
         result["decode_resize_encode_heldout_accuracy"] = upsampler_accuracy(DecodeResizeEncode(pipe.vq), low, high)
 
@@ -117,16 +121,24 @@ def evaluate_reference(
     pipe.set_progress_bar_config(disable=True)
     generation = {}
     # One untimed call first: the first forward of each shape pays one-off allocation costs.
-    pipe(class_labels=[class_labels[0]], guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),
-         output_type="pt")
+    pipe(
+        class_labels=[class_labels[0]],
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    )
     for name, (method, num_draft) in methods.items():
         steps, accepted, seconds = [], [], []
         for i, label in enumerate(class_labels):
             start = time.perf_counter()
             out = pipe(
-                class_labels=[label], guidance_scale=guidance_scale, temperature=1.0,
-                generator=torch.Generator().manual_seed(seed + i), speculative=method,
-                num_draft_tokens=max(num_draft, 1), output_type="pt",
+                class_labels=[label],
+                guidance_scale=guidance_scale,
+                temperature=1.0,
+                generator=torch.Generator().manual_seed(seed + i),
+                speculative=method,
+                num_draft_tokens=max(num_draft, 1),
+                output_type="pt",
             )
             seconds.append(time.perf_counter() - start)
             steps.append(out.stats.steps)
@@ -139,7 +151,12 @@ def evaluate_reference(
         }
     result["generation"] = generation
     result["generation_settings"] = {
-        "class_labels": class_labels, "seed": seed, "guidance_scale": guidance_scale, "temperature": 1.0,
-        "top_k": None, "acceptance": "exact", "tokens_per_image": int(pipe.target.config.block_size),
+        "class_labels": class_labels,
+        "seed": seed,
+        "guidance_scale": guidance_scale,
+        "temperature": 1.0,
+        "top_k": None,
+        "acceptance": "exact",
+        "tokens_per_image": int(pipe.target.config.block_size),
     }
     return result

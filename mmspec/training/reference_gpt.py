@@ -58,7 +58,9 @@ class GPTTrainConfig:
         """MuLo-SD's low-resolution drafter: the drafter's recipe on ``data`` rendered at half the
         side (the same scenes and augmentation), so its grid has half the target's side."""
         if data.image_size % 2:
-            raise ValueError(f"the low-resolution drafter halves the image side, so it must be even, got {data.image_size}")
+            raise ValueError(
+                f"the low-resolution drafter halves the image side, so it must be even, got {data.image_size}"
+            )
         settings: dict[str, Any] = {"seed": data.seed + 2}
         settings.update(overrides)
         return cls.draft(data=dataclasses.replace(data, image_size=data.image_size // 2), **settings)
@@ -92,8 +94,9 @@ def gpt_training_loss(gpt: LlamaGenGPT, class_labels: torch.Tensor, tokens: torc
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
 
-def train_c2i_gpt(vq: LlamaGenVQ, config: GPTTrainConfig, tokens: torch.Tensor | None = None,
-                  device: str | torch.device = "cpu") -> LlamaGenGPT:
+def train_c2i_gpt(
+    vq: LlamaGenVQ, config: GPTTrainConfig, tokens: torch.Tensor | None = None, device: str | torch.device = "cpu"
+) -> LlamaGenGPT:
     """Train a class-conditional LlamaGen GPT on the emoji data tokenised by ``vq``.
 
     Args:

@@ -50,12 +50,15 @@ class UpsamplerTrainConfig:
     def low_data(self) -> EmojiDataConfig:
         """The input grids' data: the same scenes at ``1 / scale`` of the side."""
         if self.data.image_size % self.scale:
-            raise ValueError(f"image_size {self.data.image_size} is not divisible by the up-sampler's scale {self.scale}")
+            raise ValueError(
+                f"image_size {self.data.image_size} is not divisible by the up-sampler's scale {self.scale}"
+            )
         return dataclasses.replace(self.data, image_size=self.data.image_size // self.scale)
 
 
-def cached_tokens(vq: LlamaGenVQ, data: EmojiDataConfig, cache: dict[EmojiDataConfig, torch.Tensor],
-                  heldout: bool = False) -> torch.Tensor:
+def cached_tokens(
+    vq: LlamaGenVQ, data: EmojiDataConfig, cache: dict[EmojiDataConfig, torch.Tensor], heldout: bool = False
+) -> torch.Tensor:
     """``data``'s training (or held-out) scenes tokenised by ``vq`` (``[N, h*w]``), once per
     rendering: ``cache`` (one per split) keeps each tokenisation for the stages that share it."""
     if data not in cache:
@@ -63,8 +66,12 @@ def cached_tokens(vq: LlamaGenVQ, data: EmojiDataConfig, cache: dict[EmojiDataCo
     return cache[data]
 
 
-def upsampler_pairs(vq: LlamaGenVQ, config: UpsamplerTrainConfig, heldout: bool = False,
-                    tokens: dict[EmojiDataConfig, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def upsampler_pairs(
+    vq: LlamaGenVQ,
+    config: UpsamplerTrainConfig,
+    heldout: bool = False,
+    tokens: dict[EmojiDataConfig, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(low [N, h, w], high [N, h * scale, w * scale])`` token grids of the same scenes, tokenised
     by ``vq``. ``tokens``: a :func:`cached_tokens` cache of the same split (None: a fresh one)."""
     cache = {} if tokens is None else tokens
@@ -76,16 +83,26 @@ def upsampler_pairs(vq: LlamaGenVQ, config: UpsamplerTrainConfig, heldout: bool 
     return grids[0], grids[1]
 
 
-def train_upsampler(vq: LlamaGenVQ, config: UpsamplerTrainConfig, low: torch.Tensor | None = None,
-                    high: torch.Tensor | None = None, device: str | torch.device = "cpu") -> LlamaGenTokenUpsampler:
+def train_upsampler(
+    vq: LlamaGenVQ,
+    config: UpsamplerTrainConfig,
+    low: torch.Tensor | None = None,
+    high: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+) -> LlamaGenTokenUpsampler:
     """Train MuLo-SD's learned up-sampler: per-position cross-entropy of the full-resolution
     tokens ``high [N, H, W]`` given the same scenes' low-resolution tokens ``low [N, H/s, W/s]``
     (None: tokenised here by :func:`upsampler_pairs`). AdamW, warm-up + cosine, gradient clipping,
     checkpoints and resume as every recipe stage. Returns the model in eval mode on ``device``."""
     if low is None or high is None:
         low, high = upsampler_pairs(vq, config)
-    if low.shape[0] != high.shape[0] or tuple(high.shape[1:]) != (low.shape[1] * config.scale, low.shape[2] * config.scale):
-        raise ValueError(f"low {tuple(low.shape)} and high {tuple(high.shape)} grids are not pairs at scale {config.scale}")
+    if low.shape[0] != high.shape[0] or tuple(high.shape[1:]) != (
+        low.shape[1] * config.scale,
+        low.shape[2] * config.scale,
+    ):
+        raise ValueError(
+            f"low {tuple(low.shape)} and high {tuple(high.shape)} grids are not pairs at scale {config.scale}"
+        )
     torch.manual_seed(config.seed)
     model = LlamaGenTokenUpsampler(vq.config.codebook_size, config.scale, config.dim, config.num_blocks).to(device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -104,8 +121,12 @@ def train_upsampler(vq: LlamaGenVQ, config: UpsamplerTrainConfig, low: torch.Ten
 
 
 @torch.no_grad()
-def upsampler_accuracy(upsample: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor], low: torch.Tensor,
-                       high: torch.Tensor, batch_size: int = 256) -> float:
+def upsampler_accuracy(
+    upsample: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor],
+    low: torch.Tensor,
+    high: torch.Tensor,
+    batch_size: int = 256,
+) -> float:
     """Share of positions where ``upsample(low)`` gives the token the full-resolution rendering of
     the same scene has (``low [N, h, w]``, ``high [N, H, W]``)."""
     hits = 0

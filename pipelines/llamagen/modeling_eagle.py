@@ -41,12 +41,28 @@ class LlamaGenEagleHead(ModelMixin, ConfigMixin):
     config_name = CONFIG_NAME
 
     @register_to_config
-    def __init__(self, hidden_size: int, n_head: int, vocab_size: int, target_name: str, multiple_of: int = 64,
-                 norm_eps: float = 1e-5, rope_base: float = 10000.0) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        n_head: int,
+        vocab_size: int,
+        target_name: str,
+        multiple_of: int = 64,
+        norm_eps: float = 1e-5,
+        rope_base: float = 10000.0,
+    ) -> None:
         super().__init__()
-        self.head = EagleHead(EagleConfig(hidden_size=hidden_size, n_head=n_head, vocab_size=vocab_size,
-                                          target_name=target_name, multiple_of=multiple_of, norm_eps=norm_eps,
-                                          rope_base=rope_base))
+        self.head = EagleHead(
+            EagleConfig(
+                hidden_size=hidden_size,
+                n_head=n_head,
+                vocab_size=vocab_size,
+                target_name=target_name,
+                multiple_of=multiple_of,
+                norm_eps=norm_eps,
+                rope_base=rope_base,
+            )
+        )
         self.source = "the pipeline's `eagle` component"  # named in errors; from_pretrained sets its folder
 
     @classmethod
@@ -74,9 +90,14 @@ class LlamaGenEagleHead(ModelMixin, ConfigMixin):
         self.head.save_pretrained(save_directory)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
-                        torch_dtype: torch.dtype | None = None, device_map: str | torch.device | None = None,
-                        **kwargs) -> LlamaGenEagleHead:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device_map: str | torch.device | None = None,
+        **kwargs,
+    ) -> LlamaGenEagleHead:
         """Load a head saved by :meth:`save_pretrained` (or ``mmspec train-drafter``) from a local folder,
         not yet bound to a target (see :meth:`bind`).
 

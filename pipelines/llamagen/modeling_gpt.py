@@ -273,7 +273,9 @@ class LlamaGenGPT(ComponentMixin, ModelMixin, ConfigMixin):
         h, blocked = self._embed_condition(condition, cache.groups)  # [G*B, T, dim], [B, T] | None
         num_cond = h.shape[1]
         if num_cond > cache.max_seq_len:
-            raise ValueError(f"the cache holds {cache.max_seq_len} positions, fewer than the {num_cond} condition positions")
+            raise ValueError(
+                f"the cache holds {cache.max_seq_len} positions, fewer than the {num_cond} condition positions"
+            )
         if blocked is not None:
             cache.block_keys(blocked)
         positions = torch.arange(num_cond, device=h.device).expand(cache.batch_size, num_cond)
@@ -328,13 +330,17 @@ class LlamaGenGPT(ComponentMixin, ModelMixin, ConfigMixin):
     def _cache(self, num_layers: int, batch_size: int, max_seq_len: int, groups: int) -> StaticKVCache:
         weight = self.output.weight
         return StaticKVCache(
-            num_layers, batch_size, self.config.n_kv_head or self.config.n_head, max_seq_len, self.head_dim,
-            dtype=weight.dtype, device=weight.device, groups=groups,
+            num_layers,
+            batch_size,
+            self.config.n_kv_head or self.config.n_head,
+            max_seq_len,
+            self.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+            groups=groups,
         )
 
-    def _embed_condition(
-        self, condition: LlamaGenCondition, groups: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _embed_condition(self, condition: LlamaGenCondition, groups: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Condition embeddings ``[G*B, T, dim]`` and the blocked (padded) positions ``[B, T]`` or None."""
         if groups not in (1, 2):
             raise ValueError(f"LlamaGen caches have 1 group (no CFG) or 2 ([cond ; uncond]), got {groups}")
@@ -346,7 +352,9 @@ class LlamaGenGPT(ComponentMixin, ModelMixin, ConfigMixin):
             labels = condition.class_labels.to(device=device, dtype=torch.long)
             if groups == 2:
                 if self.config.class_dropout_prob <= 0:
-                    raise ValueError("CFG needs the null class, but this c2i model has class_dropout_prob 0 (no null row)")
+                    raise ValueError(
+                        "CFG needs the null class, but this c2i model has class_dropout_prob 0 (no null row)"
+                    )
                 labels = torch.cat([labels, torch.full_like(labels, self.config.num_classes)])
             return self.cls_embedding(labels), None
 
@@ -358,7 +366,9 @@ class LlamaGenGPT(ComponentMixin, ModelMixin, ConfigMixin):
                 f"caption_embs must be [B, L >= {num_cond}, {self.config.caption_dim}], got {tuple(caption.shape)}"
             )
         mask = condition.caption_mask
-        mask = torch.ones(caption.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.to(device).bool()
+        mask = (
+            torch.ones(caption.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.to(device).bool()
+        )
         # Official slicing keeps the first cls_token_num rows; padded rows enter as zeros.
         caption, mask = caption[:, :num_cond], mask[:, :num_cond]
         h = self.cls_embedding(caption * mask[..., None].to(caption.dtype))

@@ -70,11 +70,15 @@ class LlamaGenTokenUpsampler(ComponentMixin, ModelMixin, ConfigMixin):
         scale = self.config.scale
         expected = (tokens.shape[1] * scale, tokens.shape[2] * scale)
         if tuple(size) != expected:
-            raise ValueError(f"this up-sampler maps a {tokens.shape[1]}x{tokens.shape[2]} grid to {expected[0]}x"
-                             f"{expected[1]} (scale {scale}), not to {size[0]}x{size[1]}: train one for this ratio "
-                             "(`mmspec train-reference --stage upsampler`) or use upsampler='decode-resize-encode'")
+            raise ValueError(
+                f"this up-sampler maps a {tokens.shape[1]}x{tokens.shape[2]} grid to {expected[0]}x"
+                f"{expected[1]} (scale {scale}), not to {size[0]}x{size[1]}: train one for this ratio "
+                "(`mmspec train-reference --stage upsampler`) or use upsampler='decode-resize-encode'"
+            )
         if int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0:  # deliberate host sync: once per image batch
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}): the up-sampler was trained for another codebook")
+            raise ValueError(
+                f"token ids must lie in [0, {self.vocab_size}): the up-sampler was trained for another codebook"
+            )
         device = self.embed.weight.device
         # under sequential CPU offload the weights sit on "meta" and accelerate's hook moves inputs
         tokens = tokens if device.type == "meta" else tokens.to(device)

@@ -66,7 +66,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         batch, channels, height, width = x.shape
         h = self.norm(x)
-        q, k, v = (proj(h).reshape(batch, 1, channels, height * width).transpose(2, 3) for proj in (self.q, self.k, self.v))
+        q, k, v = (
+            proj(h).reshape(batch, 1, channels, height * width).transpose(2, 3) for proj in (self.q, self.k, self.v)
+        )
         # SDPA's default scale is C**-0.5, the official scale.
         out = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         return x + self.proj_out(out.transpose(2, 3).reshape(batch, channels, height, width))
@@ -140,7 +142,9 @@ class DecoderLevel(ConvLevel):
 
 def _mid_blocks(channels: int, dropout: float) -> nn.ModuleList:
     """Official middle section: resnet, attention, resnet."""
-    return nn.ModuleList([ResnetBlock(channels, channels, dropout), AttnBlock(channels), ResnetBlock(channels, channels, dropout)])
+    return nn.ModuleList(
+        [ResnetBlock(channels, channels, dropout), AttnBlock(channels), ResnetBlock(channels, channels, dropout)]
+    )
 
 
 class Encoder(nn.Module):
@@ -180,7 +184,11 @@ class Decoder(nn.Module):
         last = len(ch_mult) - 1
         self.conv_blocks = nn.ModuleList(
             DecoderLevel(
-                widths[max(i - 1, 0)], widths[i], num_res_blocks + 1, is_lowest=i == 0, is_last=i == last,
+                widths[max(i - 1, 0)],
+                widths[i],
+                num_res_blocks + 1,
+                is_lowest=i == 0,
+                is_last=i == last,
                 dropout=dropout,
             )
             for i in range(len(ch_mult))

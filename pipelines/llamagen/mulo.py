@@ -45,10 +45,10 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from mmspec.rules import get_acceptance_rule
 from mmspec.cache import StaticKVCache
 from mmspec.grid import island_schedule, label_islands
 from mmspec.loops import fork_generator, masked_generate, required_cache_len, speculative_generate
+from mmspec.rules import get_acceptance_rule
 from mmspec.sampling import SamplingConfig, logits_to_probs, sample_from_probs
 from mmspec.stats import MaskedStats
 from mmspec.types import Categorical, Draft, Regeneration
@@ -119,13 +119,13 @@ def make_upsampler(name: str, vq: Any, learned: LlamaGenTokenUpsampler | None = 
     if name == "learned":
         # torch.compile wraps a module (its attributes, ``upsample`` included, still resolve)
         if not isinstance(getattr(learned, "_orig_mod", learned), LlamaGenTokenUpsampler):
-            raise ValueError("upsampler='learned' needs a trained LlamaGenTokenUpsampler (the pipeline's `upsampler` "
-                             "component; train one with `mmspec train-reference --stage upsampler`), or use "
-                             "upsampler='decode-resize-encode'")
+            raise ValueError(
+                "upsampler='learned' needs a trained LlamaGenTokenUpsampler (the pipeline's `upsampler` "
+                "component; train one with `mmspec train-reference --stage upsampler`), or use "
+                "upsampler='decode-resize-encode'"
+            )
         return learned.upsample
     raise ValueError(f"unknown up-sampler {name!r}; available: {UPSAMPLERS}")
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,20 +146,23 @@ class LowResDrafter:
         upsampler: ``(tokens [B, h_q, w_q], (h, w)) -> [B, h, w]``. grid: the target's grid side.
     """
 
-    def __init__(self, model: LlamaGenGPT, upsampler: "TokenUpsampler", grid: int,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, model: LlamaGenGPT, upsampler: TokenUpsampler, grid: int, generator: torch.Generator | None = None
+    ) -> None:
         self.model, self.upsampler, self.grid, self.generator = model, upsampler, grid, generator
         self.forwards = 0
         self._forked = generator is not None
 
-    def draft(self, condition: LlamaGenCondition, target: "GridTarget", generator: torch.Generator | None) -> Draft:
+    def draft(self, condition: LlamaGenCondition, target: GridTarget, generator: torch.Generator | None) -> Draft:
         if not self._forked:
             self.generator, self._forked = fork_generator(generator), True
         num, sampling = self.model.config.block_size, target.sampling
-        cache = self.model.new_cache(condition.batch_size, required_cache_len(self.model.cls_token_num, num, 1),
-                                     cfg=sampling.uses_cfg)
-        drafted = speculative_generate(self.model, condition, cache, max_new_tokens=num, sampling=sampling,
-                                       generator=self.generator)
+        cache = self.model.new_cache(
+            condition.batch_size, required_cache_len(self.model.cls_token_num, num, 1), cfg=sampling.uses_cfg
+        )
+        drafted = speculative_generate(
+            self.model, condition, cache, max_new_tokens=num, sampling=sampling, generator=self.generator
+        )
         self.forwards += drafted.stats.steps + drafted.stats.prefill_steps
         side = self.model.grid_size
         low = drafted.tokens.view(condition.batch_size, side, side)
@@ -203,7 +206,8 @@ class GridTarget:
         self.num_elements = model.config.block_size
         self.grid = model.grid_size
         self.cache: StaticKVCache = model.new_cache(
-            batch_size, required_cache_len(model.cls_token_num, self.num_elements, 1), cfg=sampling.uses_cfg)
+            batch_size, required_cache_len(model.cls_token_num, self.num_elements, 1), cfg=sampling.uses_cfg
+        )
         self.tokens = torch.zeros(batch_size, self.num_elements, dtype=torch.long, device=model.device)  # [B, N]
         self.steps = 0
         self.valid = 0
@@ -219,8 +223,9 @@ class GridTarget:
     def prefill(self, condition: LlamaGenCondition) -> None:
         pre = self.model.prefill(condition, self.cache)
         uncond = pre.output.uncond_logits
-        self.first_probs = logits_to_probs(pre.output.logits[:, -1], self.sampling,
-                                           None if uncond is None else uncond[:, -1])
+        self.first_probs = logits_to_probs(
+            pre.output.logits[:, -1], self.sampling, None if uncond is None else uncond[:, -1]
+        )
         batch, vocab = self.first_probs.shape
         self.probs = self.first_probs[:, None].expand(batch, self.num_elements, vocab).clone()
         self._drafted = False
@@ -278,7 +283,9 @@ class GridTarget:
         is_first = (queries == 0)[..., None]
         return torch.where(is_first, first, from_window), torch.where(queries == 0, 0, step)
 
-    def regenerate(self, positions: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None) -> Regeneration:
+    def regenerate(
+        self, positions: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
+    ) -> Regeneration:
         """Resample the masked positions island by island (8-connected components of the mask on
         the grid), every island's ``t``-th position (raster order) in one batched target step, each
         from the target given the current grid (module docstring, step 4)."""
@@ -312,7 +319,7 @@ def mulo_generate(
     draft_model: LlamaGenGPT,
     condition: LlamaGenCondition,
     sampling: SamplingConfig,
-    upsampler: "TokenUpsampler",
+    upsampler: TokenUpsampler,
     generator: torch.Generator | None = None,
     *,
     acceptance_options: dict | None = None,
@@ -343,16 +350,20 @@ def mulo_generate(
     rule = get_acceptance_rule("mulo", {"grid": (target.grid_size, target.grid_size)}, **(acceptance_options or {}))
     drafter = LowResDrafter(draft_model, upsampler, target.grid_size, draft_generator)
     grid = GridTarget(target, sampling, condition.batch_size)
-    out = masked_generate(grid, drafter, condition, acceptance=rule, max_rounds=max_rounds, generator=generator,
-                          profile=profile)
+    out = masked_generate(
+        grid, drafter, condition, acceptance=rule, max_rounds=max_rounds, generator=generator, profile=profile
+    )
     return out.elements.view(-1, target.grid_size, target.grid_size), out.stats
 
 
 def check_pair(target: LlamaGenGPT, draft_model: LlamaGenGPT) -> None:
     """A ValueError unless ``draft_model`` can draft for ``target`` in MuLo-SD."""
     if draft_model.vocab_size != target.vocab_size:
-        raise ValueError(f"the drafter's vocabulary ({draft_model.vocab_size}) must be the target's "
-                         f"({target.vocab_size}): same VQ codebook")
+        raise ValueError(
+            f"the drafter's vocabulary ({draft_model.vocab_size}) must be the target's "
+            f"({target.vocab_size}): same VQ codebook"
+        )
     if draft_model.grid_size > target.grid_size:
-        raise ValueError(f"the drafter's grid ({draft_model.grid_size}) must not be larger than the target's "
-                         f"({target.grid_size})")
+        raise ValueError(
+            f"the drafter's grid ({draft_model.grid_size}) must not be larger than the target's ({target.grid_size})"
+        )

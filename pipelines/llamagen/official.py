@@ -58,7 +58,15 @@ def _init_defaults(cls: type) -> dict[str, Any]:
 GPT_MODEL_ARGS: dict[str, Any] = _init_defaults(LlamaGenGPT)
 # ``ModelArgs`` fields that only matter for training or the official KV cache: accepted, ignored.
 GPT_IGNORED_ARGS = frozenset(
-    {"token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate", "max_batch_size", "max_seq_len"}
+    {
+        "token_dropout_p",
+        "attn_dropout_p",
+        "resid_dropout_p",
+        "ffn_dropout_p",
+        "drop_path_rate",
+        "max_batch_size",
+        "max_seq_len",
+    }
 )
 # Sample-script arguments that set ``block_size = (image_size // downsample_size) ** 2``.
 GPT_IMAGE_ARGS = frozenset({"image_size", "downsample_size"})
@@ -161,9 +169,7 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(
-            f"{os.fspath(path)!r} could not be read as a weights-only PyTorch checkpoint: {err}"
-        ) from err
+        raise ValueError(f"{os.fspath(path)!r} could not be read as a weights-only PyTorch checkpoint: {err}") from err
     if not isinstance(obj, Mapping):
         raise ValueError(f"{os.fspath(path)!r} holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
     for key in _CONTAINER_KEYS:
@@ -199,8 +205,14 @@ def infer_gpt_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         ValueError: not a LlamaGen GPT state dict.
     """
     if "tok_embeddings.weight" not in state_dict:
-        kind = "a LlamaGen VQ tokenizer (use load_official_vq)" if "quantize.embedding.weight" in state_dict else "not a LlamaGen GPT"
-        raise ValueError(f"this state dict is {kind}: no 'tok_embeddings.weight'; first keys: {_first(list(state_dict))}")
+        kind = (
+            "a LlamaGen VQ tokenizer (use load_official_vq)"
+            if "quantize.embedding.weight" in state_dict
+            else "not a LlamaGen GPT"
+        )
+        raise ValueError(
+            f"this state dict is {kind}: no 'tok_embeddings.weight'; first keys: {_first(list(state_dict))}"
+        )
     vocab_size, dim = state_dict["tok_embeddings.weight"].shape
     layers = {int(m.group(1)) for key in state_dict if (m := re.match(r"layers\.(\d+)\.", key))}
     inferred: dict[str, Any] = {"dim": dim, "vocab_size": vocab_size, "n_layer": len(layers)}
@@ -223,7 +235,11 @@ def infer_vq_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """
     needed = ("quantize.embedding.weight", "quant_conv.weight", "encoder.conv_in.weight")
     if any(key not in state_dict for key in needed):
-        kind = "a LlamaGen GPT (use load_official_gpt)" if "tok_embeddings.weight" in state_dict else "not a LlamaGen VQ tokenizer"
+        kind = (
+            "a LlamaGen GPT (use load_official_gpt)"
+            if "tok_embeddings.weight" in state_dict
+            else "not a LlamaGen VQ tokenizer"
+        )
         raise ValueError(f"this state dict is {kind}: it lacks {list(needed)}; first keys: {_first(list(state_dict))}")
     codebook_size, embed_dim = state_dict["quantize.embedding.weight"].shape
     ch = state_dict["encoder.conv_in.weight"].shape[0]
@@ -237,10 +253,14 @@ def infer_vq_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
     num_res_blocks = len({k.split(".")[4] for k in state_dict if k.startswith("encoder.conv_blocks.0.res.")})
     return {
-        "codebook_size": codebook_size, "codebook_embed_dim": embed_dim,
-        "z_channels": state_dict["quant_conv.weight"].shape[1], "ch": ch,
-        "encoder_ch_mult": widths("encoder"), "decoder_ch_mult": widths("decoder")[::-1],
-        "num_res_blocks": num_res_blocks, "codebook_show_usage": "quantize.codebook_used" in state_dict,
+        "codebook_size": codebook_size,
+        "codebook_embed_dim": embed_dim,
+        "z_channels": state_dict["quant_conv.weight"].shape[1],
+        "ch": ch,
+        "encoder_ch_mult": widths("encoder"),
+        "decoder_ch_mult": widths("decoder")[::-1],
+        "num_res_blocks": num_res_blocks,
+        "codebook_show_usage": "quantize.codebook_used" in state_dict,
     }
 
 
@@ -301,20 +321,26 @@ def _load_strict(
     ]
     problems = [
         f"{label} ({len(items)}): {_first(items)}"
-        for label, items in (("shape mismatch", mismatched), ("missing from checkpoint", missing),
-                             ("unexpected in checkpoint", unexpected))
+        for label, items in (
+            ("shape mismatch", mismatched),
+            ("missing from checkpoint", missing),
+            ("unexpected in checkpoint", unexpected),
+        )
         if items
     ]
     if problems:
         raise ValueError(
             f"checkpoint {os.fspath(path)!r} does not fit {type(model).__name__} built from {described}:\n  "
-            + "\n  ".join(problems) + f"\n{hint}."
+            + "\n  ".join(problems)
+            + f"\n{hint}."
         )
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 
 def _gpt_hint(inferred: dict[str, Any]) -> str:
-    presets = [name for name, p in GPT_PRESETS.items() if (p["dim"], p["n_layer"]) == (inferred["dim"], inferred["n_layer"])]
+    presets = [
+        name for name, p in GPT_PRESETS.items() if (p["dim"], p["n_layer"]) == (inferred["dim"], inferred["n_layer"])
+    ]
     suggestion = f"preset {presets[0]!r} with overrides" if presets else "a config dict with n_head"
     return (
         f"The checkpoint's shapes say {_fields(inferred)}; pass {suggestion} matching them "

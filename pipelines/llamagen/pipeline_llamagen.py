@@ -10,9 +10,10 @@ acceptance rules by name in ``mmspec.acceptance`` — both swap without touching
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -30,12 +31,12 @@ from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 
+from ..base import SpeculativePipelineMixin
 from ..validation import check_class_labels, check_llamagen_call
 from .modeling_eagle import LlamaGenEagleHead
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
 from .modeling_upsampler import LlamaGenTokenUpsampler
 from .modeling_vq import LlamaGenVQ
-from ..base import SpeculativePipelineMixin
 from .mulo import GridTarget, LowResDrafter, check_pair, make_upsampler
 
 
@@ -56,46 +57,59 @@ LLAMAGEN_METHODS = MethodRegistry("LlamaGenPipeline")
 
 
 @LLAMAGEN_METHODS.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
-def _sjd(pipe: "LlamaGenPipeline", options: dict) -> Any:
+def _sjd(pipe: LlamaGenPipeline, options: dict) -> Any:
     """Speculative Jacobi decoding (training-free; ``init``: fresh guesses "random" or "copy" = the token above;
     ``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: "fixed", "heuristic" or "cost" (adaptive))."""
-    return jacobi_method(pipe.target.vocab_size, pipe.target.grid_size, options,
-                         window_memory(pipe._window_memo, "sjd", options))
+    return jacobi_method(
+        pipe.target.vocab_size, pipe.target.grid_size, options, window_memory(pipe._window_memo, "sjd", options)
+    )
 
 
 @LLAMAGEN_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
-def _mc_sjd(pipe: "LlamaGenPipeline", options: dict) -> Any:
+def _mc_sjd(pipe: LlamaGenPipeline, options: dict) -> Any:
     """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
-    return jacobi_method(pipe.target.vocab_size, pipe.target.grid_size, options,
-                         window_memory(pipe._window_memo, "mc-sjd", options))
+    return jacobi_method(
+        pipe.target.vocab_size, pipe.target.grid_size, options, window_memory(pipe._window_memo, "mc-sjd", options)
+    )
 
 
 @LLAMAGEN_METHODS.register("draft-model", options={"window": "fixed"}, requires=("drafter",))
-def _draft_model(pipe: "LlamaGenPipeline", options: dict) -> Any:
+def _draft_model(pipe: LlamaGenPipeline, options: dict) -> Any:
     """A smaller LlamaGen GPT with the same codebook (the ``drafter`` component) proposes a chain."""
     if not isinstance(pipe.drafter, LlamaGenGPT):
         raise ValueError("speculative='draft-model' needs a smaller LlamaGenGPT as the pipeline's `drafter` component")
-    return with_window(ModelDrafter(pipe.drafter), options["window"], window_memory(pipe._window_memo, "draft-model", options))
+    return with_window(
+        ModelDrafter(pipe.drafter), options["window"], window_memory(pipe._window_memo, "draft-model", options)
+    )
 
 
 @LLAMAGEN_METHODS.register("eagle", options={"tree": None}, requires=("eagle_head",))
-def _eagle(pipe: "LlamaGenPipeline", options: dict) -> EagleDrafter:
+def _eagle(pipe: LlamaGenPipeline, options: dict) -> EagleDrafter:
     """EAGLE feature-level drafting: a chain, or an EAGLE-2 dynamic tree (``tree``: a TreeConfig)."""
     if pipe.eagle_head is None:
-        raise ValueError("speculative='eagle' needs an EAGLE head: pipe.load_eagle_head(path) "
-                         "(train one with `mmspec train-drafter --target-kind llamagen`)")
+        raise ValueError(
+            "speculative='eagle' needs an EAGLE head: pipe.load_eagle_head(path) "
+            "(train one with `mmspec train-drafter --target-kind llamagen`)"
+        )
     return EagleDrafter(pipe.eagle_head, tree=options["tree"])
 
 
-@LLAMAGEN_METHODS.register("mulo", loop="masked", default_rule="mulo", lossless=False,
-                           options={"upsampler": "decode-resize-encode", "max_rounds": 4},
-                           requires=("low_res_drafter",))
-def _mulo(pipe: "LlamaGenPipeline", options: dict) -> Any:
+@LLAMAGEN_METHODS.register(
+    "mulo",
+    loop="masked",
+    default_rule="mulo",
+    lossless=False,
+    options={"upsampler": "decode-resize-encode", "max_rounds": 4},
+    requires=("low_res_drafter",),
+)
+def _mulo(pipe: LlamaGenPipeline, options: dict) -> Any:
     """MuLo-SD: a low-resolution GPT drafts the whole grid, up-sampled; local repair of rejections."""
     if not isinstance(pipe.low_res_drafter, LlamaGenGPT):
-        raise ValueError("speculative='mulo' needs the pipeline's `low_res_drafter` component: a LlamaGenGPT over a "
-                         "smaller grid with the target's codebook (train one with "
-                         "`mmspec train-reference --stage low-res-draft`)")
+        raise ValueError(
+            "speculative='mulo' needs the pipeline's `low_res_drafter` component: a LlamaGenGPT over a "
+            "smaller grid with the target's codebook (train one with "
+            "`mmspec train-reference --stage low-res-draft`)"
+        )
     max_rounds = options["max_rounds"]
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
@@ -126,9 +140,15 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
     # hooks would never bring it to the GPU: it stays on the execution device (it is small).
     _exclude_from_cpu_offload: ClassVar[list[str]] = ["eagle"]
 
-    def __init__(self, target: LlamaGenGPT, vq: LlamaGenVQ, drafter: Any = None,
-                 low_res_drafter: LlamaGenGPT | None = None, upsampler: LlamaGenTokenUpsampler | None = None,
-                 eagle: LlamaGenEagleHead | None = None) -> None:
+    def __init__(
+        self,
+        target: LlamaGenGPT,
+        vq: LlamaGenVQ,
+        drafter: Any = None,
+        low_res_drafter: LlamaGenGPT | None = None,
+        upsampler: LlamaGenTokenUpsampler | None = None,
+        eagle: LlamaGenEagleHead | None = None,
+    ) -> None:
         super().__init__()
         if target.config.vocab_size != vq.config.codebook_size:
             raise ValueError(
@@ -136,7 +156,10 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 f"({vq.config.codebook_size}): use the tokenizer the GPT was trained with"
             )
         for name, model in (("drafter", drafter), ("low_res_drafter", low_res_drafter), ("upsampler", upsampler)):
-            if model is not None and getattr(model.config, "vocab_size", target.config.vocab_size) != target.config.vocab_size:
+            if (
+                model is not None
+                and getattr(model.config, "vocab_size", target.config.vocab_size) != target.config.vocab_size
+            ):
                 raise ValueError(
                     f"{name} vocabulary ({model.config.vocab_size}) does not match the target's "
                     f"({target.config.vocab_size}): a drafter must use the target's VQ codebook"
@@ -157,8 +180,9 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 )
         if eagle is not None:
             eagle.bind(target)
-        self.register_modules(target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter,
-                              upsampler=upsampler, eagle=eagle)
+        self.register_modules(
+            target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter, upsampler=upsampler, eagle=eagle
+        )
         self.text_encoder = None  # a T5PromptEncoder, set by load_text_encoder() (t2i prompt=)
         self._rule_memo: dict = {}  # tables rules build from this pipeline's models (LANTERN neighbours per k)
         self._window_memo: dict = {}  # what adaptive draft windows learned (per method, options, batch size)
@@ -171,7 +195,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         eagle = getattr(self, "eagle", None)
         return None if eagle is None else eagle.head
 
-    def load_eagle_head(self, path: str | os.PathLike) -> "LlamaGenPipeline":
+    def load_eagle_head(self, path: str | os.PathLike) -> LlamaGenPipeline:
         """Register the EAGLE head saved in ``path`` (``mmspec train-drafter``, or a pipeline's ``eagle``
         subfolder) as the ``eagle`` component, on the target's device and dtype. Returns the pipeline.
 
@@ -183,7 +207,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         self.register_modules(eagle=eagle.to(device=self.target.device, dtype=self.target.dtype))
         return self
 
-    def load_text_encoder(self, path: str, max_length: int | None = None) -> "LlamaGenPipeline":
+    def load_text_encoder(self, path: str, max_length: int | None = None) -> LlamaGenPipeline:
         """Attach the FLAN-T5 encoder of a t2i model from a local folder (model + tokenizer, e.g.
         ``google/flan-t5-xl`` saved with ``save_pretrained``), so that ``prompt=`` works. Returns the pipeline."""
         from .text_encoder import T5PromptEncoder
@@ -191,7 +215,8 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         if self.target.config.model_type != "t2i":
             raise ValueError("a text encoder serves text-conditional (t2i) models; this one is class-conditional")
         self.text_encoder = T5PromptEncoder.from_pretrained(
-            path, max_length=max_length or self.target.config.cls_token_num, device=self.target.device)
+            path, max_length=max_length or self.target.config.cls_token_num, device=self.target.device
+        )
         return self
 
     #: The speculative methods this pipeline runs (``speculative=`` names).
@@ -212,7 +237,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             "memo": self._rule_memo,
         }
 
-    def enable_compile(self, mode: str | None = None) -> "LlamaGenPipeline":
+    def enable_compile(self, mode: str | None = None) -> LlamaGenPipeline:
         """Decode and verify through ``torch.compile`` (CUDA graphs on CUDA): the fast baseline of
         LlamaGen's ``sample_c2i.py --compile``, and the same speed-up for every speculative mode."""
         self._compiled = CompiledTarget(self.target, mode=mode)
@@ -230,7 +255,9 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         return cache
 
     @classmethod
-    def from_official(cls, gpt: str, vq: str, gpt_config: str | dict, vq_config: str | dict, **kwargs) -> "LlamaGenPipeline":
+    def from_official(
+        cls, gpt: str, vq: str, gpt_config: str | dict, vq_config: str | dict, **kwargs
+    ) -> LlamaGenPipeline:
         """Build from official LlamaGen ``.pt`` checkpoints (see :func:`load_official_gpt`).
 
         ``gpt_config`` / ``vq_config``: a preset name (``"GPT-XL"``, ``"VQ-16"``) or a dict of the
@@ -283,7 +310,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         speculative_options: dict | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[["LlamaGenPipeline", int, None, dict], dict] | None = None,
+        callback_on_step_end: Callable[[LlamaGenPipeline, int, None, dict], dict] | None = None,
         prompt: str | list[str] | None = None,
     ):
         """Generate images.
@@ -315,22 +342,41 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         """
         if prompt is not None:
             if prompt_embeds is not None or self.text_encoder is None:
-                raise ValueError("prompt= needs a text encoder (pipe.load_text_encoder(t5_folder)) and no prompt_embeds")
+                raise ValueError(
+                    "prompt= needs a text encoder (pipe.load_text_encoder(t5_folder)) and no prompt_embeds"
+                )
             prompt_embeds, prompt_attention_mask = self.text_encoder(prompt)
-        check_llamagen_call(self, class_labels, speculative=speculative,
-                            num_draft_tokens=num_draft_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            guidance_scale=guidance_scale)
+        check_llamagen_call(
+            self,
+            class_labels,
+            speculative=speculative,
+            num_draft_tokens=num_draft_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            guidance_scale=guidance_scale,
+        )
         condition = self._condition(class_labels, prompt_embeds, prompt_attention_mask)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
         drafter, acceptance = spec.drafter, spec.rule
         if spec.method is not None and spec.method.loop == "masked":
-            return self._masked(condition, sampling, drafter, acceptance, spec.options, generator, output_type,
-                                return_dict, callback_on_step_end)
+            return self._masked(
+                condition,
+                sampling,
+                drafter,
+                acceptance,
+                spec.options,
+                generator,
+                output_type,
+                return_dict,
+                callback_on_step_end,
+            )
         num_tokens = self.target.config.block_size
         window = 1 if drafter is None else drafter.verify_width(num_draft_tokens)  # tokens per verify forward
         cache = self._cache(
-            condition.batch_size, required_cache_len(self.target.config.cls_token_num, num_tokens, window),
+            condition.batch_size,
+            required_cache_len(self.target.config.cls_token_num, num_tokens, window),
             sampling.uses_cfg,
         )
         progress = self.progress_bar(total=num_tokens)
@@ -347,8 +393,16 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 callback_on_step_end(self, step, None, {"num_generated": num_generated, "tokens": tokens})
 
         out = speculative_generate(
-            self._compiled or self.target, condition, cache, max_new_tokens=num_tokens, drafter=drafter, acceptance=acceptance,
-            num_draft_tokens=num_draft_tokens, sampling=sampling, generator=generator, callback=on_step,
+            self._compiled or self.target,
+            condition,
+            cache,
+            max_new_tokens=num_tokens,
+            drafter=drafter,
+            acceptance=acceptance,
+            num_draft_tokens=num_draft_tokens,
+            sampling=sampling,
+            generator=generator,
+            callback=on_step,
         )
         progress.update(num_tokens - done[0])
         progress.close()
@@ -359,7 +413,9 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             return images, tokens, out.stats
         return LlamaGenPipelineOutput(images=images, tokens=tokens, stats=out.stats)
 
-    def _masked(self, condition, sampling, drafter, rule, options, generator, output_type, return_dict, callback_on_step_end):
+    def _masked(
+        self, condition, sampling, drafter, rule, options, generator, output_type, return_dict, callback_on_step_end
+    ):
         """A masked-loop method (MuLo-SD): the whole grid drafted, verified and repaired locally."""
         grid = GridTarget(self.target, sampling, condition.batch_size)
         progress = self.progress_bar(total=options["max_rounds"])
@@ -370,8 +426,15 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 num_generated = torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
                 callback_on_step_end(self, steps, None, {"num_generated": num_generated, "tokens": tokens})
 
-        out = masked_generate(grid, drafter, condition, acceptance=rule, max_rounds=options["max_rounds"],
-                              generator=generator, callback=on_round)
+        out = masked_generate(
+            grid,
+            drafter,
+            condition,
+            acceptance=rule,
+            max_rounds=options["max_rounds"],
+            generator=generator,
+            callback=on_round,
+        )
         progress.update(options["max_rounds"] - progress.n)
         progress.close()
         tokens = out.elements.view(-1, self.target.grid_size, self.target.grid_size)

@@ -27,8 +27,13 @@ class T5PromptEncoder:
         self.max_length = max_length
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, max_length: int = 120, device: torch.device | str = "cpu",
-                        torch_dtype: torch.dtype | None = None) -> T5PromptEncoder:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        max_length: int = 120,
+        device: torch.device | str = "cpu",
+        torch_dtype: torch.dtype | None = None,
+    ) -> T5PromptEncoder:
         """Load the encoder and tokenizer from a local folder (no hub access is attempted)."""
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -38,8 +43,14 @@ class T5PromptEncoder:
     @torch.no_grad()
     def __call__(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        enc = self.tokenizer(prompts, max_length=self.max_length, padding="max_length", truncation=True,
-                             add_special_tokens=True, return_tensors="pt")
+        enc = self.tokenizer(
+            prompts,
+            max_length=self.max_length,
+            padding="max_length",
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
         device = next(self.encoder.parameters()).device
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         if self.tokenizer.padding_side != "right" and not bool(mask[:, 0].all()):

@@ -40,8 +40,15 @@ class MARVerifyTarget:
     of one generation (``plan`` with its noises drawn). ``steps`` counts target forwards, the
     ``prefill_steps`` AR steps of :meth:`prefill` included."""
 
-    def __init__(self, model: MARModel, plan: MARPlan, labels: torch.Tensor | None, cfg: bool, temperature: float,
-                 prefill_steps: int = 0) -> None:
+    def __init__(
+        self,
+        model: MARModel,
+        plan: MARPlan,
+        labels: torch.Tensor | None,
+        cfg: bool,
+        temperature: float,
+        prefill_steps: int = 0,
+    ) -> None:
         if not 0 <= prefill_steps <= plan.num_iter:
             raise ValueError(f"prefill_steps must be in [0, num_iter = {plan.num_iter}], got {prefill_steps}")
         self.model, self.plan, self.labels, self.cfg, self.temperature = model, plan, labels, cfg, temperature
@@ -61,8 +68,19 @@ class MARVerifyTarget:
         init, steps = self.plan.noise_at(positions)
         scale = self.plan.cfg_of.gather(1, positions).reshape(-1, 1)
         self.steps += 1
-        return predict_tokens(self.model, self._tokens, unknown, self.labels, self.cfg, positions, scale,
-                              self.temperature, init, steps, sample_last_step=True)
+        return predict_tokens(
+            self.model,
+            self._tokens,
+            unknown,
+            self.labels,
+            self.cfg,
+            positions,
+            scale,
+            self.temperature,
+            init,
+            steps,
+            sample_last_step=True,
+        )
 
     def prefill(self, condition: Any) -> None:
         """The first ``prefill_steps`` AR steps, by the target itself."""
@@ -92,7 +110,9 @@ class MARVerifyTarget:
         shape = (*positions.shape, -1)
         return DiagonalGaussian(out.mean.view(shape), out.std.view(shape))
 
-    def regenerate(self, positions: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None) -> Regeneration:
+    def regenerate(
+        self, positions: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
+    ) -> Regeneration:
         """Draw the masked tokens from the target (one forward from the same context as
         :meth:`verify`, the same filed noises). ``"gaussian-exact"`` never hands tokens back; a
         rule that does gets them here."""
@@ -111,7 +131,9 @@ class MARDrafter:
 
     def __init__(self, model: MARModel, gamma: int) -> None:
         if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-            raise ValueError(f"num_draft_tokens (CSpD's gamma: AR steps per draft) must be an integer >= 1, got {gamma!r}")
+            raise ValueError(
+                f"num_draft_tokens (CSpD's gamma: AR steps per draft) must be an integer >= 1, got {gamma!r}"
+            )
         self.model, self.gamma = model, gamma
         self.forwards = 0
         self.next_step: int | None = None
@@ -128,8 +150,19 @@ class MARDrafter:
             pos = plan.positions[k]  # [B, n_k]
             init, steps = plan.noise_at(pos)
             scale = plan.cfg_of.gather(1, pos).reshape(-1, 1)
-            out = predict_tokens(self.model, tokens, unknown, target.labels, target.cfg, pos, scale, target.temperature,
-                                 init, steps, sample_last_step=True)
+            out = predict_tokens(
+                self.model,
+                tokens,
+                unknown,
+                target.labels,
+                target.cfg,
+                pos,
+                scale,
+                target.temperature,
+                init,
+                steps,
+                sample_last_step=True,
+            )
             self.forwards += 1
             shape = (*pos.shape, -1)
             tokens.scatter_(1, pos[..., None].expand(*pos.shape, tokens.shape[-1]), out.tokens.view(shape))
@@ -139,5 +172,8 @@ class MARDrafter:
             means.append(out.mean.view(shape))
             stds.append(out.std.view(shape))
         self.next_step = last
-        return Draft(tokens=torch.cat(drafts, 1), positions=torch.cat(positions, 1),
-                     proposal=DiagonalGaussian(torch.cat(means, 1), torch.cat(stds, 1)))
+        return Draft(
+            tokens=torch.cat(drafts, 1),
+            positions=torch.cat(positions, 1),
+            proposal=DiagonalGaussian(torch.cat(means, 1), torch.cat(stds, 1)),
+        )

@@ -130,7 +130,9 @@ class FinalLayer(nn.Module):
 class SimpleMLPAdaLN(nn.Module):
     """The denoising MLP ``(x_t [N, C], t [N], z [N, Z]) -> [N, 2C]`` = ``[eps | v]`` (MAR §3.2)."""
 
-    def __init__(self, in_channels: int, model_channels: int, out_channels: int, z_channels: int, num_res_blocks: int) -> None:
+    def __init__(
+        self, in_channels: int, model_channels: int, out_channels: int, z_channels: int, num_res_blocks: int
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.time_embed = TimestepEmbedder(model_channels)
@@ -151,7 +153,7 @@ class SimpleMLPAdaLN(nn.Module):
         under both conditions; eps is guided and duplicated, the variance channels are not."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, c)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
+        eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
@@ -176,8 +178,13 @@ def cosine_betas(num_timesteps: int = 1000, max_beta: float = 0.999) -> np.ndarr
     def alpha_bar(s: float) -> float:
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    return np.array([min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
-                     for i in range(num_timesteps)], dtype=np.float64)
+    return np.array(
+        [
+            min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+            for i in range(num_timesteps)
+        ],
+        dtype=np.float64,
+    )
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[int]:
@@ -185,7 +192,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
     comma-separated section counts (each section evenly spaced with Python rounding)."""
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = int(section_counts[len("ddim") :])
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))
@@ -232,14 +239,24 @@ class GaussianDiffusionSchedule:
         self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_log_variance_clipped = (
             np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
-            if self.num_steps > 1 else np.array([], dtype=np.float64))
+            if self.num_steps > 1
+            else np.array([], dtype=np.float64)
+        )
         self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         self.log_betas = np.log(self.betas)
         # float32 per-step coefficients (what `_extract_into_tensor` yields), [S] each
-        self._f32 = {name: torch.from_numpy(getattr(self, name)).float() for name in (
-            "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-            "posterior_mean_coef2", "posterior_log_variance_clipped", "log_betas")}
+        self._f32 = {
+            name: torch.from_numpy(getattr(self, name)).float()
+            for name in (
+                "sqrt_recip_alphas_cumprod",
+                "sqrt_recipm1_alphas_cumprod",
+                "posterior_mean_coef1",
+                "posterior_mean_coef2",
+                "posterior_log_variance_clipped",
+                "log_betas",
+            )
+        }
 
     def coef(self, name: str, t: int) -> float:
         """float32 value of schedule array ``name`` at respaced step ``t`` (a Python float holding
@@ -257,7 +274,12 @@ class GaussianDiffusionSchedule:
         log_variance = frac * max_log + (1 - frac) * min_log
         pred_xstart = self.coef("sqrt_recip_alphas_cumprod", t) * x - self.coef("sqrt_recipm1_alphas_cumprod", t) * eps
         mean = self.coef("posterior_mean_coef1", t) * pred_xstart + self.coef("posterior_mean_coef2", t) * x
-        return {"mean": mean, "log_variance": log_variance, "variance": torch.exp(log_variance), "pred_xstart": pred_xstart}
+        return {
+            "mean": mean,
+            "log_variance": log_variance,
+            "variance": torch.exp(log_variance),
+            "pred_xstart": pred_xstart,
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,17 +309,33 @@ class MARModel(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, img_size: int = 256, vae_stride: int = 16, patch_size: int = 1, encoder_embed_dim: int = 1024,
-                 encoder_depth: int = 16, encoder_num_heads: int = 16, decoder_embed_dim: int = 1024,
-                 decoder_depth: int = 16, decoder_num_heads: int = 16, mlp_ratio: float = 4.0, vae_embed_dim: int = 16,
-                 class_num: int = 1000, buffer_size: int = 64, diffloss_d: int = 3, diffloss_w: int = 1024,
-                 num_sampling_steps: str = "100") -> None:
+    def __init__(
+        self,
+        img_size: int = 256,
+        vae_stride: int = 16,
+        patch_size: int = 1,
+        encoder_embed_dim: int = 1024,
+        encoder_depth: int = 16,
+        encoder_num_heads: int = 16,
+        decoder_embed_dim: int = 1024,
+        decoder_depth: int = 16,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        vae_embed_dim: int = 16,
+        class_num: int = 1000,
+        buffer_size: int = 64,
+        diffloss_d: int = 3,
+        diffloss_w: int = 1024,
+        num_sampling_steps: str = "100",
+    ) -> None:
         super().__init__()
         if img_size % (vae_stride * patch_size):
-            raise ValueError(f"img_size {img_size} is not a multiple of vae_stride * patch_size = {vae_stride * patch_size}")
+            raise ValueError(
+                f"img_size {img_size} is not a multiple of vae_stride * patch_size = {vae_stride * patch_size}"
+            )
         self.seq_h = self.seq_w = img_size // vae_stride // patch_size
         self.seq_len = self.seq_h * self.seq_w
-        self.token_embed_dim = vae_embed_dim * patch_size ** 2
+        self.token_embed_dim = vae_embed_dim * patch_size**2
         self.buffer_size = buffer_size
         self.class_emb = nn.Embedding(class_num, encoder_embed_dim)
         self.fake_latent = nn.Parameter(torch.zeros(1, encoder_embed_dim))
@@ -305,13 +343,15 @@ class MARModel(ModelMixin, ConfigMixin):
         self.z_proj_ln = nn.LayerNorm(encoder_embed_dim, eps=1e-6)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, encoder_embed_dim))
         self.encoder_blocks = nn.ModuleList(
-            [Block(encoder_embed_dim, encoder_num_heads, mlp_ratio) for _ in range(encoder_depth)])
+            [Block(encoder_embed_dim, encoder_num_heads, mlp_ratio) for _ in range(encoder_depth)]
+        )
         self.encoder_norm = nn.LayerNorm(encoder_embed_dim, eps=1e-6)
         self.decoder_embed = nn.Linear(encoder_embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, decoder_embed_dim))
         self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)])
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)]
+        )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
         self.diffloss = DiffLoss(self.token_embed_dim, decoder_embed_dim, diffloss_d, diffloss_w)
@@ -370,11 +410,12 @@ class MARModel(ModelMixin, ConfigMixin):
         x = full + self.decoder_pos_embed_learned
         for block in self.decoder_blocks:
             x = block(x)
-        x = self.decoder_norm(x)[:, self.buffer_size:]
+        x = self.decoder_norm(x)[:, self.buffer_size :]
         return x + self.diffusion_pos_embed_learned
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None,
-                cfg: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None, cfg: bool = False
+    ) -> torch.Tensor:
         """One MAE pass: ``z [B, L, dec_dim]``, or ``[2B, L, dec_dim]`` = ``[cond ; null]`` with ``cfg``
         (the batch the official ``sample_tokens`` runs under guidance)."""
         b = tokens.shape[0]
@@ -386,9 +427,16 @@ class MARModel(ModelMixin, ConfigMixin):
         return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, emb), mask)
 
     # ---------------------------------------------------------------- the diffusion head
-    def sample_head(self, z: torch.Tensor, z_null: torch.Tensor | None, cfg_scale: torch.Tensor | float,
-                    temperature: float, noise_init: torch.Tensor, noise_steps: torch.Tensor,
-                    sample_last_step: bool = False) -> TokenGaussian:
+    def sample_head(
+        self,
+        z: torch.Tensor,
+        z_null: torch.Tensor | None,
+        cfg_scale: torch.Tensor | float,
+        temperature: float,
+        noise_init: torch.Tensor,
+        noise_steps: torch.Tensor,
+        sample_last_step: bool = False,
+    ) -> TokenGaussian:
         """Sample ``N`` tokens with the diffusion head (official ``DiffLoss.sample`` for the
         conditional rows) from given noises.
 
@@ -424,10 +472,15 @@ class MARModel(ModelMixin, ConfigMixin):
                 model_out = torch.cat([eps, raw[:n, channels:]], dim=1)  # the conditional rows' v
             out = sched.p_mean_variance(model_out, x, t)
             if t > 0:
-                x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise_steps[sched.num_steps - 1 - t] * temperature
+                x = (
+                    out["mean"]
+                    + torch.exp(0.5 * out["log_variance"]) * noise_steps[sched.num_steps - 1 - t] * temperature
+                )
         std = torch.exp(0.5 * out["log_variance"]) * temperature
         mean = out["mean"]
-        tokens = mean + torch.exp(0.5 * out["log_variance"]) * noise_steps[-1] * temperature if sample_last_step else mean
+        tokens = (
+            mean + torch.exp(0.5 * out["log_variance"]) * noise_steps[-1] * temperature if sample_last_step else mean
+        )
         return TokenGaussian(tokens=tokens, mean=mean, std=std)
 
 

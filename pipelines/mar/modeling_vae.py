@@ -112,12 +112,19 @@ class _Mid(nn.Module):
 def _attn_levels(num_levels: int, resolution: int, attn_resolutions: tuple[int, ...]) -> list[bool]:
     """Which levels carry attention: the running resolution (``resolution`` halved per level, as
     the official constructor counts it; independent of the input size) is in ``attn_resolutions``."""
-    return [resolution // 2 ** i in attn_resolutions for i in range(num_levels)]
+    return [resolution // 2**i in attn_resolutions for i in range(num_levels)]
 
 
 class Encoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn: list[bool], z_channels: int,
-                 in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        attn: list[bool],
+        z_channels: int,
+        in_channels: int = 3,
+    ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         in_mult = (1,) + tuple(ch_mult)
@@ -148,7 +155,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, out_ch: int = 3) -> None:
+    def __init__(
+        self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, out_ch: int = 3
+    ) -> None:
         super().__init__()
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
@@ -185,9 +194,16 @@ class MARAutoencoderKL(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, embed_dim: int = 16, ch: int = 128, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
-                 num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), resolution: int = 256,
-                 use_variational: bool = True) -> None:
+    def __init__(
+        self,
+        embed_dim: int = 16,
+        ch: int = 128,
+        ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (16,),
+        resolution: int = 256,
+        use_variational: bool = True,
+    ) -> None:
         super().__init__()
         ch_mult = tuple(ch_mult)
         attn = _attn_levels(len(ch_mult), resolution, tuple(attn_resolutions))

@@ -34,21 +34,65 @@ from .modeling_vae import MARAutoencoderKL
 
 #: ``models/mar.py::mar_base/large/huge`` widths, depths and heads; ``main_mar.py`` defaults;
 #: the released checkpoints' diffusion heads (MAR paper Table 2 / README: 6x1024, 8x1280, 12x1536).
-_MAR_COMMON = {"img_size": 256, "vae_stride": 16, "patch_size": 1, "mlp_ratio": 4.0, "vae_embed_dim": 16,
-               "class_num": 1000, "buffer_size": 64, "num_sampling_steps": "100"}
+_MAR_COMMON = {
+    "img_size": 256,
+    "vae_stride": 16,
+    "patch_size": 1,
+    "mlp_ratio": 4.0,
+    "vae_embed_dim": 16,
+    "class_num": 1000,
+    "buffer_size": 64,
+    "num_sampling_steps": "100",
+}
 MAR_PRESETS: dict[str, dict[str, Any]] = {
-    "MAR-B": {**_MAR_COMMON, "encoder_embed_dim": 768, "encoder_depth": 12, "encoder_num_heads": 12,
-              "decoder_embed_dim": 768, "decoder_depth": 12, "decoder_num_heads": 12, "diffloss_d": 6, "diffloss_w": 1024},
-    "MAR-L": {**_MAR_COMMON, "encoder_embed_dim": 1024, "encoder_depth": 16, "encoder_num_heads": 16,
-              "decoder_embed_dim": 1024, "decoder_depth": 16, "decoder_num_heads": 16, "diffloss_d": 8, "diffloss_w": 1280},
-    "MAR-H": {**_MAR_COMMON, "encoder_embed_dim": 1280, "encoder_depth": 20, "encoder_num_heads": 16,
-              "decoder_embed_dim": 1280, "decoder_depth": 20, "decoder_num_heads": 16, "diffloss_d": 12, "diffloss_w": 1536},
+    "MAR-B": {
+        **_MAR_COMMON,
+        "encoder_embed_dim": 768,
+        "encoder_depth": 12,
+        "encoder_num_heads": 12,
+        "decoder_embed_dim": 768,
+        "decoder_depth": 12,
+        "decoder_num_heads": 12,
+        "diffloss_d": 6,
+        "diffloss_w": 1024,
+    },
+    "MAR-L": {
+        **_MAR_COMMON,
+        "encoder_embed_dim": 1024,
+        "encoder_depth": 16,
+        "encoder_num_heads": 16,
+        "decoder_embed_dim": 1024,
+        "decoder_depth": 16,
+        "decoder_num_heads": 16,
+        "diffloss_d": 8,
+        "diffloss_w": 1280,
+    },
+    "MAR-H": {
+        **_MAR_COMMON,
+        "encoder_embed_dim": 1280,
+        "encoder_depth": 20,
+        "encoder_num_heads": 16,
+        "decoder_embed_dim": 1280,
+        "decoder_depth": 20,
+        "decoder_num_heads": 16,
+        "diffloss_d": 12,
+        "diffloss_w": 1536,
+    },
 }
 #: official factory names (``args.model`` of a trainer checkpoint) -> preset
 OFFICIAL_MODEL_NAMES = {"mar_base": "MAR-B", "mar_large": "MAR-L", "mar_huge": "MAR-H"}
 #: ``MAR(...)`` arguments (and ``main_mar.py`` args) that only matter for training or are fixed here
-MAR_IGNORED_ARGS = frozenset({"mask_ratio_min", "label_drop_prob", "attn_dropout", "proj_dropout", "diffusion_batch_mul",
-                              "grad_checkpointing", "norm_layer"})
+MAR_IGNORED_ARGS = frozenset(
+    {
+        "mask_ratio_min",
+        "label_drop_prob",
+        "attn_dropout",
+        "proj_dropout",
+        "diffusion_batch_mul",
+        "grad_checkpointing",
+        "norm_layer",
+    }
+)
 #: the released KL-16 (``AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4))``, ch 128)
 VAE_PRESETS: dict[str, dict[str, Any]] = {"KL-16": {"embed_dim": 16, "ch": 128, "ch_mult": (1, 1, 2, 2, 4)}}
 _MAX_LISTED = 6
@@ -61,21 +105,27 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - re-raised with the path and what is accepted
-            raise ValueError(f"cannot read {path} as a MAR checkpoint with weights_only=True (only tensors, containers "
-                             f"and argparse.Namespace are allowed): {err}") from err
+            raise ValueError(
+                f"cannot read {path} as a MAR checkpoint with weights_only=True (only tensors, containers "
+                f"and argparse.Namespace are allowed): {err}"
+            ) from err
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     return dict(obj)
 
 
-def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True, path: str = "checkpoint") -> dict[str, torch.Tensor]:
+def select_state_dict(
+    checkpoint: Mapping[str, Any], use_ema: bool = True, path: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """The model weights of an official checkpoint: ``model_ema`` (default) or ``model``; a bare state
     dict as it is."""
     if "model" in checkpoint or "model_ema" in checkpoint:
         key = "model_ema" if use_ema else "model"
         if key not in checkpoint:
-            raise ValueError(f"{path} has no {key!r} entry (keys: {sorted(checkpoint)}); "
-                             f"pass use_ema={not use_ema} to load {'model' if use_ema else 'model_ema'}")
+            raise ValueError(
+                f"{path} has no {key!r} entry (keys: {sorted(checkpoint)}); "
+                f"pass use_ema={not use_ema} to load {'model' if use_ema else 'model_ema'}"
+            )
         state = checkpoint[key]
     else:
         state = checkpoint
@@ -90,16 +140,27 @@ def resolve_mar_config(config: str | Mapping[str, Any] | None, args: Any = None,
     None) a trainer checkpoint's ``args`` whose ``model`` names an official factory."""
     if config is None:
         if args is None:
-            raise ValueError("pass mar_config: a preset (" + ", ".join(MAR_PRESETS) + ") or a dict of the official "
-                             "MAR(...) arguments (the checkpoint has no `args` to read it from)")
+            raise ValueError(
+                "pass mar_config: a preset (" + ", ".join(MAR_PRESETS) + ") or a dict of the official "
+                "MAR(...) arguments (the checkpoint has no `args` to read it from)"
+            )
         name = getattr(args, "model", None)
         if name not in OFFICIAL_MODEL_NAMES:
-            raise ValueError(f"the checkpoint's args.model is {name!r}, not an official factory "
-                             f"({', '.join(OFFICIAL_MODEL_NAMES)}): pass mar_config (a preset or a dict)")
+            raise ValueError(
+                f"the checkpoint's args.model is {name!r}, not an official factory "
+                f"({', '.join(OFFICIAL_MODEL_NAMES)}): pass mar_config (a preset or a dict)"
+            )
         fields = dict(MAR_PRESETS[OFFICIAL_MODEL_NAMES[name]])
         for key in fields:
-            if key not in ("encoder_embed_dim", "encoder_depth", "encoder_num_heads", "decoder_embed_dim",
-                           "decoder_depth", "decoder_num_heads", "mlp_ratio") and hasattr(args, key):
+            if key not in (
+                "encoder_embed_dim",
+                "encoder_depth",
+                "encoder_num_heads",
+                "decoder_embed_dim",
+                "decoder_depth",
+                "decoder_num_heads",
+                "mlp_ratio",
+            ) and hasattr(args, key):
                 fields[key] = getattr(args, key)
     elif isinstance(config, str):
         if config not in MAR_PRESETS:
@@ -113,8 +174,10 @@ def resolve_mar_config(config: str | Mapping[str, Any] | None, args: Any = None,
     known = list(inspect.signature(MARModel.__init__).parameters)[1:]
     unknown = sorted(set(fields) - set(known))
     if unknown:
-        raise ValueError(f"unknown MAR config field(s) {unknown}; known: {known} "
-                         f"(training-only, ignored: {sorted(MAR_IGNORED_ARGS)})")
+        raise ValueError(
+            f"unknown MAR config field(s) {unknown}; known: {known} "
+            f"(training-only, ignored: {sorted(MAR_IGNORED_ARGS)})"
+        )
     fields["num_sampling_steps"] = str(fields["num_sampling_steps"])
     return fields
 
@@ -132,13 +195,20 @@ def infer_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     ch_mult = tuple(state_dict[f"encoder.down.{i}.block.{blocks[-1]}.conv2.weight"].shape[0] // ch for i in levels)
     attn = [i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in state_dict]
     resolution = 256  # the official constructor's; attention levels are set relative to it
-    return {"embed_dim": embed_dim, "ch": ch, "ch_mult": ch_mult, "num_res_blocks": len(blocks),
-            "attn_resolutions": tuple(resolution // 2 ** i for i in attn), "resolution": resolution,
-            "use_variational": state_dict["quant_conv.weight"].shape[0] == 2 * embed_dim}
+    return {
+        "embed_dim": embed_dim,
+        "ch": ch,
+        "ch_mult": ch_mult,
+        "num_res_blocks": len(blocks),
+        "attn_resolutions": tuple(resolution // 2**i for i in attn),
+        "resolution": resolution,
+        "use_variational": state_dict["quant_conv.weight"].shape[0] == 2 * embed_dim,
+    }
 
 
-def load_official_mar(path: str | os.PathLike, config: str | Mapping[str, Any] | None = None, use_ema: bool = True,
-                      **overrides: Any) -> MARModel:
+def load_official_mar(
+    path: str | os.PathLike, config: str | Mapping[str, Any] | None = None, use_ema: bool = True, **overrides: Any
+) -> MARModel:
     """A :class:`MARModel` from an official checkpoint (EMA weights by default), loaded strictly."""
     checkpoint = read_official_checkpoint(path)
     state = select_state_dict(checkpoint, use_ema, str(path))
@@ -157,7 +227,9 @@ def load_official_vae(path: str | os.PathLike, config: str | Mapping[str, Any] |
         fields = infer_vae_config(state)
     elif isinstance(config, str):
         if config not in VAE_PRESETS:
-            raise ValueError(f"unknown VAE preset {config!r}; presets: {', '.join(VAE_PRESETS)} (or pass a dict / None)")
+            raise ValueError(
+                f"unknown VAE preset {config!r}; presets: {', '.join(VAE_PRESETS)} (or pass a dict / None)"
+            )
         fields = dict(VAE_PRESETS[config])
     else:
         fields = dict(config)
@@ -170,8 +242,11 @@ def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in state and state[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:

@@ -49,13 +49,20 @@ class MARPipelineOutput(BaseOutput):
 MAR_METHODS = MethodRegistry("MARPipeline")
 
 
-@MAR_METHODS.register("cspd", loop="masked", default_rule="gaussian-exact", requires=("drafter",),
-                      options={"prefill_steps": None, "prefill_fraction": 0.1})
+@MAR_METHODS.register(
+    "cspd",
+    loop="masked",
+    default_rule="gaussian-exact",
+    requires=("drafter",),
+    options={"prefill_steps": None, "prefill_fraction": 0.1},
+)
 def _cspd(pipe: MARPipeline, options: dict) -> Any:
     """CSpD: a draft MAR proposes the next gamma steps' tokens with their Gaussians; exact density-ratio test."""
     if not isinstance(pipe.drafter, MARModel):
-        raise ValueError("speculative='cspd' needs a draft MARModel as the pipeline's `drafter` component "
-                         "(any size, same VAE latents as the target)")
+        raise ValueError(
+            "speculative='cspd' needs a draft MARModel as the pipeline's `drafter` component "
+            "(any size, same VAE latents as the target)"
+        )
     check_pair(pipe.target, pipe.drafter)
     fraction = options["prefill_fraction"]
     if not 0 <= fraction <= 1:
@@ -71,8 +78,10 @@ def check_pair(target: MARModel, drafter: MARModel) -> None:
     for field in ("img_size", "vae_stride", "patch_size", "vae_embed_dim", "class_num"):
         a, b = target.config[field], drafter.config[field]
         if a != b:
-            raise ValueError(f"the draft MAR's {field} is {b}, the target's {a}: a CSpD draft must share the "
-                             "target's VAE, token grid and classes")
+            raise ValueError(
+                f"the draft MAR's {field} is {b}, the target's {a}: a CSpD draft must share the "
+                "target's VAE, token grid and classes"
+            )
 
 
 class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
@@ -87,19 +96,30 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
     def __init__(self, target: MARModel, vae: MARAutoencoderKL, drafter: MARModel | None = None) -> None:
         super().__init__()
         if target.config.vae_embed_dim != vae.config.embed_dim:
-            raise ValueError(f"the MAR's vae_embed_dim ({target.config.vae_embed_dim}) does not match the VAE's "
-                             f"embed_dim ({vae.config.embed_dim}): use the VAE the MAR was trained with")
+            raise ValueError(
+                f"the MAR's vae_embed_dim ({target.config.vae_embed_dim}) does not match the VAE's "
+                f"embed_dim ({vae.config.embed_dim}): use the VAE the MAR was trained with"
+            )
         if target.config.vae_stride != vae.downsample_factor:
-            raise ValueError(f"the MAR's vae_stride ({target.config.vae_stride}) does not match the VAE's down-sampling "
-                             f"factor ({vae.downsample_factor}): use the VAE the MAR was trained with")
+            raise ValueError(
+                f"the MAR's vae_stride ({target.config.vae_stride}) does not match the VAE's down-sampling "
+                f"factor ({vae.downsample_factor}): use the VAE the MAR was trained with"
+            )
         if drafter is not None:
             check_pair(target, drafter)
         self.register_modules(target=target, vae=vae, drafter=drafter)
 
     @classmethod
-    def from_official(cls, mar: str, vae: str, mar_config: str | dict | None = None, vae_config: str | dict | None = None,
-                      drafter: str | MARModel | None = None, drafter_config: str | dict | None = None,
-                      use_ema: bool = True) -> MARPipeline:
+    def from_official(
+        cls,
+        mar: str,
+        vae: str,
+        mar_config: str | dict | None = None,
+        vae_config: str | dict | None = None,
+        drafter: str | MARModel | None = None,
+        drafter_config: str | dict | None = None,
+        use_ema: bool = True,
+    ) -> MARPipeline:
         """Build from official checkpoints (see :mod:`mmspec.pipelines.mar.official`): ``mar``
         (released ``{"model", "model_ema"}`` or trainer ``checkpoint-last.pth``; EMA weights unless
         ``use_ema=False``), ``vae`` (``kl16.ckpt``; widths read from the shapes unless ``vae_config``);
@@ -109,8 +129,11 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         draft = drafter
         if isinstance(drafter, str):
             draft = load_official_mar(drafter, drafter_config, use_ema=use_ema)
-        return cls(target=load_official_mar(mar, mar_config, use_ema=use_ema), vae=load_official_vae(vae, vae_config),
-                   drafter=draft)
+        return cls(
+            target=load_official_mar(mar, mar_config, use_ema=use_ema),
+            vae=load_official_vae(vae, vae_config),
+            drafter=draft,
+        )
 
     # ------------------------------------------------------------------------------ helpers
     def _labels(self, class_labels, batch_size: int | None) -> tuple[torch.Tensor | None, int]:
@@ -130,11 +153,17 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         seq_len = self.target.seq_len
         if orders is None:  # a random permutation per row, from the generator (before any noise)
             device = generator.device if generator is not None else torch.device("cpu")
-            return torch.argsort(torch.rand(batch, seq_len, generator=generator, device=device), dim=1).to(self.target.device)
+            return torch.argsort(torch.rand(batch, seq_len, generator=generator, device=device), dim=1).to(
+                self.target.device
+            )
         orders = torch.as_tensor(np.asarray(orders) if not isinstance(orders, torch.Tensor) else orders).long()
-        if orders.shape != (batch, seq_len) or not bool((orders.sort(1).values == torch.arange(seq_len, device=orders.device)).all()):
-            raise ValueError(f"orders must be a permutation of 0..{seq_len - 1} per row, shape ({batch}, {seq_len}); "
-                             f"got shape {tuple(orders.shape)}")
+        if orders.shape != (batch, seq_len) or not bool(
+            (orders.sort(1).values == torch.arange(seq_len, device=orders.device)).all()
+        ):
+            raise ValueError(
+                f"orders must be a permutation of 0..{seq_len - 1} per row, shape ({batch}, {seq_len}); "
+                f"got shape {tuple(orders.shape)}"
+            )
         return orders.to(self.target.device)
 
     def _postprocess(self, images: torch.Tensor, output_type: str):
@@ -203,20 +232,24 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         cfg = guidance_scale != 1.0
         plan = MARPlan.build(orders, num_iter, guidance_scale, cfg_schedule)
         if spec.method is None:
-            tokens, stats = self._baseline(plan, labels, cfg, temperature, generator, sample_last_step, callback_on_step_end)
+            tokens, stats = self._baseline(
+                plan, labels, cfg, temperature, generator, sample_last_step, callback_on_step_end
+            )
         else:
             if sample_last_step:
                 raise ValueError("sample_last_step is a baseline option (CSpD always samples the last step)")
-            tokens, stats = self._cspd(plan, labels, cfg, temperature, generator, spec, num_draft_tokens,
-                                       callback_on_step_end)
+            tokens, stats = self._cspd(
+                plan, labels, cfg, temperature, generator, spec, num_draft_tokens, callback_on_step_end
+            )
         latents = self.target.unpatchify(tokens)
         images = self._postprocess(self.vae.decode(latents.to(self.vae.dtype) / TOKEN_SCALE), output_type)
         if not return_dict:
             return images, latents, stats
         return MARPipelineOutput(images=images, latents=latents, stats=stats)
 
-    def _baseline(self, plan: MARPlan, labels, cfg: bool, temperature: float, generator, sample_last_step: bool,
-                  callback) -> tuple[torch.Tensor, MaskedStats]:
+    def _baseline(
+        self, plan: MARPlan, labels, cfg: bool, temperature: float, generator, sample_last_step: bool, callback
+    ) -> tuple[torch.Tensor, MaskedStats]:
         """The official ``sample_tokens`` loop: one MAE forward and one head sampling per AR step."""
         model = self.target
         batch, seq_len = plan.orders.shape
@@ -228,12 +261,16 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         for k in self.progress_bar(range(plan.num_iter)):
             pos = plan.positions[k]  # [B, n]
             init, steps = draw_step_noise(generator, pos.numel(), channels, model.schedule.num_steps, cfg, device)
-            out = predict_tokens(model, tokens, unknown, labels, cfg, pos, plan.steps[k].cfg, temperature, init, steps,
-                                 sample_last_step)
+            out = predict_tokens(
+                model, tokens, unknown, labels, cfg, pos, plan.steps[k].cfg, temperature, init, steps, sample_last_step
+            )
             tokens.scatter_(1, pos[..., None].expand(*pos.shape, channels), out.tokens.view(*pos.shape, channels))
             unknown.scatter_(1, pos, False)
-            stats.record_elements(torch.zeros_like(unknown).scatter_(1, pos, True),
-                                  torch.full_like(stats.token_source, SOURCE_RECOVERED), k + 1)
+            stats.record_elements(
+                torch.zeros_like(unknown).scatter_(1, pos, True),
+                torch.full_like(stats.token_source, SOURCE_RECOVERED),
+                k + 1,
+            )
             if callback is not None:
                 callback(self, k, None, {"tokens": tokens, "known": ~unknown})
         stats.steps = plan.num_iter
@@ -241,8 +278,9 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         stats.total_time = time.perf_counter() - start
         return tokens, stats
 
-    def _cspd(self, plan: MARPlan, labels, cfg: bool, temperature: float, generator, spec, gamma: int,
-              callback) -> tuple[torch.Tensor, MaskedStats]:
+    def _cspd(
+        self, plan: MARPlan, labels, cfg: bool, temperature: float, generator, spec, gamma: int, callback
+    ) -> tuple[torch.Tensor, MaskedStats]:
         """CSpD through :func:`mmspec.loops.masked_generate` (see :mod:`.cspd`)."""
         options = spec.options
         prefill = options["prefill_steps"]
@@ -252,8 +290,10 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         model = self.target
         plan.draw_noise(generator, model.token_embed_dim, model.schedule.num_steps, cfg, model.device)
         if self.drafter.schedule.num_steps != model.schedule.num_steps:
-            raise ValueError(f"the draft MAR's head samples {self.drafter.schedule.num_steps} diffusion steps, the "
-                             f"target's {model.schedule.num_steps}: trajectory alignment needs the same number")
+            raise ValueError(
+                f"the draft MAR's head samples {self.drafter.schedule.num_steps} diffusion steps, the "
+                f"target's {model.schedule.num_steps}: trajectory alignment needs the same number"
+            )
         target = MARVerifyTarget(model, plan, labels, cfg, temperature, prefill_steps=prefill)
         drafter = MARDrafter(self.drafter, gamma)
         progress = self.progress_bar(total=plan.num_iter)
@@ -263,8 +303,9 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             if callback is not None:
                 callback(self, steps, None, {"tokens": tokens, "known": target.written.clone()})
 
-        out = masked_generate(target, drafter, None, acceptance=spec.rule, max_rounds=1, generator=generator,
-                              callback=on_round)
+        out = masked_generate(
+            target, drafter, None, acceptance=spec.rule, max_rounds=1, generator=generator, callback=on_round
+        )
         progress.update(plan.num_iter - progress.n)
         progress.close()
         stats = out.stats

@@ -18,15 +18,17 @@ import torch
 from .modeling_mar import MARModel, MARStep, TokenGaussian, mar_schedule
 
 
-def draw_step_noise(generator: torch.Generator | None, num: int, channels: int, num_steps: int, cfg: bool,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_step_noise(
+    generator: torch.Generator | None, num: int, channels: int, num_steps: int, cfg: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The draws of one AR step predicting ``num`` tokens (all rows): ``init [num, C]`` and
     ``steps [S, num, C]`` (the conditional rows of each ``randn_like`` draw)."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     init = torch.randn(num, channels, generator=generator, device=gen_device)
     rows = 2 * num if cfg else num
-    steps = torch.stack([torch.randn(rows, channels, generator=generator, device=gen_device)[:num]
-                         for _ in range(num_steps)])
+    steps = torch.stack(
+        [torch.randn(rows, channels, generator=generator, device=gen_device)[:num] for _ in range(num_steps)]
+    )
     return init.to(device), steps.to(device)
 
 
@@ -67,8 +69,9 @@ class MARPlan:
     def num_iter(self) -> int:
         return len(self.steps)
 
-    def draw_noise(self, generator: torch.Generator | None, channels: int, num_steps: int, cfg: bool,
-                   device: torch.device) -> None:
+    def draw_noise(
+        self, generator: torch.Generator | None, channels: int, num_steps: int, cfg: bool, device: torch.device
+    ) -> None:
         """Draw every step's noises in the official order and file them by position."""
         batch, seq_len = self.orders.shape
         self.noise_init = torch.zeros(batch, seq_len, channels, device=device)
@@ -78,7 +81,9 @@ class MARPlan:
             init, steps = draw_step_noise(generator, batch * n, channels, num_steps, cfg, device)
             idx = pos.to(device)[..., None].expand(batch, n, channels)
             self.noise_init.scatter_(1, idx, init.view(batch, n, channels))
-            self.noise_steps.scatter_(2, idx[None].expand(num_steps, -1, -1, -1), steps.view(num_steps, batch, n, channels))
+            self.noise_steps.scatter_(
+                2, idx[None].expand(num_steps, -1, -1, -1), steps.view(num_steps, batch, n, channels)
+            )
 
     def noise_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The filed noises of ``positions [B, k]``: ``init [B*k, C]``, ``steps [S, B*k, C]``."""
@@ -89,7 +94,9 @@ class MARPlan:
         idx = positions[..., None].expand(batch, k, channels)
         init = self.noise_init.gather(1, idx).reshape(batch * k, channels)
         num_steps = self.noise_steps.shape[0]
-        steps = self.noise_steps.gather(2, idx[None].expand(num_steps, -1, -1, -1)).reshape(num_steps, batch * k, channels)
+        steps = self.noise_steps.gather(2, idx[None].expand(num_steps, -1, -1, -1)).reshape(
+            num_steps, batch * k, channels
+        )
         return init, steps
 
 
@@ -99,9 +106,19 @@ def gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, positions[..., None].expand(batch, k, x.shape[-1])).reshape(batch * k, x.shape[-1])
 
 
-def predict_tokens(model: MARModel, tokens: torch.Tensor, unknown: torch.Tensor, labels: torch.Tensor | None,
-                   cfg: bool, positions: torch.Tensor, cfg_scale: torch.Tensor | float, temperature: float,
-                   noise_init: torch.Tensor, noise_steps: torch.Tensor, sample_last_step: bool) -> TokenGaussian:
+def predict_tokens(
+    model: MARModel,
+    tokens: torch.Tensor,
+    unknown: torch.Tensor,
+    labels: torch.Tensor | None,
+    cfg: bool,
+    positions: torch.Tensor,
+    cfg_scale: torch.Tensor | float,
+    temperature: float,
+    noise_init: torch.Tensor,
+    noise_steps: torch.Tensor,
+    sample_last_step: bool,
+) -> TokenGaussian:
     """One MAE forward from the state ``tokens [B, L, C]`` / ``unknown [B, L]`` (True = not yet
     known; every row the same count), then the diffusion head for ``positions [B, k]``:
     tokens, last-step means and stds ``[B*k, C]``."""

@@ -4,4 +4,13 @@ and the relaxed image rules."""
 from .emu3 import EMU3_METHODS, Emu3ImagePipeline, Emu3ImageTarget
 from .janus import JANUS_METHODS, JanusImagePipeline, JanusImagePipelineOutput, JanusImageTarget, JanusPrompt
 
-__all__ = ["EMU3_METHODS", "Emu3ImagePipeline", "Emu3ImageTarget", "JANUS_METHODS", "JanusImagePipeline", "JanusImagePipelineOutput", "JanusImageTarget", "JanusPrompt"]
+__all__ = [
+    "EMU3_METHODS",
+    "Emu3ImagePipeline",
+    "Emu3ImageTarget",
+    "JANUS_METHODS",
+    "JanusImagePipeline",
+    "JanusImagePipelineOutput",
+    "JanusImageTarget",
+    "JanusPrompt",
+]

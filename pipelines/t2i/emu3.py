@@ -71,8 +71,9 @@ class Emu3Cache(RopeOffsetKVCache):
         super().__init__(*args, **kwargs)
         self.image_start = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
         self.uncond_rope_offsets = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
-        self.group_blocked = torch.zeros(self.groups * self.batch_size, self.max_seq_len, dtype=torch.bool,
-                                         device=self.device)
+        self.group_blocked = torch.zeros(
+            self.groups * self.batch_size, self.max_seq_len, dtype=torch.bool, device=self.device
+        )
 
     def reset(self) -> None:
         super().reset()
@@ -115,8 +116,16 @@ class Emu3ImageTarget(nn.Module):
 
     def new_cache(self, batch_size: int, max_seq_len: int, cfg: bool = False) -> Emu3Cache:
         c, p = self.decoder.config, self.decoder.tok_embeddings.weight
-        return Emu3Cache(c.n_layer, batch_size, c.n_kv_head, max_seq_len, c.head_dim, dtype=p.dtype, device=p.device,
-                         groups=2 if cfg else 1)
+        return Emu3Cache(
+            c.n_layer,
+            batch_size,
+            c.n_kv_head,
+            max_seq_len,
+            c.head_dim,
+            dtype=p.dtype,
+            device=p.device,
+            groups=2 if cfg else 1,
+        )
 
     def _logits(self, out: TargetOutput, slots: torch.Tensor, cache: Emu3Cache) -> TargetOutput:
         """Restrict to our vocabulary, mask by the row layout for the tokens that come after ``slots
@@ -124,8 +133,11 @@ class Emu3ImageTarget(nn.Module):
         logits = out.logits.index_select(-1, self.bpe_ids)  # [G*B, T, C + 1]
         index = slots + 1 - cache.image_start[:, None]  # [B, T] generated index of the predicted token
         is_eol = (index % (self.width + 1)) == self.width
-        allowed = torch.where(is_eol[..., None], torch.arange(self.vocab_size, device=logits.device) == self.eol,
-                              torch.arange(self.vocab_size, device=logits.device) != self.eol)  # [B, T, C + 1]
+        allowed = torch.where(
+            is_eol[..., None],
+            torch.arange(self.vocab_size, device=logits.device) == self.eol,
+            torch.arange(self.vocab_size, device=logits.device) != self.eol,
+        )  # [B, T, C + 1]
         logits = logits.masked_fill(~allowed.repeat(cache.groups, 1, 1), MASKED)
         if cache.groups == 1:
             return TargetOutput(logits, out.hidden_states)
@@ -158,8 +170,10 @@ class Emu3ImageTarget(nn.Module):
         out = self.decoder(ids, rope, cache)
         cache.commit(torch.full((cache.batch_size,), length, dtype=torch.long, device=cache.device))
         last = TargetOutput(out.logits[:, -1:], out.hidden_states[:, -1:])
-        return PrefillOutput(self._logits(last, cache.lengths[:, None] - 1, cache),
-                             hidden_states_all=out.hidden_states[: cache.batch_size])
+        return PrefillOutput(
+            self._logits(last, cache.lengths[:, None] - 1, cache),
+            hidden_states_all=out.hidden_states[: cache.batch_size],
+        )
 
     def forward(
         self,
@@ -182,15 +196,17 @@ EMU3_METHODS = MethodRegistry("Emu3ImagePipeline")
 @EMU3_METHODS.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
 def _sjd(pipe: Emu3ImagePipeline, options: dict) -> Any:
     """Speculative Jacobi decoding (``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: adaptive)."""
-    return jacobi_method(pipe.target.vocab_size, pipe.target.width + 1, options,
-                         window_memory(pipe._window_memo, "sjd", options))
+    return jacobi_method(
+        pipe.target.vocab_size, pipe.target.width + 1, options, window_memory(pipe._window_memo, "sjd", options)
+    )
 
 
 @EMU3_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
 def _mc_sjd(pipe: Emu3ImagePipeline, options: dict) -> Any:
     """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
-    return jacobi_method(pipe.target.vocab_size, pipe.target.width + 1, options,
-                         window_memory(pipe._window_memo, "mc-sjd", options))
+    return jacobi_method(
+        pipe.target.vocab_size, pipe.target.width + 1, options, window_memory(pipe._window_memo, "mc-sjd", options)
+    )
 
 
 class Emu3ImagePipeline(SpeculativePipelineMixin):
@@ -213,7 +229,9 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
         self._rule_memo: dict = {}
 
     @classmethod
-    def from_pretrained(cls, path, height: int, width: int, torch_dtype: torch.dtype | None = None) -> Emu3ImagePipeline:
+    def from_pretrained(
+        cls, path, height: int, width: int, torch_dtype: torch.dtype | None = None
+    ) -> Emu3ImagePipeline:
         """Load a local transformers folder written by ``save_pretrained``."""
         from transformers import AutoProcessor, Emu3ForConditionalGeneration
 
@@ -234,8 +252,14 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
         h, w = self.target.height, self.target.width
-        enc = self.processor(text=prompts + negatives, return_for_image_generation=True, ratio=f"{w}:{h}",
-                             image_area=h * w * self.processor.downsample_ratio ** 2, padding=True, return_tensors="pt")
+        enc = self.processor(
+            text=prompts + negatives,
+            return_for_image_generation=True,
+            ratio=f"{w}:{h}",
+            image_area=h * w * self.processor.downsample_ratio**2,
+            padding=True,
+            return_tensors="pt",
+        )
         if [list(x) for x in enc["image_sizes"]][0] != [h, w]:
             raise ValueError(f"the processor laid out a {enc['image_sizes'][0]} grid, the pipeline generates {h}x{w}")
         ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -251,8 +275,13 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
         codebook = self.model.model.vqmodel.quantize.embedding.weight.detach().float()
         far = torch.full_like(codebook[:1], 1e6)
         embeddings = self.target.decoder.tok_embeddings.weight.detach().float()[self.target.bpe_ids]
-        return {"codebook": torch.cat([codebook, far]), "token_embeddings": embeddings,
-                "grid": (self.target.height, self.target.width + 1), "cache_dir": NEIGHBOUR_CACHE, "memo": self._rule_memo}
+        return {
+            "codebook": torch.cat([codebook, far]),
+            "token_embeddings": embeddings,
+            "grid": (self.target.height, self.target.width + 1),
+            "cache_dir": NEIGHBOUR_CACHE,
+            "memo": self._rule_memo,
+        }
 
     @torch.no_grad()
     def __call__(
@@ -285,7 +314,8 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
             if input_ids is not None or negative_prompt_ids is not None:
                 raise ValueError("pass prompt (text) or input_ids / negative_prompt_ids (tokens), not both")
             input_ids, negative_prompt_ids, attention_mask, negative_prompt_attention_mask = self.encode_prompt(
-                prompt, negative_prompt)
+                prompt, negative_prompt
+            )
         if input_ids is None:
             raise ValueError("pass prompt (with a processor) or input_ids [B, P]")
         device = self.target.decoder.tok_embeddings.weight.device
@@ -294,22 +324,37 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         if sampling.uses_cfg:
             if negative_prompt_ids is None or negative_prompt_ids.shape != input_ids.shape:
-                raise ValueError("guidance_scale > 1 needs negative_prompt_ids of the prompt's shape [B, P] "
-                                 "(left-padded, with negative_prompt_attention_mask)")
+                raise ValueError(
+                    "guidance_scale > 1 needs negative_prompt_ids of the prompt's shape [B, P] "
+                    "(left-padded, with negative_prompt_attention_mask)"
+                )
             uncond = negative_prompt_ids.to(device)
-            uncond_mask = (torch.ones_like(uncond) if negative_prompt_attention_mask is None
-                           else negative_prompt_attention_mask.to(device))
+            uncond_mask = (
+                torch.ones_like(uncond)
+                if negative_prompt_attention_mask is None
+                else negative_prompt_attention_mask.to(device)
+            )
         else:
             uncond, uncond_mask = input_ids, mask
         prompt = Emu3Prompt(input_ids, mask, uncond, uncond_mask)
         spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
         window = 1 if spec.drafter is None else spec.drafter.verify_width(num_draft_tokens)
-        cache = self.target.new_cache(input_ids.shape[0],
-                                      required_cache_len(input_ids.shape[1], self.target.num_tokens, window),
-                                      cfg=sampling.uses_cfg)
-        out = speculative_generate(self.target, prompt, cache, max_new_tokens=self.target.num_tokens,
-                                   drafter=spec.drafter, acceptance=spec.rule, num_draft_tokens=num_draft_tokens,
-                                   sampling=sampling, generator=generator)
+        cache = self.target.new_cache(
+            input_ids.shape[0],
+            required_cache_len(input_ids.shape[1], self.target.num_tokens, window),
+            cfg=sampling.uses_cfg,
+        )
+        out = speculative_generate(
+            self.target,
+            prompt,
+            cache,
+            max_new_tokens=self.target.num_tokens,
+            drafter=spec.drafter,
+            acceptance=spec.rule,
+            num_draft_tokens=num_draft_tokens,
+            sampling=sampling,
+            generator=generator,
+        )
         h, w = self.target.height, self.target.width
         codes = out.tokens.view(-1, h, w + 1)[..., :w]
         images = None if output_type == "tokens" else self._decode(codes, output_type)

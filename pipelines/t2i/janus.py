@@ -72,8 +72,16 @@ class JanusImageTarget(nn.Module):
 
     def new_cache(self, batch_size: int, max_seq_len: int, cfg: bool = False) -> RopeOffsetKVCache:
         c, p = self.decoder.config, self.decoder.tok_embeddings.weight
-        return RopeOffsetKVCache(c.n_layer, batch_size, c.n_kv_head, max_seq_len, c.head_dim, dtype=p.dtype,
-                                 device=p.device, groups=2 if cfg else 1)
+        return RopeOffsetKVCache(
+            c.n_layer,
+            batch_size,
+            c.n_kv_head,
+            max_seq_len,
+            c.head_dim,
+            dtype=p.dtype,
+            device=p.device,
+            groups=2 if cfg else 1,
+        )
 
     def _split(self, out: TargetOutput, groups: int) -> TargetOutput:
         if groups == 1:
@@ -110,7 +118,9 @@ class JanusImageTarget(nn.Module):
         """Run image tokens at the next ``T`` cache slots of both CFG rows (written, not committed)."""
         embeds = self.generation_aligner(self.generation_embeddings(tokens)).repeat(cache.groups, 1, 1)
         rope = positions + cache.rope_offsets[:, None]
-        return self._split(self.decoder.forward_embeds(embeds, rope.repeat(cache.groups, 1), cache, attn_mask), cache.groups)
+        return self._split(
+            self.decoder.forward_embeds(embeds, rope.repeat(cache.groups, 1), cache, attn_mask), cache.groups
+        )
 
     __call__ = forward
 
@@ -132,14 +142,17 @@ JANUS_METHODS = MethodRegistry("JanusImagePipeline")
 @JANUS_METHODS.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
 def _sjd(pipe: JanusImagePipeline, options: dict) -> Any:
     """Speculative Jacobi decoding (``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: adaptive)."""
-    return jacobi_method(pipe.target.vocab_size, pipe.grid_size, options, window_memory(pipe._window_memo, "sjd", options))
+    return jacobi_method(
+        pipe.target.vocab_size, pipe.grid_size, options, window_memory(pipe._window_memo, "sjd", options)
+    )
 
 
 @JANUS_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
 def _mc_sjd(pipe: JanusImagePipeline, options: dict) -> Any:
     """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
-    return jacobi_method(pipe.target.vocab_size, pipe.grid_size, options,
-                         window_memory(pipe._window_memo, "mc-sjd", options))
+    return jacobi_method(
+        pipe.target.vocab_size, pipe.grid_size, options, window_memory(pipe._window_memo, "mc-sjd", options)
+    )
 
 
 class JanusImagePipeline(SpeculativePipelineMixin):
@@ -154,12 +167,20 @@ class JanusImagePipeline(SpeculativePipelineMixin):
 
     methods = JANUS_METHODS
 
-    def __init__(self, model: nn.Module, processor: Any = None, boi_token_id: int | None = None,
-                 pad_token_id: int | None = None, bos_token_id: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any = None,
+        boi_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+    ) -> None:
         gen = model.generation_config
         self.model = model.eval()
         self.processor = processor
-        self.boi_token_id = boi_token_id if boi_token_id is not None else (gen.generation_kwargs or {}).get("boi_token_id")
+        self.boi_token_id = (
+            boi_token_id if boi_token_id is not None else (gen.generation_kwargs or {}).get("boi_token_id")
+        )
         self.pad_token_id = pad_token_id if pad_token_id is not None else gen.pad_token_id
         self.bos_token_id = bos_token_id if bos_token_id is not None else gen.bos_token_id
         missing = [n for n in ("boi_token_id", "pad_token_id", "bos_token_id") if getattr(self, n) is None]
@@ -174,7 +195,9 @@ class JanusImagePipeline(SpeculativePipelineMixin):
         self._rule_memo: dict = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs) -> JanusImagePipeline:
+    def from_pretrained(
+        cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs
+    ) -> JanusImagePipeline:
         """Load a local transformers folder (``save_pretrained`` of the model; a processor is loaded
         with it when the folder has one)."""
         from transformers import AutoProcessor, JanusForConditionalGeneration
@@ -197,16 +220,21 @@ class JanusImagePipeline(SpeculativePipelineMixin):
             "memo": self._rule_memo,
         }
 
-    def encode_prompt(self, prompt: str | list[str] | None, input_ids: torch.Tensor | None,
-                      attention_mask: torch.Tensor | None) -> JanusPrompt:
+    def encode_prompt(
+        self, prompt: str | list[str] | None, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> JanusPrompt:
         """Token ids (left-padded) and their unconditional twin, as transformers' image mode builds them."""
         if prompt is not None:
             if input_ids is not None:
                 raise ValueError("pass prompt or input_ids, not both")
             if self.processor is None:
                 raise ValueError("prompt= needs the pipeline's processor (JanusProcessor); or pass input_ids")
-            enc = self.processor(text=[prompt] if isinstance(prompt, str) else list(prompt), generation_mode="image",
-                                 padding=True, return_tensors="pt")
+            enc = self.processor(
+                text=[prompt] if isinstance(prompt, str) else list(prompt),
+                generation_mode="image",
+                padding=True,
+                return_tensors="pt",
+            )
             input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
         if input_ids is None:
             raise ValueError("pass prompt (with a processor) or input_ids [B, P] ending with the begin-of-image token")
@@ -214,8 +242,10 @@ class JanusImagePipeline(SpeculativePipelineMixin):
         input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         if not bool((input_ids[:, -1] == self.boi_token_id).all()):  # left padding: the last column is real
-            raise ValueError(f"each prompt must end with the begin-of-image token {self.boi_token_id} "
-                             "(JanusProcessor(..., generation_mode='image') appends it)")
+            raise ValueError(
+                f"each prompt must end with the begin-of-image token {self.boi_token_id} "
+                "(JanusProcessor(..., generation_mode='image') appends it)"
+            )
         keep = (input_ids == self.bos_token_id) | (input_ids == self.boi_token_id)
         uncond = torch.where(keep, input_ids, torch.full_like(input_ids, self.pad_token_id))
         return JanusPrompt(input_ids, attention_mask, uncond)
@@ -251,12 +281,22 @@ class JanusImagePipeline(SpeculativePipelineMixin):
         spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
         num_tokens = self.target.num_image_tokens
         window = 1 if spec.drafter is None else spec.drafter.verify_width(num_draft_tokens)
-        cache = self.target.new_cache(janus_prompt.batch_size,
-                                      required_cache_len(janus_prompt.input_ids.shape[1], num_tokens, window),
-                                      cfg=sampling.uses_cfg)
-        out = speculative_generate(self.target, janus_prompt, cache, max_new_tokens=num_tokens, drafter=spec.drafter,
-                                   acceptance=spec.rule, num_draft_tokens=num_draft_tokens, sampling=sampling,
-                                   generator=generator)
+        cache = self.target.new_cache(
+            janus_prompt.batch_size,
+            required_cache_len(janus_prompt.input_ids.shape[1], num_tokens, window),
+            cfg=sampling.uses_cfg,
+        )
+        out = speculative_generate(
+            self.target,
+            janus_prompt,
+            cache,
+            max_new_tokens=num_tokens,
+            drafter=spec.drafter,
+            acceptance=spec.rule,
+            num_draft_tokens=num_draft_tokens,
+            sampling=sampling,
+            generator=generator,
+        )
         tokens = out.tokens.view(-1, self.grid_size, self.grid_size)
         images = None if output_type == "tokens" else self._decode(out.tokens, output_type)
         if not return_dict:

@@ -5,7 +5,6 @@ from .decoder import RopeOffsetKVCache, VLMDecoder, VLMDecoderConfig, convert_la
 from .drafters import VLMEagleDrafter, VLMEagleHead
 from .eagle3 import eagle3_head_for_vlm, load_eagle3_drafter
 from .pipeline_vlm import VLM_METHODS, VLMPipeline, VLMPipelineOutput
-from .visual_paths import VISUAL_PATHS, VLMEagleConfig
 from .targets import (
     VLM_FAMILIES,
     LlavaTarget,
@@ -16,6 +15,7 @@ from .targets import (
     load_vlm_target,
     vlm_family,
 )
+from .visual_paths import VISUAL_PATHS, VLMEagleConfig
 
 __all__ = [
     "VISUAL_PATHS",

@@ -18,8 +18,8 @@ unchanged when q and k are permuted alike, and values are not permuted (:func:`h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -104,9 +104,7 @@ class VLMDecoder(nn.Module):
         if inv_freq.shape != (config.head_dim // 2,):
             raise ValueError(f"inv_freq must have shape ({config.head_dim // 2},), got {tuple(inv_freq.shape)}")
         if config.mrope_section is not None and sum(config.mrope_section) != config.head_dim // 2:
-            raise ValueError(
-                f"mrope_section {config.mrope_section} must sum to head_dim / 2 = {config.head_dim // 2}"
-            )
+            raise ValueError(f"mrope_section {config.mrope_section} must sum to head_dim / 2 = {config.head_dim // 2}")
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         c = config
@@ -137,8 +135,13 @@ class VLMDecoder(nn.Module):
             )
         p = self.output.weight
         return RopeOffsetKVCache(
-            self.config.n_layer, batch_size, self.config.n_kv_head, max_seq_len, self.config.head_dim,
-            dtype=p.dtype, device=p.device,
+            self.config.n_layer,
+            batch_size,
+            self.config.n_kv_head,
+            max_seq_len,
+            self.config.head_dim,
+            dtype=p.dtype,
+            device=p.device,
         )
 
     def rope(self, positions: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,11 @@ SQUARE_GRID_SIDE: dict[str, Callable[[object], int]] = {
 
 
 def _image_tokens(
-    target: VLMTarget, prompt: VLMPrompt, is_image: torch.Tensor, features: torch.Tensor, rope: torch.Tensor,
+    target: VLMTarget,
+    prompt: VLMPrompt,
+    is_image: torch.Tensor,
+    features: torch.Tensor,
+    rope: torch.Tensor,
     dtype: torch.dtype,
 ) -> ImageTokens:
     """Collect the image tokens ``is_image [B, S]`` (grids from M-RoPE ids, or square LLaVA-1.5
@@ -82,7 +86,11 @@ def _image_tokens(
     embed_index = in_prompt.flatten().cumsum(0).view_as(in_prompt) - 1
     row, position = torch.nonzero(is_image, as_tuple=True)  # deliberate sync: once per prompt / training step
     n = row.shape[0]
-    image_features = prompt.image_features if n == 0 or prompt.image_features is not None else target.encode_images(prompt).image_features
+    image_features = (
+        prompt.image_features
+        if n == 0 or prompt.image_features is not None
+        else target.encode_images(prompt).image_features
+    )
     embeds = image_features[embed_index[row, position]] if n else features.new_zeros(0, features.shape[-1])
     ids = rope[:, row, position].T  # [n, 3]
     new_run = torch.ones(n, dtype=torch.bool, device=device)
@@ -109,9 +117,17 @@ def _image_tokens(
         0, span[:, None].expand(-1, 2), grid + 1, "amax"
     )
     return ImageTokens(
-        row=row, position=position, span=span, grid=grid, rope=ids, embeds=embeds.to(dtype),
-        features=features[row, position].to(dtype), span_row=row[span_first], span_first=span_first,
-        span_size=torch.bincount(span, minlength=num_spans), span_grid=span_grid,
+        row=row,
+        position=position,
+        span=span,
+        grid=grid,
+        rope=ids,
+        embeds=embeds.to(dtype),
+        features=features[row, position].to(dtype),
+        span_row=row[span_first],
+        span_first=span_first,
+        span_size=torch.bincount(span, minlength=num_spans),
+        span_grid=span_grid,
     )
 
 
@@ -146,9 +162,15 @@ def sequence_pairs(
     tokens = F.pad(prompt.tokens.to(device), (0, width - prompt.tokens.shape[1]), value=-1)[:, :width]
     is_image = (tokens == target.image_token_id) & (torch.arange(width, device=device)[None] < num_pairs[:, None])
     return SequencePairs(
-        next_tokens=next_tokens, features=features, rope=rope, num_pairs=num_pairs, rope_offsets=offsets,
-        image=_image_tokens(target, prompt, is_image, features, rope, dtype), is_image=is_image,
-        target_features=target_features, valid=valid,
+        next_tokens=next_tokens,
+        features=features,
+        rope=rope,
+        num_pairs=num_pairs,
+        rope_offsets=offsets,
+        image=_image_tokens(target, prompt, is_image, features, rope, dtype),
+        is_image=is_image,
+        target_features=target_features,
+        valid=valid,
     )
 
 
@@ -177,7 +199,9 @@ def lay_out(head: VLMEagleHead, seq: SequencePairs) -> DrafterLayout:
     slot = torch.empty_like(order)
     slot[order] = torch.arange(order.shape[0], device=device) - (lengths.cumsum(0) - lengths)[row[order]]
     num_slots = int(lengths.max()) if batch else 0  # deliberate sync: layout, once per prompt
-    token_embeds = F.embedding(seq.next_tokens[text_row, text_pos].clamp(min=0), head.target_modules.embed.weight.detach())
+    token_embeds = F.embedding(
+        seq.next_tokens[text_row, text_pos].clamp(min=0), head.target_modules.embed.weight.detach()
+    )
 
     def scatter(text_values: torch.Tensor, image_values: torch.Tensor) -> torch.Tensor:
         values = torch.cat([text_values.to(dtype), image_values.to(dtype)])  # [E, H]
@@ -202,6 +226,11 @@ def lay_out(head: VLMEagleHead, seq: SequencePairs) -> DrafterLayout:
         text_values = torch.where(own[:, None], running[last.clamp(min=0)], 0)
         bias = scatter(text_values, torch.zeros_like(entries.embeds))  # [B, M, H]
     return DrafterLayout(
-        embeds=scatter(token_embeds, entries.embeds), features=scatter(seq.features[text_row, text_pos], entries.features),
-        rope=rope, bias=bias, source=source, lengths=lengths, text_bias=text_bias,
+        embeds=scatter(token_embeds, entries.embeds),
+        features=scatter(seq.features[text_row, text_pos], entries.features),
+        rope=rope,
+        bias=bias,
+        source=source,
+        lengths=lengths,
+        text_bias=text_bias,
     )

@@ -132,13 +132,17 @@ class VLMEagleHead(EagleHead):
     def __init__(self, config: VLMEagleConfig, embed: nn.Embedding, lm_head: nn.Linear) -> None:
         super().__init__(config, embed, lm_head)
         self.visual = VISUAL_PATHS[config.visual_path](config)
-        self.lookahead = nn.ModuleList(Lookahead(config.hidden_size, config.norm_eps) for _ in range(config.tokens_per_step - 1))
+        self.lookahead = nn.ModuleList(
+            Lookahead(config.hidden_size, config.norm_eps) for _ in range(config.tokens_per_step - 1)
+        )
         sections = config.mrope_section or (config.head_dim // 2,)
         component = torch.tensor([i % 3 for i, size in enumerate(sections) for _ in range(size)])
         self.register_buffer("rope_component", component, persistent=False)  # [D/2] t/h/w of each pair
 
     @classmethod
-    def for_target(cls, target: VLMTarget, visual_path: str = "full", n_head: int | None = None, **options) -> VLMEagleHead:
+    def for_target(
+        cls, target: VLMTarget, visual_path: str = "full", n_head: int | None = None, **options
+    ) -> VLMEagleHead:
         """A fresh head for ``target`` (named by :func:`~mmspec.drafters.eagle.target_fingerprint`).
 
         ``options``: further :class:`VLMEagleConfig` fields (``ratio``, ``num_queries``,
@@ -152,9 +156,14 @@ class VLMEagleHead(EagleHead):
             scaled = [round(s * (head_dim // 2) / sum(sections)) for s in sections[:-1]]
             sections = (*scaled, head_dim // 2 - sum(scaled))
         config = VLMEagleConfig(
-            hidden_size=decoder.config.dim, n_head=n_head, vocab_size=decoder.vocab_size,
-            target_name=target_fingerprint(decoder.output), norm_eps=decoder.config.norm_eps, visual_path=visual_path,
-            image_token_id=target.image_token_id, mrope_section=sections,
+            hidden_size=decoder.config.dim,
+            n_head=n_head,
+            vocab_size=decoder.vocab_size,
+            target_name=target_fingerprint(decoder.output),
+            norm_eps=decoder.config.norm_eps,
+            visual_path=visual_path,
+            image_token_id=target.image_token_id,
+            mrope_section=sections,
             **{**PATH_DEFAULTS.get(visual_path, {}), **options},
         )
         return cls(config, decoder.tok_embeddings, decoder.output).to(target.device)
@@ -209,8 +218,14 @@ class VLMEagleHead(EagleHead):
             raise ValueError("a VLM drafter has no unconditional branch: classifier-free guidance is not available")
         weight = self.fc.weight
         return VisualDraftCache(
-            1, batch_size, self.config.n_head, max_seq_len, self.config.head_dim,
-            dtype=weight.dtype, device=weight.device, hidden_size=self.config.hidden_size,
+            1,
+            batch_size,
+            self.config.n_head,
+            max_seq_len,
+            self.config.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+            hidden_size=self.config.hidden_size,
         )
 
     # ------------------------------------------------------------------ save / load
@@ -231,7 +246,9 @@ class VLMEagleHead(EagleHead):
             "hidden_size": (config.hidden_size, target.decoder.config.dim),
             "M-RoPE": (config.mrope_section is not None, target.decoder.config.mrope_section is not None),
         }
-        differ = [f"{name} {saved!r} (this target: {wanted!r})" for name, (saved, wanted) in checks.items() if saved != wanted]
+        differ = [
+            f"{name} {saved!r} (this target: {wanted!r})" for name, (saved, wanted) in checks.items() if saved != wanted
+        ]
         if differ:
             raise ValueError(
                 f"the VLM drafter in {directory} was trained for another target: {', '.join(differ)}; train one for "
@@ -267,7 +284,9 @@ class VLMEagleDrafter(EagleDrafter):
     def prefill(self, ctx: DraftContext, prompt: VLMPrompt, prefill: PrefillOutput) -> None:
         """Lay the prompt out through the visual path and run it into a fresh cache."""
         if prefill.hidden_states_all is None:
-            raise ValueError("the VLM drafter needs the target's prompt features: PrefillOutput.hidden_states_all is None")
+            raise ValueError(
+                "the VLM drafter needs the target's prompt features: PrefillOutput.hidden_states_all is None"
+            )
         seq = prompt_sequence(self.target, prompt, prefill.hidden_states_all, self.head.fc.weight.dtype)
         layout = lay_out(self.head, seq)
         tree_slots = 0 if self.tree is None else self.tree.window + self.tree.depth
@@ -275,7 +294,13 @@ class VLMEagleDrafter(EagleDrafter):
         self.cache = self.head.new_cache(len(seq.num_pairs), capacity)
         slots = self.cache.slots(layout.embeds.shape[1])
         self.head.forward_inputs(
-            layout.embeds, layout.features, layout.rope, self.cache, slots, self.cache.attention_mask(slots), layout.bias
+            layout.embeds,
+            layout.features,
+            layout.rope,
+            self.cache,
+            slots,
+            self.cache.attention_mask(slots),
+            layout.bias,
         )
         self.cache.commit(layout.lengths)
         self.cache.slot_offsets.copy_(seq.num_pairs - layout.lengths)

@@ -32,16 +32,28 @@ def rope_theta_of(target: VLMTarget) -> float:
 
 
 def eagle3_head_for_vlm(
-    target: VLMTarget, draft_vocab_size: int | None = None, aux_layer_ids: tuple[int, int, int] | None = None,
+    target: VLMTarget,
+    draft_vocab_size: int | None = None,
+    aux_layer_ids: tuple[int, int, int] | None = None,
 ) -> Eagle3Head:
     """A fresh EAGLE-3 head as wide as ``target``'s language model (its embedding shared), with its
     RoPE base, M-RoPE split and context length."""
     c = target.decoder.config
     text = getattr(target.config, "text_config", None)
     config = eagle3_config_for(
-        c.dim, c.n_head, c.n_kv_head, c.head_dim, c.hidden_dim, c.vocab_size, c.n_layer,
-        target_fingerprint(target.decoder.output), draft_vocab_size, aux_layer_ids, rms_norm_eps=c.norm_eps,
-        rope_theta=rope_theta_of(target), mrope_section=c.mrope_section,
+        c.dim,
+        c.n_head,
+        c.n_kv_head,
+        c.head_dim,
+        c.hidden_dim,
+        c.vocab_size,
+        c.n_layer,
+        target_fingerprint(target.decoder.output),
+        draft_vocab_size,
+        aux_layer_ids,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=rope_theta_of(target),
+        mrope_section=c.mrope_section,
         max_position_embeddings=int(getattr(text, "max_position_embeddings", None) or 4096),
         target_model_type=getattr(target.config, "model_type", None),
     )
@@ -51,7 +63,10 @@ def eagle3_head_for_vlm(
 
 
 def load_eagle3_drafter(
-    path: str | Path, target, tree: TreeConfig | None = None, layer_convention: str | None = None,
+    path: str | Path,
+    target,
+    tree: TreeConfig | None = None,
+    layer_convention: str | None = None,
 ) -> Eagle3Drafter:
     """An EAGLE-3 drafter for ``target`` (a VLM target or an engine ``DecoderLM``) from ``path``:
     mmspec's saved layout (``mmspec train-drafter --arch eagle3``) or the serving format (e.g. trained

@@ -29,8 +29,8 @@ from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 from mmspec.types import DraftContext, Drafter
 
-from ..validation import array_to_pil, check_vlm_call, is_single_image
 from ..base import SpeculativePipelineMixin
+from ..validation import array_to_pil, check_vlm_call, is_single_image
 from .eagle3 import load_eagle3_drafter
 from .targets import VLMPrompt, VLMTarget, load_vlm_target
 
@@ -77,7 +77,9 @@ def _eagle3(pipe: VLMPipeline, options: dict) -> Drafter:
     if options.get("path") is None:
         if isinstance(pipe.drafter, Eagle3Drafter):
             return pipe.drafter
-        raise ValueError("speculative='eagle3' needs speculative_options={'path': DIR} (or an Eagle3Drafter as drafter)")
+        raise ValueError(
+            "speculative='eagle3' needs speculative_options={'path': DIR} (or an Eagle3Drafter as drafter)"
+        )
     return load_eagle3_drafter(options["path"], pipe.target, layer_convention=options.get("layer_convention"))
 
 
@@ -104,16 +106,17 @@ class VLMPipeline(SpeculativePipelineMixin):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         drafter: Drafter | None = None,
     ) -> VLMPipeline:
         """Load target and processor from an HF checkpoint directory or hub id."""
         return cls(load_vlm_target(path, dtype=dtype, device=device), AutoProcessor.from_pretrained(path), drafter)
 
     # ------------------------------------------------------------------ inputs
-    def build_prompt(
-        self, images: ImageInput | Sequence[Any] | None, prompt: str | Sequence[str]
-    ) -> VLMPrompt:
+    def build_prompt(self, images: ImageInput | Sequence[Any] | None, prompt: str | Sequence[str]) -> VLMPrompt:
         """Apply the chat template (one user turn: the images, then the text) and the processor.
 
         Args:
@@ -124,19 +127,25 @@ class VLMPipeline(SpeculativePipelineMixin):
         Raises:
             ValueError: an image cannot be read (the message names it), or images do not match prompts.
         """
-        if not isinstance(prompt, str) and (not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt)):
+        if not isinstance(prompt, str) and (
+            not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt)
+        ):
             raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt is an empty list: pass at least one question")
         if not isinstance(prompt, str) and is_single_image(images):
-            raise ValueError(f"got {len(prompts)} prompts but a single image: pass one entry per prompt, e.g. "
-                             f"[image] * {len(prompts)} for the same image")
+            raise ValueError(
+                f"got {len(prompts)} prompts but a single image: pass one entry per prompt, e.g. "
+                f"[image] * {len(prompts)} for the same image"
+            )
         per_prompt = [images] if isinstance(prompt, str) else images
         if per_prompt is None:
             per_prompt = [None] * len(prompts)
         if len(per_prompt) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(per_prompt)} image entries: give one entry per prompt")
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(per_prompt)} image entries: give one entry per prompt"
+            )
         texts, flat = [], []
         for question, entry in zip(prompts, per_prompt):
             if entry is None:
@@ -169,7 +178,7 @@ class VLMPipeline(SpeculativePipelineMixin):
         return_dict: bool = True,
         stream: bool = False,
         speculative: str | None = None,
-        callback_on_step_end: Callable[["VLMPipeline", int, None, dict], Any] | None = None,
+        callback_on_step_end: Callable[[VLMPipeline, int, None, dict], Any] | None = None,
         repetition_penalty: float | None = None,
         speculative_options: dict | None = None,
     ) -> VLMPipelineOutput | tuple | Iterator[str]:
@@ -205,8 +214,12 @@ class VLMPipeline(SpeculativePipelineMixin):
         else:
             vlm_prompt = self.build_prompt(images, prompt)
         vlm_prompt = vlm_prompt.to(self.target.device, self.target.dtype)
-        check_vlm_call(self, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
-                       prompt_length=vlm_prompt.tokens.shape[1])
+        check_vlm_call(
+            self,
+            max_new_tokens=max_new_tokens,
+            num_draft_tokens=num_draft_tokens,
+            prompt_length=vlm_prompt.tokens.shape[1],
+        )
         if speculative is not None and drafter is not None:
             raise ValueError("pass either speculative= (a method name) or drafter= (an object), not both")
         spec = self.resolve_speculation(speculative, speculative_options, acceptance)
@@ -215,10 +228,16 @@ class VLMPipeline(SpeculativePipelineMixin):
         drafter = drafter if num_draft_tokens > 0 else None
         if repetition_penalty is None:
             repetition_penalty = self.target.generation_defaults.get("repetition_penalty", 1.0)
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        sampling = SamplingConfig(
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
+        )
         settings = dict(
-            max_new_tokens=max_new_tokens, drafter=drafter, acceptance=acceptance, sampling=sampling,
-            num_draft_tokens=num_draft_tokens if drafter is not None else 0, generator=generator,
+            max_new_tokens=max_new_tokens,
+            drafter=drafter,
+            acceptance=acceptance,
+            sampling=sampling,
+            num_draft_tokens=num_draft_tokens if drafter is not None else 0,
+            generator=generator,
         )
         if stream:
             if vlm_prompt.tokens.shape[0] != 1:
@@ -234,7 +253,7 @@ class VLMPipeline(SpeculativePipelineMixin):
 
         return self._pack(self._generate(vlm_prompt, settings, callback), return_dict)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "VLMPipeline":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VLMPipeline:
         """Move the target and the drafter (when it is a module) to ``device`` / ``dtype``, like
         ``DiffusionPipeline.to``; returns the pipeline."""
         for model in (self.target, self.drafter):
@@ -243,12 +262,17 @@ class VLMPipeline(SpeculativePipelineMixin):
         return self
 
     def _generate(
-        self, prompt: VLMPrompt, settings: dict, callback: Callable[[int, torch.Tensor, DraftContext], None] | None = None,
+        self,
+        prompt: VLMPrompt,
+        settings: dict,
+        callback: Callable[[int, torch.Tensor, DraftContext], None] | None = None,
     ) -> VLMPipelineOutput:
         """One loop run. A reply ends at the first of the model's EOS ids: the loop stops at the first
         id, the rest are cut here."""
         drafter = settings["drafter"]
-        window = 1 if drafter is None else drafter.verify_width(settings["num_draft_tokens"])  # tokens per verify forward
+        window = (
+            1 if drafter is None else drafter.verify_width(settings["num_draft_tokens"])
+        )  # tokens per verify forward
         capacity = required_cache_len(prompt.tokens.shape[1], settings["max_new_tokens"], window)
         # The vision tower runs once even when a model drafter prefills the same prompt.
         prompt = self.target.encode_images(prompt)
@@ -259,8 +283,13 @@ class VLMPipeline(SpeculativePipelineMixin):
         features_target = getattr(drafter, "features_target", None)
         target = self.target if features_target is None else features_target(self.target)
         out = speculative_generate(
-            target, prompt, self.target.new_cache(prompt.tokens.shape[0], capacity),
-            eos_token_id=eos_ids[0] if eos_ids else None, pad_token_id=pad_id, callback=callback, **settings,
+            target,
+            prompt,
+            self.target.new_cache(prompt.tokens.shape[0], capacity),
+            eos_token_id=eos_ids[0] if eos_ids else None,
+            pad_token_id=pad_id,
+            callback=callback,
+            **settings,
         )
         tokens, lengths = out.tokens, out.lengths
         if len(eos_ids) > 1:
@@ -309,7 +338,7 @@ class VLMPipeline(SpeculativePipelineMixin):
                 # Decoding more tokens can rewrite the tail of the text (merged pieces): emit only
                 # once the earlier text is stable.
                 if text.startswith(shown) and len(text) > len(shown):
-                    yield text[len(shown):]
+                    yield text[len(shown) :]
                     shown = text
                 if final:
                     return self._pack(item, return_dict)
@@ -347,7 +376,9 @@ def _load_image(image: ImageInput, index: int) -> PIL.Image.Image:
     expose the hidden colour of fully transparent pixels and change the answers (issue 16, bug 1).
     """
     if not isinstance(image, (PIL.Image.Image, str, os.PathLike, *_ARRAYS)):
-        raise ValueError(f"image #{index} must be a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}")
+        raise ValueError(
+            f"image #{index} must be a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}"
+        )
     if isinstance(image, _ARRAYS):
         return array_to_pil(image, f"image #{index}")
     name = f"image #{index}" if isinstance(image, PIL.Image.Image) else f"{os.fspath(image)!r}"

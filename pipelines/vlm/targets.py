@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Mapping
 
 import torch
 import transformers
@@ -58,7 +58,7 @@ class VLMPrompt(TokenPrompt):
     features_from: nn.Module | None = None
 
     @classmethod
-    def from_processor(cls, batch: Mapping[str, torch.Tensor]) -> "VLMPrompt":
+    def from_processor(cls, batch: Mapping[str, torch.Tensor]) -> VLMPrompt:
         """Convert a processor's output (``input_ids``, ``attention_mask``, image tensors; left or
         right padded) into a right-padded prompt."""
         ids = batch["input_ids"]
@@ -76,7 +76,7 @@ class VLMPrompt(TokenPrompt):
             mm_token_type_ids=None if types is None else types.gather(1, order),
         )
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "VLMPrompt":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> VLMPrompt:
         """Move every tensor to ``device``; floating ones (pixels, features) also to ``dtype``."""
         moved = {}
         for f in fields(self):
@@ -104,7 +104,11 @@ class VLMTarget(nn.Module):
     image_inputs: tuple[str, ...] = ()
 
     def __init__(
-        self, encoder: nn.Module, decoder: VLMDecoder, config, eos_token_ids: tuple[int, ...] = (),
+        self,
+        encoder: nn.Module,
+        decoder: VLMDecoder,
+        config,
+        eos_token_ids: tuple[int, ...] = (),
         generation_defaults: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
@@ -118,7 +122,7 @@ class VLMTarget(nn.Module):
         self.generation_defaults = dict(generation_defaults or {})
 
     @classmethod
-    def from_hf(cls, model: nn.Module, release_language_model: bool = False) -> "VLMTarget":
+    def from_hf(cls, model: nn.Module, release_language_model: bool = False) -> VLMTarget:
         """Wrap an HF ``*ForConditionalGeneration`` model, converting its language model.
 
         ``release_language_model``: drop the HF language model afterwards (only for a model the
@@ -135,7 +139,7 @@ class VLMTarget(nn.Module):
         eos_ids = () if eos is None else tuple([eos] if isinstance(eos, int) else eos)
         return cls(model.model, decoder, model.config, eos_ids, generation_defaults(model.generation_config))
 
-    def with_decoder(self, decoder: VLMDecoder) -> "VLMTarget":
+    def with_decoder(self, decoder: VLMDecoder) -> VLMTarget:
         """The same family and vision encoder (shared) with another language model: e.g. a smaller
         or perturbed decoder as a :class:`~mmspec.drafters.ModelDrafter` model."""
         return type(self)(self.encoder, decoder, self.config, self.eos_token_ids, self.generation_defaults)
@@ -236,11 +240,23 @@ class VLMTarget(nn.Module):
 #: ``generation_config`` fields that change which token greedy / sampled decoding picks and that
 #: mmspec does not implement, with the value that means "off". A checkpoint setting one gets a warning.
 UNSUPPORTED_GENERATION_FIELDS: dict[str, object] = {
-    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
-    "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None,
-    "exponential_decay_length_penalty": None, "num_beams": 1, "min_p": None, "typical_p": 1.0,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "exponential_decay_length_penalty": None,
+    "num_beams": 1,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
 }
 
 
@@ -264,7 +280,8 @@ def generation_defaults(generation_config) -> dict[str, float]:
         warnings.warn(
             f"the checkpoint's generation_config sets {', '.join(ignored)}, which mmspec does not implement: "
             "its outputs will differ from model.generate for those settings (repetition_penalty is applied)",
-            UserWarning, stacklevel=3,
+            UserWarning,
+            stacklevel=3,
         )
     return defaults
 
@@ -291,7 +308,10 @@ class Qwen2VLTarget(VLMTarget):
         if types is None:
             types = (tokens == self.image_token_id).int()
         positions, deltas = self.encoder.get_rope_index(
-            input_ids=tokens, mm_token_type_ids=types, image_grid_thw=prompt.image_grid_thw, attention_mask=valid,
+            input_ids=tokens,
+            mm_token_type_ids=types,
+            image_grid_thw=prompt.image_grid_thw,
+            attention_mask=valid,
         )
         return positions, deltas.reshape(-1).to(torch.long)
 
@@ -348,12 +368,19 @@ def load_vlm_target(
     if isinstance(path_or_model, (str, os.PathLike)):
         family = vlm_family(AutoConfig.from_pretrained(path_or_model).model_type)
         model, info = family.hf_class().from_pretrained(path_or_model, dtype=dtype, output_loading_info=True)
-        problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {
+            kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        }
         if any(problems.values()):  # transformers only warns, then runs with random weights
-            found = ", ".join(f"{kind.replace('_', ' ')}: {keys[:8]}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
-                              for kind, keys in problems.items() if keys)
-            raise ValueError(f"the weights of {family.hf_class().__name__} in {path_or_model} do not match its config "
-                             f"({found}): the folder holds another model's weights")
+            found = ", ".join(
+                f"{kind.replace('_', ' ')}: {keys[:8]}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
+                for kind, keys in problems.items()
+                if keys
+            )
+            raise ValueError(
+                f"the weights of {family.hf_class().__name__} in {path_or_model} do not match its config "
+                f"({found}): the folder holds another model's weights"
+            )
         model = model.eval()
         if device is not None:
             model.to(device)

@@ -243,7 +243,9 @@ class QueryVisual(VisualPath):
 
     def forward(self, image: ImageTokens) -> VisualEntries:
         device = image.row.device
-        count = torch.minimum(-(-image.span_size // self.config.ratio), torch.full_like(image.span_size, self.config.num_queries))
+        count = torch.minimum(
+            -(-image.span_size // self.config.ratio), torch.full_like(image.span_size, self.config.num_queries)
+        )
         span = torch.repeat_interleave(torch.arange(image.num_spans, device=device), count)  # [m]
         j = torch.arange(span.shape[0], device=device) - (count.cumsum(0) - count)[span]  # query index in its span
         token = image.span_first[span] + ((2 * j + 1) * image.span_size[span]) // (2 * count[span])

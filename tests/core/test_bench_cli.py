@@ -7,8 +7,18 @@ from mmspec.app.cli import main
 
 
 def test_lm_suite_record_compares_methods_to_baseline_on_same_inputs():
-    suite = BENCH_SUITES["lm"](torch.device("cpu"), torch.float32, 2, dim=32, n_layer=1, draft_dim=16,
-                               vocab_size=64, prompt_len=16, max_new_tokens=12, num_draft_tokens=3)
+    suite = BENCH_SUITES["lm"](
+        torch.device("cpu"),
+        torch.float32,
+        2,
+        dim=32,
+        n_layer=1,
+        draft_dim=16,
+        vocab_size=64,
+        prompt_len=16,
+        max_new_tokens=12,
+        num_draft_tokens=3,
+    )
     record = run_benchmark(suite, torch.device("cpu"), repeats=1, warmup=0)
     names = [r["name"] for r in record["results"]]
     assert names[0].startswith("baseline") and "self-draft (upper bound)" in names
@@ -26,9 +36,31 @@ def test_lm_suite_record_compares_methods_to_baseline_on_same_inputs():
 
 def test_cli_bench_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
-    code = main(["bench", "--suite", "lm", "--repeats", "1", "--warmup", "0", "--output", str(out),
-                 "--option", "dim=32", "--option", "n_layer=1", "--option", "draft_dim=16",
-                 "--option", "vocab_size=64", "--option", "prompt_len=16", "--option", "max_new_tokens=6"])
+    code = main(
+        [
+            "bench",
+            "--suite",
+            "lm",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--output",
+            str(out),
+            "--option",
+            "dim=32",
+            "--option",
+            "n_layer=1",
+            "--option",
+            "draft_dim=16",
+            "--option",
+            "vocab_size=64",
+            "--option",
+            "prompt_len=16",
+            "--option",
+            "max_new_tokens=6",
+        ]
+    )
     assert code == 0
     record = json.loads(out.read_text())
     assert record["suite"] == "lm" and len(record["results"]) == 5

@@ -35,19 +35,22 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr(VLMPipeline, "from_pretrained", refuse)
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--top-k", "0"], "top_k must be a positive integer"),
-    (["--num-draft-tokens", "0"], "--num-draft-tokens must be >= 1 with --speculative sjd"),
-    (["--speculative", "bogus"], "--speculative must be 'none' .* got 'bogus'"),
-    (["--guidance-scale", "-1"], "guidance_scale must be >= 0"),
-    (["--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
-    (["--acceptance", "nope"], "--acceptance must be one of"),
-    (["--acceptance", "greedy"], "needs greedy decoding: add --temperature 0"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--eagle-tree", "3,2"], "--eagle-tree must be three positive integers"),
-    (["--model", "/nonexistent/pipe"], "--model /nonexistent/pipe: no such folder"),
-    (["--eagle-head", "/nonexistent/head"], "--eagle-head /nonexistent/head: no such folder"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--top-k", "0"], "top_k must be a positive integer"),
+        (["--num-draft-tokens", "0"], "--num-draft-tokens must be >= 1 with --speculative sjd"),
+        (["--speculative", "bogus"], "--speculative must be 'none' .* got 'bogus'"),
+        (["--guidance-scale", "-1"], "guidance_scale must be >= 0"),
+        (["--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
+        (["--acceptance", "nope"], "--acceptance must be one of"),
+        (["--acceptance", "greedy"], "needs greedy decoding: add --temperature 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--eagle-tree", "3,2"], "--eagle-tree must be three positive integers"),
+        (["--model", "/nonexistent/pipe"], "--model /nonexistent/pipe: no such folder"),
+        (["--eagle-head", "/nonexistent/head"], "--eagle-head /nonexistent/head: no such folder"),
+    ],
+)
 def test_generate_bad_settings_exit_before_loading(tmp_path, no_model_loading, extra, message):
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=message) as exit_info:
@@ -55,24 +58,44 @@ def test_generate_bad_settings_exit_before_loading(tmp_path, no_model_loading, e
     assert exit_info.value.code != 0 and not out.exists()
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 1"),
-    (["--num-draft-tokens", "0"], "--num-draft-tokens must be >= 1 with a drafter"),
-    (["--drafter", "medusa"], "--drafter must be one of"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--max-image-side", "0"], "--max-image-side must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 1"),
+        (["--num-draft-tokens", "0"], "--num-draft-tokens must be >= 1 with a drafter"),
+        (["--drafter", "medusa"], "--drafter must be one of"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--max-image-side", "0"], "--max-image-side must be >= 1"),
+    ],
+)
 def test_caption_bad_settings_exit_before_loading(tmp_path, no_model_loading, extra, message):
     image(0).save(tmp_path / "a.png")
     (tmp_path / "model").mkdir()  # exists, so the setting under test is what stops the command
     with pytest.raises(SystemExit, match=message):
-        main(["caption", str(tmp_path), "--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "out"), *extra])
+        main(
+            [
+                "caption",
+                str(tmp_path),
+                "--model",
+                str(tmp_path / "model"),
+                "--output-dir",
+                str(tmp_path / "out"),
+                *extra,
+            ]
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_setting_is_a_nonzero_exit_with_the_message_on_stderr(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "mmspec.app.cli", "caption", str(tmp_path), "--max-new-tokens", "-3"],
-                         capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=120, check=False)
+    run = subprocess.run(
+        [sys.executable, "-m", "mmspec.app.cli", "caption", str(tmp_path), "--max-new-tokens", "-3"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=ENV,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 1 and run.stderr.strip() == "error: --max-new-tokens must be >= 1, got -3"
 
 
@@ -89,22 +112,51 @@ def test_caption_limits_of_the_model_stop_the_job_before_any_image(vlm_dir, tmp_
     image(0).save(tmp_path / "a.png")
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match="max_new_tokens=100000 is more than the model's .* positions"):
-        main(["caption", str(tmp_path), "--model", str(vlm_dir), "--output-dir", str(out), "--max-new-tokens", "100000",
-              "--device", "cpu"])
+        main(
+            [
+                "caption",
+                str(tmp_path),
+                "--model",
+                str(vlm_dir),
+                "--output-dir",
+                str(out),
+                "--max-new-tokens",
+                "100000",
+                "--device",
+                "cpu",
+            ]
+        )
     with pytest.raises(SystemExit, match="top_k=100000 is larger than the vocabulary"):
-        main(["caption", str(tmp_path), "--model", str(vlm_dir), "--output-dir", str(out), "--top-k", "100000",
-              "--device", "cpu"])
+        main(
+            [
+                "caption",
+                str(tmp_path),
+                "--model",
+                str(vlm_dir),
+                "--output-dir",
+                str(out),
+                "--top-k",
+                "100000",
+                "--device",
+                "cpu",
+            ]
+        )
     assert not list(out.glob("*.jsonl"))
 
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` RGB pixels (a decompression bomb as the
     header shows it; no pixel data, so the test stays small and fast)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_caption_reports_a_decompression_bomb_and_shows_captions_mid_job(vlm_dir, tmp_path, monkeypatch, capsys):
@@ -123,12 +175,35 @@ def test_caption_reports_a_decompression_bomb_and_shows_captions_mid_job(vlm_dir
 
     def load(path, max_side):
         decoded.append(os.path.basename(path))
-        visible.append(len((out / "captions.jsonl").read_text().splitlines()) if (out / "captions.jsonl").exists() else 0)
+        visible.append(
+            len((out / "captions.jsonl").read_text().splitlines()) if (out / "captions.jsonl").exists() else 0
+        )
         return real_load(path, max_side)
 
     monkeypatch.setattr(jobs_io, "load_image", load)
-    assert main(["caption", str(folder), "--model", str(vlm_dir), "--output-dir", str(out), "--batch-size", "2",
-                 "--max-new-tokens", "4", "--drafter", "none", "--max-image-side", "32", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                str(folder),
+                "--model",
+                str(vlm_dir),
+                "--output-dir",
+                str(out),
+                "--batch-size",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--drafter",
+                "none",
+                "--max-image-side",
+                "32",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert decoded == ["0.png", "1.png", "2.png", "3.png"] and visible == [0, 0, 2, 2]
     stats = json.loads((out / "stats.json").read_text())
     errors = {os.path.basename(e["input"]): e["error"] for e in stats["errors"]}
@@ -141,8 +216,14 @@ def test_caption_reports_a_decompression_bomb_and_shows_captions_mid_job(vlm_dir
 
 
 def test_version_and_help_show_defaults(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "mmspec.app.cli", "--version"], capture_output=True, text=True, env=ENV,
-                         cwd=tmp_path, check=False)
+    run = subprocess.run(
+        [sys.executable, "-m", "mmspec.app.cli", "--version"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=tmp_path,
+        check=False,
+    )
     from mmspec import __version__
 
     assert run.returncode == 0 and run.stdout.strip() == f"mmspec {__version__}"
@@ -152,8 +233,9 @@ def test_version_and_help_show_defaults(tmp_path):
         parser = cli.build_parser([name])
         sub = next(a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction)).choices[name]
         text = sub.format_help()
-        with_defaults = [a for a in sub._actions
-                         if a.option_strings and a.default not in (None, False, cli.argparse.SUPPRESS)]
+        with_defaults = [
+            a for a in sub._actions if a.option_strings and a.default not in (None, False, cli.argparse.SUPPRESS)
+        ]
         for action in with_defaults:
             assert action.help, f"{name} {action.option_strings[0]} has no help"
             assert "default" in cli.HelpFormatter("x")._get_help_string(action).lower(), (name, action.option_strings)
@@ -162,11 +244,14 @@ def test_version_and_help_show_defaults(tmp_path):
 
 def test_help_does_not_import_torch():
     """`mmspec --help` and `mmspec caption --help` start without torch, diffusers or transformers."""
-    code = ("import sys, contextlib, io\nfrom mmspec.app.cli import main\n"
-            "for argv in (['--help'], ['caption', '--help'], ['generate', '--help']):\n"
-            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
-            "        main(argv)\n"
-            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd="/", timeout=60,
-                         check=False)
+    code = (
+        "import sys, contextlib, io\nfrom mmspec.app.cli import main\n"
+        "for argv in (['--help'], ['caption', '--help'], ['generate', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd="/", timeout=60, check=False
+    )
     assert run.stdout.strip() == "[]", run.stderr[-2000:]

@@ -23,8 +23,14 @@ def test_compiled_llamagen_baseline_equals_eager():
     runs = []
     for target in (gpt, compiled):
         cache = target.new_cache(2, required_cache_len(1, 9, 1), cfg=True)
-        out = speculative_generate(target, LlamaGenCondition(class_labels=torch.tensor([1, 3])), cache,
-                                   max_new_tokens=9, sampling=sampling, generator=torch.Generator().manual_seed(0))
+        out = speculative_generate(
+            target,
+            LlamaGenCondition(class_labels=torch.tensor([1, 3])),
+            cache,
+            max_new_tokens=9,
+            sampling=sampling,
+            generator=torch.Generator().manual_seed(0),
+        )
         runs.append(out.tokens)
     assert torch.equal(runs[0], runs[1])
     assert compiled.mode == "default" and compiled.vocab_size == gpt.vocab_size

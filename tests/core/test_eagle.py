@@ -34,19 +34,28 @@ TREE = TreeConfig(depth=4, top_k=3, total_nodes=10)
 
 def new_head(target, seed=1, name="tiny"):
     torch.manual_seed(seed)
-    config = EagleConfig(hidden_size=target.config.dim, n_head=target.config.n_head, vocab_size=target.vocab_size,
-                         target_name=name, multiple_of=16)
+    config = EagleConfig(
+        hidden_size=target.config.dim,
+        n_head=target.config.n_head,
+        vocab_size=target.vocab_size,
+        target_name=name,
+        multiple_of=16,
+    )
     return EagleHead(config, target.tok_embeddings, target.output)
 
 
 def train_config(**kw):
-    return EagleTrainConfig(**{"steps": 100, "batch_size": 8, "seq_len": 24, "lr": 3e-3, "max_prompt_len": 8,
-                               "progress": False, **kw})
+    return EagleTrainConfig(
+        **{"steps": 100, "batch_size": 8, "seq_len": 24, "lr": 3e-3, "max_prompt_len": 8, "progress": False, **kw}
+    )
 
 
 def train_batches(target, config):
     gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(target.vocab_size, (int(n),), generator=gen).tolist() for n in torch.randint(1, 9, (64,), generator=gen)]
+    prompts = [
+        torch.randint(target.vocab_size, (int(n),), generator=gen).tolist()
+        for n in torch.randint(1, 9, (64,), generator=gen)
+    ]
     return self_distilled_batches(target, token_prompts(prompts, config.batch_size), config, SamplingConfig())
 
 
@@ -68,8 +77,15 @@ def generate(target, prompt, drafter=None, k=4, sampling=GREEDY, max_new=30, see
     width = prompt.tokens.shape[1] if isinstance(prompt, TokenPrompt) else 1
     cache = target.new_cache(batch, required_cache_len(width, max_new, 1 + TREE.total_nodes), cfg=cfg)
     return speculative_generate(
-        target, prompt, cache, max_new_tokens=max_new, drafter=drafter, num_draft_tokens=k, sampling=sampling,
-        acceptance=acceptance, generator=torch.Generator().manual_seed(seed),
+        target,
+        prompt,
+        cache,
+        max_new_tokens=max_new,
+        drafter=drafter,
+        num_draft_tokens=k,
+        sampling=sampling,
+        acceptance=acceptance,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -124,14 +140,18 @@ def test_training_raises_acceptance_and_resume_reproduces_weights(lm, trained_he
     class Interrupted(Exception):
         pass
 
-    def crashing(step, batches=train_batches(lm, config)):
+    batches = train_batches(lm, config)
+
+    def crashing(step):
         if step == 3:
             raise Interrupted
         return batches(step)
 
     first = new_head(lm)
     with pytest.raises(Interrupted):
-        train_eagle_head(lm, first, crashing, train_config(steps=6, seed=3, checkpoint_dir=tmp_path, checkpoint_every=2))
+        train_eagle_head(
+            lm, first, crashing, train_config(steps=6, seed=3, checkpoint_dir=tmp_path, checkpoint_every=2)
+        )
     resumed = new_head(lm, seed=99)  # a different init: resuming must load the step-2 weights
     config = train_config(steps=6, seed=3, checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
     losses = train_eagle_head(lm, resumed, train_batches(lm, config), config)
@@ -186,7 +206,10 @@ def test_tree_tensors_match_draft_tree_from_parents():
     got = tree_from_parents(parents, max_depth=4, max_children=3)
     want = DraftTree.from_parents(parents)
     assert torch.equal(got.depth, want.depth) and torch.equal(got.ancestor_mask, want.ancestor_mask)
-    assert torch.equal(got.children[..., : want.max_children], want.children) and (got.children[..., want.max_children :] == -1).all()
+    assert (
+        torch.equal(got.children[..., : want.max_children], want.children)
+        and (got.children[..., want.max_children :] == -1).all()
+    )
 
 
 def test_eagle2_tree_structure(lm, trained_head):
@@ -220,8 +243,15 @@ def test_exact_eagle_sampling_reproduces_target_distribution(tree):
     target = tiny_lm(vocab_size=vocab, dim=16, n_layer=1, n_head=2, seed=11, sharpness=1.5)
     sampling = SamplingConfig(temperature=0.9, top_k=4)
     prompt = [0, 1, 2, 1]
-    out = generate(target, TokenPrompt.from_lists([prompt] * n), EagleDrafter(new_head(target, seed=4), tree), k=2,
-                   sampling=sampling, max_new=length, seed=7)
+    out = generate(
+        target,
+        TokenPrompt.from_lists([prompt] * n),
+        EagleDrafter(new_head(target, seed=4), tree),
+        k=2,
+        sampling=sampling,
+        max_new=length,
+        seed=7,
+    )
     joint = {}
     for seq in itertools.product(range(vocab), repeat=length):
         tokens = torch.tensor([prompt + list(seq)])
@@ -318,8 +348,10 @@ def test_save_load_round_trip_and_wrong_target(lm, trained_head, tmp_path):
     for (name, a), b in zip(trained_head.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     prompt = TokenPrompt.from_lists(PROMPTS)
-    assert torch.equal(generate(lm, prompt, EagleDrafter(loaded), sampling=SamplingConfig(), seed=2).tokens,
-                       generate(lm, prompt, EagleDrafter(trained_head), sampling=SamplingConfig(), seed=2).tokens)
+    assert torch.equal(
+        generate(lm, prompt, EagleDrafter(loaded), sampling=SamplingConfig(), seed=2).tokens,
+        generate(lm, prompt, EagleDrafter(trained_head), sampling=SamplingConfig(), seed=2).tokens,
+    )
     with pytest.raises(ValueError, match="trained for target 'tiny' .* not for target 'other'"):
         EagleHead.from_pretrained(tmp_path / "head", lm.tok_embeddings, lm.output, target_name="other")
     small = tiny_lm(vocab_size=40)
@@ -335,11 +367,25 @@ def test_train_drafter_command(lm, tmp_path):
     (tmp_path / "lm" / "config.json").write_text(json.dumps(lm.to_dict()))
     parser = ArgumentParser()
     add_train_drafter_args(parser)
-    args = parser.parse_args(["--target-path", str(tmp_path / "lm"), "--output", str(tmp_path / "head"),
-                              "--steps", "2", "--batch-size", "2", "--seq-len", "4"])
+    args = parser.parse_args(
+        [
+            "--target-path",
+            str(tmp_path / "lm"),
+            "--output",
+            str(tmp_path / "head"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "4",
+        ]
+    )
     assert train_drafter_command(args) == 0
     # The default name is a fingerprint of the target's LM head: it identifies the exact weights.
-    head = EagleHead.from_pretrained(tmp_path / "head", lm.tok_embeddings, lm.output, target_name=target_fingerprint(lm.output))
+    head = EagleHead.from_pretrained(
+        tmp_path / "head", lm.tok_embeddings, lm.output, target_name=target_fingerprint(lm.output)
+    )
     assert head.config.hidden_size == 32
     with pytest.raises(SystemExit, match="unknown --target-kind 'vlm'"):
         train_drafter_command(parser.parse_args(["--target-kind", "vlm", "--target-path", "x", "--output", "y"]))

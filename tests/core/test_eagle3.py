@@ -29,8 +29,16 @@ def _run(target, prompt, drafter=None, k=3, sampling=GREEDY, max_new=20, seed=0)
     run_target = target if drafter is None else drafter.features_target(target)
     width = 1 if drafter is None else drafter.verify_width(k)
     cache = target.new_cache(prompt.tokens.shape[0], required_cache_len(prompt.tokens.shape[1], max_new, width))
-    return speculative_generate(run_target, prompt, cache, max_new_tokens=max_new, drafter=drafter, num_draft_tokens=k,
-                                sampling=sampling, generator=torch.Generator().manual_seed(seed))
+    return speculative_generate(
+        run_target,
+        prompt,
+        cache,
+        max_new_tokens=max_new,
+        drafter=drafter,
+        num_draft_tokens=k,
+        sampling=sampling,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +46,12 @@ def trained():
     """A 4-layer target and an EAGLE-3 head with a 24-of-48 draft vocabulary, trained 30 steps."""
     target = tiny_lm(n_layer=4, seed=2)
     head = eagle3_head_for_lm(target, draft_vocab_size=24)
-    config = Eagle3TrainConfig(steps=30, batch_size=8, seq_len=12, lr=3e-3, ttt_steps=3, vocab_batches=4, progress=False)
-    prompts = [[int(t) for t in torch.randint(48, (n,), generator=torch.Generator().manual_seed(n))] for n in range(1, 7)]
+    config = Eagle3TrainConfig(
+        steps=30, batch_size=8, seq_len=12, lr=3e-3, ttt_steps=3, vocab_batches=4, progress=False
+    )
+    prompts = [
+        [int(t) for t in torch.randint(48, (n,), generator=torch.Generator().manual_seed(n))] for n in range(1, 7)
+    ]
     batches = self_distilled_batches(target, token_prompts(prompts, 8), config, SamplingConfig(temperature=0))
     losses = train_eagle3_head(target, head, batches, config)
     return target, head.eval(), losses
@@ -49,13 +61,18 @@ def test_aux_features_are_the_outputs_of_the_chosen_layers():
     target = tiny_lm(n_layer=4)
     prompt = TokenPrompt.from_lists([[1, 2, 3], [4, 5]])
     seen = {}
-    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out)) for i, layer in enumerate(target.layers)]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+        for i, layer in enumerate(target.layers)
+    ]
     target.prefill(prompt, target.new_cache(2, 8))
     for h in hooks:
         h.remove()
     pre = AuxFeatureTarget(target, (0, 2, 3)).prefill(prompt, target.new_cache(2, 8))
     torch.testing.assert_close(pre.hidden_states_all, torch.cat([seen[0], seen[2], seen[3]], -1))
-    torch.testing.assert_close(pre.output.hidden_states[1, 0], pre.hidden_states_all[1, 1])  # row 1's last real position
+    torch.testing.assert_close(
+        pre.output.hidden_states[1, 0], pre.hidden_states_all[1, 1]
+    )  # row 1's last real position
 
 
 def test_d2t_offsets_and_target_vocab_logits():
@@ -141,8 +158,10 @@ def test_training_time_test_unrolls_what_drafting_sees(trained):
 def test_draft_vocabulary_is_the_most_frequent_tokens():
     target = tiny_lm()
     head = eagle3_head_for_lm(target, draft_vocab_size=4, aux_layer_ids=(0, 1, 1))
-    data = {0: (TokenPrompt.from_lists([[9, 9, 9, 1]]), torch.tensor([[9, 5, 5, 40, -1]])),
-            1: (TokenPrompt.from_lists([[40]]), torch.tensor([[5, 40, 2, 2, 2]]))}
+    data = {
+        0: (TokenPrompt.from_lists([[9, 9, 9, 1]]), torch.tensor([[9, 5, 5, 40, -1]])),
+        1: (TokenPrompt.from_lists([[40]]), torch.tensor([[5, 40, 2, 2, 2]])),
+    }
     chosen = choose_draft_vocab(head, data.__getitem__, 2)  # counts: 9:3, 5:3, 40:3, 2:3, 1:1
     assert chosen.tolist() == [2, 5, 9, 40]
 
@@ -179,9 +198,32 @@ def test_train_drafter_arch_eagle3_for_an_lm(tmp_path):
     (tmp_path / "lm").mkdir()
     save_file(target.state_dict(), tmp_path / "lm" / "model.safetensors")
     (tmp_path / "lm" / "config.json").write_text(json.dumps(target.to_dict()))
-    assert main(["train-drafter", "--arch", "eagle3", "--target-path", str(tmp_path / "lm"), "--output",
-                 str(tmp_path / "head"), "--steps", "2", "--batch-size", "2", "--seq-len", "4", "--draft-vocab-size", "16",
-                 "--aux-layers", "0,1,3", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train-drafter",
+                "--arch",
+                "eagle3",
+                "--target-path",
+                str(tmp_path / "lm"),
+                "--output",
+                str(tmp_path / "head"),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "4",
+                "--draft-vocab-size",
+                "16",
+                "--aux-layers",
+                "0,1,3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     drafter = Eagle3Drafter.from_pretrained(tmp_path / "head", target)
     assert drafter.head.config.aux_layer_ids == (0, 1, 3) and int(drafter.head.t2d.sum()) == 16
     prompt = TokenPrompt.from_lists([[1, 2, 3]])

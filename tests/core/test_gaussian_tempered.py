@@ -35,8 +35,9 @@ def test_lam_1_is_the_exact_rule():
     p, q = _pair(4000, 1.0, 0.5, 3)
     x = q.sample(torch.Generator().manual_seed(0))
     exact = get_acceptance_rule("gaussian-exact").verify(Draft(x, proposal=q), p, torch.Generator().manual_seed(1))
-    tempered = get_acceptance_rule("gaussian-tempered", lam=1.0).verify(Draft(x, proposal=q), p,
-                                                                        torch.Generator().manual_seed(1))
+    tempered = get_acceptance_rule("gaussian-tempered", lam=1.0).verify(
+        Draft(x, proposal=q), p, torch.Generator().manual_seed(1)
+    )
     assert torch.equal(exact.tokens, tempered.tokens) and torch.equal(exact.source, tempered.source)
     assert float(tempered.moved_mass.abs().max()) == 0.0
 

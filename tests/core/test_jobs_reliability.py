@@ -89,8 +89,15 @@ def test_results_are_visible_while_the_job_runs(tmp_path):
         return _double(items)
 
     appended = []
-    jobs.run_job([str(i) for i in range(6)], int, process, tmp_path, batch_size=2, desc="t",
-                 on_results=lambda records: appended.append([r["index"] for r in records]))
+    jobs.run_job(
+        [str(i) for i in range(6)],
+        int,
+        process,
+        tmp_path,
+        batch_size=2,
+        desc="t",
+        on_results=lambda records: appended.append([r["index"] for r in records]),
+    )
     assert seen == [[], [0, 1], [0, 1, 2, 3]]  # each batch finds the earlier batches on disk
     assert appended == [[0, 1], [2, 3], [4, 5]]
 
@@ -111,17 +118,25 @@ def test_resume_keeps_the_original_batches(tmp_path):
     first = list(calls)
     assert first == [[0, 1, 2], [0], [1], [2], [3, 4, 5], [6]]
     calls.clear()
-    (tmp_path / "results.0.jsonl").write_text("".join(
-        line + "\n" for line in (tmp_path / "results.0.jsonl").read_text().splitlines() if json.loads(line)["index"] < 3))
+    (tmp_path / "results.0.jsonl").write_text(
+        "".join(
+            line + "\n"
+            for line in (tmp_path / "results.0.jsonl").read_text().splitlines()
+            if json.loads(line)["index"] < 3
+        )
+    )
     jobs.run_job(raw, int, process, tmp_path, batch_size=3, desc="t")
     assert calls == [[2], [2], [3, 4, 5], [6]]  # item 2 alone (then its retry), not [2, 3, 4], [5, 6]
 
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
-    code = ("import sys, time; from mmspec.app.jobs_io import FolderLock; FolderLock(sys.argv[1]).acquire(); "
-            "print('locked', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=folder.parent,
-                              env=ENV)
+    code = (
+        "import sys, time; from mmspec.app.jobs_io import FolderLock; FolderLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=folder.parent, env=ENV
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -165,10 +180,37 @@ def test_every_process_of_a_data_parallel_job_stops_when_the_folder_is_taken(tmp
     holder = _hold_lock(out)
     try:
         run = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-             "--master_port", str(port), "-m", "mmspec.app.cli", "generate", "--model", str(model_dir), "--labels-file",
-             str(labels), "--output-dir", str(out), "--speculative", "none", "--device", "cpu"],
-            capture_output=True, text=True, timeout=240, env=ENV, cwd=tmp_path, check=False)
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "mmspec.app.cli",
+                "generate",
+                "--model",
+                str(model_dir),
+                "--labels-file",
+                str(labels),
+                "--output-dir",
+                str(out),
+                "--speculative",
+                "none",
+                "--device",
+                "cpu",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=ENV,
+            cwd=tmp_path,
+            check=False,
+        )
     finally:
         holder.kill()
         holder.wait()
@@ -192,8 +234,23 @@ LABELS = [str(i % 5) for i in range(23)] + ["banana", "7"] + ["1", "2", "3"]
 
 
 def _generate_args(model_dir, out, labels):
-    return ["generate", "--model", str(model_dir), "--labels-file", str(labels), "--output-dir", str(out),
-            "--batch-size", "2", "--num-draft-tokens", "3", "--seed", "11", "--device", "cpu"]
+    return [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--labels-file",
+        str(labels),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--num-draft-tokens",
+        "3",
+        "--seed",
+        "11",
+        "--device",
+        "cpu",
+    ]
 
 
 def _outputs(out: Path) -> tuple[dict, dict]:
@@ -218,8 +275,13 @@ def _kill_at_random_points(seed: int, model_dir: Path, labels: Path, out: Path, 
     for attempt in range(2):
         if attempt and rng.random() < 0.5:
             break
-        run = subprocess.Popen([sys.executable, "-m", "mmspec.app.cli", *_generate_args(model_dir, out, labels)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=out.parent, env=ENV)
+        run = subprocess.Popen(
+            [sys.executable, "-m", "mmspec.app.cli", *_generate_args(model_dir, out, labels)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=out.parent,
+            env=ENV,
+        )
         done = len(read_jsonl(results).records)
         target = done + rng.randint(0, (num_results - done) // 2)  # finished items before the kill
         deadline = time.monotonic() + 120
@@ -250,8 +312,11 @@ def test_killed_jobs_resume_to_the_uninterrupted_outputs(model_dir, tmp_path):
     assert len(want_records) == 26 and len(want_images) == 26
     seeds = range(3)
     with ThreadPoolExecutor(len(seeds)) as pool:  # real processes, killed side by side
-        kills = list(pool.map(lambda seed: _kill_at_random_points(seed, model_dir, labels, tmp_path / f"killed{seed}", 26),
-                              seeds))
+        kills = list(
+            pool.map(
+                lambda seed: _kill_at_random_points(seed, model_dir, labels, tmp_path / f"killed{seed}", 26), seeds
+            )
+        )
     assert all(k >= 1 for k in kills), f"a job finished before it could be killed: {kills}"
     for seed in seeds:
         out = tmp_path / f"killed{seed}"

@@ -21,8 +21,16 @@ def generate(target, prompts, drafter=None, k=4, sampling=GREEDY, acceptance="ex
     window = 1 if drafter is None or k < 1 else drafter.verify_width(k)
     cache = target.new_cache(len(prompts), required_cache_len(prompt.tokens.shape[1], max_new, window))
     return speculative_generate(
-        target, prompt, cache, max_new_tokens=max_new, drafter=drafter, num_draft_tokens=k, sampling=sampling,
-        acceptance=acceptance, generator=torch.Generator().manual_seed(seed), **kw,
+        target,
+        prompt,
+        cache,
+        max_new_tokens=max_new,
+        drafter=drafter,
+        num_draft_tokens=k,
+        sampling=sampling,
+        acceptance=acceptance,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
     )
 
 
@@ -107,17 +115,30 @@ def test_invalid_settings_raise(target, draft_model):
 
 
 def test_verify_width_sizes_the_cache_and_a_small_cache_is_a_clear_error(target, draft_model):
-    assert NGramDrafter(48).verify_width(4) == JacobiDrafter(48).verify_width(4) == ModelDrafter(draft_model).verify_width(4) == 5
+    assert (
+        NGramDrafter(48).verify_width(4)
+        == JacobiDrafter(48).verify_width(4)
+        == ModelDrafter(draft_model).verify_width(4)
+        == 5
+    )
     assert ModelDrafter(draft_model, num_alternatives=3).verify_width(4) == 13  # root + 4 x (chain node + 2 siblings)
     prompt = TokenPrompt.from_lists(PROMPTS[:1])
     exact = required_cache_len(prompt.tokens.shape[1], 30, 13)
     tree = ModelDrafter(draft_model, num_alternatives=3)
-    out = speculative_generate(target, prompt, target.new_cache(1, exact), max_new_tokens=30, drafter=tree,
-                               num_draft_tokens=4, sampling=GREEDY)
+    out = speculative_generate(
+        target, prompt, target.new_cache(1, exact), max_new_tokens=30, drafter=tree, num_draft_tokens=4, sampling=GREEDY
+    )
     assert torch.equal(out.tokens, generate(target, PROMPTS[:1]).tokens)  # the exact size suffices
     with pytest.raises(ValueError, match=r"holds 63 positions but this run needs 64 .*verify windows of 13"):
-        speculative_generate(target, prompt, target.new_cache(1, exact - 1), max_new_tokens=30, drafter=tree,
-                             num_draft_tokens=4, sampling=GREEDY)
+        speculative_generate(
+            target,
+            prompt,
+            target.new_cache(1, exact - 1),
+            max_new_tokens=30,
+            drafter=tree,
+            num_draft_tokens=4,
+            sampling=GREEDY,
+        )
 
 
 def test_eos_stops_rows_independently(target, draft_model):
@@ -173,6 +194,13 @@ def test_decoding_records_no_autograd_graph_even_in_grad_mode(target, draft_mode
     prompt = TokenPrompt.from_lists(PROMPTS[:2])
     cache = target.new_cache(2, required_cache_len(prompt.tokens.shape[1], 12, 5))
     with torch.enable_grad():
-        out = speculative_generate(target, prompt, cache, max_new_tokens=12, drafter=ModelDrafter(draft_model),
-                                   num_draft_tokens=4, sampling=GREEDY)
+        out = speculative_generate(
+            target,
+            prompt,
+            cache,
+            max_new_tokens=12,
+            drafter=ModelDrafter(draft_model),
+            num_draft_tokens=4,
+            sampling=GREEDY,
+        )
     assert out.tokens.grad_fn is None and not cache.k.requires_grad and not cache.v.requires_grad

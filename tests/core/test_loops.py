@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mmspec.acceptance import AcceptanceRule, register_acceptance_rule
-from mmspec.rules import ACCEPTANCE_RULES, get_acceptance_rule
 from mmspec.loops import block_generate, masked_generate, required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
+from mmspec.rules import ACCEPTANCE_RULES, get_acceptance_rule
 from mmspec.stats import SOURCE_ACCEPTED, SOURCE_NONE, SOURCE_PREFILL, SOURCE_RECOVERED
 from mmspec.types import (
     Categorical,
@@ -74,9 +74,17 @@ def _lm_run(target, drafter, acceptance, prompts, max_new=12, k=3):
     cache = target.new_cache(len(prompts), required_cache_len(prompt.tokens.shape[1], max_new, window))
     from mmspec.sampling import SamplingConfig
 
-    return speculative_generate(target, prompt, cache, max_new_tokens=max_new, drafter=drafter, num_draft_tokens=k,
-                                sampling=SamplingConfig(temperature=0), acceptance=acceptance,
-                                generator=torch.Generator().manual_seed(0))
+    return speculative_generate(
+        target,
+        prompt,
+        cache,
+        max_new_tokens=max_new,
+        drafter=drafter,
+        num_draft_tokens=k,
+        sampling=SamplingConfig(temperature=0),
+        acceptance=acceptance,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def test_a_new_rule_and_drafter_plug_into_the_causal_loop():
@@ -95,8 +103,11 @@ def test_a_new_rule_and_drafter_plug_into_the_causal_loop():
 
 
 def test_prefix_verdict_sources_replace_padding():
-    verdict = Verdict(torch.tensor([0, 2, 3]), torch.tensor([[5, -1, -1, -1], [1, 2, 7, -1], [1, 2, 3, 4]]),
-                      is_bonus=torch.tensor([False, False, True]))
+    verdict = Verdict(
+        torch.tensor([0, 2, 3]),
+        torch.tensor([[5, -1, -1, -1], [1, 2, 7, -1], [1, 2, 3, 4]]),
+        is_bonus=torch.tensor([False, False, True]),
+    )
     r, a, b, n = SOURCE_RECOVERED, SOURCE_ACCEPTED, 3, SOURCE_NONE
     assert verdict.source.tolist() == [[r, n, n, n], [a, a, r, n], [a, a, a, b]]
     assert verdict.accepted.sum(1).tolist() == [0, 2, 3] and verdict.commit is CommitMode.PREFIX
@@ -112,8 +123,14 @@ def test_each_loop_refuses_rules_that_commit_otherwise():
     with pytest.raises(ValueError, match="commits prefix.*speculative_generate"):
         masked_generate(toy, SetDrafter(torch.rand(4, 5).softmax(-1)), None, acceptance="exact")
     with pytest.raises(ValueError, match="commits prefix"):
-        block_generate(ToyVideo(0.0), None, num_blocks=2, drafter=ToyVideo(1.0), router="exact",
-                       scorer=lambda block, condition: block.flatten(2).mean(-1))
+        block_generate(
+            ToyVideo(0.0),
+            None,
+            num_blocks=2,
+            drafter=ToyVideo(1.0),
+            router="exact",
+            scorer=lambda block, condition: block.flatten(2).mean(-1),
+        )
     with pytest.raises(TypeError, match="Categorical"):
         get_acceptance_rule("exact").verify(Draft(torch.zeros(1, 1, dtype=torch.long)), torch.ones(1, 2, 3) / 3, None)
 
@@ -230,8 +247,14 @@ def test_handed_back_elements_are_regenerated_by_the_target():
 
     p = torch.softmax(torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(1)), -1)
     target = IndependentSet(p)
-    out = masked_generate(target, SetDrafter(torch.full((6, 4), 0.25), chunks=1), None, acceptance=HandBackOdd(),
-                          max_rounds=3, generator=torch.Generator().manual_seed(2))
+    out = masked_generate(
+        target,
+        SetDrafter(torch.full((6, 4), 0.25), chunks=1),
+        None,
+        acceptance=HandBackOdd(),
+        max_rounds=3,
+        generator=torch.Generator().manual_seed(2),
+    )
     src = out.stats.token_source
     assert (src[:, 1::2] == SOURCE_RECOVERED).all() and (src[:, ::2] == SOURCE_ACCEPTED).all()
     assert out.stats.rounds.tolist() == [2, 2, 2] and bool(out.stats.converged.all())
@@ -333,8 +356,15 @@ def _video(tau=None, drafter_bias=3.0, seed=0, num_blocks=4):
     target = ToyVideo(0.0)
     drafter = None if tau is None else ToyVideo(drafter_bias)
     router = None if tau is None else get_acceptance_rule("score-threshold", tau=tau)
-    out = block_generate(target, None, num_blocks=num_blocks, drafter=drafter, router=router,
-                         scorer=None if tau is None else _frame_scores, generator=torch.Generator().manual_seed(seed))
+    out = block_generate(
+        target,
+        None,
+        num_blocks=num_blocks,
+        drafter=drafter,
+        router=router,
+        scorer=None if tau is None else _frame_scores,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return out, target, drafter
 
 
@@ -373,9 +403,12 @@ def test_block_router_mixes_rows_and_reports_scores():
 def test_router_aggregates_and_errors():
     values = torch.tensor([[0.9, 0.2, 0.8], [0.6, 0.7, 0.65]])
     draft = Draft(torch.zeros(2, 1, 3))
-    assert get_acceptance_rule("score-threshold", tau=0.5).verify(draft, Scores(values), None).accepted[:, 0].tolist() == [False, True]
+    assert get_acceptance_rule("score-threshold", tau=0.5).verify(draft, Scores(values), None).accepted[
+        :, 0
+    ].tolist() == [False, True]
     assert get_acceptance_rule("score-threshold", tau=0.6, aggregate="mean").verify(
-        draft, Scores(values), None).accepted[:, 0].tolist() == [True, True]
+        draft, Scores(values), None
+    ).accepted[:, 0].tolist() == [True, True]
     for bad in [dict(tau=float("nan")), dict(tau=0.5, aggregate="max"), dict(tau=0.5, quantile=2.0)]:
         with pytest.raises(ValueError):
             get_acceptance_rule("score-threshold", **bad)
@@ -435,8 +468,8 @@ def test_registries_list_mulo_like_every_other_method(tmp_path):
 
 def test_heatmaps_from_every_loop():
     """The acceptance heat-map is drawn from the shared stats fields of all three loops."""
-    from mmspec.pipelines.llamagen import LlamaGenPipeline
     from mmspec.app.visualize import acceptance_heatmap
+    from mmspec.pipelines.llamagen import LlamaGenPipeline
 
     from ..conftest import tiny_llamagen
 
@@ -447,8 +480,13 @@ def test_heatmaps_from_every_loop():
     generator = torch.Generator().manual_seed(0)
     stats = {
         "causal": pipe(class_labels=[1], speculative="sjd", generator=generator, output_type="pt").stats,
-        "masked": pipe(class_labels=[1], speculative="mulo", acceptance_options={"tau": 0.05}, generator=generator,
-                       output_type="pt").stats,
+        "masked": pipe(
+            class_labels=[1],
+            speculative="mulo",
+            acceptance_options={"tau": 0.05},
+            generator=generator,
+            output_type="pt",
+        ).stats,
         "block": _video(tau=1.2, drafter_bias=1.0, seed=3)[0].stats,
     }
     for name, s in stats.items():

@@ -62,8 +62,15 @@ def test_broken_coupling_fails_the_distribution_test():
     target = tiny_lm(vocab_size=vocab, dim=16, n_layer=1, n_head=2, seed=11, sharpness=1.5)
     sampling = SamplingConfig(temperature=0.9, top_k=4)
     prompt = [0, 1, 2, 1]
-    out = generate(target, [prompt] * n, ReusePreviousToken(vocab, coupling="maximal"), k=2, sampling=sampling,
-                   max_new=length, seed=7)
+    out = generate(
+        target,
+        [prompt] * n,
+        ReusePreviousToken(vocab, coupling="maximal"),
+        k=2,
+        sampling=sampling,
+        max_new=length,
+        seed=7,
+    )
     with pytest.raises(AssertionError):
         assert_rows_follow(out.tokens, _exact_joint(target, prompt, vocab, length, sampling))
 

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from mmspec.acceptance import ExactAcceptance, GreedyAcceptance
-from mmspec.rules import get_acceptance_rule
 from mmspec.pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 from mmspec.relaxed import (
     GSDAcceptance,
@@ -23,6 +22,7 @@ from mmspec.relaxed import (
     gsd_candidates,
     load_or_build_neighbours,
 )
+from mmspec.rules import get_acceptance_rule
 from mmspec.tree import DraftTree
 from mmspec.types import Categorical, Draft
 
@@ -273,10 +273,15 @@ def test_lantern_tree_siblings_use_the_relaxed_residual():
     _, moves = rule.relaxed_target(residual.expand(vocab, vocab), torch.arange(vocab), None)
     x2 = int(torch.where(torch.arange(vocab) == x1, -1.0, moves).argmax())
     second, moved2 = rule.relaxed_target(residual, torch.tensor([x2]), None)
-    law = float(first[0, x1]) * F.one_hot(torch.tensor(x1), vocab).double() + (1 - float(first[0, x1])) * second[0].double()
+    law = (
+        float(first[0, x1]) * F.one_hot(torch.tensor(x1), vocab).double()
+        + (1 - float(first[0, x1])) * second[0].double()
+    )
     assert float(moved1) > 0 and float(moved2) > 0
     tree = DraftTree.from_parents(torch.tensor([[-1, 0, 0]]).expand(n, -1).contiguous())
-    verdict = rule.verify(Draft(torch.tensor([[0, x1, x2]]).expand(n, -1), None, tree), Categorical(p.expand(n, 3, vocab)), g)
+    verdict = rule.verify(
+        Draft(torch.tensor([[0, x1, x2]]).expand(n, -1), None, tree), Categorical(p.expand(n, 3, vocab)), g
+    )
     _assert_law(verdict.tokens[:, 0], law, "first token of a relaxed tree")
     took_second = verdict.accepted_nodes[:, 0] == 2
     assert bool(took_second.any()) and bool((verdict.num_accepted == 0).any())
@@ -304,8 +309,9 @@ def test_lantern_greedy_stand_ins(table24):
         assert verdict.tokens[b, :n].tolist() == tokens[b, :n].tolist()
         assert int(verdict.tokens[b, n]) == int(best[b, n])  # the argmax after a rejection / as bonus
         assert verdict.moved_mass[b, :n].tolist() == [float(kind[b, i] == 1) for i in range(n)]
-    _assert_same_verdict(_verify(LanternAcceptance(table24, delta=0.3, k=12), draft, target),
-                         _verify(GreedyAcceptance(), draft, target))  # m = 0: exact greedy
+    _assert_same_verdict(
+        _verify(LanternAcceptance(table24, delta=0.3, k=12), draft, target), _verify(GreedyAcceptance(), draft, target)
+    )  # m = 0: exact greedy
 
 
 def test_lantern_clear_errors(table24):
@@ -443,8 +449,15 @@ def pipe():
 
 
 def _run(pipe, acceptance, seed):
-    return pipe(class_labels=[0, 4, 2, 1, 3, 3], guidance_scale=1.0, speculative="sjd", num_draft_tokens=4,
-                acceptance=acceptance, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    return pipe(
+        class_labels=[0, 4, 2, 1, 3, 3],
+        guidance_scale=1.0,
+        speculative="sjd",
+        num_draft_tokens=4,
+        acceptance=acceptance,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    )
 
 
 def test_pipeline_rules_without_relaxation_equal_exact(pipe):
@@ -464,7 +477,8 @@ def test_pipeline_relaxation_accepts_more(pipe):
         "lantern++": LanternAcceptance(build_latent_neighbours(codebook, 8), mode="multiplicative", lam=3.0, k=8),
         "gsd": GSDAcceptance(codebook, group_size=8, prob_threshold=0.15, dist_threshold=2.0),
     }
-    accepted = {name: sum(_run(pipe, rule, seed).stats.mean_accepted for seed in range(3)) / 3
-                for name, rule in rules.items()}
+    accepted = {
+        name: sum(_run(pipe, rule, seed).stats.mean_accepted for seed in range(3)) / 3 for name, rule in rules.items()
+    }
     assert all(accepted[name] >= accepted["exact"] for name in rules), accepted
     assert accepted["lantern"] > accepted["exact"] + 0.05, accepted

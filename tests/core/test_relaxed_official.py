@@ -13,9 +13,8 @@ SpeculativeSampler.__call__`` and ``reject_sampling_single_token``. They share n
 import pytest
 import torch
 import torch.nn.functional as F
-from mmspec.pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 
-from mmspec.rules import get_acceptance_rule
+from mmspec.pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 from mmspec.relaxed import (
     GSDAcceptance,
     LanternAcceptance,
@@ -29,6 +28,7 @@ from mmspec.relaxed_official import (
     lantern_official_mass,
     lantern_official_residual,
 )
+from mmspec.rules import get_acceptance_rule
 from mmspec.tree import DraftTree
 from mmspec.types import Categorical, Draft
 
@@ -292,8 +292,9 @@ def test_lantern_official_acceptance_matches_transcription(nearest, official_del
     x = torch.randint(0, V, (256,), generator=g)
     lantern_k = 10
     relative = official_delta > 1
-    mass, counted = lantern_official_mass(p, x, nearest, lantern_k, official_delta - 1 if relative else official_delta,
-                                          relative)
+    mass, counted = lantern_official_mass(
+        p, x, nearest, lantern_k, official_delta - 1 if relative else official_delta, relative
+    )
     for r in range(256):
         px, indices = _lantern_px(p[r], int(x[r]), nearest, lantern_k, official_delta)
         assert float(p[r, x[r]] + mass[r]) == pytest.approx(px, abs=1e-6)
@@ -336,8 +337,16 @@ def test_lantern_official_tree_verification_matches_transcription(nearest, path,
     lengths = []
     for b in range(batch):
         accepted, sample_p = _official_lantern_sampling(
-            draft.tokens[b], PARENTS, target[b], None if path == "dynamic" else proposals[b], rs[b], nearest, lantern_k,
-            official_delta, path)
+            draft.tokens[b],
+            PARENTS,
+            target[b],
+            None if path == "dynamic" else proposals[b],
+            rs[b],
+            nearest,
+            lantern_k,
+            official_delta,
+            path,
+        )
         n = len(accepted)
         lengths.append(n)
         assert int(verdict.num_accepted[b]) == n
@@ -364,8 +373,16 @@ def test_lantern_official_chain_is_the_one_branch_tree(nearest, path):
     for b in range(batch):
         proposals = torch.cat([q[b], q[b, :1]]) if with_q else None  # node n's children drawn from q[b, n]
         accepted, sample_p = _official_lantern_sampling(
-            torch.cat([torch.zeros(1, dtype=torch.long), tokens[b]]), chain, target[b], proposals,
-            torch.cat([torch.zeros(1), rs[b]]), nearest, lantern_k, 0.25, path)
+            torch.cat([torch.zeros(1, dtype=torch.long), tokens[b]]),
+            chain,
+            target[b],
+            proposals,
+            torch.cat([torch.zeros(1), rs[b]]),
+            nearest,
+            lantern_k,
+            0.25,
+            path,
+        )
         n = len(accepted)
         assert int(verdict.num_accepted[b]) == n and verdict.tokens[b, :n].tolist() == accepted
         assert int(verdict.tokens[b, n]) == _inverse_cdf(sample_p, us[b])
@@ -398,7 +415,11 @@ def test_lantern_official_greedy_matches_transcription(nearest, official_delta, 
         for n in range(1, num_nodes):
             top = int(target[b, parents[n]].argmax())
             choice = len(_earlier_siblings(parents, n))
-            options = [top, int(nearest[top, int(torch.randint(0, 3, (1,), generator=g))]), int(torch.randint(0, V, (1,), generator=g))]
+            options = [
+                top,
+                int(nearest[top, int(torch.randint(0, 3, (1,), generator=g))]),
+                int(torch.randint(0, V, (1,), generator=g)),
+            ]
             token = options[choice] if torch.rand(1, generator=g) < 0.8 else options[2]
             while token in [int(tokens[b, s]) for s in _earlier_siblings(parents, n)]:
                 token = (token + 1) % V
@@ -413,7 +434,9 @@ def test_lantern_official_greedy_matches_transcription(nearest, official_delta, 
         verdict = rule.verify(Draft(tokens[:, 1:]), Categorical(target), None)
     lengths = []
     for b in range(batch):
-        accepted, next_token = _official_lantern_greedy(tokens[b], parents, target[b], nearest, lantern_k, official_delta)
+        accepted, next_token = _official_lantern_greedy(
+            tokens[b], parents, target[b], nearest, lantern_k, official_delta
+        )
         n = len(accepted)
         lengths.append(n)
         assert int(verdict.num_accepted[b]) == n, b
@@ -428,7 +451,8 @@ def test_lantern_official_greedy_reads_temperature_one_probs():
     table = torch.stack([torch.roll(torch.arange(V), -i)[1:] for i in range(V)])
     rule = LanternAcceptance(table, k=4, variant="official", greedy=True)
     assert rule.target_sampling(SamplingConfig(temperature=0.0, guidance_scale=3.0)) == SamplingConfig(
-        temperature=1.0, guidance_scale=3.0)
+        temperature=1.0, guidance_scale=3.0
+    )
     plain = LanternAcceptance(table, k=4, variant="official")
     greedy = SamplingConfig(temperature=0.0)
     assert plain.target_sampling(greedy) is greedy and not plain.requires_greedy
@@ -547,7 +571,10 @@ def _all_rules(codebook, nearest):
     yield "lantern-greedy-neighbours", LanternAcceptance(nearest, k=5, delta=0.3, greedy_neighbours=2)
     yield "gsd", GSDAcceptance(codebook)
     for path in ("auto", "dynamic", "static-llamagen", "static-lumina"):
-        yield f"lantern-official-{path}", LanternAcceptance(nearest, k=5, delta=0.3, variant="official", official_path=path)
+        yield (
+            f"lantern-official-{path}",
+            LanternAcceptance(nearest, k=5, delta=0.3, variant="official", official_path=path),
+        )
     yield "lantern-official-greedy", LanternAcceptance(nearest, k=5, delta=0.3, variant="official", greedy=True)
     yield "gsd-official", GSDAcceptance(codebook, variant="official")
 
@@ -629,20 +656,36 @@ def test_pipeline_official_lantern_uses_raw_rows(pipe, tmp_path):
 
 
 def _generate(pipe, temperature, acceptance, options=None, speculative="sjd"):
-    return pipe(class_labels=[0, 4, 2], guidance_scale=2.0, speculative=speculative, num_draft_tokens=3,
-                temperature=temperature, acceptance=acceptance, acceptance_options=options,
-                generator=torch.Generator().manual_seed(0), output_type="pt")
+    return pipe(
+        class_labels=[0, 4, 2],
+        guidance_scale=2.0,
+        speculative=speculative,
+        num_draft_tokens=3,
+        temperature=temperature,
+        acceptance=acceptance,
+        acceptance_options=options,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
 
 
 def test_pipeline_official_greedy_without_relaxation_is_greedy_decoding(pipe, tmp_path):
     """Official greedy mode reads temperature-1 probabilities through AcceptanceRule.target_sampling;
     with delta = 0 nothing is relaxed, so it must reproduce greedy decoding token for token."""
     baseline = _generate(pipe, 0.0, "exact", speculative=None)
-    official = _generate(pipe, 0.0, "lantern", {"variant": "official", "greedy": True, "delta": 0.0, "k": 4,
-                                                "neighbour_cache": str(tmp_path)})
+    official = _generate(
+        pipe,
+        0.0,
+        "lantern",
+        {"variant": "official", "greedy": True, "delta": 0.0, "k": 4, "neighbour_cache": str(tmp_path)},
+    )
     assert torch.equal(official.tokens, baseline.tokens)
-    relaxed = _generate(pipe, 0.0, "lantern", {"variant": "official", "greedy": True, "delta": 0.9, "k": 4,
-                                               "neighbour_cache": str(tmp_path)})
+    relaxed = _generate(
+        pipe,
+        0.0,
+        "lantern",
+        {"variant": "official", "greedy": True, "delta": 0.9, "k": 4, "neighbour_cache": str(tmp_path)},
+    )
     assert relaxed.stats.mean_accepted >= official.stats.mean_accepted
     with pytest.raises(ValueError, match="greedy"):
         _generate(pipe, 1.0, "lantern", {"variant": "official", "greedy": True, "neighbour_cache": str(tmp_path)})
@@ -684,8 +727,9 @@ def test_lantern_official_skips_a_repeated_sibling_token(nearest):
     rs = torch.rand(batch, 4, generator=g)
     us = torch.rand(batch, generator=g)
     for b in range(batch):
-        accepted, sample_p = _official_lantern_sampling(tokens[b], parents, target[b], proposals[b], rs[b], nearest, 4,
-                                                        0.2, "static-llamagen")
+        accepted, sample_p = _official_lantern_sampling(
+            tokens[b], parents, target[b], proposals[b], rs[b], nearest, 4, 0.2, "static-llamagen"
+        )
         assert verdict.tokens[b, : len(accepted)].tolist() == accepted
         assert int(verdict.tokens[b, len(accepted)]) == _inverse_cdf(sample_p, us[b])
     assert int((verdict.accepted_nodes[:, 0] == 2).sum()) == 0  # the repeat is never the accepted node
@@ -727,14 +771,28 @@ def test_root_only_trees_through_the_loop_are_greedy_decoding(target):
 
     def run(drafter, rule):
         cache = target.new_cache(2, required_cache_len(3, 12, 1))
-        return speculative_generate(target, prompt, cache, max_new_tokens=12, drafter=drafter, num_draft_tokens=1,
-                                    sampling=greedy, acceptance=rule, generator=_gen(0))
+        return speculative_generate(
+            target,
+            prompt,
+            cache,
+            max_new_tokens=12,
+            drafter=drafter,
+            num_draft_tokens=1,
+            sampling=greedy,
+            acceptance=rule,
+            generator=_gen(0),
+        )
 
     baseline = run(None, "exact")
-    rules = [get_acceptance_rule("greedy"), get_acceptance_rule("exact"), LanternAcceptance(table, k=4, delta=0.3),
-             GSDAcceptance(codebook), LanternAcceptance(table, k=4, delta=0.3, variant="official"),
-             LanternAcceptance(table, k=4, delta=0.3, variant="official", greedy=True),
-             GSDAcceptance(codebook, variant="official")]
+    rules = [
+        get_acceptance_rule("greedy"),
+        get_acceptance_rule("exact"),
+        LanternAcceptance(table, k=4, delta=0.3),
+        GSDAcceptance(codebook),
+        LanternAcceptance(table, k=4, delta=0.3, variant="official"),
+        LanternAcceptance(table, k=4, delta=0.3, variant="official", greedy=True),
+        GSDAcceptance(codebook, variant="official"),
+    ]
     for rule in rules:
         out = run(_RootOnlyDrafter(vocab), rule)
         assert torch.equal(out.tokens, baseline.tokens), rule

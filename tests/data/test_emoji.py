@@ -77,7 +77,7 @@ def test_catalogue_names_groups_and_exclusions(atlas):
     assert {g.group for g in glyphs} == set(GROUPS)
     chars = {g.char for g in glyphs}
     # Modifiers, components and combining marks only make sense inside sequences.
-    for excluded in ("\U0001F3FB", "\U0001F9B0", "\u20E3", "\u200D"):
+    for excluded in ("\U0001f3fb", "\U0001f9b0", "\u20e3", "\u200d"):
         assert excluded not in chars
     assert atlas.images.shape == (len(glyphs), emoji_glyphs.GLYPH_SIZE, emoji_glyphs.GLYPH_SIZE, 4)
     assert atlas.images.dtype == np.uint8
@@ -88,14 +88,14 @@ def test_catalogue_names_groups_and_exclusions(atlas):
 
 def test_group_mapping_examples_and_table_is_sorted():
     expected = {
-        "\U0001F600": "smileys & people",
-        "\U0001F408": "animals & nature",
-        "\U0001F34E": "food & drink",
-        "\U0001F697": "travel & places",
-        "\u26BD": "activities",
-        "\U0001F511": "objects",
+        "\U0001f600": "smileys & people",
+        "\U0001f408": "animals & nature",
+        "\U0001f34e": "food & drink",
+        "\U0001f697": "travel & places",
+        "\u26bd": "activities",
+        "\U0001f511": "objects",
         "\u2764": "symbols",
-        "\U0001F3C1": "flags",
+        "\U0001f3c1": "flags",
     }
     for char, group in expected.items():
         assert emoji_group(char) == group, unicodedata.name(char)
@@ -108,7 +108,7 @@ def test_distinct_selection_is_a_stable_prefix(atlas):
     first = select_distinct_glyphs(atlas, 10)
     assert first == select_distinct_glyphs(atlas, 40)[:10]
     assert len(set(first)) == 10
-    assert atlas.glyphs[first[0]].char == "\U0001F600"
+    assert atlas.glyphs[first[0]].char == "\U0001f600"
 
 
 # --- items --------------------------------------------------------------------------------
@@ -188,11 +188,11 @@ def test_scene_caption_grammar():
 
 
 def test_class_subsets(atlas):
-    by_char = EmojiDataset(num_samples=10, classes=["\U0001F34E", "grinning face", "CAT"])
+    by_char = EmojiDataset(num_samples=10, classes=["\U0001f34e", "grinning face", "CAT"])
     assert by_char.class_names == ["red apple", "grinning face", "cat"]
     assert by_char.num_classes == 3
     assert [by_char[i]["label"] for i in range(6)] == [0, 1, 2, 0, 1, 2]
-    assert by_char[4]["chars"] == "\U0001F600"
+    assert by_char[4]["chars"] == "\U0001f600"
     assert by_char.caption_for([0, 1]) == "a red apple and a grinning face"
     distinct = EmojiDataset(num_samples=10, classes=12)
     assert distinct.num_classes == 12
@@ -230,7 +230,7 @@ def test_bad_arguments(atlas):
     with pytest.raises(ValueError, match="classes=0"):
         EmojiDataset(classes=0)
     with pytest.raises(ValueError, match="twice"):
-        EmojiDataset(classes=["cat", "\U0001F408"])
+        EmojiDataset(classes=["cat", "\U0001f408"])
     with pytest.raises(ValueError, match="seed"):
         EmojiDataset(seed=-1)
     with pytest.raises(ValueError, match="num_samples"):

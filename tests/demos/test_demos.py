@@ -31,7 +31,8 @@ from mmspec.pipelines.llamagen import LlamaGenPipeline  # noqa: E402
 from mmspec.pipelines.vlm.pipeline_vlm import VLMPipeline  # noqa: E402
 
 from ..conftest import tiny_llamagen  # noqa: E402
-from ..pipelines.vlm.test_vlm import image as tiny_image, noisy_decoder, tiny_pipeline  # noqa: E402
+from ..pipelines.vlm.test_vlm import image as tiny_image  # noqa: E402
+from ..pipelines.vlm.test_vlm import noisy_decoder, tiny_pipeline  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 needs_chromium = pytest.mark.skipif(
@@ -114,8 +115,14 @@ def photo(tmp_path_factory) -> Path:
 
 
 def _direct(pipe: LlamaGenPipeline, **kwargs):
-    return pipe(class_labels=[CLASS], guidance_scale=4.0, temperature=1.0, top_k=None,
-                generator=torch.Generator().manual_seed(SEED), **kwargs)
+    return pipe(
+        class_labels=[CLASS],
+        guidance_scale=4.0,
+        temperature=1.0,
+        top_k=None,
+        generator=torch.Generator().manual_seed(SEED),
+        **kwargs,
+    )
 
 
 def _pixels(path) -> np.ndarray:
@@ -129,7 +136,8 @@ def test_generate_endpoint_matches_direct_pipeline_calls(image_url, image_pipe):
     """Both images are what the pipeline gives for the same seed; stats and heat-map fit the run."""
     client = Client(image_url, verbose=False)
     baseline, method, heatmap, summary, record = client.predict(
-        CLASS, SEED, "sjd", "exact", 4, 4.0, 1.0, 0, api_name="/generate")
+        CLASS, SEED, "sjd", "exact", 4, 4.0, 1.0, 0, api_name="/generate"
+    )
     base_out = _direct(image_pipe)
     sjd_out = _direct(image_pipe, speculative="sjd", num_draft_tokens=4)
     np.testing.assert_array_equal(_pixels(baseline), np.asarray(base_out.images[0]))
@@ -161,7 +169,9 @@ def test_generate_streams_previews_then_results(image_url):
 
 def test_baseline_only_and_impossible_settings(image_url):
     client = Client(image_url, verbose=False)
-    baseline, method, heatmap, _, record = client.predict(CLASS, SEED, "none", "exact", 4, 4.0, 1.0, 0, api_name="/generate")
+    baseline, method, heatmap, _, record = client.predict(
+        CLASS, SEED, "none", "exact", 4, 4.0, 1.0, 0, api_name="/generate"
+    )
     assert baseline is not None and method is None and heatmap is None and list(record["runs"]) == ["baseline"]
     with pytest.raises(Exception, match="needs greedy decoding"):
         client.predict(CLASS, SEED, "sjd", "greedy", 4, 4.0, 1.0, 0, api_name="/generate")
@@ -190,7 +200,9 @@ def test_class_label_parsing():
 def test_image_page_does_not_promise_equal_pictures_for_sampling(image_pipe):
     demo = image_app.build_image_demo(image_pipe, warmup=False)
     text = " ".join(b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and isinstance(b.value, str))
-    assert "lossless *in distribution*" in text and "only greedy decoding (temperature 0) gives the same picture" in text
+    assert (
+        "lossless *in distribution*" in text and "only greedy decoding (temperature 0) gives the same picture" in text
+    )
     assert "**same seed**" not in text
 
 
@@ -238,7 +250,9 @@ def test_bad_uploads_get_clear_messages(chat_url, tmp_path):
     client = Client(chat_url, verbose=False)
 
     def ask(path):
-        return client.predict(handle_file(str(path)), QUESTION, chat_app.BASELINE, 3, 8, 0.0, 0, False, api_name="/chat")
+        return client.predict(
+            handle_file(str(path)), QUESTION, chat_app.BASELINE, 3, 8, 0.0, 0, False, api_name="/chat"
+        )
 
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(Exception, match="notes.png is not an image"):
@@ -263,8 +277,12 @@ def test_long_questions_are_refused_before_the_queue_is_held(chat_url, chat_pipe
     """A 200,000-character question is refused at once, with the limit (characters, then tokens)."""
     client = Client(chat_url, verbose=False)
     start = time.perf_counter()
-    with pytest.raises(Exception, match=f"The question is 200,000 characters long; the limit is {chat_app.MAX_QUESTION_CHARS:,}"):
-        client.predict(handle_file(str(photo)), "why " * 50_000, chat_app.BASELINE, 3, 8, 0.0, 0, False, api_name="/chat")
+    with pytest.raises(
+        Exception, match=f"The question is 200,000 characters long; the limit is {chat_app.MAX_QUESTION_CHARS:,}"
+    ):
+        client.predict(
+            handle_file(str(photo)), "why " * 50_000, chat_app.BASELINE, 3, 8, 0.0, 0, False, api_name="/chat"
+        )
     assert time.perf_counter() - start < 10
     long_in_tokens = " ".join(["a"] * (chat_app.MAX_QUESTION_TOKENS + 1))
     assert len(long_in_tokens) <= chat_app.MAX_QUESTION_CHARS
@@ -285,8 +303,11 @@ def test_demo_command_serves_a_saved_pipeline_on_loopback(image_pipe, tmp_path, 
     import mmspec.app.demos as demos
 
     image_pipe.save_pretrained(tmp_path / "pipe")
-    (tmp_path / "pipe" / "classes.json").write_text(json.dumps(
-        [{"label": i, "char": "x", "name": f"thing {i}"} for i in range(image_pipe.target.config.num_classes)]))
+    (tmp_path / "pipe" / "classes.json").write_text(
+        json.dumps(
+            [{"label": i, "char": "x", "name": f"thing {i}"} for i in range(image_pipe.target.config.num_classes)]
+        )
+    )
     parser = argparse.ArgumentParser()
     demos.add_demo_args(parser)
     launched = {}
@@ -309,9 +330,19 @@ def browser(tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     # Flags that work on this project's machines (closed network, running as root, no GPU).
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", "--force-device-scale-factor=1", f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+        "--force-device-scale-factor=1",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
     yield driver
@@ -328,7 +359,9 @@ def _screenshot(driver, tmp_path: Path, name: str) -> PIL.Image.Image:
 
 def _crop(shot: PIL.Image.Image, element) -> np.ndarray:
     box = element.rect
-    return np.asarray(shot.crop((box["x"], box["y"], box["x"] + box["width"], box["y"] + box["height"])), dtype=np.float64)
+    return np.asarray(
+        shot.crop((box["x"], box["y"], box["x"] + box["width"], box["y"] + box["height"])), dtype=np.float64
+    )
 
 
 def _wait(driver, condition, timeout: float = 60):

@@ -14,6 +14,7 @@ import types
 import pytest
 import torch
 
+from mmspec.kernels import neighbourhood, rejection
 from mmspec.kernels.neighbourhood import (
     HAS_TRITON,
     gsd_group_mass,
@@ -23,7 +24,6 @@ from mmspec.kernels.neighbourhood import (
     lantern_neighbour_mass_ref,
     lantern_neighbour_mass_triton,
 )
-from mmspec.kernels import neighbourhood, rejection
 from mmspec.relaxed import gsd_candidates
 
 
@@ -39,10 +39,12 @@ def _lantern_inputs(seed, rows=9, vocab=23, width=17, device="cpu"):
     probs[0, :5] = 0.0
     probs[1] = _normalise(probs[1] + 5 * torch.nn.functional.one_hot(torch.tensor(3), vocab))
     tokens = torch.randint(vocab, (rows,), generator=g)
-    table = torch.stack([
-        torch.cat([torch.arange(v), torch.arange(v + 1, vocab)])[torch.randperm(vocab - 1, generator=g)][:width]
-        for v in range(vocab)
-    ])
+    table = torch.stack(
+        [
+            torch.cat([torch.arange(v), torch.arange(v + 1, vocab)])[torch.randperm(vocab - 1, generator=g)][:width]
+            for v in range(vocab)
+        ]
+    )
     return probs.to(device), tokens.to(device), table.to(device)
 
 
@@ -66,8 +68,9 @@ def _gsd_inputs(seed, rows=10, vocab=29, group=7, dim=5, with_draft=True, device
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("relative,budget", [(False, 0.0), (False, 0.05), (False, 0.3), (False, 1.0),
-                                             (True, 0.0), (True, 1.0), (True, 2.5)])
+@pytest.mark.parametrize(
+    "relative,budget", [(False, 0.0), (False, 0.05), (False, 0.3), (False, 1.0), (True, 0.0), (True, 1.0), (True, 2.5)]
+)
 def test_lantern_reference_is_the_largest_prefix_within_budget(relative, budget):
     for seed in range(5):
         probs, tokens, table = _lantern_inputs(seed)
@@ -108,8 +111,11 @@ def test_gsd_reference_matches_brute_force():
                 x = int(tokens[r])
                 exp_p = exp_q = 0.0
                 for j, c in enumerate(candidates[r].tolist()):
-                    inside = (c >= 0 and abs(float(target[r, c]) - float(target[r, x])) <= 0.1
-                              and float(((emb[c] - emb[x]) ** 2).sum()) <= 1.0)
+                    inside = (
+                        c >= 0
+                        and abs(float(target[r, c]) - float(target[r, x])) <= 0.1
+                        and float(((emb[c] - emb[x]) ** 2).sum()) <= 1.0
+                    )
                     assert bool(members[r, j]) == inside, (r, j)
                     if inside:
                         exp_p += float(target[r, c])
@@ -122,8 +128,9 @@ def test_gsd_reference_matches_brute_force():
 
 def test_dispatchers_use_reference_on_cpu():
     probs, tokens, table = _lantern_inputs(1)
-    for a, b in zip(lantern_neighbour_mass(probs, tokens, table, 0.2),
-                    lantern_neighbour_mass_ref(probs, tokens, table, 0.2)):
+    for a, b in zip(
+        lantern_neighbour_mass(probs, tokens, table, 0.2), lantern_neighbour_mass_ref(probs, tokens, table, 0.2)
+    ):
         assert torch.equal(a, b)
     args = _gsd_inputs(1)
     for a, b in zip(gsd_group_mass(*args, 0.15, 0.5), gsd_group_mass_ref(*args, 0.15, 0.5)):
@@ -214,8 +221,9 @@ def _interpreter_main():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_triton_interpreter_matches_reference(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -242,11 +250,15 @@ def test_gpu_lantern_matches_reference(dtype, relative, budget):
         tokens = torch.randint(vocab, (rows,), device="cuda", generator=g)
         ref = lantern_neighbour_mass_ref(probs, tokens, table, budget, relative)
         _assert_same(ref, lantern_neighbour_mass(probs, tokens, table, budget, relative), "dispatcher")
-        _assert_same(ref, lantern_neighbour_mass_triton(probs, tokens, table, budget, relative, block_size=256),
-                     "block 256")
+        _assert_same(
+            ref, lantern_neighbour_mass_triton(probs, tokens, table, budget, relative, block_size=256), "block 256"
+        )
         sliced = table[:, :700]  # a column slice is read in place (row stride 1000)
-        _assert_same(lantern_neighbour_mass_ref(probs, tokens, sliced, budget, relative),
-                     lantern_neighbour_mass_triton(probs, tokens, sliced, budget, relative), "column slice")
+        _assert_same(
+            lantern_neighbour_mass_ref(probs, tokens, sliced, budget, relative),
+            lantern_neighbour_mass_triton(probs, tokens, sliced, budget, relative),
+            "column slice",
+        )
     assert len(set(ref[1].tolist())) >= 3
 
 
@@ -257,7 +269,7 @@ def test_gpu_lantern_matches_reference(dtype, relative, budget):
 def test_gpu_gsd_matches_reference(dim, with_draft):
     vocab, rows, group = 16384, 256, 50
     g = torch.Generator(device="cuda").manual_seed(0)
-    emb = torch.randn(vocab, dim, device="cuda", generator=g) / dim ** 0.5
+    emb = torch.randn(vocab, dim, device="cuda", generator=g) / dim**0.5
     for seed in range(3):
         g.manual_seed(seed)
         logits = torch.randn(rows, vocab, device="cuda", generator=g) * 3

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmspec.kernels import rejection
 from mmspec.kernels.rejection import (
     HAS_TRITON,
     chain_rejection_sample,
@@ -25,7 +26,6 @@ from mmspec.kernels.rejection import (
     tree_rejection_sample_ref,
     tree_rejection_sample_triton,
 )
-from mmspec.kernels import rejection
 
 # Tree used by the comparisons: root -> {1, 2}; 1 -> {3, 4}; 2 -> {5}; 3 -> {6}; max depth 3.
 TREE_CHILDREN = [[1, 2], [3, 4], [5, -1], [6, -1], [-1, -1], [-1, -1], [-1, -1]]
@@ -58,8 +58,13 @@ def _chain_inputs(seed, with_draft_probs, batch=5, k=4, vocab=37, device="cpu"):
     tokens[1, 0] = 5
     draft[2] = target[2, :k]
     target[3, :k] = _normalise(target[3, :k] + 30 * F.one_hot(tokens[3], vocab))
-    args = (tokens, draft if with_draft_probs else None, target,
-            torch.rand(batch, k, generator=g), torch.rand(batch, generator=g))
+    args = (
+        tokens,
+        draft if with_draft_probs else None,
+        target,
+        torch.rand(batch, k, generator=g),
+        torch.rand(batch, generator=g),
+    )
     return tuple(a if a is None else a.to(device) for a in args)
 
 
@@ -78,8 +83,14 @@ def _tree_inputs(seed, with_draft_probs, batch=4, vocab=37, device="cpu"):
     for child, parent in parents.items():
         target[3, parent, node_tokens[3, child]] += 10.0
     target = _normalise(target)
-    args = (node_tokens, children, draft if with_draft_probs else None, target,
-            torch.rand(batch, num_nodes, generator=g), torch.rand(batch, generator=g))
+    args = (
+        node_tokens,
+        children,
+        draft if with_draft_probs else None,
+        target,
+        torch.rand(batch, num_nodes, generator=g),
+        torch.rand(batch, generator=g),
+    )
     return tuple(a if a is None else a.to(device) for a in args)
 
 
@@ -114,26 +125,35 @@ def _interpreter_main(op):
     if op == "chain":
         assert {0, 4} <= seen and len(seen) >= 3, seen  # rejection, partial, full acceptance
         g = torch.Generator().manual_seed(7)  # k = 0: only the bonus token
-        args = (torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0, 37), _peaked(g, 3, 1, 37),
-                torch.zeros(3, 0), torch.rand(3, generator=g))
+        args = (
+            torch.zeros(3, 0, dtype=torch.long),
+            torch.zeros(3, 0, 37),
+            _peaked(g, 3, 1, 37),
+            torch.zeros(3, 0),
+            torch.rand(3, generator=g),
+        )
         _assert_equal(chain_rejection_sample_ref(*args), chain_rejection_sample_triton(*args))
-        half = [a.to(torch.bfloat16) if a is not None and a.is_floating_point() and a.dim() == 3
-                else a for a in _chain_inputs(8, True)]
+        half = [
+            a.to(torch.bfloat16) if a is not None and a.is_floating_point() and a.dim() == 3 else a
+            for a in _chain_inputs(8, True)
+        ]
         _assert_equal(chain_rejection_sample_ref(*half), chain_rejection_sample_triton(*half))
     else:
         assert {0, 1, TREE_DEPTH} <= seen, seen
         args = _tree_inputs(9, True)
-        _assert_equal(tree_rejection_sample_ref(*args, 1),  # max_depth cuts the tree
-                      tree_rejection_sample_triton(*args, 1))
+        _assert_equal(
+            tree_rejection_sample_ref(*args, 1),  # max_depth cuts the tree
+            tree_rejection_sample_triton(*args, 1),
+        )
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.parametrize("op", ["chain", "tree"])
 def test_triton_interpreter_matches_reference(op, tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    result = subprocess.run([sys.executable, __file__, op], env=env, capture_output=True,
-                            text=True, timeout=300, cwd=tmp_path)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    result = subprocess.run(
+        [sys.executable, __file__, op], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -183,8 +203,12 @@ def test_chain_reference_samples_the_target(draft_kind):
         tokens = torch.stack([_draw(q[i], g) for i in range(k)], 1)
         draft_probs = q.expand(NUM_SAMPLES, k, V_SMALL)
     n, out = chain_rejection_sample_ref(
-        tokens, draft_probs, p.expand(NUM_SAMPLES, k + 1, V_SMALL),
-        torch.rand(NUM_SAMPLES, k, generator=g), torch.rand(NUM_SAMPLES, generator=g))
+        tokens,
+        draft_probs,
+        p.expand(NUM_SAMPLES, k + 1, V_SMALL),
+        torch.rand(NUM_SAMPLES, k, generator=g),
+        torch.rand(NUM_SAMPLES, generator=g),
+    )
     assert bool(((n > 0) & (n < k)).any()) and bool((n == k).any())
     _assert_distribution(out[:, 0], p[0], "first token")
     # position 1 is drafted and verified independently of position 0's outcome
@@ -199,8 +223,12 @@ def test_distribution_check_can_fail():
     q, _ = _small_dists(1, 1)
     tokens = _draw(q[0], g)[:, None]
     _, out = chain_rejection_sample_ref(
-        tokens, torch.zeros(NUM_SAMPLES, 1, V_SMALL), p.expand(NUM_SAMPLES, 2, V_SMALL),
-        torch.rand(NUM_SAMPLES, 1, generator=g), torch.rand(NUM_SAMPLES, generator=g))
+        tokens,
+        torch.zeros(NUM_SAMPLES, 1, V_SMALL),
+        p.expand(NUM_SAMPLES, 2, V_SMALL),
+        torch.rand(NUM_SAMPLES, 1, generator=g),
+        torch.rand(NUM_SAMPLES, generator=g),
+    )
     with pytest.raises(AssertionError, match="max error"):
         _assert_distribution(out[:, 0], p[0], "first token")
 
@@ -208,10 +236,14 @@ def test_distribution_check_can_fail():
 def _tree_batch(node_tokens, children, draft_probs, target, g, max_depth):
     num_nodes = node_tokens.shape[1]
     return tree_rejection_sample_ref(
-        node_tokens, children.expand(NUM_SAMPLES, -1, -1), draft_probs,
+        node_tokens,
+        children.expand(NUM_SAMPLES, -1, -1),
+        draft_probs,
         target.expand(NUM_SAMPLES, num_nodes, V_SMALL),
-        torch.rand(NUM_SAMPLES, num_nodes, generator=g), torch.rand(NUM_SAMPLES, generator=g),
-        max_depth)
+        torch.rand(NUM_SAMPLES, num_nodes, generator=g),
+        torch.rand(NUM_SAMPLES, generator=g),
+        max_depth,
+    )
 
 
 def test_tree_reference_iid_children():
@@ -221,8 +253,7 @@ def test_tree_reference_iid_children():
     q[0, 0] = 0.0
     q = _normalise(q)
     root = torch.zeros(NUM_SAMPLES, dtype=torch.long)
-    tokens = torch.stack([root, _draw(q[0], g), _draw(q[0], g), _draw(q[1], g),
-                          _draw(q[1], g)], 1)
+    tokens = torch.stack([root, _draw(q[0], g), _draw(q[0], g), _draw(q[1], g), _draw(q[1], g)], 1)
     draft = torch.stack([q[0], q[0], q[0], q[1], q[1]]).expand(NUM_SAMPLES, 5, V_SMALL)
     children = torch.tensor([[1, 2], [3, 4], [-1, -1], [-1, -1], [-1, -1]])
     n, nodes, out = _tree_batch(tokens, children, draft, p, g, max_depth=2)
@@ -244,8 +275,7 @@ def test_tree_reference_children_without_replacement():
     assert not bool((first == second).any())
     tokens = torch.stack([torch.zeros_like(first), first, second], 1)
     draft = torch.stack([q_rest, q[0].expand(NUM_SAMPLES, -1), q_rest], 1)
-    n, nodes, out = _tree_batch(tokens, torch.tensor([[1, 2], [-1, -1], [-1, -1]]), draft, p, g,
-                                max_depth=1)
+    n, nodes, out = _tree_batch(tokens, torch.tensor([[1, 2], [-1, -1], [-1, -1]]), draft, p, g, max_depth=1)
     _assert_distribution(out[:, 0], p[0], "first token")
     _assert_distribution(out[nodes[:, 0] == 2, 1], p[2], "bonus after the second child")
 
@@ -254,8 +284,7 @@ def test_tree_reference_deterministic_top2():
     p, g = _small_dists(6, 3)
     top2 = p[0].argsort(descending=True)[:2]  # deterministic drafts: q is one-hot
     tokens = torch.cat([torch.zeros(1, dtype=torch.long), top2]).expand(NUM_SAMPLES, 3)
-    n, _, out = _tree_batch(tokens, torch.tensor([[1, 2], [-1, -1], [-1, -1]]), None, p, g,
-                            max_depth=1)
+    n, _, out = _tree_batch(tokens, torch.tensor([[1, 2], [-1, -1], [-1, -1]]), None, p, g, max_depth=1)
     assert bool((n == 0).any()) and bool((n == 1).any())
     _assert_distribution(out[:, 0], p[0], "first token")
 
@@ -274,13 +303,17 @@ def test_chain_greedy_accepts_iff_tokens_match(with_draft_probs):
     wrong = torch.rand(batch, k, generator=g) < 0.25
     tokens[wrong] = (tokens[wrong] + 1) % vocab
     draft = F.one_hot(tokens, vocab).float() if with_draft_probs else None
-    n, out = chain_rejection_sample_ref(tokens, draft, F.one_hot(greedy, vocab).float(),
-                                        torch.rand(batch, k, generator=g),
-                                        torch.rand(batch, generator=g))
+    n, out = chain_rejection_sample_ref(
+        tokens,
+        draft,
+        F.one_hot(greedy, vocab).float(),
+        torch.rand(batch, k, generator=g),
+        torch.rand(batch, generator=g),
+    )
     for b in range(batch):
         expected = next((i for i in range(k) if wrong[b, i]), k)
         assert n[b] == expected
-        assert out[b].tolist() == greedy[b, :expected + 1].tolist() + [-1] * (k - expected)
+        assert out[b].tolist() == greedy[b, : expected + 1].tolist() + [-1] * (k - expected)
 
 
 def test_tree_greedy_follows_the_target_argmax():
@@ -291,13 +324,18 @@ def test_tree_greedy_follows_the_target_argmax():
     node_tokens = torch.randint(vocab, (batch, num_nodes), generator=g)
     greedy = torch.randint(vocab, (batch, num_nodes), generator=g)  # argmax after each node
     n, nodes, out = tree_rejection_sample_ref(
-        node_tokens, children, None, F.one_hot(greedy, vocab).float(),
-        torch.rand(batch, num_nodes, generator=g), torch.rand(batch, generator=g), TREE_DEPTH)
+        node_tokens,
+        children,
+        None,
+        F.one_hot(greedy, vocab).float(),
+        torch.rand(batch, num_nodes, generator=g),
+        torch.rand(batch, generator=g),
+        TREE_DEPTH,
+    )
     for b in range(batch):
         cur, path = 0, []
         while True:
-            match = [c for c in TREE_CHILDREN[cur] if c >= 0
-                     and node_tokens[b, c] == greedy[b, cur]]
+            match = [c for c in TREE_CHILDREN[cur] if c >= 0 and node_tokens[b, c] == greedy[b, cur]]
             if not match:
                 break
             cur = match[0]
@@ -312,12 +350,19 @@ def test_tree_greedy_follows_the_target_argmax():
 def test_all_zero_residual_falls_back_to_the_target():
     # draft == target and the drafted token has no mass in either: rejected, residual is 0
     p = torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.0, 1.0]])
-    n, out = chain_rejection_sample_ref(torch.tensor([[1]]), p[None, :1], p[None],
-                                        torch.tensor([[0.3]]), torch.tensor([0.9]))
+    n, out = chain_rejection_sample_ref(
+        torch.tensor([[1]]), p[None, :1], p[None], torch.tensor([[0.3]]), torch.tensor([0.9])
+    )
     assert n.tolist() == [0] and out.tolist() == [[2, -1]]
     n, nodes, out = tree_rejection_sample_ref(
-        torch.tensor([[0, 1]]), torch.tensor([[[1], [-1]]]), p[None, [0, 0]], p[None],
-        torch.tensor([[0.0, 0.3]]), torch.tensor([0.9]), 1)
+        torch.tensor([[0, 1]]),
+        torch.tensor([[[1], [-1]]]),
+        p[None, [0, 0]],
+        p[None],
+        torch.tensor([[0.0, 0.3]]),
+        torch.tensor([0.9]),
+        1,
+    )
     assert n.tolist() == [0] and nodes.tolist() == [[-1]] and out.tolist() == [[2, -1]]
 
 
@@ -325,8 +370,7 @@ def test_dispatcher_uses_reference_on_cpu():
     args = _chain_inputs(0, True)
     _assert_equal(chain_rejection_sample(*args), chain_rejection_sample_ref(*args))
     args = _tree_inputs(0, False)
-    _assert_equal(tree_rejection_sample(*args, TREE_DEPTH),
-                  tree_rejection_sample_ref(*args, TREE_DEPTH))
+    _assert_equal(tree_rejection_sample(*args, TREE_DEPTH), tree_rejection_sample_ref(*args, TREE_DEPTH))
 
 
 def test_disable_env_var_forces_reference(monkeypatch):
@@ -339,14 +383,17 @@ def test_disable_env_var_forces_reference(monkeypatch):
 
 
 def test_module_imports_without_triton(tmp_path):
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import mmspec.kernels.rejection as K\n"
-            "assert not K.HAS_TRITON\n"
-            "try:\n    K.chain_rejection_sample_triton(None, None, None, None, None)\n"
-            "except RuntimeError:\n    pass\nelse:\n    raise AssertionError\n")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import mmspec.kernels.rejection as K\n"
+        "assert not K.HAS_TRITON\n"
+        "try:\n    K.chain_rejection_sample_triton(None, None, None, None, None)\n"
+        "except RuntimeError:\n    pass\nelse:\n    raise AssertionError\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=120, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -354,8 +401,7 @@ def test_shape_validation():
     tokens, draft, target, ua, us = _chain_inputs(0, True)  # B=5, k=4, V=37
     with pytest.raises(ValueError, match=r"target_probs must have shape \[B, k\+1, V\]"):
         chain_rejection_sample(tokens, draft, target[:, :4], ua, us)
-    with pytest.raises(ValueError, match="draft vocabulary size 36 does not match target "
-                                         "vocabulary size 37"):
+    with pytest.raises(ValueError, match="draft vocabulary size 36 does not match target vocabulary size 37"):
         chain_rejection_sample(tokens, draft[..., :36], target, ua, us)
     with pytest.raises(ValueError, match=r"draft_probs must have shape \[B, k, V\]"):
         chain_rejection_sample(tokens, draft[:, :3], target, ua, us)
@@ -383,8 +429,7 @@ def test_shape_validation():
 # GPU: compiled Triton vs reference on fresh random inputs
 # --------------------------------------------------------------------------------------------
 
-requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON),
-                                   reason="needs CUDA and triton")
+requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
 
 
 def _gpu_chain_inputs(seed, batch, k, vocab, dtype, with_draft_probs):
@@ -393,9 +438,13 @@ def _gpu_chain_inputs(seed, batch, k, vocab, dtype, with_draft_probs):
     target = logits.softmax(-1)
     draft = (logits[:, :k] + torch.randn(batch, k, vocab, device="cuda", generator=g)).softmax(-1)
     tokens = torch.multinomial(draft.reshape(-1, vocab), 1, generator=g).view(batch, k)
-    return (tokens, draft.to(dtype) if with_draft_probs else None, target.to(dtype),
-            torch.rand(batch, k, device="cuda", generator=g),
-            torch.rand(batch, device="cuda", generator=g))
+    return (
+        tokens,
+        draft.to(dtype) if with_draft_probs else None,
+        target.to(dtype),
+        torch.rand(batch, k, device="cuda", generator=g),
+        torch.rand(batch, device="cuda", generator=g),
+    )
 
 
 @pytest.mark.gpu
@@ -427,14 +476,17 @@ def test_gpu_tree_matches_reference(vocab, with_draft_probs):
         g = torch.Generator(device="cuda").manual_seed(seed)
         logits = torch.randn(batch, num_nodes, vocab, device="cuda", generator=g) * 3
         # child c is drafted from a noisy copy of its parent's target, so paths get accepted
-        noisy = logits[:, parents] + torch.randn(batch, num_nodes, vocab, device="cuda",
-                                                 generator=g)
+        noisy = logits[:, parents] + torch.randn(batch, num_nodes, vocab, device="cuda", generator=g)
         draft = noisy.softmax(-1)
         node_tokens = torch.multinomial(draft.view(-1, vocab), 1, generator=g).view(batch, -1)
-        args = (node_tokens, torch.tensor(TREE_CHILDREN, device="cuda").expand(batch, -1, -1),
-                draft if with_draft_probs else None, logits.softmax(-1),
-                torch.rand(batch, num_nodes, device="cuda", generator=g),
-                torch.rand(batch, device="cuda", generator=g))
+        args = (
+            node_tokens,
+            torch.tensor(TREE_CHILDREN, device="cuda").expand(batch, -1, -1),
+            draft if with_draft_probs else None,
+            logits.softmax(-1),
+            torch.rand(batch, num_nodes, device="cuda", generator=g),
+            torch.rand(batch, device="cuda", generator=g),
+        )
         ref = tree_rejection_sample_ref(*args, TREE_DEPTH)
         _assert_equal(ref, tree_rejection_sample(*args, TREE_DEPTH))
         _assert_equal(ref, tree_rejection_sample_triton(*args, TREE_DEPTH, block_size=512))

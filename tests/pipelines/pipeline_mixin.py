@@ -28,8 +28,16 @@ class PipelineTesterMixin(abc.ABC):
     #: ``__call__`` arguments every mmspec pipeline takes (DESIGN.md §3): seeding, sampling, output
     #: form, draft length and the acceptance rule.
     common_call_params: ClassVar[frozenset[str]] = frozenset(
-        {"generator", "temperature", "top_k", "top_p", "return_dict", "num_draft_tokens", "acceptance",
-         "callback_on_step_end"}
+        {
+            "generator",
+            "temperature",
+            "top_k",
+            "top_p",
+            "return_dict",
+            "num_draft_tokens",
+            "acceptance",
+            "callback_on_step_end",
+        }
     )
     #: This pipeline's further expected arguments (e.g. ``output_type``, ``callback_on_step_end``).
     call_params: ClassVar[frozenset[str]] = frozenset()
@@ -74,8 +82,11 @@ class PipelineTesterMixin(abc.ABC):
 
     # ------------------------------------------------------------------ helpers
     def _run(self, pipe: Any, inputs: dict[str, Any], method: Any = None, seed: int = 0, **kwargs) -> Any:
-        chosen = self.baseline_kwargs() if method is None else {self.method_param: method,
-                                                                "num_draft_tokens": self.num_draft_tokens}
+        chosen = (
+            self.baseline_kwargs()
+            if method is None
+            else {self.method_param: method, "num_draft_tokens": self.num_draft_tokens}
+        )
         return pipe(**inputs, **chosen, generator=torch.Generator().manual_seed(seed), **kwargs)
 
     def _methods(self, pipe: Any) -> dict[str, Any]:
@@ -95,8 +106,12 @@ class PipelineTesterMixin(abc.ABC):
         inputs = self.get_inputs(batch_size=2)
         for method in [None, *self._methods(pipe).values()]:
             batch = self.generated_rows(self._run(pipe, inputs, method, **self.greedy_kwargs))
-            singles = [self.generated_rows(self._run(pipe, self.single_row_inputs(inputs, row), method,
-                                                     **self.greedy_kwargs))[0] for row in range(2)]
+            singles = [
+                self.generated_rows(self._run(pipe, self.single_row_inputs(inputs, row), method, **self.greedy_kwargs))[
+                    0
+                ]
+                for row in range(2)
+            ]
             assert batch == singles, f"method {method!r}: batch rows differ from single-row calls"
 
     def test_return_dict_false_returns_the_same_content(self):

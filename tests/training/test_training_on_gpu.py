@@ -25,7 +25,9 @@ def _args(add, *argv):
 @pytest.mark.gpu
 @requires_cuda
 def test_reference_recipe_trains_on_cuda(tmp_path):
-    args = _args(add_train_reference_args, "--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--device", "cuda")
+    args = _args(
+        add_train_reference_args, "--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--device", "cuda"
+    )
     assert train_reference_command(args) == 0
     pipe = LlamaGenPipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.target.device.type == "cpu"  # saved and evaluated on the CPU, loadable anywhere
@@ -36,8 +38,20 @@ def test_reference_recipe_trains_on_cuda(tmp_path):
 @pytest.mark.gpu
 @requires_cuda
 def test_captioner_recipe_trains_on_cuda(tmp_path):
-    args = _args(add_train_captioner_args, "--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--steps", "3",
-                 "--draft-steps", "2", "--device", "cuda")
+    args = _args(
+        add_train_captioner_args,
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--steps",
+        "3",
+        "--draft-steps",
+        "2",
+        "--device",
+        "cuda",
+    )
     assert train_captioner_command(args) == 0
     recipe = json.loads((tmp_path / "captioner" / "recipe.json").read_text())
     assert recipe["device"] == "cuda" and "--device cuda" in recipe["command"]

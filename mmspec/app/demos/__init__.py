@@ -22,8 +22,11 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     add_device(parser)
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--vlm", default=None, help="chat: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...; "
-                        "default: the embedded emoji captioner)")
+    parser.add_argument(
+        "--vlm",
+        default=None,
+        help="chat: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...; default: the embedded emoji captioner)",
+    )
     add_llamagen_source(parser)
 
 
@@ -49,7 +52,9 @@ def demo_command(args: argparse.Namespace) -> int:
         try:  # the embedded emoji captioner by default; --vlm DIR for any LLaVA / Qwen2-VL checkpoint
             pipe = load_default_captioner(device) if args.vlm is None else load_captioner_pipeline(args.vlm, device)
         except FileNotFoundError as err:
-            raise SystemExit(f"mmspec demo chat: {err} (or pass --vlm DIR, a transformers VLM checkpoint folder)") from None
+            raise SystemExit(
+                f"mmspec demo chat: {err} (or pass --vlm DIR, a transformers VLM checkpoint folder)"
+            ) from None
         demo = build_chat_demo(pipe)
     launch(demo, host=args.host, port=args.port, share=args.share)
     return 0

@@ -9,7 +9,8 @@ Thin by design: the answer, its tokens and every number come from ``VLMPipeline.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import gradio as gr
 import PIL.Image
@@ -40,8 +41,10 @@ def check_question(pipe: VLMPipeline, question: str | None) -> str:
     if not question or not question.strip():
         raise gr.Error("Ask a question about the image.")
     if len(question) > MAX_QUESTION_CHARS:
-        raise gr.Error(f"The question is {len(question):,} characters long; the limit is {MAX_QUESTION_CHARS:,} "
-                       f"characters ({MAX_QUESTION_TOKENS} tokens).")
+        raise gr.Error(
+            f"The question is {len(question):,} characters long; the limit is {MAX_QUESTION_CHARS:,} "
+            f"characters ({MAX_QUESTION_TOKENS} tokens)."
+        )
     tokens = len(pipe.processor.tokenizer(question, add_special_tokens=False).input_ids)
     if tokens > MAX_QUESTION_TOKENS:
         raise gr.Error(f"The question is {tokens} tokens long; the limit is {MAX_QUESTION_TOKENS} tokens.")
@@ -68,7 +71,9 @@ def load_upload(path: str | None) -> PIL.Image.Image:
         raise gr.Error(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP...).") from err
     with image:
         if max(image.size) > MAX_IMAGE_SIDE:
-            raise gr.Error(f"{name} is {image.width}×{image.height} pixels; the limit is {MAX_IMAGE_SIDE} pixels a side.")
+            raise gr.Error(
+                f"{name} is {image.width}×{image.height} pixels; the limit is {MAX_IMAGE_SIDE} pixels a side."
+            )
         try:
             return image.convert("RGB")
         except OSError as err:  # a valid header over truncated or corrupt pixel data
@@ -128,18 +133,24 @@ def run_stats(out: Any) -> dict:
     """Throughput and accepted length of one call (both accepted-length conventions, named)."""
     stats = out.stats
     tokens = int(out.lengths[0])
-    return {"tokens": tokens, "steps": stats.steps, "wall_time_s": stats.total_time,
-            "tokens_per_s": tokens / stats.total_time,
-            "mean_accepted_without_bonus": stats.mean_accepted,
-            "mean_tokens_per_step_with_bonus": stats.mean_tokens_per_step}
+    return {
+        "tokens": tokens,
+        "steps": stats.steps,
+        "wall_time_s": stats.total_time,
+        "tokens_per_s": tokens / stats.total_time,
+        "mean_accepted_without_bonus": stats.mean_accepted,
+        "mean_tokens_per_step_with_bonus": stats.mean_tokens_per_step,
+    }
 
 
 def stats_markdown(runs: dict[str, dict], record: dict) -> str:
     """A table of the runs, then the speed-up and whether the answers agree (if both ran)."""
     lines = ["| run | tokens | steps | tokens/s | accepted / step (without bonus) |", "|---|---:|---:|---:|---:|"]
     for name, run in runs.items():
-        lines.append(f"| {name} | {run['tokens']} | {run['steps']} | {run['tokens_per_s']:.1f} | "
-                     f"{run['mean_accepted_without_bonus']:.2f} |")
+        lines.append(
+            f"| {name} | {run['tokens']} | {run['steps']} | {run['tokens_per_s']:.1f} | "
+            f"{run['mean_accepted_without_bonus']:.2f} |"
+        )
     if "speedup_tokens_per_s" in record:
         same = "identical" if record["same_answer"] else "different (expected only when sampling or with a lossy rule)"
         lines.append(f"\n**Speed-up: {record['speedup_tokens_per_s']:.2f}× tokens/s.** Answers: {same}.")
@@ -174,8 +185,15 @@ def build_chat_demo(pipe: VLMPipeline, drafters: dict[str, Drafter] | None = Non
         settings = dict(max_new_tokens=int(max_new_tokens), temperature=temperature)
         record: dict[str, Any] = {"drafter": drafter_name}
         with pipeline_errors():
-            for text, out in stream_answer(pipe, image, question, **settings, seed=int(seed), drafter=drafter,
-                                           num_draft_tokens=int(num_draft_tokens) if drafter else 0):
+            for text, out in stream_answer(
+                pipe,
+                image,
+                question,
+                **settings,
+                seed=int(seed),
+                drafter=drafter,
+                num_draft_tokens=int(num_draft_tokens) if drafter else 0,
+            ):
                 if out is None:
                     yield [(text, None)], "Generating…", None, None
             pieces = highlighted_answer(pipe, out)
@@ -183,12 +201,17 @@ def build_chat_demo(pipe: VLMPipeline, drafters: dict[str, Drafter] | None = Non
             record["answer"] = out.text[0]
             baseline_text = None
             if compare and drafter is not None:
-                for baseline_text, base in stream_answer(pipe, image, question, **settings, seed=int(seed), num_draft_tokens=0):
+                for baseline_text, base in stream_answer(
+                    pipe, image, question, **settings, seed=int(seed), num_draft_tokens=0
+                ):
                     if base is None:
                         yield pieces, "Running the baseline…", baseline_text, None
                 runs[BASELINE] = run_stats(base)
-                record.update(baseline_answer=base.text[0], same_answer=base.text[0] == out.text[0],
-                              speedup_tokens_per_s=runs[drafter_name]["tokens_per_s"] / runs[BASELINE]["tokens_per_s"])
+                record.update(
+                    baseline_answer=base.text[0],
+                    same_answer=base.text[0] == out.text[0],
+                    speedup_tokens_per_s=runs[drafter_name]["tokens_per_s"] / runs[BASELINE]["tokens_per_s"],
+                )
         record["runs"] = runs
         yield pieces, stats_markdown(runs, record), baseline_text, record
 
@@ -202,8 +225,12 @@ def build_chat_demo(pipe: VLMPipeline, drafters: dict[str, Drafter] | None = Non
             with gr.Column(scale=1):
                 upload = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="image-upload")
                 preview = gr.Image(label="Preview", interactive=False, height=220, elem_id="image-preview")
-                question = gr.Textbox(label=f"Question (up to {MAX_QUESTION_TOKENS} tokens)", value="Describe the image.",
-                                      max_length=MAX_QUESTION_CHARS, elem_id="question")
+                question = gr.Textbox(
+                    label=f"Question (up to {MAX_QUESTION_TOKENS} tokens)",
+                    value="Describe the image.",
+                    max_length=MAX_QUESTION_CHARS,
+                    elem_id="question",
+                )
                 drafter_name = gr.Dropdown([*drafters, BASELINE], value=next(iter(drafters), BASELINE), label="Drafter")
                 compare = gr.Checkbox(value=True, label="Compare with the baseline (A/B)")
                 with gr.Accordion("Knobs", open=False):
@@ -213,8 +240,10 @@ def build_chat_demo(pipe: VLMPipeline, drafters: dict[str, Drafter] | None = Non
                     seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                 run = gr.Button("Ask", variant="primary", elem_id="ask-button")
             with gr.Column(scale=2):
-                green = "#%02x%02x%02x" % SOURCE_COLOURS[SOURCE_ACCEPTED]  # as in the image heat-maps
-                answer = gr.HighlightedText(label="Answer", color_map={ACCEPTED: green}, show_legend=True, elem_id="answer")
+                green = "#" + "".join(f"{c:02x}" for c in SOURCE_COLOURS[SOURCE_ACCEPTED])  # as in the image heat-maps
+                answer = gr.HighlightedText(
+                    label="Answer", color_map={ACCEPTED: green}, show_legend=True, elem_id="answer"
+                )
                 summary = gr.Markdown(label="Summary", elem_id="summary")
                 baseline_answer = gr.Textbox(label="Baseline answer", interactive=False)
                 with gr.Accordion("Stats (JSON)", open=False):
@@ -228,4 +257,3 @@ def build_chat_demo(pipe: VLMPipeline, drafters: dict[str, Drafter] | None = Non
             api_name="chat",
         )
     return demo
-

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, Iterator
+from typing import Any
 
 import gradio as gr
 import numpy as np
 import PIL.Image
 import torch
 
-from mmspec.rules import ACCEPTANCE_RULES
 from mmspec.app.visualize import acceptance_heatmap
 from mmspec.pipelines.llamagen import LlamaGenPipeline
+from mmspec.rules import ACCEPTANCE_RULES
 
 from .serving import pipeline_errors
 
@@ -125,8 +126,9 @@ def stats_markdown(rows: list[tuple[str, Any]], record: dict) -> str:
     for name, stats in rows:
         lines.append(f"| {name} | {stats.steps} | {stats.total_time:.3f} s | {stats.mean_tokens_per_step:.2f} |")
     if "speedup_wall_time" in record:
-        lines.append(f"\n**Speed-up: {record['speedup_wall_time']:.2f}× wall time, "
-                     f"{record['speedup_steps']:.2f}× fewer steps.**")
+        lines.append(
+            f"\n**Speed-up: {record['speedup_wall_time']:.2f}× wall time, {record['speedup_steps']:.2f}× fewer steps.**"
+        )
     return "\n".join(lines)
 
 
@@ -159,13 +161,18 @@ def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = Non
             raise gr.Error("Enter a seed (an integer).")
         seed = int(seed)
         class_label = parse_class_label(class_label, pipe.target.config.num_classes)
-        common = dict(class_labels=[class_label], guidance_scale=guidance_scale, temperature=temperature,
-                      top_k=int(top_k) or None)
+        common = dict(
+            class_labels=[class_label], guidance_scale=guidance_scale, temperature=temperature, top_k=int(top_k) or None
+        )
         runs = [("baseline", {"speculative": None})]
         if method != BASELINE:
             rule = None if acceptance == DEFAULT_RULE else acceptance
-            runs.append((f"{method} ({acceptance})", {"speculative": method, "num_draft_tokens": int(num_draft_tokens),
-                                                      "acceptance": rule}))
+            runs.append(
+                (
+                    f"{method} ({acceptance})",
+                    {"speculative": method, "num_draft_tokens": int(num_draft_tokens), "acceptance": rule},
+                )
+            )
         # Pictures go out as PNG files, not PIL images: Gradio caches files by content and copies
         # them atomically, whereas it rewrites a re-sent PIL image's cache file in place, which
         # breaks a download of the same picture still in flight (a preview or a finished image).
@@ -186,16 +193,26 @@ def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = Non
                             yield *images, None, f"Generating **{name}**…", None
                 images[slot] = png(out.images[0], SLOTS[slot])
                 rows.append((name, out.stats))
-            record = {"seed": seed, "method": method, "acceptance": acceptance,
-                      "runs": {name: stats.summary() for name, stats in rows}}
+            record = {
+                "seed": seed,
+                "method": method,
+                "acceptance": acceptance,
+                "runs": {name: stats.summary() for name, stats in rows},
+            }
             heatmap = None
             if method != BASELINE:
                 (_, base), (_, spec) = rows
                 record["speedup_wall_time"] = base.total_time / spec.total_time
                 record["speedup_steps"] = base.steps / max(spec.steps, 1)
                 grid = pipe.target.grid_size
-                heatmap = png(acceptance_heatmap(spec.token_source[0].reshape(grid, grid), spec.token_step[0].reshape(grid, grid),
-                                                 cell=max(PICTURE_SIZE // grid, 1)), "heatmap")
+                heatmap = png(
+                    acceptance_heatmap(
+                        spec.token_source[0].reshape(grid, grid),
+                        spec.token_step[0].reshape(grid, grid),
+                        cell=max(PICTURE_SIZE // grid, 1),
+                    ),
+                    "heatmap",
+                )
             yield *images, heatmap, stats_markdown(rows, record), record
 
     with gr.Blocks(title="mmspec: speculative image generation") as demo:
@@ -226,8 +243,11 @@ def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = Non
                 with gr.Row():
                     baseline_image, method_image, heatmap_image = (
                         gr.Image(label=label, height=PICTURE_SIZE, elem_id=elem_id, elem_classes="mmspec-pixels")
-                        for label, elem_id in (("Baseline", "baseline-image"), ("Speculative", "method-image"),
-                                               ("Acceptance heat-map", "heatmap-image"))
+                        for label, elem_id in (
+                            ("Baseline", "baseline-image"),
+                            ("Speculative", "method-image"),
+                            ("Acceptance heat-map", "heatmap-image"),
+                        )
                     )
                 summary = gr.Markdown(label="Summary", elem_id="summary")
                 with gr.Accordion("Stats (JSON)", open=False):

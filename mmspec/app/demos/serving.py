@@ -16,8 +16,10 @@ MAX_QUEUE_SIZE = 16
 MAX_UPLOAD_MB = 10
 #: Page style: generated images are often a few dozen pixels wide; Gradio shows them at their
 #: natural size, so images marked ``mmspec-pixels`` are scaled up to their box, without blurring.
-PAGE_CSS = (".mmspec-pixels img { width: 100% !important; height: 100% !important; object-fit: contain;"
-            " image-rendering: pixelated; }")
+PAGE_CSS = (
+    ".mmspec-pixels img { width: 100% !important; height: 100% !important; object-fit: contain;"
+    " image-rendering: pixelated; }"
+)
 
 
 @contextlib.contextmanager
@@ -38,5 +40,12 @@ def launch(demo: Any, host: str = "127.0.0.1", port: int | None = None, share: b
     ``kwargs`` go to ``Blocks.launch`` (e.g. ``prevent_thread_lock=True`` in tests).
     """
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=MAX_QUEUE_SIZE)
-    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=f"{MAX_UPLOAD_MB}mb",
-                       show_error=True, css=PAGE_CSS, **kwargs)
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=f"{MAX_UPLOAD_MB}mb",
+        show_error=True,
+        css=PAGE_CSS,
+        **kwargs,
+    )

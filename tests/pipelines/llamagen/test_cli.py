@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import PIL.Image
 import pytest
 
@@ -22,8 +23,22 @@ def model_dir(tmp_path_factory):
 
 
 def _run(model_dir, out, labels_file, *extra):
-    return main(["generate", "--model", str(model_dir), "--labels-file", str(labels_file), "--output-dir", str(out),
-                 "--batch-size", "2", "--device", "cpu", *extra])
+    return main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--labels-file",
+            str(labels_file),
+            "--output-dir",
+            str(out),
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def test_generate_batch_skips_bad_items_and_resumes(model_dir, tmp_path, capsys):
@@ -63,17 +78,51 @@ def test_generate_shards_items_across_real_processes(model_dir, tmp_path):
     labels.write_text("0\n1\n2\n3\n4\n")
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-         "-m", "mmspec.app.cli", "generate", "--model", str(model_dir), "--labels-file", str(labels),
-         "--output-dir", str(out), "--batch-size", "2", "--speculative", "none", "--device", "cpu"],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "-m",
+            "mmspec.app.cli",
+            "generate",
+            "--model",
+            str(model_dir),
+            "--labels-file",
+            str(labels),
+            "--output-dir",
+            str(out),
+            "--batch-size",
+            "2",
+            "--speculative",
+            "none",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    ranks = {r["index"]: path.name for path in out.glob("results.*.jsonl")
-             for r in map(json.loads, path.read_text().splitlines())}
-    assert ranks == {0: "results.0.jsonl", 1: "results.1.jsonl", 2: "results.0.jsonl", 3: "results.1.jsonl",
-                     4: "results.0.jsonl"}
+    ranks = {
+        r["index"]: path.name
+        for path in out.glob("results.*.jsonl")
+        for r in map(json.loads, path.read_text().splitlines())
+    }
+    assert ranks == {
+        0: "results.0.jsonl",
+        1: "results.1.jsonl",
+        2: "results.0.jsonl",
+        3: "results.1.jsonl",
+        4: "results.0.jsonl",
+    }
     assert json.loads((out / "stats.json").read_text())["num_results"] == 5
 
 
@@ -91,8 +140,28 @@ def test_job_retries_a_failing_batch_item_by_item(tmp_path):
 
 def test_bench_ar_image_suite_runs_every_method_on_the_same_inputs(model_dir, tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--suite", "ar-image", "--option", f"source={model_dir}", "--option", "temperature=0",
-                 "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--suite",
+                "ar-image",
+                "--option",
+                f"source={model_dir}",
+                "--option",
+                "temperature=0",
+                "--batch-size",
+                "2",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     names = [r["name"] for r in record["results"]]
     assert names[0] == "baseline (eager)" and "sjd (eager)" in names
@@ -105,18 +174,62 @@ def test_bench_ar_image_configs_with_method_options_and_rule_options(model_dir, 
     """``configs``: chosen methods with their options and widths; ``acceptance_options`` reach the rule."""
     out = tmp_path / "bench.json"
     configs = "sjd;mc-sjd:coupling=gumbel;mc-sjd:window=cost,k=4"
-    assert main(["bench", "--suite", "ar-image", "--option", f"source={model_dir}", "--option", f"configs={configs}",
-                 "--option", "acceptance=lantern", "--option", f"acceptance_options=delta=0.0,k=4,neighbour_cache={tmp_path}",
-                 "--option", "temperature=0", "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--suite",
+                "ar-image",
+                "--option",
+                f"source={model_dir}",
+                "--option",
+                f"configs={configs}",
+                "--option",
+                "acceptance=lantern",
+                "--option",
+                f"acceptance_options=delta=0.0,k=4,neighbour_cache={tmp_path}",
+                "--option",
+                "temperature=0",
+                "--batch-size",
+                "2",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
-    assert [r["name"] for r in record["results"]] == ["baseline (eager)", "sjd (eager)", "mc-sjd:coupling=gumbel (eager)",
-                                                      "mc-sjd:window=cost,k=4 (eager)"]
+    assert [r["name"] for r in record["results"]] == [
+        "baseline (eager)",
+        "sjd (eager)",
+        "mc-sjd:coupling=gumbel (eager)",
+        "mc-sjd:window=cost,k=4 (eager)",
+    ]
     assert record["results"][3]["config"]["num_draft_tokens"] == 4 and record["results"][3]["mean_draft_width"] <= 4
     assert record["setup"]["acceptance_options"]["delta"] == 0.0
     assert all(r["tokens_equal_baseline"] for r in record["results"])  # greedy + LANTERN δ = 0: lossless
     with pytest.raises(ValueError, match="unknown speculative method 'nope'"):
-        main(["bench", "--suite", "ar-image", "--option", f"source={model_dir}", "--option", "configs=nope",
-              "--repeats", "1", "--warmup", "0", "--output", str(out)])
+        main(
+            [
+                "bench",
+                "--suite",
+                "ar-image",
+                "--option",
+                f"source={model_dir}",
+                "--option",
+                "configs=nope",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--output",
+                str(out),
+            ]
+        )
 
 
 def test_generate_passes_acceptance_options(model_dir, tmp_path):
@@ -144,11 +257,13 @@ def test_generate_refuses_bad_acceptance_settings_before_any_item(tmp_path):
     LlamaGenPipeline(target=gpt, vq=vq).save_pretrained(model)  # no low_res_drafter / upsampler
     labels = tmp_path / "labels.txt"
     labels.write_text("0\n1\n")
-    cases = [(("--speculative", "mulo", "--speculative-option", "upsampler=learned"), "low_res_drafter"),
-             (("--speculative", "sjd", "--speculative-option", "upsampler=learned"), "unknown option"),
-             (("--speculative", "sjd", "--acceptance", "mulo"), "commits elementwise"),
-             (("--acceptance", "lantern", "--acceptance-option", "dleta=0.1"), "dleta"),
-             (("--acceptance", "lantern", "--acceptance-option", "delta=-1"), "delta")]
+    cases = [
+        (("--speculative", "mulo", "--speculative-option", "upsampler=learned"), "low_res_drafter"),
+        (("--speculative", "sjd", "--speculative-option", "upsampler=learned"), "unknown option"),
+        (("--speculative", "sjd", "--acceptance", "mulo"), "commits elementwise"),
+        (("--acceptance", "lantern", "--acceptance-option", "dleta=0.1"), "dleta"),
+        (("--acceptance", "lantern", "--acceptance-option", "delta=-1"), "delta"),
+    ]
     for i, (extra, message) in enumerate(cases):
         with pytest.raises(SystemExit, match=message):
             _run(model, tmp_path / f"out{i}", labels, *extra)

@@ -23,7 +23,6 @@ from mmspec.sampling import SamplingConfig, logits_to_probs, sample_from_probs
 
 from ...conftest import fixtures_dir
 
-
 FIXTURES = fixtures_dir() / "llamagen"
 pytestmark = pytest.mark.skipif(
     not (FIXTURES / "reference.pt").is_file(),
@@ -32,8 +31,6 @@ pytestmark = pytest.mark.skipif(
 
 LOGIT_TOL = 1e-4
 IMAGE_TOL = 5e-4
-
-
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +201,9 @@ def test_wrong_model_type_lists_unexpected_and_missing(settings):
 
 
 def test_wrong_vq_width_and_cross_loading(settings):
-    with pytest.raises(ValueError, match=r"encoder\.conv_in\.weight: checkpoint \[32, 3, 3, 3\] vs config \[128, 3, 3, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"encoder\.conv_in\.weight: checkpoint \[32, 3, 3, 3\] vs config \[128, 3, 3, 3\]"
+    ):
         load_official_vq(FIXTURES / "vq.pt", "VQ-16", codebook_size=512)
     with pytest.raises(ValueError, match="VQ tokenizer.*load_official_vq"):
         load_official_gpt(FIXTURES / "vq.pt", "GPT-B")
@@ -232,10 +231,14 @@ CONTAINER_LAYOUTS = {
     "raw": lambda sd: sd,
     "ddp_prefix": lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}},
     "compiled_state_dict_key": lambda sd: {"state_dict": {f"_orig_mod.{k}": v for k, v in sd.items()}},
-    "runtime_buffers": lambda sd: {"model": {
-        **sd, "freqs_cis": torch.zeros(65, 8, 2), "causal_mask": torch.ones(2, 72, 72),
-        "layers.0.attention.kv_cache.k_cache": torch.zeros(1, 4, 72, 16),
-    }},
+    "runtime_buffers": lambda sd: {
+        "model": {
+            **sd,
+            "freqs_cis": torch.zeros(65, 8, 2),
+            "causal_mask": torch.ones(2, 72, 72),
+            "layers.0.attention.kv_cache.k_cache": torch.zeros(1, 4, 72, 16),
+        }
+    },
 }
 
 

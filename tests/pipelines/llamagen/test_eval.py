@@ -49,9 +49,28 @@ def test_eval_command_reports_speed_quality_and_tvd(tmp_path):
     gpt, vq = tiny_llamagen()
     LlamaGenPipeline(target=gpt, vq=vq).save_pretrained(tmp_path / "pipe")
     out = tmp_path / "eval"
-    assert main(["eval", "--model", str(tmp_path / "pipe"), "--method", "sjd",
-                 "--method", "sjd:lantern:delta=0.3,k=4,neighbour_cache=" + str(tmp_path),
-                 "--num-images", "10", "--batch-size", "5", "--output-dir", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "pipe"),
+                "--method",
+                "sjd",
+                "--method",
+                "sjd:lantern:delta=0.3,k=4,neighbour_cache=" + str(tmp_path),
+                "--num-images",
+                "10",
+                "--batch-size",
+                "5",
+                "--output-dir",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     exact, lantern = report["methods"]
     assert exact["mean_tvd_per_token"] == 0 and exact["max_tvd_per_token"] == 0

@@ -23,7 +23,6 @@ from mmspec.pipelines.llamagen import LlamaGenPipeline
 
 from ...conftest import tiny_llamagen
 
-
 #: A tiny CLIP: 32-pixel images, one vision and one text layer, 32-d joint space.
 TINY_CLIP = {
     "embed_dim": 32,
@@ -66,7 +65,8 @@ def test_open_clip_features_load_the_user_weights(tiny_clip):
     assert texts.shape == (3, 32)
     assert torch.equal(texts[0], texts[2]) and not torch.equal(texts[0], texts[1])
     assert clip_score(features, texts) == pytest.approx(
-        float(100 * torch.nn.functional.cosine_similarity(features, texts).clamp(min=0).mean()))
+        float(100 * torch.nn.functional.cosine_similarity(features, texts).clamp(min=0).mean())
+    )
 
 
 def test_open_clip_errors(tiny_clip, tmp_path):
@@ -83,8 +83,9 @@ def test_eval_reports_clip_score_and_clip_fid(tiny_clip, tmp_path):
     pipe = LlamaGenPipeline(target=gpt, vq=vq)
     pipe.set_progress_bar_config(disable=True)
     clip = OpenCLIPFeatures(str(config), weights)
-    report = evaluate_llamagen(pipe, [], [0, 1, 2, 3], batch_size=4, features=clip, clip=clip,
-                               class_names=["cat", "dog", "car", "tree"])
+    report = evaluate_llamagen(
+        pipe, [], [0, 1, 2, 3], batch_size=4, features=clip, clip=clip, class_names=["cat", "dog", "car", "tree"]
+    )
     assert report["features"] == "open_clip:mmspec-tiny-clip"
     assert 0 <= report["baseline"]["clip_score"] <= 100
 
@@ -93,9 +94,32 @@ def test_eval_reports_clip_score_and_clip_fid(tiny_clip, tmp_path):
     classes = [{"label": i, "char": "?", "name": n} for i, n in enumerate(["cat", "dog", "car", "tree"])]
     (tmp_path / "pipe" / "classes.json").write_text(json.dumps(classes))
     out = tmp_path / "eval"
-    assert main(["eval", "--model", str(tmp_path / "pipe"), "--method", "sjd", "--num-images", "4", "--batch-size", "4",
-                 "--features", "clip", "--clip-model", str(config), "--clip-weights", str(weights),
-                 "--output-dir", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "pipe"),
+                "--method",
+                "sjd",
+                "--num-images",
+                "4",
+                "--batch-size",
+                "4",
+                "--features",
+                "clip",
+                "--clip-model",
+                str(config),
+                "--clip-weights",
+                str(weights),
+                "--output-dir",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     saved = json.loads((out / "report.json").read_text())
     assert saved["features"] == "open_clip:mmspec-tiny-clip"
     assert 0 <= saved["baseline"]["clip_score"] <= 100 and 0 <= saved["methods"][0]["clip_score"] <= 100

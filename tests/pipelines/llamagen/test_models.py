@@ -25,20 +25,48 @@ from mmspec.types import Target
 
 # Sizes no fixture has: GQA (6 query heads over 3 KV heads), non-default FFN sizing, a 4x4 grid.
 UNSEEN_C2I = {
-    "dim": 96, "n_layer": 3, "n_head": 6, "n_kv_head": 3, "multiple_of": 32, "ffn_dim_multiplier": 1.3,
-    "vocab_size": 300, "block_size": 16, "num_classes": 7, "model_type": "c2i", "cls_token_num": 1,
+    "dim": 96,
+    "n_layer": 3,
+    "n_head": 6,
+    "n_kv_head": 3,
+    "multiple_of": 32,
+    "ffn_dim_multiplier": 1.3,
+    "vocab_size": 300,
+    "block_size": 16,
+    "num_classes": 7,
+    "model_type": "c2i",
+    "cls_token_num": 1,
 }
 UNSEEN_T2I = {
-    "dim": 64, "n_layer": 2, "n_head": 4, "multiple_of": 64, "vocab_size": 300, "block_size": 16,
-    "model_type": "t2i", "caption_dim": 24, "cls_token_num": 6,
+    "dim": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "multiple_of": 64,
+    "vocab_size": 300,
+    "block_size": 16,
+    "model_type": "t2i",
+    "caption_dim": 24,
+    "cls_token_num": 6,
 }
 # Official training-only ModelArgs fields: must be accepted and ignored by the loader.
-TRAINING_ONLY = {"token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1, "drop_path_rate": 0.0,
-                 "attn_dropout_p": 0.0, "max_batch_size": 32, "max_seq_len": 2048}
-TINY_VQ = {"codebook_size": 40, "codebook_embed_dim": 4, "encoder_ch_mult": [1, 2], "decoder_ch_mult": [1, 2],
-           "z_channels": 32, "ch": 32, "num_res_blocks": 1}
-
-
+TRAINING_ONLY = {
+    "token_dropout_p": 0.1,
+    "resid_dropout_p": 0.1,
+    "ffn_dropout_p": 0.1,
+    "drop_path_rate": 0.0,
+    "attn_dropout_p": 0.0,
+    "max_batch_size": 32,
+    "max_seq_len": 2048,
+}
+TINY_VQ = {
+    "codebook_size": 40,
+    "codebook_embed_dim": 4,
+    "encoder_ch_mult": [1, 2],
+    "decoder_ch_mult": [1, 2],
+    "z_channels": 32,
+    "ch": 32,
+    "num_res_blocks": 1,
+}
 
 
 def _randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -99,7 +127,12 @@ def _step_by_step_logits(model: LlamaGenGPT, condition: LlamaGenCondition, token
 def test_gpt_presets_match_official_sizes(preset, params_m):
     """Parameter counts of the official c2i models (gpt.py comments: 111M, 343M, 775M, 1.4B, 3.1B)."""
     config = resolve_gpt_config(preset)
-    assert (config["vocab_size"], config["num_classes"], config["cls_token_num"], config["block_size"]) == (16384, 1000, 1, 256)
+    assert (config["vocab_size"], config["num_classes"], config["cls_token_num"], config["block_size"]) == (
+        16384,
+        1000,
+        1,
+        256,
+    )
     with torch.device("meta"):
         model = LlamaGenGPT(**config)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6) == params_m
@@ -136,8 +169,11 @@ def test_vq_presets(preset, ch_mult, params_m):
 def test_unseen_sizes_round_trip_through_official_format(tmp_path, config):
     model = _gpt(config, seed=11)
     # The layout official training writes: {"model": ..., "args": Namespace, ...}, DDP prefixes.
-    checkpoint = {"model": {f"module.{k}": v for k, v in model.state_dict().items()},
-                  "args": argparse.Namespace(gpt_model="custom"), "steps": 10}
+    checkpoint = {
+        "model": {f"module.{k}": v for k, v in model.state_dict().items()},
+        "args": argparse.Namespace(gpt_model="custom"),
+        "steps": 10,
+    }
     torch.save(checkpoint, tmp_path / "ckpt.pt")
     inferred = infer_gpt_config(model.state_dict())
     assert inferred["dim"] == config["dim"] and inferred["n_layer"] == config["n_layer"]
@@ -151,8 +187,14 @@ def test_unseen_sizes_round_trip_through_official_format(tmp_path, config):
     assert torch.equal(loaded.teacher_forced_logits(condition, tokens), expected)
     # Same checkpoint through a preset plus overrides, and a wrong head count is caught.
     overrides = {k: v for k, v in config.items() if k not in ("dim", "n_layer", "n_head")}
-    preset = load_official_gpt(tmp_path / "ckpt.pt", "GPT-B", dim=config["dim"], n_layer=config["n_layer"],
-                               n_head=config["n_head"], **overrides)
+    preset = load_official_gpt(
+        tmp_path / "ckpt.pt",
+        "GPT-B",
+        dim=config["dim"],
+        n_layer=config["n_layer"],
+        n_head=config["n_head"],
+        **overrides,
+    )
     assert torch.equal(preset.teacher_forced_logits(condition, tokens), expected)
     if config.get("n_kv_head"):
         with pytest.raises(ValueError, match=r"layers\.0\.attention\.wqkv\.weight"):
@@ -178,7 +220,9 @@ def test_gpt_save_pretrained_round_trip(tmp_path):
         loaded = LlamaGenGPT.from_pretrained(tmp_path / config["model_type"])
         assert {k: loaded.config[k] for k in model.config} == dict(model.config) and not loaded.training
         condition, tokens = condition_fn(model), _tokens(model)
-        assert torch.equal(loaded.teacher_forced_logits(condition, tokens), model.teacher_forced_logits(condition, tokens))
+        assert torch.equal(
+            loaded.teacher_forced_logits(condition, tokens), model.teacher_forced_logits(condition, tokens)
+        )
 
 
 def test_vq_save_pretrained_round_trip(tmp_path):

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from mmspec.app.evaluation import EvalMethod, evaluate_llamagen
-from mmspec.pipelines.llamagen import LlamaGenCondition, LlamaGenPipeline
-from mmspec.rules import get_acceptance_rule
 from mmspec.grid import dilate, island_schedule, label_islands, pooled_scores
+from mmspec.pipelines.llamagen import LlamaGenCondition, LlamaGenPipeline
 from mmspec.pipelines.llamagen.mulo import DecodeResizeEncode, make_upsampler, mulo_generate
+from mmspec.rules import get_acceptance_rule
 from mmspec.sampling import SamplingConfig, logits_to_probs
 from mmspec.stats import SOURCE_ACCEPTED, SOURCE_PREFILL, SOURCE_RECOVERED
 
@@ -30,9 +30,15 @@ def pipe() -> LlamaGenPipeline:
 
 
 def _run(pipe, labels, seed, guidance_scale=1.0, max_rounds=4, **options):
-    out = pipe(class_labels=labels, guidance_scale=guidance_scale, speculative="mulo", acceptance_options=options,
-               speculative_options={"max_rounds": max_rounds}, generator=torch.Generator().manual_seed(seed),
-               output_type="pt")
+    out = pipe(
+        class_labels=labels,
+        guidance_scale=guidance_scale,
+        speculative="mulo",
+        acceptance_options=options,
+        speculative_options={"max_rounds": max_rounds},
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    )
     return out.tokens, out.stats
 
 
@@ -40,7 +46,9 @@ def _run(pipe, labels, seed, guidance_scale=1.0, max_rounds=4, **options):
 def test_tau_above_one_resamples_everything_and_equals_the_baseline(pipe, guidance_scale):
     """tau > 1 accepts nothing: one island (the grid) resampled in raster order with the target's
     generator draws in the baseline's order (the drafter uses a forked stream)."""
-    base = pipe(class_labels=[1, 3], guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(7), output_type="pt")
+    base = pipe(
+        class_labels=[1, 3], guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(7), output_type="pt"
+    )
     tokens, stats = _run(pipe, [1, 3], 7, guidance_scale, tau=1.5)
     assert torch.equal(tokens, base.tokens)
     assert stats.resampled_fraction == 1.0 and int(stats.row_accepted.sum()) == 0
@@ -57,12 +65,23 @@ def test_tau_above_one_equals_the_baseline_for_text_conditions_with_padding():
     embeds = torch.randn(2, 8, 24, generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[0, :3] = False  # left padding
-    base = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, guidance_scale=3.0,
-                generator=torch.Generator().manual_seed(5), output_type="pt")
+    base = pipe(
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(5),
+        output_type="pt",
+    )
     condition = LlamaGenCondition(caption_embs=embeds, caption_mask=mask)
-    tokens, _ = mulo_generate(gpt, draft, condition, SamplingConfig(guidance_scale=3.0),
-                              make_upsampler("decode-resize-encode", vq), torch.Generator().manual_seed(5),
-                              acceptance_options={"tau": 2.0})
+    tokens, _ = mulo_generate(
+        gpt,
+        draft,
+        condition,
+        SamplingConfig(guidance_scale=3.0),
+        make_upsampler("decode-resize-encode", vq),
+        torch.Generator().manual_seed(5),
+        acceptance_options={"tau": 2.0},
+    )
     assert torch.equal(tokens, base.tokens)
 
 
@@ -72,14 +91,16 @@ def test_islands_from_a_hand_made_rejection_mask():
         rejected[:, r, c] = True
     rejected[1, 4, 3] = True  # bridges the (4, 1) and (5, 5) neighbourhoods in row 1
     labels = label_islands(dilate(rejected, radius=1))
-    expected0 = torch.tensor([
-        [1, 1, 0, 2, 2, 2],
-        [1, 1, 0, 2, 2, 2],
-        [0, 0, 0, 0, 0, 0],
-        [3, 3, 3, 0, 0, 0],
-        [3, 3, 3, 0, 4, 4],
-        [3, 3, 3, 0, 4, 4],
-    ])
+    expected0 = torch.tensor(
+        [
+            [1, 1, 0, 2, 2, 2],
+            [1, 1, 0, 2, 2, 2],
+            [0, 0, 0, 0, 0, 0],
+            [3, 3, 3, 0, 0, 0],
+            [3, 3, 3, 0, 4, 4],
+            [3, 3, 3, 0, 4, 4],
+        ]
+    )
     expected1 = expected0.clone()
     expected1[3:, :] = torch.tensor([[3, 3, 3, 3, 3, 0], [3, 3, 3, 3, 3, 3], [3, 3, 3, 3, 3, 3]])
     assert torch.equal(labels, torch.stack([expected0, expected1]))
@@ -194,12 +215,23 @@ def test_clear_errors(pipe):
     with pytest.raises(ValueError, match="smaller grid"):
         LlamaGenPipeline(target=pipe.target, vq=pipe.vq, low_res_drafter=pipe.target)
     with pytest.raises(ValueError, match="not be larger"):
-        mulo_generate(pipe.low_res_drafter, pipe.target, condition, SamplingConfig(), make_upsampler("decode-resize-encode", pipe.vq))
+        mulo_generate(
+            pipe.low_res_drafter,
+            pipe.target,
+            condition,
+            SamplingConfig(),
+            make_upsampler("decode-resize-encode", pipe.vq),
+        )
 
 
 def test_mulo_in_mmspec_eval(pipe):
-    report = evaluate_llamagen(pipe, [EvalMethod.parse("mulo:mulo:tau=0.04,radius=0")], [0, 1, 2, 3],
-                               batch_size=2, sampling={"guidance_scale": 2.0})
+    report = evaluate_llamagen(
+        pipe,
+        [EvalMethod.parse("mulo:mulo:tau=0.04,radius=0")],
+        [0, 1, 2, 3],
+        batch_size=2,
+        sampling={"guidance_scale": 2.0},
+    )
     (mulo,) = report["methods"]
     assert mulo["steps"] < report["baseline"]["steps"]
     assert 0 < mulo["mean_tvd_per_token"] <= mulo["max_tvd_per_token"] <= 1

@@ -9,9 +9,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from mmspec.pipelines.llamagen import LlamaGenPipeline
 
 from mmspec.app.visualize import image_grid
+from mmspec.pipelines.llamagen import LlamaGenPipeline
 
 from ...conftest import tiny_llamagen
 

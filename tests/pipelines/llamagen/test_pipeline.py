@@ -33,9 +33,15 @@ def tiny_pipe():
 def official():
     settings = json.loads((FIX / "settings.json").read_text())
     vq_config = {**settings["vq_model_args"], "ch": settings["vq_encoder_decoder_ch"]}
-    c2i = LlamaGenPipeline.from_official(str(FIX / "gpt_c2i.pt"), str(FIX / "vq.pt"), settings["gpt_c2i_model_args"], vq_config)
-    t2i = LlamaGenPipeline(target=LlamaGenPipeline.from_official(
-        str(FIX / "gpt_t2i.pt"), str(FIX / "vq.pt"), settings["gpt_t2i_model_args"], vq_config).target, vq=c2i.vq)
+    c2i = LlamaGenPipeline.from_official(
+        str(FIX / "gpt_c2i.pt"), str(FIX / "vq.pt"), settings["gpt_c2i_model_args"], vq_config
+    )
+    t2i = LlamaGenPipeline(
+        target=LlamaGenPipeline.from_official(
+            str(FIX / "gpt_t2i.pt"), str(FIX / "vq.pt"), settings["gpt_t2i_model_args"], vq_config
+        ).target,
+        vq=c2i.vq,
+    )
     return settings, torch.load(FIX / "reference.pt", weights_only=True), c2i, t2i
 
 
@@ -44,14 +50,25 @@ def test_baseline_reproduces_official_generate_runs(official):
     """Same seed as the official generate(): identical token grids (CPU; see fixtures README)."""
     settings, ref, c2i, t2i = official
     for run in settings["c2i_generate"]["runs"]:
-        out = c2i(class_labels=settings["c2i_generate"]["cond"], guidance_scale=run["cfg_scale"],
-                  temperature=run["temperature"], top_k=run["top_k"] or None, top_p=run["top_p"],
-                  generator=torch.Generator().manual_seed(run["seed"]), output_type="pt")
+        out = c2i(
+            class_labels=settings["c2i_generate"]["cond"],
+            guidance_scale=run["cfg_scale"],
+            temperature=run["temperature"],
+            top_k=run["top_k"] or None,
+            top_p=run["top_p"],
+            generator=torch.Generator().manual_seed(run["seed"]),
+            output_type="pt",
+        )
         assert torch.equal(out.tokens.flatten(1), ref[f"gen{run['index']}_tokens"].long()), run["name"]
     run = settings["t2i_generate"]
-    out = t2i(prompt_embeds=ref["t2i_tf_caption"], prompt_attention_mask=ref["t2i_tf_emb_masks"],
-              guidance_scale=run["cfg_scale"], top_k=run["top_k"], generator=torch.Generator().manual_seed(run["seed"]),
-              output_type="pt")
+    out = t2i(
+        prompt_embeds=ref["t2i_tf_caption"],
+        prompt_attention_mask=ref["t2i_tf_emb_masks"],
+        guidance_scale=run["cfg_scale"],
+        top_k=run["top_k"],
+        generator=torch.Generator().manual_seed(run["seed"]),
+        output_type="pt",
+    )
     assert torch.equal(out.tokens.flatten(1), ref["t2igen_tokens"].long())
     # The decoded image is the official decode of those tokens, mapped from [-1, 1] to [0, 1].
     gen0 = c2i(class_labels=[3, 7], guidance_scale=4.0, generator=torch.Generator().manual_seed(1334), output_type="pt")
@@ -68,18 +85,26 @@ def test_greedy_speculation_equals_greedy_baseline_on_official_model(official, s
     assert spec.stats.steps <= base.stats.steps
 
 
-@pytest.mark.parametrize("speculative,acceptance,options", [
-    ("sjd", "exact", None), ("sjd", "greedy", None), ("draft-model", "exact", None),
-    ("mc-sjd", "exact", None), ("mc-sjd", "greedy", {"coupling": "gumbel", "init": "copy"}),
-    ("mc-sjd", "exact", {"window": "cost"}), ("sjd", "exact", {"coupling": "maximal", "window": "heuristic"}),
-    ("draft-model", "exact", {"window": "heuristic"}),
-])
+@pytest.mark.parametrize(
+    "speculative,acceptance,options",
+    [
+        ("sjd", "exact", None),
+        ("sjd", "greedy", None),
+        ("draft-model", "exact", None),
+        ("mc-sjd", "exact", None),
+        ("mc-sjd", "greedy", {"coupling": "gumbel", "init": "copy"}),
+        ("mc-sjd", "exact", {"window": "cost"}),
+        ("sjd", "exact", {"coupling": "maximal", "window": "heuristic"}),
+        ("draft-model", "exact", {"window": "heuristic"}),
+    ],
+)
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
 def test_greedy_speculation_equals_baseline_tiny(tiny_pipe, speculative, acceptance, options, guidance_scale):
     kw = dict(class_labels=[0, 4, 2, 2], guidance_scale=guidance_scale, temperature=0, output_type="pt")
     base = tiny_pipe(**kw)
-    spec = tiny_pipe(**kw, speculative=speculative, acceptance=acceptance, num_draft_tokens=3,
-                     speculative_options=options)
+    spec = tiny_pipe(
+        **kw, speculative=speculative, acceptance=acceptance, num_draft_tokens=3, speculative_options=options
+    )
     assert torch.equal(spec.tokens, base.tokens)
     if options and "window" in options:
         assert max(spec.stats.draft_widths) <= 3 and len(spec.stats.draft_widths) == spec.stats.steps
@@ -89,8 +114,17 @@ def test_cfg_topk_topp_identical_in_draft_and_target(tiny_pipe):
     """Self-drafting with CFG, temperature, top-k and top-p: q == p exactly, so every draft must be
     accepted. Any difference in how the draft applies CFG/filters would reject some."""
     pipe = LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq, drafter=tiny_pipe.target)
-    out = pipe(class_labels=[1, 3], guidance_scale=2.5, temperature=0.8, top_k=7, top_p=0.9,
-               speculative="draft-model", num_draft_tokens=4, generator=torch.Generator().manual_seed(0), output_type="pt")
+    out = pipe(
+        class_labels=[1, 3],
+        guidance_scale=2.5,
+        temperature=0.8,
+        top_k=7,
+        top_p=0.9,
+        speculative="draft-model",
+        num_draft_tokens=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
     assert out.stats.acceptance_rate_at_depth == [1.0] * 4
 
 
@@ -118,8 +152,15 @@ def test_exact_sampling_matches_baseline_distribution_with_cfg(speculative):
     pipe.set_progress_bar_config(disable=True)
     n, length = 12_000, 3
     sampling = SamplingConfig(temperature=1.0, top_k=3, guidance_scale=2.0)
-    out = pipe(class_labels=[2] * n, guidance_scale=2.0, top_k=3, speculative=speculative, num_draft_tokens=2,
-               generator=torch.Generator().manual_seed(0), output_type="pt")
+    out = pipe(
+        class_labels=[2] * n,
+        guidance_scale=2.0,
+        top_k=3,
+        speculative=speculative,
+        num_draft_tokens=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
     exact = _exact_first_tokens(gpt, 2, sampling, length)
     assert_rows_follow(out.tokens.flatten(1)[:, :length], exact)
 
@@ -131,7 +172,9 @@ def test_call_conventions(tiny_pipe):
     assert pil.images[0].size == (6, 6) and pil.tokens.shape == (2, 3, 3)
     arr = tiny_pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(5), output_type="np").images
     assert isinstance(arr, np.ndarray) and arr.shape == (2, 6, 6, 3) and 0 <= arr.min() and arr.max() <= 1
-    images, tokens, stats = tiny_pipe(**{**kw, "generator": torch.Generator().manual_seed(5)}, output_type="pt", return_dict=False)
+    images, tokens, stats = tiny_pipe(
+        **{**kw, "generator": torch.Generator().manual_seed(5)}, output_type="pt", return_dict=False
+    )
     assert images.shape == (2, 3, 6, 6) and torch.equal(tokens, pil.tokens) and stats.steps == 8
     # Seeds: same seed same images, batch rows independent of batch composition is NOT promised,
     # but a single-label call equals itself.
@@ -167,8 +210,15 @@ def test_clear_errors(tiny_pipe):
         tiny_pipe(class_labels=[0], top_k=2000)
     with pytest.raises(ValueError, match="output_type"):
         tiny_pipe(class_labels=[0], output_type="jpeg")
-    other_vq = LlamaGenVQ(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=(1, 1), decoder_ch_mult=(1, 1),
-                          z_channels=32, ch=32, num_res_blocks=1)
+    other_vq = LlamaGenVQ(
+        codebook_size=32,
+        codebook_embed_dim=4,
+        encoder_ch_mult=(1, 1),
+        decoder_ch_mult=(1, 1),
+        z_channels=32,
+        ch=32,
+        num_res_blocks=1,
+    )
     with pytest.raises(ValueError, match=r"target vocabulary \(16\) does not match the VQ codebook \(32\)"):
         LlamaGenPipeline(target=tiny_pipe.target, vq=other_vq)
     no_drafter = LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq)
@@ -181,8 +231,13 @@ def _random_head(gpt, path, target_name=None):
     from mmspec.drafters.eagle import target_fingerprint
 
     torch.manual_seed(0)
-    config = EagleConfig(hidden_size=gpt.config.dim, n_head=4, vocab_size=gpt.vocab_size,
-                         target_name=target_name or target_fingerprint(gpt.output), multiple_of=32)
+    config = EagleConfig(
+        hidden_size=gpt.config.dim,
+        n_head=4,
+        vocab_size=gpt.vocab_size,
+        target_name=target_name or target_fingerprint(gpt.output),
+        multiple_of=32,
+    )
     EagleHead(config, gpt.tok_embeddings, gpt.output).save_pretrained(path)
     return path
 
@@ -191,7 +246,9 @@ def _random_head(gpt, path, target_name=None):
 def test_eagle_greedy_equals_baseline_with_cfg(tiny_pipe, tmp_path, tree):
     from mmspec.drafters.eagle import TreeConfig
 
-    pipe = LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq).load_eagle_head(_random_head(tiny_pipe.target, tmp_path))
+    pipe = LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq).load_eagle_head(
+        _random_head(tiny_pipe.target, tmp_path)
+    )
     kw = dict(class_labels=[0, 3, 4], guidance_scale=2.0, temperature=0, output_type="pt")
     options = {"tree": None if tree is None else TreeConfig(*tree)}
     spec = pipe(**kw, speculative="eagle", num_draft_tokens=3, speculative_options=options)
@@ -212,18 +269,27 @@ def test_relaxed_rules_by_name_build_from_the_pipeline(tiny_pipe, tmp_path):
     reproduce exact acceptance token for token; with it on they accept more and report the TVD."""
     kw = dict(class_labels=[0, 1, 2, 3], guidance_scale=2.0, speculative="sjd", num_draft_tokens=4, output_type="pt")
     exact = tiny_pipe(**kw, generator=torch.Generator().manual_seed(0))
-    off = tiny_pipe(**kw, generator=torch.Generator().manual_seed(0), acceptance="lantern",
-                    acceptance_options={"delta": 0.0, "k": 4, "neighbour_cache": tmp_path})
+    off = tiny_pipe(
+        **kw,
+        generator=torch.Generator().manual_seed(0),
+        acceptance="lantern",
+        acceptance_options={"delta": 0.0, "k": 4, "neighbour_cache": tmp_path},
+    )
     assert torch.equal(off.tokens, exact.tokens)
     assert list(tmp_path.glob("*.pt")), "the neighbour table is cached on disk"
-    gsd_off = tiny_pipe(**kw, generator=torch.Generator().manual_seed(0), acceptance="gsd",
-                        acceptance_options={"group_size": 1})
+    gsd_off = tiny_pipe(
+        **kw, generator=torch.Generator().manual_seed(0), acceptance="gsd", acceptance_options={"group_size": 1}
+    )
     assert torch.equal(gsd_off.tokens, exact.tokens)
     accepted = {"exact": 0.0, "lantern": 0.0}
     for seed in range(3):
         accepted["exact"] += tiny_pipe(**kw, generator=torch.Generator().manual_seed(seed)).stats.mean_accepted
-        on = tiny_pipe(**kw, generator=torch.Generator().manual_seed(seed), acceptance="lantern",
-                       acceptance_options={"delta": 0.4, "k": 4, "neighbour_cache": tmp_path})
+        on = tiny_pipe(
+            **kw,
+            generator=torch.Generator().manual_seed(seed),
+            acceptance="lantern",
+            acceptance_options={"delta": 0.4, "k": 4, "neighbour_cache": tmp_path},
+        )
         accepted["lantern"] += on.stats.mean_accepted
         tvd = on.stats.summary()["max_tvd_per_token"]
         assert tvd is not None and tvd <= 0.4 + 1e-6
@@ -235,21 +301,39 @@ def test_relaxed_rules_by_name_build_from_the_pipeline(tiny_pipe, tmp_path):
     for coupling in ("maximal", "gumbel"):
         opts = {"coupling": coupling}
         exact_mc = tiny_pipe(**mc, speculative_options=opts, generator=torch.Generator().manual_seed(0))
-        off_mc = tiny_pipe(**mc, speculative_options=opts, generator=torch.Generator().manual_seed(0),
-                           acceptance="lantern", acceptance_options={"delta": 0.0, "k": 4, "neighbour_cache": tmp_path})
+        off_mc = tiny_pipe(
+            **mc,
+            speculative_options=opts,
+            generator=torch.Generator().manual_seed(0),
+            acceptance="lantern",
+            acceptance_options={"delta": 0.0, "k": 4, "neighbour_cache": tmp_path},
+        )
         assert torch.equal(off_mc.tokens, exact_mc.tokens)
-        on_mc = tiny_pipe(**mc, speculative_options=opts, generator=torch.Generator().manual_seed(0),
-                          acceptance="gsd", acceptance_options={"group_size": 3})
+        on_mc = tiny_pipe(
+            **mc,
+            speculative_options=opts,
+            generator=torch.Generator().manual_seed(0),
+            acceptance="gsd",
+            acceptance_options={"group_size": 3},
+        )
         assert on_mc.stats.summary()["max_tvd_per_token"] is not None
 
 
 # ------------------------------------------------------------------ the EAGLE head as a pipeline component
 def _eagle_pipe(tiny_pipe, tmp_path) -> LlamaGenPipeline:
-    return LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq).load_eagle_head(_random_head(tiny_pipe.target, tmp_path / "head"))
+    return LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq).load_eagle_head(
+        _random_head(tiny_pipe.target, tmp_path / "head")
+    )
 
 
-EAGLE_CALL = {"class_labels": [0, 3], "guidance_scale": 2.0, "temperature": 0, "output_type": "pt", "speculative": "eagle",
-              "num_draft_tokens": 3}
+EAGLE_CALL = {
+    "class_labels": [0, 3],
+    "guidance_scale": 2.0,
+    "temperature": 0,
+    "output_type": "pt",
+    "speculative": "eagle",
+    "num_draft_tokens": 3,
+}
 
 
 def test_eagle_head_is_a_registered_component(tiny_pipe, tmp_path):
@@ -292,11 +376,16 @@ def test_eagle_head_for_another_target_is_refused_at_load(tiny_pipe, tmp_path):
     _eagle_pipe(tiny_pipe, tmp_path).save_pretrained(tmp_path / "saved")
     other, _ = tiny_llamagen(seed=9)
     _random_head(other, tmp_path / "saved" / "eagle")  # overwrite the head with one for another target
-    with pytest.raises(ValueError, match=r"the EAGLE head in .*saved/eagle was trained for target 'sha256:.*not for target 'sha256:"):
+    with pytest.raises(
+        ValueError, match=r"the EAGLE head in .*saved/eagle was trained for target 'sha256:.*not for target 'sha256:"
+    ):
         LlamaGenPipeline.from_pretrained(tmp_path / "saved")
     with pytest.raises(ValueError, match="was trained for target"):
-        LlamaGenPipeline(target=tiny_pipe.target, vq=tiny_pipe.vq,
-                         eagle=LlamaGenEagleHead.from_pretrained(tmp_path / "saved" / "eagle"))
+        LlamaGenPipeline(
+            target=tiny_pipe.target,
+            vq=tiny_pipe.vq,
+            eagle=LlamaGenEagleHead.from_pretrained(tmp_path / "saved" / "eagle"),
+        )
     with pytest.raises(ValueError, match="holds no EAGLE head"):
         LlamaGenEagleHead.from_pretrained(tmp_path / "nowhere")
 
@@ -306,7 +395,10 @@ def test_embedded_model_brings_its_eagle_head():
 
     pipe = LlamaGenPipeline.from_pretrained(default_llamagen_path())
     assert pipe.eagle_head is not None and pipe.eagle_head.target_modules.lm_head is pipe.target.output
-    assert pipe.eagle_head.config.target_name == json.loads((default_llamagen_path() / "eagle" / "config.json").read_text())["target_name"]
+    assert (
+        pipe.eagle_head.config.target_name
+        == json.loads((default_llamagen_path() / "eagle" / "config.json").read_text())["target_name"]
+    )
 
 
 @pytest.mark.gpu

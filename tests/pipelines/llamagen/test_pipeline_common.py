@@ -6,10 +6,10 @@ import functools
 from typing import Any, ClassVar
 
 import torch
-from mmspec.pipelines.llamagen import LLAMAGEN_METHODS, LlamaGenEagleHead, LlamaGenPipeline
 
 from mmspec.drafters import EagleConfig, EagleHead
 from mmspec.drafters.eagle import target_fingerprint
+from mmspec.pipelines.llamagen import LLAMAGEN_METHODS, LlamaGenEagleHead, LlamaGenPipeline
 
 from ...conftest import tiny_llamagen
 from ..pipeline_mixin import PipelineTesterMixin
@@ -21,8 +21,13 @@ def tiny_pipeline() -> LlamaGenPipeline:
     gpt, vq = tiny_llamagen()
     draft, _ = tiny_llamagen(dim=16, n_layer=1, seed=1)
     torch.manual_seed(0)
-    config = EagleConfig(hidden_size=gpt.config.dim, n_head=4, vocab_size=gpt.vocab_size,
-                         target_name=target_fingerprint(gpt.output), multiple_of=32)
+    config = EagleConfig(
+        hidden_size=gpt.config.dim,
+        n_head=4,
+        vocab_size=gpt.vocab_size,
+        target_name=target_fingerprint(gpt.output),
+        multiple_of=32,
+    )
     eagle = LlamaGenEagleHead.from_head(EagleHead(config).eval())
     return LlamaGenPipeline(target=gpt, vq=vq, drafter=draft, eagle=eagle)
 
@@ -39,8 +44,11 @@ class TestLlamaGenPipelineCommon(PipelineTesterMixin):
 
     def get_inputs(self, batch_size: int) -> dict[str, Any]:
         # CFG on: the [cond ; uncond] pair doubles the rows every method must keep in step.
-        return {"class_labels": [(2 * row + 1) % 5 for row in range(batch_size)], "guidance_scale": 2.0,
-                "output_type": "pt"}
+        return {
+            "class_labels": [(2 * row + 1) % 5 for row in range(batch_size)],
+            "guidance_scale": 2.0,
+            "output_type": "pt",
+        }
 
     def single_row_inputs(self, inputs: dict[str, Any], row: int) -> dict[str, Any]:
         return {**inputs, "class_labels": [inputs["class_labels"][row]]}

@@ -16,19 +16,28 @@ def _t5_folder(path, d_model=24):
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=32, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(path)
+    T5EncoderModel(
+        T5Config(vocab_size=32, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    ).save_pretrained(path)
     vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "a", "red", "cat", "on", "the", "mat", "dog"])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                            padding_side="right").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="right"
+    ).save_pretrained(path)
     return path
 
 
 def _official_layout(encoder, tokenizer, prompts, max_length):
     """LlamaGen's T5Embedder.get_text_embeddings + sample_t2i.py's left padding, written as they are."""
-    enc = tokenizer(prompts, max_length=max_length, padding="max_length", truncation=True, add_special_tokens=True,
-                    return_tensors="pt")
+    enc = tokenizer(
+        prompts,
+        max_length=max_length,
+        padding="max_length",
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
     caption_embs = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])["last_hidden_state"]
     emb_masks = enc["attention_mask"]
     new_emb_masks = torch.flip(emb_masks, dims=[-1])

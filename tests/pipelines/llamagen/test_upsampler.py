@@ -74,7 +74,9 @@ def test_pipeline_saves_and_loads_the_upsampler(pipe, tmp_path):
     low = torch.randint(0, 16, (2, 3, 3), generator=torch.Generator().manual_seed(3))
     assert torch.equal(loaded.upsampler.upsample(low, (6, 6)), pipe.upsampler.upsample(low, (6, 6)))
     # a folder saved without one (e.g. before the component existed) still loads
-    LlamaGenPipeline(target=pipe.target, vq=pipe.vq, low_res_drafter=pipe.low_res_drafter).save_pretrained(tmp_path / "without")
+    LlamaGenPipeline(target=pipe.target, vq=pipe.vq, low_res_drafter=pipe.low_res_drafter).save_pretrained(
+        tmp_path / "without"
+    )
     assert LlamaGenPipeline.from_pretrained(tmp_path / "without").upsampler is None
 
 
@@ -90,12 +92,20 @@ def test_mulo_uses_the_learned_upsampler(pipe):
         seen.append(tokens)
         return pipe.upsampler.upsample(tokens, size)
 
-    kw = dict(class_labels=[0, 3], guidance_scale=2.0, speculative="mulo", acceptance_options={"tau": 0.0},
-              output_type="pt")
+    kw = dict(
+        class_labels=[0, 3], guidance_scale=2.0, speculative="mulo", acceptance_options={"tau": 0.0}, output_type="pt"
+    )
     out = pipe(**kw, speculative_options={"upsampler": "learned"}, generator=torch.Generator().manual_seed(4))
     tokens, stats = out.tokens, out.stats
-    explicit, _ = mulo_generate(pipe.target, pipe.low_res_drafter, condition, sampling, recording,
-                                torch.Generator().manual_seed(4), acceptance_options={"tau": 0.0})
+    explicit, _ = mulo_generate(
+        pipe.target,
+        pipe.low_res_drafter,
+        condition,
+        sampling,
+        recording,
+        torch.Generator().manual_seed(4),
+        acceptance_options={"tau": 0.0},
+    )
     assert torch.equal(tokens, explicit) and torch.equal(tokens, pipe.upsampler.upsample(seen[0], (6, 6)))
     assert stats.resampled_fraction == 0.0
     free = pipe(**kw, generator=torch.Generator().manual_seed(4)).tokens
@@ -108,7 +118,11 @@ def test_clear_errors_for_a_missing_or_mismatched_upsampler(pipe):
     with pytest.raises(ValueError, match="train-reference --stage upsampler"):
         without(class_labels=[0], speculative="mulo", speculative_options={"upsampler": "learned"})
     with pytest.raises(ValueError, match="train the upsampler for this pair"):
-        LlamaGenPipeline(target=pipe.target, vq=pipe.vq, low_res_drafter=pipe.low_res_drafter,
-                         upsampler=LlamaGenTokenUpsampler(vocab_size=16, scale=3, dim=32))
+        LlamaGenPipeline(
+            target=pipe.target,
+            vq=pipe.vq,
+            low_res_drafter=pipe.low_res_drafter,
+            upsampler=LlamaGenTokenUpsampler(vocab_size=16, scale=3, dim=32),
+        )
     with pytest.raises(ValueError, match="vocabulary"):
         LlamaGenPipeline(target=pipe.target, vq=pipe.vq, upsampler=LlamaGenTokenUpsampler(vocab_size=32, dim=32))

@@ -12,8 +12,16 @@ from mmspec.app.cli import main
 
 def test_mar_suite_record():
     load_suites()
-    suite = BENCH_SUITES["mar"](torch.device("cpu"), torch.float32, 2, target="random-tiny", drafter="random-tiny",
-                                num_iter=4, gamma=2, prefill_steps=1)
+    suite = BENCH_SUITES["mar"](
+        torch.device("cpu"),
+        torch.float32,
+        2,
+        target="random-tiny",
+        drafter="random-tiny",
+        num_iter=4,
+        gamma=2,
+        prefill_steps=1,
+    )
     record = run_benchmark(suite, torch.device("cpu"), repeats=1, warmup=0)
     names = [r["name"] for r in record["results"]]
     assert names[0] == "baseline num_iter=4" and names[1] == "baseline num_iter=2"
@@ -28,8 +36,25 @@ def test_mar_suite_record():
 
 def test_cli_runs_the_mar_suite(tmp_path):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--suite", "mar", "--repeats", "1", "--warmup", "0", "--output", str(out),
-                 "--option", "target=random-tiny", "--option", "num_iter=4", "--option", "gamma=2"])
+    code = main(
+        [
+            "bench",
+            "--suite",
+            "mar",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--output",
+            str(out),
+            "--option",
+            "target=random-tiny",
+            "--option",
+            "num_iter=4",
+            "--option",
+            "gamma=2",
+        ]
+    )
     assert code == 0
     record = json.loads(out.read_text())
     assert record["suite"] == "mar" and len(record["results"]) == 4

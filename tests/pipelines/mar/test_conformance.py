@@ -160,9 +160,23 @@ def test_mae_encoder_decoder(mar, ref, case):
 def test_patchify(mar, ref):
     assert torch.equal(mar.patchify(ref["patchify_in"]), ref["patchify_out"])
     assert torch.equal(mar.unpatchify(ref["patchify_out"]), ref["patchify_in"])
-    model = MARModel(img_size=64, vae_stride=16, patch_size=2, encoder_embed_dim=8, encoder_depth=1, encoder_num_heads=1,
-                     decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=1, vae_embed_dim=4, class_num=2,
-                     buffer_size=1, diffloss_d=1, diffloss_w=8, num_sampling_steps="2")
+    model = MARModel(
+        img_size=64,
+        vae_stride=16,
+        patch_size=2,
+        encoder_embed_dim=8,
+        encoder_depth=1,
+        encoder_num_heads=1,
+        decoder_embed_dim=8,
+        decoder_depth=1,
+        decoder_num_heads=1,
+        vae_embed_dim=4,
+        class_num=2,
+        buffer_size=1,
+        diffloss_d=1,
+        diffloss_w=8,
+        num_sampling_steps="2",
+    )
     assert torch.equal(model.patchify(ref["patchify_p2_in"]), ref["patchify_p2_out"])
 
 
@@ -178,9 +192,17 @@ def test_diffusion_head(mar, ref):
 def test_diffusion_schedule(mar, ref, settings):
     sched = mar.schedule
     assert sched.timestep_map.tolist() == ref["gen_timestep_map"].tolist() == settings["mar_derived"]["timestep_map"]
-    for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance",
-                 "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-                 "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"):
+    for name in (
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+    ):
         np.testing.assert_allclose(getattr(sched, name), ref[f"gen_{name}"].numpy(), rtol=1e-12, atol=0, err_msg=name)
     from mmspec.pipelines.mar.modeling_mar import cosine_betas
 
@@ -200,11 +222,15 @@ def test_one_reverse_step(mar, ref, t):
             assert rel_err(out[key], ref[f"pmv_t{t}_{key}"]) < COMPONENT_TOL, key
         std = torch.exp(0.5 * out["log_variance"]) * temperature
         assert rel_err(std, ref[f"pmv_t{t}_std_times_temperature"]) < COMPONENT_TOL
-        sample = out["mean"] + float(t != 0) * torch.exp(0.5 * out["log_variance"]) * ref[f"psample_t{t}_noise"] * temperature
+        sample = (
+            out["mean"]
+            + float(t != 0) * torch.exp(0.5 * out["log_variance"]) * ref[f"psample_t{t}_noise"] * temperature
+        )
         assert rel_err(sample, ref[f"psample_t{t}_sample"]) < COMPONENT_TOL
         # guided: forward_with_cfg rows [cond | uncond]
-        cfg_out = net.forward_with_cfg(ref["pmvcfg_x"], torch.full((8,), int(sched.timestep_map[t])), ref["pmvcfg_c"],
-                                       ref["pmvcfg_scale"])
+        cfg_out = net.forward_with_cfg(
+            ref["pmvcfg_x"], torch.full((8,), int(sched.timestep_map[t])), ref["pmvcfg_c"], ref["pmvcfg_scale"]
+        )
         guided = sched.p_mean_variance(cfg_out, ref["pmvcfg_x"], t)
     for key in ("mean", "log_variance", "pred_xstart"):
         assert rel_err(guided[key], ref[f"pmvcfg_t{t}_{key}"]) < COMPONENT_TOL, key
@@ -212,7 +238,11 @@ def test_one_reverse_step(mar, ref, t):
 
 @pytest.mark.parametrize("case", ["cfg", "nocfg"])
 def test_diffloss_sample_from_stored_noise(mar, ref, case):
-    z, cfg, temperature = ref[f"dlsample_{case}_z"], float(ref[f"dlsample_{case}_cfg"]), float(ref[f"dlsample_{case}_temperature"])
+    z, cfg, temperature = (
+        ref[f"dlsample_{case}_z"],
+        float(ref[f"dlsample_{case}_cfg"]),
+        float(ref[f"dlsample_{case}_temperature"]),
+    )
     init, steps = ref[f"dlsample_{case}_noise_init"], ref[f"dlsample_{case}_noise_steps"]
     n = init.shape[0]
     with torch.no_grad():
@@ -261,11 +291,18 @@ def test_pipeline_reproduces_the_recorded_runs(pipe, ref, settings, name):
     run = next(r for r in settings["e2e_runs"] if r["name"] == name)
     prefix = f"e2e/{name}/"
     per_step = []
-    out = pipe(class_labels=run["labels"], num_iter=run["num_iter"], guidance_scale=run["cfg"],
-               cfg_schedule=run["cfg_schedule"], temperature=run["temperature"], orders=ref[prefix + "orders"],
-               batch_size=run["bsz"], generator=torch.Generator().manual_seed(settings["seeds"]["e2e_runs"][name]),
-               output_type="pt",
-               callback_on_step_end=lambda p, k, t, kw: per_step.append((kw["tokens"].clone(), kw["known"].clone())))
+    out = pipe(
+        class_labels=run["labels"],
+        num_iter=run["num_iter"],
+        guidance_scale=run["cfg"],
+        cfg_schedule=run["cfg_schedule"],
+        temperature=run["temperature"],
+        orders=ref[prefix + "orders"],
+        batch_size=run["bsz"],
+        generator=torch.Generator().manual_seed(settings["seeds"]["e2e_runs"][name]),
+        output_type="pt",
+        callback_on_step_end=lambda p, k, t, kw: per_step.append((kw["tokens"].clone(), kw["known"].clone())),
+    )
     assert len(per_step) == run["num_iter"]
     for k, (tokens, known) in enumerate(per_step):
         step = f"{prefix}step{k}/"

@@ -32,8 +32,14 @@ def pipe(target):
 
 
 def call(pipe, seed=0, **kwargs):
-    kwargs = {"class_labels": [1, 3], "num_iter": 6, "guidance_scale": 2.5, "temperature": 0.9, "output_type": "pt",
-              **kwargs}
+    kwargs = {
+        "class_labels": [1, 3],
+        "num_iter": 6,
+        "guidance_scale": 2.5,
+        "temperature": 0.9,
+        "output_type": "pt",
+        **kwargs,
+    }
     return pipe(generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
@@ -67,10 +73,16 @@ def test_call_conventions(pipe):
 def test_orders_are_followed(pipe):
     orders = torch.stack([torch.arange(SEQ_LEN), torch.arange(SEQ_LEN).flip(0)])
     first = []
-    call(pipe, orders=orders, callback_on_step_end=lambda p, s, t, kw: first.append(kw["known"].clone()) if s == 0 else None)
+    call(
+        pipe,
+        orders=orders,
+        callback_on_step_end=lambda p, s, t, kw: first.append(kw["known"].clone()) if s == 0 else None,
+    )
     known = first[0]
     count = int(known[0].sum())
-    assert known[0, -count:].all() and known[1, :count].all()  # each row's order from its end: mask_len first stay masked
+    assert (
+        known[0, -count:].all() and known[1, :count].all()
+    )  # each row's order from its end: mask_len first stay masked
 
 
 def test_unconditional_and_batch_size(pipe):
@@ -84,8 +96,10 @@ def test_save_load_round_trip(pipe, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.target, type(pipe.target)) and loaded.drafter is not None
     assert torch.equal(call(loaded).latents, call(pipe).latents)
-    assert torch.equal(call(loaded, speculative="cspd", num_draft_tokens=2).latents,
-                       call(pipe, speculative="cspd", num_draft_tokens=2).latents)
+    assert torch.equal(
+        call(loaded, speculative="cspd", num_draft_tokens=2).latents,
+        call(pipe, speculative="cspd", num_draft_tokens=2).latents,
+    )
 
 
 def test_clear_errors(pipe, target):
@@ -124,8 +138,13 @@ def test_cspd_with_draft_equal_target_and_gamma_1_equals_the_baseline(pipe, guid
     """Shared noises (trajectory alignment) + the same model: p == q for every token, every draft is
     accepted, and the output is the baseline's (with the last step sampled, as CSpD's tokens are)."""
     base = call(pipe, guidance_scale=guidance_scale, sample_last_step=True)
-    spec = call(pipe, guidance_scale=guidance_scale, speculative="cspd", num_draft_tokens=1,
-                speculative_options={"prefill_steps": 0})
+    spec = call(
+        pipe,
+        guidance_scale=guidance_scale,
+        speculative="cspd",
+        num_draft_tokens=1,
+        speculative_options={"prefill_steps": 0},
+    )
     assert torch.equal(spec.latents, base.latents)
     assert bool((spec.stats.token_source == SOURCE_ACCEPTED).all())
     assert spec.stats.steps == 6 and spec.stats.draft_steps == 6
@@ -162,23 +181,39 @@ def test_cspd_acceptance_and_stats(pipe):
 
 
 def test_cspd_with_another_draft_model(target):
-    pipe = MARPipeline(target=target, vae=tiny_mar_vae(), drafter=tiny_mar(seed=3, encoder_embed_dim=16,
-                                                                                decoder_embed_dim=16, diffloss_w=16))
+    pipe = MARPipeline(
+        target=target,
+        vae=tiny_mar_vae(),
+        drafter=tiny_mar(seed=3, encoder_embed_dim=16, decoder_embed_dim=16, diffloss_w=16),
+    )
     pipe.set_progress_bar_config(disable=True)
     spec = call(pipe, speculative="cspd", num_draft_tokens=2)
     assert torch.isfinite(spec.latents).all() and bool((spec.stats.token_source >= 0).all())
     with pytest.raises(ValueError, match="diffusion steps"):
         MARPipeline(target=target, vae=pipe.vae, drafter=tiny_mar(num_sampling_steps="3"))(
-            class_labels=[1], num_iter=4, speculative="cspd", output_type="pt")
+            class_labels=[1], num_iter=4, speculative="cspd", output_type="pt"
+        )
 
 
 def test_cspd_reference_option_is_a_named_lossy_rule(pipe):
     exact = call(pipe, speculative="cspd", num_draft_tokens=3, speculative_options={"prefill_steps": 1})
-    same = call(pipe, speculative="cspd", num_draft_tokens=3, speculative_options={"prefill_steps": 1},
-                acceptance="gaussian-tempered", acceptance_options={"lam": 1.0})
+    same = call(
+        pipe,
+        speculative="cspd",
+        num_draft_tokens=3,
+        speculative_options={"prefill_steps": 1},
+        acceptance="gaussian-tempered",
+        acceptance_options={"lam": 1.0},
+    )
     assert torch.equal(same.latents, exact.latents)
-    relaxed = call(pipe, speculative="cspd", num_draft_tokens=3, speculative_options={"prefill_steps": 1},
-                   acceptance="gaussian-tempered", acceptance_options={"lam": 42.0})
+    relaxed = call(
+        pipe,
+        speculative="cspd",
+        num_draft_tokens=3,
+        speculative_options={"prefill_steps": 1},
+        acceptance="gaussian-tempered",
+        acceptance_options={"lam": 42.0},
+    )
     summary = relaxed.stats.summary()
     assert summary["mean_tvd_per_token"] is not None and exact.stats.summary()["mean_tvd_per_token"] is None
     assert int(relaxed.stats.row_accepted.sum()) >= int(exact.stats.row_accepted.sum())
@@ -189,9 +224,23 @@ def test_official_format_checkpoints_of_other_sizes_load(tmp_path):
     buffer / depth / head count (dict config), a VAE of another width and depth (read from shapes)."""
     from mmspec.pipelines.mar import load_official_mar, load_official_vae
 
-    fields = dict(img_size=64, vae_stride=8, patch_size=2, encoder_embed_dim=24, encoder_depth=3, encoder_num_heads=3,
-                  decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2, vae_embed_dim=3, class_num=7, buffer_size=5,
-                  diffloss_d=2, diffloss_w=24, num_sampling_steps="4")
+    fields = dict(
+        img_size=64,
+        vae_stride=8,
+        patch_size=2,
+        encoder_embed_dim=24,
+        encoder_depth=3,
+        encoder_num_heads=3,
+        decoder_embed_dim=16,
+        decoder_depth=2,
+        decoder_num_heads=2,
+        vae_embed_dim=3,
+        class_num=7,
+        buffer_size=5,
+        diffloss_d=2,
+        diffloss_w=24,
+        num_sampling_steps="4",
+    )
     mar = tiny_mar(seed=4, **fields)
     ema = {k: v + 0.01 for k, v in mar.state_dict().items()}
     torch.save({"model": mar.state_dict(), "model_ema": ema}, tmp_path / "mar.pth")
@@ -207,8 +256,13 @@ def test_official_format_checkpoints_of_other_sizes_load(tmp_path):
     assert torch.equal(loaded.state_dict()["mask_token"], ema["mask_token"])
     pipe = MARPipeline(target=loaded, vae=loaded_vae)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(class_labels=[6, 0], num_iter=3, guidance_scale=2.0, output_type="pt",
-               generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        class_labels=[6, 0],
+        num_iter=3,
+        guidance_scale=2.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.latents.shape == (2, 3, 8, 8) and out.images.shape == (2, 3, 64, 64)  # 4x4 tokens of 2x2 patches
     with torch.no_grad():
         latents = torch.randn(1, 3, 8, 8)

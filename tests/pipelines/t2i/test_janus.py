@@ -18,18 +18,47 @@ def tiny_janus(seed: int = 0, sharpness: float = 1.0):
     from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration
 
     config = JanusConfig(
-        text_config=dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
-        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
-                           projection_dim=32, num_image_tokens=16, mlp_ratio=2.0, depth=1),
-        vq_config=dict(embed_dim=4, num_embeddings=24, latent_channels=32, base_channels=32, channel_multiplier=[1, 2],
-                       num_res_blocks=1, projection_dim=32, image_token_embed_dim=32, num_hidden_layers=1),
-        image_token_id=60)
+        text_config=dict(
+            model_type="llama",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+            num_image_tokens=16,
+            mlp_ratio=2.0,
+            depth=1,
+        ),
+        vq_config=dict(
+            embed_dim=4,
+            num_embeddings=24,
+            latent_channels=32,
+            base_channels=32,
+            channel_multiplier=[1, 2],
+            num_res_blocks=1,
+            projection_dim=32,
+            image_token_embed_dim=32,
+            num_hidden_layers=1,
+        ),
+        image_token_id=60,
+    )
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(config).eval()
     with torch.no_grad():
         model.model.generation_head.vision_head.weight.mul_(sharpness)
-    model.generation_config = GenerationConfig(bos_token_id=BOS, pad_token_id=PAD, generation_kwargs={"boi_token_id": BOI})
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS, pad_token_id=PAD, generation_kwargs={"boi_token_id": BOI}
+    )
     return model
 
 
@@ -46,20 +75,39 @@ PROMPTS = torch.tensor([[BOS, 5, 7, 9, 11, BOI], [BOS, 3, 3, 8, 2, BOI]])
 def _hf_greedy(model, ids, mask, guidance_scale):
     from transformers import GenerationConfig
 
-    config = GenerationConfig(bos_token_id=BOS, pad_token_id=PAD, do_sample=False, guidance_scale=guidance_scale,
-                              generation_kwargs={"boi_token_id": BOI})
+    config = GenerationConfig(
+        bos_token_id=BOS,
+        pad_token_id=PAD,
+        do_sample=False,
+        guidance_scale=guidance_scale,
+        generation_kwargs={"boi_token_id": BOI},
+    )
     return model.generate(ids, attention_mask=mask, generation_mode="image", generation_config=config)
 
 
-@pytest.mark.parametrize("speculative,options", [(None, None), ("sjd", None), ("mc-sjd", None),
-                                                  ("mc-sjd", {"coupling": "gumbel", "init": "copy"}),
-                                                  ("mc-sjd", {"window": "heuristic"})])
+@pytest.mark.parametrize(
+    "speculative,options",
+    [
+        (None, None),
+        ("sjd", None),
+        ("mc-sjd", None),
+        ("mc-sjd", {"coupling": "gumbel", "init": "copy"}),
+        ("mc-sjd", {"window": "heuristic"}),
+    ],
+)
 @pytest.mark.parametrize("guidance_scale", [2.0, 5.0])  # transformers image mode needs CFG (> 1)
 def test_greedy_image_tokens_equal_transformers_generate(janus_dir, speculative, options, guidance_scale):
     pipe = JanusImagePipeline.from_pretrained(janus_dir)
     expected = _hf_greedy(pipe.model, PROMPTS, torch.ones_like(PROMPTS), guidance_scale)
-    out = pipe(input_ids=PROMPTS, guidance_scale=guidance_scale, temperature=0, speculative=speculative,
-               speculative_options=options, num_draft_tokens=4, output_type="tokens")
+    out = pipe(
+        input_ids=PROMPTS,
+        guidance_scale=guidance_scale,
+        temperature=0,
+        speculative=speculative,
+        speculative_options=options,
+        num_draft_tokens=4,
+        output_type="tokens",
+    )
     assert torch.equal(out.tokens.flatten(1), expected)
     if speculative is not None:
         assert out.stats.steps <= 15
@@ -71,8 +119,15 @@ def test_left_padded_batch_equals_transformers_generate(janus_dir):
     mask = (ids != PAD).long()
     expected = _hf_greedy(pipe.model, ids, mask, 3.0)
     for speculative in (None, "mc-sjd"):
-        out = pipe(input_ids=ids, attention_mask=mask, guidance_scale=3.0, temperature=0, speculative=speculative,
-                   num_draft_tokens=4, output_type="tokens")
+        out = pipe(
+            input_ids=ids,
+            attention_mask=mask,
+            guidance_scale=3.0,
+            temperature=0,
+            speculative=speculative,
+            num_draft_tokens=4,
+            output_type="tokens",
+        )
         assert torch.equal(out.tokens.flatten(1), expected), speculative
 
 
@@ -82,11 +137,21 @@ def test_images_decode_and_relaxed_rules_read_the_codebook(janus_dir, tmp_path):
     out = pipe(**kw, generator=torch.Generator().manual_seed(0), output_type="pil")
     assert len(out.images) == 2 and out.images[0].size == (8, 8) and out.tokens.shape == (2, 4, 4)
     exact = pipe(**kw, generator=torch.Generator().manual_seed(1), output_type="tokens")
-    off = pipe(**kw, generator=torch.Generator().manual_seed(1), output_type="tokens", acceptance="lantern",
-               acceptance_options={"delta": 0.0, "k": 4, "neighbour_cache": tmp_path})
+    off = pipe(
+        **kw,
+        generator=torch.Generator().manual_seed(1),
+        output_type="tokens",
+        acceptance="lantern",
+        acceptance_options={"delta": 0.0, "k": 4, "neighbour_cache": tmp_path},
+    )
     assert torch.equal(off.tokens, exact.tokens)  # δ = 0 is exact acceptance, token for token
-    on = pipe(**kw, generator=torch.Generator().manual_seed(1), output_type="tokens", acceptance="lantern",
-              acceptance_options={"delta": 0.3, "k": 4, "neighbour_cache": tmp_path})
+    on = pipe(
+        **kw,
+        generator=torch.Generator().manual_seed(1),
+        output_type="tokens",
+        acceptance="lantern",
+        acceptance_options={"delta": 0.3, "k": 4, "neighbour_cache": tmp_path},
+    )
     assert on.stats.summary()["max_tvd_per_token"] <= 0.3 + 1e-6
 
 
@@ -100,8 +165,15 @@ def test_mcsjd_sampling_follows_the_cfg_law_of_the_first_tokens():
     pipe = JanusImagePipeline(model)
     n, sampling = 6000, SamplingConfig(temperature=1.0, top_k=3, guidance_scale=2.0)
     ids = PROMPTS[:1]
-    out = pipe(input_ids=ids.expand(n, -1), guidance_scale=2.0, top_k=3, speculative="mc-sjd", num_draft_tokens=2,
-               generator=torch.Generator().manual_seed(0), output_type="tokens")
+    out = pipe(
+        input_ids=ids.expand(n, -1),
+        guidance_scale=2.0,
+        top_k=3,
+        speculative="mc-sjd",
+        num_draft_tokens=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="tokens",
+    )
     prompt = pipe.encode_prompt(None, ids, None)
     target = pipe.target
     exact = {}
@@ -147,9 +219,18 @@ def tiny_processor():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        padding_side="left", extra_special_tokens={"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
-                                                   "eoi_token": "<end_of_image>"})
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        extra_special_tokens={
+            "image_token": "<image_placeholder>",
+            "boi_token": "<begin_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+    )
     return JanusProcessor(image_processor=JanusImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
 
 
@@ -163,6 +244,12 @@ def test_text_prompts_through_the_processor_saved_with_the_model(janus_dir, tmp_
     enc = pipe.processor(text=prompts, generation_mode="image", padding=True, return_tensors="pt")
     assert enc["input_ids"][:, -1].eq(BOI).all() and enc["attention_mask"][1, 0] == 0  # BOI appended, left padding
     expected = _hf_greedy(pipe.model, enc["input_ids"], enc["attention_mask"], 3.0)
-    out = pipe(prompt=prompts, guidance_scale=3.0, temperature=0, speculative="mc-sjd", num_draft_tokens=4,
-               output_type="tokens")
+    out = pipe(
+        prompt=prompts,
+        guidance_scale=3.0,
+        temperature=0,
+        speculative="mc-sjd",
+        num_draft_tokens=4,
+        output_type="tokens",
+    )
     assert torch.equal(out.tokens.flatten(1), expected)

@@ -27,8 +27,18 @@ def test_caption_folder_skips_bad_images_and_resumes(model_dir, tmp_path, capsys
         image(i).save(folder / f"{i}.png")
     (folder / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    common = ["--model", str(model_dir), "--output-dir", str(out), "--batch-size", "2", "--max-new-tokens", "6",
-              "--device", "cpu"]
+    common = [
+        "--model",
+        str(model_dir),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+    ]
     assert main(["caption", str(folder), "--drafter", "none", *common]) == 0
     captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert [c["image"].rsplit("/", 1)[1] for c in captions] == ["0.png", "1.png", "2.png"]
@@ -39,7 +49,10 @@ def test_caption_folder_skips_bad_images_and_resumes(model_dir, tmp_path, capsys
     assert main(["caption", str(folder), "--drafter", "ngram", *common]) == 0
     assert "0 new, 3 already done" in capsys.readouterr().out
     spec_out = tmp_path / "spec"
-    assert main(["caption", str(folder), "--drafter", "ngram", *common[:2], "--output-dir", str(spec_out), *common[4:]]) == 0
+    assert (
+        main(["caption", str(folder), "--drafter", "ngram", *common[:2], "--output-dir", str(spec_out), *common[4:]])
+        == 0
+    )
     spec = [json.loads(line) for line in (spec_out / "captions.jsonl").read_text().splitlines()]
     assert [c["caption"] for c in spec] == [c["caption"] for c in captions]
 
@@ -49,8 +62,25 @@ def test_caption_list_file_and_unknown_drafter(model_dir, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("a.png\nmissing.png\n")
     out = tmp_path / "out"
-    assert main(["caption", str(listing), "--model", str(model_dir), "--output-dir", str(out), "--drafter", "none",
-                 "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                str(listing),
+                "--model",
+                str(model_dir),
+                "--output-dir",
+                str(out),
+                "--drafter",
+                "none",
+                "--max-new-tokens",
+                "4",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     stats = json.loads((out / "stats.json").read_text())
     assert stats["num_results"] == 1 and stats["errors"][0]["input"].endswith("missing.png")
     with pytest.raises(SystemExit, match="--drafter must be one of"):

@@ -30,21 +30,54 @@ def test_single_and_mixed_paths_print_tab_separated_captions(model_dir, tmp_path
     assert main(["caption", str(tmp_path / "photo.png"), *common]) == 0
     lines = capsys.readouterr().out.splitlines()
     model, processor = tiny_vlm("llava")
-    expected = VLMPipeline(load_vlm_target(model), processor)(image(0), "What is in the image?", max_new_tokens=5).text[0]
+    expected = VLMPipeline(load_vlm_target(model), processor)(image(0), "What is in the image?", max_new_tokens=5).text[
+        0
+    ]
     assert lines == [f"{tmp_path / 'photo.png'}\t{expected}"]
-    assert main(["caption", str(tmp_path / "photo.png"), str(tmp_path / "odd-name.data"), str(tmp_path / "folder"),
-                 str(tmp_path / "list.txt"), *common]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                str(tmp_path / "photo.png"),
+                str(tmp_path / "odd-name.data"),
+                str(tmp_path / "folder"),
+                str(tmp_path / "list.txt"),
+                *common,
+            ]
+        )
+        == 0
+    )
     paths = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
-    assert paths == [str(tmp_path / "photo.png"), str(tmp_path / "odd-name.data"), str(tmp_path / "folder" / "x.png"),
-                     str(tmp_path / "photo.png")]
+    assert paths == [
+        str(tmp_path / "photo.png"),
+        str(tmp_path / "odd-name.data"),
+        str(tmp_path / "folder" / "x.png"),
+        str(tmp_path / "photo.png"),
+    ]
     assert not (tmp_path / "outputs").exists()
 
 
 def test_unreadable_paths_go_to_stderr(model_dir, tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     image(3).save(tmp_path / "ok.png")
-    assert main(["caption", str(tmp_path / "broken.png"), str(tmp_path / "ok.png"), "--model", str(model_dir),
-                 "--drafter", "none", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                str(tmp_path / "broken.png"),
+                str(tmp_path / "ok.png"),
+                "--model",
+                str(model_dir),
+                "--drafter",
+                "none",
+                "--max-new-tokens",
+                "4",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(tmp_path / "ok.png")]
     assert "broken.png" in captured.err and "cannot read image" in captured.err

@@ -15,6 +15,8 @@ from mmspec.pipelines.vlm import VLMPipeline, load_vlm_target
 from mmspec.pipelines.vlm.drafter_layout import lay_out, prompt_sequence, sequence_pairs
 from mmspec.pipelines.vlm.drafters import VLMEagleDrafter, VLMEagleHead
 from mmspec.pipelines.vlm.visual_paths import VISUAL_PATHS
+from mmspec.sampling import SamplingConfig, logits_to_probs
+from mmspec.training.eagle import EagleTrainConfig, add_train_drafter_args, eagle_training_pairs
 from mmspec.training.vlm import (
     add_train_vlm_drafter_args,
     distilled_batches,
@@ -22,9 +24,7 @@ from mmspec.training.vlm import (
     train_vlm_drafter_command,
     vlm_prompt_sampler,
 )
-from mmspec.sampling import SamplingConfig, logits_to_probs
 from mmspec.types import DraftContext
-from mmspec.training.eagle import EagleTrainConfig, add_train_drafter_args, eagle_training_pairs
 
 from ...conftest import assert_rows_follow, recording
 from .test_vlm import CASES, GREEDY, _exact_joint, image, run_loop, tiny_pipeline, tiny_vlm
@@ -38,7 +38,9 @@ TRAINED = ("full", "vispec")
 
 def new_head(family: str, path: str, seed: int = 0, **options) -> VLMEagleHead:
     torch.manual_seed(seed)
-    return VLMEagleHead.for_target(tiny_pipeline(family).target, path, **{"ratio": 4, "num_queries": 4, **options}).eval()
+    return VLMEagleHead.for_target(
+        tiny_pipeline(family).target, path, **{"ratio": 4, "num_queries": 4, **options}
+    ).eval()
 
 
 def encoded(family: str, images, prompts):
@@ -50,7 +52,7 @@ def train_config(**kw) -> EagleTrainConfig:
     return EagleTrainConfig(**{"steps": 100, "batch_size": 8, "seq_len": 16, "lr": 1e-2, "progress": False, **kw})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def memo_batches(family: str, seed: int = 0):
     """The self-distilled batches of ``train_config()`` (each step generated once, shared by runs)."""
     pipe = tiny_pipeline(family)
@@ -84,7 +86,7 @@ def head_for(family: str, path: str, trained: dict) -> VLMEagleHead:
     return head
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def baseline(family: str):
     images, prompts = CASES["batch"]
     return run_loop(tiny_pipeline(family).target, encoded(family, images, prompts), max_new=20)
@@ -114,8 +116,9 @@ def test_exact_sampling_reproduces_target_distribution(trained):
     one = encoded("llava", image(0), "describe the image")
     n, length = 3000, 3
     sampling = SamplingConfig(temperature=1.0, top_k=3)
-    batch = type(one)(tokens=one.tokens.expand(n, -1), lengths=one.lengths.expand(n),
-                      image_features=one.image_features.repeat(n, 1))
+    batch = type(one)(
+        tokens=one.tokens.expand(n, -1), lengths=one.lengths.expand(n), image_features=one.image_features.repeat(n, 1)
+    )
     drafter = VLMEagleDrafter(trained["vispec"], pipe.target)
     out = run_loop(pipe.target, batch, drafter, k=2, sampling=sampling, max_new=length, seed=7)
     exact = _exact_joint(pipe.target, one, length, sampling)
@@ -200,8 +203,9 @@ def test_semi_autoregressive_chain_uses_fewer_head_forwards():
             return _forward(*args)
 
         head.forward = counting
-        out = run_loop(target, encoded("llava", image(0), "describe the image"), VLMEagleDrafter(head, target), k=4,
-                       max_new=11)
+        out = run_loop(
+            target, encoded("llava", image(0), "describe the image"), VLMEagleDrafter(head, target), k=4, max_new=11
+        )
         assert calls[path] == (2 if path == "flash" else 4) * out.stats.steps
     assert head.config.tokens_per_step == 1 and new_head("llava", "flash").config.tokens_per_step == 2
 
@@ -224,14 +228,17 @@ def image_entries(layout, row: int) -> list[int]:
     return layout.rope[0, row, :n][layout.source[row, :n] < 0].tolist()
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("none", []),
-    ("full", list(range(1, 17))),
-    ("pool", [1, 3, 9, 11]),  # 2x2 windows of the 4x4 grid, top-left tokens
-    ("specvlm", [1, 3, 9, 11]),
-    ("vispec", [3, 7, 11, 15]),  # m = 16 / 4 queries at floor((j + 1/2) * 16 / 4)
-    ("flash", [3, 7, 11, 15]),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("none", []),
+        ("full", list(range(1, 17))),
+        ("pool", [1, 3, 9, 11]),  # 2x2 windows of the 4x4 grid, top-left tokens
+        ("specvlm", [1, 3, 9, 11]),
+        ("vispec", [3, 7, 11, 15]),  # m = 16 / 4 queries at floor((j + 1/2) * 16 / 4)
+        ("flash", [3, 7, 11, 15]),
+    ],
+)
 def test_llava_layout_positions(path, expected):
     """LLaVA-1.5 prompt ["USER:", 16 image tokens at positions 1..16, "describe the image
     ASSISTANT:"] (21 tokens, pairs t < 20): entries per path; text pairs at their own positions."""
@@ -263,8 +270,9 @@ def test_llava_two_images_pool_per_image():
     torch.testing.assert_close(layout.embeds[0, kept[4]], embeds.mean(0))
 
 
-@pytest.mark.parametrize("path, count", [("none", 0), ("full", 6), ("pool", 2), ("prune", 2), ("vispec", 2), ("flash", 2),
-                                         ("specvlm", 2)])
+@pytest.mark.parametrize(
+    "path, count", [("none", 0), ("full", 6), ("pool", 2), ("prune", 2), ("vispec", 2), ("flash", 2), ("specvlm", 2)]
+)
 def test_qwen_layout_keeps_mrope_ids(path, count):
     """Qwen2-VL: a 2x3 merged-patch image at positions 3..8. Entries sit at their representative
     tokens with the target's own (t, h, w) ids; text after the image keeps its M-RoPE ids; the
@@ -275,8 +283,14 @@ def test_qwen_layout_keeps_mrope_ids(path, count):
     n = int(layout.lengths[0])
     source = layout.source[0, :n]
     image_ids = layout.rope[:, 0, :n][:, source < 0].T.tolist()
-    want = {"pool": [[3, 3, 3], [3, 3, 5]], "specvlm": [[3, 3, 3], [3, 3, 5]], "vispec": [[3, 3, 4], [3, 4, 4]],
-            "flash": [[3, 3, 4], [3, 4, 4]], "full": ids[:, 0, 3:9].T.tolist(), "none": []}
+    want = {
+        "pool": [[3, 3, 3], [3, 3, 5]],
+        "specvlm": [[3, 3, 3], [3, 3, 5]],
+        "vispec": [[3, 3, 4], [3, 4, 4]],
+        "flash": [[3, 3, 4], [3, 4, 4]],
+        "full": ids[:, 0, 3:9].T.tolist(),
+        "none": [],
+    }
     if path == "prune":
         picked = sorted((seq.features[0, 3:9].norm(dim=-1).topk(2).indices + 3).tolist())
         want["prune"] = ids[:, 0, picked].T.tolist()
@@ -286,8 +300,13 @@ def test_qwen_layout_keeps_mrope_ids(path, count):
     assert torch.equal(layout.rope[:, 0, :n][:, text], ids[:, 0, source[text]])
     drafter = VLMEagleDrafter(head, pipe.target)
     features = pipe.target.prefill(prompt, pipe.target.new_cache(1, 64))
-    ctx = DraftContext(history=prompt.tokens, history_lengths=prompt.lengths, last_tokens=prompt.tokens[:, 0],
-                       positions=prompt.lengths, sampling=GREEDY)
+    ctx = DraftContext(
+        history=prompt.tokens,
+        history_lengths=prompt.lengths,
+        last_tokens=prompt.tokens[:, 0],
+        positions=prompt.lengths,
+        sampling=GREEDY,
+    )
     drafter.prefill(ctx, prompt, features)
     last = int(prompt.lengths[0]) - 1  # the catch-up pair's sequence position
     assert int(drafter.cache.lengths[0]) + int(drafter.cache.slot_offsets[0]) == last
@@ -363,8 +382,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     with pytest.raises(Interrupted):
         train_vlm_drafter(target, first, crashing, train_config(steps=6, checkpoint_dir=tmp_path, checkpoint_every=2))
     resumed = new_head("llava", "specvlm", seed=9)
-    losses = train_vlm_drafter(target, resumed, batches,
-                               train_config(steps=6, checkpoint_dir=tmp_path, checkpoint_every=2, resume=True))
+    losses = train_vlm_drafter(
+        target, resumed, batches, train_config(steps=6, checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
+    )
     assert len(losses) == 4
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -402,15 +422,39 @@ def test_train_drafter_cli(tmp_path):
     parser = ArgumentParser()
     add_train_drafter_args(parser)
     add_train_vlm_drafter_args(parser)
-    args = parser.parse_args([
-        "--target-kind", "vlm", "--target-path", str(tmp_path / "model"), "--output", str(tmp_path / "drafter"),
-        "--images", str(tmp_path / "images"), "--visual-path", "flash", "--ratio", "2", "--steps", "2",
-        "--batch-size", "2", "--answer-len", "5", "--long-answers", "--device", "cpu",
-    ])
+    args = parser.parse_args(
+        [
+            "--target-kind",
+            "vlm",
+            "--target-path",
+            str(tmp_path / "model"),
+            "--output",
+            str(tmp_path / "drafter"),
+            "--images",
+            str(tmp_path / "images"),
+            "--visual-path",
+            "flash",
+            "--ratio",
+            "2",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--answer-len",
+            "5",
+            "--long-answers",
+            "--device",
+            "cpu",
+        ]
+    )
     assert train_vlm_drafter_command(args) == 0
     pipe = VLMPipeline.from_pretrained(tmp_path / "model")
     drafter = VLMEagleDrafter.from_pretrained(tmp_path / "drafter", pipe.target)
-    assert (drafter.head.config.visual_path, drafter.head.config.ratio, drafter.head.config.tokens_per_step) == ("flash", 2, 2)
+    assert (drafter.head.config.visual_path, drafter.head.config.ratio, drafter.head.config.tokens_per_step) == (
+        "flash",
+        2,
+        2,
+    )
     out = pipe(image(0), "describe the image", max_new_tokens=8, drafter=drafter, num_draft_tokens=3)
     assert out.text == pipe(image(0), "describe the image", max_new_tokens=8, num_draft_tokens=0).text
 
@@ -430,11 +474,38 @@ def test_training_runs_data_parallel_in_two_processes(tmp_path):
         port = sock.getsockname()[1]
     out = tmp_path / "head"
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), "-m", "mmspec.app.cli", "train-drafter", "--target-kind", "vlm",
-         "--target-path", str(default_captioner_path()), "--output", str(out), "--visual-path", "pool",
-         "--steps", "4", "--batch-size", "4", "--device", "cpu"],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "-m",
+            "mmspec.app.cli",
+            "train-drafter",
+            "--target-kind",
+            "vlm",
+            "--target-path",
+            str(default_captioner_path()),
+            "--output",
+            str(out),
+            "--visual-path",
+            "pool",
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -442,5 +513,7 @@ def test_training_runs_data_parallel_in_two_processes(tmp_path):
     drafter = VLMEagleDrafter.from_pretrained(out, pipe.target)
     pictures = [image(i) for i in range(3)]
     base = pipe([[p] for p in pictures], ["What is in the image?"] * 3, max_new_tokens=8, num_draft_tokens=0)
-    spec = pipe([[p] for p in pictures], ["What is in the image?"] * 3, max_new_tokens=8, drafter=drafter, num_draft_tokens=3)
+    spec = pipe(
+        [[p] for p in pictures], ["What is in the image?"] * 3, max_new_tokens=8, drafter=drafter, num_draft_tokens=3
+    )
     assert spec.text == base.text

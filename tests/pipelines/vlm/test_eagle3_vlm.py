@@ -44,7 +44,9 @@ def _random_head(target, draft_vocab: int = 40, seed: int = 0):
     head = eagle3_head_for_vlm(target, draft_vocab_size=draft_vocab, aux_layer_ids=(0, 1, 0))
     with torch.no_grad():
         for p in head.parameters():
-            p.copy_(torch.randn(p.shape) * (p[0].numel() ** -0.5 if p.dim() >= 2 else 0.1) + (1.0 if p.dim() == 1 else 0.0))
+            p.copy_(
+                torch.randn(p.shape) * (p[0].numel() ** -0.5 if p.dim() >= 2 else 0.1) + (1.0 if p.dim() == 1 else 0.0)
+            )
     ids = torch.randperm(target.vocab_size, generator=torch.Generator().manual_seed(seed))[:draft_vocab].sort().values
     head.set_draft_vocab(ids)
     return head.eval()
@@ -68,7 +70,9 @@ def trained_qwen():
     """Qwen2.5-VL (M-RoPE) target and an EAGLE-3 head trained by online distillation (40 steps)."""
     pipe = _pipe("qwen2_5_vl")
     head = eagle3_head_for_vlm(pipe.target, draft_vocab_size=48)
-    config = Eagle3TrainConfig(steps=40, batch_size=4, seq_len=12, lr=3e-3, ttt_steps=2, vocab_batches=4, progress=False)
+    config = Eagle3TrainConfig(
+        steps=40, batch_size=4, seq_len=12, lr=3e-3, ttt_steps=2, vocab_batches=4, progress=False
+    )
     items = [(image(i), q) for i in range(4) for q in (QUESTION, "what is in this picture")]
     batches = distilled_batches(pipe.target, vlm_prompt_sampler(pipe, items, 4), config, SamplingConfig(temperature=0))
     losses = train_eagle3_head(pipe.target, head, batches, config)
@@ -80,8 +84,14 @@ def test_trained_vlm_head_saves_steps_through_the_method_registry(trained_qwen, 
     pipe, head = trained_qwen
     Eagle3Drafter(head).save_pretrained(tmp_path)
     base = pipe(image(1), QUESTION, max_new_tokens=12, num_draft_tokens=0)
-    spec = pipe(image(1), QUESTION, max_new_tokens=12, speculative="eagle3", speculative_options={"path": str(tmp_path)},
-                num_draft_tokens=3)
+    spec = pipe(
+        image(1),
+        QUESTION,
+        max_new_tokens=12,
+        speculative="eagle3",
+        speculative_options={"path": str(tmp_path)},
+        num_draft_tokens=3,
+    )
     assert _reply(spec) == _reply(base) and spec.stats.steps < base.stats.steps
 
 
@@ -117,8 +127,10 @@ def _hf_layer_outputs(model, batch) -> list[torch.Tensor]:
     """Each HF text-decoder layer's output ``[1, P, H]`` (forward hooks on transformers' own modules)."""
     outputs = []
     layers = model.model.language_model.layers
-    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-             for layer in layers]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+        for layer in layers
+    ]
     try:
         with torch.no_grad():
             model(**batch)
@@ -128,7 +140,9 @@ def _hf_layer_outputs(model, batch) -> list[torch.Tensor]:
     return outputs
 
 
-def reference_chain(directory, engine: str, embed: torch.Tensor, layer_outputs: list[torch.Tensor], tokens: list[int], k: int):
+def reference_chain(
+    directory, engine: str, embed: torch.Tensor, layer_outputs: list[torch.Tensor], tokens: list[int], k: int
+):
     """Greedy EAGLE-3 chain from the files alone, read as ``engine`` ("sglang": id = output of layer
     id; "vllm": id = the state entering layer id). ``tokens``: prompt + the target's first token
     (1-D RoPE positions 0, 1, ...). Returns ``k`` target ids."""
@@ -145,7 +159,7 @@ def reference_chain(directory, engine: str, embed: torch.Tensor, layer_outputs: 
     def rope(x, pos):  # x [T, h, d]; HF rotate_half layout
         inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, d, 2).float() / d)
         ang = torch.cat([pos[:, None] * inv, pos[:, None] * inv], -1)[:, None]
-        rot = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+        rot = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
         return x * ang.cos() + rot * ang.sin()
 
     prompt_len = len(tokens) - 1
@@ -170,8 +184,14 @@ def reference_chain(directory, engine: str, embed: torch.Tensor, layer_outputs: 
         att = att.masked_fill(~mask[None], float("-inf")).softmax(-1)
         o = torch.einsum("hts,shd->thd", att, V).reshape(len(x), heads * d) @ w["midlayer.self_attn.o_proj.weight"].T
         h = hidden + o
-        h = h + (F.silu(rms(h, "midlayer.post_attention_layernorm.weight") @ w["midlayer.mlp.gate_proj.weight"].T)
-                 * (rms(h, "midlayer.post_attention_layernorm.weight") @ w["midlayer.mlp.up_proj.weight"].T)) @ w["midlayer.mlp.down_proj.weight"].T
+        h = (
+            h
+            + (
+                F.silu(rms(h, "midlayer.post_attention_layernorm.weight") @ w["midlayer.mlp.gate_proj.weight"].T)
+                * (rms(h, "midlayer.post_attention_layernorm.weight") @ w["midlayer.mlp.up_proj.weight"].T)
+            )
+            @ w["midlayer.mlp.down_proj.weight"].T
+        )
         last = h[-1:]
         draft_id = int((rms(last, "norm.weight") @ w["lm_head.weight"].T).argmax())
         target_id = draft_id + int(w["d2t"][draft_id])  # d2t offsets
@@ -213,20 +233,40 @@ def test_hand_built_directory_loads_and_drafts_as_the_reference(tmp_path):
     r = lambda *shape: torch.randn(*shape, generator=g) * shape[-1] ** -0.5  # noqa: E731
     ids = torch.randperm(V, generator=g)[:Vd].sort().values
     tensors = {
-        "fc.weight": r(H, 3 * H), "midlayer.hidden_norm.weight": 1 + 0.1 * r(H),
-        "midlayer.input_layernorm.weight": 1 + 0.1 * r(H), "midlayer.self_attn.q_proj.weight": r(heads * d, 2 * H),
-        "midlayer.self_attn.k_proj.weight": r(kv * d, 2 * H), "midlayer.self_attn.v_proj.weight": r(kv * d, 2 * H),
-        "midlayer.self_attn.o_proj.weight": r(H, heads * d), "midlayer.post_attention_layernorm.weight": 1 + 0.1 * r(H),
-        "midlayer.mlp.gate_proj.weight": r(inter, H), "midlayer.mlp.up_proj.weight": r(inter, H),
-        "midlayer.mlp.down_proj.weight": r(H, inter), "norm.weight": 1 + 0.1 * r(H), "lm_head.weight": 3 * r(Vd, H),
-        "d2t": ids - torch.arange(Vd), "t2d": torch.zeros(V, dtype=torch.bool).index_fill(0, ids, True),
+        "fc.weight": r(H, 3 * H),
+        "midlayer.hidden_norm.weight": 1 + 0.1 * r(H),
+        "midlayer.input_layernorm.weight": 1 + 0.1 * r(H),
+        "midlayer.self_attn.q_proj.weight": r(heads * d, 2 * H),
+        "midlayer.self_attn.k_proj.weight": r(kv * d, 2 * H),
+        "midlayer.self_attn.v_proj.weight": r(kv * d, 2 * H),
+        "midlayer.self_attn.o_proj.weight": r(H, heads * d),
+        "midlayer.post_attention_layernorm.weight": 1 + 0.1 * r(H),
+        "midlayer.mlp.gate_proj.weight": r(inter, H),
+        "midlayer.mlp.up_proj.weight": r(inter, H),
+        "midlayer.mlp.down_proj.weight": r(H, inter),
+        "norm.weight": 1 + 0.1 * r(H),
+        "lm_head.weight": 3 * r(Vd, H),
+        "d2t": ids - torch.arange(Vd),
+        "t2d": torch.zeros(V, dtype=torch.bool).index_fill(0, ids, True),
     }
     save_file(tensors, tmp_path / "model.safetensors")
-    config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": H,
-              "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv, "num_hidden_layers": 1,
-              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048, "vocab_size": V,
-              "draft_vocab_size": Vd, "target_hidden_size": H, "tie_word_embeddings": False,
-              "eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 0], "use_aux_hidden_state": True}}
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "hidden_size": H,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "num_hidden_layers": 1,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "vocab_size": V,
+        "draft_vocab_size": Vd,
+        "target_hidden_size": H,
+        "tie_word_embeddings": False,
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 0], "use_aux_hidden_state": True},
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     drafter = load_eagle3_drafter(tmp_path, pipe.target)  # SGLang/SpecForge reading: outputs of layers 0, 1, 0
     assert drafter.head.config.aux_layer_ids == (0, 1, 0)
@@ -234,7 +274,9 @@ def test_hand_built_directory_loads_and_drafts_as_the_reference(tmp_path):
     mine, out = _first_proposal(pipe, drafter, picture, k)
     batch = processor(images=[picture], text=[_chat(processor, [picture], QUESTION)], return_tensors="pt")
     tokens = batch["input_ids"][0].tolist() + [int(out.token_ids[0, 0])]
-    ref = reference_chain(tmp_path, "sglang", model.get_input_embeddings().weight.detach(), _hf_layer_outputs(model, batch), tokens, k)
+    ref = reference_chain(
+        tmp_path, "sglang", model.get_input_embeddings().weight.detach(), _hf_layer_outputs(model, batch), tokens, k
+    )
     assert mine == ref
     assert all(int(t) in ids.tolist() for t in mine)  # drafts come from the draft vocabulary
     # The same file read with vLLM's convention names other layers (id - 1): refused when out of range.
@@ -298,20 +340,67 @@ def test_train_eagle3_then_export_on_the_command_line(tmp_path, capsys):
 
     original = pipeline_vlm.VLMPipeline.from_pretrained
     # The tiny Qwen processor is a stand-in (no torchvision on CPU CI): hand the CLI the same pipeline.
-    pipeline_vlm.VLMPipeline.from_pretrained = classmethod(lambda cls, path, dtype=None, device=None, drafter=None: pipe)
+    pipeline_vlm.VLMPipeline.from_pretrained = classmethod(
+        lambda cls, path, dtype=None, device=None, drafter=None: pipe
+    )
     try:
-        assert main(["train-drafter", "--arch", "eagle3", "--target-kind", "vlm", "--target-path", str(tmp_path / "model"),
-                     "--output", str(tmp_path / "drafter"), "--images", str(tmp_path / "images"), "--steps", "3",
-                     "--batch-size", "2", "--answer-len", "6", "--draft-vocab-size", "40", "--ttt-steps", "2",
-                     "--vocab-batches", "2", "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "train-drafter",
+                    "--arch",
+                    "eagle3",
+                    "--target-kind",
+                    "vlm",
+                    "--target-path",
+                    str(tmp_path / "model"),
+                    "--output",
+                    str(tmp_path / "drafter"),
+                    "--images",
+                    str(tmp_path / "images"),
+                    "--steps",
+                    "3",
+                    "--batch-size",
+                    "2",
+                    "--answer-len",
+                    "6",
+                    "--draft-vocab-size",
+                    "40",
+                    "--ttt-steps",
+                    "2",
+                    "--vocab-batches",
+                    "2",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
     finally:
         pipeline_vlm.VLMPipeline.from_pretrained = original
     trained = Eagle3Drafter.from_pretrained(tmp_path / "drafter", pipe.target)
     assert trained.head.config.draft_vocab_size == 40 and trained.head.config.mrope_section == (2, 1, 1)
-    assert main(["export-drafter", str(tmp_path / "drafter"), "--format", "eagle3", "--out", str(tmp_path / "out"),
-                 "--layer-convention", "vllm", "--dtype", "bfloat16"]) == 0
+    assert (
+        main(
+            [
+                "export-drafter",
+                str(tmp_path / "drafter"),
+                "--format",
+                "eagle3",
+                "--out",
+                str(tmp_path / "out"),
+                "--layer-convention",
+                "vllm",
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in trained.head.config.aux_layer_ids]
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [
+        i + 1 for i in trained.head.config.aux_layer_ids
+    ]
     assert config["mmspec"]["layer_convention"] == "vllm" and config["torch_dtype"] == "bfloat16"
     imported = load_eagle3_drafter(tmp_path / "out", pipe.target)  # the record says how the ids read
     assert imported.head.config.aux_layer_ids == trained.head.config.aux_layer_ids

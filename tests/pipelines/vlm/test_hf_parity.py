@@ -26,7 +26,7 @@ from .test_vlm import EOS, FAMILIES, IMAGE_PAD, _chat, _randomize, image, noisy_
 def _hf_generate(model, processor, images, prompt: str, max_new_tokens: int, **inputs_extra) -> list[int]:
     batch = processor(images=images or None, text=[_chat(processor, images, prompt)], return_tensors="pt", padding=True)
     out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
-    reply = out[0, batch["input_ids"].shape[1]:].tolist()
+    reply = out[0, batch["input_ids"].shape[1] :].tolist()
     ends = [i for i, t in enumerate(reply) if t in (EOS, 3)]
     return reply[: ends[0] + 1] if ends else reply
 
@@ -59,8 +59,9 @@ def test_transparent_images_match_the_processor_and_generate(family, mode):
     picture = transparent_images()[mode]
     ours = pipe.build_prompt(picture, "describe the image").pixel_values
     theirs = processor(images=[picture], text=[_chat(processor, [picture], "x")], return_tensors="pt")["pixel_values"]
-    stripped = processor(images=[picture.convert("RGB")], text=[_chat(processor, [picture], "x")],
-                         return_tensors="pt")["pixel_values"]
+    stripped = processor(images=[picture.convert("RGB")], text=[_chat(processor, [picture], "x")], return_tensors="pt")[
+        "pixel_values"
+    ]
     if mode != "P":  # the test image really tells the two conversions apart
         assert not torch.equal(stripped, theirs)
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
@@ -125,7 +126,7 @@ def test_draft_vlm_encodes_the_image_with_its_own_tower(family, hidden, heads):
     inputs = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if "mm_token_type_ids" in batch:
         inputs["mm_token_type_ids"] = (ids == IMAGE_PAD).int()
-    own = draft_model.generate(**inputs, do_sample=False, max_new_tokens=k)[0, ids.shape[1]:].tolist()
+    own = draft_model.generate(**inputs, do_sample=False, max_new_tokens=k)[0, ids.shape[1] :].tolist()
     assert drafter.drafts[0][0, : len(own)].tolist() == own  # (generate stops early at an end id)
 
 
@@ -164,7 +165,9 @@ def test_repetition_penalty_from_generation_config_matches_generate(family):
     assert plain != expected
     assert _reply(pipe(picture, question, max_new_tokens=16, num_draft_tokens=0)) == expected
     for width in (1, 2):  # chains and trees: drafts are penalised along their own path
-        drafter = ModelDrafter(pipe.target.with_decoder(noisy_decoder(pipe.target.decoder, 0.05)), num_alternatives=width)
+        drafter = ModelDrafter(
+            pipe.target.with_decoder(noisy_decoder(pipe.target.decoder, 0.05)), num_alternatives=width
+        )
         spec = pipe(picture, question, max_new_tokens=16, drafter=drafter, num_draft_tokens=3)
         assert _reply(spec) == expected and spec.stats.mean_accepted > 0.5
 

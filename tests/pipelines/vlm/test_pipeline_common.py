@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+
+from mmspec.drafters import ModelDrafter, NGramDrafter
+from mmspec.drafters.eagle import TreeConfig
 from mmspec.pipelines.vlm import (
     VISUAL_PATHS,
     VLMEagleDrafter,
@@ -13,9 +16,6 @@ from mmspec.pipelines.vlm import (
     VLMPipeline,
     load_vlm_target,
 )
-
-from mmspec.drafters import ModelDrafter, NGramDrafter
-from mmspec.drafters.eagle import TreeConfig
 
 from ..pipeline_mixin import PipelineTesterMixin
 from .test_vlm import image, noisy_decoder, tiny_pipeline, tiny_vlm
@@ -35,8 +35,11 @@ class _VLMPipelineCommon(PipelineTesterMixin):
 
     def get_inputs(self, batch_size: int) -> dict[str, Any]:
         questions = ["what is in this picture", "a cat", "describe the image"]
-        return {"images": [image(3 + row) for row in range(batch_size)], "prompt": questions[:batch_size],
-                "max_new_tokens": 10}
+        return {
+            "images": [image(3 + row) for row in range(batch_size)],
+            "prompt": questions[:batch_size],
+            "max_new_tokens": 10,
+        }
 
     def single_row_inputs(self, inputs: dict[str, Any], row: int) -> dict[str, Any]:
         return {**inputs, "images": [inputs["images"][row]], "prompt": [inputs["prompt"][row]]}

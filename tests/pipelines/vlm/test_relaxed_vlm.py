@@ -16,7 +16,12 @@ from .test_vlm import CASES, noisy_decoder, tiny_pipeline
 def _run(pipe, drafter, acceptance, seed=0):
     images, prompts = CASES["batch"]
     return VLMPipeline(pipe.target, pipe.processor, drafter=drafter)(
-        images, prompts, max_new_tokens=16, num_draft_tokens=3, temperature=1.0, acceptance=acceptance,
+        images,
+        prompts,
+        max_new_tokens=16,
+        num_draft_tokens=3,
+        temperature=1.0,
+        acceptance=acceptance,
         generator=torch.Generator().manual_seed(seed),
     )
 

@@ -41,8 +41,19 @@ from mmspec.sampling import SamplingConfig, logits_to_probs
 from ...conftest import assert_rows_follow, noisy_copy
 
 VOCAB = 96
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-            "<|vision_end|>", "<|im_start|>", "<|im_end|>"]
+SPECIALS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<image>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|im_start|>",
+    "<|im_end|>",
+]
 WORDS = "USER: ASSISTANT: user assistant describe the image what is in this picture compare these two a cat".split()
 PAD, EOS, IMAGE, IMAGE_PAD, VIDEO_PAD, VISION_START = 0, 2, 4, 5, 6, 7
 LLAVA_TEMPLATE = (
@@ -67,8 +78,13 @@ def tiny_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=SPECIALS[4:], padding_side="left",  # left, as HF generation wants
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIALS[4:],
+        padding_side="left",  # left, as HF generation wants
     )
     tokenizer.chat_template = chat_template
     return tokenizer
@@ -85,7 +101,9 @@ class TinyQwenProcessor:
         self.chat_template = tokenizer.chat_template
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize)
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize
+        )
 
     def __call__(self, images=None, text=None, return_tensors: str = "pt", padding: bool = True) -> BatchFeature:
         data = {}
@@ -103,9 +121,20 @@ class TinyQwenProcessor:
 
 
 def _text_config(**extra) -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, eos_token_id=EOS,
-                bos_token_id=1, pad_token_id=PAD, **extra)
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        eos_token_id=EOS,
+        bos_token_id=1,
+        pad_token_id=PAD,
+        **extra,
+    )
 
 
 def _randomize(model: torch.nn.Module, sharpness: float, seed: int) -> None:
@@ -127,15 +156,27 @@ def _randomize(model: torch.nn.Module, sharpness: float, seed: int) -> None:
 def _llava():
     config = LlavaConfig(
         text_config=dict(model_type="llama", attention_bias=True, **_text_config()),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=16, patch_size=4),
-        image_token_index=IMAGE, projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        ),
+        image_token_index=IMAGE,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
     )
     model = LlavaForConditionalGeneration(config)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-        tokenizer=tiny_tokenizer(LLAVA_TEMPLATE), patch_size=4, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE,
+        tokenizer=tiny_tokenizer(LLAVA_TEMPLATE),
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
     )
     return model, processor
 
@@ -144,16 +185,29 @@ def _llava_next():
     pinpoints = [[16, 32], [32, 16]]
     config = LlavaNextConfig(
         text_config=dict(model_type="mistral", sliding_window=None, **_text_config()),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=16, patch_size=4),
-        image_token_index=IMAGE, image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        ),
+        image_token_index=IMAGE,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
     )
     model = LlavaNextForConditionalGeneration(config)
     processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
-                                                   image_grid_pinpoints=pinpoints),
-        tokenizer=tiny_tokenizer(LLAVA_TEMPLATE), patch_size=4, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE,
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=pinpoints
+        ),
+        tokenizer=tiny_tokenizer(LLAVA_TEMPLATE),
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
     )
     return model, processor
 
@@ -163,26 +217,47 @@ _QWEN_IDS = dict(image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD, vision_star
 
 
 def _qwen_processor() -> TinyQwenProcessor:
-    images = Qwen2VLImageProcessorPil(min_pixels=8 * 8 * 4, max_pixels=16 * 16 * 4, patch_size=4, merge_size=2,
-                                      temporal_patch_size=2)
+    images = Qwen2VLImageProcessorPil(
+        min_pixels=8 * 8 * 4, max_pixels=16 * 16 * 4, patch_size=4, merge_size=2, temporal_patch_size=2
+    )
     return TinyQwenProcessor(images, tiny_tokenizer(QWEN_TEMPLATE))
 
 
 def _qwen2_vl():
     config = Qwen2VLConfig(
-        text_config=_QWEN_TEXT, tie_word_embeddings=False, **_QWEN_IDS,
-        vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
-                           temporal_patch_size=2),
+        text_config=_QWEN_TEXT,
+        tie_word_embeddings=False,
+        **_QWEN_IDS,
+        vision_config=dict(
+            depth=2,
+            embed_dim=16,
+            hidden_size=32,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
     )
     return Qwen2VLForConditionalGeneration(config), _qwen_processor()
 
 
 def _qwen2_5_vl():
     config = Qwen2_5_VLConfig(
-        text_config=_QWEN_TEXT, tie_word_embeddings=True, **_QWEN_IDS,
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, out_hidden_size=32, num_heads=2,
-                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                           fullatt_block_indexes=[1]),
+        text_config=_QWEN_TEXT,
+        tie_word_embeddings=True,
+        **_QWEN_IDS,
+        vision_config=dict(
+            depth=2,
+            hidden_size=16,
+            intermediate_size=32,
+            out_hidden_size=32,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,
+            fullatt_block_indexes=[1],
+        ),
     )
     return Qwen2_5_VLForConditionalGeneration(config), _qwen_processor()
 
@@ -191,7 +266,7 @@ BUILDERS = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen2_vl, "
 FAMILIES = sorted(BUILDERS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_vlm(family: str, sharpness: float = 6.0, seed: int = 0):
     """``(hf_model, processor)``: shared across tests (read-only)."""
     torch.manual_seed(seed)
@@ -202,7 +277,7 @@ def tiny_vlm(family: str, sharpness: float = 6.0, seed: int = 0):
     return model.eval(), processor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_pipeline(family: str) -> VLMPipeline:
     model, processor = tiny_vlm(family)
     return VLMPipeline(load_vlm_target(model), processor)
@@ -227,16 +302,20 @@ def hf_greedy(family: str, images, prompt: str, max_new_tokens: int) -> list[int
     """``model.generate(do_sample=False)`` on one unpadded prompt, cut after the first end id."""
     model, processor = tiny_vlm(family)
     pipe = tiny_pipeline(family)
-    batch = pipe.processor(images=images or None, text=[_chat(processor, images, prompt)], return_tensors="pt", padding=True)
+    batch = pipe.processor(
+        images=images or None, text=[_chat(processor, images, prompt)], return_tensors="pt", padding=True
+    )
     out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
-    reply = out[0, batch["input_ids"].shape[1]:].tolist()
+    reply = out[0, batch["input_ids"].shape[1] :].tolist()
     ends = [i for i, t in enumerate(reply) if t in (EOS, 3)]
     return reply[: ends[0] + 1] if ends else reply
 
 
 def _chat(processor, images, prompt: str) -> str:
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
 
 
 def _rows(images_per_prompt) -> list[list]:
@@ -247,8 +326,14 @@ def run_loop(target, prompt: VLMPrompt, drafter=None, k: int = 3, sampling=GREED
     """``speculative_generate`` with a cache wide enough for chains and 2-wide trees."""
     cache = target.new_cache(prompt.tokens.shape[0], required_cache_len(prompt.tokens.shape[1], max_new, 2 * k + 1))
     return speculative_generate(
-        target, target.encode_images(prompt), cache, max_new_tokens=max_new, drafter=drafter, num_draft_tokens=k,
-        sampling=sampling, generator=torch.Generator().manual_seed(seed),
+        target,
+        target.encode_images(prompt),
+        cache,
+        max_new_tokens=max_new,
+        drafter=drafter,
+        num_draft_tokens=k,
+        sampling=sampling,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -269,8 +354,9 @@ def test_converted_decoder_matches_hf_logits(family):
     prompt_logits = pipe.target.decoder.output(pre.hidden_states_all).float()  # [B, P, V]
     more = pipe.target.forward(extra, cache.slots(3), cache, None).logits  # [B, 3, V]
     for row, image_list in enumerate(_rows(images)):
-        batch = pipe.processor(images=image_list, text=[_chat(pipe.processor, image_list, prompts[row])],
-                               return_tensors="pt", padding=True)
+        batch = pipe.processor(
+            images=image_list, text=[_chat(pipe.processor, image_list, prompts[row])], return_tensors="pt", padding=True
+        )
         n = int(prompt.lengths[row])
         assert torch.equal(batch["input_ids"][0], prompt.tokens[row, :n])  # right padding kept each row intact
         ids = torch.cat([batch["input_ids"], extra[row : row + 1]], 1)
@@ -308,8 +394,9 @@ def test_greedy_baseline_matches_hf_generate(family, case):
     """The pipeline's baseline (speculative_generate, no drafter) == model.generate per prompt."""
     images, prompts = CASES[case]
     single = case != "batch"
-    out = tiny_pipeline(family)(images[0] if single else images, prompts[0] if single else prompts, max_new_tokens=12,
-                                num_draft_tokens=0)
+    out = tiny_pipeline(family)(
+        images[0] if single else images, prompts[0] if single else prompts, max_new_tokens=12, num_draft_tokens=0
+    )
     assert out.lengths.min() >= 3 and out.stats.mean_accepted == 0  # a reply, not an immediate end
     for row, image_list in enumerate(_rows(images)):
         expected = hf_greedy(family, image_list, prompts[row], 12)
@@ -322,7 +409,9 @@ def test_greedy_baseline_matches_hf_generate(family, case):
 DRAFTERS = {
     "ngram": lambda target: NGramDrafter(target.vocab_size),
     "model-chain": lambda target: ModelDrafter(target.with_decoder(noisy_decoder(target.decoder, 0.05))),
-    "model-tree": lambda target: ModelDrafter(target.with_decoder(noisy_decoder(target.decoder, 0.05)), num_alternatives=2),
+    "model-tree": lambda target: ModelDrafter(
+        target.with_decoder(noisy_decoder(target.decoder, 0.05)), num_alternatives=2
+    ),
 }
 
 
@@ -346,7 +435,9 @@ def test_pipeline_speculation_returns_the_baseline_text():
     images, prompts = CASES["batch"]
     drafter = ModelDrafter(pipe.target.with_decoder(noisy_decoder(pipe.target.decoder, 0.05)))
     base = pipe(images, prompts, max_new_tokens=16, num_draft_tokens=0)
-    spec = VLMPipeline(pipe.target, pipe.processor, drafter=drafter)(images, prompts, max_new_tokens=16, num_draft_tokens=3)
+    spec = VLMPipeline(pipe.target, pipe.processor, drafter=drafter)(
+        images, prompts, max_new_tokens=16, num_draft_tokens=3
+    )
     assert spec.text == base.text and torch.equal(spec.token_ids, base.token_ids)
     assert spec.stats.steps < base.stats.steps
     text, token_ids, lengths, stats = pipe(images, prompts, max_new_tokens=16, num_draft_tokens=0, return_dict=False)
@@ -388,8 +479,9 @@ def test_exact_speculative_sampling_reproduces_target_distribution():
     one = target.encode_images(VLMPipeline(target, processor).build_prompt(image(0), "describe the image"))
     n, length = 3000, 3
     sampling = SamplingConfig(temperature=1.0, top_k=3)
-    batch = VLMPrompt(tokens=one.tokens.expand(n, -1), lengths=one.lengths.expand(n),
-                      image_features=one.image_features.repeat(n, 1))
+    batch = VLMPrompt(
+        tokens=one.tokens.expand(n, -1), lengths=one.lengths.expand(n), image_features=one.image_features.repeat(n, 1)
+    )
     drafter = ModelDrafter(target.with_decoder(noisy_decoder(target.decoder, 0.2, seed=5)))
     out = run_loop(target, batch, drafter, k=2, sampling=sampling, max_new=length, seed=7)
     exact = _exact_joint(target, one, length, sampling)
@@ -438,7 +530,9 @@ def test_save_and_load_round_trip(tmp_path):
 def test_preprocessed_prompt_is_accepted():
     pipe = tiny_pipeline("qwen2_5_vl")
     prompt = pipe.build_prompt(image(0), "describe the image")
-    assert torch.equal(pipe(None, prompt, max_new_tokens=8).token_ids, pipe(image(0), "describe the image", max_new_tokens=8).token_ids)
+    assert torch.equal(
+        pipe(None, prompt, max_new_tokens=8).token_ids, pipe(image(0), "describe the image", max_new_tokens=8).token_ids
+    )
     with pytest.raises(ValueError, match="images=None"):
         pipe(image(0), prompt)
 
@@ -448,7 +542,9 @@ def test_preprocessed_prompt_is_accepted():
 
 def test_unsupported_architecture_is_refused(tmp_path):
     llama = LlamaForCausalLM(LlamaConfig(**_text_config()))
-    with pytest.raises(ValueError, match="unsupported VLM architecture 'llama'.*llava, llava_next, qwen2_5_vl, qwen2_vl"):
+    with pytest.raises(
+        ValueError, match="unsupported VLM architecture 'llama'.*llava, llava_next, qwen2_5_vl, qwen2_vl"
+    ):
         load_vlm_target(llama)
     llama.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="unsupported VLM architecture 'llama'"):
