@@ -1,12 +1,17 @@
 """What every mmspec pipeline shares: a registry of speculative methods, acceptance rules built
 from the pipeline's own models, and the resolution of one call's method, drafter and rule
-(``speculative=None`` is the plain autoregressive baseline through the same code)."""
+(``speculative=None`` is the plain autoregressive baseline through the same code), and turning
+decoded images into the requested ``output_type``."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import numpy as np
+import PIL.Image
+import torch
 
 from mmspec.acceptance import AcceptanceRule
 from mmspec.methods import Method, MethodRegistry
@@ -74,3 +79,19 @@ class SpeculativePipelineMixin:
                 f"{method.loop} loop: use its own rule {method.default_rule!r} or another {method.loop}-loop rule"
             )
         return Speculation(method, drafter, options, rule)
+
+
+def postprocess_images(images: torch.Tensor, output_type: str, extra: tuple[str, ...] = ()):
+    """Images ``[B, 3, H, W]`` in [-1, 1] (a decoder's output) as the pipelines return them:
+    ``output_type`` ``"pt"`` (``[B, 3, H, W]`` in [0, 1]), ``"np"`` (``[B, H, W, 3]``) or ``"pil"``;
+    ``extra``: further types the caller handles itself, named in the error."""
+    images = ((images.float() + 1) / 2).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).cpu().numpy()
+    if output_type == "np":
+        return array
+    if output_type == "pil":
+        return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+    choices = ", ".join(repr(t) for t in ("pil", "np", "pt", *extra))
+    raise ValueError(f"output_type must be one of {choices}, got {output_type!r}")

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
@@ -31,7 +29,7 @@ from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 
-from ..base import SpeculativePipelineMixin
+from ..base import SpeculativePipelineMixin, postprocess_images
 from ..validation import check_class_labels, check_llamagen_call
 from .modeling_eagle import LlamaGenEagleHead
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
@@ -281,17 +279,6 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         mask = None if prompt_attention_mask is None else prompt_attention_mask.to(device)
         return LlamaGenCondition(caption_embs=prompt_embeds.to(device, self.target.dtype), caption_mask=mask)
 
-    def _postprocess(self, images: torch.Tensor, output_type: str):
-        images = ((images.float() + 1) / 2).clamp(0, 1)
-        if output_type == "pt":
-            return images
-        array = images.permute(0, 2, 3, 1).cpu().numpy()
-        if output_type == "np":
-            return array
-        if output_type == "pil":
-            return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
-        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-
     @torch.no_grad()
     def __call__(
         self,
@@ -408,7 +395,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         progress.close()
         grid = self.target.grid_size
         tokens = out.tokens.reshape(-1, grid, grid)
-        images = self._postprocess(self.vq.decode_code(tokens), output_type)
+        images = postprocess_images(self.vq.decode_code(tokens), output_type)
         if not return_dict:
             return images, tokens, out.stats
         return LlamaGenPipelineOutput(images=images, tokens=tokens, stats=out.stats)
@@ -438,7 +425,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         progress.update(options["max_rounds"] - progress.n)
         progress.close()
         tokens = out.elements.view(-1, self.target.grid_size, self.target.grid_size)
-        images = self._postprocess(self.vq.decode_code(tokens), output_type)
+        images = postprocess_images(self.vq.decode_code(tokens), output_type)
         if not return_dict:
             return images, tokens, out.stats
         return LlamaGenPipelineOutput(images=images, tokens=tokens, stats=out.stats)

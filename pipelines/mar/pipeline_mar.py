@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
@@ -26,7 +25,7 @@ from mmspec.loops import masked_generate
 from mmspec.methods import MethodRegistry
 from mmspec.stats import SOURCE_PREFILL, SOURCE_RECOVERED, MaskedStats
 
-from ..base import SpeculativePipelineMixin
+from ..base import SpeculativePipelineMixin, postprocess_images
 from .cspd import MARDrafter, MARVerifyTarget
 from .modeling_mar import TOKEN_SCALE, MARModel
 from .modeling_vae import MARAutoencoderKL
@@ -166,17 +165,6 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             )
         return orders.to(self.target.device)
 
-    def _postprocess(self, images: torch.Tensor, output_type: str):
-        images = ((images.float() + 1) / 2).clamp(0, 1)
-        if output_type == "pt":
-            return images
-        array = images.permute(0, 2, 3, 1).cpu().numpy()
-        if output_type == "np":
-            return array
-        if output_type == "pil":
-            return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
-        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-
     # ------------------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(
@@ -242,7 +230,7 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 plan, labels, cfg, temperature, generator, spec, num_draft_tokens, callback_on_step_end
             )
         latents = self.target.unpatchify(tokens)
-        images = self._postprocess(self.vae.decode(latents.to(self.vae.dtype) / TOKEN_SCALE), output_type)
+        images = postprocess_images(self.vae.decode(latents.to(self.vae.dtype) / TOKEN_SCALE), output_type)
         if not return_dict:
             return images, latents, stats
         return MARPipelineOutput(images=images, latents=latents, stats=stats)

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
 from torch import nn
 
@@ -32,7 +30,7 @@ from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.types import PrefillOutput, TargetOutput
 
-from ..base import SpeculativePipelineMixin
+from ..base import SpeculativePipelineMixin, postprocess_images
 from ..vlm.decoder import TEXT_ARCHITECTURES, RopeOffsetKVCache, TextArchitecture, convert_language_model
 from .janus import JanusImagePipelineOutput
 
@@ -369,12 +367,4 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
 
     def _decode(self, codes: torch.Tensor, output_type: str):
         pixels = self.model.model.vqmodel.decode(codes)  # [B, 3, H, W] in [-1, 1]
-        images = ((pixels.float() + 1) / 2).clamp(0, 1)
-        if output_type == "pt":
-            return images
-        array = images.permute(0, 2, 3, 1).cpu().numpy()
-        if output_type == "np":
-            return array
-        if output_type == "pil":
-            return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
-        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'tokens', got {output_type!r}")
+        return postprocess_images(pixels, output_type, extra=("tokens",))

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
 from torch import nn
 
@@ -33,7 +31,7 @@ from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 from mmspec.types import PrefillOutput, TargetOutput
 
-from ..base import SpeculativePipelineMixin
+from ..base import SpeculativePipelineMixin, postprocess_images
 from ..vlm.decoder import RopeOffsetKVCache, convert_language_model
 
 
@@ -305,12 +303,4 @@ class JanusImagePipeline(SpeculativePipelineMixin):
 
     def _decode(self, tokens: torch.Tensor, output_type: str):
         pixels = self.model.decode_image_tokens(tokens)  # [B, H, W, 3] in [-1, 1]
-        images = ((pixels.float() + 1) / 2).clamp(0, 1)
-        if output_type == "pt":
-            return images.permute(0, 3, 1, 2)
-        array = images.cpu().numpy()
-        if output_type == "np":
-            return array
-        if output_type == "pil":
-            return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
-        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'tokens', got {output_type!r}")
+        return postprocess_images(pixels.permute(0, 3, 1, 2), output_type, extra=("tokens",))
