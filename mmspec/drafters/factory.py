@@ -3,8 +3,10 @@ a drafter, so every AR image pipeline offers SJD / MC-SJD and adaptive windows t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from ..methods import MethodRegistry
 from .adaptive import POLICIES, AdaptiveWindow
 from .jacobi import JacobiDrafter
 
@@ -37,3 +39,25 @@ def jacobi_method(vocab_size: int, grid_width: int, options: dict, memory: dict 
         vocab_size, init=init, copy_offset=grid_width if init == "copy" else None, coupling=options["coupling"]
     )
     return with_window(drafter, options.get("window", "fixed"), memory)
+
+
+def register_jacobi_methods(registry: MethodRegistry, row_width: Callable[[Any], int]) -> None:
+    """Register ``"sjd"`` and ``"mc-sjd"`` on an AR image pipeline's ``registry``; ``row_width(pipe)``
+    is the number of tokens of one image row (SJD's ``init="copy"`` guesses the token above). The
+    pipeline provides ``target.vocab_size`` and a ``_window_memo`` dict (adaptive windows' memory)."""
+
+    @registry.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
+    def _sjd(pipe: Any, options: dict) -> Any:
+        """Speculative Jacobi decoding (training-free; ``init``: fresh guesses "random" or "copy" = the token
+        above; ``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: "fixed", "heuristic" or
+        "cost" (adaptive))."""
+        return jacobi_method(
+            pipe.target.vocab_size, row_width(pipe), options, window_memory(pipe._window_memo, "sjd", options)
+        )
+
+    @registry.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
+    def _mc_sjd(pipe: Any, options: dict) -> Any:
+        """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
+        return jacobi_method(
+            pipe.target.vocab_size, row_width(pipe), options, window_memory(pipe._window_memo, "mc-sjd", options)
+        )

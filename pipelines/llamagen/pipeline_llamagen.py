@@ -23,7 +23,7 @@ from mmspec.acceptance import AcceptanceRule
 from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget
 from mmspec.drafters import EagleDrafter, EagleHead, ModelDrafter
-from mmspec.drafters.factory import jacobi_method, window_memory, with_window
+from mmspec.drafters.factory import register_jacobi_methods, window_memory, with_window
 from mmspec.loops import masked_generate, required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
@@ -54,21 +54,7 @@ class LlamaGenPipelineOutput(BaseOutput):
 LLAMAGEN_METHODS = MethodRegistry("LlamaGenPipeline")
 
 
-@LLAMAGEN_METHODS.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
-def _sjd(pipe: LlamaGenPipeline, options: dict) -> Any:
-    """Speculative Jacobi decoding (training-free; ``init``: fresh guesses "random" or "copy" = the token above;
-    ``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: "fixed", "heuristic" or "cost" (adaptive))."""
-    return jacobi_method(
-        pipe.target.vocab_size, pipe.target.grid_size, options, window_memory(pipe._window_memo, "sjd", options)
-    )
-
-
-@LLAMAGEN_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
-def _mc_sjd(pipe: LlamaGenPipeline, options: dict) -> Any:
-    """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
-    return jacobi_method(
-        pipe.target.vocab_size, pipe.target.grid_size, options, window_memory(pipe._window_memo, "mc-sjd", options)
-    )
+register_jacobi_methods(LLAMAGEN_METHODS, lambda pipe: pipe.target.grid_size)
 
 
 @LLAMAGEN_METHODS.register("draft-model", options={"window": "fixed"}, requires=("drafter",))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmspec.drafters.factory import jacobi_method, window_memory
+from mmspec.drafters.factory import register_jacobi_methods
 from mmspec.loops import required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
@@ -137,20 +137,7 @@ class JanusImagePipelineOutput:
 JANUS_METHODS = MethodRegistry("JanusImagePipeline")
 
 
-@JANUS_METHODS.register("sjd", options={"init": "random", "coupling": "none", "window": "fixed"})
-def _sjd(pipe: JanusImagePipeline, options: dict) -> Any:
-    """Speculative Jacobi decoding (``coupling``: "none", or "maximal" / "gumbel" = MC-SJD; ``window``: adaptive)."""
-    return jacobi_method(
-        pipe.target.vocab_size, pipe.grid_size, options, window_memory(pipe._window_memo, "sjd", options)
-    )
-
-
-@JANUS_METHODS.register("mc-sjd", options={"init": "random", "coupling": "maximal", "window": "fixed"})
-def _mc_sjd(pipe: JanusImagePipeline, options: dict) -> Any:
-    """MC-SJD (arXiv 2510.24211): SJD whose redrafts are coupled to the previous iteration's (lossless)."""
-    return jacobi_method(
-        pipe.target.vocab_size, pipe.grid_size, options, window_memory(pipe._window_memo, "mc-sjd", options)
-    )
+register_jacobi_methods(JANUS_METHODS, lambda pipe: pipe.grid_size)
 
 
 class JanusImagePipeline(SpeculativePipelineMixin):
