@@ -179,7 +179,8 @@ def generate(args: argparse.Namespace) -> int:
     try:
         spec = pipe.resolve_speculation(speculative, speculative_options, args.acceptance, acceptance_options)
     except (ValueError, TypeError) as err:
-        raise SystemExit(f"error: --speculative {args.speculative} / --acceptance {args.acceptance}: {err}") from None
+        rule = args.acceptance or "(the method's own)"
+        raise SystemExit(f"error: --speculative {args.speculative} / --acceptance {rule}: {err}") from None
     call = {
         "guidance_scale": args.guidance_scale,
         "temperature": args.temperature,

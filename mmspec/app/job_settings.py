@@ -72,6 +72,22 @@ def check_generate_settings(args: argparse.Namespace) -> None:
         _fail(f"--speculative must be 'none' (the baseline) or one of {', '.join(methods)}; got {args.speculative!r}")
     if args.acceptance is not None and args.acceptance not in ACCEPTANCE_RULES:
         _fail(f"--acceptance must be one of {', '.join(sorted(ACCEPTANCE_RULES))}; got {args.acceptance!r}")
+    if args.speculative != "none":
+        from .jobs import parse_key_values
+
+        method = LLAMAGEN_METHODS.get(args.speculative)
+        try:  # option names and the rule's commit mode are known without the model
+            method.resolve_options(parse_key_values(args.speculative_option, "--speculative-option"))
+        except ValueError as err:
+            _fail(str(err))
+        rule = ACCEPTANCE_RULES.get(args.acceptance or method.default_rule)
+        if rule is not None and not method.accepts(rule):
+            _fail(
+                f"--acceptance {rule.name} commits {rule.commit.value}, but --speculative {method.name} runs the "
+                f"{method.loop} loop: use its own rule {method.default_rule!r} or another {method.loop}-loop rule"
+            )
+    elif args.speculative_option:
+        _fail("--speculative-option needs a --speculative method")
     _check_greedy_rule(args)
     if args.speculative != "none" and args.num_draft_tokens < 1 and not args.eagle_tree:
         _fail(

@@ -28,10 +28,11 @@ from mmspec.drafters.eagle import (
     target_fingerprint,
 )
 
+from ..component_mixin import ComponentMixin
 from .modeling_gpt import LlamaGenGPT
 
 
-class LlamaGenEagleHead(ModelMixin, ConfigMixin):
+class LlamaGenEagleHead(ComponentMixin, ModelMixin, ConfigMixin):
     """A LlamaGen pipeline's EAGLE head (the optional component ``eagle``).
 
     Args: the :class:`~mmspec.drafters.eagle.EagleConfig` fields (``target_name`` is the fingerprint of
