@@ -17,6 +17,7 @@ its own left padding, blocked in :class:`Emu3Cache`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,14 @@ import torch
 from torch import nn
 
 from mmspec.drafters.factory import register_jacobi_methods
-from mmspec.loops import required_cache_len, speculative_generate
+from mmspec.loops import required_cache_len
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.types import PrefillOutput, TargetOutput
 
 from ..base import SpeculativePipelineMixin, postprocess_images
 from ..vlm.decoder import TEXT_ARCHITECTURES, RopeOffsetKVCache, TextArchitecture, convert_language_model
-from .janus import JanusImagePipelineOutput
+from .janus import JanusImagePipelineOutput, ProgressBarMixin, generate_image_tokens
 
 # Emu3's text model is a Llama (same module names, RoPE and SwiGLU; ``attention_bias`` covers q, k, v, o):
 # the VLM path's static-cache converter reads it once it knows the model type.
@@ -194,7 +195,7 @@ EMU3_METHODS = MethodRegistry("Emu3ImagePipeline")
 register_jacobi_methods(EMU3_METHODS, lambda pipe: pipe.target.width + 1)
 
 
-class Emu3ImagePipeline(SpeculativePipelineMixin):
+class Emu3ImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
     """Text-to-image with Emu3, with or without speculative decoding (``"sjd"``, ``"mc-sjd"``).
 
     Args:
@@ -289,12 +290,17 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
         speculative_options: dict | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable[[Emu3ImagePipeline, int, None, dict], dict] | None = None,
     ):
         """Generate ``height x width`` token images for ``input_ids`` or text ``prompt`` (with the processor;
         ``negative_prompt`` is the CFG negative, default empty). ``guidance_scale > 1`` with token ids needs
         ``negative_prompt_ids``.
         ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (Emu3's VQ decoder) or ``"tokens"``. The output
-        ``tokens`` are codebook indices ``[B, height, width]`` (ends of line removed)."""
+        ``tokens`` are codebook indices ``[B, height, width]`` (ends of line removed).
+        ``callback_on_step_end``: ``f(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after every
+        verify step (diffusers convention; ``tokens``: the ``height x (width + 1)`` raster-order ids so far,
+        ends of line included, -1 where not generated yet). ``set_progress_bar_config(disable=True)`` hides
+        the progress bar."""
         if prompt is not None:
             if input_ids is not None or negative_prompt_ids is not None:
                 raise ValueError("pass prompt (text) or input_ids / negative_prompt_ids (tokens), not both")
@@ -329,16 +335,17 @@ class Emu3ImagePipeline(SpeculativePipelineMixin):
             required_cache_len(input_ids.shape[1], self.target.num_tokens, window),
             cfg=sampling.uses_cfg,
         )
-        out = speculative_generate(
+        out = generate_image_tokens(
+            self,
             self.target,
             prompt,
             cache,
-            max_new_tokens=self.target.num_tokens,
-            drafter=spec.drafter,
-            acceptance=spec.rule,
-            num_draft_tokens=num_draft_tokens,
-            sampling=sampling,
-            generator=generator,
+            self.target.num_tokens,
+            spec,
+            num_draft_tokens,
+            sampling,
+            generator,
+            callback_on_step_end,
         )
         h, w = self.target.height, self.target.width
         codes = out.tokens.view(-1, h, w + 1)[..., :w]

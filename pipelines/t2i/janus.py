@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from mmspec.drafters.factory import register_jacobi_methods
-from mmspec.loops import required_cache_len, speculative_generate
+from mmspec.loops import GenerationOutput, required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
@@ -133,6 +134,63 @@ class JanusImagePipelineOutput:
     stats: SpecStats
 
 
+class ProgressBarMixin:
+    """diffusers' progress bar (``set_progress_bar_config(**tqdm_kwargs)``, e.g. ``disable=True``) for
+    the pipelines that are not ``DiffusionPipeline`` subclasses."""
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, total: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, **getattr(self, "_progress_bar_config", {}))
+
+
+def generate_image_tokens(
+    pipe: Any,
+    target: nn.Module,
+    prompt: Any,
+    cache: Any,
+    num_tokens: int,
+    spec: Any,
+    num_draft_tokens: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    callback_on_step_end: Callable | None,
+) -> GenerationOutput:
+    """``num_tokens`` image tokens through the causal loop, with ``pipe``'s progress bar (one tick per
+    token) and ``callback_on_step_end(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after
+    every verify step (``LlamaGenPipeline``'s convention; ``tokens``: the raster-order tokens so far,
+    -1 where not generated yet)."""
+    progress = pipe.progress_bar(total=num_tokens)
+    done = [0]  # the bar counts every token (the first comes from the prefill), so it ends at its total
+
+    def on_step(step: int, num_generated: torch.Tensor, ctx) -> None:
+        now = int(num_generated.clamp(max=num_tokens).min())  # deliberate sync: progress display
+        progress.update(now - done[0])
+        done[0] = now
+        if callback_on_step_end is not None:
+            tokens = ctx.history[:, :num_tokens]
+            callback_on_step_end(pipe, step, None, {"num_generated": num_generated, "tokens": tokens})
+
+    out = speculative_generate(
+        target,
+        prompt,
+        cache,
+        max_new_tokens=num_tokens,
+        drafter=spec.drafter,
+        acceptance=spec.rule,
+        num_draft_tokens=num_draft_tokens,
+        sampling=sampling,
+        generator=generator,
+        callback=on_step,
+    )
+    progress.update(num_tokens - done[0])
+    progress.close()
+    return out
+
+
 #: Janus's speculative methods (training-free: no draft model or head ships for it).
 JANUS_METHODS = MethodRegistry("JanusImagePipeline")
 
@@ -140,7 +198,7 @@ JANUS_METHODS = MethodRegistry("JanusImagePipeline")
 register_jacobi_methods(JANUS_METHODS, lambda pipe: pipe.grid_size)
 
 
-class JanusImagePipeline(SpeculativePipelineMixin):
+class JanusImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
     """Text-to-image with Janus / Janus-Pro, with or without speculative decoding.
 
     Args:
@@ -253,6 +311,7 @@ class JanusImagePipeline(SpeculativePipelineMixin):
         speculative_options: dict | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable[[JanusImagePipeline, int, None, dict], dict] | None = None,
     ):
         """Generate images (``num_image_tokens`` tokens each) for ``prompt`` or ``input_ids``.
 
@@ -260,6 +319,9 @@ class JanusImagePipeline(SpeculativePipelineMixin):
         is greedy (transformers' ``do_sample=False``). ``speculative``: None (baseline), ``"sjd"`` or
         ``"mc-sjd"``; ``acceptance``: ``"exact"`` (default), ``"greedy"``, ``"lantern"``, ``"gsd"``.
         ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (decoded by Janus's VQ) or ``"tokens"`` (no decode).
+        ``callback_on_step_end``: ``f(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after every
+        verify step (diffusers convention; ``tokens``: the raster-order image tokens so far, -1 where not
+        generated yet). ``set_progress_bar_config(disable=True)`` hides the progress bar.
         """
         janus_prompt = self.encode_prompt(prompt, input_ids, attention_mask)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
@@ -271,16 +333,17 @@ class JanusImagePipeline(SpeculativePipelineMixin):
             required_cache_len(janus_prompt.input_ids.shape[1], num_tokens, window),
             cfg=sampling.uses_cfg,
         )
-        out = speculative_generate(
+        out = generate_image_tokens(
+            self,
             self.target,
             janus_prompt,
             cache,
-            max_new_tokens=num_tokens,
-            drafter=spec.drafter,
-            acceptance=spec.rule,
-            num_draft_tokens=num_draft_tokens,
-            sampling=sampling,
-            generator=generator,
+            num_tokens,
+            spec,
+            num_draft_tokens,
+            sampling,
+            generator,
+            callback_on_step_end,
         )
         tokens = out.tokens.view(-1, self.grid_size, self.grid_size)
         images = None if output_type == "tokens" else self._decode(out.tokens, output_type)
