@@ -49,7 +49,10 @@ def no_model_loading(monkeypatch):
         (["--eagle-tree", "3,2"], "--eagle-tree must be three positive integers"),
         (["--model", "/nonexistent/pipe"], "--model /nonexistent/pipe: no such folder"),
         (["--eagle-head", "/nonexistent/head"], "--eagle-head /nonexistent/head: no such folder"),
-        (["--speculative", "mulo", "--acceptance", "lantern"], "commits prefix, but --speculative mulo runs the masked"),
+        (
+            ["--speculative", "mulo", "--acceptance", "lantern"],
+            "commits prefix, but --speculative mulo runs the masked",
+        ),
         (["--speculative-option", "tau=1"], r"unknown option\(s\) \['tau'\] for speculative method 'sjd'"),
         (["--speculative", "none", "--speculative-option", "init=copy"], "--speculative-option needs a --speculative"),
     ],
