@@ -36,6 +36,7 @@ from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
 from .modeling_upsampler import LlamaGenTokenUpsampler
 from .modeling_vq import LlamaGenVQ
 from .mulo import GridTarget, LowResDrafter, check_pair, make_upsampler
+from .text_encoder import encode_prompts
 
 
 @dataclass
@@ -119,7 +120,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "target->vq"
-    _optional_components = ["drafter", "low_res_drafter", "upsampler", "eagle"]
+    _optional_components = ["drafter", "low_res_drafter", "upsampler", "eagle", "text_encoder", "tokenizer"]
     # The EAGLE head runs inside the drafter, not through its own forward, so model CPU offload's
     # hooks would never bring it to the GPU: it stays on the execution device (it is small).
     _exclude_from_cpu_offload: ClassVar[list[str]] = ["eagle"]
@@ -132,8 +133,14 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         low_res_drafter: LlamaGenGPT | None = None,
         upsampler: LlamaGenTokenUpsampler | None = None,
         eagle: LlamaGenEagleHead | None = None,
+        text_encoder: Any = None,
+        tokenizer: Any = None,
     ) -> None:
         super().__init__()
+        if (text_encoder is None) != (tokenizer is None):
+            raise ValueError("pass the T5 text_encoder and its tokenizer together (or neither)")
+        if text_encoder is not None and target.config.model_type != "t2i":
+            raise ValueError("a text encoder serves text-conditional (t2i) models; this one is class-conditional")
         if target.config.vocab_size != vq.config.codebook_size:
             raise ValueError(
                 f"target vocabulary ({target.config.vocab_size}) does not match the VQ codebook "
@@ -165,9 +172,15 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         if eagle is not None:
             eagle.bind(target)
         self.register_modules(
-            target=target, vq=vq, drafter=drafter, low_res_drafter=low_res_drafter, upsampler=upsampler, eagle=eagle
+            target=target,
+            vq=vq,
+            drafter=drafter,
+            low_res_drafter=low_res_drafter,
+            upsampler=upsampler,
+            eagle=eagle,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
         )
-        self.text_encoder = None  # a T5PromptEncoder, set by load_text_encoder() (t2i prompt=)
         self._rule_memo: dict = {}  # tables rules build from this pipeline's models (LANTERN neighbours per k)
         self._window_memo: dict = {}  # what adaptive draft windows learned (per method, options, batch size)
         self._compiled: CompiledTarget | None = None  # set by enable_compile()
@@ -191,16 +204,17 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         self.register_modules(eagle=eagle.to(device=self.target.device, dtype=self.target.dtype))
         return self
 
-    def load_text_encoder(self, path: str, max_length: int | None = None) -> LlamaGenPipeline:
-        """Attach the FLAN-T5 encoder of a t2i model from a local folder (model + tokenizer, e.g.
-        ``google/flan-t5-xl`` saved with ``save_pretrained``), so that ``prompt=`` works. Returns the pipeline."""
-        from .text_encoder import T5PromptEncoder
+    def load_text_encoder(self, path: str | os.PathLike) -> LlamaGenPipeline:
+        """Register the FLAN-T5 encoder of a t2i model and its tokenizer, from a local folder (e.g.
+        ``google/flan-t5-xl`` saved with ``save_pretrained``), as the optional ``text_encoder`` /
+        ``tokenizer`` components, so that ``prompt=`` works (they move with ``.to()`` and are saved by
+        ``save_pretrained``). Returns the pipeline."""
+        from .text_encoder import load_t5
 
         if self.target.config.model_type != "t2i":
             raise ValueError("a text encoder serves text-conditional (t2i) models; this one is class-conditional")
-        self.text_encoder = T5PromptEncoder.from_pretrained(
-            path, max_length=max_length or self.target.config.cls_token_num, device=self.target.device
-        )
+        encoder, tokenizer = load_t5(path, device=self.target.device)
+        self.register_modules(text_encoder=encoder, tokenizer=tokenizer)
         return self
 
     #: The speculative methods this pipeline runs (``speculative=`` names).
@@ -314,11 +328,13 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
         """
         if prompt is not None:
-            if prompt_embeds is not None or self.text_encoder is None:
+            if prompt_embeds is not None or getattr(self, "text_encoder", None) is None:
                 raise ValueError(
                     "prompt= needs a text encoder (pipe.load_text_encoder(t5_folder)) and no prompt_embeds"
                 )
-            prompt_embeds, prompt_attention_mask = self.text_encoder(prompt)
+            prompt_embeds, prompt_attention_mask = encode_prompts(
+                self.text_encoder, self.tokenizer, prompt, self.target.config.cls_token_num
+            )
         check_llamagen_call(
             self,
             class_labels,

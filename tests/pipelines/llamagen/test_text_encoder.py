@@ -6,6 +6,7 @@ import torch
 pytest.importorskip("transformers")
 
 from mmspec.pipelines.llamagen import LlamaGenPipeline  # noqa: E402
+from mmspec.pipelines.llamagen.text_encoder import encode_prompts  # noqa: E402
 
 from ...conftest import tiny_llamagen  # noqa: E402
 
@@ -53,13 +54,21 @@ def test_prompt_equals_official_prompt_embeds(tmp_path):
     pipe = LlamaGenPipeline(target=gpt, vq=vq).load_text_encoder(str(_t5_folder(tmp_path / "t5")))
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red cat on the mat", "dog"]
-    embeds, mask = _official_layout(pipe.text_encoder.encoder, pipe.text_encoder.tokenizer, prompts, 6)
-    mine, my_mask = pipe.text_encoder(prompts)
+    embeds, mask = _official_layout(pipe.text_encoder, pipe.tokenizer, prompts, 6)
+    mine, my_mask = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, gpt.config.cls_token_num)
     assert torch.equal(my_mask, mask) and torch.allclose(mine, embeds) and mask[1, 0] == 0  # "dog" is left padded
     kw = dict(guidance_scale=2.0, speculative="mc-sjd", num_draft_tokens=3, output_type="pt")
     a = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kw)
     b = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(a.tokens, b.tokens)
+    # The encoder and tokenizer are registered components: they move with .to() and round-trip.
+    pipe.to(dtype=torch.float64)
+    assert pipe.text_encoder.dtype == torch.float64
+    pipe.to(dtype=torch.float32)
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = LlamaGenPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(loaded(prompt=prompts, generator=torch.Generator().manual_seed(0), **kw).tokens, a.tokens)
 
 
 def test_prompt_errors(tmp_path):
