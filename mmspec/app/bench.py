@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..loops import GenerationOutput
+from ..methods import MethodRegistry
 
 
 @dataclass
@@ -183,6 +184,35 @@ def write_record(record: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+#: The drafting methods of the ``lm`` suite's bare language model (no pipeline around it): each gets
+#: the suite's ``(target, draft, vocab_size)`` and its options; the suite runs every one by default.
+LM_METHODS = MethodRegistry("lm suite")
+
+
+@LM_METHODS.register("ngram")
+def _lm_ngram(models: dict, options: dict) -> Any:
+    """Prompt lookup: n-grams of the prompt and output propose the continuation (training-free)."""
+    from ..drafters import NGramDrafter
+
+    return NGramDrafter(models["vocab_size"])
+
+
+@LM_METHODS.register("draft-model", options={"alternatives": 1})
+def _lm_draft_model(models: dict, options: dict) -> Any:
+    """The small random draft LM (``alternatives`` > 1: that many sibling tokens per depth, a tree)."""
+    from ..drafters import ModelDrafter
+
+    return ModelDrafter(models["draft"], num_alternatives=options["alternatives"])
+
+
+@LM_METHODS.register("self-draft")
+def _lm_self_draft(models: dict, options: dict) -> Any:
+    """The target drafts for itself: every draft is accepted (the acceptance upper bound)."""
+    from ..drafters import ModelDrafter
+
+    return ModelDrafter(models["target"])
+
+
 @register_suite("lm")
 def lm_suite(
     device: torch.device,
@@ -197,12 +227,14 @@ def lm_suite(
     max_new_tokens: int = 128,
     num_draft_tokens: int = 4,
     temperature: float = 0.0,
+    configs: str | None = None,
 ) -> BenchSuite:
     """A Llama-architecture target with random weights: measures the loop's per-step costs and the
-    n-gram / small-model / self drafters' overheads (random weights: acceptance is not meaningful
-    except for self-drafting, an upper bound). Prompts repeat a random 16-token phrase so n-gram
-    lookup has something to find."""
-    from ..drafters import ModelDrafter, NGramDrafter
+    drafters' overheads (every method of :data:`LM_METHODS`; random weights: acceptance is not
+    meaningful except for self-drafting, an upper bound). Prompts repeat a random 16-token phrase so
+    n-gram lookup has something to find. ``configs``: instead of every method with its defaults,
+    these configurations, ``;``-separated, each ``METHOD[:key=value,...]``, e.g.
+    ``"ngram;draft-model:alternatives=3"``."""
     from ..loops import required_cache_len, speculative_generate
     from ..modeling import DecoderConfig, DecoderLM
     from ..sampling import SamplingConfig
@@ -244,17 +276,21 @@ def lm_suite(
 
         return BenchCase(name, run, {"drafter": name, "num_draft_tokens": 0 if drafter is None else num_draft_tokens})
 
-    k = num_draft_tokens
+    from .jobs import parse_key_values
+
+    models = {"target": target, "draft": draft, "vocab_size": vocab_size}
+    specs = [c for c in configs.split(";") if c] if configs is not None else LM_METHODS.names()
+    cases = [case("baseline (static cache, eager)", None, 1)]
+    for spec in specs:
+        name, _, opts = spec.partition(":")
+        method = LM_METHODS.get(name)
+        options = method.resolve_options(parse_key_values([o for o in opts.split(",") if o], f"config {spec!r}"))
+        drafter = method.build(models, options)
+        cases.append(case(spec, drafter, drafter.verify_width(num_draft_tokens)))
     return BenchSuite(
         name="lm",
         description=lm_suite.__doc__.split("\n")[0],
-        cases=[
-            case("baseline (static cache, eager)", None, 1),
-            case("ngram", NGramDrafter(vocab_size), k + 1),
-            case("small-model chain", ModelDrafter(draft), k + 1),
-            case("small-model tree (3 per depth)", ModelDrafter(draft, num_alternatives=3), 1 + 3 * k),
-            case("self-draft (upper bound)", ModelDrafter(target), k + 1),
-        ],
+        cases=cases,
         setup={
             "target": asdict(target.config),
             "draft": asdict(draft.config),
