@@ -51,6 +51,16 @@ class AcceptanceRule(ABC):
     #: The view of the target the rule reads (None: a router, deciding before the target runs).
     distribution: ClassVar[type | None] = Categorical
 
+    def __repr__(self) -> str:
+        """The rule and its settings (scalars only; tables are left out), stable across runs: it goes into
+        records such as a batch job's ``job.json``."""
+        settings = ", ".join(
+            f"{k}={v!r}"
+            for k, v in vars(self).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple, type(None)))
+        )
+        return f"{type(self).__name__}({settings})"
+
     @classmethod
     def from_resources(cls, resources: dict, **options) -> AcceptanceRule:
         """Build the rule for a pipeline: ``resources`` holds what the pipeline offers rules that

@@ -241,8 +241,23 @@ def generate(args: argparse.Namespace) -> int:
             records.append(record)
         return records
 
+    settings = {  # what makes the images what they are: a resumed job must not change them
+        "command": "generate",
+        "model": args.model or args.official_gpt or "embedded",
+        "speculative": speculative,
+        "speculative_options": {k: repr(v) for k, v in speculative_options.items()},
+        "acceptance": repr(spec.rule),
+        "num_draft_tokens": args.num_draft_tokens,
+        "guidance_scale": args.guidance_scale,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "dtype": str(dtype),
+    }
     with lock:
-        job = run_job(raw, parse, process, args.output_dir, args.batch_size, desc="generate")
+        job = run_job(raw, parse, process, args.output_dir, args.batch_size, desc="generate", settings=settings)
         if job_state().is_main_process:
             report(
                 args.output_dir,
@@ -511,8 +526,29 @@ def caption(args: argparse.Namespace) -> int:
         append_jsonl(captions_path, [{"image": r["input"], "caption": r["caption"]} for r in records])
 
     with lock:
+        settings = {  # what makes the captions what they are: a resumed job must not change them
+            "command": "caption",
+            "model": args.model or "embedded",
+            "prompt": args.prompt,
+            "drafter": args.drafter,
+            "num_draft_tokens": args.num_draft_tokens,
+            "acceptance": args.acceptance,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+        }
         job = run_job(
-            images, parse, process, args.output_dir, args.batch_size, desc="caption", on_results=write_captions
+            images,
+            parse,
+            process,
+            args.output_dir,
+            args.batch_size,
+            desc="caption",
+            on_results=write_captions,
+            settings=settings,
         )
         if job_state().is_main_process:
             results = JobOutput.read(args.output_dir, "results")

@@ -143,6 +143,46 @@ def lock_output(out_dir: Path) -> FolderLock:
     return lock
 
 
+JOB_FILE = "job.json"
+
+
+def check_same_job(out_dir: Path, raw_items: list[str], previous: dict[int, str], settings: dict | None) -> None:
+    """Refuse to resume in ``out_dir`` when its results belong to another job: different inputs at the
+    same positions (``previous``: index -> input of the results there), more results than inputs, or
+    other ``settings`` than those recorded in ``job.json`` (written here on a first run)."""
+    changed = [
+        (i, old, raw_items[i]) for i, old in sorted(previous.items()) if i < len(raw_items) and old != raw_items[i]
+    ]
+    beyond = [i for i in previous if i >= len(raw_items)]
+    hint = "use another --output-dir (or delete that folder to start over)"
+    if changed:
+        i, old, new = changed[0]
+        raise SystemExit(
+            f"error: {out_dir} holds results of another job: item {i} was {old!r}, now {new!r} "
+            f"({len(changed)} items differ); {hint}"
+        )
+    if beyond:
+        raise SystemExit(
+            f"error: {out_dir} holds results for {len(previous)} items, more than this job's "
+            f"{len(raw_items)} inputs; {hint}"
+        )
+    if settings is None:
+        return
+    path = Path(out_dir) / JOB_FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else None
+    if recorded is not None and recorded != json.loads(json.dumps(settings)):
+        keys = sorted(
+            k for k in set(recorded) | set(settings) if recorded.get(k) != json.loads(json.dumps(settings)).get(k)
+        )
+        raise SystemExit(
+            f"error: {out_dir} holds results made with other settings ({', '.join(keys)} differ: "
+            f"{ {k: recorded.get(k) for k in keys} } before); {hint}"
+        )
+    if recorded is None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
 def run_job(
     raw_items: list[str],
     parse: Callable[[str], Any],
@@ -151,6 +191,7 @@ def run_job(
     batch_size: int,
     desc: str,
     on_results: Callable[[list[dict]], None] | None = None,
+    settings: dict | None = None,
 ) -> dict:
     """Parse, shard, skip finished items, process in batches; return this process's summary.
 
@@ -159,6 +200,10 @@ def run_job(
     dict per item (each gets ``index`` and ``input`` added). A batch that raises ``ValueError`` is
     retried item by item so one bad item loses nothing else. ``on_results(records)`` is called with
     each batch's records once they are durably written (e.g. to append a user-facing file).
+    ``settings``: what makes the outputs what they are (method, rule, sampling, seed, model...),
+    JSON-serialisable; kept in ``job.json``. Resuming needs the same inputs at the same positions and
+    the same settings: a folder holding another job's results is refused (a clear ``SystemExit``),
+    never silently treated as done.
 
     Batches are cut from the list of valid items, finished or not, so a resumed job processes the
     remaining items in the same batches (hence with the same seeds) as an uninterrupted one.
@@ -170,7 +215,9 @@ def run_job(
         remove_stale_temp_files(out_dir)
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
-        done = {r["index"] for r in JobOutput.read(out_dir, "results")}
+        previous = {r["index"]: r["input"] for r in JobOutput.read(out_dir, "results")}
+        check_same_job(out_dir, raw_items, previous, settings)
+        done = set(previous)
         mine = [JobItem(i, raw) for i, raw in enumerate(raw_items) if i % state.num_processes == state.process_index]
         valid, skipped = [], 0
         for item in mine:

@@ -329,3 +329,20 @@ def test_killed_jobs_resume_to_the_uninterrupted_outputs(model_dir, tmp_path):
         stats = json.loads((out / "stats.json").read_text())
         assert stats["num_results"] == 26 and stats["num_errors"] == 2
         assert not list(out.glob(".*.tmp"))  # no half-written image or stats file left behind
+
+
+def test_a_folder_of_another_job_is_refused_not_treated_as_done(tmp_path):
+    """Resuming needs the same inputs at the same positions and the same settings: other inputs,
+    more results than inputs, or other settings are refused (never silently 'already done')."""
+    from mmspec.app.jobs import JOB_FILE, check_same_job
+
+    settings = {"speculative": "sjd", "seed": 0}
+    check_same_job(tmp_path, ["0", "16", "3"], {}, settings)  # first run: records the settings
+    assert json.loads((tmp_path / JOB_FILE).read_text()) == settings
+    check_same_job(tmp_path, ["0", "16", "3"], {0: "0", 1: "16"}, settings)  # the same job resumes
+    with pytest.raises(SystemExit, match=r"item 0 was '0', now '5' \(3 items differ\)"):
+        check_same_job(tmp_path, ["5", "6", "7"], {0: "0", 1: "16", 2: "3"}, settings)
+    with pytest.raises(SystemExit, match="results for 3 items, more than this job's 1 inputs"):
+        check_same_job(tmp_path, ["0"], {0: "0", 1: "16", 2: "3"}, settings)
+    with pytest.raises(SystemExit, match="other settings .*speculative differ"):
+        check_same_job(tmp_path, ["0", "16", "3"], {0: "0"}, {"speculative": "mulo", "seed": 0})

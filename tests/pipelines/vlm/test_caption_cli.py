@@ -44,10 +44,13 @@ def test_caption_folder_skips_bad_images_and_resumes(model_dir, tmp_path, capsys
     assert [c["image"].rsplit("/", 1)[1] for c in captions] == ["0.png", "1.png", "2.png"]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["num_errors"] == 1 and "cannot read image" in stats["errors"][0]["error"]
-    # Resume with a speculative drafter: nothing is redone, and (greedy) a fresh run with the
-    # n-gram drafter writes exactly the baseline captions.
-    assert main(["caption", str(folder), "--drafter", "ngram", *common]) == 0
+    # Resume with the same settings: nothing is redone. Other settings on that folder are refused
+    # (they would make other captions); (greedy) a fresh run with the n-gram drafter writes exactly
+    # the baseline captions.
+    assert main(["caption", str(folder), "--drafter", "none", *common]) == 0
     assert "0 new, 3 already done" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="holds results made with other settings .*drafter"):
+        main(["caption", str(folder), "--drafter", "ngram", *common])
     spec_out = tmp_path / "spec"
     assert (
         main(["caption", str(folder), "--drafter", "ngram", *common[:2], "--output-dir", str(spec_out), *common[4:]])
