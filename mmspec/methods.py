@@ -88,7 +88,8 @@ class MethodRegistry:
         def wrap(build: Callable[[Any, dict], Any]) -> Callable[[Any, dict], Any]:
             if name in self._methods:
                 raise ValueError(f"{self.pipeline} already has a speculative method {name!r}")
-            text = description or (build.__doc__ or "").strip().split("\n")[0]
+            paragraph = (build.__doc__ or "").strip().split("\n\n")[0]
+            text = description or " ".join(paragraph.split())
             self._methods[name] = Method(
                 name, loop, build, default_rule, options or {}, tuple(requires), lossless, text, tuple(needs_options)
             )
@@ -122,3 +123,6 @@ class MethodRegistry:
 
     def __len__(self) -> int:
         return len(self._methods)
+
+    def __repr__(self) -> str:
+        return f"MethodRegistry({self.pipeline!r}: {', '.join(self.names())})"

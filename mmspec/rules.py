@@ -22,6 +22,11 @@ def get_acceptance_rule(rule: str | AcceptanceRule, resources: dict | None = Non
         return rule
     if rule not in ACCEPTANCE_RULES:
         raise ValueError(f"unknown acceptance rule {rule!r}; available: {sorted(ACCEPTANCE_RULES)}")
-    if resources is None:
-        return ACCEPTANCE_RULES[rule](**kwargs)
-    return ACCEPTANCE_RULES[rule].from_resources(resources, **kwargs)
+    cls = ACCEPTANCE_RULES[rule]
+    try:
+        return cls(**kwargs) if resources is None else cls.from_resources(resources, **kwargs)
+    except TypeError as err:  # an option the rule does not have, or a value of the wrong type
+        import inspect
+
+        names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+        raise ValueError(f"acceptance rule {rule!r}: {err}; its options: {', '.join(names) or 'none'}") from None

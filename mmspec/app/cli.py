@@ -139,6 +139,7 @@ def generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..drafters.eagle import TreeConfig
+    from ..sampling import SamplingConfig
     from .job_settings import check_generate_settings
     from .jobs import job_state, lock_output, parse_key_values, report, run_job
     from .visualize import acceptance_heatmap
@@ -178,8 +179,11 @@ def generate(args: argparse.Namespace) -> int:
     # the job a ValueError would only mark items as bad.
     try:
         spec = pipe.resolve_speculation(speculative, speculative_options, args.acceptance, acceptance_options)
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if spec.rule.requires_greedy and not sampling.greedy:
+            raise ValueError(f"rule {spec.rule!r} needs greedy decoding: add --temperature 0 (or --top-k 1)")
     except (ValueError, TypeError) as err:
-        rule = args.acceptance or "(the method's own)"
+        rule = args.acceptance or ("(the method's own)" if speculative else "exact")
         raise SystemExit(f"error: --speculative {args.speculative} / --acceptance {rule}: {err}") from None
     call = {
         "guidance_scale": args.guidance_scale,
@@ -353,7 +357,16 @@ def evaluate(args: argparse.Namespace) -> int:
             pipe.load_eagle_head(args.eagle_head)
         except (OSError, ValueError) as err:
             raise SystemExit(f"error: --eagle-head {args.eagle_head}: {err}") from None
-    methods = [EvalMethod.parse(m) for m in (args.method or ["sjd"])]
+    try:  # every spec is checked before the first image (a later method's mistake must not waste the run)
+        methods = [EvalMethod.parse(m) for m in (args.method or ["sjd"])]
+        for method in methods:
+            pipe.resolve_speculation(
+                method.speculative, method.speculative_options or None, method.acceptance, method.acceptance_options
+            )
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"error: --method: {err}") from None
+    if args.num_images < 1:
+        raise SystemExit(f"error: --num-images must be >= 1, got {args.num_images}")
     num_classes = pipe.target.config.num_classes
     pool = [int(c) for c in args.classes.split(",")] if args.classes else list(range(num_classes))
     labels = [pool[i % len(pool)] for i in range(args.num_images)]
@@ -477,10 +490,12 @@ def caption(args: argparse.Namespace) -> int:
         from ..sampling import SamplingConfig
 
         check_vlm_call(pipe, max_new_tokens=args.max_new_tokens, num_draft_tokens=num_draft_tokens)
-        SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).validate_vocab(
-            pipe.target.vocab_size
-        )
-    except ValueError as err:
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        sampling.validate_vocab(pipe.target.vocab_size)
+        rule = pipe.resolve_speculation(None, None, args.acceptance).rule  # built once, as every batch will
+        if rule.requires_greedy and not sampling.greedy:
+            raise ValueError(f"--acceptance {args.acceptance} needs greedy decoding: add --temperature 0")
+    except (ValueError, TypeError) as err:
         raise SystemExit(f"error: {err}") from None
 
     def parse(path: str) -> str:

@@ -23,6 +23,7 @@ from mmspec.acceptance import AcceptanceRule
 from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget
 from mmspec.drafters import EagleDrafter, EagleHead, ModelDrafter
+from mmspec.drafters.eagle import TreeConfig
 from mmspec.drafters.factory import register_jacobi_methods, window_memory, with_window
 from mmspec.loops import masked_generate, required_cache_len, speculative_generate
 from mmspec.methods import MethodRegistry
@@ -76,7 +77,13 @@ def _eagle(pipe: LlamaGenPipeline, options: dict) -> EagleDrafter:
             "speculative='eagle' needs an EAGLE head: pipe.load_eagle_head(path) "
             "(train one with `mmspec train-drafter --target-kind llamagen`)"
         )
-    return EagleDrafter(pipe.eagle_head, tree=options["tree"])
+    tree = options["tree"]
+    if tree is not None and not isinstance(tree, TreeConfig):
+        raise ValueError(
+            f"the EAGLE option tree must be a TreeConfig(depth, top_k, total_nodes) or None, got {tree!r} "
+            "(command line: --eagle-tree DEPTH,TOP_K,NODES)"
+        )
+    return EagleDrafter(pipe.eagle_head, tree=tree)
 
 
 @LLAMAGEN_METHODS.register(
@@ -379,7 +386,8 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 # Image models have no token prompt: the history is the raster-order token grid so
                 # far (-1 where not generated yet).
                 tokens = ctx.history[:, :num_tokens]
-                callback_on_step_end(self, step, None, {"num_generated": num_generated, "tokens": tokens})
+                generated = num_generated.clamp(max=num_tokens)  # a last step may overshoot the grid
+                callback_on_step_end(self, step, None, {"num_generated": generated, "tokens": tokens})
 
         out = speculative_generate(
             self._compiled or self.target,
