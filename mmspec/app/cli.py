@@ -161,6 +161,8 @@ def generate(args: argparse.Namespace) -> int:
         raw = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     else:
         raw = [x.strip() for x in args.class_labels.split(",") if x.strip()]
+    if not raw:
+        raise SystemExit("error: no class labels to generate (--class-labels or --labels-file)")
     lock = lock_output(args.output_dir)  # a second job on this folder stops here, before loading
     pipe = load_llamagen(args, device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -717,7 +719,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        # identity, not equality: a default of 0 (e.g. --seed) == False, and must still be shown
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "default" in text.lower() or unset or not action.option_strings:
             return text
         return super()._get_help_string(action)
 
