@@ -5,7 +5,7 @@ decoded images into the requested ``output_type``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -14,8 +14,10 @@ import PIL.Image
 import torch
 
 from mmspec.acceptance import AcceptanceRule
+from mmspec.loops import GenerationOutput, speculative_generate
 from mmspec.methods import Method, MethodRegistry
 from mmspec.rules import ACCEPTANCE_RULES, get_acceptance_rule
+from mmspec.sampling import SamplingConfig
 
 
 @dataclass
@@ -95,3 +97,50 @@ def postprocess_images(images: torch.Tensor, output_type: str, extra: tuple[str,
         return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
     choices = ", ".join(repr(t) for t in ("pil", "np", "pt", *extra))
     raise ValueError(f"output_type must be one of {choices}, got {output_type!r}")
+
+
+def generate_image_tokens(
+    pipe: Any,
+    target: Any,
+    prompt: Any,
+    cache: Any,
+    num_tokens: int,
+    spec: Any,
+    num_draft_tokens: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    callback_on_step_end: Callable | None,
+) -> GenerationOutput:
+    """``num_tokens`` image tokens through the causal loop, with ``pipe``'s progress bar (one tick per
+    token) and ``callback_on_step_end(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after
+    every verify step (the AR image pipelines' convention; ``tokens``: the raster-order tokens so far,
+    -1 where not generated yet). ``spec``: the call's :class:`Speculation` (drafter and rule)."""
+    progress = pipe.progress_bar(total=num_tokens)
+    done = [0]  # the bar counts every token (the first comes from the prefill), so it ends at its total
+
+    def on_step(step: int, num_generated: torch.Tensor, ctx) -> None:
+        now = int(num_generated.clamp(max=num_tokens).min())  # deliberate sync: progress display
+        progress.update(now - done[0])
+        done[0] = now
+        if callback_on_step_end is not None:
+            # Image models have no token prompt: the history is the raster-order token grid so far
+            # (-1 where not generated yet); a last step may overshoot the grid, hence the clamp.
+            tokens = ctx.history[:, :num_tokens]
+            generated = num_generated.clamp(max=num_tokens)
+            callback_on_step_end(pipe, step, None, {"num_generated": generated, "tokens": tokens})
+
+    out = speculative_generate(
+        target,
+        prompt,
+        cache,
+        max_new_tokens=num_tokens,
+        drafter=spec.drafter,
+        acceptance=spec.rule,
+        num_draft_tokens=num_draft_tokens,
+        sampling=sampling,
+        generator=generator,
+        callback=on_step,
+    )
+    progress.update(num_tokens - done[0])
+    progress.close()
+    return out

@@ -104,11 +104,11 @@ class JobOutput:
 def job_state():
     """This process's place in a data-parallel job (``accelerate launch`` / ``torchrun``): accelerate's
     ``PartialState``, asked for the CPU backend when there is no GPU — without it, CPU processes
-    launched together do not see each other and would each run every item."""
-    import torch
-    from accelerate import PartialState
+    launched together do not see each other and would each run every item (the training loop's
+    :func:`~mmspec.training.loop.process_state`, imported here only when a job runs)."""
+    from ..training.loop import process_state
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return process_state()
 
 
 def lock_output(out_dir: Path) -> FolderLock:

@@ -25,12 +25,12 @@ from mmspec.compile import CompiledTarget
 from mmspec.drafters import EagleDrafter, EagleHead, ModelDrafter
 from mmspec.drafters.eagle import TreeConfig
 from mmspec.drafters.factory import register_jacobi_methods, window_memory, with_window
-from mmspec.loops import masked_generate, required_cache_len, speculative_generate
+from mmspec.loops import masked_generate, required_cache_len
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 
-from ..base import SpeculativePipelineMixin, postprocess_images
+from ..base import SpeculativePipelineMixin, generate_image_tokens, postprocess_images
 from ..validation import check_class_labels, check_llamagen_call
 from .modeling_eagle import LlamaGenEagleHead
 from .modeling_gpt import LlamaGenCondition, LlamaGenGPT
@@ -375,34 +375,18 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             required_cache_len(self.target.config.cls_token_num, num_tokens, window),
             sampling.uses_cfg,
         )
-        progress = self.progress_bar(total=num_tokens)
-        done = [0]  # the bar counts every token (the first comes from the prefill), so it ends at its total
-
-        def on_step(step: int, num_generated: torch.Tensor, ctx) -> None:
-            now = int(num_generated.clamp(max=num_tokens).min())  # deliberate sync: progress display
-            progress.update(now - done[0])
-            done[0] = now
-            if callback_on_step_end is not None:
-                # Image models have no token prompt: the history is the raster-order token grid so
-                # far (-1 where not generated yet).
-                tokens = ctx.history[:, :num_tokens]
-                generated = num_generated.clamp(max=num_tokens)  # a last step may overshoot the grid
-                callback_on_step_end(self, step, None, {"num_generated": generated, "tokens": tokens})
-
-        out = speculative_generate(
+        out = generate_image_tokens(
+            self,
             self._compiled or self.target,
             condition,
             cache,
-            max_new_tokens=num_tokens,
-            drafter=drafter,
-            acceptance=acceptance,
-            num_draft_tokens=num_draft_tokens,
-            sampling=sampling,
-            generator=generator,
-            callback=on_step,
+            num_tokens,
+            spec,
+            num_draft_tokens,
+            sampling,
+            generator,
+            callback_on_step_end,
         )
-        progress.update(num_tokens - done[0])
-        progress.close()
         grid = self.target.grid_size
         tokens = out.tokens.reshape(-1, grid, grid)
         images = postprocess_images(self.vq.decode_code(tokens), output_type)

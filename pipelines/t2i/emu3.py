@@ -31,9 +31,9 @@ from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.types import PrefillOutput, TargetOutput
 
-from ..base import SpeculativePipelineMixin, postprocess_images
+from ..base import SpeculativePipelineMixin, generate_image_tokens, postprocess_images
 from ..vlm.decoder import TEXT_ARCHITECTURES, RopeOffsetKVCache, TextArchitecture, convert_language_model
-from .janus import JanusImagePipelineOutput, ProgressBarMixin, generate_image_tokens
+from .janus import JanusImagePipelineOutput, ProgressBarMixin
 
 # Emu3's text model is a Llama (same module names, RoPE and SwiGLU; ``attention_bias`` covers q, k, v, o):
 # the VLM path's static-cache converter reads it once it knows the model type.

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from mmspec.drafters.factory import register_jacobi_methods
-from mmspec.loops import GenerationOutput, required_cache_len, speculative_generate
+from mmspec.loops import required_cache_len
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.stats import SpecStats
 from mmspec.types import PrefillOutput, TargetOutput
 
-from ..base import SpeculativePipelineMixin, postprocess_images
+from ..base import SpeculativePipelineMixin, generate_image_tokens, postprocess_images
 from ..vlm.decoder import RopeOffsetKVCache, convert_language_model
 
 
@@ -145,50 +145,6 @@ class ProgressBarMixin:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, **getattr(self, "_progress_bar_config", {}))
-
-
-def generate_image_tokens(
-    pipe: Any,
-    target: nn.Module,
-    prompt: Any,
-    cache: Any,
-    num_tokens: int,
-    spec: Any,
-    num_draft_tokens: int,
-    sampling: SamplingConfig,
-    generator: torch.Generator | None,
-    callback_on_step_end: Callable | None,
-) -> GenerationOutput:
-    """``num_tokens`` image tokens through the causal loop, with ``pipe``'s progress bar (one tick per
-    token) and ``callback_on_step_end(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after
-    every verify step (``LlamaGenPipeline``'s convention; ``tokens``: the raster-order tokens so far,
-    -1 where not generated yet)."""
-    progress = pipe.progress_bar(total=num_tokens)
-    done = [0]  # the bar counts every token (the first comes from the prefill), so it ends at its total
-
-    def on_step(step: int, num_generated: torch.Tensor, ctx) -> None:
-        now = int(num_generated.clamp(max=num_tokens).min())  # deliberate sync: progress display
-        progress.update(now - done[0])
-        done[0] = now
-        if callback_on_step_end is not None:
-            tokens = ctx.history[:, :num_tokens]
-            callback_on_step_end(pipe, step, None, {"num_generated": num_generated, "tokens": tokens})
-
-    out = speculative_generate(
-        target,
-        prompt,
-        cache,
-        max_new_tokens=num_tokens,
-        drafter=spec.drafter,
-        acceptance=spec.rule,
-        num_draft_tokens=num_draft_tokens,
-        sampling=sampling,
-        generator=generator,
-        callback=on_step,
-    )
-    progress.update(num_tokens - done[0])
-    progress.close()
-    return out
 
 
 #: Janus's speculative methods (training-free: no draft model or head ships for it).
