@@ -2,7 +2,8 @@
 LlamaGen GPT (the target) and a smaller GPT (the drafter), trained on the offline emoji dataset
 (:mod:`mmspec.data`) so that the embedded default model runs out of the box on a CPU.
 
-Stages (``mmspec train-reference --stage vq|gpt|draft|low-res-draft|upsampler|all --out DIR``):
+Stages (``mmspec train-reference --stage vq|gpt|draft|low-res-draft|upsampler|all --out DIR``;
+the MAR pair's ``mar-vae|mar-target|mar-draft|mar`` are in :mod:`mmspec.training.reference_mar`):
 
 1. :func:`train_vq` — LlamaGen's VQ architecture (Sun et al. 2024, arXiv 2406.06525) trained with
    the VQ-VAE objective (van den Oord et al. 2017, arXiv 1711.00937): pixel reconstruction loss,
@@ -47,6 +48,7 @@ from .loop import add_recipe_run_args
 from .reference_data import EmojiDataConfig
 from .reference_eval import evaluate_reference
 from .reference_gpt import GPTTrainConfig, train_c2i_gpt
+from .reference_mar import MAR_STAGES, train_mar_reference_stages
 from .reference_upsampler import (
     UpsamplerTrainConfig,
     cached_tokens,
@@ -156,11 +158,12 @@ def add_train_reference_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mmspec train-reference``."""
     parser.add_argument(
         "--stage",
-        choices=(*STAGES, "all"),
+        choices=(*STAGES, "all", *MAR_STAGES, "mar"),
         default="all",
         help="vq, then gpt (target), draft (drafter), low-res-draft (MuLo-SD's drafter at half the "
         "image side) and upsampler (MuLo-SD's learned up-sampler), which need OUT/vq; all = the five "
-        "in order",
+        "in order. The MAR pair: mar-vae, then mar-target and mar-draft (need OUT/mar-vae); mar = "
+        "the three in order",
     )
     parser.add_argument(
         "--out",
@@ -183,6 +186,8 @@ def add_train_reference_args(parser: argparse.ArgumentParser) -> None:
         "--low-res-draft-steps", type=int, default=None, help="override the preset's low-resolution drafter steps"
     )
     parser.add_argument("--upsampler-steps", type=int, default=None, help="override the preset's up-sampler steps")
+    for stage in MAR_STAGES:
+        parser.add_argument(f"--{stage}-steps", type=int, default=None, help=f"override the preset's {stage} steps")
     add_recipe_run_args(parser, saved="OUT/pipeline's weights", evaluation="evaluate_reference on OUT/pipeline")
 
 
@@ -191,6 +196,8 @@ def train_reference_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.stage in (*MAR_STAGES, "mar"):
+        return train_mar_reference_stages(args)
     presets = reference_configs(args.preset, args.seed)
     common = {"resume": args.resume, "progress": not args.no_progress}
     if args.checkpoint_every is not None:

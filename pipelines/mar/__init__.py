@@ -3,8 +3,8 @@ VAE tokens with a per-token diffusion head, its KL-16 VAE, loaders for the offic
 and CSpD (arXiv 2411.11925) as a masked-loop speculative method."""
 
 from .cspd import MARDrafter, MARVerifyTarget
-from .modeling_mar import TOKEN_SCALE, GaussianDiffusionSchedule, MARModel, mar_schedule
-from .modeling_vae import MARAutoencoderKL
+from .modeling_mar import GaussianDiffusionSchedule, MARModel, mar_schedule
+from .modeling_vae import TOKEN_SCALE, MARAutoencoderKL
 from .official import (
     MAR_PRESETS,
     VAE_PRESETS,

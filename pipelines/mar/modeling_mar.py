@@ -25,10 +25,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-#: MAR's VAE latent scale (``engine_mar.py``: tokens = vae latents * 0.2325).
-TOKEN_SCALE = 0.2325
-
-
 # --------------------------------------------------------------------------------------------
 # Transformer block (timm ``Block`` with the official MAR settings: qkv bias, exact GELU)
 # --------------------------------------------------------------------------------------------
@@ -303,7 +299,7 @@ class MARModel(ModelMixin, ConfigMixin):
     at inference; dropout, label drop and the training losses are not part of it).
 
     Tokens are ``[B, seq_len, token_embed_dim]`` (patchified VAE latents scaled by
-    :data:`TOKEN_SCALE`); a mask ``[B, seq_len]`` is 1 (True) at unknown tokens.
+    the VAE's ``scaling_factor``); a mask ``[B, seq_len]`` is 1 (True) at unknown tokens.
     """
 
     config_name = "config.json"

@@ -17,6 +17,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+#: The official KL-16's latent scale (``engine_mar.py``: tokens = vae latents * 0.2325); the
+#: default ``scaling_factor`` of :class:`MARAutoencoderKL`.
+TOKEN_SCALE = 0.2325
+
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
@@ -189,7 +193,8 @@ class Decoder(nn.Module):
 class MARAutoencoderKL(ModelMixin, ConfigMixin):
     """KL autoencoder of MAR: ``encode(images [B, 3, H, W] in [-1, 1]) -> (mean, logvar)`` of the
     posterior ``[B, embed_dim, H/2^(levels-1), ...]``; ``decode(latents) -> images``. MAR's tokens
-    are ``latents * 0.2325``."""
+    are ``latents * scaling_factor`` (0.2325 for the official KL-16, MAR's ``engine_mar.py``; a VAE
+    trained here records its own, diffusers' name for it)."""
 
     config_name = "config.json"
 
@@ -203,6 +208,7 @@ class MARAutoencoderKL(ModelMixin, ConfigMixin):
         attn_resolutions: tuple[int, ...] = (16,),
         resolution: int = 256,
         use_variational: bool = True,
+        scaling_factor: float = TOKEN_SCALE,
     ) -> None:
         super().__init__()
         ch_mult = tuple(ch_mult)

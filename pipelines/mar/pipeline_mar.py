@@ -2,7 +2,7 @@
 masked-autoregressive baseline or with continuous speculative decoding (CSpD, arXiv 2411.11925)
 through mmspec's masked loop.
 
-``speculative=None`` reproduces the official ``MAR.sample_tokens`` + ``vae.decode(tokens / 0.2325)``
+``speculative=None`` reproduces the official ``MAR.sample_tokens`` + ``vae.decode(tokens / vae.config.scaling_factor)`` (0.2325)
 (tested against the official fixtures): pass the official generation orders as ``orders=`` (the
 official code draws them with numpy's global shuffle) and a generator seeded like the official
 ``torch.manual_seed``. Speculative methods are looked up in :data:`MAR_METHODS`.
@@ -27,7 +27,7 @@ from mmspec.stats import SOURCE_PREFILL, SOURCE_RECOVERED, MaskedStats
 
 from ..base import SpeculativePipelineMixin, postprocess_images
 from .cspd import MARDrafter, MARVerifyTarget
-from .modeling_mar import TOKEN_SCALE, MARModel
+from .modeling_mar import MARModel
 from .modeling_vae import MARAutoencoderKL
 from .sampling import MARPlan, draw_step_noise, predict_tokens
 
@@ -36,7 +36,7 @@ from .sampling import MARPlan, draw_step_noise, predict_tokens
 class MARPipelineOutput(BaseOutput):
     """``images``: PIL list, ``np.ndarray [B, H, W, 3]`` or ``torch.Tensor [B, 3, H, W]`` in [0, 1];
     ``latents``: ``[B, vae_embed_dim, h, w]`` the generated tokens, unpatchified (the official
-    ``sample_tokens`` output, i.e. VAE latents * 0.2325); ``stats``: :class:`~mmspec.stats.MaskedStats`
+    ``sample_tokens`` output, i.e. VAE latents * ``vae.config.scaling_factor``); ``stats``: :class:`~mmspec.stats.MaskedStats`
     over the ``L`` token positions (``steps`` = target MAE forwards)."""
 
     images: Any
@@ -230,7 +230,9 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 plan, labels, cfg, temperature, generator, spec, num_draft_tokens, callback_on_step_end
             )
         latents = self.target.unpatchify(tokens)
-        images = postprocess_images(self.vae.decode(latents.to(self.vae.dtype) / TOKEN_SCALE), output_type)
+        images = postprocess_images(
+            self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor), output_type
+        )
         if not return_dict:
             return images, latents, stats
         return MARPipelineOutput(images=images, latents=latents, stats=stats)
