@@ -39,11 +39,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, D]
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, T, D]``; ``key_mask [B, T]`` (True = may be attended to; None = all)."""
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, T, D/H] each
-        x = F.scaled_dot_product_attention(q, k, v)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, T]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(x.transpose(1, 2).reshape(b, t, d))
 
 
@@ -67,8 +69,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -156,11 +158,67 @@ class SimpleMLPAdaLN(nn.Module):
 
 
 class DiffLoss(nn.Module):
-    """Holder with the official name (``diffloss.net``) of the diffusion MLP."""
+    """Holder with the official name (``diffloss.net``) of the diffusion MLP, and one reverse step
+    of the respaced sampling diffusion as its ``forward`` (the official ``DiffLoss`` holds its
+    diffusions too).
 
-    def __init__(self, target_channels: int, z_channels: int, depth: int, width: int) -> None:
+    The step is graph-capturable: the schedule's float32 per-step values are tables (non-persistent
+    buffers, so state dicts are the official ones) indexed by a step *tensor*, so one compiled
+    graph (or CUDA graph) serves every step of the loop; no host syncs, no data-dependent shapes.
+    """
+
+    def __init__(
+        self, target_channels: int, z_channels: int, depth: int, width: int, num_sampling_steps: str = "100"
+    ) -> None:
         super().__init__()
         self.net = SimpleMLPAdaLN(target_channels, width, target_channels * 2, z_channels, depth)
+        self.schedule = GaussianDiffusionSchedule(num_sampling_steps)
+        sched = self.schedule
+        loop = list(reversed(range(sched.num_steps)))  # loop position i is respaced step t = S-1-i
+        # [S, 6] float32: what the official `_extract_into_tensor` yields at each loop position
+        table = torch.stack([sched._f32[name][loop] for name in self.COEFFICIENTS], dim=1)
+        self.register_buffer("step_coefficients", table, persistent=False)
+        self.register_buffer(
+            "step_timesteps", torch.from_numpy(sched.timestep_map[loop].copy()).long(), persistent=False
+        )
+        self.register_buffer("step_index", torch.arange(sched.num_steps), persistent=False)
+
+    COEFFICIENTS = (
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "posterior_log_variance_clipped",
+        "log_betas",
+    )
+
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, cfg_scale: torch.Tensor, step: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reverse step at loop position ``step`` (0-d long tensor; respaced t = S-1-step) for
+        ``x [N, C]``: ``(mean, log_variance)`` ``[N, C]`` of p(x_{t-1} | x_t) (official
+        ``p_mean_variance``: learned-range variance, epsilon prediction, no clipping).
+
+        ``cond`` is ``[N, Z]`` (no guidance) or ``[2N, Z]`` = ``[cond ; null]``: then both halves
+        run on ``x`` and eps is guided by ``cfg_scale [N, 1]`` (official ``forward_with_cfg``);
+        the variance channels are the conditional rows'.
+        """
+        n, channels = x.shape
+        coef = self.step_coefficients[step]  # [6]
+        ts = self.step_timesteps[step].expand(cond.shape[0])
+        if cond.shape[0] == n:
+            out = self.net(x, ts, cond)
+            eps, v = out[:, :channels], out[:, channels:]
+        else:
+            raw = self.net(torch.cat([x, x]), ts, cond)
+            cond_eps, null_eps = raw[:n, :channels], raw[n:, :channels]
+            eps = null_eps + cfg_scale * (cond_eps - null_eps)
+            v = raw[:n, channels:]
+        frac = (v + 1) / 2
+        log_variance = frac * coef[5] + (1 - frac) * coef[4]
+        pred_xstart = coef[0] * x - coef[1] * eps
+        mean = coef[2] * pred_xstart + coef[3] * x
+        return mean, log_variance
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,8 +408,7 @@ class MARModel(ModelMixin, ConfigMixin):
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
-        self.diffloss = DiffLoss(self.token_embed_dim, decoder_embed_dim, diffloss_d, diffloss_w)
-        self.schedule = GaussianDiffusionSchedule(num_sampling_steps)
+        self.diffloss = DiffLoss(self.token_embed_dim, decoder_embed_dim, diffloss_d, diffloss_w, num_sampling_steps)
         for p in self.parameters():  # MAR's own init is a training matter; random small weights here
             if p.dim() > 1:
                 nn.init.normal_(p, std=0.02)
@@ -382,28 +439,38 @@ class MARModel(ModelMixin, ConfigMixin):
             return self.fake_latent.repeat(batch_size, 1)
         return self.class_emb(labels)
 
+    def _keep(self, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, buffer + L]`` True at the class buffer and the known tokens of ``mask [B, L]``."""
+        buffer = torch.ones(mask.shape[0], self.buffer_size, dtype=torch.bool, device=mask.device)
+        return torch.cat([buffer, ~mask.bool()], dim=1)
+
     def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
-        """``x [B, L, C]``, ``mask [B, L]`` (1 = unknown; every row the same count), ``class_embedding
-        [B, enc_dim]`` -> ``[B, buffer + #known, enc_dim]``."""
+        """``x [B, L, C]``, ``mask [B, L]`` (1 = unknown), ``class_embedding [B, enc_dim]`` ->
+        ``[B, buffer + L, enc_dim]``.
+
+        Static shapes (graph-capturable): the official encoder drops the unknown tokens and runs on
+        the ``buffer + #known`` rest; here every position runs and attention may only look at the
+        buffer and the known tokens, which gives the kept rows the official values (to float
+        rounding: LayerNorm and the MLP act per row, and masked keys get exactly zero weight). The
+        rows of unknown tokens are computed and never used (:meth:`forward_mae_decoder` replaces
+        them with the mask token). ``[keep]`` of the result (:meth:`_keep`) is the official output.
+        """
         x = self.z_proj(x)
         b, _, d = x.shape
         buffer = class_embedding[:, None, :].expand(b, self.buffer_size, d).to(x.dtype)  # the class buffer
         x = torch.cat([buffer, x], dim=1) + self.encoder_pos_embed_learned
         x = self.z_proj_ln(x)
-        keep = torch.cat([torch.ones(b, self.buffer_size, dtype=torch.bool, device=x.device), ~mask.bool()], dim=1)
-        x = x[keep].reshape(b, -1, d)  # drop the unknown tokens (row-major)
+        keep = self._keep(mask)
         for block in self.encoder_blocks:
-            x = block(x)
+            x = block(x, keep)
         return self.encoder_norm(x)
 
     def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encoder output + ``mask [B, L]`` -> ``z [B, L, dec_dim]`` (the head's condition)."""
+        """Encoder output ``[B, buffer + L, enc_dim]`` + ``mask [B, L]`` -> ``z [B, L, dec_dim]``
+        (the head's condition): unknown positions become the mask token, all positions attend."""
         x = self.decoder_embed(x)
-        b, _, d = x.shape
-        keep = torch.cat([torch.ones(b, self.buffer_size, dtype=torch.bool, device=x.device), ~mask.bool()], dim=1)
-        full = self.mask_token.to(x.dtype).repeat(b, keep.shape[1], 1)
-        full[keep] = x.reshape(-1, d)
-        x = full + self.decoder_pos_embed_learned
+        keep = self._keep(mask)
+        x = torch.where(keep[..., None], x, self.mask_token.to(x.dtype)) + self.decoder_pos_embed_learned
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_norm(x)[:, self.buffer_size :]
@@ -423,6 +490,11 @@ class MARModel(ModelMixin, ConfigMixin):
         return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, emb), mask)
 
     # ---------------------------------------------------------------- the diffusion head
+    @property
+    def schedule(self) -> GaussianDiffusionSchedule:
+        """The head's respaced sampling diffusion."""
+        return self.diffloss.schedule
+
     def sample_head(
         self,
         z: torch.Tensor,
@@ -434,7 +506,8 @@ class MARModel(ModelMixin, ConfigMixin):
         sample_last_step: bool = False,
     ) -> TokenGaussian:
         """Sample ``N`` tokens with the diffusion head (official ``DiffLoss.sample`` for the
-        conditional rows) from given noises.
+        conditional rows) from given noises: ``S`` calls of the step :meth:`DiffLoss.forward`
+        (one graph for all of them when compiled).
 
         Args:
             z / z_null: ``[N, dec_dim]`` conditions (``z_null`` None: no guidance).
@@ -446,37 +519,21 @@ class MARModel(ModelMixin, ConfigMixin):
                 ``mean + temperature * std_0 * noise_steps[-1]`` from the last step's Gaussian
                 (what CSpD's densities describe).
         """
-        net, sched = self.diffloss.net, self.schedule
-        dtype = net.input_proj.weight.dtype
+        head = self.diffloss
+        dtype = head.net.input_proj.weight.dtype
         x, noise_steps = noise_init.to(dtype), noise_steps.to(dtype)
-        z = z.to(dtype)
-        z_null = None if z_null is None else z_null.to(dtype)
-        if isinstance(cfg_scale, torch.Tensor):
-            cfg_scale = cfg_scale.to(dtype)
         n = x.shape[0]
-        cond = z if z_null is None else torch.cat([z, z_null])
-        out = {}
-        for t in reversed(range(sched.num_steps)):
-            ts = torch.full((cond.shape[0],), int(sched.timestep_map[t]), dtype=torch.long, device=x.device)
-            if z_null is None:
-                model_out = net(x, ts, cond)
-            else:
-                raw = net(torch.cat([x, x]), ts, cond)
-                channels = x.shape[-1]
-                cond_eps, null_eps = raw[:n, :channels], raw[n:, :channels]
-                eps = null_eps + cfg_scale * (cond_eps - null_eps)
-                model_out = torch.cat([eps, raw[:n, channels:]], dim=1)  # the conditional rows' v
-            out = sched.p_mean_variance(model_out, x, t)
-            if t > 0:
-                x = (
-                    out["mean"]
-                    + torch.exp(0.5 * out["log_variance"]) * noise_steps[sched.num_steps - 1 - t] * temperature
-                )
-        std = torch.exp(0.5 * out["log_variance"]) * temperature
-        mean = out["mean"]
-        tokens = (
-            mean + torch.exp(0.5 * out["log_variance"]) * noise_steps[-1] * temperature if sample_last_step else mean
-        )
+        cond = z.to(dtype) if z_null is None else torch.cat([z, z_null]).to(dtype)
+        if not isinstance(cfg_scale, torch.Tensor):
+            cfg_scale = torch.tensor(float(cfg_scale))
+        cfg_scale = cfg_scale.to(device=x.device, dtype=dtype).expand(n, 1)
+        num_steps = self.schedule.num_steps
+        for i in range(num_steps):
+            mean, log_variance = head(x, cond, cfg_scale, head.step_index[i])
+            if i < num_steps - 1:
+                x = mean + torch.exp(0.5 * log_variance) * noise_steps[i] * temperature
+        std = torch.exp(0.5 * log_variance) * temperature
+        tokens = mean + torch.exp(0.5 * log_variance) * noise_steps[-1] * temperature if sample_last_step else mean
         return TokenGaussian(tokens=tokens, mean=mean, std=std)
 
 

@@ -100,7 +100,15 @@ _MAX_LISTED = 6
 
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint at ``path`` as a dict, read with ``weights_only=True`` (``argparse.Namespace``
-    allow-listed for the trainer's ``args``)."""
+    allow-listed for the trainer's ``args``).
+
+    Raises:
+        FileNotFoundError: nothing exists at ``path`` (or it is a folder).
+        ValueError: the file is not a checkpoint dict readable with ``weights_only=True``.
+    """
+    if not os.path.isfile(path):
+        what = "is a folder, not a checkpoint file" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"MAR checkpoint {os.fspath(path)} {what}")
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
