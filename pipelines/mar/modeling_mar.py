@@ -195,7 +195,7 @@ class DiffLoss(nn.Module):
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor, cfg_scale: torch.Tensor, step: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reverse step at loop position ``step`` (0-d long tensor; respaced t = S-1-step) for
+        """Reverse step at loop position ``step`` (``[1]`` long tensor; respaced t = S-1-step) for
         ``x [N, C]``: ``(mean, log_variance)`` ``[N, C]`` of p(x_{t-1} | x_t) (official
         ``p_mean_variance``: learned-range variance, epsilon prediction, no clipping).
 
@@ -204,8 +204,9 @@ class DiffLoss(nn.Module):
         the variance channels are the conditional rows'.
         """
         n, channels = x.shape
-        coef = self.step_coefficients[step]  # [6]
-        ts = self.step_timesteps[step].expand(cond.shape[0])
+        # index_select, not [step]: indexing with a tensor scalar reads it on the host (a sync)
+        coef = self.step_coefficients.index_select(0, step)[0]  # [6]
+        ts = self.step_timesteps.index_select(0, step).expand(cond.shape[0])
         if cond.shape[0] == n:
             out = self.net(x, ts, cond)
             eps, v = out[:, :channels], out[:, channels:]
@@ -529,9 +530,11 @@ class MARModel(ModelMixin, ConfigMixin):
         cfg_scale = cfg_scale.to(device=x.device, dtype=dtype).expand(n, 1)
         num_steps = self.schedule.num_steps
         for i in range(num_steps):
-            mean, log_variance = head(x, cond, cfg_scale, head.step_index[i])
+            mean, log_variance = head(x, cond, cfg_scale, head.step_index[i : i + 1])
             if i < num_steps - 1:
                 x = mean + torch.exp(0.5 * log_variance) * noise_steps[i] * temperature
+        # A copy: under CUDA graphs the step's outputs live in memory the next replay overwrites.
+        mean = mean.clone()
         std = torch.exp(0.5 * log_variance) * temperature
         tokens = mean + torch.exp(0.5 * log_variance) * noise_steps[-1] * temperature if sample_last_step else mean
         return TokenGaussian(tokens=tokens, mean=mean, std=std)
