@@ -153,6 +153,13 @@ class SpecStats:
         acc, prop = self.accepted_at_depth.tolist(), self.proposed_at_depth.tolist()
         return [a / p if p else 0.0 for a, p in zip(acc, prop)]
 
+    @property
+    def draft_acceptance_rate(self) -> float | None:
+        """Kept drafts / proposed drafts over all depths (CSpD's acceptance rate); None when
+        nothing was drafted (a baseline)."""
+        proposed = int(self.proposed_at_depth.sum())
+        return float(self.accepted_at_depth.sum()) / proposed if proposed else None
+
     def summary(self) -> dict:
         """Scalars for logs and benchmark records."""
         lossy = int(self.moved_mass_tokens) > 0

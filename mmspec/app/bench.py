@@ -133,6 +133,7 @@ def run_benchmark(
                 "mean_accepted_without_bonus": out.stats.mean_accepted,
                 "mean_tokens_per_step_with_bonus": out.stats.mean_tokens_per_step,
                 "acceptance_rate_at_depth": summary["acceptance_rate_at_depth"],
+                "acceptance_rate": out.stats.draft_acceptance_rate,
                 "mean_draft_width": summary.get("mean_draft_width"),
                 "wall_time_s_median": wall,
                 "wall_time_s_all": times,

@@ -16,6 +16,7 @@ from ..pipelines.mar.modeling_vae import MARAutoencoderKL
 from ..pipelines.mar.official import MAR_PRESETS
 from ..pipelines.mar.pipeline_mar import MARPipeline
 from .bench import BenchCase, BenchSuite, register_suite
+from .defaults import load_default_mar
 
 #: Small random MARs for CPU runs: 128 px -> 8x8 = 64 tokens of 16 channels, 10-step heads.
 _SMALL = {
@@ -56,7 +57,8 @@ SMALL_CONFIGS = {
 
 def _model(source: str, seed: int) -> MARModel:
     """``"random-small"`` / ``"random-tiny"`` (CPU-sized) or ``"random:MAR-B|L|H"`` (official sizes,
-    random weights: per-step costs only), or a saved ``MARModel`` folder."""
+    random weights: per-step costs only), or a saved ``MARModel`` folder. (The suite's default,
+    ``"embedded"``, is the trained reference pair and is loaded whole, VAE included.)"""
     if source in SMALL_CONFIGS:
         fields = SMALL_CONFIGS[source]
     elif source.startswith("random:"):
@@ -76,8 +78,8 @@ def mar_suite(
     dtype: torch.dtype,
     batch_size: int = 1,
     *,
-    target: str = "random-small",
-    drafter: str = "random-tiny",
+    target: str = "embedded",
+    drafter: str | None = None,
     num_iter: int = 16,
     gamma: int = 4,
     guidance_scale: float = 3.0,
@@ -87,10 +89,15 @@ def mar_suite(
     lam: float = 42.0,
 ) -> BenchSuite:
     """MAR class-to-image: baseline at num_iter and num_iter/gamma, CSpD exact and tempered (lossy)."""
-    target_model, draft_model = _model(target, 0), _model(drafter, 1)
-    levels = target_model.config.vae_stride.bit_length()  # log2(stride) + 1 resolution levels
-    vae = MARAutoencoderKL(embed_dim=target_model.config.vae_embed_dim, ch=32, ch_mult=(1,) * (levels - 1) + (2,))
-    pipe = MARPipeline(target=target_model, vae=vae, drafter=draft_model).to(device)
+    if target == "embedded":  # the trained reference pair with its own VAE
+        if drafter is not None:
+            raise ValueError("target=embedded is the trained pair (its own drafter): leave drafter unset")
+        pipe = load_default_mar(device)
+    else:  # drafter None: the tiny random MAR
+        target_model, draft_model = _model(target, 0), _model(drafter or "random-tiny", 1)
+        levels = target_model.config.vae_stride.bit_length()  # log2(stride) + 1 resolution levels
+        vae = MARAutoencoderKL(embed_dim=target_model.config.vae_embed_dim, ch=32, ch_mult=(1,) * (levels - 1) + (2,))
+        pipe = MARPipeline(target=target_model, vae=vae, drafter=draft_model).to(device)
     for model in (pipe.target, pipe.drafter):
         model.to(dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -158,7 +165,7 @@ def mar_suite(
         cases=cases,
         setup={
             "target": target,
-            "drafter": drafter,
+            "drafter": drafter or ("embedded" if target == "embedded" else "random-tiny"),
             "target_width": tcfg.encoder_embed_dim,
             "target_depth": tcfg.encoder_depth + tcfg.decoder_depth,
             "draft_width": dcfg.encoder_embed_dim,
@@ -172,6 +179,8 @@ def mar_suite(
             "cfg_schedule": cfg_schedule,
             "temperature": temperature,
             "prefill_steps": prefill_steps,
-            "note": "random weights: acceptance rates say nothing about trained pairs",
+            "note": "the trained emoji pair (mmspec/assets/mar-emoji)"
+            if target == "embedded"
+            else "random weights: acceptance rates say nothing about trained pairs",
         },
     )

@@ -92,3 +92,51 @@ def load_default_captioner(device: str | torch.device = "cpu") -> VLMPipeline:
             f"the embedded captioner is missing ({path}). " + _CAPTIONER_REBUILD_HINT.format(path=path)
         )
     return load_captioner_pipeline(path, device)
+
+
+# ---------------------------------------------------------------------------------------- MAR
+if TYPE_CHECKING:
+    from ..pipelines.mar import MARPipeline
+
+_MAR_REBUILD_HINT = (
+    "Reinstall mmspec (the wheel ships the weights), or rebuild them with "
+    "`mmspec train-reference --stage mar --out DIR --save-dtype float16` and copy DIR/mar-pipeline to {path}."
+)
+
+
+def default_mar_path() -> Path:
+    """Folder of the embedded MAR reference pair (``MARPipeline.save_pretrained`` format: a small
+    KL VAE, a MAR target and a smaller MAR drafter trained on emoji; float16 weights)."""
+    return _ASSETS / "mar-emoji"
+
+
+def load_default_mar(device: str | torch.device = "cpu") -> MARPipeline:
+    """Load the embedded MAR reference pair (float32; ``speculative="cspd"`` ready) on ``device``.
+
+    Raises:
+        FileNotFoundError: the assets are not installed (the message says how to rebuild them).
+    """
+
+    path = default_mar_path()
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded MAR reference pair is missing ({path}). " + _MAR_REBUILD_HINT.format(path=path)
+        )
+    return load_mar_folder(path, device)
+
+
+def load_mar_folder(path: str | Path, device: str | torch.device = "cpu") -> MARPipeline:
+    """A saved :class:`MARPipeline` folder in float32 on ``device`` (float16-stored weights are
+    widened: the CPU has no fast float16 path and CSpD's densities want float32)."""
+    from ..pipelines.mar import MARPipeline
+
+    pipe = MARPipeline.from_pretrained(path)
+    for model in (pipe.target, pipe.vae, pipe.drafter):
+        if model is not None:
+            torch.nn.Module.to(model, torch.float32)
+    return pipe.to(device)
+
+
+def default_mar_classes() -> list[dict[str, object]]:
+    """The embedded MAR pair's classes in label order (the LlamaGen reference's classes)."""
+    return json.loads((default_mar_path() / CLASSES_FILE).read_text(encoding="utf-8"))

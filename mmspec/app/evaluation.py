@@ -151,6 +151,8 @@ class EvalMethod:
     acceptance: str | None = None
     acceptance_options: dict = field(default_factory=dict)
     speculative_options: dict = field(default_factory=dict)
+    #: call settings this configuration changes (e.g. MAR's baseline at ``num_iter / gamma``)
+    sampling: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, spec: str) -> EvalMethod:
@@ -170,6 +172,9 @@ def _run(pipe, method: EvalMethod | None, labels, seeds, batch_size, sampling: d
     whose generator is seeded by the batch's first seed (same batches for every method)."""
     images, steps, accepted, row_steps, tvd_sum, tvd_tokens, tvd_max, seconds = [], 0, 0, 0, 0.0, 0, 0.0, 0.0
     committed = 0.0  # tokens per step x row steps: each stats type defines tokens per step (MuLo-SD: grid / forwards)
+    proposed, kept = 0, 0
+    if method is not None:
+        sampling = {**sampling, **method.sampling}
     for start in range(0, len(labels), batch_size):
         t0 = time.perf_counter()
         out = pipe(
@@ -192,7 +197,10 @@ def _run(pipe, method: EvalMethod | None, labels, seeds, batch_size, sampling: d
         tvd_sum += float(s.moved_mass_sum)
         tvd_tokens += int(s.moved_mass_tokens)
         tvd_max = max(tvd_max, float(s.moved_mass_max))
+        proposed += int(s.proposed_at_depth.sum())
+        kept += int(s.accepted_at_depth.sum())
     return torch.cat(images), {
+        "acceptance_rate": kept / proposed if proposed else None,
         "steps": steps,
         "wall_time_s": seconds,
         "mean_accepted_without_bonus": accepted / max(row_steps, 1),

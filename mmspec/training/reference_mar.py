@@ -516,9 +516,8 @@ def evaluate_mar_reference(pipe: MARPipeline, data: EmojiDataConfig, num_images:
             )
             seconds.append(time.perf_counter() - start)
             forwards.append(out.stats.steps)
-            if method:  # kept drafts / proposed drafts (the prefill's target tokens excluded)
-                stats = out.stats
-                accepted.append(float(stats.accepted_at_depth.sum()) / max(int(stats.proposed_at_depth.sum()), 1))
+            if method:
+                accepted.append(out.stats.draft_acceptance_rate)
         generation[name] = {
             "target_forwards": float(np.mean(forwards)),
             "acceptance_rate": float(np.mean(accepted)) if accepted else None,
