@@ -291,6 +291,45 @@ def test_long_questions_are_refused_before_the_queue_is_held(chat_url, chat_pipe
     assert chat_app.check_question(chat_pipe, QUESTION) == QUESTION
 
 
+# --------------------------------------------------------------------------- MAR tab (API)
+
+
+@pytest.fixture(scope="module")
+def mar_pipe():
+    from mmspec.pipelines.mar import MARPipeline
+
+    from ..conftest import tiny_mar, tiny_mar_vae
+
+    pipe = MARPipeline(target=tiny_mar(seed=0), vae=tiny_mar_vae(), drafter=tiny_mar(seed=1))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def mar_url(mar_pipe):
+    demo = image_app.build_mar_demo(mar_pipe, warmup=False)
+    yield _serve(demo)
+    demo.close()
+
+
+def test_mar_endpoint_matches_direct_pipeline_calls(mar_url, mar_pipe):
+    """Baseline and CSpD pictures are the pipeline's for the same seed; the stats are the CSpD call's."""
+    client = Client(mar_url, verbose=False)
+    baseline, cspd, heatmap, summary, record = client.predict(
+        "2", 7, 4, 2, "gaussian-exact", 3.0, 1.0, api_name="/generate_mar"
+    )
+    common = dict(class_labels=[2], num_iter=4, guidance_scale=3.0, temperature=1.0)
+    base = mar_pipe(**common, generator=torch.Generator().manual_seed(7))
+    spec = mar_pipe(**common, speculative="cspd", num_draft_tokens=2, generator=torch.Generator().manual_seed(7))
+    np.testing.assert_array_equal(_pixels(baseline), np.asarray(base.images[0]))
+    np.testing.assert_array_equal(_pixels(cspd), np.asarray(spec.images[0]))
+    assert record["baseline_target_forwards"] == 4 and record["cspd_target_forwards"] == spec.stats.steps
+    assert record["acceptance_rate"] == spec.stats.draft_acceptance_rate and "Acceptance rate" in summary
+    assert PIL.Image.open(heatmap).size[0] >= image_app.PICTURE_SIZE // 2
+    with pytest.raises(Exception, match="outside"):
+        client.predict("99", 7, 4, 2, "gaussian-exact", 3.0, 1.0, api_name="/generate_mar")
+
+
 # --------------------------------------------------------------------------- command line
 
 

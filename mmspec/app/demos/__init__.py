@@ -27,6 +27,12 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="chat: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...; default: the embedded emoji captioner)",
     )
+    parser.add_argument(
+        "--mar",
+        default="embedded",
+        help="image: the MAR tab's pipeline (a saved MARPipeline folder; default: the embedded emoji pair; "
+        "none: no MAR tab)",
+    )
     add_llamagen_source(parser)
 
 
@@ -44,6 +50,24 @@ def demo_command(args: argparse.Namespace) -> int:
         classes = llamagen_classes(args)
         names = None if classes is None else [f"{entry['char']} {entry['name']}" for entry in classes]
         demo = build_image_demo(load_llamagen(args, device, dtype), class_names=names)
+        if args.mar != "none":  # a second tab: MAR baseline vs CSpD
+            import gradio as gr
+
+            from ..generate_mar import load_mar
+            from .image_app import build_mar_demo
+
+            try:
+                mar = load_mar(None if args.mar == "embedded" else args.mar, device)
+            except (OSError, ValueError) as err:
+                raise SystemExit(f"mmspec demo image: --mar {args.mar}: {err}") from None
+            mar_names = None
+            if args.mar == "embedded":
+                from ..defaults import default_mar_classes
+
+                mar_names = [f"{entry['char']} {entry['name']}" for entry in default_mar_classes()]
+            demo = gr.TabbedInterface(
+                [demo, build_mar_demo(mar, class_names=mar_names)], ["LlamaGen", "MAR (CSpD)"], title="mmspec"
+            )
     else:
         from ...training.saved import load_captioner_pipeline
         from ..defaults import load_default_captioner
