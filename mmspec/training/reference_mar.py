@@ -102,7 +102,7 @@ class MARTrainConfig:
     """
 
     data: EmojiDataConfig = field(default_factory=EmojiDataConfig)
-    steps: int = 2000
+    steps: int = 800
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
