@@ -142,9 +142,11 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
 
 
 def test_second_job_on_a_folder_is_refused_naming_the_other_process(tmp_path, model_dir, monkeypatch):
-    from mmspec.app import cli
+    from mmspec.app import generate_llamagen
 
-    monkeypatch.setattr(cli, "load_llamagen", lambda *a, **k: pytest.fail("loaded the model despite the lock"))
+    monkeypatch.setattr(
+        generate_llamagen, "load_llamagen", lambda *a, **k: pytest.fail("loaded the model despite the lock")
+    )
     out = tmp_path / "out"
     out.mkdir()
     holder = _hold_lock(out)
