@@ -315,6 +315,13 @@ def _caption_args(p: argparse.ArgumentParser) -> None:
         help="a VLM method of `mmspec methods` (model: the model's own drafter; ngram: prompt lookup), "
         "'default' (model if the model has a drafter, else the baseline) or 'none' (the baseline)",
     )
+    p.add_argument(
+        "--drafter-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the drafter's method (repeatable), e.g. path=DIR for --drafter eagle3",
+    )
     p.add_argument("--num-draft-tokens", type=int, default=4, help="drafts per step")
     p.add_argument("--acceptance", default="exact", help="acceptance rule: exact, greedy, ...")
     p.add_argument(
@@ -334,10 +341,11 @@ def caption(args: argparse.Namespace) -> int:
     from ..data.images import image_list
     from ..pipelines.vlm.pipeline_vlm import VLM_METHODS
     from .job_settings import check_caption_settings
-    from .jobs import JobOutput, job_state, lock_output, report, run_job
+    from .jobs import JobOutput, job_state, lock_output, parse_key_values, report, run_job
     from .jobs_io import append_jsonl, check_image, load_image, write_atomic
 
     check_caption_settings(args, ["default", "none", *VLM_METHODS.names()])
+    drafter_options = parse_key_values(args.drafter_option, "--drafter-option")
     images = _caption_inputs(args.inputs, image_list)
     device = resolve_device(args.device)
     # A second job on the output folder stops here, before loading (stdout mode has no folder to share).
@@ -355,9 +363,18 @@ def caption(args: argparse.Namespace) -> int:
         pipe = load_default_captioner(device)
     available = pipe.methods.available(pipe)
     speculative = {"default": "model" if "model" in available else None, "none": None}.get(args.drafter, args.drafter)
-    if speculative is not None and speculative not in available:
-        raise SystemExit(f"error: --drafter {args.drafter}: this model lacks {pipe.methods.get(speculative).requires}")
-    drafter = None if speculative is None else pipe.methods.get(speculative).build(pipe, {})
+    method = pipe.methods.get(speculative) if speculative is not None else None
+    if method is not None and method.missing(pipe):
+        raise SystemExit(f"error: --drafter {args.drafter}: this model lacks {method.missing(pipe)}")
+    missing_options = [name for name in (method.needs_options if method else ()) if name not in drafter_options]
+    if missing_options:
+        raise SystemExit(
+            f"error: --drafter {args.drafter} needs " + ", ".join(f"--drafter-option {n}=..." for n in missing_options)
+        )
+    try:  # the drafter is built once (its options checked here, not per image)
+        drafter = None if method is None else method.build(pipe, method.resolve_options(drafter_options))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --drafter {args.drafter}: {err}") from None
     num_draft_tokens = args.num_draft_tokens if drafter is not None else 0
     try:  # limits of this model (positions, vocabulary), checked once instead of failing every image
         from ..pipelines.validation import check_vlm_call

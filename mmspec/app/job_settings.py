@@ -127,6 +127,16 @@ def check_caption_settings(args: argparse.Namespace, drafters: list[str]) -> Non
         )
     if args.acceptance not in ACCEPTANCE_RULES:
         _fail(f"--acceptance must be one of {', '.join(sorted(ACCEPTANCE_RULES))}; got {args.acceptance!r}")
+    if args.drafter_option:
+        from ..pipelines.vlm.pipeline_vlm import VLM_METHODS
+        from .jobs import parse_key_values
+
+        if args.drafter not in VLM_METHODS.names():
+            _fail(f"--drafter-option needs a --drafter method ({', '.join(VLM_METHODS.names())}), got {args.drafter!r}")
+        try:
+            VLM_METHODS.get(args.drafter).resolve_options(parse_key_values(args.drafter_option, "--drafter-option"))
+        except ValueError as err:
+            _fail(str(err))
     _check_greedy_rule(args)
     if args.max_image_side < 1:
         _fail(f"--max-image-side must be >= 1, got {args.max_image_side}")
