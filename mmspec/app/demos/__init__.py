@@ -53,11 +53,11 @@ def demo_command(args: argparse.Namespace) -> int:
         if args.mar != "none":  # a second tab: MAR baseline vs CSpD
             import gradio as gr
 
-            from ..generate_mar import load_mar
+            from ..defaults import load_default_mar, load_mar_folder
             from .image_app import build_mar_demo
 
             try:
-                mar = load_mar(None if args.mar == "embedded" else args.mar, device)
+                mar = load_default_mar(device) if args.mar == "embedded" else load_mar_folder(args.mar, device)
             except (OSError, ValueError) as err:
                 raise SystemExit(f"mmspec demo image: --mar {args.mar}: {err}") from None
             mar_names = None

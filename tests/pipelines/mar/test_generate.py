@@ -1,4 +1,4 @@
-"""MAR's part of ``mmspec generate`` / ``mmspec eval`` (:mod:`mmspec.app.generate_mar`) on a tiny
+"""MAR's family of ``mmspec generate`` / ``mmspec eval`` (:mod:`mmspec.app.generate_mar`) on a tiny
 saved pipeline: the job (images, bad items, resume), checks before loading, the eval report."""
 
 from __future__ import annotations
@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
+from mmspec.app.cli import main
 from mmspec.app.evaluation import EvalMethod, VQEncoderFeatures
-from mmspec.app.generate_mar import MARSettings, evaluate_mar, generate_mar, load_mar
+from mmspec.app.generate_mar import evaluate_mar
+from mmspec.app.generators import resolve_model
 from mmspec.pipelines.mar import MARPipeline
 
 from ...conftest import tiny_mar, tiny_mar_vae
@@ -26,59 +27,70 @@ def _results(out):
     return [json.loads(line) for f in sorted(out.glob("results*.jsonl")) for line in f.read_text().splitlines()]
 
 
+def _generate(folder, out, labels, *extra):
+    argv = ["generate", "--model", str(folder), "--class-labels", labels, "--output-dir", str(out)]
+    return main([*argv, "--batch-size", "2", "--num-iter", "4", "--num-draft-tokens", "2", *extra])
+
+
+def test_folders_and_names_resolve_to_the_mar_family(folder):
+    assert resolve_model(str(folder)).family.name == "mar"
+    assert resolve_model("mar").family.embedded == "mar-emoji"
+
+
 def test_generate_job_with_bad_items_and_resume(folder, tmp_path):
     out = tmp_path / "images"
-    settings = MARSettings(num_iter=4, speculative="cspd", num_draft_tokens=2)
-    assert generate_mar(["1", "x", "9", "3"], out, settings, model=str(folder), batch_size=2) == 0
+    assert _generate(folder, out, "1,x,9,3") == 0  # the default method: cspd
     assert sorted(p.name for p in out.glob("*.png")) == ["00000_class1.png", "00003_class3.png"]
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["num_results"] == 2 and stats["num_errors"] == 2
+    assert stats["num_results"] == 2 and stats["num_errors"] == 2 and stats["speculative"] == "cspd"
     first = {r["index"]: r for r in _results(out)}
-    assert 0 <= first[0]["batch_acceptance_rate"] <= 1 and first[0]["batch_steps"] >= 1
-    # resumed with one more item: the finished ones are not redone, the new one is generated
-    generate_mar(["1", "x", "9", "3", "2"], out, settings, model=str(folder), batch_size=2)
+    assert 0 <= first[0]["batch_acceptance_rate"] <= 1 and first[0]["batch_draft_steps"] >= 1
+    _generate(folder, out, "1,x,9,3,2")  # resumed with one more item: only that one is generated
     assert sorted(r["index"] for r in _results(out)) == [0, 3, 4]
-    # another job's settings in the same folder are refused, not treated as done
-    with pytest.raises(SystemExit, match="settings|another job"):
-        generate_mar(["1", "x", "9", "3", "2"], out, MARSettings(num_iter=3), model=str(folder), batch_size=2)
+    with pytest.raises(SystemExit, match="settings|another job"):  # other settings in the same folder
+        _generate(folder, out, "1,x,9,3,2", "--speculative", "none")
+    baseline = tmp_path / "baseline"
+    assert _generate(folder, baseline, "1", "--speculative", "none") == 0
+    assert _results(baseline)[0]["batch_acceptance_rate"] is None and _results(baseline)[0]["batch_steps"] == 4
 
 
 @pytest.mark.parametrize(
-    ("settings", "message"),
+    ("extra", "message"),
     [
-        (MARSettings(num_iter=0), "num_iter"),
-        (MARSettings(temperature=0.0), "temperature"),
-        (MARSettings(speculative="sjd"), "unknown MAR method"),
-        (MARSettings(cfg_schedule="cosine"), "cfg_schedule"),
+        (["--num-iter", "0"], "num-iter"),
+        (["--temperature", "0"], "greedy"),
+        (["--top-k", "5"], "top-k"),
+        (["--speculative", "sjd"], "cspd"),
+        (["--acceptance", "gaussian-exact", "--acceptance-option", "nonsense"], "key=value"),
     ],
 )
-def test_settings_wrong_for_every_item_fail_before_loading(tmp_path, settings, message):
+def test_settings_wrong_for_every_item_fail_before_loading(tmp_path, extra, message, monkeypatch):
+    import mmspec.app.defaults as defaults
+
+    monkeypatch.setattr(defaults, "load_default_mar", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match=message):
-        generate_mar(["1"], tmp_path / "out", settings, model=str(tmp_path / "does-not-exist"))
+        _generate("mar", tmp_path / "out", "1", *extra)
 
 
-def test_model_errors(folder, tmp_path):
-    with pytest.raises(FileNotFoundError, match="model_index.json"):
-        load_mar(str(tmp_path))
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "LlamaGenPipeline"}))
-    with pytest.raises(ValueError, match="not a MARPipeline"):
-        load_mar(str(tmp_path))
+def test_settings_wrong_for_this_model_fail_before_the_first_item(folder, tmp_path):
     with pytest.raises(SystemExit, match="exceeds"):
-        generate_mar(["1"], tmp_path / "out", MARSettings(num_iter=17), model=str(folder))
+        _generate(folder, tmp_path / "out", "1", "--num-iter", "17")
+    assert not list((tmp_path / "out").glob("*.png"))
 
 
 def test_eval_report_has_both_baselines_and_fid(folder, tmp_path):
-    pipe = load_mar(str(folder))
+    from mmspec.app.defaults import load_mar_folder
+
+    pipe = load_mar_folder(folder)
     pipe.set_progress_bar_config(disable=True)
-    torch.manual_seed(0)
-    vq_like = tiny_mar_vae()  # any encoder with a `.encoder`, `.device`, `.dtype` serves as features
+    sampling = {"num_iter": 4, "num_draft_tokens": 2, "guidance_scale": 3.0, "temperature": 1.0}
     report = evaluate_mar(
         pipe,
         [EvalMethod("cspd", "cspd")],
         [0, 1, 2, 3],
-        MARSettings(num_iter=4, num_draft_tokens=2),
+        sampling,
         batch_size=2,
-        features=VQEncoderFeatures(vq_like),
+        features=VQEncoderFeatures(tiny_mar_vae()),  # any module with .encoder / .device / .dtype
         out_dir=tmp_path / "eval",
     )
     names = [m["method"]["name"] for m in report["methods"]]
@@ -86,5 +98,12 @@ def test_eval_report_has_both_baselines_and_fid(folder, tmp_path):
     fewer, cspd = report["methods"]
     assert fewer["steps"] == 2 * 2 and fewer["acceptance_rate"] is None  # 2 batches x 2 forwards
     assert 0 <= cspd["acceptance_rate"] <= 1 and cspd["fid_vs_baseline"] > -1e-6  # random models: ~0
-    assert report["fid_noise_floor"] > -1e-6
     assert (tmp_path / "eval" / "grid.png").is_file()
+
+
+def test_eval_command_checks_methods_before_the_first_image(folder, tmp_path):
+    argv = ["eval", "--model", str(folder), "--num-images", "2", "--num-iter", "4", "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="not a MAR method"):
+        main([*argv, "--method", "sjd"])
+    with pytest.raises(SystemExit, match="features"):
+        main([*argv, "--method", "cspd", "--features", "clip"])
