@@ -47,6 +47,7 @@ def test_head_step_and_mae_pass_capture_as_full_graphs():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
+@pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("speculative", [None, "cspd"])
 def test_compiled_matches_eager_on_cuda(speculative):
