@@ -527,6 +527,32 @@ def evaluate_mar_reference(pipe: MARPipeline, data: EmojiDataConfig, num_images:
     return result
 
 
+def assemble_mar_pipeline(
+    out: Path, configs: dict, preset: str, seed: int, dtype: torch.dtype, evaluate: bool = True
+) -> MARPipeline:
+    """``OUT/mar-vae``, ``OUT/mar-target``, ``OUT/mar-draft`` -> ``OUT/mar-pipeline`` (weights in
+    ``dtype``, with ``classes.json`` and the recipe of ``configs``) and, with ``evaluate``,
+    ``OUT/mar-eval.json`` (:func:`evaluate_mar_reference`)."""
+    parts = {
+        "vae": MARAutoencoderKL.from_pretrained(out / "mar-vae").eval(),
+        "target": MARModel.from_pretrained(out / "mar-target").eval(),
+        "drafter": MARModel.from_pretrained(out / "mar-draft").eval(),
+    }
+    recipe = {"preset": preset, "seed": seed, **{k: dataclasses.asdict(c) for k, c in configs.items()}}
+    for config in recipe.values():
+        if isinstance(config, dict):
+            for key in RUN_CONTROL_FIELDS:
+                config.pop(key)
+    data = configs["mar-vae"].data
+    pipe = save_mar_pipeline(**parts, data=data, out=out / "mar-pipeline", recipe=recipe, dtype=dtype)
+    print(f"pipeline -> {out / 'mar-pipeline'}")
+    if evaluate:
+        metrics = evaluate_mar_reference(pipe, data)
+        (out / "mar-eval.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        print(json.dumps(metrics, indent=1))
+    return pipe
+
+
 def train_mar_reference_stages(args: argparse.Namespace) -> int:
     """``mmspec train-reference --stage mar-vae|mar-target|mar-draft|mar``: train the stage(s),
     save each to ``OUT/<stage>``; once all three exist, assemble ``OUT/mar-pipeline`` (weights in
@@ -561,28 +587,12 @@ def train_mar_reference_stages(args: argparse.Namespace) -> int:
             train_mar(vae, configs[stage], moments, args.device).save_pretrained(out / stage)
         timings[stage] = time.perf_counter() - start
         print(f"{stage}: {timings[stage]:.1f} s -> {out / stage}")
-    (out / "mar-timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+    timings_file = out / "mar-timings.json"  # stages run one at a time add to it
+    previous = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    timings_file.write_text(json.dumps({**previous, **timings}, indent=1) + "\n")
     missing = [stage for stage in MAR_STAGES if not (out / stage).is_dir()]
     if missing:
         print(f"{out / 'mar-pipeline'} not assembled: stage(s) {', '.join(missing)} not trained yet")
         return 0
-    parts = {
-        "vae": MARAutoencoderKL.from_pretrained(out / "mar-vae").eval(),
-        "target": MARModel.from_pretrained(out / "mar-target").eval(),
-        "drafter": MARModel.from_pretrained(out / "mar-draft").eval(),
-    }
-    recipe = {"preset": args.preset, "seed": args.seed, **{k: dataclasses.asdict(c) for k, c in configs.items()}}
-    for config in recipe.values():
-        if isinstance(config, dict):
-            for key in RUN_CONTROL_FIELDS:
-                config.pop(key)
-    dtype = getattr(torch, args.save_dtype)
-    pipe = save_mar_pipeline(
-        **parts, data=configs["mar-vae"].data, out=out / "mar-pipeline", recipe=recipe, dtype=dtype
-    )
-    print(f"pipeline -> {out / 'mar-pipeline'}")
-    if not args.no_eval:
-        metrics = evaluate_mar_reference(pipe, configs["mar-vae"].data)
-        (out / "mar-eval.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        print(json.dumps(metrics, indent=1))
+    assemble_mar_pipeline(out, configs, args.preset, args.seed, getattr(torch, args.save_dtype), not args.no_eval)
     return 0
