@@ -96,6 +96,9 @@ class MARTrainConfig:
         diffloss_d, diffloss_w: the diffusion head's residual blocks and width.
         num_sampling_steps: the head's respaced sampling steps saved in the config (a CSpD pair
             must use the same number).
+        clip_denoised: sampling only (saved in the config, not used in training): the head's x0
+            clamp (:class:`~mmspec.pipelines.mar.MARModel`); 5 ≈ the largest scaled token of the
+            training images (their std is 1).
         mask_ratio_min: lower end of the truncated-normal mask ratio (MAR: 0.7).
         label_drop_prob: share of labels replaced by the null embedding (MAR: 0.1; CFG).
         diffusion_batch_mul: timesteps drawn per masked token and step (MAR: 4).
@@ -116,6 +119,7 @@ class MARTrainConfig:
     diffloss_d: int = 3
     diffloss_w: int = 128
     num_sampling_steps: str = "50"
+    clip_denoised: float | None = 5.0
     mask_ratio_min: float = 0.7
     label_drop_prob: float = 0.1
     diffusion_batch_mul: int = 4
@@ -219,6 +223,7 @@ def build_mar(config: MARTrainConfig, vae: MARAutoencoderKL) -> MARModel:
         diffloss_d=config.diffloss_d,
         diffloss_w=config.diffloss_w,
         num_sampling_steps=config.num_sampling_steps,
+        clip_denoised=config.clip_denoised,
     )
     for module in model.modules():
         if isinstance(module, nn.Linear):

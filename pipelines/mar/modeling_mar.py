@@ -168,10 +168,17 @@ class DiffLoss(nn.Module):
     """
 
     def __init__(
-        self, target_channels: int, z_channels: int, depth: int, width: int, num_sampling_steps: str = "100"
+        self,
+        target_channels: int,
+        z_channels: int,
+        depth: int,
+        width: int,
+        num_sampling_steps: str = "100",
+        clip_denoised: float | None = None,
     ) -> None:
         super().__init__()
         self.net = SimpleMLPAdaLN(target_channels, width, target_channels * 2, z_channels, depth)
+        self.clip_denoised = clip_denoised
         self.schedule = GaussianDiffusionSchedule(num_sampling_steps)
         sched = self.schedule
         loop = list(reversed(range(sched.num_steps)))  # loop position i is respaced step t = S-1-i
@@ -218,6 +225,8 @@ class DiffLoss(nn.Module):
         frac = (v + 1) / 2
         log_variance = frac * coef[5] + (1 - frac) * coef[4]
         pred_xstart = coef[0] * x - coef[1] * eps
+        if self.clip_denoised is not None:  # DDPM's clip_denoised at a token range (off in official MAR)
+            pred_xstart = pred_xstart.clamp(-self.clip_denoised, self.clip_denoised)
         mean = coef[2] * pred_xstart + coef[3] * x
         return mean, log_variance
 
@@ -357,6 +366,12 @@ class MARModel(ModelMixin, ConfigMixin):
     """MAR's masked autoregressive transformer and diffusion head (official ``models/mar.py::MAR``
     at inference; dropout, label drop and the training losses are not part of it).
 
+    ``clip_denoised`` (not an official field; None = official): clamp the head's predicted x0 to
+    ``[-c, c]`` at every reverse step (DDPM's ``clip_denoised`` at the tokens' range). The first
+    respaced step of the cosine schedule multiplies the epsilon error by ~600 (50 steps); the
+    official models predict epsilon precisely enough there, small briefly-trained ones (the
+    embedded pair) do not and their trajectories diverge without it.
+
     Tokens are ``[B, seq_len, token_embed_dim]`` (patchified VAE latents scaled by
     the VAE's ``scaling_factor``); a mask ``[B, seq_len]`` is 1 (True) at unknown tokens.
     """
@@ -382,6 +397,7 @@ class MARModel(ModelMixin, ConfigMixin):
         diffloss_d: int = 3,
         diffloss_w: int = 1024,
         num_sampling_steps: str = "100",
+        clip_denoised: float | None = None,
     ) -> None:
         super().__init__()
         if img_size % (vae_stride * patch_size):
@@ -409,7 +425,9 @@ class MARModel(ModelMixin, ConfigMixin):
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
-        self.diffloss = DiffLoss(self.token_embed_dim, decoder_embed_dim, diffloss_d, diffloss_w, num_sampling_steps)
+        self.diffloss = DiffLoss(
+            self.token_embed_dim, decoder_embed_dim, diffloss_d, diffloss_w, num_sampling_steps, clip_denoised
+        )
         for p in self.parameters():  # MAR's own init is a training matter; random small weights here
             if p.dim() > 1:
                 nn.init.normal_(p, std=0.02)
