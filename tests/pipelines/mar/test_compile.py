@@ -60,3 +60,14 @@ def test_compiled_matches_eager_on_cuda(speculative):
     torch.testing.assert_close(b2.latents, b.latents, rtol=0, atol=0)
     if speculative:
         assert torch.equal(a.stats.token_source, b.stats.token_source)
+
+
+def test_clip_denoised_clamps_the_predicted_x0_only():
+    """None (official) and a bound never reached give the same tokens; a tight bound clamps x0,
+    so the last step's mean (~x0 at t = 0) stays within it."""
+    z, init, steps = torch.randn(6, 32), torch.randn(6, 4), torch.randn(5, 6, 4)
+    official, loose, tight = (tiny_mar(seed=0, clip_denoised=c) for c in (None, 1e9, 0.05))
+    with torch.no_grad():
+        a, b, c = (m.sample_head(z, None, 1.0, 1.0, init, steps) for m in (official, loose, tight))
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    assert float(c.mean.abs().max()) < 0.1 < float(a.mean.abs().max())
