@@ -116,8 +116,9 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         compiled with a dynamic token count (one graph serves every AR step's count and all ``S``
         diffusion steps, which differ only in the step tensor).
 
-        On the CPU eager is the default: measured on the 2-core CPU, compiled was 0.95x eager per AR
-        step at batch 1 after a 106 s compile (``benchmarks/RESULTS.md``, MAR section)."""
+        Not the default on the CPU: on the embedded pair a compiled AR step took 0.24-0.81x the
+        eager time, but the one-off compile (86-207 s cold, 9-21 s with inductor's cache) pays off
+        only after tens of images (``benchmarks/RESULTS.md``, "MAR reference pair")."""
         mode = mode or ("reduce-overhead" if self.target.device.type == "cuda" else "default")
         for model in (self.target, self.drafter):
             if model is not None:
