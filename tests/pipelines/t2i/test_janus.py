@@ -204,7 +204,7 @@ def test_clear_errors(janus_dir):
         pipe(prompt="a cat")
     with pytest.raises(ValueError, match="must end with the begin-of-image token"):
         pipe(input_ids=torch.tensor([[BOS, 5, 7]]))
-    with pytest.raises(ValueError, match="unknown speculative method 'eagle'"):
+    with pytest.raises(ValueError, match="speculative='eagle' needs an EAGLE head"):
         pipe(input_ids=PROMPTS, speculative="eagle")
 
 
