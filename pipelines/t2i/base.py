@@ -244,6 +244,17 @@ class T2IPipeline(SpeculativePipelineMixin):
         return head.to(device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ one call
+    def prompt_inputs(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: torch.Tensor | None = None,  # [B, P] left-padded
+        attention_mask: torch.Tensor | None = None,  # [B, P]
+        cfg: bool = True,
+    ) -> Any:
+        """The target's prompt for text ``prompt`` (through the processor) or token ids; ``cfg``: the
+        prompt feeds classifier-free guidance (its unconditional row is needed). ValueError for bad input."""
+        raise NotImplementedError
+
     def generate_tokens(
         self,
         prompt: Any,

@@ -259,6 +259,45 @@ class Emu3ImagePipeline(T2IPipeline):
         n = len(prompts)
         return ids[:n], ids[n:], mask[:n], mask[n:]
 
+    def prompt_inputs(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: torch.Tensor | None = None,  # [B, P] left-padded
+        attention_mask: torch.Tensor | None = None,  # [B, P]
+        cfg: bool = True,
+        negative_prompt: str | list[str] = "",
+        negative_prompt_ids: torch.Tensor | None = None,  # [B, P]
+        negative_prompt_attention_mask: torch.Tensor | None = None,  # [B, P]
+    ) -> Emu3Prompt:
+        """The target's prompt for text ``prompt`` (through the processor, with ``negative_prompt``) or
+        token ids (with ``negative_prompt_ids``); ``cfg``: the negative prompt is needed (guidance scale > 1)."""
+        if prompt is not None:
+            if input_ids is not None or negative_prompt_ids is not None:
+                raise ValueError("pass prompt (text) or input_ids / negative_prompt_ids (tokens), not both")
+            input_ids, negative_prompt_ids, attention_mask, negative_prompt_attention_mask = self.encode_prompt(
+                prompt, negative_prompt
+            )
+        if input_ids is None:
+            raise ValueError("pass prompt (with a processor) or input_ids [B, P]")
+        device = self.device
+        input_ids = input_ids.to(device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        if cfg:
+            if negative_prompt_ids is None or negative_prompt_ids.shape != input_ids.shape:
+                raise ValueError(
+                    "guidance_scale > 1 needs negative_prompt_ids of the prompt's shape [B, P] "
+                    "(left-padded, with negative_prompt_attention_mask)"
+                )
+            uncond = negative_prompt_ids.to(device)
+            uncond_mask = (
+                torch.ones_like(uncond)
+                if negative_prompt_attention_mask is None
+                else negative_prompt_attention_mask.to(device)
+            )
+        else:
+            uncond, uncond_mask = input_ids, mask
+        return Emu3Prompt(input_ids, mask, uncond, uncond_mask)
+
     def rule_resources(self) -> dict:
         """The VQ codebook (the end-of-line token gets a far-away vector: nobody's latent neighbour)."""
         from ..llamagen.pipeline_llamagen import NEIGHBOUR_CACHE
@@ -306,37 +345,20 @@ class Emu3ImagePipeline(T2IPipeline):
         verify step (diffusers convention; ``tokens``: the ``height x (width + 1)`` raster-order ids so far,
         ends of line included, -1 where not generated yet). ``set_progress_bar_config(disable=True)`` hides
         the progress bar."""
-        if prompt is not None:
-            if input_ids is not None or negative_prompt_ids is not None:
-                raise ValueError("pass prompt (text) or input_ids / negative_prompt_ids (tokens), not both")
-            input_ids, negative_prompt_ids, attention_mask, negative_prompt_attention_mask = self.encode_prompt(
-                prompt, negative_prompt
-            )
-        if input_ids is None:
-            raise ValueError("pass prompt (with a processor) or input_ids [B, P]")
-        device = self.device
-        input_ids = input_ids.to(device)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
-        if sampling.uses_cfg:
-            if negative_prompt_ids is None or negative_prompt_ids.shape != input_ids.shape:
-                raise ValueError(
-                    "guidance_scale > 1 needs negative_prompt_ids of the prompt's shape [B, P] "
-                    "(left-padded, with negative_prompt_attention_mask)"
-                )
-            uncond = negative_prompt_ids.to(device)
-            uncond_mask = (
-                torch.ones_like(uncond)
-                if negative_prompt_attention_mask is None
-                else negative_prompt_attention_mask.to(device)
-            )
-        else:
-            uncond, uncond_mask = input_ids, mask
-        prompt = Emu3Prompt(input_ids, mask, uncond, uncond_mask)
+        emu3_prompt = self.prompt_inputs(
+            prompt,
+            input_ids,
+            attention_mask,
+            sampling.uses_cfg,
+            negative_prompt,
+            negative_prompt_ids,
+            negative_prompt_attention_mask,
+        )
         spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
         out = self.generate_tokens(
-            prompt,
-            input_ids.shape[1],
+            emu3_prompt,
+            emu3_prompt.input_ids.shape[1],
             self.target.num_tokens,
             sampling,
             spec,

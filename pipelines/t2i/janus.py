@@ -63,7 +63,7 @@ class JanusImageTarget(nn.Module):
         self.decoder.output = model.model.generation_head  # image-token logits instead of text logits
         self.generation_embeddings = model.model.generation_embeddings
         self.vocab_size = config.vq_config.num_embeddings
-        self.num_image_tokens = config.vision_config.num_image_tokens
+        self.num_tokens = config.vision_config.num_image_tokens  # image tokens per image
         hidden = self.decoder.config.dim
         # An image token enters through its embedding and the aligner MLP; both are shared with EAGLE heads.
         self.image_embedding = ImageTokenEmbedding(
@@ -172,9 +172,9 @@ class JanusImagePipeline(T2IPipeline):
         if missing:
             raise ValueError(f"the model's generation config lacks {missing}: pass them to JanusImagePipeline")
         target = JanusImageTarget(model)
-        side = math.isqrt(target.num_image_tokens)
-        if side * side != target.num_image_tokens:
-            raise ValueError(f"num_image_tokens ({target.num_image_tokens}) is not a square grid")
+        side = math.isqrt(target.num_tokens)
+        if side * side != target.num_tokens:
+            raise ValueError(f"num_image_tokens ({target.num_tokens}) is not a square grid")
         self.grid_size = side
         super().__init__(model, target, processor, eagle)
 
@@ -190,10 +190,15 @@ class JanusImagePipeline(T2IPipeline):
             "memo": self._rule_memo,
         }
 
-    def encode_prompt(
-        self, prompt: str | list[str] | None, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    def prompt_inputs(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: torch.Tensor | None = None,  # [B, P] left-padded, ending with BOI
+        attention_mask: torch.Tensor | None = None,  # [B, P]
+        cfg: bool = True,
     ) -> JanusPrompt:
-        """Token ids (left-padded) and their unconditional twin, as transformers' image mode builds them."""
+        """Token ids (left-padded) and their unconditional twin, as transformers' image mode builds them
+        (the twin is cheap and always built; ``cfg`` decides whether the target runs it)."""
         if prompt is not None:
             if input_ids is not None:
                 raise ValueError("pass prompt or input_ids, not both")
@@ -239,7 +244,7 @@ class JanusImagePipeline(T2IPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[JanusImagePipeline, int, None, dict], dict] | None = None,
     ):
-        """Generate images (``num_image_tokens`` tokens each) for ``prompt`` or ``input_ids``.
+        """Generate images (``target.num_tokens`` = the config's ``num_image_tokens`` tokens each) for ``prompt`` or ``input_ids``.
 
         ``guidance_scale`` > 1 runs the ``[cond ; uncond]`` pair (Janus's default 5); ``temperature`` 0
         is greedy (transformers' ``do_sample=False``). ``speculative``: None (baseline), ``"sjd"``,
@@ -249,13 +254,13 @@ class JanusImagePipeline(T2IPipeline):
         verify step (diffusers convention; ``tokens``: the raster-order image tokens so far, -1 where not
         generated yet). ``set_progress_bar_config(disable=True)`` hides the progress bar.
         """
-        janus_prompt = self.encode_prompt(prompt, input_ids, attention_mask)
+        janus_prompt = self.prompt_inputs(prompt, input_ids, attention_mask)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
         out = self.generate_tokens(
             janus_prompt,
             janus_prompt.input_ids.shape[1],
-            self.target.num_image_tokens,
+            self.target.num_tokens,
             sampling,
             spec,
             num_draft_tokens,

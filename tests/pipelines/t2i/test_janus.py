@@ -174,7 +174,7 @@ def test_mcsjd_sampling_follows_the_cfg_law_of_the_first_tokens():
         generator=torch.Generator().manual_seed(0),
         output_type="tokens",
     )
-    prompt = pipe.encode_prompt(None, ids, None)
+    prompt = pipe.prompt_inputs(None, ids, None)
     target = pipe.target
     exact = {}
     cache = target.new_cache(1, 16, cfg=True)
