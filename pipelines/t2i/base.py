@@ -123,6 +123,8 @@ class T2IPipeline(SpeculativePipelineMixin):
 
     methods: ClassVar[MethodRegistry]
     model_class: ClassVar[str]
+    #: The ``model_type`` of the transformers ``config.json`` this pipeline loads.
+    model_type: ClassVar[str]
     settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, target: nn.Module, processor: Any = None, eagle: EagleHead | None = None):
@@ -178,14 +180,18 @@ class T2IPipeline(SpeculativePipelineMixin):
     def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs) -> T2IPipeline:
         """Load a local folder: a pipeline written by :meth:`save_pretrained`, or a transformers folder
         (``model.save_pretrained``; its processor is loaded when the folder has one). ``kwargs``: the
-        pipeline's ``__init__`` arguments, over those recorded in ``model_index.json``.
+        pipeline's ``__init__`` arguments, over those recorded in ``model_index.json``. Called on
+        ``T2IPipeline`` itself, it loads the pipeline class the folder is for.
 
         Raises:
-            ValueError: ``model_index.json`` names another pipeline class.
+            ValueError: ``model_index.json`` names another pipeline class, or the folder is not a Janus /
+                Emu3 model.
         """
         import transformers
 
         path = Path(path)
+        if cls is T2IPipeline:
+            return _folder_pipeline_class(path).from_pretrained(path, torch_dtype, **kwargs)
         settings = {}
         if (path / INDEX_NAME).is_file():
             index = json.loads((path / INDEX_NAME).read_text())
@@ -292,3 +298,20 @@ class T2IPipeline(SpeculativePipelineMixin):
         if not return_dict:
             return images, codes, stats
         return T2IPipelineOutput(images=images, tokens=codes, stats=stats)
+
+
+def _folder_pipeline_class(path: Path) -> type[T2IPipeline]:
+    """The :class:`T2IPipeline` subclass for the folder ``path`` (``model_index.json`` ``_class_name``,
+    else ``config.json`` ``model_type``)."""
+    from . import emu3, janus  # noqa: F401  (the subclasses register by being defined)
+
+    classes = T2IPipeline.__subclasses__()
+    for name, key in ((INDEX_NAME, "_class_name"), ("config.json", "model_type")):
+        if (path / name).is_file():
+            value = json.loads((path / name).read_text()).get(key)
+            for pipeline_class in classes:
+                if value in (pipeline_class.__name__, getattr(pipeline_class, "model_type", None)):
+                    return pipeline_class
+            known = ", ".join(sorted(c.__name__ if key == "_class_name" else c.model_type for c in classes))
+            raise ValueError(f"{path / name}: {key} {value!r} is not a text-to-image pipeline of mmspec ({known})")
+    raise ValueError(f"{path} holds neither {INDEX_NAME} nor a transformers config.json")

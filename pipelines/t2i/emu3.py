@@ -225,6 +225,7 @@ class Emu3ImagePipeline(T2IPipeline):
 
     methods = EMU3_METHODS
     model_class: ClassVar[str] = "Emu3ForConditionalGeneration"
+    model_type: ClassVar[str] = "emu3"
     settings: ClassVar[tuple[str, ...]] = ("height", "width")
 
     def __init__(self, model: nn.Module, height: int, width: int, processor: Any = None, eagle: Any = None) -> None:

@@ -152,6 +152,7 @@ class JanusImagePipeline(T2IPipeline):
 
     methods = JANUS_METHODS
     model_class: ClassVar[str] = "JanusForConditionalGeneration"
+    model_type: ClassVar[str] = "janus"
 
     def __init__(
         self,
