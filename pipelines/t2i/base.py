@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mmspec.drafters.eagle import EagleConfig, EagleDrafter, EagleHead, TreeConfig, check_target, target_fingerprint
+from mmspec.drafters.eagle import EagleConfig, EagleDrafter, EagleHead, check_target, target_fingerprint
+from mmspec.drafters.factory import eagle_method
 from mmspec.loops import GenerationOutput, required_cache_len
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
@@ -92,17 +93,7 @@ def register_eagle_method(registry: MethodRegistry, command: str) -> None:
     def _eagle(pipe: T2IPipeline, options: dict) -> EagleDrafter:
         """EAGLE feature-level drafting of image tokens (the ``eagle`` component): a chain, or an EAGLE-2
         dynamic tree (``tree``: a TreeConfig)."""
-        if pipe.eagle is None:
-            raise ValueError(
-                f"speculative='eagle' needs an EAGLE head: pipe.load_eagle_head(path) (train one with {command})"
-            )
-        tree = options["tree"]
-        if tree is not None and not isinstance(tree, TreeConfig):
-            raise ValueError(
-                f"the EAGLE option tree must be a TreeConfig(depth, top_k, total_nodes) or None, got {tree!r} "
-                "(command line: --eagle-tree DEPTH,TOP_K,NODES)"
-            )
-        return EagleDrafter(pipe.eagle, tree=tree)
+        return eagle_method(pipe.eagle, options, command)
 
 
 class T2IPipeline(SpeculativePipelineMixin):
