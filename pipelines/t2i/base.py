@@ -293,9 +293,8 @@ class T2IPipeline(SpeculativePipelineMixin):
 
 def _folder_pipeline_class(path: Path) -> type[T2IPipeline]:
     """The :class:`T2IPipeline` subclass for the folder ``path`` (``model_index.json`` ``_class_name``,
-    else ``config.json`` ``model_type``)."""
-    from . import emu3, janus  # noqa: F401  (the subclasses register by being defined)
-
+    else ``config.json`` ``model_type``). The package's ``__init__`` defines every subclass before
+    anything here can run."""
     classes = T2IPipeline.__subclasses__()
     for name, key in ((INDEX_NAME, "_class_name"), ("config.json", "model_type")):
         if (path / name).is_file():
