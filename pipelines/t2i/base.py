@@ -147,8 +147,10 @@ class T2IPipeline(SpeculativePipelineMixin):
         return self.target.decoder.tok_embeddings.weight.dtype
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> T2IPipeline:
-        """Move (and cast) every component: the model, the target's converted decoder, the EAGLE head.
-        Returns the pipeline."""
+        """Move (and cast) every component: the model, the target's converted decoder, the EAGLE head
+        (``pipe.to("cuda")``, ``pipe.to(torch.bfloat16)``, ``pipe.to(device, dtype)``). Returns the pipeline."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         for module in (self.model, self.target, self.eagle):
             if module is not None:
                 module.to(device=device, dtype=dtype)

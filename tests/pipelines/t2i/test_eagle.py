@@ -148,7 +148,7 @@ def test_to_moves_and_casts_the_head():
     copy.set_progress_bar_config(disable=True)
     copy.attach_eagle_head(pipe.new_eagle_head())
     copy.eagle.load_state_dict(pipe.eagle.state_dict())
-    copy.to(dtype=torch.float64)
+    copy.to(torch.float64)
     assert (
         copy.eagle.fc.weight.dtype == torch.float64
         and copy.target.decoder.output.proj_out.weight.dtype == torch.float64
