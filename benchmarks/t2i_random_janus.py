@@ -84,7 +84,10 @@ def main(out: Path) -> None:
         bench = ["bench", "--suite", "t2i", "--option", f"model={pipe_dir}", "--option", "input_ids=1 5 9 11 510"]
         bench += ["--option", "guidance_scale=3", "--option", sampling, "--option", f"configs={configs}"]
         record = out / f"bench-t2i-b{batch}-{sampling.replace('=', '')}.json"
-        assert mmspec([*bench, "--batch-size", str(batch), "--repeats", "5", "--output", str(record), "--device", "cpu"]) == 0
+        assert (
+            mmspec([*bench, "--batch-size", str(batch), "--repeats", "5", "--output", str(record), "--device", "cpu"])
+            == 0
+        )
 
 
 if __name__ == "__main__":

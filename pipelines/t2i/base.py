@@ -19,6 +19,7 @@ chains and trees, with or without CFG.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from collections.abc import Callable
@@ -96,13 +97,14 @@ def register_eagle_method(registry: MethodRegistry, command: str) -> None:
         return eagle_method(pipe.eagle, options, command)
 
 
-class T2IPipeline(SpeculativePipelineMixin):
+class T2IPipeline(SpeculativePipelineMixin, abc.ABC):
     """Base of the text-to-image pipelines over a transformers model.
 
-    Subclasses set ``methods``, ``model_class`` (the transformers class name) and ``settings`` (their
-    ``__init__`` arguments recorded in ``model_index.json``), build their target (which provides
-    ``new_cache``, ``prefill``, ``forward``, ``vocab_size`` and ``eagle_modules()``: the image-token
-    embedding and head an EAGLE head shares) and call :meth:`generate_tokens`.
+    Subclasses set ``methods``, ``model_class`` (the transformers class name), ``model_type`` and
+    ``settings`` (their ``__init__`` arguments recorded in ``model_index.json``), build their target
+    (which provides ``new_cache``, ``prefill``, ``forward``, ``vocab_size``, ``num_tokens`` and
+    ``eagle_modules()``: the image-token embedding and head an EAGLE head shares), implement
+    :meth:`prompt_inputs` and :meth:`decode`, and call :meth:`generate_tokens` and :meth:`finish`.
 
     Args:
         model: the transformers model.
@@ -243,6 +245,7 @@ class T2IPipeline(SpeculativePipelineMixin):
         return head.to(device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ one call
+    @abc.abstractmethod
     def prompt_inputs(
         self,
         prompt: str | list[str] | None = None,
@@ -252,7 +255,10 @@ class T2IPipeline(SpeculativePipelineMixin):
     ) -> Any:
         """The target's prompt for text ``prompt`` (through the processor) or token ids; ``cfg``: the
         prompt feeds classifier-free guidance (its unconditional row is needed). ValueError for bad input."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def decode(self, codes: torch.Tensor, output_type: str) -> Any:
+        """Image tokens ``codes [B, h, w]`` through the family's VQ decoder, as ``output_type``."""
 
     def generate_tokens(
         self,
