@@ -17,61 +17,17 @@ from pathlib import Path
 import torch
 
 
-def random_janus(seed: int = 0):
-    """A random Janus: Llama 4 x 128, 8 x 8 = 64 image tokens over a 256-code VQ."""
-    from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration
-
-    config = JanusConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=512,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        ),
-        vision_config=dict(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=128,
-            num_image_tokens=64,
-            mlp_ratio=2.0,
-            depth=1,
-        ),
-        vq_config=dict(
-            embed_dim=8,
-            num_embeddings=256,
-            latent_channels=32,
-            base_channels=32,
-            channel_multiplier=[1, 2],
-            num_res_blocks=1,
-            projection_dim=128,
-            image_token_embed_dim=128,
-            num_hidden_layers=1,
-        ),
-        image_token_id=500,
-    )
-    torch.manual_seed(seed)
-    model = JanusForConditionalGeneration(config).eval()
-    with torch.no_grad():  # sharper image-token logits than the init's near-uniform ones
-        model.model.generation_head.vision_head.weight.mul_(4.0)
-    model.generation_config = GenerationConfig(bos_token_id=1, pad_token_id=0, generation_kwargs={"boi_token_id": 510})
-    return model
-
-
 def main(out: Path) -> None:
     from mmspec.app.cli import main as mmspec
     from mmspec.pipelines.t2i import JanusImagePipeline
+    from mmspec.training.t2i import random_janus
 
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     model_dir, pipe_dir = out / "janus-random", out / "janus-random-eagle"
-    random_janus().save_pretrained(model_dir)
+    # Llama 4 x 128, 8 x 8 = 64 image tokens over a 256-code VQ, sharper image-token logits than the init's.
+    shape = dict(text_vocab=512, hidden_size=128, num_layers=4, image_tokens=64, codebook=256, embed_dim=8)
+    random_janus(**shape, image_token_id=500, special_ids=(1, 0, 510), sharpness=4.0).save_pretrained(model_dir)
     prompts = out / "prompts.txt"
     prompts.write_text("\n".join(f"1 {a} {b} {c} 510" for a in range(2, 42, 3) for b in (5, 9) for c in (7, 11)) + "\n")
     train = ["train-drafter", "--target-kind", "janus", "--target-path", str(model_dir), "--output", str(out / "head")]

@@ -104,3 +104,69 @@ def _prompt(pipe: Any, texts: list[str] | None, ids: list[list[int]] | None, cfg
         return pipe.prompt_inputs(texts, input_ids, mask, cfg=cfg)
     except ValueError as error:
         raise SystemExit(f"--prompts: {error}") from None
+
+
+def random_janus(
+    *,
+    text_vocab: int = 64,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    image_tokens: int = 16,
+    codebook: int = 24,
+    embed_dim: int = 4,
+    image_token_id: int = 60,
+    special_ids: tuple[int, int, int] = (1, 0, 62),
+    sharpness: float = 1.0,
+    seed: int = 0,
+):
+    """A random ``transformers.JanusForConditionalGeneration`` (tests, benchmarks: no Janus checkpoint
+    is available offline): a Llama of ``num_layers`` x ``hidden_size`` over ``text_vocab`` ids,
+    ``image_tokens`` image tokens (a square grid) over a ``codebook``-code VQ; ``special_ids``: BOS, pad
+    and begin-of-image ids in its generation config; ``sharpness`` scales the image head's last layer
+    (the init's image-token logits are near uniform)."""
+    from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration
+
+    config = JanusConfig(
+        text_config=dict(
+            model_type="llama",
+            vocab_size=text_vocab,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=max(256, 4 * image_tokens),
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=hidden_size,
+            num_image_tokens=image_tokens,
+            mlp_ratio=2.0,
+            depth=1,
+        ),
+        vq_config=dict(
+            embed_dim=embed_dim,
+            num_embeddings=codebook,
+            latent_channels=32,
+            base_channels=32,
+            channel_multiplier=[1, 2],
+            num_res_blocks=1,
+            projection_dim=hidden_size,
+            image_token_embed_dim=hidden_size,
+            num_hidden_layers=1,
+        ),
+        image_token_id=image_token_id,
+    )
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.generation_head.vision_head.weight.mul_(sharpness)
+    bos, pad, boi = special_ids
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos, pad_token_id=pad, generation_kwargs={"boi_token_id": boi}
+    )
+    return model
