@@ -212,7 +212,9 @@ def frame_strip(
     return canvas
 
 
-def tau_sweep_plot(rows: Sequence[Mapping[str, float] | Any], path: str | os.PathLike) -> Path:
+def tau_sweep_plot(
+    rows: Sequence[Mapping[str, float] | Any], path: str | os.PathLike, quality_label: str = "quality (scorer)"
+) -> Path:
     """Quality against speed-up of a τ sweep, one point per τ, written to ``path`` (any format
     matplotlib saves: .png, .svg, .pdf). Two series: the scorer's mean frame score and its
     worst-frame score; each point is labelled with its τ (±inf = target-only / draft-only).
@@ -220,6 +222,7 @@ def tau_sweep_plot(rows: Sequence[Mapping[str, float] | Any], path: str | os.Pat
     Args:
         rows: records (mappings or dataclasses) with :data:`SWEEP_KEYS`: ``tau``, ``speedup``
             (vs target-only in the same run), ``quality_mean``, ``quality_worst``.
+        quality_label: the y axis' label (e.g. the scorer's name and whether values are relative).
 
     Raises:
         ValueError: no rows, or a row missing a key. ImportError: matplotlib (the ``plot`` extra) is missing.
@@ -248,7 +251,7 @@ def tau_sweep_plot(rows: Sequence[Mapping[str, float] | Any], path: str | os.Pat
         text = {math.inf: "τ=+∞ (target)", -math.inf: "τ=−∞ (draft)"}.get(tau, f"τ={tau:.3g}")
         ax.annotate(text, (r["speedup"], r["quality_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("speed-up vs target-only (same run)")
-    ax.set_ylabel("quality (scorer)")
+    ax.set_ylabel(quality_label)
     ax.set_title("SDVG τ sweep: quality vs speed")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
