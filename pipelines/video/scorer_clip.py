@@ -8,6 +8,7 @@ in torchmetrics). Here: ``100 * cos`` without the clamp at 0, so that a router c
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,53 @@ import torch.nn.functional as F
 from .scorer_base import FrameScorer, register_frame_scorer
 
 
-def import_open_clip() -> Any:
-    """``open_clip``, or an ImportError saying how to install it."""
+@dataclass
+class OpenCLIP:
+    """An open_clip model loaded by :func:`load_open_clip`: ``model`` (eval mode), ``preprocess``
+    (its evaluation transform), ``tokenizer`` and ``name`` (the architecture's name)."""
+
+    model: torch.nn.Module
+    preprocess: Any
+    tokenizer: Any
+    name: str
+
+
+def load_open_clip(
+    model_name: str, weights: str | os.PathLike | None, device: str | torch.device | None = None
+) -> OpenCLIP:
+    """Build open_clip's ``model_name`` (one of ``open_clip.list_models()``, or the path of an
+    open_clip model-config ``.json`` file for an architecture open_clip does not list; the model is
+    then named after the file's stem) and load ``weights`` (a checkpoint file open_clip reads: a
+    state dict, or a dict with ``state_dict``) on ``device``. What the CLIP frame scorer and
+    ``mmspec eval``'s CLIP score and CLIP features load.
+
+    Raises:
+        ValueError: no ``weights``, an unknown ``model_name``, or weights of another architecture.
+        FileNotFoundError: ``weights`` or the config file does not exist (the message names the path).
+        ImportError: open_clip is not installed (the message gives the install command).
+    """
+    if weights is None:
+        raise ValueError(
+            f"CLIP needs weights=PATH (an open_clip checkpoint file for {model_name!r}); no weights ship with mmspec"
+        )
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"CLIP weights not found: {os.fspath(weights)!r} is not a file")
     try:
         import open_clip
     except ImportError as err:
-        raise ImportError(
-            "the 'clip' frame scorer needs open_clip: pip install 'mmspec[clip]' (open-clip-torch and torchvision)"
-        ) from err
-    return open_clip
+        raise ImportError('CLIP needs open_clip: pip install "mmspec[clip]" (open-clip-torch and torchvision)') from err
+    if model_name.endswith(".json"):
+        if not Path(model_name).is_file():
+            raise FileNotFoundError(f"open_clip model config not found: {model_name!r} is not a file")
+        open_clip.add_model_config(model_name)
+        model_name = Path(model_name).stem
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"open_clip has no model {model_name!r}; see open_clip.list_models() or pass a config .json")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights), device=device)
+    except (RuntimeError, KeyError, AssertionError) as err:  # open_clip asserts on mis-shaped weights
+        raise ValueError(f"{os.fspath(weights)!r} does not hold weights of open_clip's {model_name!r}: {err}") from err
+    return OpenCLIP(model.eval(), preprocess, open_clip.get_tokenizer(model_name), model_name)
 
 
 @register_frame_scorer
@@ -58,34 +97,10 @@ class CLIPFrameScorer(FrameScorer):
         batch_size: int = 64,
         device: str | torch.device | None = None,
     ) -> CLIPFrameScorer:
-        """Build ``open_clip``'s ``model_name`` architecture (one of ``open_clip.list_models()``)
-        and load ``weights`` (a checkpoint file open_clip reads: a state dict, or a dict with
-        ``state_dict``) on ``device``.
-
-        Raises:
-            ValueError: no ``weights`` given, an unknown ``model_name``, or weights of another
-                architecture.
-            FileNotFoundError: ``weights`` does not exist (the message names the path).
-            ImportError: open_clip is not installed.
-        """
-        if weights is None:
-            raise ValueError(
-                "the 'clip' scorer needs weights=PATH (a CLIP checkpoint file for open_clip's "
-                f"{model_name!r}); no weights ship with mmspec"
-            )
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"CLIP weights not found: {os.fspath(weights)!r} is not a file")
-        open_clip = import_open_clip()
-        if model_name not in open_clip.list_models():
-            raise ValueError(f"open_clip has no model {model_name!r}; see open_clip.list_models()")
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=str(path), device=device
-            )
-        except (RuntimeError, KeyError, AssertionError) as err:  # open_clip asserts on mis-shaped weights
-            raise ValueError(f"{os.fspath(path)!r} does not hold weights of open_clip's {model_name!r}: {err}") from err
-        return cls(model, open_clip.get_tokenizer(model_name), preprocess, batch_size=batch_size)
+        """Load open_clip's ``model_name`` (a listed architecture or a model-config ``.json``) with
+        ``weights`` on ``device`` (:func:`load_open_clip`, which lists the errors)."""
+        clip = load_open_clip(model_name, weights, device)
+        return cls(clip.model, clip.tokenizer, clip.preprocess, batch_size=batch_size)
 
     def score_images(
         self,

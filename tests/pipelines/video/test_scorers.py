@@ -306,12 +306,14 @@ def test_clip_scorer_errors(tiny_clip, tmp_path, monkeypatch):
     missing = tmp_path / "clip-vit.pt"
     with pytest.raises(FileNotFoundError, match=f"CLIP weights not found: '{missing}'"):
         get_frame_scorer("clip", weights=missing)
+    with pytest.raises(FileNotFoundError, match="open_clip model config not found: .*tiny.json"):
+        get_frame_scorer("clip", model_name=str(tmp_path / "tiny.json"), weights=weights)
     with pytest.raises(ValueError, match="no model 'ViT-Nope'"):
         get_frame_scorer("clip", model_name="ViT-Nope", weights=weights)
     with pytest.raises(ValueError, match="does not hold weights of open_clip's 'ViT-B-32'"):
         get_frame_scorer("clip", model_name="ViT-B-32", weights=weights)
     monkeypatch.setitem(sys.modules, "open_clip", None)  # not installed
-    with pytest.raises(ImportError, match=r"pip install 'mmspec\[clip\]'"):
+    with pytest.raises(ImportError, match=r'pip install "mmspec\[clip\]"'):
         get_frame_scorer("clip", model_name="mmspec-tiny-clip", weights=weights)
 
 
