@@ -1,6 +1,9 @@
 """Frame scorers (issue 15): the registry, the aggregation shared with the router, calibration,
 and each scorer (VLM caption likelihood on the embedded captioner, CLIP through open_clip with
-random weights, the ImageReward adapter with a stand-in of its interface)."""
+random weights, the ImageReward adapter with a stand-in of its interface).
+
+The CLIP tests are skipped where open_clip is not installed (the dev install); docs/video_scorers.md
+("Tests") says how to run them on the CPU machines."""
 
 from __future__ import annotations
 
@@ -270,7 +273,7 @@ def tiny_clip(tmp_path_factory):
     a random model of it."""
     import json
 
-    open_clip = pytest.importorskip("open_clip")  # the `clip` extra
+    open_clip = pytest.importorskip("open_clip", reason='open_clip is not installed (pip install "mmspec[clip]")')
     folder = tmp_path_factory.mktemp("clip")
     (folder / "mmspec-tiny-clip.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(folder / "mmspec-tiny-clip.json")
