@@ -329,3 +329,35 @@ def test_clip_scorer_runs_vit_b_32_with_random_weights(tiny_clip):
     scorer = CLIPFrameScorer(model, open_clip.get_tokenizer("ViT-B-32"), preprocess)
     out = scorer.score(["a grinning face"], torch.rand(1, 2, 3, 32, 32))
     assert out.shape == (1, 2) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_vlm_scorer_equals_transformers_on_every_vlm_family(family):
+    """On tiny random VLMs of every family (M-RoPE and any-resolution tiling included), the score
+    is transformers' own teacher-forced mean log-probability of the answer tokens."""
+    from mmspec.pipelines.video.scorer_base import frames_to_pil
+
+    from ..vlm.test_vlm import tiny_pipeline, tiny_vlm
+
+    model, processor = tiny_vlm(family)
+    scorer = get_frame_scorer("vlm", pipeline=tiny_pipeline(family), question="describe the image", batch_size=3)
+    torch.manual_seed(0)
+    frames = torch.rand(2, 2, 3, 20, 24)  # [B, F, 3, H, W]
+    prompts = ["a cat", "what is in this picture"]
+    ours = scorer.score(prompts, frames)
+    for b, prompt in enumerate(prompts):
+        for f, image in enumerate(frames_to_pil(frames[b])):
+            chat = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scorer.question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": prompt}]},
+            ]
+            text = processor.apply_chat_template(chat, tokenize=False)
+            batch = processor(images=[image], text=[text], return_tensors="pt")
+            with torch.no_grad():
+                logprobs = model(**batch).logits[0].float().log_softmax(-1)  # [T, V]
+            # the answer sits at the end of prompt + answer, before the template's tail (if any)
+            ids, answer = batch["input_ids"][0], scorer.answer_ids(prompt)
+            n = len(answer)
+            pos = max(i for i in range(len(ids) - n + 1) if ids[i : i + n].tolist() == answer)
+            expected = logprobs[pos - 1 : pos - 1 + n].gather(-1, ids[pos : pos + n, None]).mean()
+            torch.testing.assert_close(ours[b, f], expected, atol=1e-4, rtol=1e-4)
