@@ -76,15 +76,17 @@ def _upscale(video: np.ndarray, scale: int) -> np.ndarray:  # [F, H, W, 3] -> [F
 
 def mp4_writer() -> str | None:
     """The mp4 writer available here: "imageio" (``imageio`` + ``imageio-ffmpeg``, the ``video``
-    extra), "torchvision" (``torchvision.io.write_video`` with PyAV), or None."""
+    extra), "torchvision" (``torchvision.io.write_video`` with PyAV, in the torchvision releases
+    that still have it), or None."""
     if importlib.util.find_spec("imageio") and importlib.util.find_spec("imageio_ffmpeg"):
         return "imageio"
     if importlib.util.find_spec("torchvision") and importlib.util.find_spec("av"):
         try:
-            import torchvision.io  # noqa: F401  (a torchvision without its compiled ops fails here)
-        except (ImportError, RuntimeError):
+            import torchvision.io
+        except (ImportError, RuntimeError):  # a torchvision without its compiled ops fails here
             return None
-        return "torchvision"
+        # torchvision moved video encoding out (to TorchCodec): recent releases lack write_video
+        return "torchvision" if hasattr(torchvision.io, "write_video") else None
     return None
 
 

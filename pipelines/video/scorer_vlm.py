@@ -125,7 +125,7 @@ class VLMCaptionScorer(FrameScorer):
         n, p = prompt.tokens.shape
         total = int(prompt.lengths.max()) + max(len(a) for a in answers)
         # slots past a row's length hold 0: never attended by the row's tokens (causal) nor embedded as images
-        tokens = torch.zeros((n, max(total, p)), dtype=torch.long)
+        tokens = torch.zeros((n, total), dtype=torch.long)
         tokens[:, :p] = prompt.tokens
         answer_mask = torch.zeros_like(tokens, dtype=torch.bool)  # [N, T] True at answer tokens
         for i, ids in enumerate(answers):

@@ -4,7 +4,10 @@ and the τ-sweep plot (issue 15)."""
 from __future__ import annotations
 
 import math
+import sys
+import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -88,6 +91,29 @@ def test_mp4_round_trips_frames_and_pads_odd_sizes(tmp_path):
     error = np.abs(frames[:, :15, :21].astype(np.float64) - video_to_uint8(smooth)).mean()
     assert error < 6, error  # H.264 is lossy; a wrong layout or channel order is off by ~60
     assert imageio.get_reader(saved.path).get_meta_data()["fps"] == pytest.approx(4)
+
+
+def test_mp4_through_torchvision_gets_uint8_frames_of_even_size(tmp_path, monkeypatch):
+    """The torchvision writer's call, with a stand-in ``torchvision.io`` (releases with
+    ``write_video`` and PyAV are not installable on the CPU machines)."""
+    calls = []
+
+    def write_video(filename, video_array, fps, video_codec):
+        calls.append((filename, video_array, fps, video_codec))
+        Path(filename).write_bytes(b"mp4")
+
+    io = types.SimpleNamespace(write_video=write_video)
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(io=io))
+    monkeypatch.setitem(sys.modules, "torchvision.io", io)
+    monkeypatch.setattr(video_io, "mp4_writer", lambda: "torchvision")
+    video = blocky_video(num_frames=3, height=6, width=10)[:, :, :5, :9]  # odd sizes
+    saved = save_video(video, tmp_path / "clip.mp4", fps=6)
+    assert saved.format == "mp4" and saved.writer == "torchvision" and saved.path.is_file()
+    ((filename, array, fps, codec),) = calls
+    assert filename == str(tmp_path / "clip.mp4") and fps == 6 and codec == "libx264"
+    assert array.dtype == torch.uint8 and array.shape == (3, 6, 10, 3)  # [T, H, W, C], padded to even
+    assert torch.equal(array[:, :5, :9], torch.from_numpy(video_to_uint8(video)))
+    assert torch.equal(array[:, 5], array[:, 4]) and torch.equal(array[:, :, 9], array[:, :, 8])  # edge copies
 
 
 def test_save_video_rejects_bad_settings(tmp_path):
