@@ -25,6 +25,8 @@ from mmspec.pipelines.video.scorers import (
 from mmspec.routers import ScoreThresholdRouter
 from mmspec.types import Draft, Scores
 
+from ...conftest import REPO
+
 
 class BrightnessScorer(FrameScorer):
     """A scorer whose value is known: each frame's mean brightness (plus the caption's length,
@@ -361,3 +363,9 @@ def test_vlm_scorer_equals_transformers_on_every_vlm_family(family):
             pos = max(i for i in range(len(ids) - n + 1) if ids[i : i + n].tolist() == answer)
             expected = logprobs[pos - 1 : pos - 1 + n].gather(-1, ids[pos : pos + n, None]).mean()
             torch.testing.assert_close(ours[b, f], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_docs_describe_every_registered_scorer():
+    text = (REPO / "docs" / "video_scorers.md").read_text()
+    for name in FRAME_SCORERS:
+        assert f"\n| `{name}` |" in text, f"docs/video_scorers.md has no row for the {name!r} scorer"
