@@ -40,7 +40,7 @@ def t2i_suite(
     if model is None:
         raise ValueError("the t2i suite needs --option model=FOLDER (a Janus or Emu3 folder)")
     size = {} if grid is None else dict(zip(("height", "width"), parse_grid(grid)))
-    pipe = T2IPipeline.from_pretrained(model, **size).to(device=device, dtype=dtype)
+    pipe = T2IPipeline.from_pretrained(model, torch_dtype=dtype, **size).to(device)
     pipe.set_progress_bar_config(disable=True)
     if eagle_head is not None:
         pipe.load_eagle_head(eagle_head)

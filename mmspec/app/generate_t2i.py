@@ -62,7 +62,7 @@ def _load(args: argparse.Namespace, path: Path | None, device, dtype):
     if getattr(args, "emu3_grid", None) is not None:
         options = dict(zip(("height", "width"), parse_grid(args.emu3_grid)))
     try:
-        pipe = T2IPipeline.from_pretrained(path, **options)
+        pipe = T2IPipeline.from_pretrained(path, torch_dtype=dtype, **options)
     except (OSError, ValueError, TypeError) as err:
         raise SystemExit(f"error: --model {path}: {err}") from None
     if pipe.processor is None:
@@ -70,7 +70,7 @@ def _load(args: argparse.Namespace, path: Path | None, device, dtype):
             f"error: --model {path}: the folder has no processor (JanusProcessor / Emu3Processor), which text "
             "prompts need: save it into the folder (processor.save_pretrained)"
         )
-    return load_eagle_head(args, pipe.to(device=device, dtype=dtype))
+    return load_eagle_head(args, pipe.to(device))
 
 
 def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:

@@ -174,9 +174,9 @@ class T2IPipeline(SpeculativePipelineMixin, abc.ABC):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs) -> T2IPipeline:
         """Load a local folder: a pipeline written by :meth:`save_pretrained`, or a transformers folder
-        (``model.save_pretrained``; its processor is loaded when the folder has one). ``kwargs``: the
-        pipeline's ``__init__`` arguments, over those recorded in ``model_index.json``. Called on
-        ``T2IPipeline`` itself, it loads the pipeline class the folder is for.
+        (``model.save_pretrained``; its processor is loaded when the folder has one), in ``torch_dtype``
+        (default: as stored). ``kwargs``: the pipeline's ``__init__`` arguments, over those recorded in
+        ``model_index.json``. Called on ``T2IPipeline`` itself, it loads the pipeline class the folder is for.
 
         Raises:
             ValueError: ``model_index.json`` names another pipeline class, or the folder is not a Janus /

@@ -199,7 +199,7 @@ class JanusImagePipeline(T2IPipeline):
         cfg: bool = True,
     ) -> JanusPrompt:
         """Token ids (left-padded) and their unconditional twin, as transformers' image mode builds them
-        (the twin is cheap and always built; ``cfg`` decides whether the target runs it)."""
+        (``cfg=False``: no twin, ``uncond_ids`` is the prompt itself and never runs)."""
         if prompt is not None:
             if input_ids is not None:
                 raise ValueError("pass prompt or input_ids, not both")
@@ -221,6 +221,8 @@ class JanusImagePipeline(T2IPipeline):
                 f"each prompt must end with the begin-of-image token {self.boi_token_id} "
                 "(JanusProcessor(..., generation_mode='image') appends it)"
             )
+        if not cfg:  # no unconditional row runs: the twin is not built
+            return JanusPrompt(input_ids, attention_mask, input_ids)
         keep = (input_ids == self.bos_token_id) | (input_ids == self.boi_token_id)
         uncond = torch.where(keep, input_ids, torch.full_like(input_ids, self.pad_token_id))
         return JanusPrompt(input_ids, attention_mask, uncond)
@@ -255,8 +257,8 @@ class JanusImagePipeline(T2IPipeline):
         verify step (diffusers convention; ``tokens``: the raster-order image tokens so far, -1 where not
         generated yet). ``set_progress_bar_config(disable=True)`` hides the progress bar.
         """
-        janus_prompt = self.prompt_inputs(prompt, input_ids, attention_mask)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+        janus_prompt = self.prompt_inputs(prompt, input_ids, attention_mask, cfg=sampling.uses_cfg)
         spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
         out = self.generate_tokens(
             janus_prompt,
