@@ -59,6 +59,7 @@ def emu3_with_head():
 def test_training_lowers_the_loss_and_keeps_more_drafts():
     pipe, losses = janus_with_trained_head()
     assert sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
+    assert all(p.grad is None for p in pipe.model.parameters())  # the shared target modules stay frozen
     kw = dict(input_ids=JANUS_EVAL, guidance_scale=3.0, temperature=0, speculative="eagle", output_type="tokens")
     trained = pipe(**kw, num_draft_tokens=4).stats.mean_accepted
     torch.manual_seed(0)
@@ -187,3 +188,12 @@ def test_train_drafter_command(kind, tmp_path):
     bad = [*args, str(tmp_path / "head2"), "--prompts", str(tmp_path / "bad.txt"), "--device", "cpu", *extra]
     with pytest.raises(SystemExit, match="must list token ids"):
         main(bad)
+
+
+def test_text_prompts_for_training_go_through_the_processor_with_the_negative_prompt():
+    pipe = Emu3ImagePipeline(tiny_emu3(), height=H, width=W, processor=test_emu3.tiny_processor())
+    make_prompt, longest = t2i_prompt_sampler(pipe, ["a red cat", "cat"], batch_size=3, cfg=True)
+    prompt = make_prompt(torch.Generator().manual_seed(0))
+    assert prompt.input_ids.shape[0] == 3 and prompt.input_ids.shape[1] <= longest
+    assert not torch.equal(prompt.uncond_ids, prompt.input_ids)  # the (empty) negative prompt's row
+    assert bool(prompt.attention_mask[:, -1].all())  # left padding: every prompt ends at the last column
