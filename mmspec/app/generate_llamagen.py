@@ -10,12 +10,14 @@ from typing import Any
 
 from .generators import (
     CLASS_LABELS,
+    BatchRun,
     FamilyJob,
     GenerationFamily,
     call_settings,
     check_eagle_args,
     load_eagle_head,
     register_family,
+    save_image_result,
 )
 from .models import add_llamagen_source, llamagen_classes, load_llamagen
 
@@ -43,7 +45,11 @@ def _add_args(group: argparse._ArgumentGroup) -> None:
         metavar="DEPTH,TOP_K,NODES",
         help="EAGLE-2 dynamic tree budget (default: a chain of --num-draft-tokens; also for janus / emu3 models)",
     )
-    group.add_argument("--heatmaps", action="store_true", help="also write an acceptance heat-map per image")
+    group.add_argument(
+        "--heatmaps",
+        action="store_true",
+        help="also write an acceptance heat-map per image (also for janus / emu3 models)",
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -64,7 +70,6 @@ def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
     import torch
 
     from ..pipelines.validation import check_llamagen_call
-    from .visualize import acceptance_heatmap
 
     job = call_settings(pipe, args, device)
     call = job.call
@@ -81,8 +86,6 @@ def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
         return label
 
     def process(items) -> list[dict]:
-        from .cli import save_image_atomic
-
         start = time.perf_counter()
         out = pipe(
             class_labels=[it.value for it in items],
@@ -90,26 +93,11 @@ def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
             **call,
         )
         seconds = time.perf_counter() - start
-        grid = out.tokens.shape[1:]
+        batch = BatchRun(out.stats, args.seed + items[0].index, seconds, tuple(out.tokens.shape[1:]))
         records = []
         for row, (item, image) in enumerate(zip(items, out.images)):
             name = f"{item.index:05d}_class{item.value}.png"
-            save_image_atomic(image, args.output_dir / name)
-            record = {
-                "file": name,
-                "class_label": item.value,
-                "seed": args.seed + items[0].index,
-                "batch_steps": out.stats.steps,
-                "batch_seconds": seconds,
-                "row_steps": int(out.stats.row_steps[row]),
-                "row_accepted": int(out.stats.row_accepted[row]),
-            }
-            if args.heatmaps:
-                heat = f"{item.index:05d}_accept.png"
-                source, step = out.stats.token_source[row].reshape(grid), out.stats.token_step[row].reshape(grid)
-                save_image_atomic(acceptance_heatmap(source, step), args.output_dir / heat)
-                record["heatmap"] = heat
-            records.append(record)
+            records.append(save_image_result(args, batch, row, item, image, name, {"class_label": item.value}))
         return records
 
     settings = {

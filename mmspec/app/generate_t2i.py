@@ -12,12 +12,14 @@ from typing import Any
 
 from .generators import (
     PROMPTS,
+    BatchRun,
     FamilyJob,
     GenerationFamily,
     call_settings,
     check_eagle_args,
     load_eagle_head,
     register_family,
+    save_image_result,
 )
 
 
@@ -88,8 +90,6 @@ def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
         return value
 
     def process(items) -> list[dict]:
-        from .cli import save_image_atomic
-
         seed = args.seed + items[0].index
         start = time.perf_counter()
         out = pipe(
@@ -98,22 +98,11 @@ def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
             **negative,
             **call,
         )
-        seconds = time.perf_counter() - start
+        batch = BatchRun(out.stats, seed, time.perf_counter() - start, pipe.token_grid)
         records = []
         for row, (item, image) in enumerate(zip(items, out.images)):
             name = f"{item.index:05d}.png"
-            save_image_atomic(image, args.output_dir / name)
-            records.append(
-                {
-                    "file": name,
-                    "prompt": item.value,
-                    "seed": seed,
-                    "batch_steps": out.stats.steps,
-                    "batch_seconds": seconds,
-                    "row_steps": int(out.stats.row_steps[row]),
-                    "row_accepted": int(out.stats.row_accepted[row]),
-                }
-            )
+            records.append(save_image_result(args, batch, row, item, image, name, {"prompt": item.value}))
         return records
 
     settings = {

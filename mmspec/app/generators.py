@@ -217,6 +217,45 @@ def call_settings(pipe: Any, args: argparse.Namespace, device: torch.device) -> 
     return CallSettings(call, settings, summary)
 
 
+@dataclass
+class BatchRun:
+    """What one generated batch shares between its items' records: the pipeline output's ``stats``,
+    its ``seed``, wall ``seconds`` and the token ``grid`` ``(h, w)`` its stats lay out (heat-maps)."""
+
+    stats: Any
+    seed: int
+    seconds: float
+    grid: tuple[int, int]
+
+
+def save_image_result(
+    args: argparse.Namespace, batch: BatchRun, row: int, item: JobItem, image: Any, name: str, fields: dict
+) -> dict:
+    """Save the image of the batch's ``row`` as ``name`` in ``--output-dir`` (with ``--heatmaps``, also
+    its acceptance heat-map) and return its job record: the file, ``fields`` (the item's input), the
+    batch's seed, steps and time, the row's steps and accepted drafts."""
+    from .cli import save_image_atomic
+    from .visualize import acceptance_heatmap
+
+    stats = batch.stats
+    save_image_atomic(image, args.output_dir / name)
+    record = {
+        "file": name,
+        **fields,
+        "seed": batch.seed,
+        "batch_steps": stats.steps,
+        "batch_seconds": batch.seconds,
+        "row_steps": int(stats.row_steps[row]),
+        "row_accepted": int(stats.row_accepted[row]),
+    }
+    if args.heatmaps:
+        heat = f"{item.index:05d}_accept.png"
+        source, step = stats.token_source[row].reshape(batch.grid), stats.token_step[row].reshape(batch.grid)
+        save_image_atomic(acceptance_heatmap(source, step), args.output_dir / heat)
+        record["heatmap"] = heat
+    return record
+
+
 def assets_dir() -> Path:
     """The folder of the embedded models (``mmspec/assets``)."""
     return Path(__file__).resolve().parent.parent / "assets"

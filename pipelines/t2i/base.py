@@ -103,8 +103,9 @@ class T2IPipeline(SpeculativePipelineMixin, abc.ABC):
     Subclasses set ``methods``, ``model_class`` (the transformers class name), ``model_type`` and
     ``settings`` (their ``__init__`` arguments recorded in ``model_index.json``), build their target
     (which provides ``new_cache``, ``prefill``, ``forward``, ``vocab_size``, ``num_tokens`` and
-    ``eagle_modules()``: the image-token embedding and head an EAGLE head shares), implement
-    :meth:`prompt_inputs` and :meth:`decode`, and call :meth:`generate_tokens` and :meth:`finish`.
+    ``eagle_modules()``: the image-token embedding and head an EAGLE head shares), set ``token_grid``
+    (``(h, w)`` of the generated tokens in raster order), implement :meth:`prompt_inputs` and
+    :meth:`decode`, and call :meth:`generate_tokens` and :meth:`finish`.
 
     Args:
         model: the transformers model.

@@ -230,6 +230,7 @@ class Emu3ImagePipeline(T2IPipeline):
 
     def __init__(self, model: nn.Module, height: int, width: int, processor: Any = None, eagle: Any = None) -> None:
         self.height, self.width = height, width
+        self.token_grid = (height, width + 1)  # the generated tokens, ends of line as the last column
         super().__init__(model, Emu3ImageTarget(model, height, width), processor, eagle)
 
     def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] = "") -> tuple[torch.Tensor, ...]:

@@ -177,6 +177,7 @@ class JanusImagePipeline(T2IPipeline):
         if side * side != target.num_tokens:
             raise ValueError(f"num_image_tokens ({target.num_tokens}) is not a square grid")
         self.grid_size = side
+        self.token_grid = (side, side)  # the generated tokens in raster order (stats, heat-maps)
         super().__init__(model, target, processor, eagle)
 
     def rule_resources(self) -> dict:

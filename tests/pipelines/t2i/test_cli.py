@@ -71,9 +71,13 @@ def test_generate_emu3_saved_pipeline_with_eagle_tree(emu3_pipeline_folder, tmp_
     out = tmp_path / "out"
     args = ["generate", "--model", str(emu3_pipeline_folder), "--prompt", "a red cat", "--prompt", "cat"]
     extra = ["--speculative", "eagle", "--eagle-tree", "3,2,5", "--negative-prompt", "blurry", "--temperature", "0"]
-    assert main([*args, "--output-dir", str(out), "--device", "cpu", *extra]) == 0
+    assert main([*args, "--output-dir", str(out), "--device", "cpu", "--heatmaps", *extra]) == 0
     records = _results(out)
     assert len(records) == 2 and all(r["row_steps"] >= 1 for r in records)
+    from PIL import Image
+
+    heat = Image.open(out / records[0]["heatmap"])  # one cell per generated token, ends of line included
+    assert heat.size == (16 * (test_emu3.W + 1), 16 * test_emu3.H)
     assert json.loads((out / "stats.json").read_text())["family"] == "emu3"
 
 
