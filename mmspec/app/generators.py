@@ -234,7 +234,7 @@ def save_image_result(
     """Save the image of the batch's ``row`` as ``name`` in ``--output-dir`` (with ``--heatmaps``, also
     its acceptance heat-map) and return its job record: the file, ``fields`` (the item's input), the
     batch's seed, steps and time, the row's steps and accepted drafts."""
-    from .cli import save_image_atomic
+    from .jobs_io import save_image_atomic
     from .visualize import acceptance_heatmap
 
     stats = batch.stats
