@@ -113,7 +113,8 @@ class Emu3ImageTarget(nn.Module):
         self.decoder.output = nn.Linear(
             full.shape[1], self.vocab_size, bias=False, device=full.device, dtype=full.dtype
         )
-        self.decoder.output.weight.data.copy_(full.detach()[bpe.to(full.device)])
+        with torch.no_grad():
+            self.decoder.output.weight.copy_(full[bpe.to(full.device)])
         self.image_embedding = ImageTokenEmbedding(
             self.decoder.tok_embeddings, self.vocab_size, self.decoder.config.dim, self.bpe_ids
         )

@@ -9,8 +9,8 @@ the two rows' raw logits (``uncond + scale * (cond - uncond)``), and the chosen 
 ``generation_embeddings`` + ``generation_aligner``. :class:`JanusImageTarget` is exactly that over
 mmspec's static cache (the Llama language model converted by the VLM path's
 :func:`~mmspec.pipelines.vlm.decoder.convert_language_model`, with ``generation_head`` as its output
-layer), so the causal loop runs the baseline, SJD, MC-SJD and the relaxed rules on it; LANTERN / GSD
-read the VQ codebook (``vqmodel.quantize.embedding``).
+layer), so the causal loop runs the baseline, SJD, MC-SJD, EAGLE heads and the relaxed rules on it;
+LANTERN / GSD read the VQ codebook (``vqmodel.quantize.embedding``).
 """
 
 from __future__ import annotations
