@@ -248,7 +248,7 @@ class JanusImagePipeline(T2IPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[JanusImagePipeline, int, None, dict], dict] | None = None,
     ):
-        """Generate images (``target.num_tokens`` = the config's ``num_image_tokens`` tokens each) for ``prompt`` or ``input_ids``.
+        """Generate images (the config's ``num_image_tokens`` tokens each) for ``prompt`` or ``input_ids``.
 
         ``guidance_scale`` > 1 runs the ``[cond ; uncond]`` pair (Janus's default 5); ``temperature`` 0
         is greedy (transformers' ``do_sample=False``). ``speculative``: None (baseline), ``"sjd"``,
