@@ -294,11 +294,19 @@ def _t2i_kind(kind: str) -> TargetKind:
         lines = read_prompt_lines(args.prompts, kind)
         return t2i_prompt_sampler(pipe, lines, batch_size, cfg=args.guidance_scale > 1)
 
+    def load(args):
+        if args.target_name is not None:  # the pipeline attaches only heads named by its fingerprint
+            raise SystemExit(
+                f"--target-name does not apply to --target-kind {kind}: its heads are named by the fingerprint "
+                "of the target's image head, which the pipeline checks when it attaches one"
+            )
+        return load_t2i_pipeline(kind, args.target_path, args.device, args.grid)
+
     return TargetKind(
-        load=lambda args: load_t2i_pipeline(kind, args.target_path, args.device, args.grid),
+        load=load,
         prompts=prompts,
         target=lambda pipe: pipe.target,
-        new_head=lambda pipe, args: pipe.new_eagle_head(args.n_head, args.target_name),
+        new_head=lambda pipe, args: pipe.new_eagle_head(args.n_head),
         seq_len=lambda pipe: pipe.target.num_tokens,
     )
 

@@ -227,9 +227,9 @@ class T2IPipeline(SpeculativePipelineMixin, abc.ABC):
         check_target(head.config, embed, target_fingerprint(lm_head), source)
         self.eagle = head.share_target(embed, lm_head).to(device=self.device, dtype=self.dtype).eval()
 
-    def new_eagle_head(self, n_head: int | None = None, target_name: str | None = None) -> EagleHead:
-        """An untrained EAGLE head for this target (``n_head``: attention heads, default the target's;
-        ``target_name``: default the fingerprint of its image head), for :mod:`mmspec.training.eagle`."""
+    def new_eagle_head(self, n_head: int | None = None) -> EagleHead:
+        """An untrained EAGLE head for this target (``n_head``: attention heads, default the target's),
+        named by the fingerprint of its image head, for :mod:`mmspec.training.eagle`."""
         embed, lm_head = self.target.eagle_modules()
         config = self.target.decoder.config
         head = EagleHead(
@@ -237,7 +237,7 @@ class T2IPipeline(SpeculativePipelineMixin, abc.ABC):
                 hidden_size=config.dim,
                 n_head=n_head or config.n_head,
                 vocab_size=self.target.vocab_size,
-                target_name=target_name or target_fingerprint(lm_head),
+                target_name=target_fingerprint(lm_head),
                 norm_eps=config.norm_eps,
             ),
             embed,

@@ -188,6 +188,8 @@ def test_train_drafter_command(kind, tmp_path):
     bad = [*args, str(tmp_path / "head2"), "--prompts", str(tmp_path / "bad.txt"), "--device", "cpu", *extra]
     with pytest.raises(SystemExit, match="must list token ids"):
         main(bad)
+    with pytest.raises(SystemExit, match="--target-name does not apply"):
+        main([*args, str(tmp_path / "head3"), *common, *extra, "--target-name", "mine"])
 
 
 def test_text_prompts_for_training_go_through_the_processor_with_the_negative_prompt():
