@@ -300,6 +300,7 @@ def _t2i_kind(kind: str) -> TargetKind:
                 f"--target-name does not apply to --target-kind {kind}: its heads are named by the fingerprint "
                 "of the target's image head, which the pipeline checks when it attaches one"
             )
+        read_prompt_lines(args.prompts, kind)  # a missing or empty prompts file fails before the model loads
         return load_t2i_pipeline(kind, args.target_path, args.device, args.grid)
 
     return TargetKind(
