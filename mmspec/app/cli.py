@@ -12,7 +12,6 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from .models import add_device, add_model, resolve_device, resolve_dtype
 
@@ -214,15 +213,6 @@ def generate(args: argparse.Namespace) -> int:
         if job_state().is_main_process:
             report(args.output_dir, done, job.what, {"family": family.name, **job.summary})
     return 0
-
-
-def save_image_atomic(image: Any, path: Path) -> None:
-    """Save a PIL image through a temporary file and a rename: a crash never leaves half a PNG."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

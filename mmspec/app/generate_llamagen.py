@@ -8,7 +8,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .generators import CLASS_LABELS, FamilyJob, GenerationFamily, register_family
+from .generators import (
+    CLASS_LABELS,
+    BatchRun,
+    FamilyJob,
+    GenerationFamily,
+    call_settings,
+    check_eagle_args,
+    load_eagle_head,
+    register_family,
+    save_image_result,
+)
 from .models import add_llamagen_source, llamagen_classes, load_llamagen
 
 
@@ -21,7 +31,9 @@ def _methods():
 def _add_eval_args(group: argparse._ArgumentGroup) -> None:
     add_llamagen_source(group, model=False)
     group.add_argument(
-        "--eagle-head", default=None, help="an EAGLE head folder trained for this model (speculative=eagle)"
+        "--eagle-head",
+        default=None,
+        help="an EAGLE head folder trained for this model (speculative=eagle; also for janus / emu3 models)",
     )
 
 
@@ -31,9 +43,13 @@ def _add_args(group: argparse._ArgumentGroup) -> None:
         "--eagle-tree",
         default=None,
         metavar="DEPTH,TOP_K,NODES",
-        help="EAGLE-2 dynamic tree budget (default: a chain of --num-draft-tokens)",
+        help="EAGLE-2 dynamic tree budget (default: a chain of --num-draft-tokens; also for janus / emu3 models)",
     )
-    group.add_argument("--heatmaps", action="store_true", help="also write an acceptance heat-map per image")
+    group.add_argument(
+        "--heatmaps",
+        action="store_true",
+        help="also write an acceptance heat-map per image (also for janus / emu3 models)",
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -43,61 +59,20 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)
         if value is not None and not os.path.isfile(value):
             raise SystemExit(f"error: --{flag.replace('_', '-')} {value}: no such file")
-    if args.eagle_head is not None and not os.path.isdir(args.eagle_head):
-        raise SystemExit(f"error: --eagle-head {args.eagle_head}: no such folder")
-    if args.eagle_tree:
-        parts = args.eagle_tree.split(",")
-        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
-            raise SystemExit(
-                f"error: --eagle-tree must be three positive integers DEPTH,TOP_K,NODES, got {args.eagle_tree!r}"
-            )
-        if args.speculative != "eagle":
-            raise SystemExit("error: --eagle-tree needs --speculative eagle")
+    check_eagle_args(args)
 
 
 def _load(args: argparse.Namespace, path: Path | None, device, dtype):
-    pipe = load_llamagen(args, device, dtype, path=path)
-    if getattr(args, "eagle_head", None):
-        try:
-            pipe.load_eagle_head(args.eagle_head)
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"error: --eagle-head {args.eagle_head}: {err}") from None
-    return pipe
+    return load_eagle_head(args, load_llamagen(args, device, dtype, path=path))
 
 
 def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
     import torch
 
-    from ..drafters.eagle import TreeConfig
     from ..pipelines.validation import check_llamagen_call
-    from ..sampling import SamplingConfig
-    from .jobs import parse_key_values
-    from .visualize import acceptance_heatmap
 
-    acceptance_options = parse_key_values(args.acceptance_option, "--acceptance-option")
-    speculative_options = parse_key_values(args.speculative_option, "--speculative-option")
-    speculative = None if args.speculative == "none" else args.speculative
-    num_draft_tokens = args.num_draft_tokens
-    if args.eagle_tree:
-        depth, top_k, nodes = (int(x) for x in args.eagle_tree.split(","))
-        speculative_options["tree"] = TreeConfig(depth=depth, top_k=top_k, total_nodes=nodes)
-        num_draft_tokens = depth  # a tree's num_draft_tokens is its depth
-    # The method's drafter and the rule are built (and their settings checked) once, here: inside
-    # the job a ValueError would only mark items as bad.
-    spec = pipe.resolve_speculation(speculative, speculative_options, args.acceptance, acceptance_options)
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if spec.rule.requires_greedy and not sampling.greedy:
-        raise ValueError(f"rule {spec.rule!r} needs greedy decoding: add --temperature 0 (or --top-k 1)")
-    call = {
-        "guidance_scale": args.guidance_scale,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "speculative": speculative,
-        "num_draft_tokens": num_draft_tokens,
-        "acceptance": spec.rule,
-        "speculative_options": speculative_options or None,
-    }
+    job = call_settings(pipe, args, device)
+    call = job.call
     check_llamagen_call(pipe, [0], **call)  # settings against this model (vocabulary, sequence length)
     num_classes = pipe.target.config.num_classes
 
@@ -111,8 +86,6 @@ def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
         return label
 
     def process(items) -> list[dict]:
-        from .cli import save_image_atomic
-
         start = time.perf_counter()
         out = pipe(
             class_labels=[it.value for it in items],
@@ -120,60 +93,19 @@ def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
             **call,
         )
         seconds = time.perf_counter() - start
-        grid = out.tokens.shape[1:]
+        batch = BatchRun(out.stats, args.seed + items[0].index, seconds, tuple(out.tokens.shape[1:]))
         records = []
         for row, (item, image) in enumerate(zip(items, out.images)):
             name = f"{item.index:05d}_class{item.value}.png"
-            save_image_atomic(image, args.output_dir / name)
-            record = {
-                "file": name,
-                "class_label": item.value,
-                "seed": args.seed + items[0].index,
-                "batch_steps": out.stats.steps,
-                "batch_seconds": seconds,
-                "row_steps": int(out.stats.row_steps[row]),
-                "row_accepted": int(out.stats.row_accepted[row]),
-            }
-            if args.heatmaps:
-                heat = f"{item.index:05d}_accept.png"
-                source, step = out.stats.token_source[row].reshape(grid), out.stats.token_step[row].reshape(grid)
-                save_image_atomic(acceptance_heatmap(source, step), args.output_dir / heat)
-                record["heatmap"] = heat
-            records.append(record)
+            records.append(save_image_result(args, batch, row, item, image, name, {"class_label": item.value}))
         return records
 
-    settings = {  # what makes the images what they are: a resumed job must not change them
-        "command": "generate",
+    settings = {
+        **job.settings,
         "model": args.model or args.official_gpt or "embedded",
-        "speculative": speculative,
-        "speculative_options": {k: repr(v) for k, v in speculative_options.items()},
-        "acceptance": repr(spec.rule),
-        "num_draft_tokens": num_draft_tokens,
-        "guidance_scale": args.guidance_scale,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
         "dtype": str(next(pipe.target.parameters()).dtype),
     }
-    summary = {
-        "command": "generate",
-        "speculative": speculative,
-        "acceptance": spec.rule.name,
-        "acceptance_options": acceptance_options,
-        "acceptance_rule": repr(spec.rule),  # resolved, e.g. variant="official"
-        "speculative_options": {
-            k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in speculative_options.items()
-        },
-        "num_draft_tokens": num_draft_tokens,
-        "guidance_scale": args.guidance_scale,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "device": str(device),
-    }
-    return FamilyJob(parse=parse, process=process, settings=settings, summary=summary)
+    return FamilyJob(parse=parse, process=process, settings=settings, summary=job.summary)
 
 
 def _evaluate(pipe: Any, args: argparse.Namespace, device) -> int:

@@ -88,7 +88,7 @@ class GenerationFamily:
 
 GENERATION_FAMILIES: dict[str, GenerationFamily] = {}
 #: Modules that register a family when imported.
-FAMILY_MODULES = ("mmspec.app.generate_llamagen", "mmspec.app.generate_mar")
+FAMILY_MODULES = ("mmspec.app.generate_llamagen", "mmspec.app.generate_mar", "mmspec.app.generate_t2i")
 
 
 def register_family(family: GenerationFamily) -> GenerationFamily:
@@ -104,6 +104,156 @@ def load_families() -> dict[str, GenerationFamily]:
     for module in FAMILY_MODULES:
         importlib.import_module(module)
     return GENERATION_FAMILIES
+
+
+def check_eagle_args(args: argparse.Namespace) -> None:
+    """``--eagle-head`` (a folder) and ``--eagle-tree`` (``DEPTH,TOP_K,NODES`` with ``--speculative
+    eagle``), checked before any model loads (the options are LlamaGen's group's; every family with
+    an ``eagle`` method reads them)."""
+    import os
+
+    if args.eagle_head is not None and not os.path.isdir(args.eagle_head):
+        raise SystemExit(f"error: --eagle-head {args.eagle_head}: no such folder")
+    if args.eagle_tree:
+        parts = args.eagle_tree.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+            raise SystemExit(
+                f"error: --eagle-tree must be three positive integers DEPTH,TOP_K,NODES, got {args.eagle_tree!r}"
+            )
+        if args.speculative != "eagle":
+            raise SystemExit("error: --eagle-tree needs --speculative eagle")
+
+
+def load_eagle_head(args: argparse.Namespace, pipe: Any) -> Any:
+    """``pipe`` with the ``--eagle-head`` folder attached (when given); a head for another model is a
+    clear ``SystemExit``."""
+    if getattr(args, "eagle_head", None):
+        try:
+            pipe.load_eagle_head(args.eagle_head)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: --eagle-head {args.eagle_head}: {err}") from None
+    return pipe
+
+
+def eagle_tree_option(args: argparse.Namespace, speculative_options: dict) -> int:
+    """Put ``--eagle-tree`` into ``speculative_options`` (as ``tree``) and return the call's
+    ``num_draft_tokens`` (a tree's is its depth; else ``--num-draft-tokens``)."""
+    if not args.eagle_tree:
+        return args.num_draft_tokens
+    from ..drafters.eagle import TreeConfig
+
+    depth, top_k, nodes = (int(x) for x in args.eagle_tree.split(","))
+    speculative_options["tree"] = TreeConfig(depth=depth, top_k=top_k, total_nodes=nodes)
+    return depth
+
+
+@dataclass
+class CallSettings:
+    """A ``generate`` job's sampling and speculation from the shared options, checked against the
+    pipeline once: ``call`` (the pipeline call's keyword arguments), ``settings`` / ``summary`` (their
+    ``job.json`` / ``stats.json`` fields; families add their own, e.g. the model)."""
+
+    call: dict
+    settings: dict
+    summary: dict
+
+
+def call_settings(pipe: Any, args: argparse.Namespace, device: torch.device) -> CallSettings:
+    """The shared options (sampling, ``--speculative`` + options + ``--eagle-tree``, ``--acceptance`` +
+    options) as one pipeline call's arguments. The method's drafter and the rule are built (and their
+    settings checked) here, once: inside the job a ValueError would only mark items as bad.
+
+    Raises:
+        ValueError: a setting that is wrong for every item (unknown method or option, a greedy-only rule
+            under sampling, ...).
+    """
+    from ..sampling import SamplingConfig
+    from .jobs import parse_key_values
+
+    acceptance_options = parse_key_values(args.acceptance_option, "--acceptance-option")
+    speculative_options = parse_key_values(args.speculative_option, "--speculative-option")
+    speculative = None if args.speculative == "none" else args.speculative
+    num_draft_tokens = eagle_tree_option(args, speculative_options)
+    spec = pipe.resolve_speculation(speculative, speculative_options, args.acceptance, acceptance_options)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if spec.rule.requires_greedy and not sampling.greedy:
+        raise ValueError(f"rule {spec.rule!r} needs greedy decoding: add --temperature 0 (or --top-k 1)")
+    sampling_args = {
+        "guidance_scale": args.guidance_scale,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+    }
+    call = {
+        **sampling_args,
+        "speculative": speculative,
+        "num_draft_tokens": num_draft_tokens,
+        "acceptance": spec.rule,
+        "speculative_options": speculative_options or None,
+    }
+    settings = {  # what makes the outputs what they are: a resumed job must not change them
+        "command": "generate",
+        "speculative": speculative,
+        "speculative_options": {k: repr(v) for k, v in speculative_options.items()},
+        "acceptance": repr(spec.rule),
+        "num_draft_tokens": num_draft_tokens,
+        **sampling_args,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+    }
+    summary = {
+        "command": "generate",
+        "speculative": speculative,
+        "acceptance": spec.rule.name,
+        "acceptance_options": acceptance_options,
+        "acceptance_rule": repr(spec.rule),  # resolved, e.g. variant="official"
+        "speculative_options": {
+            k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in speculative_options.items()
+        },
+        "num_draft_tokens": num_draft_tokens,
+        **sampling_args,
+        "device": str(device),
+    }
+    return CallSettings(call, settings, summary)
+
+
+@dataclass
+class BatchRun:
+    """What one generated batch shares between its items' records: the pipeline output's ``stats``,
+    its ``seed``, wall ``seconds`` and the token ``grid`` ``(h, w)`` its stats lay out (heat-maps)."""
+
+    stats: Any
+    seed: int
+    seconds: float
+    grid: tuple[int, int]
+
+
+def save_image_result(
+    args: argparse.Namespace, batch: BatchRun, row: int, item: JobItem, image: Any, name: str, fields: dict
+) -> dict:
+    """Save the image of the batch's ``row`` as ``name`` in ``--output-dir`` (with ``--heatmaps``, also
+    its acceptance heat-map) and return its job record: the file, ``fields`` (the item's input), the
+    batch's seed, steps and time, the row's steps and accepted drafts."""
+    from .jobs_io import save_image_atomic
+    from .visualize import acceptance_heatmap
+
+    stats = batch.stats
+    save_image_atomic(image, args.output_dir / name)
+    record = {
+        "file": name,
+        **fields,
+        "seed": batch.seed,
+        "batch_steps": stats.steps,
+        "batch_seconds": batch.seconds,
+        "row_steps": int(stats.row_steps[row]),
+        "row_accepted": int(stats.row_accepted[row]),
+    }
+    if args.heatmaps:
+        heat = f"{item.index:05d}_accept.png"
+        source, step = stats.token_source[row].reshape(batch.grid), stats.token_step[row].reshape(batch.grid)
+        save_image_atomic(acceptance_heatmap(source, step), args.output_dir / heat)
+        record["heatmap"] = heat
+    return record
 
 
 def assets_dir() -> Path:
