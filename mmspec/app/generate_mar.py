@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .generators import CLASS_LABELS, FamilyJob, GenerationFamily, register_family
+from .generators import CLASS_LABELS, BatchRun, FamilyJob, GenerationFamily, register_family, save_image_result
 
 
 def _methods():
@@ -92,30 +92,19 @@ def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
         return label
 
     def process(items) -> list[dict]:
-        from .cli import save_image_atomic
-
         start = time.perf_counter()
         seed = args.seed + items[0].index
         out = pipe(class_labels=[it.value for it in items], generator=torch.Generator(device).manual_seed(seed), **call)
-        seconds = time.perf_counter() - start
-        records = []
-        for row, (item, image) in enumerate(zip(items, out.images)):
-            name = f"{item.index:05d}_class{item.value}.png"
-            save_image_atomic(image, args.output_dir / name)
-            records.append(
-                {
-                    "file": name,
-                    "class_label": item.value,
-                    "seed": seed,
-                    "batch_steps": out.stats.steps,  # target MAE forwards of the batch (pre-fill included)
-                    "batch_draft_steps": getattr(out.stats, "draft_steps", 0),
-                    "batch_acceptance_rate": out.stats.draft_acceptance_rate,
-                    "batch_seconds": seconds,
-                    "row_steps": int(out.stats.row_steps[row]),
-                    "row_accepted": int(out.stats.row_accepted[row]),
-                }
-            )
-        return records
+        batch = BatchRun(out.stats, seed, time.perf_counter() - start, (pipe.target.seq_h, pipe.target.seq_w))
+        mar_fields = {  # steps = target MAE forwards of the batch (pre-fill included)
+            "batch_draft_steps": getattr(out.stats, "draft_steps", 0),
+            "batch_acceptance_rate": out.stats.draft_acceptance_rate,
+        }
+        return [
+            {**save_image_result(args, batch, row, item, image, name, {"class_label": item.value}), **mar_fields}
+            for row, (item, image) in enumerate(zip(items, out.images))
+            for name in [f"{item.index:05d}_class{item.value}.png"]
+        ]
 
     settings = {  # what makes the images what they are: a resumed job must not change them
         "command": "generate",

@@ -45,6 +45,8 @@ def test_generate_job_with_bad_items_and_resume(folder, tmp_path):
     assert stats["num_results"] == 2 and stats["num_errors"] == 2 and stats["speculative"] == "cspd"
     first = {r["index"]: r for r in _results(out)}
     assert 0 <= first[0]["batch_acceptance_rate"] <= 1 and first[0]["batch_draft_steps"] >= 1
+    heat = tmp_path / "heat"  # --heatmaps: which tokens were accepted drafts, resampled, pre-filled
+    assert _generate(folder, heat, "1", "--heatmaps") == 0 and (heat / "00000_accept.png").is_file()
     _generate(folder, out, "1,x,9,3,2")  # resumed with one more item: only that one is generated
     assert sorted(r["index"] for r in _results(out)) == [0, 3, 4]
     with pytest.raises(SystemExit, match="settings|another job"):  # other settings in the same folder
