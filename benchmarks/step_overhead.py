@@ -174,13 +174,13 @@ def measure(pipe, method: str, batch: int, k: int, guidance: float, repeats: int
     for rep in range(repeats):
         stamps = []
         start = clock()
-        generate(pipe, spec, condition, sampling, k, rep, lambda *a: stamps.append(clock()))
+        generate(pipe, spec, condition, sampling, k, rep, lambda *a, stamps=stamps: stamps.append(clock()))
         steps = [b - a for a, b in zip([start, *stamps[:-1]], stamps)][1:]
         # The same generation again, recording each step's forwards (same seed: the same steps).
         recorder = Recorder()
         instrument(recorder, pipe, spec)
         try:
-            generate(pipe, spec, condition, sampling, k, rep, lambda *a: recorder.steps.append([]))
+            generate(pipe, spec, condition, sampling, k, rep, lambda *a, steps=recorder.steps: steps.append([]))
         finally:
             recorder.unwrap()
         recorded = recorder.steps[1 : 1 + len(steps)]  # step 0 = prefill + first step
@@ -206,9 +206,9 @@ def measure(pipe, method: str, batch: int, k: int, guidance: float, repeats: int
         try:
             with counter() as tally:
 
-                def on_step(*args, tally=tally):
+                def on_step(*args, tally=tally, per_step=per_step, steps=recorder.steps):
                     per_step.append(tally.read())
-                    recorder.steps.append([])
+                    steps.append([])
 
                 generate(pipe, spec, condition, sampling, k, 0, on_step)
         finally:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..cache import StaticKVCache
-from ..modeling import TransformerBlock, find_multiple, rope_frequencies
+from ..modeling import TransformerBlock, find_multiple, rope_frequencies, rope_table
 from ..sampling import SamplingConfig, logits_to_probs, sample_from_probs
 from ..tree import DraftTree
 from ..types import Draft, DraftContext, PrefillOutput, Verdict
@@ -138,7 +138,11 @@ class EagleHead(nn.Module):
         dtype = self.fc.weight.dtype
         embed = F.embedding(tokens, self._shared().embed.weight.detach()).to(dtype).repeat(groups, 1, 1)
         x = self.fc(torch.cat([embed, features.to(dtype)], dim=-1))
-        freqs = rope_frequencies(positions, self.config.head_dim, self.config.rope_base).repeat(groups, 1, 1, 1)
+        if torch.compiler.is_compiling():  # a traced table lookup trips inductor; the rows fuse anyway
+            freqs = rope_frequencies(positions, self.config.head_dim, self.config.rope_base)
+        else:  # positions are cache slots, < max_seq_len: rows of the cached table
+            freqs = rope_table(cache.max_seq_len, self.config.head_dim, self.config.rope_base, positions.device)[positions]
+        freqs = freqs.repeat(groups, 1, 1, 1)
         return self.block(x, freqs, cache, 0, slots, attn_mask)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -361,7 +365,9 @@ class EagleDrafter:
     def _draft_chain(self, ctx, feature, logits, num_draft_tokens, generator) -> Draft:
         """``k`` autoregressive head steps on its own predicted features (EAGLE, Sec. 3, drafting phase)."""
         base = self.cache.lengths  # [B] position of the first draft's pair
-        causal = torch.ones(num_draft_tokens - 1, num_draft_tokens - 1, dtype=torch.bool, device=base.device).tril()
+        # The k - 1 head queries sit at slots base + i and see the committed keys and the chain's
+        # earlier pairs: causal masks, built once per chain and sliced per position.
+        masks = self.cache.attention_mask(self.cache.slots(num_draft_tokens - 1))  # [G*B, 1, k-1, S]
         tokens, probs = [], []
         for i in range(num_draft_tokens):
             q = self._probs(logits, ctx.sampling)  # [B, V]
@@ -371,7 +377,7 @@ class EagleDrafter:
             if i == num_draft_tokens - 1:
                 break  # the last draft's pair is never needed
             slots = (base + i)[:, None]
-            mask = _window_mask(self.cache, causal[i].expand(len(base), 1, -1))
+            mask = masks[:, :, i : i + 1]
             feature = self.head(token[:, None], feature[:, None], slots, self.cache, slots, mask)[:, 0]
             logits = self.head.logits(feature)
         draft_probs = None if ctx.sampling.greedy else torch.stack(probs, 1)  # [B, k, V]
