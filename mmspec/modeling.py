@@ -106,7 +106,7 @@ class Attention(nn.Module):
         cache: StaticKVCache,
         layer: int,
         slots: torch.Tensor,  # [B, T]
-        attn_mask: torch.Tensor,  # [R, 1, T, S] bool
+        attn_mask: torch.Tensor,  # [R, 1, T, S] bool (True = attend) or additive float (0 / -inf)
     ) -> torch.Tensor:
         rows, num_new, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim

@@ -141,7 +141,9 @@ class EagleHead(nn.Module):
         if torch.compiler.is_compiling():  # a traced table lookup trips inductor; the rows fuse anyway
             freqs = rope_frequencies(positions, self.config.head_dim, self.config.rope_base)
         else:  # positions are cache slots, < max_seq_len: rows of the cached table
-            freqs = rope_table(cache.max_seq_len, self.config.head_dim, self.config.rope_base, positions.device)[positions]
+            freqs = rope_table(cache.max_seq_len, self.config.head_dim, self.config.rope_base, positions.device)[
+                positions
+            ]
         freqs = freqs.repeat(groups, 1, 1, 1)
         return self.block(x, freqs, cache, 0, slots, attn_mask)
 
@@ -402,7 +404,8 @@ class EagleDrafter:
             row = pick // top_k  # [B, K] its parents' rows: every parent has top_k children in a row
             slots = base[:, None] + (level - 1) * top_k + torch.arange(top_k, device=base.device)  # [B, K]
             anc = parent_anc.gather(1, row[..., None].expand(-1, -1, window))
-            anc = anc | F.one_hot(slots - base[:, None], window).bool()  # [B, K, W] ancestors and self
+            # [B, K, W] ancestors and self (a comparison, not F.one_hot: that reads the ids back to the host)
+            anc = anc | ((slots - base[:, None])[..., None] == torch.arange(window, device=base.device))
             inputs = parent_out.gather(1, row.repeat(self.cache.groups, 1)[..., None].expand(-1, -1, feature.shape[-1]))
             positions = (base + level - 1)[:, None].expand(-1, top_k)
             out = self.head(tokens.gather(1, pick), inputs, positions, self.cache, slots, _window_mask(self.cache, anc))
@@ -490,7 +493,8 @@ def tree_from_parents(parents: torch.Tensor, max_depth: int, max_children: int) 
         ancestor = eye | ancestor.gather(1, up[..., None].expand(-1, -1, num_nodes))
     depth = ancestor.sum(-1) - 1
     # A node's rank among its siblings = how many earlier nodes share its parent.
-    is_child = F.one_hot(up, num_nodes).bool() & (torch.arange(num_nodes, device=device) > 0)[None, :, None]
+    nodes = torch.arange(num_nodes, device=device)
+    is_child = (up[..., None] == nodes) & (nodes > 0)[None, :, None]  # one-hot of the parent, sync-free
     rank = is_child.long().cumsum(1).gather(2, up[..., None])[..., 0] - 1  # [B, N]
     flat = torch.where(parents >= 0, up * max_children + rank, num_nodes * max_children)  # root: spare slot
     children = torch.full((batch, num_nodes * max_children + 1), -1, dtype=torch.long, device=device)

@@ -405,6 +405,9 @@ class LlamaGenGPT(ComponentMixin, ModelMixin, ConfigMixin):
         slots = cache.slots(h.shape[1])
         if attn_mask is None:
             attn_mask = cache.attention_mask(slots)
+        # SDPA turns a bool mask into an additive one (0 / -inf) in every layer; once per forward
+        # here gives the very same values.
+        attn_mask = torch.where(attn_mask, 0.0, float("-inf")).to(h.dtype)
         rope = (self.grid_size, self.head_dim, self.config.rope_base, self.config.cls_token_num)
         if torch.compiler.is_compiling():
             # In a compiled graph the rows fuse into one kernel (and a traced table lookup trips inductor).
