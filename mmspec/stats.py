@@ -84,16 +84,22 @@ class SpecStats:
         """Account one verify step of the causal loop (sync-free)."""
         self.steps += 1
         self.draft_widths.append(source.shape[1] - 1)  # a shape, no sync
-        self.row_steps += active.long()
-        self.row_accepted += torch.where(active, num_accepted, 0)
-        depth = torch.arange(self.accepted_at_depth.shape[0], device=num_accepted.device)
+        # Every op here runs once per step: bool masks multiply instead of selecting (fewer ops).
+        self.row_steps += active
+        self.row_accepted += num_accepted * active
         if self.num_draft_tokens:
-            self.proposed_at_depth += ((depth[None] <= num_accepted[:, None]) & active[:, None]).sum(0)
-            self.accepted_at_depth += ((depth[None] < num_accepted[:, None]) & active[:, None]).sum(0)
-        valid = active[:, None] & (source != SOURCE_NONE)
-        self._scatter(self.token_source, offsets, source, valid)
-        self._scatter(self.token_step, offsets, torch.full_like(source, self.steps), valid)
+            depth = torch.arange(self.accepted_at_depth.shape[0], device=num_accepted.device)
+            reached = (depth <= num_accepted[:, None]) & active[:, None]  # [B, D]
+            self.proposed_at_depth += reached.sum(0)
+            self.accepted_at_depth += (reached & (depth != num_accepted[:, None])).sum(0)
+        # Both per-token buffers are written at the same places: one index for the two.
+        index = offsets[:, None] + torch.arange(source.shape[1], device=source.device)  # [B, D + 1]
+        keep = active[:, None] & (source != SOURCE_NONE) & (index < self.max_new_tokens)
+        index = index * keep  # kept entries, or position 0 rewritten with its own value
+        self.token_source.scatter_(1, index, torch.where(keep, source, self.token_source.gather(1, index)))
+        self.token_step.scatter_(1, index, self.token_step.gather(1, index).masked_fill(keep, self.steps))
         if moved_mass is not None:
+            valid = active[:, None] & (source != SOURCE_NONE)
             self.record_moved_mass(moved_mass, valid[:, : moved_mass.shape[1]])
 
     def record_elements(
@@ -127,14 +133,6 @@ class SpecStats:
         """The first generated token of every row was sampled from the prefill output."""
         self.token_source[:, 0] = SOURCE_PREFILL
         self.token_step[:, 0] = 0
-
-    def _scatter(self, buf: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
-        """Write ``values [B, W]`` at ``buf[b, offsets[b] + j]`` where ``valid`` and inside ``buf``."""
-        index = offsets[:, None] + torch.arange(values.shape[1], device=values.device)[None]
-        keep = valid & (index < buf.shape[1])
-        index = torch.where(keep, index, 0)
-        current = buf.gather(1, index)
-        buf.scatter_(1, index, torch.where(keep, values, current))
 
     # ------------------------------------------------------------------ reporting (host side)
     @property
