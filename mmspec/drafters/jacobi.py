@@ -202,7 +202,7 @@ class JacobiDrafter:
             redraw = sample_from_probs(probs, generator)  # [B, w]
         tokens = torch.where(covered, redraw, fresh)
         self._drawn = covered
-        self._draft = Draft(tokens=tokens, draft_probs=torch.where(covered[..., None], probs, one_hot))
+        self._draft = Draft(tokens=tokens, draft_probs=probs)  # q where covered, one-hot elsewhere (above)
         return self._draft
 
     def couple(
