@@ -9,11 +9,14 @@ For each method and batch size this measures, on the same seeded generations:
 - **aten ops / Python calls per step** (median over steps) in the step and in its forwards alone:
   ``TorchDispatchMode`` counts every aten op, ``sys.setprofile`` every Python function call.
 
-Times are this thread's CPU time (``time.thread_time``: on the shared 2-core machine, time spent descheduled
-is not the code's cost). Step ``s`` is the time between the loop's callbacks ``s - 1`` and ``s`` (draft, verify, commit, stats and
-the loop's one host sync); the first step (it includes the prefill) is left out. Timing runs carry no
-instrumentation but the callback's clock read; forwards are recorded in a separate run with the same
-seed (CPU generation is deterministic, so the steps are the same). Not a test: timings are noisy.
+Times are this thread's CPU time (``time.thread_time``: on the shared 2-core machine, time spent
+descheduled is not the code's cost). Step ``s`` runs from the end of the loop's callback ``s - 1`` to
+the start of callback ``s`` (draft, verify, commit, stats and the loop's one host sync); the first step
+(it includes the prefill) is left out. The callback replays the step's recorded forwards at once, so
+step and forwards are timed under the same load; recording adds one Python wrapper call and one
+copy of the cache lengths per forward to the step. The ratio is total step time ÷ total forward time
+per generation, the median over ``--repeats`` generations (min and max in the JSON). Not a test:
+timings are noisy.
 
     OMP_NUM_THREADS=1 python benchmarks/step_overhead.py --batch 1 16 --repeats 5
 """
@@ -39,19 +42,21 @@ from mmspec.sampling import SamplingConfig
 
 @dataclass
 class Call:
-    """One recorded model call: the function, its cloned arguments and the cache lengths before it."""
+    """One recorded model call: the function, its arguments and its cache's lengths before it."""
 
     fn: Callable
     args: tuple
     cache: object
-    lengths: torch.Tensor
+    lengths: torch.Tensor | None
 
 
 @dataclass
 class Recorder:
-    """Wraps model entry points (instance attributes) and files every call under the current step."""
+    """Wraps model entry points (instance attributes) and files every call of the current step.
+    Arguments are kept by reference (the loop builds them anew every step and never writes them);
+    the cache's lengths are copied, one small op per call."""
 
-    steps: list[list[Call]] = field(default_factory=lambda: [[]])
+    calls: list[Call] = field(default_factory=list)
     patched: list[tuple[object, str]] = field(default_factory=list)
 
     def wrap(self, obj: object, name: str, cache_of: Callable[[tuple], object]) -> None:
@@ -59,13 +64,15 @@ class Recorder:
 
         def recorded(*args):
             cache = cache_of(args)
-            cloned = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-            lengths = None if cache is None else cache.lengths.clone()
-            self.steps[-1].append(Call(original, cloned, cache, lengths))
+            self.calls.append(Call(original, args, cache, None if cache is None else cache.lengths.clone()))
             return original(*args)
 
         setattr(obj, name, recorded)
         self.patched.append((obj, name))
+
+    def take(self) -> list[Call]:
+        calls, self.calls = self.calls, []
+        return calls
 
     def unwrap(self) -> None:
         for obj, name in self.patched:
@@ -80,11 +87,16 @@ def clock() -> float:
 
 @torch.no_grad()  # as the loop runs them
 def replay(calls: list[Call]) -> None:
-    """Run one step's recorded model calls alone, each at its recorded cache lengths."""
+    """Run one step's recorded model calls alone, each at its recorded cache lengths, then put the
+    lengths back. The same inputs over the same cache prefix write the same keys and values again,
+    so the generation goes on unchanged."""
+    after = {id(c.cache): (c.cache, c.cache.lengths.clone()) for c in calls if c.cache is not None}
     for call in calls:
         if call.cache is not None:
             call.cache.lengths.copy_(call.lengths)
         call.fn(*call.args)
+    for cache, lengths in after.values():
+        cache.lengths.copy_(lengths)
 
 
 class count_ops(TorchDispatchMode):
@@ -171,55 +183,57 @@ def measure(pipe, method: str, batch: int, k: int, guidance: float, repeats: int
     spec, condition, sampling = setup(pipe, method, batch, k, guidance)
     result = {"method": method, "batch": batch}
     step_times, replay_times, ratios = [], [], []
-    for rep in range(repeats):
-        stamps = []
-        start = clock()
-        generate(pipe, spec, condition, sampling, k, rep, lambda *a, stamps=stamps: stamps.append(clock()))
-        steps = [b - a for a, b in zip([start, *stamps[:-1]], stamps)][1:]
-        # The same generation again, recording each step's forwards (same seed: the same steps).
-        recorder = Recorder()
-        instrument(recorder, pipe, spec)
-        try:
-            generate(pipe, spec, condition, sampling, k, rep, lambda *a, steps=recorder.steps: steps.append([]))
-        finally:
-            recorder.unwrap()
-        recorded = recorder.steps[1 : 1 + len(steps)]  # step 0 = prefill + first step
-        alone = []
-        for calls in recorded:
-            t0 = clock()
-            replay(calls)
-            alone.append(clock() - t0)
-        step_times += steps
-        replay_times += alone
-        ratios.append(sum(steps) / sum(alone))
+    recorder = Recorder()
+    instrument(recorder, pipe, spec)
+    try:
+        for rep in range(repeats):
+            steps, alone, started = [], [], [None]
+
+            def on_step(*args, steps=steps, alone=alone, started=started):
+                # Each step is timed from the end of the previous callback to the start of this one;
+                # its forwards are replayed right here, so both see the same machine load.
+                end = clock()
+                calls = recorder.take()
+                if started[0] is not None:  # step 0 includes the prefill
+                    steps.append(end - started[0])
+                    t0 = clock()
+                    replay(calls)
+                    alone.append(clock() - t0)
+                started[0] = clock()
+
+            generate(pipe, spec, condition, sampling, k, rep, on_step)
+            step_times += steps
+            replay_times += alone
+            ratios.append(sum(steps) / sum(alone))
+    finally:
+        recorder.unwrap()
     result["steps_per_image"] = len(step_times) / repeats + 1
     result["step_ms"] = 1e3 * statistics.median(step_times)
     result["forwards_ms"] = 1e3 * statistics.median(replay_times)
     result["ratio"] = statistics.median(ratios)
+    result["ratio_min"], result["ratio_max"] = min(ratios), max(ratios)
 
     # Op counts and Python-call counts per step, each in one more generation (counted apart: the
-    # dispatch mode's own Python calls must not count as calls of the code under test).
+    # dispatch mode's own Python calls must not count as calls of the code under test). Steps are
+    # counted without the recorder; the forwards alone in a recording run, during their replays.
     for key, counter in (("ops", count_ops), ("py_calls", count_python_calls)):
-        recorder = Recorder()
-        per_step: list[int] = []
+        per_step, alone = [], []
+        with counter() as tally:
+            generate(pipe, spec, condition, sampling, k, 0, lambda *a, tally=tally, n=per_step: n.append(tally.read()))
         instrument(recorder, pipe, spec)
         try:
-            with counter() as tally:
 
-                def on_step(*args, tally=tally, per_step=per_step, steps=recorder.steps):
-                    per_step.append(tally.read())
-                    steps.append([])
+            def on_step(*args, alone=alone, counter=counter):
+                calls = recorder.take()
+                with counter() as tally:
+                    replay(calls)
+                alone.append(tally.read())
 
-                generate(pipe, spec, condition, sampling, k, 0, on_step)
+            generate(pipe, spec, condition, sampling, k, 0, on_step)
         finally:
             recorder.unwrap()
-        alone = []
-        for calls in recorder.steps[1 : len(per_step)]:
-            with counter() as tally:
-                replay(calls)
-            alone.append(tally.read())
         result[f"step_{key}"] = statistics.median(per_step[1:])
-        result[f"forward_{key}"] = statistics.median(alone)
+        result[f"forward_{key}"] = statistics.median(alone[1:])
     return result
 
 
