@@ -366,10 +366,10 @@ class EagleDrafter:
 
     def _draft_chain(self, ctx, feature, logits, num_draft_tokens, generator) -> Draft:
         """``k`` autoregressive head steps on its own predicted features (EAGLE, Sec. 3, drafting phase)."""
-        base = self.cache.lengths  # [B] position of the first draft's pair
-        # The k - 1 head queries sit at slots base + i and see the committed keys and the chain's
-        # earlier pairs: causal masks, built once per chain and sliced per position.
-        masks = self.cache.attention_mask(self.cache.slots(num_draft_tokens - 1))  # [G*B, 1, k-1, S]
+        # The k - 1 head queries sit at slots lengths + i (also their positions) and see the committed
+        # keys and the chain's earlier pairs: causal masks, built once per chain and sliced per position.
+        chain_slots = self.cache.slots(num_draft_tokens - 1)  # [B, k - 1]
+        masks = self.cache.attention_mask(chain_slots)  # [G*B, 1, k - 1, S]
         tokens, probs = [], []
         for i in range(num_draft_tokens):
             q = self._probs(logits, ctx.sampling)  # [B, V]
@@ -378,7 +378,7 @@ class EagleDrafter:
             probs.append(q)
             if i == num_draft_tokens - 1:
                 break  # the last draft's pair is never needed
-            slots = (base + i)[:, None]
+            slots = chain_slots[:, i : i + 1]
             mask = masks[:, :, i : i + 1]
             feature = self.head(token[:, None], feature[:, None], slots, self.cache, slots, mask)[:, 0]
             logits = self.head.logits(feature)
