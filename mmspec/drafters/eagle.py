@@ -23,6 +23,7 @@ as the target's do.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..cache import StaticKVCache
+from ..compile import mark_static
 from ..modeling import TransformerBlock, find_multiple, rope_frequencies, rope_table
 from ..sampling import SamplingConfig, logits_to_probs, sample_from_probs
 from ..tree import DraftTree
@@ -283,15 +285,19 @@ class EagleDrafter:
         head: the trained head (shares the target's embedding and LM head).
         tree: None drafts a chain of ``num_draft_tokens``; a :class:`TreeConfig` drafts EAGLE-2
             dynamic trees (then ``num_draft_tokens`` must equal ``tree.depth``).
+        step: ``head.forward`` compiled (:func:`mmspec.compile.compile_step`, kept by the caller so it
+            compiles once, not per drafter); None runs the head eagerly. Its cache is then marked
+            static (CUDA graphs write it in place).
 
     Proposals: a chain samples each token from ``q`` (``draft_probs = q``; greedy configs take the
     argmax and pass None). Tree children are the top-k of ``q`` -- deterministic, hence one-hot
     proposals (``draft_probs`` None), which keeps exact acceptance lossless.
     """
 
-    def __init__(self, head: EagleHead, tree: TreeConfig | None = None) -> None:
+    def __init__(self, head: EagleHead, tree: TreeConfig | None = None, step: Callable | None = None) -> None:
         self.head = head
         self.tree = tree
+        self.step = head if step is None else step
         self.vocab_size = head.config.vocab_size
         self.cache: StaticKVCache | None = None
 
@@ -308,6 +314,8 @@ class EagleDrafter:
         # deliberate sync, once per generation: size the cache for every position the run can reach
         capacity = int(ctx.positions.max()) + 2 * ctx.history.shape[1] + tree_slots + 2
         self.cache = self.head.new_cache(batch, capacity, groups)
+        if self.step is not self.head:
+            mark_static(self.cache)
         t = torch.arange(width, device=features.device)[None]  # [1, P]
         first_token_pos = ctx.positions + 1 - ctx.history_lengths  # [B] sequence position of history[0]
         # Positions whose next input is not a token (a condition prefix) hold no pair.
@@ -322,7 +330,7 @@ class EagleDrafter:
                 )
             tokens = self._history_tokens(ctx, t + 1 - first_token_pos[:, None])
             slots = self.cache.slots(width)
-            self.head(tokens, features, slots, self.cache, slots, self.cache.attention_mask(slots))
+            self.step(tokens, features, slots, self.cache, slots, self.cache.attention_mask(slots))
         self.cache.commit(start)
 
     def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
@@ -358,7 +366,7 @@ class EagleDrafter:
             ctx, (ctx.history_lengths - ctx.num_new)[:, None] + torch.arange(num, device=features.device)
         )
         slots = self.cache.slots(num)  # [B, n] = sequence positions t
-        out = self.head(tokens, features, slots, self.cache, slots, self.cache.attention_mask(slots))
+        out = self.step(tokens, features, slots, self.cache, slots, self.cache.attention_mask(slots))
         self.cache.commit(ctx.num_new)
         last = (ctx.num_new - 1).clamp(min=0).repeat(self.cache.groups)  # rows that committed nothing: unused
         feature = out[torch.arange(out.shape[0], device=out.device), last]
@@ -380,7 +388,7 @@ class EagleDrafter:
                 break  # the last draft's pair is never needed
             slots = chain_slots[:, i : i + 1]
             mask = masks[:, :, i : i + 1]
-            feature = self.head(token[:, None], feature[:, None], slots, self.cache, slots, mask)[:, 0]
+            feature = self.step(token[:, None], feature[:, None], slots, self.cache, slots, mask)[:, 0]
             logits = self.head.logits(feature)
         draft_probs = None if ctx.sampling.greedy else torch.stack(probs, 1)  # [B, k, V]
         return Draft(tokens=torch.stack(tokens, 1), draft_probs=draft_probs)
@@ -408,7 +416,7 @@ class EagleDrafter:
             anc = anc | ((slots - base[:, None])[..., None] == torch.arange(window, device=base.device))
             inputs = parent_out.gather(1, row.repeat(self.cache.groups, 1)[..., None].expand(-1, -1, feature.shape[-1]))
             positions = (base + level - 1)[:, None].expand(-1, top_k)
-            out = self.head(tokens.gather(1, pick), inputs, positions, self.cache, slots, _window_mask(self.cache, anc))
+            out = self.step(tokens.gather(1, pick), inputs, positions, self.cache, slots, _window_mask(self.cache, anc))
             log_q, children = self._rank_probs(self.head.logits(out), ctx.sampling).log().topk(top_k, -1)  # [B, K, K]
             parents = (first_id + pick).repeat_interleave(top_k, 1)  # [B, K*K]
             first_id += tokens.shape[1]
