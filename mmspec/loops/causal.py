@@ -49,9 +49,10 @@ def required_cache_len(prompt_len: int, max_new_tokens: int, window: int) -> int
 
 def _write_ragged(buf: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> None:
     """``buf[b, offsets[b] + j] = values[b, j]`` for ``j < count[b]`` (in bounds); sync-free."""
-    index = offsets[:, None] + torch.arange(values.shape[1], device=buf.device)[None]
-    keep = (torch.arange(values.shape[1], device=buf.device)[None] < count[:, None]) & (index < buf.shape[1])
-    index = torch.where(keep, index, 0)
+    j = torch.arange(values.shape[1], device=buf.device)
+    index = offsets[:, None] + j
+    keep = (j < count[:, None]) & (index < buf.shape[1])
+    index = index * keep  # entries not kept rewrite position 0 with its own value
     buf.scatter_(1, index, torch.where(keep, values, buf.gather(1, index)))
 
 
