@@ -41,7 +41,10 @@ class ModelDrafter:
 
     def prefill(self, ctx: DraftContext, prompt, prefill: PrefillOutput) -> None:
         batch = ctx.last_tokens.shape[0]
-        capacity = int(ctx.positions.max()) + ctx.history.shape[1] + 2  # deliberate sync: once per call
+        # Deliberate sync, once per call. A finished row keeps drafting while others go on: its length
+        # reaches max_new_tokens + k - 1 past the prompt and its drafts k + 1 slots more; the history
+        # holds max_new_tokens + k + 1 slots after its prefix, so twice its width covers both.
+        capacity = int(ctx.positions.max()) + 2 * ctx.history.shape[1] + 2
         self.cache = self.model.new_cache(batch, capacity, cfg=ctx.sampling.uses_cfg)
         self.model.prefill(prompt, self.cache)
         self.cache.rollback(ctx.positions)
