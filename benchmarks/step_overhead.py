@@ -179,14 +179,14 @@ def instrument(recorder: Recorder, pipe, spec) -> None:
         recorder.wrap(drafter.model, "forward", lambda args: args[2])
 
 
-def measure(pipe, method: str, batch: int, k: int, guidance: float, repeats: int) -> dict:
+def measure(pipe, method: str, batch: int, k: int, guidance: float, seeds: list[int]) -> dict:
     spec, condition, sampling = setup(pipe, method, batch, k, guidance)
     result = {"method": method, "batch": batch}
     step_times, replay_times, ratios = [], [], []
     recorder = Recorder()
     instrument(recorder, pipe, spec)
     try:
-        for rep in range(repeats):
+        for seed in seeds:
             steps, alone, started = [], [], [None]
 
             def on_step(*args, steps=steps, alone=alone, started=started):
@@ -201,13 +201,13 @@ def measure(pipe, method: str, batch: int, k: int, guidance: float, repeats: int
                     alone.append(clock() - t0)
                 started[0] = clock()
 
-            generate(pipe, spec, condition, sampling, k, rep, on_step)
+            generate(pipe, spec, condition, sampling, k, seed, on_step)
             step_times += steps
             replay_times += alone
             ratios.append(sum(steps) / sum(alone))
     finally:
         recorder.unwrap()
-    result["steps_per_image"] = len(step_times) / repeats + 1
+    result["steps_per_image"] = len(step_times) / len(seeds) + 1
     result["step_ms"] = 1e3 * statistics.median(step_times)
     result["forwards_ms"] = 1e3 * statistics.median(replay_times)
     result["ratio"] = statistics.median(ratios)
@@ -243,7 +243,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--k", type=int, default=8, help="num_draft_tokens")
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--repeats", type=int, default=5, help="timed generations per configuration")
+    parser.add_argument("--repeats", type=int, default=5, help="timed generations per configuration (seeds 0, 1, ...)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="the timed generations' seeds instead of --repeats")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -256,7 +257,7 @@ def main() -> None:
     print(header)
     for batch in args.batch:
         for method in args.methods.split(","):
-            row = measure(pipe, method, batch, args.k, args.guidance, args.repeats)
+            row = measure(pipe, method, batch, args.k, args.guidance, args.seeds or list(range(args.repeats)))
             rows.append(row)
             print(
                 f"{method:<12} {batch:>3} {row['steps_per_image']:>6.1f} {row['step_ms']:>8.2f} "
