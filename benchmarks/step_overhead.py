@@ -15,7 +15,7 @@ the start of callback ``s`` (draft, verify, commit, stats and the loop's one hos
 (it includes the prefill) is left out. The callback replays the step's recorded forwards at once, so
 step and forwards are timed under the same load; recording adds one Python wrapper call and one
 copy of the cache lengths per forward to the step. The ratio is total step time ÷ total forward time
-per generation, the median over ``--repeats`` generations (min and max in the JSON). Not a test:
+per generation, the median over the generations (``--repeats`` or ``--seeds``; min and max in the JSON). Not a test:
 timings are noisy.
 
     OMP_NUM_THREADS=1 python benchmarks/step_overhead.py --batch 1 16 --repeats 5
