@@ -49,7 +49,7 @@ class BenchSuite:
 
 BENCH_SUITES: dict[str, Callable[..., BenchSuite]] = {}
 #: Modules that register suites when imported (one per pipeline family, beside this one).
-SUITE_MODULES = ("mmspec.app.bench_llamagen", "mmspec.app.bench_mar")
+SUITE_MODULES = ("mmspec.app.bench_llamagen", "mmspec.app.bench_mar", "mmspec.app.bench_t2i")
 
 
 def load_suites() -> dict[str, Callable[..., BenchSuite]]:
@@ -69,6 +69,31 @@ def register_suite(name: str):
         return factory
 
     return wrap
+
+
+def method_specs(
+    pipe: Any, configs: str | None, num_draft_tokens: int, rule: Any = None
+) -> list[tuple[str, str | None, dict, int]]:
+    """A pipeline suite's configurations ``(name, method, speculative_options, num_draft_tokens)``, the
+    baseline first: every registered method ``pipe`` has the components for (and whose loop takes
+    ``rule``, when one is given), or ``configs``: ``;``-separated ``METHOD[:key=value,...]`` with the
+    method's options and ``k=`` for ``num_draft_tokens``, e.g. ``"sjd;mc-sjd:coupling=gumbel,k=16"``."""
+    from .jobs import parse_key_values
+
+    if configs is None:
+        specs = [
+            (name, name, {}, num_draft_tokens)
+            for name in pipe.methods.available(pipe)
+            if rule is None or pipe.methods.get(name).accepts(rule)
+        ]
+    else:
+        specs = []
+        for spec in [c for c in configs.split(";") if c]:
+            method, _, opts = spec.partition(":")
+            options = parse_key_values([p for p in opts.split(",") if p], f"config {spec!r}")
+            pipe.methods.get(method)  # a clear error for an unknown method, before anything runs
+            specs.append((spec, method, options, int(options.pop("k", num_draft_tokens))))
+    return [("baseline", None, {}, num_draft_tokens)] + specs
 
 
 def environment(device: torch.device) -> dict[str, Any]:

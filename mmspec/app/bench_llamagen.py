@@ -7,7 +7,7 @@ import torch
 from ..loops import GenerationOutput
 from ..pipelines.llamagen.official import GPT_PRESETS
 from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
-from .bench import BenchCase, BenchSuite, register_suite
+from .bench import BenchCase, BenchSuite, method_specs, register_suite
 
 
 def _pipeline(source: str, device: torch.device, dtype: torch.dtype, num_classes: int) -> LlamaGenPipeline:
@@ -70,20 +70,7 @@ def ar_image_suite(
     labels = [i % pipe.target.config.num_classes for i in range(batch_size)]
     rule_options = parse_key_values([p for p in acceptance_options.split(",") if p], "acceptance_options")
     rule = None if acceptance is None else pipe.acceptance_rule(acceptance, **rule_options)
-    if configs is None:
-        specs = [
-            (name, name, {}, num_draft_tokens)
-            for name in pipe.methods.available(pipe)
-            if rule is None or pipe.methods.get(name).accepts(rule)
-        ]
-    else:
-        specs = []
-        for spec in [c for c in configs.split(";") if c]:
-            method, _, opts = spec.partition(":")
-            options = parse_key_values([p for p in opts.split(",") if p], f"config {spec!r}")
-            pipe.methods.get(method)  # a clear error for an unknown method, before anything runs
-            specs.append((spec, method, options, int(options.pop("k", num_draft_tokens))))
-    specs = [("baseline", None, {}, num_draft_tokens)] + specs
+    specs = method_specs(pipe, configs, num_draft_tokens, rule)
     compiled = LlamaGenPipeline(**pipe.components).enable_compile() if compile else None
 
     def case(name, method, options, k, runner):

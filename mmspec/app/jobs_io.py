@@ -118,6 +118,13 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_image_atomic(image, path: Path) -> None:
+    """Save a PIL image through a temporary file and a rename: a crash never leaves half a PNG."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def remove_stale_temp_files(folder: Path) -> list[Path]:
     """Delete ``.NAME.<pid>.tmp`` files (from :func:`write_atomic` and image saves) whose writer is
     no longer alive, i.e. left by a crashed job; returns them."""

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -78,10 +77,27 @@ class EagleConfig:
 @dataclass(frozen=True)
 class TargetModules:
     """The target's token embedding and LM head, shared with the head (not registered as its
-    submodules: they are neither trained nor saved with it)."""
+    submodules: they are neither trained nor saved with it).
 
-    embed: nn.Embedding
-    lm_head: nn.Linear
+    ``embed`` maps token ids ``[...]`` to ``[..., H]`` and says its size as ``num_embeddings`` /
+    ``embedding_dim`` (an ``nn.Embedding``, or e.g. Janus's image-token embedding + aligner);
+    ``lm_head`` maps features ``[..., H]`` to logits ``[..., V]`` with ``in_features`` /
+    ``out_features`` (an ``nn.Linear``, or e.g. Janus's two-layer image head)."""
+
+    embed: nn.Module
+    lm_head: nn.Module
+
+
+def frozen_call(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``module(inputs)`` with the module's parameters detached: a head's gradients reach its own
+    inputs, never the weights it shares with the target (the target is the teacher, frozen)."""
+    if not torch.is_grad_enabled():
+        return module(inputs)
+    return torch.func.functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, (inputs,))
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 class EagleHead(nn.Module):
@@ -90,15 +106,13 @@ class EagleHead(nn.Module):
 
     Args:
         config: sizes and the target's name.
-        embed: the target's token embedding ``[V, H]`` (frozen, shared).
+        embed: the target's token embedding ``V -> H`` (frozen, shared; see :class:`TargetModules`).
         lm_head: the target's LM head ``H -> V`` applied to its post-norm features (frozen, shared).
             Both or neither: a head built without them (its weights loaded on their own, as a pipeline
             component is) drafts only once :meth:`share_target` gives it the target's.
     """
 
-    def __init__(
-        self, config: EagleConfig, embed: nn.Embedding | None = None, lm_head: nn.Linear | None = None
-    ) -> None:
+    def __init__(self, config: EagleConfig, embed: nn.Module | None = None, lm_head: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
         self.target_modules: TargetModules | None = None
@@ -109,13 +123,14 @@ class EagleHead(nn.Module):
         if embed is not None:
             self.share_target(embed, lm_head)
 
-    def share_target(self, embed: nn.Embedding, lm_head: nn.Linear) -> EagleHead:
+    def share_target(self, embed: nn.Module, lm_head: nn.Module) -> EagleHead:
         """Share the target's token embedding and LM head (checked against the head's sizes). Returns the head."""
         expected = (self.config.vocab_size, self.config.hidden_size)
-        for name, module in (("embedding", embed), ("LM head", lm_head)):
-            if tuple(module.weight.shape) != expected:
+        sizes = (("embedding", embedding_size(embed)), ("LM head", (lm_head.out_features, lm_head.in_features)))
+        for name, size in sizes:
+            if size != expected:
                 raise ValueError(
-                    f"the target's {name} has weight shape {list(module.weight.shape)}, but the EAGLE head "
+                    f"the target's {name} maps {list(size)} (vocabulary, hidden), but the EAGLE head "
                     f"for {self.config.target_name!r} needs [vocab_size, hidden_size] = {list(expected)}"
                 )
         self.target_modules = TargetModules(embed, lm_head)
@@ -138,7 +153,7 @@ class EagleHead(nn.Module):
         """Predicted features ``f_{t+1}`` ``[G*B, T, H]`` (EAGLE eq.: ``f_{t+1} = Block(fc([e_{t+1}; f_t]))``)."""
         groups = features.shape[0] // tokens.shape[0]
         dtype = self.fc.weight.dtype
-        embed = F.embedding(tokens, self._shared().embed.weight.detach()).to(dtype).repeat(groups, 1, 1)
+        embed = frozen_call(self._shared().embed, tokens).to(dtype).repeat(groups, 1, 1)
         x = self.fc(torch.cat([embed, features.to(dtype)], dim=-1))
         if torch.compiler.is_compiling():  # a traced table lookup trips inductor; the rows fuse anyway
             freqs = rope_frequencies(positions, self.config.head_dim, self.config.rope_base)
@@ -152,8 +167,7 @@ class EagleHead(nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """The target's LM head on (predicted) features ``[..., H]`` -> float32 logits ``[..., V]``."""
         lm_head = self._shared().lm_head
-        bias = None if lm_head.bias is None else lm_head.bias.detach()
-        return F.linear(features.to(lm_head.weight.dtype), lm_head.weight.detach(), bias).float()
+        return frozen_call(lm_head, features.to(_module_dtype(lm_head))).float()
 
     def new_cache(self, batch_size: int, max_seq_len: int, groups: int = 1) -> StaticKVCache:
         """An empty one-layer cache for ``batch_size`` rows (``groups = 2``: CFG pairs)."""
@@ -197,20 +211,25 @@ class EagleHead(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, embed: nn.Embedding, lm_head: nn.Linear, target_name: str
+        cls, directory: str | Path, embed: nn.Module, lm_head: nn.Module, target_name: str
     ) -> EagleHead:
         """Load a head saved by :meth:`save_pretrained` for the target ``target_name`` whose
         ``embed`` / ``lm_head`` it will share. A head trained for another target raises ValueError."""
         check_target(read_eagle_config(Path(directory)), embed, target_name, str(directory))
         head = cls.load(directory)
         head.share_target(embed, lm_head)
-        return head.to(embed.weight.device)
+        return head.to(next(embed.parameters()).device)
 
 
-def check_target(config: EagleConfig, embed: nn.Embedding, target_name: str, source: str) -> None:
+def embedding_size(embed: nn.Module) -> tuple[int, int]:
+    """``(vocabulary, hidden)`` of a shared token embedding (:class:`TargetModules`)."""
+    return embed.num_embeddings, embed.embedding_dim
+
+
+def check_target(config: EagleConfig, embed: nn.Module, target_name: str, source: str) -> None:
     """Raise ValueError unless the head described by ``config`` (loaded from ``source``) was trained for
     the target ``target_name`` whose token embedding is ``embed``."""
-    vocab, hidden = embed.weight.shape
+    vocab, hidden = embedding_size(embed)
     if (config.target_name, config.vocab_size, config.hidden_size) != (target_name, vocab, hidden):
         raise ValueError(
             f"the EAGLE head in {source} was trained for target {config.target_name!r} "
@@ -241,13 +260,16 @@ def read_eagle_config(directory: Path) -> EagleConfig:
     return EagleConfig(**raw)
 
 
-def target_fingerprint(lm_head: nn.Linear) -> str:
-    """A name for the exact target a head is trained for: a hash of its LM head's weights (the
-    module the head shares), so a head can never be attached to a different target by mistake."""
+def target_fingerprint(lm_head: nn.Module) -> str:
+    """A name for the exact target a head is trained for: a hash of its LM head's weights (every
+    tensor of the module the head shares, in ``state_dict`` order: an ``nn.Linear`` without bias
+    hashes its weight alone), so a head can never be attached to a different target by mistake."""
     import hashlib
 
-    weight = lm_head.weight.detach().float().cpu().contiguous()
-    return "sha256:" + hashlib.sha256(weight.numpy().tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for tensor in lm_head.state_dict().values():
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

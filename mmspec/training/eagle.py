@@ -32,6 +32,10 @@ from ..modeling import DecoderConfig, DecoderLM
 from ..sampling import SamplingConfig
 from ..types import Target, TokenPrompt
 from .loop import train_head
+from .t2i import load_t2i_pipeline, parse_grid, read_prompt_lines, t2i_prompt_sampler
+
+#: Tokens per training sequence when ``--seq-len`` is not given (targets without a natural length).
+DEFAULT_SEQ_LEN = 32
 
 #: ``step -> (prompt, tokens [B, T])``: what ``target.prefill`` takes and the tokens that follow it.
 Batches = Callable[[int], tuple[Any, torch.Tensor]]
@@ -231,16 +235,38 @@ def load_lm_target(path: str | Path, device: torch.device | str = "cpu") -> Deco
     return model.to(device).eval()
 
 
+def _decoder_head(target, args: argparse.Namespace) -> EagleHead:
+    """A fresh head for a decoder target whose embedding / LM head are ``tok_embeddings`` / ``output``."""
+    return EagleHead(
+        EagleConfig(
+            hidden_size=target.config.dim,
+            n_head=args.n_head or target.config.n_head,
+            vocab_size=target.vocab_size,
+            target_name=args.target_name or target_fingerprint(target.output),
+            multiple_of=target.config.multiple_of,
+            norm_eps=target.config.norm_eps,
+        ),
+        target.tok_embeddings,
+        target.output,
+    ).to(args.device)
+
+
 @dataclass(frozen=True)
 class TargetKind:
     """How ``mmspec train-drafter`` loads one kind of target and samples its training prompts.
 
-    ``load(path, device)`` returns a target whose embedding / LM head are ``tok_embeddings`` /
-    ``output``; ``prompts(target, args, batch_size, device)`` returns ``(make_prompt, max_prompt_len)``.
+    ``load(args)`` returns what the other fields read: a decoder target (embedding / LM head
+    ``tok_embeddings`` / ``output``), or a pipeline; ``target(loaded)`` is the target itself;
+    ``prompts(loaded, args, batch_size, device)`` returns ``(make_prompt, max_prompt_len)``;
+    ``new_head(loaded, args)`` a fresh head for it; ``seq_len(loaded)`` the tokens per training
+    sequence when ``--seq-len`` is not given.
     """
 
-    load: Callable[[str | Path, torch.device | str], Any]
+    load: Callable[[argparse.Namespace], Any]
     prompts: Callable[[Any, argparse.Namespace, int, torch.device | str], tuple[Callable[[torch.Generator], Any], int]]
+    target: Callable[[Any], Any] = staticmethod(lambda loaded: loaded)
+    new_head: Callable[[Any, argparse.Namespace], EagleHead] = staticmethod(_decoder_head)
+    seq_len: Callable[[Any], int] = staticmethod(lambda loaded: DEFAULT_SEQ_LEN)
 
 
 def _lm_prompts(target, args, batch_size, device):
@@ -261,6 +287,31 @@ def _load_llamagen(path: str | Path, device: torch.device | str):
     return LlamaGenPipeline.from_pretrained(path).target.to(device).eval()
 
 
+def _t2i_kind(kind: str) -> TargetKind:
+    """Janus / Emu3: a t2i pipeline folder, text (or token-id) prompts, whole images per sequence."""
+
+    def prompts(pipe, args, batch_size, device):
+        lines = read_prompt_lines(args.prompts, kind)
+        return t2i_prompt_sampler(pipe, lines, batch_size, cfg=args.guidance_scale > 1)
+
+    def load(args):
+        if args.target_name is not None:  # the pipeline attaches only heads named by its fingerprint
+            raise SystemExit(
+                f"--target-name does not apply to --target-kind {kind}: its heads are named by the fingerprint "
+                "of the target's image head, which the pipeline checks when it attaches one"
+            )
+        read_prompt_lines(args.prompts, kind)  # a missing or empty prompts file fails before the model loads
+        return load_t2i_pipeline(kind, args.target_path, args.device, args.grid)
+
+    return TargetKind(
+        load=load,
+        prompts=prompts,
+        target=lambda pipe: pipe.target,
+        new_head=lambda pipe, args: pipe.new_eagle_head(args.n_head),
+        seq_len=lambda pipe: pipe.target.num_tokens,
+    )
+
+
 def _llamagen_prompts(target, args, batch_size, device):
     """Uniformly random class labels (c2i): the head learns every class's image statistics."""
     from mmspec.pipelines.llamagen import LlamaGenCondition
@@ -277,8 +328,10 @@ def _llamagen_prompts(target, args, batch_size, device):
 
 #: ``--target-kind`` -> how to load it and sample its prompts.
 TARGET_KINDS: dict[str, TargetKind] = {
-    "lm": TargetKind(load=load_lm_target, prompts=_lm_prompts),
-    "llamagen": TargetKind(load=_load_llamagen, prompts=_llamagen_prompts),
+    "lm": TargetKind(load=lambda args: load_lm_target(args.target_path, args.device), prompts=_lm_prompts),
+    "llamagen": TargetKind(load=lambda args: _load_llamagen(args.target_path, args.device), prompts=_llamagen_prompts),
+    "janus": _t2i_kind("janus"),
+    "emu3": _t2i_kind("emu3"),
 }
 
 
@@ -291,7 +344,8 @@ def add_train_drafter_args(parser: argparse.ArgumentParser) -> None:
         "--target-path",
         type=Path,
         required=True,
-        help="lm: directory with config.json + weights; llamagen: a saved LlamaGenPipeline folder",
+        help="lm: directory with config.json + weights; llamagen: a saved LlamaGenPipeline folder; "
+        "janus / emu3: a local transformers folder of the model (or a saved JanusImagePipeline / Emu3ImagePipeline)",
     )
     parser.add_argument(
         "--target-name",
@@ -303,13 +357,25 @@ def add_train_drafter_args(parser: argparse.ArgumentParser) -> None:
         "--prompts",
         type=Path,
         default=None,
-        help="text file, one prompt per line as space-separated token ids (default: random prompts of 1-8 tokens)",
+        help="text file, one prompt per line: lm: space-separated token ids (default: random prompts of 1-8 "
+        "tokens); janus / emu3 (required): text prompts, or whole token-id prompts when the folder has no processor",
+    )
+    parser.add_argument(
+        "--grid",
+        type=parse_grid,
+        default=None,
+        help="emu3: the token grid HxW the head drafts for (default: the one a saved Emu3ImagePipeline records)",
     )
     parser.add_argument("--n-head", type=int, default=None, help="attention heads of the head (default: the target's)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"tokens per training sequence (default: {DEFAULT_SEQ_LEN}; janus / emu3: a whole image)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling of the self-distilled data")
     parser.add_argument("--top-k", type=int, default=None)
@@ -328,31 +394,20 @@ def train_drafter_command(args: argparse.Namespace) -> int:
     if args.target_kind not in TARGET_KINDS:
         raise SystemExit(f"unknown --target-kind {args.target_kind!r}; available: {', '.join(sorted(TARGET_KINDS))}")
     kind = TARGET_KINDS[args.target_kind]
-    target = kind.load(args.target_path, args.device)
+    loaded = kind.load(args)
+    target = kind.target(loaded)
     config = EagleTrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        seq_len=args.seq_len,
+        seq_len=args.seq_len or kind.seq_len(loaded),
         seed=args.seed,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
     )
-    make_prompt, config.max_prompt_len = kind.prompts(target, args, config.batch_size, args.device)
-    name = args.target_name or target_fingerprint(target.output)
-    head = EagleHead(
-        EagleConfig(
-            hidden_size=target.config.dim,
-            n_head=args.n_head or target.config.n_head,
-            vocab_size=target.vocab_size,
-            target_name=name,
-            multiple_of=target.config.multiple_of,
-            norm_eps=target.config.norm_eps,
-        ),
-        target.tok_embeddings,
-        target.output,
-    ).to(args.device)
+    make_prompt, config.max_prompt_len = kind.prompts(loaded, args, config.batch_size, args.device)
+    head = kind.new_head(loaded, args)
     sampling = SamplingConfig(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale
     )

@@ -31,7 +31,15 @@ import torch.nn.functional as F
 from ..drafters.eagle3 import AuxFeatureTarget, Eagle3Drafter, Eagle3Head, eagle3_head_for_lm
 from ..sampling import SamplingConfig
 from ..types import TokenPrompt
-from .eagle import TARGET_KINDS, Batches, EagleTrainConfig, eagle_training_pairs, load_lm_target, self_distilled_batches
+from .eagle import (
+    DEFAULT_SEQ_LEN,
+    TARGET_KINDS,
+    Batches,
+    EagleTrainConfig,
+    eagle_training_pairs,
+    load_lm_target,
+    self_distilled_batches,
+)
 from .loop import process_state, train_head
 
 
@@ -264,7 +272,7 @@ def train_eagle3_command(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        seq_len=getattr(args, "answer_len", None) or args.seq_len,
+        seq_len=getattr(args, "answer_len", None) or args.seq_len or DEFAULT_SEQ_LEN,
         seed=args.seed,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,

@@ -41,6 +41,7 @@ from mmspec.pipelines.vlm.targets import VLMPrompt, VLMTarget
 from mmspec.pipelines.vlm.visual_paths import VISUAL_PATHS
 from mmspec.sampling import SamplingConfig
 from mmspec.training.eagle import (
+    DEFAULT_SEQ_LEN,
     Batches,
     EaglePairs,
     EagleTrainConfig,
@@ -263,7 +264,7 @@ def train_vlm_drafter_command(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        seq_len=args.answer_len or args.seq_len,
+        seq_len=args.answer_len or args.seq_len or DEFAULT_SEQ_LEN,
         seed=args.seed,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,

@@ -23,8 +23,7 @@ from mmspec.acceptance import AcceptanceRule
 from mmspec.cache import StaticKVCache
 from mmspec.compile import CompiledTarget, compile_step
 from mmspec.drafters import EagleDrafter, EagleHead, ModelDrafter
-from mmspec.drafters.eagle import TreeConfig
-from mmspec.drafters.factory import register_jacobi_methods, window_memory, with_window
+from mmspec.drafters.factory import eagle_method, register_jacobi_methods, window_memory, with_window
 from mmspec.loops import masked_generate, required_cache_len
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
@@ -71,18 +70,12 @@ def _draft_model(pipe: LlamaGenPipeline, options: dict) -> Any:
 @LLAMAGEN_METHODS.register("eagle", options={"tree": None}, requires=("eagle_head",))
 def _eagle(pipe: LlamaGenPipeline, options: dict) -> EagleDrafter:
     """EAGLE feature-level drafting: a chain, or an EAGLE-2 dynamic tree (``tree``: a TreeConfig)."""
-    if pipe.eagle_head is None:
-        raise ValueError(
-            "speculative='eagle' needs an EAGLE head: pipe.load_eagle_head(path) "
-            "(train one with `mmspec train-drafter --target-kind llamagen`)"
-        )
-    tree = options["tree"]
-    if tree is not None and not isinstance(tree, TreeConfig):
-        raise ValueError(
-            f"the EAGLE option tree must be a TreeConfig(depth, top_k, total_nodes) or None, got {tree!r} "
-            "(command line: --eagle-tree DEPTH,TOP_K,NODES)"
-        )
-    return EagleDrafter(pipe.eagle_head, tree=tree, step=pipe._compiled_step("eagle", pipe.eagle_head))
+    return eagle_method(
+        pipe.eagle_head,
+        options,
+        "`mmspec train-drafter --target-kind llamagen`",
+        step=pipe._compiled_step("eagle", pipe.eagle_head),
+    )
 
 
 @LLAMAGEN_METHODS.register(

@@ -19,21 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mmspec.drafters.factory import register_jacobi_methods
-from mmspec.loops import required_cache_len
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
 from mmspec.types import PrefillOutput, TargetOutput
 
-from ..base import SpeculativePipelineMixin, generate_image_tokens, postprocess_images
+from ..base import postprocess_images
 from ..vlm.decoder import TEXT_ARCHITECTURES, RopeOffsetKVCache, TextArchitecture, convert_language_model
-from .janus import JanusImagePipelineOutput, ProgressBarMixin
+from .base import ImageTokenEmbedding, T2IPipeline, register_eagle_method
 
 # Emu3's text model is a Llama (same module names, RoPE and SwiGLU; ``attention_bias`` covers q, k, v, o):
 # the VLM path's static-cache converter reads it once it knows the model type.
@@ -93,6 +91,8 @@ class Emu3ImageTarget(nn.Module):
 
     Vocabulary: ids ``0 .. C-1`` are codebook indices, ``C`` is the end-of-line token; generated
     sequences are ``height`` rows of ``width`` visual tokens and one end of line (``num_tokens``).
+    The converted decoder's output layer keeps only the LM head's rows of these ``C + 1`` BPE ids (the
+    same logits as the full head followed by a selection, without computing the text vocabulary's).
     """
 
     def __init__(self, model: nn.Module, height: int, width: int) -> None:
@@ -109,9 +109,24 @@ class Emu3ImageTarget(nn.Module):
         bpe = torch.tensor([img2bpe[i] for i in range(codes)] + [mapping.eol_token_id])
         self.register_buffer("bpe_ids", bpe, persistent=False)  # [C + 1] our id -> BPE id
         self.vocab_size = codes + 1
+        full = self.decoder.output.weight
+        self.decoder.output = nn.Linear(
+            full.shape[1], self.vocab_size, bias=False, device=full.device, dtype=full.dtype
+        )
+        with torch.no_grad():
+            self.decoder.output.weight.copy_(full[bpe.to(full.device)])
+        self.image_embedding = ImageTokenEmbedding(
+            self.decoder.tok_embeddings, self.vocab_size, self.decoder.config.dim, self.bpe_ids
+        )
         self.eol = codes
         self.height, self.width = height, width
         self.num_tokens = height * (width + 1)
+
+    def eagle_modules(self) -> tuple[ImageTokenEmbedding, nn.Linear]:
+        """The embedding of our ids (the text model's rows of their BPE ids) and the restricted LM head
+        an EAGLE head shares. The head's drafts are not masked by the row layout: a draft that breaks it
+        has target probability 0 and is rejected."""
+        return self.image_embedding, self.decoder.output
 
     def new_cache(self, batch_size: int, max_seq_len: int, cfg: bool = False) -> Emu3Cache:
         c, p = self.decoder.config, self.decoder.tok_embeddings.weight
@@ -127,9 +142,9 @@ class Emu3ImageTarget(nn.Module):
         )
 
     def _logits(self, out: TargetOutput, slots: torch.Tensor, cache: Emu3Cache) -> TargetOutput:
-        """Restrict to our vocabulary, mask by the row layout for the tokens that come after ``slots
-        [B, T]``, split the CFG halves."""
-        logits = out.logits.index_select(-1, self.bpe_ids)  # [G*B, T, C + 1]
+        """Mask our vocabulary's logits by the row layout for the tokens that come after ``slots [B, T]``,
+        split the CFG halves."""
+        logits = out.logits  # [G*B, T, C + 1]
         index = slots + 1 - cache.image_start[:, None]  # [B, T] generated index of the predicted token
         is_eol = (index % (self.width + 1)) == self.width
         allowed = torch.where(
@@ -188,43 +203,36 @@ class Emu3ImageTarget(nn.Module):
     __call__ = forward
 
 
-#: Emu3's speculative methods (training-free).
+#: Emu3's speculative methods: SJD / MC-SJD (training-free) and EAGLE (a head trained for the target).
 EMU3_METHODS = MethodRegistry("Emu3ImagePipeline")
 
 
 register_jacobi_methods(EMU3_METHODS, lambda pipe: pipe.target.width + 1)
+register_eagle_method(EMU3_METHODS, "`mmspec train-drafter --target-kind emu3`")
 
 
-class Emu3ImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
-    """Text-to-image with Emu3, with or without speculative decoding (``"sjd"``, ``"mc-sjd"``).
+class Emu3ImagePipeline(T2IPipeline):
+    """Text-to-image with Emu3, with or without speculative decoding (``"sjd"``, ``"mc-sjd"``, ``"eagle"``).
 
     Args:
         model: a ``transformers.Emu3ForConditionalGeneration`` (its config's ``vocabulary_map`` maps
             visual tokens and ``<|extra_200|>`` to BPE ids).
-        height, width: the token grid to generate (Emu3's processor writes ``{h}*{w}`` into the prompt).
+        height, width: the token grid to generate (Emu3's processor writes ``{h}*{w}`` into the prompt);
+            recorded in the folder by ``save_pretrained``, so ``from_pretrained`` of such a folder needs
+            them only to override.
         processor: an ``Emu3Processor`` (left padding), for ``prompt=``; None: pass token ids.
+        eagle: an EAGLE head trained for this model and grid (optional component; see :class:`T2IPipeline`).
     """
 
     methods = EMU3_METHODS
+    model_class: ClassVar[str] = "Emu3ForConditionalGeneration"
+    model_type: ClassVar[str] = "emu3"
+    settings: ClassVar[tuple[str, ...]] = ("height", "width")
 
-    def __init__(self, model: nn.Module, height: int, width: int, processor: Any = None) -> None:
-        self.model = model.eval()
-        self.processor = processor
-        self.target = Emu3ImageTarget(model, height, width)
-        self._window_memo: dict = {}
-        self._rule_memo: dict = {}
-
-    @classmethod
-    def from_pretrained(
-        cls, path, height: int, width: int, torch_dtype: torch.dtype | None = None
-    ) -> Emu3ImagePipeline:
-        """Load a local transformers folder written by ``save_pretrained``."""
-        from transformers import AutoProcessor, Emu3ForConditionalGeneration
-
-        processor = None
-        if (Path(path) / "processor_config.json").exists() or (Path(path) / "tokenizer_config.json").exists():
-            processor = AutoProcessor.from_pretrained(path)
-        return cls(Emu3ForConditionalGeneration.from_pretrained(path, dtype=torch_dtype), height, width, processor)
+    def __init__(self, model: nn.Module, height: int, width: int, processor: Any = None, eagle: Any = None) -> None:
+        self.height, self.width = height, width
+        self.token_grid = (height, width + 1)  # the generated tokens, ends of line as the last column
+        super().__init__(model, Emu3ImageTarget(model, height, width), processor, eagle)
 
     def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] = "") -> tuple[torch.Tensor, ...]:
         """``(input_ids, negative_prompt_ids, attention_mask, negative_prompt_attention_mask)`` ``[B, P]`` for
@@ -253,6 +261,45 @@ class Emu3ImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
             raise ValueError("the processor's tokenizer must pad on the left (tokenizer.padding_side = 'left')")
         n = len(prompts)
         return ids[:n], ids[n:], mask[:n], mask[n:]
+
+    def prompt_inputs(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: torch.Tensor | None = None,  # [B, P] left-padded
+        attention_mask: torch.Tensor | None = None,  # [B, P]
+        cfg: bool = True,
+        negative_prompt: str | list[str] = "",
+        negative_prompt_ids: torch.Tensor | None = None,  # [B, P]
+        negative_prompt_attention_mask: torch.Tensor | None = None,  # [B, P]
+    ) -> Emu3Prompt:
+        """The target's prompt for text ``prompt`` (through the processor, with ``negative_prompt``) or
+        token ids (with ``negative_prompt_ids``); ``cfg``: the negative prompt is needed (guidance scale > 1)."""
+        if prompt is not None:
+            if input_ids is not None or negative_prompt_ids is not None:
+                raise ValueError("pass prompt (text) or input_ids / negative_prompt_ids (tokens), not both")
+            input_ids, negative_prompt_ids, attention_mask, negative_prompt_attention_mask = self.encode_prompt(
+                prompt, negative_prompt
+            )
+        if input_ids is None:
+            raise ValueError("pass prompt (with a processor) or input_ids [B, P]")
+        device = self.device
+        input_ids = input_ids.to(device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        if cfg:
+            if negative_prompt_ids is None or negative_prompt_ids.shape != input_ids.shape:
+                raise ValueError(
+                    "guidance_scale > 1 needs negative_prompt_ids of the prompt's shape [B, P] "
+                    "(left-padded, with negative_prompt_attention_mask)"
+                )
+            uncond = negative_prompt_ids.to(device)
+            uncond_mask = (
+                torch.ones_like(uncond)
+                if negative_prompt_attention_mask is None
+                else negative_prompt_attention_mask.to(device)
+            )
+        else:
+            uncond, uncond_mask = input_ids, mask
+        return Emu3Prompt(input_ids, mask, uncond, uncond_mask)
 
     def rule_resources(self) -> dict:
         """The VQ codebook (the end-of-line token gets a far-away vector: nobody's latent neighbour)."""
@@ -301,64 +348,36 @@ class Emu3ImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
         verify step (diffusers convention; ``tokens``: the ``height x (width + 1)`` raster-order ids so far,
         ends of line included, -1 where not generated yet). ``set_progress_bar_config(disable=True)`` hides
         the progress bar."""
-        if prompt is not None:
-            if input_ids is not None or negative_prompt_ids is not None:
-                raise ValueError("pass prompt (text) or input_ids / negative_prompt_ids (tokens), not both")
-            input_ids, negative_prompt_ids, attention_mask, negative_prompt_attention_mask = self.encode_prompt(
-                prompt, negative_prompt
-            )
-        if input_ids is None:
-            raise ValueError("pass prompt (with a processor) or input_ids [B, P]")
-        device = self.target.decoder.tok_embeddings.weight.device
-        input_ids = input_ids.to(device)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
-        if sampling.uses_cfg:
-            if negative_prompt_ids is None or negative_prompt_ids.shape != input_ids.shape:
-                raise ValueError(
-                    "guidance_scale > 1 needs negative_prompt_ids of the prompt's shape [B, P] "
-                    "(left-padded, with negative_prompt_attention_mask)"
-                )
-            uncond = negative_prompt_ids.to(device)
-            uncond_mask = (
-                torch.ones_like(uncond)
-                if negative_prompt_attention_mask is None
-                else negative_prompt_attention_mask.to(device)
-            )
-        else:
-            uncond, uncond_mask = input_ids, mask
-        prompt = Emu3Prompt(input_ids, mask, uncond, uncond_mask)
-        spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
-        window = 1 if spec.drafter is None else spec.drafter.verify_width(num_draft_tokens)
-        cache = self.target.new_cache(
-            input_ids.shape[0],
-            required_cache_len(input_ids.shape[1], self.target.num_tokens, window),
-            cfg=sampling.uses_cfg,
-        )
-        out = generate_image_tokens(
-            self,
-            self.target,
+        emu3_prompt = self.prompt_inputs(
             prompt,
-            cache,
+            input_ids,
+            attention_mask,
+            sampling.uses_cfg,
+            negative_prompt,
+            negative_prompt_ids,
+            negative_prompt_attention_mask,
+        )
+        spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
+        out = self.generate_tokens(
+            emu3_prompt,
+            emu3_prompt.input_ids.shape[1],
             self.target.num_tokens,
+            sampling,
             spec,
             num_draft_tokens,
-            sampling,
             generator,
             callback_on_step_end,
         )
         h, w = self.target.height, self.target.width
-        codes = out.tokens.view(-1, h, w + 1)[..., :w]
-        images = None if output_type == "tokens" else self._decode(codes, output_type)
-        if not return_dict:
-            return images, codes, out.stats
-        return JanusImagePipelineOutput(images=images, tokens=codes, stats=out.stats)
+        return self.finish(out.tokens.view(-1, h, w + 1)[..., :w], out.stats, output_type, return_dict)
 
     def bpe_sequences(self, codes: torch.Tensor) -> torch.Tensor:
         """``codes [B, h, w]`` as the BPE ids transformers' ``generate`` emits (rows ended by end of line)."""
         eol = torch.full_like(codes[..., :1], self.target.eol)
         return self.target.bpe_ids[torch.cat([codes, eol], -1)].flatten(1)
 
-    def _decode(self, codes: torch.Tensor, output_type: str):
+    def decode(self, codes: torch.Tensor, output_type: str):
+        """Codebook indices ``codes [B, h, w]`` through Emu3's VQ decoder, as ``output_type``."""
         pixels = self.model.model.vqmodel.decode(codes)  # [B, 3, H, W] in [-1, 1]
         return postprocess_images(pixels, output_type, extra=("tokens",))

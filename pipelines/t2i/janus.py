@@ -9,31 +9,28 @@ the two rows' raw logits (``uncond + scale * (cond - uncond)``), and the chosen 
 ``generation_embeddings`` + ``generation_aligner``. :class:`JanusImageTarget` is exactly that over
 mmspec's static cache (the Llama language model converted by the VLM path's
 :func:`~mmspec.pipelines.vlm.decoder.convert_language_model`, with ``generation_head`` as its output
-layer), so the causal loop runs the baseline, SJD, MC-SJD and the relaxed rules on it; LANTERN / GSD
-read the VQ codebook (``vqmodel.quantize.embedding``).
+layer), so the causal loop runs the baseline, SJD, MC-SJD, EAGLE heads and the relaxed rules on it;
+LANTERN / GSD read the VQ codebook (``vqmodel.quantize.embedding``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mmspec.drafters.factory import register_jacobi_methods
-from mmspec.loops import required_cache_len
 from mmspec.methods import MethodRegistry
 from mmspec.sampling import SamplingConfig
-from mmspec.stats import SpecStats
 from mmspec.types import PrefillOutput, TargetOutput
 
-from ..base import SpeculativePipelineMixin, generate_image_tokens, postprocess_images
+from ..base import postprocess_images
 from ..vlm.decoder import RopeOffsetKVCache, convert_language_model
+from .base import ImageTokenEmbedding, ImageTokenHead, T2IPipeline, register_eagle_method
 
 
 @dataclass
@@ -65,9 +62,19 @@ class JanusImageTarget(nn.Module):
         self.decoder = convert_language_model(model.model.language_model, model.lm_head, config.text_config)
         self.decoder.output = model.model.generation_head  # image-token logits instead of text logits
         self.generation_embeddings = model.model.generation_embeddings
-        self.generation_aligner = model.model.generation_aligner
         self.vocab_size = config.vq_config.num_embeddings
-        self.num_image_tokens = config.vision_config.num_image_tokens
+        self.num_tokens = config.vision_config.num_image_tokens  # image tokens per image
+        hidden = self.decoder.config.dim
+        # An image token enters through its embedding and the aligner MLP; both are shared with EAGLE heads.
+        self.image_embedding = ImageTokenEmbedding(
+            nn.Sequential(self.generation_embeddings, model.model.generation_aligner), self.vocab_size, hidden
+        )
+        self.image_head = ImageTokenHead(self.decoder.output, hidden, self.vocab_size)
+
+    def eagle_modules(self) -> tuple[ImageTokenEmbedding, ImageTokenHead]:
+        """The image-token embedding (``generation_embeddings`` + ``generation_aligner``) and image head
+        (``generation_head``) an EAGLE head shares."""
+        return self.image_embedding, self.image_head
 
     def new_cache(self, batch_size: int, max_seq_len: int, cfg: bool = False) -> RopeOffsetKVCache:
         c, p = self.decoder.config, self.decoder.tok_embeddings.weight
@@ -115,7 +122,7 @@ class JanusImageTarget(nn.Module):
         attn_mask: torch.Tensor | None = None,  # [G*B, 1, T, S] bool, None = causal
     ) -> TargetOutput:
         """Run image tokens at the next ``T`` cache slots of both CFG rows (written, not committed)."""
-        embeds = self.generation_aligner(self.generation_embeddings(tokens)).repeat(cache.groups, 1, 1)
+        embeds = self.image_embedding(tokens).repeat(cache.groups, 1, 1)
         rope = positions + cache.rope_offsets[:, None]
         return self._split(
             self.decoder.forward_embeds(embeds, rope.repeat(cache.groups, 1), cache, attn_mask), cache.groups
@@ -124,37 +131,15 @@ class JanusImageTarget(nn.Module):
     __call__ = forward
 
 
-@dataclass
-class JanusImagePipelineOutput:
-    """``images``: PIL list / ``np.ndarray [B, H, W, 3]`` / ``torch.Tensor [B, 3, H, W]`` in [0, 1]
-    (None for ``output_type="tokens"``); ``tokens``: ``[B, h, w]`` image tokens; ``stats``: SpecStats."""
-
-    images: Any
-    tokens: torch.Tensor
-    stats: SpecStats
-
-
-class ProgressBarMixin:
-    """diffusers' progress bar (``set_progress_bar_config(**tqdm_kwargs)``, e.g. ``disable=True``) for
-    the pipelines that are not ``DiffusionPipeline`` subclasses."""
-
-    def set_progress_bar_config(self, **kwargs: Any) -> None:
-        self._progress_bar_config = kwargs
-
-    def progress_bar(self, total: int):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, **getattr(self, "_progress_bar_config", {}))
-
-
-#: Janus's speculative methods (training-free: no draft model or head ships for it).
+#: Janus's speculative methods: SJD / MC-SJD (training-free) and EAGLE (a head trained for the target).
 JANUS_METHODS = MethodRegistry("JanusImagePipeline")
 
 
 register_jacobi_methods(JANUS_METHODS, lambda pipe: pipe.grid_size)
+register_eagle_method(JANUS_METHODS, "`mmspec train-drafter --target-kind janus`")
 
 
-class JanusImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
+class JanusImagePipeline(T2IPipeline):
     """Text-to-image with Janus / Janus-Pro, with or without speculative decoding.
 
     Args:
@@ -162,9 +147,12 @@ class JanusImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
         processor: a ``JanusProcessor`` (for ``prompt=``), or None (pass ``input_ids``).
         boi_token_id / pad_token_id / bos_token_id: default to the model's generation config
             (``generation_kwargs["boi_token_id"]``, ``pad_token_id``, ``bos_token_id``).
+        eagle: an EAGLE head trained for this model (optional component; see :class:`T2IPipeline`).
     """
 
     methods = JANUS_METHODS
+    model_class: ClassVar[str] = "JanusForConditionalGeneration"
+    model_type: ClassVar[str] = "janus"
 
     def __init__(
         self,
@@ -173,10 +161,9 @@ class JanusImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
         boi_token_id: int | None = None,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
+        eagle: Any = None,
     ) -> None:
         gen = model.generation_config
-        self.model = model.eval()
-        self.processor = processor
         self.boi_token_id = (
             boi_token_id if boi_token_id is not None else (gen.generation_kwargs or {}).get("boi_token_id")
         )
@@ -185,27 +172,13 @@ class JanusImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
         missing = [n for n in ("boi_token_id", "pad_token_id", "bos_token_id") if getattr(self, n) is None]
         if missing:
             raise ValueError(f"the model's generation config lacks {missing}: pass them to JanusImagePipeline")
-        self.target = JanusImageTarget(model)
-        side = math.isqrt(self.target.num_image_tokens)
-        if side * side != self.target.num_image_tokens:
-            raise ValueError(f"num_image_tokens ({self.target.num_image_tokens}) is not a square grid")
+        target = JanusImageTarget(model)
+        side = math.isqrt(target.num_tokens)
+        if side * side != target.num_tokens:
+            raise ValueError(f"num_image_tokens ({target.num_tokens}) is not a square grid")
         self.grid_size = side
-        self._window_memo: dict = {}
-        self._rule_memo: dict = {}
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs
-    ) -> JanusImagePipeline:
-        """Load a local transformers folder (``save_pretrained`` of the model; a processor is loaded
-        with it when the folder has one)."""
-        from transformers import AutoProcessor, JanusForConditionalGeneration
-
-        model = JanusForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
-        processor = None
-        if (Path(path) / "processor_config.json").exists() or (Path(path) / "tokenizer_config.json").exists():
-            processor = AutoProcessor.from_pretrained(path)
-        return cls(model, processor=processor, **kwargs)
+        self.token_grid = (side, side)  # the generated tokens in raster order (stats, heat-maps)
+        super().__init__(model, target, processor, eagle)
 
     def rule_resources(self) -> dict:
         """The VQ codebook (LANTERN's latent neighbourhoods, GSD), the image-token embedding, the grid."""
@@ -219,10 +192,15 @@ class JanusImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
             "memo": self._rule_memo,
         }
 
-    def encode_prompt(
-        self, prompt: str | list[str] | None, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    def prompt_inputs(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: torch.Tensor | None = None,  # [B, P] left-padded, ending with BOI
+        attention_mask: torch.Tensor | None = None,  # [B, P]
+        cfg: bool = True,
     ) -> JanusPrompt:
-        """Token ids (left-padded) and their unconditional twin, as transformers' image mode builds them."""
+        """Token ids (left-padded) and their unconditional twin, as transformers' image mode builds them
+        (``cfg=False``: no twin, ``uncond_ids`` is the prompt itself and never runs)."""
         if prompt is not None:
             if input_ids is not None:
                 raise ValueError("pass prompt or input_ids, not both")
@@ -237,14 +215,15 @@ class JanusImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
             input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
         if input_ids is None:
             raise ValueError("pass prompt (with a processor) or input_ids [B, P] ending with the begin-of-image token")
-        device = self.target.decoder.tok_embeddings.weight.device
-        input_ids = input_ids.to(device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        input_ids = input_ids.to(self.device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         if not bool((input_ids[:, -1] == self.boi_token_id).all()):  # left padding: the last column is real
             raise ValueError(
                 f"each prompt must end with the begin-of-image token {self.boi_token_id} "
                 "(JanusProcessor(..., generation_mode='image') appends it)"
             )
+        if not cfg:  # no unconditional row runs: the twin is not built
+            return JanusPrompt(input_ids, attention_mask, input_ids)
         keep = (input_ids == self.bos_token_id) | (input_ids == self.boi_token_id)
         uncond = torch.where(keep, input_ids, torch.full_like(input_ids, self.pad_token_id))
         return JanusPrompt(input_ids, attention_mask, uncond)
@@ -269,44 +248,32 @@ class JanusImagePipeline(ProgressBarMixin, SpeculativePipelineMixin):
         return_dict: bool = True,
         callback_on_step_end: Callable[[JanusImagePipeline, int, None, dict], dict] | None = None,
     ):
-        """Generate images (``num_image_tokens`` tokens each) for ``prompt`` or ``input_ids``.
+        """Generate images (the config's ``num_image_tokens`` tokens each) for ``prompt`` or ``input_ids``.
 
         ``guidance_scale`` > 1 runs the ``[cond ; uncond]`` pair (Janus's default 5); ``temperature`` 0
-        is greedy (transformers' ``do_sample=False``). ``speculative``: None (baseline), ``"sjd"`` or
-        ``"mc-sjd"``; ``acceptance``: ``"exact"`` (default), ``"greedy"``, ``"lantern"``, ``"gsd"``.
+        is greedy (transformers' ``do_sample=False``). ``speculative``: None (baseline), ``"sjd"``,
+        ``"mc-sjd"`` or ``"eagle"`` (with an EAGLE head); ``acceptance``: ``"exact"`` (default), ``"greedy"``, ``"lantern"``, ``"gsd"``.
         ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (decoded by Janus's VQ) or ``"tokens"`` (no decode).
         ``callback_on_step_end``: ``f(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after every
         verify step (diffusers convention; ``tokens``: the raster-order image tokens so far, -1 where not
         generated yet). ``set_progress_bar_config(disable=True)`` hides the progress bar.
         """
-        janus_prompt = self.encode_prompt(prompt, input_ids, attention_mask)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+        janus_prompt = self.prompt_inputs(prompt, input_ids, attention_mask, cfg=sampling.uses_cfg)
         spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
-        num_tokens = self.target.num_image_tokens
-        window = 1 if spec.drafter is None else spec.drafter.verify_width(num_draft_tokens)
-        cache = self.target.new_cache(
-            janus_prompt.batch_size,
-            required_cache_len(janus_prompt.input_ids.shape[1], num_tokens, window),
-            cfg=sampling.uses_cfg,
-        )
-        out = generate_image_tokens(
-            self,
-            self.target,
+        out = self.generate_tokens(
             janus_prompt,
-            cache,
-            num_tokens,
+            janus_prompt.input_ids.shape[1],
+            self.target.num_tokens,
+            sampling,
             spec,
             num_draft_tokens,
-            sampling,
             generator,
             callback_on_step_end,
         )
-        tokens = out.tokens.view(-1, self.grid_size, self.grid_size)
-        images = None if output_type == "tokens" else self._decode(out.tokens, output_type)
-        if not return_dict:
-            return images, tokens, out.stats
-        return JanusImagePipelineOutput(images=images, tokens=tokens, stats=out.stats)
+        return self.finish(out.tokens.view(-1, self.grid_size, self.grid_size), out.stats, output_type, return_dict)
 
-    def _decode(self, tokens: torch.Tensor, output_type: str):
-        pixels = self.model.decode_image_tokens(tokens)  # [B, H, W, 3] in [-1, 1]
+    def decode(self, codes: torch.Tensor, output_type: str):
+        """Image tokens ``codes [B, h, w]`` through Janus's VQ decoder, as ``output_type``."""
+        pixels = self.model.decode_image_tokens(codes.flatten(1))  # [B, H, W, 3] in [-1, 1]
         return postprocess_images(pixels.permute(0, 3, 1, 2), output_type, extra=("tokens",))

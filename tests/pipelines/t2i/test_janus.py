@@ -15,51 +15,9 @@ BOS, BOI, PAD = 1, 62, 0
 
 def tiny_janus(seed: int = 0, sharpness: float = 1.0):
     """A random JanusForConditionalGeneration: 16 image tokens (4 x 4 grid), 24 codes."""
-    from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration
+    from mmspec.training.t2i import random_janus
 
-    config = JanusConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        ),
-        vision_config=dict(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=32,
-            num_image_tokens=16,
-            mlp_ratio=2.0,
-            depth=1,
-        ),
-        vq_config=dict(
-            embed_dim=4,
-            num_embeddings=24,
-            latent_channels=32,
-            base_channels=32,
-            channel_multiplier=[1, 2],
-            num_res_blocks=1,
-            projection_dim=32,
-            image_token_embed_dim=32,
-            num_hidden_layers=1,
-        ),
-        image_token_id=60,
-    )
-    torch.manual_seed(seed)
-    model = JanusForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.model.generation_head.vision_head.weight.mul_(sharpness)
-    model.generation_config = GenerationConfig(
-        bos_token_id=BOS, pad_token_id=PAD, generation_kwargs={"boi_token_id": BOI}
-    )
-    return model
+    return random_janus(special_ids=(BOS, PAD, BOI), sharpness=sharpness, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +132,7 @@ def test_mcsjd_sampling_follows_the_cfg_law_of_the_first_tokens():
         generator=torch.Generator().manual_seed(0),
         output_type="tokens",
     )
-    prompt = pipe.encode_prompt(None, ids, None)
+    prompt = pipe.prompt_inputs(None, ids, None)
     target = pipe.target
     exact = {}
     cache = target.new_cache(1, 16, cfg=True)
@@ -204,7 +162,7 @@ def test_clear_errors(janus_dir):
         pipe(prompt="a cat")
     with pytest.raises(ValueError, match="must end with the begin-of-image token"):
         pipe(input_ids=torch.tensor([[BOS, 5, 7]]))
-    with pytest.raises(ValueError, match="unknown speculative method 'eagle'"):
+    with pytest.raises(ValueError, match="speculative='eagle' needs an EAGLE head"):
         pipe(input_ids=PROMPTS, speculative="eagle")
 
 

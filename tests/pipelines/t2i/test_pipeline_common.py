@@ -1,8 +1,10 @@
 """JanusImagePipeline and Emu3ImagePipeline through the shared pipeline checks
 (:class:`PipelineTesterMixin`), on the tiny random transformers models of test_janus.py / test_emu3.py.
 
-Neither is a diffusers pipeline: its on-disk form is the transformers checkpoint of its model
-(``model.save_pretrained``), which the pipeline's ``from_pretrained`` loads."""
+Neither is a diffusers pipeline: its on-disk form is the transformers checkpoint of its model plus
+``model_index.json`` and the EAGLE head's ``eagle/`` folder (``pipe.save_pretrained``), which the
+pipeline's ``from_pretrained`` loads. Each tiny pipeline carries an (untrained) EAGLE head, so every
+check also runs ``speculative="eagle"`` and the round trip restores the head."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from .test_janus import BOI, BOS, PAD, tiny_janus  # noqa: E402
 @functools.cache
 def janus_pipeline() -> JanusImagePipeline:
     pipe = JanusImagePipeline(tiny_janus(sharpness=4.0))
+    torch.manual_seed(0)
+    pipe.attach_eagle_head(pipe.new_eagle_head())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -32,6 +36,8 @@ def janus_pipeline() -> JanusImagePipeline:
 @functools.cache
 def emu3_pipeline() -> Emu3ImagePipeline:
     pipe = Emu3ImagePipeline(tiny_emu3(), height=H, width=W)
+    torch.manual_seed(0)
+    pipe.attach_eagle_head(pipe.new_eagle_head())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -44,7 +50,7 @@ class _T2IPipelineCommon(PipelineTesterMixin):
     num_draft_tokens = 4
 
     def speculative_methods(self, pipe) -> dict[str, Any]:
-        """Every registered lossless method (training-free: SJD, MC-SJD — each builds on any pipeline)."""
+        """Every registered lossless method the pipeline can build (SJD, MC-SJD, EAGLE with its head)."""
         return {name: name for name in pipe.methods.available(pipe) if pipe.methods.get(name).lossless}
 
     def baseline_kwargs(self) -> dict[str, Any]:
@@ -74,7 +80,7 @@ class TestJanusImagePipelineCommon(_T2IPipelineCommon):
         }
 
     def save_and_reload(self, pipe: JanusImagePipeline, directory) -> JanusImagePipeline:
-        pipe.model.save_pretrained(directory)
+        pipe.save_pretrained(directory)
         loaded = JanusImagePipeline.from_pretrained(directory)
         loaded.set_progress_bar_config(disable=True)
         return loaded
@@ -107,8 +113,8 @@ class TestEmu3ImagePipelineCommon(_T2IPipelineCommon):
         return {**inputs, **{key: inputs[key][row : row + 1] for key in picked}}
 
     def save_and_reload(self, pipe: Emu3ImagePipeline, directory) -> Emu3ImagePipeline:
-        pipe.model.save_pretrained(directory)
-        loaded = Emu3ImagePipeline.from_pretrained(directory, height=pipe.target.height, width=pipe.target.width)
+        pipe.save_pretrained(directory)
+        loaded = Emu3ImagePipeline.from_pretrained(directory)  # the grid is recorded in model_index.json
         loaded.set_progress_bar_config(disable=True)
         return loaded
 
