@@ -158,9 +158,8 @@ class EagleHead(nn.Module):
         if torch.compiler.is_compiling():  # a traced table lookup trips inductor; the rows fuse anyway
             freqs = rope_frequencies(positions, self.config.head_dim, self.config.rope_base)
         else:  # positions are cache slots, < max_seq_len: rows of the cached table
-            freqs = rope_table(cache.max_seq_len, self.config.head_dim, self.config.rope_base, positions.device)[
-                positions
-            ]
+            table = rope_table(cache.max_seq_len, self.config.head_dim, self.config.rope_base, positions.device)
+            freqs = table[positions]
         freqs = freqs.repeat(groups, 1, 1, 1)
         return self.block(x, freqs, cache, 0, slots, attn_mask)
 
