@@ -193,7 +193,8 @@ def chain_rejection_sample_ref(
     else:
         slot = num_accepted.clamp(max=k - 1)  # [B]
         if draft is None:
-            q_n = F.one_hot(tokens.gather(1, slot[:, None]).squeeze(1), vocab).float()
+            # a scatter, not F.one_hot (which reads the ids back to the host: two syncs per step)
+            q_n = torch.zeros_like(p_n).scatter_(1, tokens.gather(1, slot[:, None]), 1.0)
         else:
             q_n = draft.gather(1, slot.view(batch, 1, 1).expand(batch, 1, vocab)).squeeze(1)
         q_n = torch.where(rejected[:, None], q_n, 0.0)  # [B, V]
@@ -244,7 +245,7 @@ def tree_walk_ref(
     (exact). Loops over depth and child slots in Python; every step is vectorised over the batch.
     Returns a :class:`TreeWalk`.
     """
-    batch, vocab = node_tokens.shape[0], target_probs.shape[2]
+    batch = node_tokens.shape[0]
     num_slots = children.shape[2]
     device = node_tokens.device
     tokens = node_tokens.long()
@@ -275,7 +276,8 @@ def tree_walk_ref(
             if relax is not None:
                 tested_p, shift = relax(p, x, q)
                 moved_mass[:, depth] += torch.where(tested, shift, 0.0)
-            q = F.one_hot(x, vocab).float() if q is None else q
+            if q is None:  # one-hot at x by a scatter (F.one_hot would read x back to the host)
+                q = torch.zeros_like(p).scatter_(1, x[:, None], 1.0)
             p_x = tested_p.gather(1, x[:, None]).squeeze(1)
             q_x = q.gather(1, x[:, None]).squeeze(1)
             accept = tested & (uniform_accept[rows, node] * q_x < p_x)

@@ -8,16 +8,52 @@ per call site (``T = 1`` for the baseline step, ``k + 1`` or ``N`` for verificat
 size compiles once. The cache's buffers are marked as static addresses so CUDA graphs may write them
 in place (as transformers' ``StaticCache`` does); caches should therefore be reused across calls
 (``cache.reset()``) rather than reallocated, or each new cache triggers a recapture.
+:func:`compile_step` is the same for any step function: drafters compile theirs with it (the EAGLE
+head's step; a draft model goes through ``CompiledTarget`` itself).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .cache import StaticKVCache
 from .types import PrefillOutput, TargetOutput
+
+
+def default_mode(device: torch.device) -> str:
+    """CUDA graphs on CUDA (``"reduce-overhead"``), inductor's default elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+def mark_static(cache: StaticKVCache) -> StaticKVCache:
+    """Mark ``cache``'s buffers as static addresses, so CUDA graphs write them in place. Returns it."""
+    for buf in (cache.k, cache.v, cache.lengths, cache.blocked):
+        torch._dynamo.mark_static_address(buf)
+    return cache
+
+
+def compile_step(fn: Callable, mode: str) -> Callable:
+    """``fn`` (a model step with static shapes per call site) through ``torch.compile(fullgraph=True)``.
+
+    Under ``"reduce-overhead"`` the tensors it returns live in CUDA-graph memory that the next replay
+    overwrites, so they are cloned: callers keep them across calls (a drafter feeds a step's output to
+    the next step; the loop keeps the target's features until the next step)."""
+    compiled = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+    if mode != "reduce-overhead":
+        return compiled
+
+    def step(*args, **kwargs):
+        out = compiled(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return out.clone()
+        fields = (getattr(out, f.name) for f in dataclasses.fields(out))  # a TargetOutput
+        return type(out)(*(None if t is None else t.clone() for t in fields))
+
+    return step
 
 
 class CompiledTarget:
@@ -30,36 +66,20 @@ class CompiledTarget:
 
     def __init__(self, target: Any, mode: str | None = None) -> None:
         self.target = target
-        device = next(target.parameters()).device
-        self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
-        self._forward = torch.compile(target.forward, mode=self.mode, fullgraph=True, dynamic=False)
+        self.mode = mode or default_mode(next(target.parameters()).device)
+        self.forward = compile_step(target.forward, self.mode)
 
     @property
     def vocab_size(self) -> int:
         return self.target.vocab_size
 
     def new_cache(self, batch_size: int, max_seq_len: int, cfg: bool = False) -> StaticKVCache:
-        cache = self.target.new_cache(batch_size, max_seq_len, cfg=cfg)
-        for buf in (cache.k, cache.v, cache.lengths, cache.blocked):
-            torch._dynamo.mark_static_address(buf)
-        return cache
+        return mark_static(self.target.new_cache(batch_size, max_seq_len, cfg=cfg))
 
     def prefill(self, prompt: Any, cache: StaticKVCache) -> PrefillOutput:
         return self.target.prefill(prompt, cache)  # once per call: not worth a compiled graph
 
-    def forward(
+    def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache, attn_mask: torch.Tensor | None
     ) -> TargetOutput:
-        out = self._forward(tokens, positions, cache, attn_mask)
-        if self.mode == "reduce-overhead":
-            # CUDA-graph outputs live in static memory overwritten by the next replay: copy them
-            # out, because the loop keeps the features for the drafter until the next step.
-            out = TargetOutput(
-                *(
-                    None if t is None else t.clone()
-                    for t in (out.logits, out.hidden_states, out.uncond_logits, out.uncond_hidden_states)
-                )
-            )
-        return out
-
-    __call__ = forward
+        return self.forward(tokens, positions, cache, attn_mask)

@@ -115,7 +115,8 @@ def logits_to_probs(
         logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
     if config.temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
-    logits = logits / config.temperature
+    if config.temperature != 1.0:  # dividing by 1 changes nothing: one op less per call
+        logits = logits / config.temperature
     if config.top_k is not None and config.top_k < logits.shape[-1]:
         threshold = torch.topk(logits, config.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < threshold, float("-inf"))

@@ -23,16 +23,17 @@ as the target's do.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..cache import StaticKVCache
-from ..modeling import TransformerBlock, find_multiple, rope_frequencies
+from ..compile import mark_static
+from ..modeling import TransformerBlock, find_multiple, rope_frequencies, rope_table
 from ..sampling import SamplingConfig, logits_to_probs, sample_from_probs
 from ..tree import DraftTree
 from ..types import Draft, DraftContext, PrefillOutput, Verdict
@@ -154,7 +155,12 @@ class EagleHead(nn.Module):
         dtype = self.fc.weight.dtype
         embed = frozen_call(self._shared().embed, tokens).to(dtype).repeat(groups, 1, 1)
         x = self.fc(torch.cat([embed, features.to(dtype)], dim=-1))
-        freqs = rope_frequencies(positions, self.config.head_dim, self.config.rope_base).repeat(groups, 1, 1, 1)
+        if torch.compiler.is_compiling():  # a traced table lookup trips inductor; the rows fuse anyway
+            freqs = rope_frequencies(positions, self.config.head_dim, self.config.rope_base)
+        else:  # positions are cache slots, < max_seq_len: rows of the cached table
+            table = rope_table(cache.max_seq_len, self.config.head_dim, self.config.rope_base, positions.device)
+            freqs = table[positions]
+        freqs = freqs.repeat(groups, 1, 1, 1)
         return self.block(x, freqs, cache, 0, slots, attn_mask)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -300,15 +306,19 @@ class EagleDrafter:
         head: the trained head (shares the target's embedding and LM head).
         tree: None drafts a chain of ``num_draft_tokens``; a :class:`TreeConfig` drafts EAGLE-2
             dynamic trees (then ``num_draft_tokens`` must equal ``tree.depth``).
+        step: ``head.forward`` compiled (:func:`mmspec.compile.compile_step`, kept by the caller so it
+            compiles once, not per drafter); None runs the head eagerly. Its cache is then marked
+            static (CUDA graphs write it in place).
 
     Proposals: a chain samples each token from ``q`` (``draft_probs = q``; greedy configs take the
     argmax and pass None). Tree children are the top-k of ``q`` -- deterministic, hence one-hot
     proposals (``draft_probs`` None), which keeps exact acceptance lossless.
     """
 
-    def __init__(self, head: EagleHead, tree: TreeConfig | None = None) -> None:
+    def __init__(self, head: EagleHead, tree: TreeConfig | None = None, step: Callable | None = None) -> None:
         self.head = head
         self.tree = tree
+        self.step = head if step is None else step
         self.vocab_size = head.config.vocab_size
         self.cache: StaticKVCache | None = None
 
@@ -325,6 +335,8 @@ class EagleDrafter:
         # deliberate sync, once per generation: size the cache for every position the run can reach
         capacity = int(ctx.positions.max()) + 2 * ctx.history.shape[1] + tree_slots + 2
         self.cache = self.head.new_cache(batch, capacity, groups)
+        if self.step is not self.head:
+            mark_static(self.cache)
         t = torch.arange(width, device=features.device)[None]  # [1, P]
         first_token_pos = ctx.positions + 1 - ctx.history_lengths  # [B] sequence position of history[0]
         # Positions whose next input is not a token (a condition prefix) hold no pair.
@@ -339,7 +351,7 @@ class EagleDrafter:
                 )
             tokens = self._history_tokens(ctx, t + 1 - first_token_pos[:, None])
             slots = self.cache.slots(width)
-            self.head(tokens, features, slots, self.cache, slots, self.cache.attention_mask(slots))
+            self.step(tokens, features, slots, self.cache, slots, self.cache.attention_mask(slots))
         self.cache.commit(start)
 
     def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
@@ -375,7 +387,7 @@ class EagleDrafter:
             ctx, (ctx.history_lengths - ctx.num_new)[:, None] + torch.arange(num, device=features.device)
         )
         slots = self.cache.slots(num)  # [B, n] = sequence positions t
-        out = self.head(tokens, features, slots, self.cache, slots, self.cache.attention_mask(slots))
+        out = self.step(tokens, features, slots, self.cache, slots, self.cache.attention_mask(slots))
         self.cache.commit(ctx.num_new)
         last = (ctx.num_new - 1).clamp(min=0).repeat(self.cache.groups)  # rows that committed nothing: unused
         feature = out[torch.arange(out.shape[0], device=out.device), last]
@@ -383,8 +395,10 @@ class EagleDrafter:
 
     def _draft_chain(self, ctx, feature, logits, num_draft_tokens, generator) -> Draft:
         """``k`` autoregressive head steps on its own predicted features (EAGLE, Sec. 3, drafting phase)."""
-        base = self.cache.lengths  # [B] position of the first draft's pair
-        causal = torch.ones(num_draft_tokens - 1, num_draft_tokens - 1, dtype=torch.bool, device=base.device).tril()
+        # The k - 1 head queries sit at slots lengths + i (also their positions) and see the committed
+        # keys and the chain's earlier pairs: causal masks, built once per chain and sliced per position.
+        chain_slots = self.cache.slots(num_draft_tokens - 1)  # [B, k - 1]
+        masks = self.cache.attention_mask(chain_slots)  # [G*B, 1, k - 1, S]
         tokens, probs = [], []
         for i in range(num_draft_tokens):
             q = self._probs(logits, ctx.sampling)  # [B, V]
@@ -393,9 +407,9 @@ class EagleDrafter:
             probs.append(q)
             if i == num_draft_tokens - 1:
                 break  # the last draft's pair is never needed
-            slots = (base + i)[:, None]
-            mask = _window_mask(self.cache, causal[i].expand(len(base), 1, -1))
-            feature = self.head(token[:, None], feature[:, None], slots, self.cache, slots, mask)[:, 0]
+            slots = chain_slots[:, i : i + 1]
+            mask = masks[:, :, i : i + 1]
+            feature = self.step(token[:, None], feature[:, None], slots, self.cache, slots, mask)[:, 0]
             logits = self.head.logits(feature)
         draft_probs = None if ctx.sampling.greedy else torch.stack(probs, 1)  # [B, k, V]
         return Draft(tokens=torch.stack(tokens, 1), draft_probs=draft_probs)
@@ -419,10 +433,11 @@ class EagleDrafter:
             row = pick // top_k  # [B, K] its parents' rows: every parent has top_k children in a row
             slots = base[:, None] + (level - 1) * top_k + torch.arange(top_k, device=base.device)  # [B, K]
             anc = parent_anc.gather(1, row[..., None].expand(-1, -1, window))
-            anc = anc | F.one_hot(slots - base[:, None], window).bool()  # [B, K, W] ancestors and self
+            # [B, K, W] ancestors and self (a comparison, not F.one_hot: that reads the ids back to the host)
+            anc = anc | ((slots - base[:, None])[..., None] == torch.arange(window, device=base.device))
             inputs = parent_out.gather(1, row.repeat(self.cache.groups, 1)[..., None].expand(-1, -1, feature.shape[-1]))
             positions = (base + level - 1)[:, None].expand(-1, top_k)
-            out = self.head(tokens.gather(1, pick), inputs, positions, self.cache, slots, _window_mask(self.cache, anc))
+            out = self.step(tokens.gather(1, pick), inputs, positions, self.cache, slots, _window_mask(self.cache, anc))
             log_q, children = self._rank_probs(self.head.logits(out), ctx.sampling).log().topk(top_k, -1)  # [B, K, K]
             parents = (first_id + pick).repeat_interleave(top_k, 1)  # [B, K*K]
             first_id += tokens.shape[1]
@@ -507,7 +522,8 @@ def tree_from_parents(parents: torch.Tensor, max_depth: int, max_children: int) 
         ancestor = eye | ancestor.gather(1, up[..., None].expand(-1, -1, num_nodes))
     depth = ancestor.sum(-1) - 1
     # A node's rank among its siblings = how many earlier nodes share its parent.
-    is_child = F.one_hot(up, num_nodes).bool() & (torch.arange(num_nodes, device=device) > 0)[None, :, None]
+    nodes = torch.arange(num_nodes, device=device)
+    is_child = (up[..., None] == nodes) & (nodes > 0)[None, :, None]  # one-hot of the parent, sync-free
     rank = is_child.long().cumsum(1).gather(2, up[..., None])[..., 0] - 1  # [B, N]
     flat = torch.where(parents >= 0, up * max_children + rank, num_nodes * max_children)  # root: spare slot
     children = torch.full((batch, num_nodes * max_children + 1), -1, dtype=torch.long, device=device)

@@ -64,10 +64,13 @@ def register_jacobi_methods(registry: MethodRegistry, row_width: Callable[[Any],
         )
 
 
-def eagle_method(head: EagleHead | None, options: dict, train_command: str) -> EagleDrafter:
+def eagle_method(
+    head: EagleHead | None, options: dict, train_command: str, step: Callable | None = None
+) -> EagleDrafter:
     """The drafter of a pipeline's ``"eagle"`` method: its EAGLE ``head`` (None: an error saying how to
     attach one, and ``train_command`` to train one) drafting a chain, or an EAGLE-2 dynamic tree
-    (``options["tree"]``: a :class:`~mmspec.drafters.eagle.TreeConfig`)."""
+    (``options["tree"]``: a :class:`~mmspec.drafters.eagle.TreeConfig`); ``step``: the head's compiled
+    forward when the pipeline compiles (``EagleDrafter(step=...)``), None to run it eagerly."""
     if head is None:
         raise ValueError(
             f"speculative='eagle' needs an EAGLE head: pipe.load_eagle_head(path) (train one with {train_command})"
@@ -78,4 +81,4 @@ def eagle_method(head: EagleHead | None, options: dict, train_command: str) -> E
             f"the EAGLE option tree must be a TreeConfig(depth, top_k, total_nodes) or None, got {tree!r} "
             "(command line: --eagle-tree DEPTH,TOP_K,NODES)"
         )
-    return EagleDrafter(head, tree=tree)
+    return EagleDrafter(head, tree=tree, step=step)

@@ -52,7 +52,6 @@ read the same ``(x, q)`` pairs, so their stated bounds hold unchanged.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..sampling import sample_from_probs
 from ..types import Draft, DraftContext, PrefillOutput, Verdict
@@ -173,7 +172,9 @@ class JacobiDrafter:
         batch, device, w = ctx.last_tokens.shape[0], ctx.last_tokens.device, num_draft_tokens
         offsets = torch.arange(w, device=device).expand(batch, -1)
         fresh = self._fresh(ctx, offsets, generator)
-        one_hot = F.one_hot(fresh, self.vocab_size).float()
+        # One-hot proposals of the fresh guesses; a scatter, not F.one_hot, which reads the ids' range
+        # back to the host (two syncs per step).
+        one_hot = torch.zeros(batch, w, self.vocab_size, device=device).scatter_(-1, fresh[..., None], 1.0)
         if self.coupling == "gumbel":
             # Noise of positions new to the window; surviving positions keep theirs (shifted in commit).
             new = torch.empty(batch, w, self.vocab_size, device=device).exponential_(1.0, generator=generator)
@@ -201,7 +202,7 @@ class JacobiDrafter:
             redraw = sample_from_probs(probs, generator)  # [B, w]
         tokens = torch.where(covered, redraw, fresh)
         self._drawn = covered
-        self._draft = Draft(tokens=tokens, draft_probs=torch.where(covered[..., None], probs, one_hot))
+        self._draft = Draft(tokens=tokens, draft_probs=probs)  # q where covered, one-hot elsewhere (above)
         return self._draft
 
     def couple(

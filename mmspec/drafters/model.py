@@ -41,7 +41,10 @@ class ModelDrafter:
 
     def prefill(self, ctx: DraftContext, prompt, prefill: PrefillOutput) -> None:
         batch = ctx.last_tokens.shape[0]
-        capacity = int(ctx.positions.max()) + ctx.history.shape[1] + 2  # deliberate sync: once per call
+        # Deliberate sync, once per call. A finished row keeps drafting while others go on: its length
+        # reaches max_new_tokens + k - 1 past the prompt and its drafts k + 1 slots more; the history
+        # holds max_new_tokens + k + 1 slots after its prefix, so twice its width covers both.
+        capacity = int(ctx.positions.max()) + 2 * ctx.history.shape[1] + 2
         self.cache = self.model.new_cache(batch, capacity, cfg=ctx.sampling.uses_cfg)
         self.model.prefill(prompt, self.cache)
         self.cache.rollback(ctx.positions)
@@ -53,13 +56,15 @@ class ModelDrafter:
         return 1 + num_draft_tokens * self.num_alternatives  # root + (chain node + siblings) per depth
 
     def draft(self, ctx: DraftContext, num_draft_tokens: int, generator: torch.Generator | None) -> Draft:
-        batch = ctx.last_tokens.shape[0]
         token = ctx.last_tokens
         tokens, probs = [], []
         seen = ctx.seen  # [B, V] or None: the repetition penalty sees the drafts as the target will
+        # Built once per draft, not per forward: the k + 1 positions (= slots) and the one-token commit.
+        positions = self.cache.slots(num_draft_tokens + 1)  # [B, k + 1]
+        one = torch.ones_like(token)
         for step in range(num_draft_tokens + 1):
-            out = self.model.forward(token[:, None], self.cache.slots(1), self.cache, None)
-            self.cache.commit(torch.ones(batch, dtype=torch.long, device=token.device))
+            out = self.model.forward(token[:, None], positions[:, step : step + 1], self.cache, None)
+            self.cache.commit(one)
             if step == num_draft_tokens:
                 break  # this forward only cached d_k
             q = logits_to_probs(

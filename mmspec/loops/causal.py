@@ -21,7 +21,7 @@ import torch
 from ..acceptance import AcceptanceRule
 from ..cache import StaticKVCache
 from ..sampling import SamplingConfig, logits_to_probs, sample_from_probs, seen_tokens
-from ..stats import SpecStats
+from ..stats import SOURCE_BONUS, SpecStats
 from ..types import Categorical, CommitMode, Draft, DraftContext, Drafter, Target, TokenPrompt, Verdict
 from .common import resolve_rule, sync
 
@@ -49,9 +49,10 @@ def required_cache_len(prompt_len: int, max_new_tokens: int, window: int) -> int
 
 def _write_ragged(buf: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> None:
     """``buf[b, offsets[b] + j] = values[b, j]`` for ``j < count[b]`` (in bounds); sync-free."""
-    index = offsets[:, None] + torch.arange(values.shape[1], device=buf.device)[None]
-    keep = (torch.arange(values.shape[1], device=buf.device)[None] < count[:, None]) & (index < buf.shape[1])
-    index = torch.where(keep, index, 0)
+    j = torch.arange(values.shape[1], device=buf.device)
+    index = offsets[:, None] + j
+    keep = (j < count[:, None]) & (index < buf.shape[1])
+    index = index * keep  # entries not kept rewrite position 0 with its own value
     buf.scatter_(1, index, torch.where(keep, values, buf.gather(1, index)))
 
 
@@ -190,7 +191,7 @@ def speculative_generate(
             sync(device)
         t2 = time.perf_counter()
         # 3. commit: cache, outputs, drafter (finished rows commit nothing)
-        num_new = torch.where(active, verdict.num_accepted + 1, 0)
+        num_new = (verdict.num_accepted + 1) * active
         path = None
         if draft.tree is None:
             cache.commit(num_new)
@@ -262,7 +263,8 @@ def _verify(
     if draft.tokens.shape[1] == 0:
         token = sample_from_probs(target_probs[:, 0], generator)
         zeros = torch.zeros_like(token)
-        return Verdict(zeros, token[:, None], is_bonus=torch.ones_like(token, dtype=torch.bool))
+        source = torch.full_like(token[:, None], SOURCE_BONUS)  # given: Verdict would derive it in 8 ops
+        return Verdict(zeros, token[:, None], is_bonus=torch.ones_like(token, dtype=torch.bool), source=source)
     return rule.verify(draft, Categorical(target_probs if rule_probs is None else rule_probs), generator)
 
 

@@ -21,7 +21,7 @@ from diffusers.utils import BaseOutput
 
 from mmspec.acceptance import AcceptanceRule
 from mmspec.cache import StaticKVCache
-from mmspec.compile import CompiledTarget
+from mmspec.compile import CompiledTarget, compile_step
 from mmspec.drafters import EagleDrafter, EagleHead, ModelDrafter
 from mmspec.drafters.factory import eagle_method, register_jacobi_methods, window_memory, with_window
 from mmspec.loops import masked_generate, required_cache_len
@@ -63,15 +63,19 @@ def _draft_model(pipe: LlamaGenPipeline, options: dict) -> Any:
     """A smaller LlamaGen GPT with the same codebook (the ``drafter`` component) proposes a chain."""
     if not isinstance(pipe.drafter, LlamaGenGPT):
         raise ValueError("speculative='draft-model' needs a smaller LlamaGenGPT as the pipeline's `drafter` component")
-    return with_window(
-        ModelDrafter(pipe.drafter), options["window"], window_memory(pipe._window_memo, "draft-model", options)
-    )
+    model = pipe._compiled_step("drafter", pipe.drafter) or pipe.drafter
+    return with_window(ModelDrafter(model), options["window"], window_memory(pipe._window_memo, "draft-model", options))
 
 
 @LLAMAGEN_METHODS.register("eagle", options={"tree": None}, requires=("eagle_head",))
 def _eagle(pipe: LlamaGenPipeline, options: dict) -> EagleDrafter:
     """EAGLE feature-level drafting: a chain, or an EAGLE-2 dynamic tree (``tree``: a TreeConfig)."""
-    return eagle_method(pipe.eagle_head, options, "`mmspec train-drafter --target-kind llamagen`")
+    return eagle_method(
+        pipe.eagle_head,
+        options,
+        "`mmspec train-drafter --target-kind llamagen`",
+        step=pipe._compiled_step("eagle", pipe.eagle_head),
+    )
 
 
 @LLAMAGEN_METHODS.register(
@@ -179,6 +183,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         self._rule_memo: dict = {}  # tables rules build from this pipeline's models (LANTERN neighbours per k)
         self._window_memo: dict = {}  # what adaptive draft windows learned (per method, options, batch size)
         self._compiled: CompiledTarget | None = None  # set by enable_compile()
+        self._compiled_steps: dict[str, tuple] = {}  # name -> (component, its compiled step), by enable_compile()
         self._caches: dict[tuple, StaticKVCache] = {}  # reused across calls (CUDA graphs need fixed addresses)
 
     @property
@@ -232,10 +237,24 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
 
     def enable_compile(self, mode: str | None = None) -> LlamaGenPipeline:
         """Decode and verify through ``torch.compile`` (CUDA graphs on CUDA): the fast baseline of
-        LlamaGen's ``sample_c2i.py --compile``, and the same speed-up for every speculative mode."""
+        LlamaGen's ``sample_c2i.py --compile``, and the same speed-up for every speculative mode. The
+        draft steps are compiled too: the ``drafter`` GPT's forward (``draft-model``) and the EAGLE
+        head's (``eagle``), each once per pipeline, so every call reuses their graphs."""
         self._compiled = CompiledTarget(self.target, mode=mode)
+        mode = self._compiled.mode
+        self._compiled_steps = {}
+        if self.drafter is not None:
+            self._compiled_steps["drafter"] = (self.drafter, CompiledTarget(self.drafter, mode=mode))
+        if self.eagle_head is not None:
+            self._compiled_steps["eagle"] = (self.eagle_head, compile_step(self.eagle_head.forward, mode))
         self._caches.clear()
         return self
+
+    def _compiled_step(self, name: str, model: Any) -> Any:
+        """The compiled step of component ``name`` (from :meth:`enable_compile`) while that component
+        is still ``model``; None when compilation is off or the component was replaced since."""
+        compiled_model, step = self._compiled_steps.get(name, (None, None))
+        return step if self._compiled is not None and compiled_model is model else None
 
     def _cache(self, batch_size: int, max_seq_len: int, cfg: bool) -> StaticKVCache:
         """An empty cache of this shape, reused across calls."""

@@ -34,3 +34,32 @@ def test_compiled_llamagen_baseline_equals_eager():
         runs.append(out.tokens)
     assert torch.equal(runs[0], runs[1])
     assert compiled.mode == "default" and compiled.vocab_size == gpt.vocab_size
+
+
+@pytest.mark.slow
+def test_compiled_draft_steps_equal_eager():
+    """enable_compile compiles the drafters' steps too (the draft GPT's forward, the EAGLE head's),
+    once per pipeline: greedy draft-model and EAGLE through the compiled pipeline give the eager
+    tokens, and a second call reuses the same compiled steps."""
+    from ..pipelines.llamagen.test_pipeline_common import tiny_pipeline
+
+    eager = tiny_pipeline()
+    compiled = type(eager)(**eager.components).enable_compile()
+    steps = dict(compiled._compiled_steps)
+    assert set(steps) == {"drafter", "eagle"}
+    for method in ("draft-model", "eagle"):
+        runs = [
+            pipe(
+                class_labels=[1, 2],
+                guidance_scale=2.0,
+                temperature=0.0,
+                speculative=method,
+                num_draft_tokens=3,
+                output_type="pt",
+            ).tokens
+            for pipe in (eager, compiled, compiled)
+        ]
+        assert torch.equal(runs[0], runs[1]) and torch.equal(runs[1], runs[2])
+    drafter = compiled.resolve_speculation("draft-model").drafter
+    assert drafter.model is steps["drafter"][1] and compiled._compiled_steps == steps
+    assert compiled.resolve_speculation("eagle").drafter.step is steps["eagle"][1]

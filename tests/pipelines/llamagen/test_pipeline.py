@@ -414,3 +414,22 @@ def test_eagle_head_moves_to_cuda_and_generates(tiny_pipe, tmp_path):
     head = _random_head(tiny_pipe.target, tmp_path / "head2")
     fresh = LlamaGenPipeline(target=pipe.target, vq=pipe.vq).load_eagle_head(head)
     assert fresh.eagle_head.fc.weight.is_cuda
+
+
+def test_draft_model_cache_holds_finished_rows_drafts():
+    """A row that finished with the largest overshoot keeps drafting k + 1 tokens while other rows
+    go on. The draft model's cache was sized k slots short for condition-prefix targets and this
+    batch (embedded model, batch 16, seed 3) wrote past it; it must run, with every row complete."""
+    from mmspec.app.defaults import load_default_llamagen
+
+    pipe = load_default_llamagen()
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        class_labels=[i % pipe.target.config.num_classes for i in range(16)],
+        guidance_scale=3.0,
+        speculative="draft-model",
+        num_draft_tokens=8,
+        generator=torch.Generator().manual_seed(3),
+        output_type="pt",
+    )
+    assert out.tokens.shape == (16, pipe.target.grid_size, pipe.target.grid_size) and bool((out.tokens >= 0).all())
