@@ -87,6 +87,7 @@ def _cosine(step: int, steps: int) -> float:
     return 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / max(steps, 1))).item())
 
 
+@torch.enable_grad()  # training must not depend on the caller's grad mode
 def train_vae(config: VAETrainConfig, frames: torch.Tensor, device: str = "cpu") -> FrameAutoencoderKL:
     """Train the frame VAE on ``frames`` (uint8 ``[N, F, 3, H, W]``); returns it with its
     ``scaling_factor`` set."""
@@ -129,6 +130,7 @@ def encode_clips(vae: FrameAutoencoderKL, frames: torch.Tensor, batch_size: int 
     return torch.cat(out).reshape(*frames.shape[:2], *vae.latent_shape)
 
 
+@torch.enable_grad()
 def train_video_model(
     config: VideoModelTrainConfig, latents: torch.Tensor, labels: torch.Tensor, names: list[str], device: str = "cpu"
 ) -> BlockCausalVideoTransformer:
