@@ -15,40 +15,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 
 import torch
-from vlm_drafters_captioner import heldout_images  # noqa: E402  (the benchmarks folder is on sys.path)
+from vlm_drafters_captioner import caption_all, heldout_images  # noqa: E402  (the benchmarks folder is on sys.path)
 
 from mmspec.drafters.eagle import EagleDrafter, TreeConfig
 from mmspec.drafters.eagle3 import ARCH, ARCH_KEY
 from mmspec.drafters.eagle3_format import is_eagle3_dir
 from mmspec.pipelines.vlm import VLMEagleDrafter
 from mmspec.pipelines.vlm.eagle3 import load_eagle3_drafter
-from mmspec.training.captioner_model import DEFAULT_QUESTION
 from mmspec.training.saved import load_captioner_pipeline
 
 NUM_DRAFT_TOKENS = 4
 TREE = TreeConfig(depth=4, top_k=3, total_nodes=10)
-
-
-class TimedDrafter:
-    """Times every ``draft`` call of the wrapped drafter (drafting cost per step)."""
-
-    def __init__(self, inner) -> None:
-        self.inner, self.draft_seconds, self.draft_calls = inner, 0.0, 0
-        self.vocab_size = inner.vocab_size
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def draft(self, ctx, k, generator):
-        start = time.perf_counter()
-        out = self.inner.draft(ctx, k, generator)
-        self.draft_seconds += time.perf_counter() - start
-        self.draft_calls += 1
-        return out
 
 
 def load_drafter(path: Path, target):
@@ -56,36 +36,6 @@ def load_drafter(path: Path, target):
     if saved.get(ARCH_KEY) == ARCH or is_eagle3_dir(path):
         return load_eagle3_drafter(path, target)
     return VLMEagleDrafter.from_pretrained(path, target)
-
-
-def caption_all(pipe, images, drafter, batch_size: int, num_draft_tokens: int) -> tuple[dict, list[str]]:
-    timed = TimedDrafter(drafter) if drafter is not None else None
-    start = time.perf_counter()
-    steps = accepted = row_steps = 0
-    texts: list[str] = []
-    for i in range(0, len(images), batch_size):
-        batch = images[i : i + batch_size]
-        out = pipe(
-            [[image] for image in batch],
-            [DEFAULT_QUESTION] * len(batch),
-            max_new_tokens=16,
-            drafter=timed,
-            num_draft_tokens=num_draft_tokens if drafter is not None else 0,
-        )
-        steps += out.stats.steps
-        accepted += int(out.stats.row_accepted.sum())
-        row_steps += int(out.stats.row_steps.sum())
-        texts += out.text
-    per_step = accepted / max(row_steps, 1)
-    record = {
-        "steps": steps,
-        "accepted_per_step_without_bonus": per_step,
-        "tokens_per_step_with_bonus": per_step + 1,
-        "wall_s": time.perf_counter() - start,
-    }
-    if timed is not None:
-        record["draft_ms_per_step"] = 1000 * timed.draft_seconds / max(timed.draft_calls, 1)
-    return record, texts
 
 
 def main(argv: list[str] | None = None) -> None:

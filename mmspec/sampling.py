@@ -40,7 +40,9 @@ class SamplingConfig:
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
-            raise ValueError(f"top_k must be a positive integer or None (no top-k filtering), got {self.top_k!r}")
+            raise ValueError(
+                f"top_k must be a positive integer (leave it unset, None, for no top-k filtering), got {self.top_k!r}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filtering), got {self.top_p}")
         if not self.guidance_scale >= 0:

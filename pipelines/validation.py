@@ -84,7 +84,9 @@ def check_llamagen_call(
     if class_labels is not None and config.model_type == "c2i":
         check_class_labels(class_labels, config.num_classes)
     if top_k is not None and not is_int(top_k):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        raise ValueError(
+            f"top_k must be a positive integer (leave it unset, None, for no top-k filtering), got {top_k!r}"
+        )
     SamplingConfig(
         temperature=temperature, top_k=None if top_k is None else int(top_k), top_p=top_p, guidance_scale=guidance_scale
     ).validate_vocab(config.vocab_size)

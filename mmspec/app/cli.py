@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .models import add_device, add_llamagen_source, llamagen_classes, load_llamagen, resolve_device, resolve_dtype
+from .models import add_device, add_model, resolve_device, resolve_dtype
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -75,26 +75,36 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    add_llamagen_source(p)
+    from .generators import load_families
+
+    families = load_families()
+    add_model(p)
     inputs = p.add_mutually_exclusive_group()
-    inputs.add_argument("--class-labels", default="0,1,2,3", help="comma-separated class ids, e.g. 3,7,12")
+    inputs.add_argument(
+        "--class-labels", default=None, help="comma-separated class ids, e.g. 3,7,12 (default: 0,1,2,3)"
+    )
     inputs.add_argument("--labels-file", type=Path, default=None, help="one class id per line (batch mode)")
+    inputs.add_argument("--prompt", action="append", default=None, help="a text prompt (repeatable; text-to-X models)")
+    inputs.add_argument("--prompts-file", type=Path, default=None, help="one text prompt per line (batch mode)")
     p.add_argument(
         "--output-dir",
         type=Path,
         default=Path("outputs/generate"),
-        help="images, results.<rank>.jsonl, errors.<rank>.jsonl and stats.json (rerun to resume)",
+        help="outputs, results.<rank>.jsonl, errors.<rank>.jsonl and stats.json (rerun to resume)",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    p.add_argument("--batch-size", type=int, default=8, help="items per pipeline call")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (> 1 runs the CFG pair)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (None: off)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold in (0, 1] (1: off)")
     p.add_argument("--seed", type=int, default=0, help="batch b uses seed + index of its first item")
     p.add_argument(
         "--speculative",
-        default="sjd",
-        help="a method of `mmspec methods` (sjd, draft-model, eagle, mulo, ...) or 'none' for the baseline",
+        default=None,
+        help="a method of `mmspec methods` for this model's family (sjd, draft-model, eagle, mulo, ...) or 'none' "
+        "for the baseline (default: the family's own, "
+        + ", ".join(f"{f.name}: {f.default_method}" for f in families.values() if f.default_method)
+        + ")",
     )
     p.add_argument(
         "--speculative-option",
@@ -119,174 +129,90 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
         help="a setting of the acceptance rule (repeatable), e.g. delta=0.1, k=100, variant=official; "
         "for mulo: tau=0.02",
     )
-    p.add_argument("--eagle-head", default=None, help="an EAGLE head folder trained for this model (speculative=eagle)")
-    p.add_argument(
-        "--eagle-tree",
-        default=None,
-        metavar="DEPTH,TOP_K,NODES",
-        help="EAGLE-2 dynamic tree budget (default: a chain of --num-draft-tokens)",
-    )
-    p.add_argument("--heatmaps", action="store_true", help="also write an acceptance heat-map per image")
     add_device(p)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    for family in families.values():
+        if family.add_args is not None:
+            family.add_args(p.add_argument_group(f"{family.name} ({family.description})"))
+
+
+def _read_inputs(args: argparse.Namespace, kind: str, family: str) -> list[str]:
+    """The raw items of ``mmspec generate`` (class ids or prompts, as the family takes them)."""
+    from .generators import CLASS_LABELS
+
+    labels_given = args.class_labels is not None or args.labels_file is not None
+    prompts_given = args.prompt is not None or args.prompts_file is not None
+    if kind == CLASS_LABELS and prompts_given:
+        raise SystemExit(f"error: {family} models take class labels (--class-labels / --labels-file), not prompts")
+    if kind != CLASS_LABELS and labels_given:
+        raise SystemExit(f"error: {family} models take prompts (--prompt / --prompts-file), not class labels")
+    file = args.labels_file if kind == CLASS_LABELS else args.prompts_file
+    if file is not None:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as err:
+            raise SystemExit(f"error: {'--labels-file' if kind == CLASS_LABELS else '--prompts-file'}: {err}") from None
+        raw = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    elif kind == CLASS_LABELS:
+        raw = [x.strip() for x in (args.class_labels or "0,1,2,3").split(",") if x.strip()]
+    else:
+        raw = [x.strip() for x in args.prompt or [] if x.strip()]
+    if not raw:
+        what = (
+            "class labels (--class-labels or --labels-file)"
+            if kind == CLASS_LABELS
+            else "prompts (--prompt or --prompts-file)"
+        )
+        raise SystemExit(f"error: nothing to generate: give {what}")
+    return raw
+
+
+def _choose_model(args: argparse.Namespace):
+    """``--model`` resolved to a family and folder; ``args.model`` becomes that folder (None for the
+    family's embedded default, as before the family registry, so job records stay comparable)."""
+    from .generators import assets_dir, resolve_model
+
+    if getattr(args, "official_gpt", None) or getattr(args, "official_vq", None):
+        if args.model is not None:
+            raise SystemExit("error: pass either --model or --official-gpt/--official-vq, not both")
+        choice = resolve_model("llamagen")
+        return choice.family, None
+    choice = resolve_model(args.model)
+    embedded = choice.family.embedded is not None and choice.path == assets_dir() / choice.family.embedded
+    args.model = None if embedded else str(choice.path)
+    return choice.family, (None if embedded else choice.path)
 
 
 @command("generate", _generate_args)
 def generate(args: argparse.Namespace) -> int:
-    """Generate images (batch over class labels; resumable; bad items skipped and reported)."""
-    import time
-
-    import torch
-
-    from ..drafters.eagle import TreeConfig
-    from ..sampling import SamplingConfig
+    """Generate from any family's model (batch over class labels or prompts; resumable; bad items
+    skipped and reported): 1. settings → 2. model → 3. the family's job → 4. run and report."""
     from .job_settings import check_generate_settings
-    from .jobs import job_state, lock_output, parse_key_values, report, run_job
-    from .visualize import acceptance_heatmap
+    from .jobs import job_state, lock_output, report, run_job
 
-    # Settings wrong for every item fail here, before the model loads (exit code 1, the message).
-    check_generate_settings(args)
+    # 1. Settings wrong for every item fail here, before the model loads (exit code 1, the message).
+    family, path = _choose_model(args)
+    if args.speculative is None:
+        args.speculative = family.default_method or "none"
+    check_generate_settings(args, family)
+    raw = _read_inputs(args, family.inputs, family.name)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    try:
-        acceptance_options = parse_key_values(args.acceptance_option, "--acceptance-option")
-        speculative_options = parse_key_values(args.speculative_option, "--speculative-option")
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    if args.labels_file is not None:
-        try:
-            text = args.labels_file.read_text()
-        except OSError as err:
-            raise SystemExit(f"error: --labels-file: {err}") from None
-        raw = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    else:
-        raw = [x.strip() for x in args.class_labels.split(",") if x.strip()]
-    if not raw:
-        raise SystemExit("error: no class labels to generate (--class-labels or --labels-file)")
     lock = lock_output(args.output_dir)  # a second job on this folder stops here, before loading
-    pipe = load_llamagen(args, device, dtype)
+    # 2. The model, then 3. the family's job: settings checked against the model, still before any item.
+    pipe = family.load(args, path, device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    if args.eagle_head:
-        try:
-            pipe.load_eagle_head(args.eagle_head)
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"error: --eagle-head {args.eagle_head}: {err}") from None
-    num_classes = pipe.target.config.num_classes
-    speculative = None if args.speculative == "none" else args.speculative
-    if args.eagle_tree:
-        depth, top_k, nodes = (int(x) for x in args.eagle_tree.split(","))
-        speculative_options["tree"] = TreeConfig(depth=depth, top_k=top_k, total_nodes=nodes)
-        args.num_draft_tokens = depth  # a tree's num_draft_tokens is its depth
-    # The method's drafter and the rule are built (and their settings checked) once, here: inside
-    # the job a ValueError would only mark items as bad.
     try:
-        spec = pipe.resolve_speculation(speculative, speculative_options, args.acceptance, acceptance_options)
-        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        if spec.rule.requires_greedy and not sampling.greedy:
-            raise ValueError(f"rule {spec.rule!r} needs greedy decoding: add --temperature 0 (or --top-k 1)")
+        job = family.prepare(pipe, args, device)
     except (ValueError, TypeError) as err:
-        rule = args.acceptance or ("(the method's own)" if speculative else "exact")
-        raise SystemExit(f"error: --speculative {args.speculative} / --acceptance {rule}: {err}") from None
-    call = {
-        "guidance_scale": args.guidance_scale,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "speculative": speculative,
-        "num_draft_tokens": args.num_draft_tokens,
-        "acceptance": spec.rule,
-        "speculative_options": speculative_options or None,
-    }
-    try:  # the pipeline's own checks of settings against this model (vocabulary, sequence length)
-        from ..pipelines.validation import check_llamagen_call
-
-        check_llamagen_call(pipe, [0], **call)
-    except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-
-    def parse(value: str) -> int:
-        try:
-            label = int(value)
-        except ValueError:
-            raise ValueError(f"not a class id: {value!r}") from None
-        if not 0 <= label < num_classes:
-            raise ValueError(f"class id {label} is outside [0, {num_classes})")
-        return label
-
-    def process(items):
-        start = time.perf_counter()
-        out = pipe(
-            class_labels=[it.value for it in items],
-            generator=torch.Generator(device).manual_seed(args.seed + items[0].index),
-            **call,
-        )
-        seconds = time.perf_counter() - start
-        grid = out.tokens.shape[1:]
-        records = []
-        for row, (item, image) in enumerate(zip(items, out.images)):
-            name = f"{item.index:05d}_class{item.value}.png"
-            save_image_atomic(image, args.output_dir / name)
-            record = {
-                "file": name,
-                "class_label": item.value,
-                "seed": args.seed + items[0].index,
-                "batch_steps": out.stats.steps,
-                "batch_seconds": seconds,
-                "row_steps": int(out.stats.row_steps[row]),
-                "row_accepted": int(out.stats.row_accepted[row]),
-            }
-            if args.heatmaps:
-                heat = f"{item.index:05d}_accept.png"
-                save_image_atomic(
-                    acceptance_heatmap(
-                        out.stats.token_source[row].reshape(grid), out.stats.token_step[row].reshape(grid)
-                    ),
-                    args.output_dir / heat,
-                )
-                record["heatmap"] = heat
-            records.append(record)
-        return records
-
-    settings = {  # what makes the images what they are: a resumed job must not change them
-        "command": "generate",
-        "model": args.model or args.official_gpt or "embedded",
-        "speculative": speculative,
-        "speculative_options": {k: repr(v) for k, v in speculative_options.items()},
-        "acceptance": repr(spec.rule),
-        "num_draft_tokens": args.num_draft_tokens,
-        "guidance_scale": args.guidance_scale,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "dtype": str(dtype),
-    }
+    # 4. The shared job machinery: batches, resume, sharding, bad items, stats.json.
     with lock:
-        job = run_job(raw, parse, process, args.output_dir, args.batch_size, desc="generate", settings=settings)
+        done = run_job(
+            raw, job.parse, job.process, args.output_dir, args.batch_size, desc="generate", settings=job.settings
+        )
         if job_state().is_main_process:
-            report(
-                args.output_dir,
-                job,
-                "images",
-                {
-                    "command": "generate",
-                    "speculative": speculative,
-                    "acceptance": spec.rule.name,
-                    "acceptance_options": acceptance_options,
-                    "acceptance_rule": repr(spec.rule),  # resolved, e.g. variant="official"
-                    "speculative_options": {
-                        k: v if isinstance(v, (int, float, str, bool)) else repr(v)
-                        for k, v in speculative_options.items()
-                    },
-                    "num_draft_tokens": args.num_draft_tokens,
-                    "guidance_scale": args.guidance_scale,
-                    "temperature": args.temperature,
-                    "top_k": args.top_k,
-                    "top_p": args.top_p,
-                    "device": str(device),
-                },
-            )
+            report(args.output_dir, done, job.what, {"family": family.name, **job.summary})
     return 0
 
 
@@ -300,7 +226,9 @@ def save_image_atomic(image: Any, path: Path) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    add_llamagen_source(p)
+    from .generators import load_families
+
+    add_model(p)
     p.add_argument(
         "--method",
         action="append",
@@ -308,17 +236,16 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="SPECULATIVE[:ACCEPTANCE[:RULE_OPTIONS[:METHOD_OPTIONS]]] (options: key=value,...), e.g. sjd, "
         "sjd:lantern:delta=0.1,k=100, sjd:gsd, mulo::tau=0.02:upsampler=learned (repeatable; an empty "
-        "rule = the method's own)",
+        "rule = the method's own; default: the family's own method)",
     )
-    p.add_argument("--num-images", type=int, default=64, help="images per method (and per baseline)")
+    p.add_argument("--num-images", type=int, default=64, help="outputs per method (and per baseline)")
     p.add_argument("--classes", default=None, help="comma-separated class ids to cycle through (default: all)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
+    p.add_argument("--batch-size", type=int, default=16, help="items per pipeline call")
     p.add_argument("--seed", type=int, default=0, help="seed of the first batch (the same for every method)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (> 1 runs the CFG pair)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (None: off)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: off)")
     p.add_argument("--num-draft-tokens", type=int, default=8, help="drafts per step")
-    p.add_argument("--eagle-head", default=None, help="an EAGLE head folder trained for this model (method eagle)")
     p.add_argument(
         "--features",
         default="vq-encoder",
@@ -333,6 +260,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", type=Path, default=Path("outputs/eval"), help="report.json and grid.png")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     add_device(p)
+    for family in load_families().values():
+        if family.evaluate is not None and family.add_eval_args is not None:
+            family.add_eval_args(p.add_argument_group(f"{family.name} ({family.description})"))
 
 
 @command("eval", _eval_args)
@@ -340,75 +270,17 @@ def evaluate(args: argparse.Namespace) -> int:
     """Quality next to speed: each method vs its own baseline on the same seeds (TVD, FID, CLIP, grid)."""
     import torch
 
-    from .evaluation import (
-        EvalMethod,
-        OpenCLIPFeatures,
-        TorchScriptFeatures,
-        VQEncoderFeatures,
-        evaluate_llamagen,
-        format_report,
-    )
-
+    family, path = _choose_model(args)
+    if family.evaluate is None:
+        raise SystemExit(f"error: mmspec eval does not support {family.name} models yet")
+    if args.num_images < 1:
+        raise SystemExit(f"error: --num-images must be >= 1, got {args.num_images}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    pipe = load_llamagen(args, device, torch.float32)
+    pipe = family.load(args, path, device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    if args.eagle_head:
-        try:
-            pipe.load_eagle_head(args.eagle_head)
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"error: --eagle-head {args.eagle_head}: {err}") from None
-    try:  # every spec is checked before the first image (a later method's mistake must not waste the run)
-        methods = [EvalMethod.parse(m) for m in (args.method or ["sjd"])]
-        for method in methods:
-            pipe.resolve_speculation(
-                method.speculative, method.speculative_options or None, method.acceptance, method.acceptance_options
-            )
-    except (ValueError, TypeError) as err:
-        raise SystemExit(f"error: --method: {err}") from None
-    if args.num_images < 1:
-        raise SystemExit(f"error: --num-images must be >= 1, got {args.num_images}")
-    num_classes = pipe.target.config.num_classes
-    pool = [int(c) for c in args.classes.split(",")] if args.classes else list(range(num_classes))
-    labels = [pool[i % len(pool)] for i in range(args.num_images)]
-    clip = None
-    if args.clip_model or args.clip_weights:
-        if not (args.clip_model and args.clip_weights):
-            raise SystemExit("error: CLIP score needs both --clip-model and --clip-weights")
-        clip = OpenCLIPFeatures(args.clip_model, args.clip_weights)
-    if args.features == "vq-encoder":
-        features = VQEncoderFeatures(pipe.vq)
-    elif args.features.startswith("torchscript:"):
-        features = TorchScriptFeatures(args.features.split(":", 1)[1])
-    elif args.features == "clip":
-        if clip is None:
-            raise SystemExit("error: --features clip needs --clip-model and --clip-weights")
-        features = clip
-    else:
-        raise SystemExit(f"error: --features must be vq-encoder, torchscript:PATH or clip, got {args.features!r}")
-    classes = llamagen_classes(args)
-    class_names = None if classes is None else [entry["name"] for entry in classes]
-    report = evaluate_llamagen(
-        pipe,
-        methods,
-        labels,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        features=features,
-        clip=clip,
-        class_names=class_names,
-        out_dir=args.output_dir,
-        sampling={
-            "guidance_scale": args.guidance_scale,
-            "temperature": args.temperature,
-            "top_k": args.top_k,
-            "num_draft_tokens": args.num_draft_tokens,
-        },
-    )
-    print(format_report(report))
-    print(f"\nwrote {args.output_dir / 'report.json'} and {args.output_dir / 'grid.png'}")
-    return 0
+    return family.evaluate(pipe, args, device)
 
 
 def _caption_args(p: argparse.ArgumentParser) -> None:
@@ -443,6 +315,13 @@ def _caption_args(p: argparse.ArgumentParser) -> None:
         help="a VLM method of `mmspec methods` (model: the model's own drafter; ngram: prompt lookup), "
         "'default' (model if the model has a drafter, else the baseline) or 'none' (the baseline)",
     )
+    p.add_argument(
+        "--drafter-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the drafter's method (repeatable), e.g. path=DIR for --drafter eagle3",
+    )
     p.add_argument("--num-draft-tokens", type=int, default=4, help="drafts per step")
     p.add_argument("--acceptance", default="exact", help="acceptance rule: exact, greedy, ...")
     p.add_argument(
@@ -462,10 +341,11 @@ def caption(args: argparse.Namespace) -> int:
     from ..data.images import image_list
     from ..pipelines.vlm.pipeline_vlm import VLM_METHODS
     from .job_settings import check_caption_settings
-    from .jobs import JobOutput, job_state, lock_output, report, run_job
+    from .jobs import JobOutput, job_state, lock_output, parse_key_values, report, run_job
     from .jobs_io import append_jsonl, check_image, load_image, write_atomic
 
     check_caption_settings(args, ["default", "none", *VLM_METHODS.names()])
+    drafter_options = parse_key_values(args.drafter_option, "--drafter-option")
     images = _caption_inputs(args.inputs, image_list)
     device = resolve_device(args.device)
     # A second job on the output folder stops here, before loading (stdout mode has no folder to share).
@@ -483,9 +363,18 @@ def caption(args: argparse.Namespace) -> int:
         pipe = load_default_captioner(device)
     available = pipe.methods.available(pipe)
     speculative = {"default": "model" if "model" in available else None, "none": None}.get(args.drafter, args.drafter)
-    if speculative is not None and speculative not in available:
-        raise SystemExit(f"error: --drafter {args.drafter}: this model lacks {pipe.methods.get(speculative).requires}")
-    drafter = None if speculative is None else pipe.methods.get(speculative).build(pipe, {})
+    method = pipe.methods.get(speculative) if speculative is not None else None
+    if method is not None and method.missing(pipe):
+        raise SystemExit(f"error: --drafter {args.drafter}: this model lacks {method.missing(pipe)}")
+    missing_options = [name for name in (method.needs_options if method else ()) if name not in drafter_options]
+    if missing_options:
+        raise SystemExit(
+            f"error: --drafter {args.drafter} needs " + ", ".join(f"--drafter-option {n}=..." for n in missing_options)
+        )
+    try:  # the drafter is built once (its options checked here, not per image)
+        drafter = None if method is None else method.build(pipe, method.resolve_options(drafter_options))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --drafter {args.drafter}: {err}") from None
     num_draft_tokens = args.num_draft_tokens if drafter is not None else 0
     try:  # limits of this model (positions, vocabulary), checked once instead of failing every image
         from ..pipelines.validation import check_vlm_call

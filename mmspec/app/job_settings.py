@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .generators import GenerationFamily
 
 
 def _fail(message: str) -> None:
@@ -41,14 +45,8 @@ def _looks_local(name: str) -> bool:
 
 
 def _check_sources(args: argparse.Namespace) -> None:
-    for flag in ("official_gpt", "official_vq"):
-        value = getattr(args, flag, None)
-        if value is not None and not os.path.isfile(value):
-            _fail(f"--{flag.replace('_', '-')} {value}: no such file")
     if getattr(args, "model", None) is not None and _looks_local(args.model) and not os.path.isdir(args.model):
         _fail(f"--model {args.model}: no such folder")
-    if getattr(args, "eagle_head", None) is not None and not os.path.isdir(args.eagle_head):
-        _fail(f"--eagle-head {args.eagle_head}: no such folder")
 
 
 def _check_greedy_rule(args: argparse.Namespace) -> None:
@@ -59,23 +57,26 @@ def _check_greedy_rule(args: argparse.Namespace) -> None:
         _fail(f"--acceptance {args.acceptance} needs greedy decoding: add --temperature 0 (or --top-k 1)")
 
 
-def check_generate_settings(args: argparse.Namespace) -> None:
-    """``SystemExit`` with a message if ``mmspec generate``'s settings cannot work for any item."""
-    from ..pipelines.llamagen.pipeline_llamagen import LLAMAGEN_METHODS
+def check_generate_settings(args: argparse.Namespace, family: GenerationFamily) -> None:
+    """``SystemExit`` with a message if ``mmspec generate``'s settings cannot work for any item of
+    ``family``'s models (the family's own checks included)."""
     from ..rules import ACCEPTANCE_RULES
 
     _check_common(args)
-    _check_sources(args)
     _check_sampling(args, guidance=True)
-    methods = LLAMAGEN_METHODS.names()
+    registry = family.methods()
+    methods = registry.names()
     if args.speculative != "none" and args.speculative not in methods:
-        _fail(f"--speculative must be 'none' (the baseline) or one of {', '.join(methods)}; got {args.speculative!r}")
+        _fail(
+            f"--speculative must be 'none' (the baseline) or one of {', '.join(methods)} ({family.name} models); "
+            f"got {args.speculative!r}"
+        )
     if args.acceptance is not None and args.acceptance not in ACCEPTANCE_RULES:
         _fail(f"--acceptance must be one of {', '.join(sorted(ACCEPTANCE_RULES))}; got {args.acceptance!r}")
     if args.speculative != "none":
         from .jobs import parse_key_values
 
-        method = LLAMAGEN_METHODS.get(args.speculative)
+        method = registry.get(args.speculative)
         try:  # option names and the rule's commit mode are known without the model
             method.resolve_options(parse_key_values(args.speculative_option, "--speculative-option"))
         except ValueError as err:
@@ -88,20 +89,24 @@ def check_generate_settings(args: argparse.Namespace) -> None:
             )
     elif args.speculative_option:
         _fail("--speculative-option needs a --speculative method")
+    try:
+        from .jobs import parse_key_values
+
+        parse_key_values(args.acceptance_option, "--acceptance-option")
+    except ValueError as err:
+        _fail(str(err))
     _check_greedy_rule(args)
-    if args.speculative != "none" and args.num_draft_tokens < 1 and not args.eagle_tree:
+    if args.speculative != "none" and args.num_draft_tokens < 1 and not getattr(args, "eagle_tree", None):
         _fail(
             f"--num-draft-tokens must be >= 1 with --speculative {args.speculative}, got {args.num_draft_tokens} "
             "(use --speculative none for the baseline)"
         )
-    if args.eagle_tree:
-        parts = args.eagle_tree.split(",")
-        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
-            _fail(f"--eagle-tree must be three positive integers DEPTH,TOP_K,NODES, got {args.eagle_tree!r}")
-        if args.speculative != "eagle":
-            _fail("--eagle-tree needs --speculative eagle")
-    if args.labels_file is not None and not args.labels_file.is_file():
-        _fail(f"--labels-file {args.labels_file}: no such file")
+    for flag in ("labels_file", "prompts_file"):
+        value = getattr(args, flag, None)
+        if value is not None and not value.is_file():
+            _fail(f"--{flag.replace('_', '-')} {value}: no such file")
+    if family.check_args is not None:
+        family.check_args(args)
 
 
 def check_caption_settings(args: argparse.Namespace, drafters: list[str]) -> None:
@@ -122,6 +127,16 @@ def check_caption_settings(args: argparse.Namespace, drafters: list[str]) -> Non
         )
     if args.acceptance not in ACCEPTANCE_RULES:
         _fail(f"--acceptance must be one of {', '.join(sorted(ACCEPTANCE_RULES))}; got {args.acceptance!r}")
+    if args.drafter_option:
+        from ..pipelines.vlm.pipeline_vlm import VLM_METHODS
+        from .jobs import parse_key_values
+
+        if args.drafter not in VLM_METHODS.names():
+            _fail(f"--drafter-option needs a --drafter method ({', '.join(VLM_METHODS.names())}), got {args.drafter!r}")
+        try:
+            VLM_METHODS.get(args.drafter).resolve_options(parse_key_values(args.drafter_option, "--drafter-option"))
+        except ValueError as err:
+            _fail(str(err))
     _check_greedy_rule(args)
     if args.max_image_side < 1:
         _fail(f"--max-image-side must be >= 1, got {args.max_image_side}")

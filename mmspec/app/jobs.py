@@ -281,12 +281,12 @@ def report(out_dir: Path, job: dict, what: str, extra: dict) -> dict:
     """Rank 0 after a job: write ``stats.json``, print the outcome and every skipped item."""
     summary = write_summary(out_dir, extra)
     results = JobOutput.read(out_dir, "results")
-    steps = sum(r["row_steps"] for r in results)
-    accepted = sum(r["row_accepted"] for r in results)
+    steps = sum(r.get("row_steps", 0) for r in results)  # families that count drafts per step
+    accepted = sum(r.get("row_accepted", 0) for r in results)
+    rate = f"; mean accepted drafts per step: {accepted / steps:.2f}" if steps else ""
     print(
         f"{summary['num_results']} {what} in {out_dir} ({summary['num_errors']} bad items; this run: "
-        f"{job['processed']} new, {job['skipped_done']} already done); "
-        f"mean accepted drafts per step: {accepted / max(steps, 1):.2f}"
+        f"{job['processed']} new, {job['skipped_done']} already done){rate}"
     )
     for err in summary["errors"]:
         print(f"  skipped item {err['index']} ({err['input']!r}): {err['error']}")

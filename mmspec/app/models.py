@@ -42,15 +42,27 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def add_llamagen_source(p: argparse.ArgumentParser) -> None:
-    """The ``--model`` / ``--official-gpt`` / ``--official-vq`` / ``--gpt-config`` / ``--vq-config`` arguments
-    that :func:`load_llamagen` reads."""
-    src = p.add_argument_group("model (default: the embedded reference model, offline)")
-    src.add_argument("--model", default=None, help="a LlamaGenPipeline folder written by save_pretrained")
-    src.add_argument("--official-gpt", default=None, help="official LlamaGen GPT checkpoint (.pt)")
-    src.add_argument("--official-vq", default=None, help="official LlamaGen VQ checkpoint (.pt)")
-    src.add_argument("--gpt-config", default=None, help="preset name (e.g. GPT-XL) or a JSON file of ModelArgs")
-    src.add_argument("--vq-config", default=None, help="preset name (e.g. VQ-16) or a JSON file of ModelArgs")
+def add_model(p: argparse.ArgumentParser | argparse._ArgumentGroup, default_family: str = "llamagen") -> None:
+    """The ``--model`` argument that :func:`mmspec.app.generators.resolve_model` reads."""
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"a model family (llamagen, mar, ...: its embedded model), an embedded model name, or a folder "
+        f"written by save_pretrained (default: the embedded {default_family} model)",
+    )
+
+
+def add_llamagen_source(p: argparse.ArgumentParser | argparse._ArgumentGroup, model: bool = True) -> None:
+    """The ``--model`` (unless ``model`` is False) / ``--official-gpt`` / ``--official-vq`` /
+    ``--gpt-config`` / ``--vq-config`` arguments that :func:`load_llamagen` reads."""
+    if isinstance(p, argparse.ArgumentParser):
+        p = p.add_argument_group("LlamaGen model (default: the embedded reference model, offline)")
+    if model:
+        p.add_argument("--model", default=None, help="a LlamaGenPipeline folder written by save_pretrained")
+    p.add_argument("--official-gpt", default=None, help="official LlamaGen GPT checkpoint (.pt)")
+    p.add_argument("--official-vq", default=None, help="official LlamaGen VQ checkpoint (.pt)")
+    p.add_argument("--gpt-config", default=None, help="preset name (e.g. GPT-XL) or a JSON file of ModelArgs")
+    p.add_argument("--vq-config", default=None, help="preset name (e.g. VQ-16) or a JSON file of ModelArgs")
 
 
 def _official_config(value: str | None, flag: str):
@@ -60,8 +72,9 @@ def _official_config(value: str | None, flag: str):
     return json.loads(path.read_text()) if path.suffix == ".json" else value
 
 
-def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """The pipeline named by the command line (official checkpoints, a saved folder, or the default)."""
+def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, path: Path | None = None):
+    """The pipeline named by the command line: official checkpoints, a saved folder (``path``, else
+    ``args.model``), or the embedded default."""
     import torch
 
     from ..pipelines.llamagen import LlamaGenPipeline
@@ -75,11 +88,12 @@ def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.d
             _official_config(args.gpt_config, "--gpt-config"),
             _official_config(args.vq_config, "--vq-config"),
         )
-    elif args.model:
+    elif path is not None or args.model:
+        folder = path if path is not None else args.model
         try:
-            pipe = LlamaGenPipeline.from_pretrained(args.model)
+            pipe = LlamaGenPipeline.from_pretrained(folder)
         except (OSError, ValueError) as err:  # not a pipeline folder, or weights that do not match
-            raise SystemExit(f"error: --model {args.model}: {err}") from None
+            raise SystemExit(f"error: --model {folder}: {err}") from None
     else:
         from .defaults import load_default_llamagen
 

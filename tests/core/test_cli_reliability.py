@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 
-from mmspec.app import cli
+from mmspec.app import cli, generate_llamagen
 from mmspec.app.cli import main
 
 from ..pipelines.vlm.test_vlm import image, tiny_vlm
@@ -29,7 +29,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the settings were checked")
 
-    monkeypatch.setattr(cli, "load_llamagen", refuse)
+    monkeypatch.setattr(generate_llamagen, "load_llamagen", refuse)
     from mmspec.pipelines.vlm import VLMPipeline
 
     monkeypatch.setattr(VLMPipeline, "from_pretrained", refuse)

@@ -25,7 +25,7 @@ from mmspec.app.jobs_io import (
     repair_jsonl,
 )
 
-from ..conftest import tiny_llamagen
+from ..conftest import run_distributed, tiny_llamagen
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -142,9 +142,11 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
 
 
 def test_second_job_on_a_folder_is_refused_naming_the_other_process(tmp_path, model_dir, monkeypatch):
-    from mmspec.app import cli
+    from mmspec.app import generate_llamagen
 
-    monkeypatch.setattr(cli, "load_llamagen", lambda *a, **k: pytest.fail("loaded the model despite the lock"))
+    monkeypatch.setattr(
+        generate_llamagen, "load_llamagen", lambda *a, **k: pytest.fail("loaded the model despite the lock")
+    )
     out = tmp_path / "out"
     out.mkdir()
     holder = _hold_lock(out)
@@ -168,48 +170,16 @@ def test_second_job_on_a_folder_is_refused_naming_the_other_process(tmp_path, mo
 def test_every_process_of_a_data_parallel_job_stops_when_the_folder_is_taken(tmp_path, model_dir):
     """Two processes started together (torchrun) against a folder another job holds: the one refused
     and the one whose own lock was free both stop, before writing anything."""
-    import socket
-
     out = tmp_path / "out"
     out.mkdir()
     labels = tmp_path / "labels.txt"
     labels.write_text("0\n1\n2\n3\n")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     holder = _hold_lock(out)
     try:
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                "2",
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(port),
-                "-m",
-                "mmspec.app.cli",
-                "generate",
-                "--model",
-                str(model_dir),
-                "--labels-file",
-                str(labels),
-                "--output-dir",
-                str(out),
-                "--speculative",
-                "none",
-                "--device",
-                "cpu",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            env=ENV,
+        run = run_distributed(
+            ["generate", "--model", str(model_dir), "--labels-file", str(labels), "--output-dir", str(out)]
+            + ["--speculative", "none", "--device", "cpu"],
             cwd=tmp_path,
-            check=False,
         )
     finally:
         holder.kill()

@@ -11,7 +11,7 @@ from mmspec.app import jobs
 from mmspec.app.cli import main
 from mmspec.pipelines.llamagen import LlamaGenPipeline
 
-from ...conftest import tiny_llamagen
+from ...conftest import run_distributed, tiny_llamagen
 
 
 @pytest.fixture(scope="module")
@@ -65,49 +65,12 @@ def test_generate_batch_skips_bad_items_and_resumes(model_dir, tmp_path, capsys)
 def test_generate_shards_items_across_real_processes(model_dir, tmp_path):
     """Two processes started together (torchrun, what `accelerate launch` does) split the items by
     index, each writing its own results file; rank 0 summarises all of them."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:  # a free port for the two processes' rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-
     labels = tmp_path / "labels.txt"
     labels.write_text("0\n1\n2\n3\n4\n")
     out = tmp_path / "out"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-            "-m",
-            "mmspec.app.cli",
-            "generate",
-            "--model",
-            str(model_dir),
-            "--labels-file",
-            str(labels),
-            "--output-dir",
-            str(out),
-            "--batch-size",
-            "2",
-            "--speculative",
-            "none",
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    run = run_distributed(
+        ["generate", "--model", str(model_dir), "--labels-file", str(labels), "--output-dir", str(out)]
+        + ["--batch-size", "2", "--speculative", "none", "--device", "cpu"],
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]

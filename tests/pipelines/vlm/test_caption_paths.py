@@ -109,3 +109,24 @@ def test_the_caption_job_hands_transparent_images_to_the_processor_unconverted(m
     composited = processor.image_processor(picture, return_tensors="pt").pixel_values
     alpha_dropped = processor.image_processor(picture.convert("RGB"), return_tensors="pt").pixel_values
     assert not np.allclose(composited.numpy(), alpha_dropped.numpy())
+
+
+def test_caption_with_an_eagle3_head_from_its_path_equals_the_baseline(model_dir, tmp_path, capsys):
+    from mmspec.drafters.eagle3 import Eagle3Drafter
+
+    from .test_eagle3_vlm import _random_head
+
+    pipe = VLMPipeline.from_pretrained(model_dir)
+    Eagle3Drafter(_random_head(pipe.target)).save_pretrained(tmp_path / "head")
+    image(0).save(tmp_path / "photo.png")
+    common = [str(tmp_path / "photo.png"), "--model", str(model_dir), "--max-new-tokens", "6", "--device", "cpu"]
+    assert main(["caption", *common, "--drafter", "none"]) == 0
+    baseline = capsys.readouterr().out
+    assert main(["caption", *common, "--drafter", "eagle3", "--drafter-option", f"path={tmp_path / 'head'}"]) == 0
+    assert capsys.readouterr().out == baseline
+    with pytest.raises(SystemExit, match="unknown option.*'bogus'.*its options: layer_convention, path"):
+        main(["caption", *common, "--drafter", "eagle3", "--drafter-option", "bogus=1"])
+    with pytest.raises(SystemExit, match="--drafter-option needs a --drafter method"):
+        main(["caption", *common, "--drafter", "none", "--drafter-option", "path=x"])
+    with pytest.raises(SystemExit, match=r"--drafter eagle3 needs --drafter-option path=\.\.\."):
+        main(["caption", *common, "--drafter", "eagle3"])

@@ -26,7 +26,7 @@ from mmspec.training.vlm import (
 )
 from mmspec.types import DraftContext
 
-from ...conftest import assert_rows_follow, recording
+from ...conftest import assert_rows_follow, recording, run_distributed
 from .test_vlm import CASES, GREEDY, _exact_joint, image, run_loop, tiny_pipeline, tiny_vlm
 
 PATHS = sorted(VISUAL_PATHS)
@@ -462,50 +462,12 @@ def test_train_drafter_cli(tmp_path):
 def test_training_runs_data_parallel_in_two_processes(tmp_path):
     """`torchrun` / `accelerate launch` with 2 processes (CPU: gloo): weights broadcast from rank 0,
     gradients averaged, rank 0 saves; the head then drafts losslessly for the embedded captioner."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     from mmspec.app.defaults import default_captioner_path, load_default_captioner
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "head"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-            "-m",
-            "mmspec.app.cli",
-            "train-drafter",
-            "--target-kind",
-            "vlm",
-            "--target-path",
-            str(default_captioner_path()),
-            "--output",
-            str(out),
-            "--visual-path",
-            "pool",
-            "--steps",
-            "4",
-            "--batch-size",
-            "4",
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    run = run_distributed(
+        ["train-drafter", "--target-kind", "vlm", "--target-path", str(default_captioner_path())]
+        + ["--output", str(out), "--visual-path", "pool", "--steps", "4", "--batch-size", "4", "--device", "cpu"],
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]

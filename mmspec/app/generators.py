@@ -1,0 +1,163 @@
+"""Generation families: what ``mmspec generate`` and ``mmspec eval`` need to know about each
+pipeline family (LlamaGen, MAR, video, Janus, Emu3, ...), in one registry.
+
+``--model`` names a family (its embedded default model), an embedded model (a folder under
+``mmspec/assets/``) or a local folder; the folder's ``model_index.json`` ``_class_name`` (diffusers
+pipelines) or ``config.json`` ``model_type`` (transformers models) picks the family. The commands
+then run the family's hooks around the shared job machinery (:mod:`mmspec.app.jobs`: batches,
+resume, sharding, bad items, ``stats.json``):
+
+1. ``check_args(args)`` — settings wrong for every item, before any model loads;
+2. ``load(args, path, device, dtype)`` — the pipeline (``path`` None: the embedded default);
+3. ``prepare(pipe, args, device)`` → :class:`FamilyJob` — settings checked against the model, the
+   per-item parser, the batch function that generates and saves, and what goes into ``job.json`` /
+   ``stats.json``;
+4. ``evaluate(pipe, args, device)`` — ``mmspec eval`` (quality next to speed), where the family has one.
+
+Families register from the modules in :data:`FAMILY_MODULES` (one per family, beside this one), so
+building the parser (``mmspec generate --help``) imports no torch: the modules import it inside their hooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..methods import MethodRegistry
+    from .jobs import JobItem
+
+#: Inputs a family generates from: class ids (``--class-labels`` / ``--labels-file``) or text
+#: (``--prompt`` / ``--prompts-file``).
+CLASS_LABELS, PROMPTS = "class_labels", "prompts"
+
+
+@dataclass
+class FamilyJob:
+    """One ``mmspec generate`` job of a family, prepared once the pipeline is loaded.
+
+    ``parse(raw) -> value`` raises ``ValueError`` for a bad item (cheap: no generation);
+    ``process(items) -> [record]`` generates one batch, saves each item's files in the output folder
+    and returns one JSON-serialisable record per item (``row_steps`` / ``row_accepted`` when the
+    family counts drafts); ``settings``: what makes the outputs what they are (``job.json``: a resumed
+    job must not change them); ``summary``: extra fields for ``stats.json``; ``what``: the noun for
+    the outputs ("images", "videos").
+    """
+
+    parse: Callable[[str], Any]
+    process: Callable[[list[JobItem]], list[dict]]
+    settings: dict
+    summary: dict
+    what: str = "images"
+
+
+@dataclass(frozen=True)
+class GenerationFamily:
+    """A pipeline family as the commands see it (see the module docstring for the hooks' order).
+
+    ``pipeline_class``: the ``_class_name`` its saved folders carry; ``model_types``: transformers
+    ``config.json`` ``model_type`` values it loads (families built on transformers models);
+    ``embedded``: the folder under ``mmspec/assets/`` of its default model, or None;
+    ``methods``: its method registry (imported lazily); ``default_method``: ``--speculative``'s
+    default for it; ``inputs``: :data:`CLASS_LABELS` or :data:`PROMPTS`; ``add_args``: its own
+    ``generate`` options (a group of the parser; names must not clash with other families').
+    """
+
+    name: str
+    description: str
+    pipeline_class: str
+    inputs: str
+    methods: Callable[[], MethodRegistry]
+    load: Callable[[argparse.Namespace, Path | None, torch.device, torch.dtype], Any]
+    prepare: Callable[[Any, argparse.Namespace, torch.device], FamilyJob]
+    default_method: str | None = None
+    embedded: str | None = None
+    model_types: tuple[str, ...] = ()
+    add_args: Callable[[argparse._ArgumentGroup], None] | None = None
+    check_args: Callable[[argparse.Namespace], None] | None = None
+    evaluate: Callable[[Any, argparse.Namespace, torch.device], int] | None = None
+    add_eval_args: Callable[[argparse._ArgumentGroup], None] | None = field(default=None)
+
+
+GENERATION_FAMILIES: dict[str, GenerationFamily] = {}
+#: Modules that register a family when imported.
+FAMILY_MODULES = ("mmspec.app.generate_llamagen",)
+
+
+def register_family(family: GenerationFamily) -> GenerationFamily:
+    """Add ``family`` to :data:`GENERATION_FAMILIES` (names are unique)."""
+    if family.name in GENERATION_FAMILIES and GENERATION_FAMILIES[family.name] is not family:
+        raise ValueError(f"generation family {family.name!r} is registered twice")
+    GENERATION_FAMILIES[family.name] = family
+    return family
+
+
+def load_families() -> dict[str, GenerationFamily]:
+    """Import every family module and return the registry."""
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    return GENERATION_FAMILIES
+
+
+def assets_dir() -> Path:
+    """The folder of the embedded models (``mmspec/assets``)."""
+    return Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What ``--model`` resolved to: a family and a folder (None: the family's embedded default, or
+    the family's own sources such as LlamaGen's ``--official-gpt``)."""
+
+    family: GenerationFamily
+    path: Path | None
+
+
+def _family_of_folder(path: Path) -> GenerationFamily:
+    families = load_families().values()
+    index, config = path / "model_index.json", path / "config.json"
+    if index.is_file():
+        class_name = json.loads(index.read_text()).get("_class_name")
+        for family in families:
+            if family.pipeline_class == class_name:
+                return family
+        raise SystemExit(f"error: --model {path}: mmspec has no generation family for pipeline class {class_name!r}")
+    if config.is_file():
+        model_type = json.loads(config.read_text()).get("model_type")
+        for family in families:
+            if model_type in family.model_types:
+                return family
+        raise SystemExit(f"error: --model {path}: mmspec generate does not support model_type {model_type!r}")
+    raise SystemExit(
+        f"error: --model {path}: not a model folder (no model_index.json written by a pipeline's save_pretrained, "
+        "and no transformers config.json)"
+    )
+
+
+def resolve_model(name: str | None, default_family: str = "llamagen") -> ModelChoice:
+    """``--model``'s family and folder, read without loading any weights.
+
+    ``name`` is None (``default_family``'s embedded default), a family name, the name of an
+    embedded model, or a local folder. Anything else is a clear ``SystemExit`` (never a hub look-up).
+    """
+    families = load_families()
+    if name is None or name in families:
+        family = families[name or default_family]
+        if family.embedded is None:
+            raise SystemExit(f"error: --model {family.name}: this family has no embedded model; pass a model folder")
+        return ModelChoice(family, assets_dir() / family.embedded)
+    embedded = {f.embedded: f for f in families.values() if f.embedded}
+    if name in embedded:
+        return ModelChoice(embedded[name], assets_dir() / name)
+    path = Path(name)
+    if not path.is_dir():
+        known = sorted(families) + sorted(embedded)
+        raise SystemExit(f"error: --model {name}: no such folder, and not a model name (known: {', '.join(known)})")
+    return ModelChoice(_family_of_folder(path), path)
