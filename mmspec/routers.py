@@ -13,6 +13,33 @@ from .types import CommitMode, Distribution, Draft, Scores, Verdict
 AGGREGATES = ("min", "mean", "quantile")
 
 
+def aggregate_scores(
+    values: torch.Tensor,  # [B, F] a score per frame (or item) of each row's block
+    aggregate: str = "min",
+    quantile: float = 0.1,
+) -> torch.Tensor:
+    """One score per row ``[B]`` (float32) from per-frame scores: ``"min"`` (the worst frame,
+    SDVG's choice), ``"mean"``, or ``"quantile"`` (the ``quantile``-th quantile of the row's frames,
+    linear interpolation as :func:`torch.quantile`). The router and the video scorers both use it."""
+    check_aggregate(aggregate, quantile)
+    if values.dim() != 2:
+        raise ValueError(f"frame scores must be [B, F], got shape {tuple(values.shape)}")
+    values = values.float()
+    if aggregate == "min":
+        return values.amin(-1)
+    if aggregate == "mean":
+        return values.mean(-1)
+    return values.quantile(quantile, dim=-1)
+
+
+def check_aggregate(aggregate: str, quantile: float) -> None:
+    """``ValueError`` unless ``aggregate`` is one of :data:`AGGREGATES` and ``quantile`` is in [0, 1]."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be a number in [0, 1], got {quantile!r}")
+
+
 @register_acceptance_rule
 class ScoreThresholdRouter(AcceptanceRule):
     """SDVG's router (arXiv 2604.17397): a drafted block is kept when the aggregate of its frames'
@@ -34,10 +61,7 @@ class ScoreThresholdRouter(AcceptanceRule):
     def __init__(self, tau: float, aggregate: str = "min", quantile: float = 0.1) -> None:
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau):
             raise ValueError(f"tau must be a number (+-inf allowed), got {tau!r}")
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-        if not 0.0 <= quantile <= 1.0:
-            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+        check_aggregate(aggregate, quantile)
         self.tau, self.aggregate, self.quantile = float(tau), aggregate, quantile
 
     def __repr__(self) -> str:
@@ -46,11 +70,5 @@ class ScoreThresholdRouter(AcceptanceRule):
     def verify(self, draft: Draft, target: Distribution | None, generator: torch.Generator | None) -> Verdict:
         if not isinstance(target, Scores):
             raise TypeError(f"{self.name!r} routes on frame scores (mmspec.types.Scores), got {type(target).__name__}")
-        values = target.values.float()  # [B, F]
-        if self.aggregate == "min":
-            score = values.amin(-1)
-        elif self.aggregate == "mean":
-            score = values.mean(-1)
-        else:
-            score = values.quantile(self.quantile, dim=-1)
+        score = aggregate_scores(target.values, self.aggregate, self.quantile)  # [B]
         return Verdict.block(draft.tokens, score >= self.tau, scores=score)

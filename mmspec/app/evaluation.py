@@ -82,28 +82,16 @@ class OpenCLIPFeatures:
 
     Raises:
         ImportError: open_clip is not installed (the message gives the install command).
-        FileNotFoundError: ``weights`` does not exist.
+        FileNotFoundError: ``weights`` or the model config does not exist.
+        ValueError: an unknown architecture, or weights of another one.
     """
 
     def __init__(self, model_name: str, weights: str | Path) -> None:
-        try:
-            import open_clip
-        except ImportError as err:
-            raise ImportError(
-                'CLIP score needs open_clip: pip install "mmspec[clip]" (open-clip-torch and torchvision)'
-            ) from err
-        if not Path(weights).is_file():
-            raise FileNotFoundError(
-                f"CLIP weights {weights} do not exist: pass the path of an open_clip checkpoint file"
-            )
-        if model_name.endswith(".json"):
-            if not Path(model_name).is_file():
-                raise FileNotFoundError(f"open_clip model config {model_name} does not exist")
-            open_clip.add_model_config(model_name)
-            model_name = Path(model_name).stem
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights))
-        self.model.eval()
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        from ..pipelines.video.scorer_clip import load_open_clip  # imports open_clip: only when CLIP is asked for
+
+        clip = load_open_clip(model_name, weights)
+        self.model, self.preprocess, self.tokenizer = clip.model, clip.preprocess, clip.tokenizer
+        model_name = clip.name
         self.size = self.model.visual.image_size
         self.size = self.size[0] if isinstance(self.size, (tuple, list)) else self.size
         self.name = f"open_clip:{model_name}"
