@@ -56,8 +56,8 @@ class VideoModelTrainConfig:
     heads: int = 4
     patch_size: int = 2
     frames_per_block: int = 2
-    steps: int = 3000
-    batch_size: int = 16
+    steps: int = 2000
+    batch_size: int = 8
     lr: float = 1e-3
     class_dropout: float = 0.1
     sampler_steps: int = 4

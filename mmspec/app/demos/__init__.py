@@ -27,6 +27,12 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="chat: a transformers VLM checkpoint folder (LLaVA, Qwen2-VL, ...; default: the embedded emoji captioner)",
     )
+    parser.add_argument(
+        "--video",
+        default="embedded",
+        help="image demo: the video tab's VideoPipeline folder ('embedded': the emoji pair; 'none': no tab); "
+        "SDVG scores frames with the embedded captioner at the folder's calibrated tau",
+    )
     add_llamagen_source(parser)
 
 
@@ -43,7 +49,9 @@ def demo_command(args: argparse.Namespace) -> int:
 
         classes = llamagen_classes(args)
         names = None if classes is None else [f"{entry['char']} {entry['name']}" for entry in classes]
-        demo = build_image_demo(load_llamagen(args, device, dtype), class_names=names)
+        demo = build_image_demo(
+            load_llamagen(args, device, dtype), class_names=names, video=_video_tab_inputs(args, device)
+        )
     else:
         from ...training.saved import load_captioner_pipeline
         from ..defaults import load_default_captioner
@@ -58,3 +66,19 @@ def demo_command(args: argparse.Namespace) -> int:
         demo = build_chat_demo(pipe)
     launch(demo, host=args.host, port=args.port, share=args.share)
     return 0
+
+
+def _video_tab_inputs(args: argparse.Namespace, device) -> tuple | None:
+    """``(VideoPipeline with drafter and vlm scorer, calibrated tau)`` for the image demo's video tab."""
+    if args.video == "none":
+        return None
+    from pathlib import Path
+
+    from ..generate_video import build_scorer, calibrated_tau, load_video
+
+    pipe = load_video(None if args.video == "embedded" else Path(args.video), device)
+    tau = calibrated_tau(Path(pipe.name_or_path), "vlm", "min")
+    if tau is None:
+        raise SystemExit(f"mmspec demo image: {args.video} has no sdvg.json calibrated for the vlm scorer")
+    pipe.set_scorer(build_scorer("vlm", {}, device))
+    return pipe, tau

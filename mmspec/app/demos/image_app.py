@@ -132,14 +132,20 @@ def stats_markdown(rows: list[tuple[str, Any]], record: dict) -> str:
     return "\n".join(lines)
 
 
-def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = None, warmup: bool = True) -> gr.Blocks:
+def build_image_demo(
+    pipe: LlamaGenPipeline,
+    class_names: list[str] | None = None,
+    warmup: bool = True,
+    video: tuple[Any, float] | None = None,
+) -> gr.Blocks:
     """The image-generation demo for ``pipe`` (a class-conditional :class:`LlamaGenPipeline`).
 
     Named endpoint ``/generate``: ``(class_label, seed, method, acceptance, num_draft_tokens,
     guidance_scale, temperature, top_k)`` -> ``(baseline image, method image, heat-map, summary
     markdown, stats JSON)``. ``method="none"`` runs the baseline only; ``top_k=0`` means no top-k.
     ``class_names``: shown next to the class ids (index = class id). ``warmup``: run the baseline
-    and every method once before serving.
+    and every method once before serving. ``video``: ``(VideoPipeline with drafter and scorer, tau)``
+    adds the video tab (:mod:`.video_tab`, endpoint ``/generate_video``).
     """
     pipe.set_progress_bar_config(disable=True)  # progress is streamed to the page, not the server log
     methods = runnable_methods(pipe)
@@ -216,46 +222,55 @@ def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = Non
             yield *images, heatmap, stats_markdown(rows, record), record
 
     with gr.Blocks(title="mmspec: speculative image generation") as demo:
-        gr.Markdown(
-            "# Speculative image generation\n"
-            "The plain autoregressive baseline and a speculative method run with the same seed. With "
-            "sampling (temperature > 0) the two pictures usually differ even for lossless rules: those are "
-            "lossless *in distribution* (every image is as likely as under the baseline), not draw for draw; "
-            "only greedy decoding (temperature 0) gives the same picture. Relaxed rules (LANTERN, GSD) trade "
-            "a bounded change of distribution for speed. The heat-map shows where drafts were "
-            "accepted (green), resampled after a rejection (red) or added as the bonus token (blue); "
-            "shades alternate between verify steps."
-        )
-        with gr.Row():
-            with gr.Column(scale=1):
-                # Custom values let API clients send the id as text ("0"); generate() checks it.
-                class_label = gr.Dropdown(classes, value=classes[0][1], label="Class", allow_custom_value=True)
-                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
-                method = gr.Dropdown([BASELINE, *methods], value=methods[0] if methods else BASELINE, label="Method")
-                acceptance = gr.Dropdown(rules, value=DEFAULT_RULE, label="Acceptance rule")
-                with gr.Accordion("Knobs", open=False):
-                    num_draft_tokens = gr.Slider(1, MAX_DRAFT_TOKENS, value=8, step=1, label="Draft tokens per step")
-                    guidance_scale = gr.Slider(1.0, 20.0, value=4.0, step=0.5, label="Guidance scale (CFG)")
-                    temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)")
-                    top_k = gr.Slider(0, pipe.target.vocab_size, value=0, step=1, label="Top-k (0 = off)")
-                run = gr.Button("Generate", variant="primary", elem_id="generate-button")
-            with gr.Column(scale=2):
-                with gr.Row():
-                    baseline_image, method_image, heatmap_image = (
-                        gr.Image(label=label, height=PICTURE_SIZE, elem_id=elem_id, elem_classes="mmspec-pixels")
-                        for label, elem_id in (
-                            ("Baseline", "baseline-image"),
-                            ("Speculative", "method-image"),
-                            ("Acceptance heat-map", "heatmap-image"),
-                        )
+        with gr.Tab("Images"):
+            gr.Markdown(
+                "# Speculative image generation\n"
+                "The plain autoregressive baseline and a speculative method run with the same seed. With "
+                "sampling (temperature > 0) the two pictures usually differ even for lossless rules: those are "
+                "lossless *in distribution* (every image is as likely as under the baseline), not draw for draw; "
+                "only greedy decoding (temperature 0) gives the same picture. Relaxed rules (LANTERN, GSD) trade "
+                "a bounded change of distribution for speed. The heat-map shows where drafts were "
+                "accepted (green), resampled after a rejection (red) or added as the bonus token (blue); "
+                "shades alternate between verify steps."
+            )
+            with gr.Row():
+                with gr.Column(scale=1):
+                    # Custom values let API clients send the id as text ("0"); generate() checks it.
+                    class_label = gr.Dropdown(classes, value=classes[0][1], label="Class", allow_custom_value=True)
+                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    method = gr.Dropdown(
+                        [BASELINE, *methods], value=methods[0] if methods else BASELINE, label="Method"
                     )
-                summary = gr.Markdown(label="Summary", elem_id="summary")
-                with gr.Accordion("Stats (JSON)", open=False):
-                    record = gr.JSON(label="Stats")
-        run.click(
-            generate,
-            [class_label, seed, method, acceptance, num_draft_tokens, guidance_scale, temperature, top_k],
-            [baseline_image, method_image, heatmap_image, summary, record],
-            api_name="generate",
-        )
+                    acceptance = gr.Dropdown(rules, value=DEFAULT_RULE, label="Acceptance rule")
+                    with gr.Accordion("Knobs", open=False):
+                        num_draft_tokens = gr.Slider(
+                            1, MAX_DRAFT_TOKENS, value=8, step=1, label="Draft tokens per step"
+                        )
+                        guidance_scale = gr.Slider(1.0, 20.0, value=4.0, step=0.5, label="Guidance scale (CFG)")
+                        temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)")
+                        top_k = gr.Slider(0, pipe.target.vocab_size, value=0, step=1, label="Top-k (0 = off)")
+                    run = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        baseline_image, method_image, heatmap_image = (
+                            gr.Image(label=label, height=PICTURE_SIZE, elem_id=elem_id, elem_classes="mmspec-pixels")
+                            for label, elem_id in (
+                                ("Baseline", "baseline-image"),
+                                ("Speculative", "method-image"),
+                                ("Acceptance heat-map", "heatmap-image"),
+                            )
+                        )
+                    summary = gr.Markdown(label="Summary", elem_id="summary")
+                    with gr.Accordion("Stats (JSON)", open=False):
+                        record = gr.JSON(label="Stats")
+            run.click(
+                generate,
+                [class_label, seed, method, acceptance, num_draft_tokens, guidance_scale, temperature, top_k],
+                [baseline_image, method_image, heatmap_image, summary, record],
+                api_name="generate",
+            )
+        if video is not None:
+            from .video_tab import add_video_tab
+
+            add_video_tab(*video, warmup=warmup)
     return demo
