@@ -27,7 +27,7 @@ import torch
 
 from mmspec.app.defaults import load_default_llamagen
 from mmspec.app.evaluation import VQEncoderFeatures
-from mmspec.app.generate_video import SDVG_FILE, build_scorer, load_video
+from mmspec.app.models import SDVG_FILE, build_scorer, load_video
 from mmspec.app.video_eval import VideoRun, evaluate_video, format_video_report, generate_all, score_videos
 from mmspec.app.video_io import tau_sweep_plot
 from mmspec.data.emoji_video import EmojiClipConfig, render_clips

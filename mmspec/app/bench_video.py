@@ -30,7 +30,7 @@ def video_suite(
     guidance_scale: float = 1.0,
 ) -> BenchSuite:
     """Block-AR video: target-only, draft-only and SDVG (per tau), with the frame scorer's cost included."""
-    from .generate_video import build_scorer, calibrated_tau, load_video
+    from .models import build_scorer, calibrated_tau, load_video
 
     pipe = load_video(None if model == "embedded" else Path(model), device, dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -16,11 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .generators import CLASS_LABELS, FamilyJob, GenerationFamily, assets_dir, register_family
-
-EMBEDDED = "video-emoji"
-#: The calibrated router settings a model folder may carry (scorer, aggregate, tau, how it was chosen).
-SDVG_FILE = "sdvg.json"
+from .generators import CLASS_LABELS, FamilyJob, GenerationFamily, register_family
+from .models import SDVG_FILE, VIDEO_EMBEDDED, build_scorer, calibrated_tau, load_video
 
 
 def _methods():
@@ -73,23 +70,6 @@ def scorer_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def build_scorer(name: str, options: dict, device) -> Any:
-    """The frame scorer ``name`` (``vlm`` without a path: the embedded captioner)."""
-    from ..pipelines.video.scorers import FRAME_SCORERS, get_frame_scorer
-
-    if name not in FRAME_SCORERS:
-        raise SystemExit(f"error: --scorer {name}: unknown; available: {', '.join(sorted(FRAME_SCORERS))}")
-    options = dict(options)
-    if name == "vlm" and "path" not in options and "pipeline" not in options:
-        from .defaults import default_captioner_path
-
-        options["path"] = str(default_captioner_path())
-    try:
-        return get_frame_scorer(name, **options).to(device)
-    except (ValueError, FileNotFoundError, OSError, ImportError) as err:
-        raise SystemExit(f"error: --scorer {name}: {err}") from None
-
-
 def _check_args(args: argparse.Namespace) -> None:
     from ..pipelines.video.scorers import FRAME_SCORERS
 
@@ -102,33 +82,6 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.scorer not in FRAME_SCORERS:
         raise SystemExit(f"error: --scorer {args.scorer}: unknown; available: {', '.join(sorted(FRAME_SCORERS))}")
     scorer_options(args)
-
-
-def load_video(path: Path | None, device, dtype=None) -> Any:
-    """The video pipeline in ``path`` (None: the embedded pair)."""
-    import torch
-
-    from ..pipelines.video import VideoPipeline
-
-    folder = path or assets_dir() / EMBEDDED
-    if not (folder / "model_index.json").is_file():
-        raise SystemExit(f"error: no video pipeline in {folder} (model_index.json is missing)")
-    try:
-        pipe = VideoPipeline.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"error: --model {folder}: {err}") from None
-    return pipe.to(device, dtype or torch.float32)
-
-
-def calibrated_tau(folder: Path, scorer: str, aggregate: str) -> float | None:
-    """τ from the model folder's ``sdvg.json`` when it was calibrated for this scorer and aggregate."""
-    file = folder / SDVG_FILE
-    if not file.is_file():
-        return None
-    record = json.loads(file.read_text())
-    if record.get("scorer") != scorer or record.get("aggregate", "min") != aggregate:
-        return None
-    return float(record["tau"])
 
 
 def router_options(args: argparse.Namespace, pipe: Any, acceptance_options: dict) -> dict:
@@ -338,7 +291,7 @@ VIDEO_FAMILY = register_family(
         load=_load,
         prepare=_prepare,
         default_method="sdvg",
-        embedded=EMBEDDED,
+        embedded=VIDEO_EMBEDDED,
         add_args=_add_args,
         check_args=_check_args,
         evaluate=_evaluate,

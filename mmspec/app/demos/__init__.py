@@ -74,7 +74,7 @@ def _video_tab_inputs(args: argparse.Namespace, device) -> tuple | None:
         return None
     from pathlib import Path
 
-    from ..generate_video import build_scorer, calibrated_tau, load_video
+    from ..models import build_scorer, calibrated_tau, load_video
 
     pipe = load_video(None if args.video == "embedded" else Path(args.video), device)
     tau = calibrated_tau(Path(pipe.name_or_path), "vlm", "min")

@@ -14,7 +14,7 @@ import torch
 
 from mmspec.app.bench import BENCH_SUITES, load_suites, run_benchmark
 from mmspec.app.cli import main
-from mmspec.app.generate_video import SDVG_FILE
+from mmspec.app.models import SDVG_FILE
 from mmspec.pipelines.video import VideoPipeline
 
 from ...conftest import tiny_video_model, tiny_video_vae
@@ -119,7 +119,7 @@ def test_demo_video_tab(model_dir):
 
     from mmspec.app.demos.serving import launch
     from mmspec.app.demos.video_tab import add_video_tab
-    from mmspec.app.generate_video import build_scorer
+    from mmspec.app.models import build_scorer
 
     pipe = VideoPipeline.from_pretrained(model_dir)
     pipe.set_scorer(build_scorer("vlm", {}, "cpu"))
