@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--percentiles", default="5,10,25,50,75")
     parser.add_argument("--default-percentile", type=float, default=10.0)
     parser.add_argument("--aggregate", default="min")
+    parser.add_argument("--repeats", type=int, default=3, help="wall time: median of this many identical runs")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/video-sweep"))
     parser.add_argument("--write-calibration", type=Path, default=None)
     args = parser.parse_args()
@@ -102,6 +103,7 @@ def main() -> None:
         features=features,
         real_frames=real,
         aggregate=args.aggregate,
+        repeats=args.repeats,
     )
     report["calibration"] = {
         "num_videos": args.num_calibration,

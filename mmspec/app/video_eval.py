@@ -12,6 +12,7 @@ Quality relative to the two single-model modes: ``retained`` = (q − q_draft) /
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,9 +108,13 @@ def evaluate_video(
     features: Any,
     real_frames: torch.Tensor | None = None,  # [M, F, 3, H, W] in [0, 1]
     aggregate: str = "min",
+    repeats: int = 1,
 ) -> dict:
     """Run target-only, draft-only (when the pipeline has a drafter) and ``runs`` on the same labels
-    and seeds; return the report (one row per configuration, target-only first)."""
+    and seeds; return the report (one row per configuration, target-only first). ``repeats``: each
+    configuration's wall time is the median of this many identical runs (same seeds, same videos)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     configs = [VideoRun("target-only")]
     if pipe.drafter is not None:
         configs.append(VideoRun("draft-only", "draft-only"))
@@ -119,6 +124,10 @@ def evaluate_video(
     rows, reference = [], None
     for run in configs:
         out = generate_all(pipe, run, labels, seed, batch_size, call)
+        times = [out["seconds"]] + [
+            generate_all(pipe, run, labels, seed, batch_size, call)["seconds"] for _ in range(repeats - 1)
+        ]
+        out["seconds"] = statistics.median(times)
         frame_scores = score_videos(scorer, prompts, out["frames"])  # [N, F]
         feats = frame_features(features, out["frames"])
         if reference is None:

@@ -132,12 +132,18 @@ def encode_clips(vae: FrameAutoencoderKL, frames: torch.Tensor, batch_size: int 
 
 @torch.enable_grad()
 def train_video_model(
-    config: VideoModelTrainConfig, latents: torch.Tensor, labels: torch.Tensor, names: list[str], device: str = "cpu"
+    config: VideoModelTrainConfig,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    names: list[str],
+    device: str = "cpu",
+    init: BlockCausalVideoTransformer | None = None,
 ) -> BlockCausalVideoTransformer:
-    """Train a block-causal video transformer on clip latents ``[N, F, C, h, w]`` with ``labels [N]``."""
+    """Train a block-causal video transformer on clip latents ``[N, F, C, h, w]`` with ``labels [N]``
+    (from scratch, or continuing from ``init``, a model of the same configuration)."""
     torch.manual_seed(config.seed)
     c, size = latents.shape[2], latents.shape[-1]
-    model = BlockCausalVideoTransformer(
+    fresh = BlockCausalVideoTransformer(
         num_classes=len(names),
         latent_channels=c,
         latent_size=size,
@@ -148,7 +154,13 @@ def train_video_model(
         depth=config.depth,
         heads=config.heads,
         class_names=list(names),
-    ).to(device)
+    )
+    if init is not None:
+        differ = [k for k in fresh.config if not k.startswith("_") and init.config.get(k) != fresh.config[k]]
+        if differ:
+            raise ValueError(f"the model to continue from differs from this stage's configuration in {differ}")
+        fresh.load_state_dict(init.state_dict())
+    model = fresh.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(config.seed)
     num_blocks = latents.shape[1] // config.frames_per_block
@@ -185,6 +197,12 @@ def add_train_video_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="override the stage's steps")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lr", type=float, default=None, help="override the stage's learning rate")
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        help="target/draft: continue training from the model in INIT_FROM/<stage> (same configuration)",
+    )
 
 
 def train_video_command(args: argparse.Namespace) -> int:
@@ -195,6 +213,10 @@ def train_video_command(args: argparse.Namespace) -> int:
     configs = reference_configs(args.preset, args.seed)
     if args.steps is not None:
         configs = {k: dataclasses.replace(v, steps=args.steps) for k, v in configs.items()}
+    if args.lr is not None:
+        configs = {k: dataclasses.replace(v, lr=args.lr) for k, v in configs.items()}
+    if args.init_from is not None and args.stage not in ("target", "draft"):
+        raise SystemExit("--init-from continues a target or draft stage: use it with --stage target or --stage draft")
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.stage in ("target", "draft") and not (out / "vae").is_dir():
         raise SystemExit(f"stage {args.stage!r} needs a trained VAE in {out / 'vae'}: run --stage vae first")
@@ -208,11 +230,17 @@ def train_video_command(args: argparse.Namespace) -> int:
         else:
             vae = FrameAutoencoderKL.from_pretrained(out / "vae").to(args.device).eval()
             latents = encode_clips(vae, frames)
-            train_video_model(configs[stage], latents, labels, names, args.device).save_pretrained(out / stage)
+            init = None
+            if args.init_from is not None:
+                init = BlockCausalVideoTransformer.from_pretrained(Path(args.init_from) / stage)
+            model = train_video_model(configs[stage], latents, labels, names, args.device, init=init)
+            model.save_pretrained(out / stage)
         seconds = time.perf_counter() - start
-        (out / stage / "training.json").write_text(
-            json.dumps({"stage": stage, "seconds": seconds, "config": dataclasses.asdict(configs[stage])}, indent=1)
-        )
+        record = {"stage": stage, "seconds": seconds, "config": dataclasses.asdict(configs[stage])}
+        if args.init_from is not None:
+            previous = Path(args.init_from) / stage / "training.json"
+            record["continued_from"] = json.loads(previous.read_text()) if previous.is_file() else str(args.init_from)
+        (out / stage / "training.json").write_text(json.dumps(record, indent=1))
         print(f"{stage}: {seconds:.1f} s -> {out / stage}")
     if all((out / stage).is_dir() for stage in STAGES):
         pipe = VideoPipeline(

@@ -43,6 +43,13 @@ def test_tiny_recipe_trains_every_stage_and_assembles_a_pipeline(tmp_path):
     assert video.frames.shape == (1, 4, 16, 16, 3) and np.isfinite(video.frames).all()
     drafted = pipe(class_labels=[1], num_frames=4, num_inference_steps=2, speculative="draft-only")
     assert drafted.stats.draft_blocks == 1
+    # continuing a stage from its saved model (same configuration), with another learning rate
+    argv = ["train-video", "--preset", "tiny", "--stage", "draft", "--out", str(out), "--init-from", str(out)]
+    assert main([*argv, "--lr", "1e-4", "--steps", "2"]) == 0
+    record = json.loads((out / "draft" / "training.json").read_text())
+    assert record["config"]["lr"] == 1e-4 and record["continued_from"]["stage"] == "draft"
+    with pytest.raises(SystemExit, match="--init-from continues a target or draft"):
+        main(["train-video", "--preset", "tiny", "--stage", "vae", "--out", str(out), "--init-from", str(out)])
 
 
 def test_a_stage_without_its_vae_is_refused(tmp_path):
