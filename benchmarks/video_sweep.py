@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a VideoPipeline folder (default: the embedded pair)")
     parser.add_argument("--num-videos", type=int, default=32)
     parser.add_argument("--num-calibration", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=1, help="1: the router's savings are per video")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--percentiles", default="5,10,25,50,75")

@@ -44,9 +44,11 @@ class VideoRun:
 @torch.no_grad()
 def generate_all(pipe: Any, run: VideoRun, labels: list[int], seed: int, batch_size: int, call: dict) -> dict:
     """Every video of ``run`` (batch ``b`` seeded ``seed + first index``): frames ``[N, F, 3, H, W]``,
-    wall seconds, forwards and per-block sources / scores."""
+    wall seconds, forwards, the loop's time split (draft / decode / score / target) and per-block
+    sources / scores."""
     frames, sources, scores = [], [], []
     seconds, target_forwards, draft_forwards = 0.0, 0, 0
+    split = {"draft": 0.0, "decode": 0.0, "score": 0.0, "target": 0.0}  # the block loop's time split
     for first in range(0, len(labels), batch_size):
         start = time.perf_counter()
         out = pipe(
@@ -62,7 +64,12 @@ def generate_all(pipe: Any, run: VideoRun, labels: list[int], seed: int, batch_s
         scores.append(out.stats.scores)
         target_forwards += out.stats.target_forwards
         draft_forwards += out.stats.draft_forwards
+        split["draft"] += out.stats.draft_time
+        split["decode"] += out.stats.decode_time
+        split["score"] += out.stats.route_time - out.stats.decode_time
+        split["target"] += out.stats.verify_time
     return {
+        "time_split_s": split,
         "frames": torch.cat(frames),
         "seconds": seconds,
         "target_forwards": target_forwards,
@@ -144,6 +151,7 @@ def evaluate_video(
                 "target_forwards": out["target_forwards"],
                 "draft_forwards": out["draft_forwards"],
                 "target_forward_ratio": out["target_forwards"] / max(reference["target_forwards"], 1),
+                "time_split_s": out["time_split_s"],
                 "blocks_kept": int((out["sources"] == 1).sum()),
                 "blocks_drafted": int(drafted.sum()),
                 "score_mean": float(frame_scores.mean()),
@@ -179,14 +187,15 @@ def format_video_report(report: dict) -> str:
         f"{report['num_videos']} videos per configuration, scorer `{report['scorer']}`, FID features "
         f"`{report['features']}`",
         "",
-        "| config | target fwd | draft fwd | kept / drafted | wall s | speedup | score mean (Δ) | worst frame (Δ) "
-        "| worst retained | FID vs target-only | FID vs real |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | target fwd | draft fwd | kept / drafted | wall s | draft / decode / score / target s | speedup "
+        "| score mean (Δ) | worst frame (Δ) | worst retained | FID vs target-only | FID vs real |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
+        split = " / ".join(f"{r['time_split_s'][k]:.2f}" for k in ("draft", "decode", "score", "target"))
         lines.append(
             f"| {r['name']} | {r['target_forwards']} | {r['draft_forwards']} | {r['blocks_kept']}/{r['blocks_drafted']} "
-            f"| {r['wall_s']:.2f} | {r['speedup_vs_target_only']:.2f}x | {num(r['score_mean'])} "
+            f"| {r['wall_s']:.2f} | {split} | {r['speedup_vs_target_only']:.2f}x | {num(r['score_mean'])} "
             f"({num(r['score_mean_delta'])}) | {num(r['score_worst_frame'])} ({num(r['score_worst_frame_delta'])}) "
             f"| {num(r['score_worst_frame_retained'], 2)} | {num(r['fid_vs_target_only'], 2)} | {num(r['fid_vs_real'], 2)} |"
         )
