@@ -205,6 +205,41 @@ def tiny_mar_vae(seed: int = 0, embed_dim: int = 4):
     return MARAutoencoderKL(embed_dim=embed_dim, ch=32, ch_mult=(1, 1, 1, 1, 2)).eval()
 
 
+def tiny_video_model(seed: int = 0, **overrides):
+    """A random block-causal video transformer: 3 classes, 4-channel 4x4 latents (2x2 patches),
+    2-frame blocks, up to 6 frames. Weights are random everywhere (adaLN-Zero's zero initialisation
+    would make every block the identity and hide masking mistakes)."""
+    from mmspec.pipelines.video import BlockCausalVideoTransformer
+
+    fields = dict(
+        num_classes=3,
+        latent_channels=4,
+        latent_size=4,
+        patch_size=2,
+        frames_per_block=2,
+        max_frames=6,
+        dim=32,
+        depth=2,
+        heads=2,
+        class_names=["red apple", "grinning face", "panda face"],
+    )
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = BlockCausalVideoTransformer(**fields)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def tiny_video_vae(seed: int = 0, image_size: int = 16):
+    """A random frame VAE making 4-channel 4x4 latents from 16-pixel frames (for :func:`tiny_video_model`)."""
+    from mmspec.pipelines.video import FrameAutoencoderKL
+
+    torch.manual_seed(seed)
+    return FrameAutoencoderKL(image_size=image_size, latent_channels=4, channels=8).eval()
+
+
 def run_distributed(cli_args: list[str], cwd: Path, nproc: int = 2, timeout: int = 240):
     """``mmspec <cli_args>`` in ``nproc`` real processes started together by ``torch.distributed.run``
     (what ``accelerate launch`` does), on a free local port, one torch thread each; returns the

@@ -49,7 +49,7 @@ class BenchSuite:
 
 BENCH_SUITES: dict[str, Callable[..., BenchSuite]] = {}
 #: Modules that register suites when imported (one per pipeline family, beside this one).
-SUITE_MODULES = ("mmspec.app.bench_llamagen", "mmspec.app.bench_mar", "mmspec.app.bench_t2i")
+SUITE_MODULES = ("mmspec.app.bench_llamagen", "mmspec.app.bench_mar", "mmspec.app.bench_t2i", "mmspec.app.bench_video")
 
 
 def load_suites() -> dict[str, Callable[..., BenchSuite]]:

@@ -551,6 +551,20 @@ def train_reference(args: argparse.Namespace) -> int:
     return train_reference_command(args)
 
 
+def _train_video_args(p: argparse.ArgumentParser) -> None:
+    from ..training.video import add_train_video_args
+
+    add_train_video_args(p)
+
+
+@command("train-video", _train_video_args)
+def train_video(args: argparse.Namespace) -> int:
+    """Train the video reference models (frame VAE, block-causal target and draft) on emoji clips."""
+    from ..training.video import train_video_command
+
+    return train_video_command(args)
+
+
 def _train_captioner_args(p: argparse.ArgumentParser) -> None:
     from ..training.captioner_cli import add_train_captioner_args
 

@@ -88,7 +88,12 @@ class GenerationFamily:
 
 GENERATION_FAMILIES: dict[str, GenerationFamily] = {}
 #: Modules that register a family when imported.
-FAMILY_MODULES = ("mmspec.app.generate_llamagen", "mmspec.app.generate_mar", "mmspec.app.generate_t2i")
+FAMILY_MODULES = (
+    "mmspec.app.generate_llamagen",
+    "mmspec.app.generate_mar",
+    "mmspec.app.generate_t2i",
+    "mmspec.app.generate_video",
+)
 
 
 def register_family(family: GenerationFamily) -> GenerationFamily:

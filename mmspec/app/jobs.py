@@ -264,12 +264,16 @@ def run_job(
 
 def parse_key_values(pairs: list[str], what: str) -> dict:
     """``["k=100", "delta=0.1", "mode=tvd"]`` -> ``{"k": 100, "delta": 0.1, "mode": "tvd"}`` (values are
-    JSON when they parse as JSON, strings otherwise); ``what`` names the source in error messages."""
+    JSON when they parse as JSON, ``inf`` / ``+inf`` / ``-inf`` floats, strings otherwise); ``what``
+    names the source in error messages."""
     options = {}
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"{what}: expected key=value, got {pair!r}")
         key, value = pair.split("=", 1)
+        if value.strip().lower() in ("inf", "+inf", "-inf"):  # e.g. a router's tau=+inf / -inf
+            options[key] = float(value)
+            continue
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:

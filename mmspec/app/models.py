@@ -1,5 +1,6 @@
 """Model selection shared by the command line and the demos: the ``--device`` / ``--dtype`` and
-LlamaGen source arguments, and loading the pipeline (and its class names) they name. Both
+LlamaGen source arguments, and loading the pipeline (and its class names) they name; loading a video
+pipeline, its frame scorer and its calibrated SDVG threshold. Both
 :mod:`mmspec.app.cli` and :mod:`mmspec.app.demos` import it; it imports neither. torch is imported
 inside the functions, so building the parser (``mmspec --help``) stays fast."""
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -119,3 +120,54 @@ def llamagen_classes(args: argparse.Namespace) -> list[dict] | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+#: The embedded video pair (a folder under ``mmspec/assets``).
+VIDEO_EMBEDDED = "video-emoji"
+#: The calibrated router settings a video model folder may carry (scorer, aggregate, tau, how chosen).
+SDVG_FILE = "sdvg.json"
+
+
+def load_video(path: Path | None, device, dtype=None) -> Any:
+    """The video pipeline in ``path`` (None: the embedded pair)."""
+    import torch
+
+    from ..pipelines.video import VideoPipeline
+    from .generators import assets_dir
+
+    folder = path or assets_dir() / VIDEO_EMBEDDED
+    if not (folder / "model_index.json").is_file():
+        raise SystemExit(f"error: no video pipeline in {folder} (model_index.json is missing)")
+    try:
+        pipe = VideoPipeline.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --model {folder}: {err}") from None
+    return pipe.to(device, dtype or torch.float32)
+
+
+def build_scorer(name: str, options: dict, device) -> Any:
+    """The frame scorer ``name`` (``vlm`` without a path: the embedded captioner)."""
+    from ..pipelines.video.scorers import FRAME_SCORERS, get_frame_scorer
+
+    if name not in FRAME_SCORERS:
+        raise SystemExit(f"error: --scorer {name}: unknown; available: {', '.join(sorted(FRAME_SCORERS))}")
+    options = dict(options)
+    if name == "vlm" and "path" not in options and "pipeline" not in options:
+        from .defaults import default_captioner_path
+
+        options["path"] = str(default_captioner_path())
+    try:
+        return get_frame_scorer(name, **options).to(device)
+    except (ValueError, FileNotFoundError, OSError, ImportError) as err:
+        raise SystemExit(f"error: --scorer {name}: {err}") from None
+
+
+def calibrated_tau(folder: Path, scorer: str, aggregate: str) -> float | None:
+    """τ from the model folder's ``sdvg.json`` when it was calibrated for this scorer and aggregate."""
+    file = folder / SDVG_FILE
+    if not file.is_file():
+        return None
+    record = json.loads(file.read_text())
+    if record.get("scorer") != scorer or record.get("aggregate", "min") != aggregate:
+        return None
+    return float(record["tau"])

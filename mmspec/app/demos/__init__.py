@@ -1,7 +1,8 @@
 """Gradio demos: ``mmspec demo image|chat``.
 
-The apps live in :mod:`mmspec.app.demos.image_app` and :mod:`mmspec.app.demos.chat_app` (they import
-gradio, the ``demo`` extra), what both share (limits, error display, launching) in
+The apps live in :mod:`mmspec.app.demos.image_app` (with its MAR and video tabs in
+:mod:`~mmspec.app.demos.mar_tab` and :mod:`~mmspec.app.demos.video_tab`) and
+:mod:`mmspec.app.demos.chat_app` (they import gradio, the ``demo`` extra), what both share (limits, error display, launching) in
 :mod:`mmspec.app.demos.serving`; this module is the command-line entry, and imports gradio only
 when a demo is actually launched, so ``mmspec`` works without it.
 """
@@ -30,8 +31,14 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mar",
         default="embedded",
-        help="image: the MAR tab's pipeline (a saved MARPipeline folder; default: the embedded emoji pair; "
-        "none: no MAR tab)",
+        help="image demo: the MAR tab's pipeline (a saved MARPipeline folder; 'embedded': the emoji pair; "
+        "'none': no tab)",
+    )
+    parser.add_argument(
+        "--video",
+        default="embedded",
+        help="image demo: the video tab's VideoPipeline folder ('embedded': the emoji pair; 'none': no tab); "
+        "SDVG scores frames with the embedded captioner at the folder's calibrated tau",
     )
     add_llamagen_source(parser)
 
@@ -49,25 +56,12 @@ def demo_command(args: argparse.Namespace) -> int:
 
         classes = llamagen_classes(args)
         names = None if classes is None else [f"{entry['char']} {entry['name']}" for entry in classes]
-        demo = build_image_demo(load_llamagen(args, device, dtype), class_names=names)
-        if args.mar != "none":  # a second tab: MAR baseline vs CSpD
-            import gradio as gr
-
-            from ..defaults import load_default_mar, load_mar_folder
-            from .image_app import build_mar_demo
-
-            try:
-                mar = load_default_mar(device) if args.mar == "embedded" else load_mar_folder(args.mar, device)
-            except (OSError, ValueError) as err:
-                raise SystemExit(f"mmspec demo image: --mar {args.mar}: {err}") from None
-            mar_names = None
-            if args.mar == "embedded":
-                from ..defaults import default_mar_classes
-
-                mar_names = [f"{entry['char']} {entry['name']}" for entry in default_mar_classes()]
-            demo = gr.TabbedInterface(
-                [demo, build_mar_demo(mar, class_names=mar_names)], ["LlamaGen", "MAR (CSpD)"], title="mmspec"
-            )
+        demo = build_image_demo(
+            load_llamagen(args, device, dtype),
+            class_names=names,
+            mar=_mar_tab_inputs(args, device),
+            video=_video_tab_inputs(args, device),
+        )
     else:
         from ...training.saved import load_captioner_pipeline
         from ..defaults import load_default_captioner
@@ -82,3 +76,35 @@ def demo_command(args: argparse.Namespace) -> int:
         demo = build_chat_demo(pipe)
     launch(demo, host=args.host, port=args.port, share=args.share)
     return 0
+
+
+def _mar_tab_inputs(args: argparse.Namespace, device) -> tuple | None:
+    """``(MARPipeline with its draft, class names or None)`` for the image demo's MAR tab."""
+    if args.mar == "none":
+        return None
+    from ..defaults import default_mar_classes, load_default_mar, load_mar_folder
+
+    try:
+        mar = load_default_mar(device) if args.mar == "embedded" else load_mar_folder(args.mar, device)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"mmspec demo image: --mar {args.mar}: {err}") from None
+    names = None
+    if args.mar == "embedded":
+        names = [f"{entry['char']} {entry['name']}" for entry in default_mar_classes()]
+    return mar, names
+
+
+def _video_tab_inputs(args: argparse.Namespace, device) -> tuple | None:
+    """``(VideoPipeline with drafter and vlm scorer, calibrated tau)`` for the image demo's video tab."""
+    if args.video == "none":
+        return None
+    from pathlib import Path
+
+    from ..models import build_scorer, calibrated_tau, load_video
+
+    pipe = load_video(None if args.video == "embedded" else Path(args.video), device)
+    tau = calibrated_tau(Path(pipe.name_or_path), "vlm", "min")
+    if tau is None:
+        raise SystemExit(f"mmspec demo image: {args.video} has no sdvg.json calibrated for the vlm scorer")
+    pipe.set_scorer(build_scorer("vlm", {}, device))
+    return pipe, tau

@@ -23,17 +23,14 @@ from mmspec.app.visualize import acceptance_heatmap
 from mmspec.pipelines.llamagen import LlamaGenPipeline
 from mmspec.rules import ACCEPTANCE_RULES
 
-from .serving import pipeline_errors
+from .serving import MAX_SEED, PICTURE_SIZE, parse_class_label, pipeline_errors
 
 BASELINE = "none"
 SLOTS = ("baseline", "method")  # file names of the two runs' pictures
 MAX_DRAFT_TOKENS = 64
-MAX_SEED = 2**31 - 1
 #: Streamed previews are throttled: each is a picture sent to the page (and a VQ decode when the
 #: pipeline's callback passes the tokens).
 PREVIEW_INTERVAL_S = 0.25
-#: Side of the heat-map and placeholder pictures, in pixels (the token grid is scaled up to it).
-PICTURE_SIZE = 256
 PENDING_GREY = 128
 #: The acceptance choice that means "the method's own rule" (exact for SJD/EAGLE/draft model, mulo for MuLo-SD).
 DEFAULT_RULE = "default"
@@ -108,18 +105,6 @@ def run_streaming(pipe: LlamaGenPipeline, **kwargs: Any) -> Iterator[tuple[PIL.I
         yield None, future.result()
 
 
-def parse_class_label(value: Any, num_classes: int) -> int:
-    """The class id chosen in the page (an int) or sent through the API (an int or its text, e.g.
-    ``"0"``: the endpoint's schema types the dropdown as a string); ``gr.Error`` otherwise."""
-    text = str(value).strip() if value is not None else ""
-    if isinstance(value, bool) or not (isinstance(value, int) or text.lstrip("-").isdigit()):
-        raise gr.Error(f"class_label must be a class id (an integer in [0, {num_classes})), got {value!r}")
-    label = int(text)
-    if not 0 <= label < num_classes:
-        raise gr.Error(f"class_label {label} is outside [0, {num_classes})")
-    return label
-
-
 def stats_markdown(rows: list[tuple[str, Any]], record: dict) -> str:
     """A table of steps, wall time and tokens per step for each run, then the speed-up (if any)."""
     lines = ["| run | steps (NFE) | wall time | tokens / step (with bonus) |", "|---|---:|---:|---:|"]
@@ -132,14 +117,23 @@ def stats_markdown(rows: list[tuple[str, Any]], record: dict) -> str:
     return "\n".join(lines)
 
 
-def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = None, warmup: bool = True) -> gr.Blocks:
+def build_image_demo(
+    pipe: LlamaGenPipeline,
+    class_names: list[str] | None = None,
+    warmup: bool = True,
+    mar: tuple[Any, list[str] | None] | None = None,
+    video: tuple[Any, float] | None = None,
+) -> gr.Blocks:
     """The image-generation demo for ``pipe`` (a class-conditional :class:`LlamaGenPipeline`).
 
     Named endpoint ``/generate``: ``(class_label, seed, method, acceptance, num_draft_tokens,
     guidance_scale, temperature, top_k)`` -> ``(baseline image, method image, heat-map, summary
     markdown, stats JSON)``. ``method="none"`` runs the baseline only; ``top_k=0`` means no top-k.
     ``class_names``: shown next to the class ids (index = class id). ``warmup``: run the baseline
-    and every method once before serving.
+    and every method once before serving. ``mar``: ``(MARPipeline with a drafter, class names or
+    None)`` adds the MAR tab (:mod:`.mar_tab`, endpoint ``/generate_mar``); ``video``:
+    ``(VideoPipeline with drafter and scorer, tau)`` adds the video tab (:mod:`.video_tab`, endpoint
+    ``/generate_video``).
     """
     pipe.set_progress_bar_config(disable=True)  # progress is streamed to the page, not the server log
     methods = runnable_methods(pipe)
@@ -216,172 +210,59 @@ def build_image_demo(pipe: LlamaGenPipeline, class_names: list[str] | None = Non
             yield *images, heatmap, stats_markdown(rows, record), record
 
     with gr.Blocks(title="mmspec: speculative image generation") as demo:
-        gr.Markdown(
-            "# Speculative image generation\n"
-            "The plain autoregressive baseline and a speculative method run with the same seed. With "
-            "sampling (temperature > 0) the two pictures usually differ even for lossless rules: those are "
-            "lossless *in distribution* (every image is as likely as under the baseline), not draw for draw; "
-            "only greedy decoding (temperature 0) gives the same picture. Relaxed rules (LANTERN, GSD) trade "
-            "a bounded change of distribution for speed. The heat-map shows where drafts were "
-            "accepted (green), resampled after a rejection (red) or added as the bonus token (blue); "
-            "shades alternate between verify steps."
-        )
-        with gr.Row():
-            with gr.Column(scale=1):
-                # Custom values let API clients send the id as text ("0"); generate() checks it.
-                class_label = gr.Dropdown(classes, value=classes[0][1], label="Class", allow_custom_value=True)
-                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
-                method = gr.Dropdown([BASELINE, *methods], value=methods[0] if methods else BASELINE, label="Method")
-                acceptance = gr.Dropdown(rules, value=DEFAULT_RULE, label="Acceptance rule")
-                with gr.Accordion("Knobs", open=False):
-                    num_draft_tokens = gr.Slider(1, MAX_DRAFT_TOKENS, value=8, step=1, label="Draft tokens per step")
-                    guidance_scale = gr.Slider(1.0, 20.0, value=4.0, step=0.5, label="Guidance scale (CFG)")
-                    temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)")
-                    top_k = gr.Slider(0, pipe.target.vocab_size, value=0, step=1, label="Top-k (0 = off)")
-                run = gr.Button("Generate", variant="primary", elem_id="generate-button")
-            with gr.Column(scale=2):
-                with gr.Row():
-                    baseline_image, method_image, heatmap_image = (
-                        gr.Image(label=label, height=PICTURE_SIZE, elem_id=elem_id, elem_classes="mmspec-pixels")
-                        for label, elem_id in (
-                            ("Baseline", "baseline-image"),
-                            ("Speculative", "method-image"),
-                            ("Acceptance heat-map", "heatmap-image"),
-                        )
+        with gr.Tab("Images"):
+            gr.Markdown(
+                "# Speculative image generation\n"
+                "The plain autoregressive baseline and a speculative method run with the same seed. With "
+                "sampling (temperature > 0) the two pictures usually differ even for lossless rules: those are "
+                "lossless *in distribution* (every image is as likely as under the baseline), not draw for draw; "
+                "only greedy decoding (temperature 0) gives the same picture. Relaxed rules (LANTERN, GSD) trade "
+                "a bounded change of distribution for speed. The heat-map shows where drafts were "
+                "accepted (green), resampled after a rejection (red) or added as the bonus token (blue); "
+                "shades alternate between verify steps."
+            )
+            with gr.Row():
+                with gr.Column(scale=1):
+                    # Custom values let API clients send the id as text ("0"); generate() checks it.
+                    class_label = gr.Dropdown(classes, value=classes[0][1], label="Class", allow_custom_value=True)
+                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    method = gr.Dropdown(
+                        [BASELINE, *methods], value=methods[0] if methods else BASELINE, label="Method"
                     )
-                summary = gr.Markdown(label="Summary", elem_id="summary")
-                with gr.Accordion("Stats (JSON)", open=False):
-                    record = gr.JSON(label="Stats")
-        run.click(
-            generate,
-            [class_label, seed, method, acceptance, num_draft_tokens, guidance_scale, temperature, top_k],
-            [baseline_image, method_image, heatmap_image, summary, record],
-            api_name="generate",
-        )
-    return demo
-
-
-# --------------------------------------------------------------------------------------- MAR
-#: CSpD's acceptance rules offered in the MAR tab: the exact density-ratio test and the reference
-#: code's tempered test (lossy; its documented distribution shift).
-MAR_RULES = ("gaussian-exact", "gaussian-tempered")
-
-
-def build_mar_demo(pipe: Any, class_names: list[str] | None = None, warmup: bool = True) -> gr.Blocks:
-    """The MAR tab: baseline vs CSpD (:class:`~mmspec.pipelines.mar.MARPipeline` with a drafter)
-    on the same seed, with target forwards, acceptance rate, wall times and the heat-map of which
-    tokens were accepted drafts (green), target resamples (red) or pre-filled by the target.
-
-    Named endpoint ``/generate_mar``: ``(class_label, seed, num_iter, gamma, acceptance,
-    guidance_scale, temperature)`` -> ``(baseline image, CSpD image, heat-map, summary markdown,
-    stats JSON)``. The two pictures differ even for the exact rule: it is lossless in distribution,
-    and the baseline commits each token's mean as the official MAR does.
-    """
-    pipe.set_progress_bar_config(disable=True)
-    num_classes = pipe.target.config.class_num
-    if warmup:
-        for method in (None, "cspd"):
-            pipe(
-                class_labels=[0], num_iter=4, speculative=method, generator=torch.Generator(pipe.device).manual_seed(0)
-            )
-    classes = [(f"{i}: {class_names[i]}" if class_names else str(i), i) for i in range(num_classes)]
-    side = pipe.target.seq_h
-
-    def generate(class_label, seed, num_iter, gamma, acceptance, guidance_scale, temperature):
-        """Baseline then CSpD on the same seed and generation order; see build_mar_demo."""
-        if seed is None:
-            raise gr.Error("Enter a seed (an integer).")
-        label = parse_class_label(class_label, num_classes)
-        common = dict(
-            class_labels=[label], num_iter=int(num_iter), guidance_scale=guidance_scale, temperature=temperature
-        )
-        with tempfile.TemporaryDirectory() as scratch:
-
-            def png(image: PIL.Image.Image, name: str) -> str:
-                path = os.path.join(scratch, f"{name}.png")
-                image.save(path)
-                return path
-
-            outs = {}
-            for name, extra in (
-                ("baseline", {}),
-                ("cspd", {"speculative": "cspd", "num_draft_tokens": int(gamma), "acceptance": acceptance}),
-            ):
-                with pipeline_errors():
-                    outs[name] = pipe(**common, **extra, generator=torch.Generator(pipe.device).manual_seed(int(seed)))
-            base, spec = outs["baseline"].stats, outs["cspd"].stats
-            record = {
-                "seed": int(seed),
-                "acceptance": acceptance,
-                "gamma": int(gamma),
-                "baseline_target_forwards": base.steps,
-                "cspd_target_forwards": spec.steps,  # the pre-filled steps included
-                "cspd_draft_forwards": spec.draft_steps,
-                "acceptance_rate": spec.draft_acceptance_rate,
-                "baseline_seconds": base.total_time,
-                "cspd_seconds": spec.total_time,
-                "speedup_wall_time": base.total_time / max(spec.total_time, 1e-9),
-            }
-            heatmap = acceptance_heatmap(
-                spec.token_source[0].reshape(side, side),
-                spec.token_step[0].reshape(side, side),
-                cell=max(PICTURE_SIZE // side, 1),
-            )
-            rate = record["acceptance_rate"]
-            summary = "\n".join(
-                [
-                    "| run | target forwards | wall time |",
-                    "|---|---:|---:|",
-                    f"| baseline | {record['baseline_target_forwards']} | {base.total_time:.3f} s |",
-                    f"| CSpD γ={int(gamma)} ({acceptance}) | {record['cspd_target_forwards']} | {spec.total_time:.3f} s |",
-                    f"\n**Acceptance rate {0.0 if rate is None else rate:.2f}; "
-                    f"speed-up {record['speedup_wall_time']:.2f}× wall time.**",
-                ]
-            )
-            yield (
-                png(outs["baseline"].images[0], "baseline"),
-                png(outs["cspd"].images[0], "cspd"),
-                png(heatmap, "heatmap"),
-                summary,
-                record,
-            )
-
-    with gr.Blocks(title="mmspec: MAR with continuous speculative decoding") as demo:
-        gr.Markdown(
-            "# MAR: continuous speculative decoding (CSpD)\n"
-            "A small draft MAR proposes the next γ steps' tokens with their Gaussians; the target checks "
-            "them all in one forward (`gaussian-exact`: accept with min(1, p/q), else resample from the "
-            "residual — lossless in distribution, so the pictures differ draw for draw). "
-            "`gaussian-tempered` is the reference code's lossy test. With a large γ the target predicts "
-            "many tokens from older context, like MAR with fewer steps."
-        )
-        with gr.Row():
-            with gr.Column(scale=1):
-                class_label = gr.Dropdown(classes, value=classes[0][1], label="Class", allow_custom_value=True)
-                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
-                num_iter = gr.Slider(1, pipe.target.seq_len, value=16, step=1, label="AR steps (num_iter)")
-                gamma = gr.Slider(1, 16, value=4, step=1, label="γ: draft steps per verification")
-                acceptance = gr.Dropdown(list(MAR_RULES), value=MAR_RULES[0], label="Acceptance rule")
-                guidance_scale = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="Guidance scale (CFG)")
-                temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature")
-                run = gr.Button("Generate", variant="primary", elem_id="generate-mar-button")
-            with gr.Column(scale=2):
-                with gr.Row():
-                    outputs = [
-                        gr.Image(label=label, height=PICTURE_SIZE, elem_id=elem_id, elem_classes="mmspec-pixels")
-                        for label, elem_id in (
-                            ("Baseline", "mar-baseline-image"),
-                            ("CSpD", "mar-cspd-image"),
-                            ("Acceptance heat-map", "mar-heatmap-image"),
+                    acceptance = gr.Dropdown(rules, value=DEFAULT_RULE, label="Acceptance rule")
+                    with gr.Accordion("Knobs", open=False):
+                        num_draft_tokens = gr.Slider(
+                            1, MAX_DRAFT_TOKENS, value=8, step=1, label="Draft tokens per step"
                         )
-                    ]
-                summary = gr.Markdown(elem_id="mar-summary")
-                with gr.Accordion("Stats (JSON)", open=False):
-                    record = gr.JSON(label="Stats")
-        run.click(
-            generate,
-            [class_label, seed, num_iter, gamma, acceptance, guidance_scale, temperature],
-            [*outputs, summary, record],
-            api_name="generate_mar",
-        )
+                        guidance_scale = gr.Slider(1.0, 20.0, value=4.0, step=0.5, label="Guidance scale (CFG)")
+                        temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)")
+                        top_k = gr.Slider(0, pipe.target.vocab_size, value=0, step=1, label="Top-k (0 = off)")
+                    run = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        baseline_image, method_image, heatmap_image = (
+                            gr.Image(label=label, height=PICTURE_SIZE, elem_id=elem_id, elem_classes="mmspec-pixels")
+                            for label, elem_id in (
+                                ("Baseline", "baseline-image"),
+                                ("Speculative", "method-image"),
+                                ("Acceptance heat-map", "heatmap-image"),
+                            )
+                        )
+                    summary = gr.Markdown(label="Summary", elem_id="summary")
+                    with gr.Accordion("Stats (JSON)", open=False):
+                        record = gr.JSON(label="Stats")
+            run.click(
+                generate,
+                [class_label, seed, method, acceptance, num_draft_tokens, guidance_scale, temperature, top_k],
+                [baseline_image, method_image, heatmap_image, summary, record],
+                api_name="generate",
+            )
+        if mar is not None:
+            from .mar_tab import add_mar_tab
+
+            add_mar_tab(*mar, warmup=warmup)
+        if video is not None:
+            from .video_tab import add_video_tab
+
+            add_video_tab(*video, warmup=warmup)
     return demo

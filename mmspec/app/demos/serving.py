@@ -21,6 +21,25 @@ PAGE_CSS = (
     " image-rendering: pixelated; }"
 )
 
+#: Largest seed the demos accept (Gradio number boxes and API calls).
+MAX_SEED = 2**31 - 1
+#: Side of the image tabs' pictures and heat-maps, in pixels (token grids are scaled up to it).
+PICTURE_SIZE = 256
+
+
+def parse_class_label(value: Any, num_classes: int) -> int:
+    """The class id chosen in the page (an int) or sent through the API (an int or its text, e.g.
+    ``"0"``: an endpoint's schema types a dropdown as a string); ``gr.Error`` otherwise."""
+    import gradio as gr
+
+    text = str(value).strip() if value is not None else ""
+    if isinstance(value, bool) or not (isinstance(value, int) or text.lstrip("-").isdigit()):
+        raise gr.Error(f"class_label must be a class id (an integer in [0, {num_classes})), got {value!r}")
+    label = int(text)
+    if not 0 <= label < num_classes:
+        raise gr.Error(f"class_label {label} is outside [0, {num_classes})")
+    return label
+
 
 @contextlib.contextmanager
 def pipeline_errors() -> Iterator[None]:
