@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .generators import CLASS_LABELS, FamilyJob, GenerationFamily, register_family
+from .jobs_io import save_image_atomic
 from .models import SDVG_FILE, VIDEO_EMBEDDED, build_scorer, calibrated_tau, load_video
 
 
@@ -149,8 +150,6 @@ def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
         return label
 
     def process(items) -> list[dict]:
-        from .cli import save_image_atomic
-
         seed = args.seed + items[0].index
         start = time.perf_counter()
         out = pipe(class_labels=[it.value for it in items], generator=torch.Generator().manual_seed(seed), **call)

@@ -307,7 +307,12 @@ def mar_pipe():
 
 @pytest.fixture(scope="module")
 def mar_url(mar_pipe):
-    demo = image_app.build_mar_demo(mar_pipe, warmup=False)
+    import gradio as gr
+
+    from mmspec.app.demos.mar_tab import add_mar_tab
+
+    with gr.Blocks() as demo:
+        add_mar_tab(mar_pipe, warmup=False)
     yield _serve(demo)
     demo.close()
 
