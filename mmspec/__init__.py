@@ -27,6 +27,7 @@ _PIPELINES = {
     "LlamaGenPipeline": "mmspec.pipelines.llamagen.pipeline_llamagen",
     "VLMPipeline": "mmspec.pipelines.vlm.pipeline_vlm",
     "MARPipeline": "mmspec.pipelines.mar.pipeline_mar",
+    "LMPipeline": "mmspec.pipelines.lm.pipeline_lm",
 }
 #: Subpackages that live in top-level folders of the checkout (namespace portions, no __init__.py).
 _TOP_LEVEL_FOLDERS = ("kernels", "pipelines")
