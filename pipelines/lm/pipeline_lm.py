@@ -75,6 +75,8 @@ def _draft_model(pipe: LMPipeline, options: dict) -> Drafter:
 def _model(pipe: LMPipeline, options: dict) -> Drafter:
     """The pipeline's ``draft_model`` component (any LM with the target's vocabulary; ``alternatives`` > 1:
     that many sibling tokens per depth, a tree)."""
+    if pipe.draft_model is None:
+        raise ValueError("speculative='model' needs the pipeline's draft model (LMPipeline(..., draft_model=...))")
     return ModelDrafter(pipe.draft_model, num_alternatives=options["alternatives"])
 
 
