@@ -4,7 +4,8 @@ without speculative decoding, through mmspec's one draft/verify loop.
 A plain class like :class:`~..vlm.VLMPipeline`: the model and tokenizer are transformers objects. The
 speculative methods live in :data:`LM_METHODS` (the CLI's bench suite ``lm`` runs them): n-gram prompt
 lookup, a draft model cut from the target (first layers, optionally a reduced draft vocabulary), the
-pipeline's own draft model component, and the target drafting for itself (the acceptance upper bound).
+pipeline's own draft model component, EAGLE-3 heads (mmspec's layout or the vLLM / SGLang format), and
+the target drafting for itself (the acceptance upper bound).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mmspec.stats import SpecStats
 from mmspec.types import Drafter, TokenPrompt
 
 from ..base import SpeculativePipelineMixin
+from ..vlm.eagle3 import load_eagle3_drafter
 from .target import LMTarget, load_lm
 
 
@@ -78,6 +80,16 @@ def _model(pipe: LMPipeline, options: dict) -> Drafter:
     if pipe.draft_model is None:
         raise ValueError("speculative='model' needs the pipeline's draft model (LMPipeline(..., draft_model=...))")
     return ModelDrafter(pipe.draft_model, num_alternatives=options["alternatives"])
+
+
+@LM_METHODS.register("eagle3", options={"path": None, "layer_convention": None}, needs_options=("path",))
+def _eagle3(pipe: LMPipeline, options: dict) -> Drafter:
+    """EAGLE-3 (arXiv 2503.01840): a head over three fused target layers with a reduced draft vocabulary,
+    from ``path`` -- mmspec's saved layout or the vLLM / SGLang format (``layer_convention``: how that
+    file's aux layer ids read, default "sglang")."""
+    if options.get("path") is None:
+        raise ValueError("speculative='eagle3' needs speculative_options={'path': DIR}")
+    return load_eagle3_drafter(options["path"], pipe.target, layer_convention=options.get("layer_convention"))
 
 
 @LM_METHODS.register("self-draft")
@@ -172,8 +184,11 @@ class LMPipeline(SpeculativePipelineMixin):
         capacity = required_cache_len(token_prompt.tokens.shape[1], max_new_tokens, window)
         eos_ids = self.target.eos_token_ids
         pad_id = self._pad_token_id()
+        # Drafters that read other target features than the last layer's (EAGLE-3: three layers fused)
+        # say so by wrapping the target for this run.
+        features_target = getattr(spec.drafter, "features_target", None)
         out = speculative_generate(
-            self.target,
+            self.target if features_target is None else features_target(self.target),
             token_prompt,
             self.target.new_cache(token_prompt.tokens.shape[0], capacity),
             max_new_tokens=max_new_tokens,

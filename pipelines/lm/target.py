@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 import transformers
@@ -34,6 +35,7 @@ class LMTarget(nn.Module):
         draft_vocab: ``[V']`` target ids the LM head scores (a reduced draft vocabulary, as EAGLE-3's
             ``d2t``); other ids get logit ``-inf``. None: the whole vocabulary. Only for draft models:
             proposals stay in the target's id space, so any acceptance rule stays lossless.
+        config: the HF model config (read by drafters sized from the target, e.g. EAGLE-3 heads).
     """
 
     def __init__(
@@ -42,9 +44,11 @@ class LMTarget(nn.Module):
         eos_token_ids: tuple[int, ...] = (),
         generation_defaults: Mapping[str, float] | None = None,
         draft_vocab: torch.Tensor | None = None,
+        config: Any = None,
     ) -> None:
         super().__init__()
         self.decoder = decoder
+        self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         self.generation_defaults = dict(generation_defaults or {})
         self.draft_head = None
@@ -68,7 +72,7 @@ class LMTarget(nn.Module):
         decoder = convert_language_model(model.model, lm_head, model.config)
         eos = model.generation_config.eos_token_id
         eos_ids = () if eos is None else tuple([eos] if isinstance(eos, int) else eos)
-        return cls(decoder, eos_ids, generation_defaults(model.generation_config))
+        return cls(decoder, eos_ids, generation_defaults(model.generation_config), config=model.config)
 
     def truncated(self, num_layers: int, draft_vocab_size: int = 0) -> LMTarget:
         """A draft model: this LM cut to its first ``num_layers`` blocks (weights shared, not copied),
@@ -88,7 +92,7 @@ class LMTarget(nn.Module):
             decoder.output.weight = decoder.tok_embeddings.weight
         decoder.pair_component = pair_components(small).to(self.device)
         ids = torch.arange(draft_vocab_size) if draft_vocab_size else None
-        return LMTarget(decoder.eval(), self.eos_token_ids, self.generation_defaults, ids)
+        return LMTarget(decoder.eval(), self.eos_token_ids, self.generation_defaults, ids, self.config)
 
     # ------------------------------------------------------------------ target contract
     @property

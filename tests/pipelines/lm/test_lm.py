@@ -116,3 +116,19 @@ def test_bad_inputs_are_clear_errors(saved, tmp_path):
     with pytest.raises(ValueError, match="unknown option"):
         pipe(TokenPrompt.from_lists(PROMPTS[:1]), speculative="ngram", speculative_options={"n": 2})
     assert "model" not in LM_METHODS.available(pipe) and "ngram" in LM_METHODS.available(pipe)
+
+
+def test_eagle3_head_from_a_folder_is_lossless(saved, tmp_path):
+    from mmspec.drafters.eagle3 import Eagle3Drafter
+    from mmspec.pipelines.vlm import eagle3_head_for_vlm
+
+    pipe = LMPipeline(load_lm(saved)[1], tokenizer=None)
+    torch.manual_seed(0)
+    Eagle3Drafter(eagle3_head_for_vlm(pipe.target, draft_vocab_size=16)).save_pretrained(tmp_path / "head")
+    prompt = TokenPrompt.from_lists(PROMPTS)
+    base = pipe(prompt, max_new_tokens=12)
+    out = pipe(prompt, max_new_tokens=12, speculative="eagle3", speculative_options={"path": str(tmp_path / "head")})
+    assert torch.equal(out.token_ids, base.token_ids) and out.stats.steps <= base.stats.steps
+    assert "eagle3" not in LM_METHODS.available(pipe)  # needs a path
+    with pytest.raises(ValueError, match="holds no drafter"):
+        pipe(prompt, max_new_tokens=4, speculative="eagle3", speculative_options={"path": str(tmp_path)})
