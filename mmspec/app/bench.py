@@ -299,7 +299,7 @@ def write_plots(record: dict[str, Any], stem: Path) -> list[Path]:
     ax.invert_yaxis()
     ax.set_xlabel("ms per verify step (profiled run)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
