@@ -28,12 +28,14 @@ class NGramDrafter:
 
     Args:
         vocab_size: the target's vocabulary size (checked against the target by the loop).
-        max_ngram, min_ngram: lengths of the key n-gram tried, longest first.
+        max_ngram, min_ngram: lengths of the key n-gram tried, longest first. A match shorter than
+            ``min_ngram`` proposes nothing: on open-ended text a single repeated token ("the", ",") is a
+            poor predictor of what follows, and verifying its continuation costs more than it keeps.
         batch_width: ``"min"`` or ``"max"``: the draft width of a batch whose rows matched different
             lengths (module docstring).
     """
 
-    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1, batch_width: str = "min") -> None:
+    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 2, batch_width: str = "min") -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
         if batch_width not in BATCH_WIDTHS:

@@ -53,10 +53,10 @@ def _check_window(options: dict) -> None:
         raise ValueError(f"window must be one of {WINDOWS}, got {options['window']!r}")
 
 
-@LM_METHODS.register("ngram", options={"max_ngram": 3, "min_ngram": 1, "batch_width": "min", "window": "fixed"})
+@LM_METHODS.register("ngram", options={"max_ngram": 3, "min_ngram": 2, "batch_width": "min", "window": "fixed"})
 def _ngram(pipe: LMPipeline, options: dict) -> Drafter:
-    """Prompt lookup: the continuation of the longest n-gram of the prompt and reply matching the last
-    tokens, only as far as it matched (training-free; ``batch_width`` "min"/"max": the width of a batch
+    """Prompt lookup: the continuation of the longest n-gram (``min_ngram`` to ``max_ngram`` tokens) of the
+    prompt and reply matching the last tokens, only as far as it matched (training-free; ``batch_width`` "min"/"max": the width of a batch
     whose rows matched different lengths; ``window``: "fixed" or an adaptive cap, "heuristic"/"cost")."""
     _check_window(options)
     drafter = NGramDrafter(pipe.target.vocab_size, options["max_ngram"], options["min_ngram"], options["batch_width"])

@@ -31,7 +31,7 @@ def _ctx(rows: list[list[int]], width: int = 32) -> DraftContext:
 
 
 def test_proposes_only_the_matched_continuation():
-    drafter = NGramDrafter(16, max_ngram=2)
+    drafter = NGramDrafter(16, max_ngram=2, min_ngram=1)
     # "5 6" occurred before, followed by "7 8" and then the key itself: the continuation is 7 8 5 6 (4 tokens known)
     assert drafter.draft(_ctx([[1, 5, 6, 7, 8, 5, 6]]), 8, None).tokens.tolist() == [[7, 8, 5, 6]]
     # capped at num_draft_tokens
@@ -42,11 +42,11 @@ def test_proposes_only_the_matched_continuation():
 
 def test_batch_width_min_and_max():
     rows = [[1, 5, 6, 7, 8, 5, 6], [3, 4, 9, 3]]  # row 0 matches 4 tokens, row 1 matches "3" -> "4 9 3" (3 tokens)
-    assert NGramDrafter(16, max_ngram=2).draft(_ctx(rows), 8, None).tokens.tolist() == [[7, 8, 5], [4, 9, 3]]
-    wide = NGramDrafter(16, max_ngram=2, batch_width="max").draft(_ctx(rows), 8, None).tokens
+    assert NGramDrafter(16, max_ngram=2, min_ngram=1).draft(_ctx(rows), 8, None).tokens.tolist() == [[7, 8, 5], [4, 9, 3]]
+    wide = NGramDrafter(16, max_ngram=2, min_ngram=1, batch_width="max").draft(_ctx(rows), 8, None).tokens
     assert wide.tolist() == [[7, 8, 5, 6], [4, 9, 3, 3]]  # row 1 pads with its last token
     none = [[1, 5, 6, 7, 8, 5, 6], [1, 2]]  # row 1 has no match: "min" drafts nothing for the batch
-    assert NGramDrafter(16, max_ngram=2).draft(_ctx(none), 8, None).tokens.shape == (2, 0)
+    assert NGramDrafter(16, max_ngram=2, min_ngram=1).draft(_ctx(none), 8, None).tokens.shape == (2, 0)
     with pytest.raises(ValueError, match="batch_width must be one of"):
         NGramDrafter(16, batch_width="mean")
 
@@ -74,7 +74,7 @@ def test_variable_width_ngram_is_lossless(batch_width, window, acceptance):
 def test_adaptive_cap_ignores_short_full_drafts():
     """A fully accepted draft that stopped short of the cap (the n-gram matched less) says nothing about
     the cap: it stays; a rejection still lowers it (transformers' heuristic)."""
-    window = AdaptiveWindow(NGramDrafter(16, max_ngram=2), policy="heuristic", initial=6)
+    window = AdaptiveWindow(NGramDrafter(16, max_ngram=2, min_ngram=1), policy="heuristic", initial=6)
     ctx = _ctx([[1, 5, 6, 7, 8, 5, 6]])
     draft = window.draft(ctx, 8, None)
     assert draft.tokens.shape[1] == 4 and window.widths == [4]
