@@ -17,7 +17,9 @@ def test_lm_suite_record_compares_methods_and_peers_on_same_inputs():
     from mmspec.pipelines.lm import LM_METHODS
 
     ours = [n for n in names if not n.startswith("transformers")]
-    assert ours[0].startswith("baseline") and ours[1:] == [m for m in LM_METHODS.names() if m not in ("model", "eagle3")]
+    assert ours[0].startswith("baseline") and ours[1:] == [
+        m for m in LM_METHODS.names() if m not in ("model", "eagle3")
+    ]
     assert names[len(ours) :] == [
         "transformers generate",
         "transformers prompt lookup",

@@ -42,7 +42,10 @@ def test_proposes_only_the_matched_continuation():
 
 def test_batch_width_min_and_max():
     rows = [[1, 5, 6, 7, 8, 5, 6], [3, 4, 9, 3]]  # row 0 matches 4 tokens, row 1 matches "3" -> "4 9 3" (3 tokens)
-    assert NGramDrafter(16, max_ngram=2, min_ngram=1).draft(_ctx(rows), 8, None).tokens.tolist() == [[7, 8, 5], [4, 9, 3]]
+    assert NGramDrafter(16, max_ngram=2, min_ngram=1).draft(_ctx(rows), 8, None).tokens.tolist() == [
+        [7, 8, 5],
+        [4, 9, 3],
+    ]
     wide = NGramDrafter(16, max_ngram=2, min_ngram=1, batch_width="max").draft(_ctx(rows), 8, None).tokens
     assert wide.tolist() == [[7, 8, 5, 6], [4, 9, 3, 3]]  # row 1 pads with its last token
     none = [[1, 5, 6, 7, 8, 5, 6], [1, 2]]  # row 1 has no match: "min" drafts nothing for the batch
