@@ -176,7 +176,10 @@ def lm_suite(
         gen = torch.Generator().manual_seed(0)
         phrases = [torch.randint(0, vocab_size, (16,), generator=gen) for _ in range(2)]
         token_prompts = [
-            TokenPrompt(p.repeat((prompt_len + 15) // 16)[None, :prompt_len].to(device), torch.tensor([prompt_len]))
+            TokenPrompt(
+                p.repeat((prompt_len + 15) // 16)[None, :prompt_len].to(device),
+                torch.tensor([prompt_len], device=device),
+            )
             for p in phrases
         ]
     if batch_size > 1:  # batches of the same prompts, row i of a batch = prompt i mod n
@@ -207,7 +210,7 @@ def lm_suite(
     cases = [case("baseline (static cache, eager)", None, {}, "transformers generate")]
     assisted_layers = sorted({o["layers"] for _, m, o in configured if m == "draft-model"})
     for spec, method, options in configured:
-        peer = {"ngram": "transformers prompt lookup", "draft-model": "transformers assisted"}.get(method)
+        peer = "transformers prompt lookup" if method == "ngram" else None
         if method == "draft-model":
             peer = f"transformers assisted (first {options['layers']} layers)"
         cases.append(case(spec, method, options, peer))
@@ -328,6 +331,7 @@ def vlm_suite(
                     speculative_options=options or None,
                     num_draft_tokens=num_draft_tokens if method else 0,
                     generator=generator,
+                    profile=profile,
                 )
                 outs.append(GenerationOutput(out.token_ids, out.lengths, out.stats))
             return outs

@@ -45,5 +45,6 @@ def test_vlm_suite_runs_methods_and_peers_with_equal_captions(tmp_path):
     ]
     assert by_name["model"]["compare_to"] == "transformers assisted (draft model)"
     assert by_name["model"]["steps"] and by_name["transformers generate"]["steps"] is None
+    assert by_name["model"]["profiled_verify_s"] > 0  # the VLM pipeline times its phases when profiling
     with pytest.raises(ValueError, match="needs --option model=VLM_FOLDER"):
         load_suites()["vlm"](torch.device("cpu"), torch.float32, 1, model=str(tmp_path / "vlm"))
