@@ -28,6 +28,7 @@ _PIPELINES = {
     "VLMPipeline": "mmspec.pipelines.vlm.pipeline_vlm",
     "MARPipeline": "mmspec.pipelines.mar.pipeline_mar",
     "VideoPipeline": "mmspec.pipelines.video.pipeline_video",
+    "LMPipeline": "mmspec.pipelines.lm.pipeline_lm",
 }
 #: Subpackages that live in top-level folders of the checkout (namespace portions, no __init__.py).
 _TOP_LEVEL_FOLDERS = ("kernels", "pipelines")

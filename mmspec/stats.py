@@ -34,8 +34,9 @@ class SpecStats:
     ``row_accepted``: ``[B]`` drafts kept per row. ``moved_mass_sum`` / ``moved_mass_max`` /
     ``moved_mass_tokens``: for lossy rules, the total variation between the distribution each
     committed token was actually drawn from and the target's (``Verdict.moved_mass``), summed, its
-    maximum, and how many tokens it covers (all zero for lossless rules). Wall times in seconds; ``draft_time`` and
-    ``verify_time`` are only measured with ``profile=True`` (they need device syncs).
+    maximum, and how many tokens it covers (all zero for lossless rules). Wall times in seconds; ``draft_time``,
+    ``verify_time`` (the target's forward) and ``accept_time`` (the acceptance rule and the commit of cache,
+    outputs and drafter) are only measured with ``profile=True`` (they need device syncs).
     """
 
     batch_size: int
@@ -46,6 +47,7 @@ class SpecStats:
     prefill_steps: int = 1
     draft_time: float = 0.0
     verify_time: float = 0.0
+    accept_time: float = 0.0
     total_time: float = 0.0
     token_source: torch.Tensor = field(init=False)
     token_step: torch.Tensor = field(init=False)
@@ -200,9 +202,16 @@ class SpecStats:
             # misleading 0.0) otherwise, with a note saying so.
             "draft_time_s": self.draft_time if profiled else None,
             "verify_time_s": self.verify_time if profiled else None,
-            "other_time_s": max(self.total_time - self.draft_time - self.verify_time, 0.0) if profiled else None,
+            "accept_time_s": self.accept_time if profiled else None,
+            "other_time_s": (
+                max(self.total_time - self.draft_time - self.verify_time - self.accept_time, 0.0) if profiled else None
+            ),
             "total_time_s": self.total_time,
-            **({} if profiled else {"timing_note": "draft/verify/other times are measured only with profile=True"}),
+            **(
+                {}
+                if profiled
+                else {"timing_note": "draft/verify/accept/other times are measured only with profile=True"}
+            ),
             "mean_tvd_per_token": float(self.moved_mass_sum) / int(self.moved_mass_tokens) if lossy else None,
             "max_tvd_per_token": float(self.moved_mass_max) if lossy else None,
             "mean_draft_width": sum(self.draft_widths) / len(self.draft_widths) if self.draft_widths else None,

@@ -16,10 +16,11 @@ def test_methods_doc_is_current():
 
 def test_methods_command_lists_every_registered_method_and_rule(capsys):
     from mmspec.pipelines.llamagen import LLAMAGEN_METHODS
+    from mmspec.pipelines.lm import LM_METHODS
     from mmspec.pipelines.vlm import VLM_METHODS
     from mmspec.rules import ACCEPTANCE_RULES
 
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name in [*LLAMAGEN_METHODS.names(), *VLM_METHODS.names(), *ACCEPTANCE_RULES]:
+    for name in [*LLAMAGEN_METHODS.names(), *VLM_METHODS.names(), *LM_METHODS.names(), *ACCEPTANCE_RULES]:
         assert f"| {name} |" in out, name

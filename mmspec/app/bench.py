@@ -4,7 +4,12 @@ A suite builds a target, inputs and a list of named configurations; :func:`run_b
 each (warm-up, then ``repeats`` timed runs and one profiled run for the draft/verify/other
 split) and writes one JSON record with the device, versions, command, steps, accepted length with
 and without the bonus token, wall times and the speedup against the baseline *of the same run*.
-Suites register themselves in :data:`BENCH_SUITES` (:mod:`mmspec.app.bench_llamagen` adds LlamaGen's).
+Suites register themselves in :data:`BENCH_SUITES` (:mod:`mmspec.app.bench_llamagen` adds LlamaGen's,
+:mod:`mmspec.app.bench_text` the ``lm`` and ``vlm`` suites). Cases may be *peers* -- another library's
+implementation on the same inputs (transformers ``generate``, prompt lookup, assisted generation) --
+whose outputs are checked token for token against the baseline like every other case. Repeats run in
+interleaved rounds (every case once per round), so a shared machine's drifting load hits all cases
+alike. :func:`write_plots` draws speedup against accepted length and the step-time breakdown.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +29,30 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..loops import GenerationOutput
-from ..methods import MethodRegistry
+
+
+@dataclass
+class PeerOutput:
+    """What a peer implementation (another library's ``generate``) returns: ``tokens`` ``[B, N]`` and
+    ``lengths`` ``[B]`` like :class:`~mmspec.loops.GenerationOutput`, without mmspec's statistics."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
 
 
 @dataclass
 class BenchCase:
-    """One configuration: ``run(generator) -> GenerationOutput`` plus a description of it."""
+    """One configuration: ``run(generator, profile)`` returns its output -- a
+    :class:`~mmspec.loops.GenerationOutput` / :class:`PeerOutput`, or a list of them (one call per input
+    of a batch-1 suite) -- plus a description of it. ``peer``: another library's implementation (no
+    steps or phase times). ``compare_to``: the name of a peer case this one is compared with
+    (``speedup_vs_peer`` in the record)."""
 
     name: str
-    run: Callable[[torch.Generator, bool], GenerationOutput]  # (generator, profile) -> output
+    run: Callable[[torch.Generator, bool], Any]  # (generator, profile) -> output(s)
     config: dict[str, Any] = field(default_factory=dict)
+    peer: bool = False
+    compare_to: str | None = None
 
 
 @dataclass
@@ -49,7 +67,13 @@ class BenchSuite:
 
 BENCH_SUITES: dict[str, Callable[..., BenchSuite]] = {}
 #: Modules that register suites when imported (one per pipeline family, beside this one).
-SUITE_MODULES = ("mmspec.app.bench_llamagen", "mmspec.app.bench_mar", "mmspec.app.bench_t2i", "mmspec.app.bench_video")
+SUITE_MODULES = (
+    "mmspec.app.bench_llamagen",
+    "mmspec.app.bench_mar",
+    "mmspec.app.bench_t2i",
+    "mmspec.app.bench_text",
+    "mmspec.app.bench_video",
+)
 
 
 def load_suites() -> dict[str, Callable[..., BenchSuite]]:
@@ -116,63 +140,105 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _timed(case: BenchCase, seed: int, device: torch.device, profile: bool) -> tuple[GenerationOutput, float]:
+def _timed(case: BenchCase, seed: int, device: torch.device, profile: bool) -> tuple[list, float]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # deliberate: wall time of a whole call
     start = time.perf_counter()
     out = case.run(torch.Generator(device).manual_seed(seed), profile)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
+    return (out if isinstance(out, list) else [out]), time.perf_counter() - start
+
+
+def _rows(outs: list) -> list[list[int]]:
+    """Every output row's generated ids, cut to its length (what equality is checked on)."""
+    return [row[:n] for out in outs for row, n in zip(out.tokens.tolist(), out.lengths.tolist())]
+
+
+def _stats_fields(outs: list, profiled: list) -> dict[str, Any]:
+    """Steps, accepted lengths and phase times summed over the calls of one case (None for peers)."""
+    stats = [o.stats for o in outs if getattr(o, "stats", None) is not None]
+    if not stats:
+        keys = ("steps", "prefill_steps", "mean_accepted_without_bonus", "mean_tokens_per_step_with_bonus")
+        keys += ("acceptance_rate_at_depth", "acceptance_rate", "mean_draft_width", "profiled_draft_s")
+        keys += ("profiled_verify_s",)
+        return dict.fromkeys(keys + ("profiled_accept_s", "profiled_other_s", "stats_summary"))
+    row_steps = sum(float(s.row_steps.sum()) for s in stats)
+    accepted = sum(float(s.row_accepted.sum()) for s in stats)
+    reached = [sum(vals) for vals in zip(*(s.proposed_at_depth.tolist() for s in stats))]
+    kept = [sum(vals) for vals in zip(*(s.accepted_at_depth.tolist() for s in stats))]
+    widths = [w for s in stats for w in s.draft_widths]
+    summaries = [o.stats.summary() for o in profiled]
+    phase = {key: sum(x[key + "_time_s"] or 0.0 for x in summaries) for key in ("draft", "verify", "accept", "other")}
+    return {
+        "steps": sum(s.steps for s in stats),
+        "prefill_steps": sum(s.prefill_steps for s in stats),
+        "mean_accepted_without_bonus": accepted / max(row_steps, 1.0),
+        "mean_tokens_per_step_with_bonus": accepted / max(row_steps, 1.0) + 1.0,
+        "acceptance_rate_at_depth": [k / r if r else 0.0 for k, r in zip(kept, reached)],
+        # kept / proposed drafts over all depths (CSpD's acceptance rate); None without drafts
+        "acceptance_rate": sum(kept) / sum(reached) if sum(reached) else None,
+        "mean_draft_width": sum(widths) / len(widths) if widths else None,
+        **{f"profiled_{key}_s": value for key, value in phase.items()},
+        "stats_summary": summaries[0] if len(summaries) == 1 else summaries,
+    }
 
 
 def run_benchmark(
     suite: BenchSuite, device: torch.device, repeats: int = 3, warmup: int = 1, seed: int = 0
 ) -> dict[str, Any]:
-    """Run every case of ``suite`` on the same seed and inputs; return the JSON-ready record."""
+    """Run every case of ``suite`` on the same seed and inputs; return the JSON-ready record.
+
+    Warm-up runs first (each case ``warmup`` times), then ``repeats`` rounds that time every case once
+    each, then one profiled run per mmspec case for the draft / verify / accept / other split."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    results = []
-    baseline_tokens = None
-    baseline_time = None
-    for case in tqdm(suite.cases, desc=f"bench {suite.name}", unit="config"):
+    names = [case.name for case in suite.cases]
+    for case in suite.cases:
+        if case.compare_to is not None and case.compare_to not in names:
+            raise ValueError(f"case {case.name!r} compares to {case.compare_to!r}, which is not in the suite")
+    progress = tqdm(total=len(suite.cases) * (warmup + repeats + 1), desc=f"bench {suite.name}", unit="run")
+    for case in suite.cases:
         for _ in range(warmup):
             _timed(case, seed, device, profile=False)
-        times = []
-        for _ in range(repeats):
-            out, seconds = _timed(case, seed, device, profile=False)
-            times.append(seconds)
-        profiled, _ = _timed(case, seed, device, profile=True)
-        wall = statistics.median(times)
-        if baseline_tokens is None:
-            baseline_tokens, baseline_time = out.tokens, wall
-        generated = int(out.lengths.sum())
-        summary = profiled.stats.summary()
-        results.append(
-            {
-                "name": case.name,
-                "config": case.config,
-                "steps": out.stats.steps,
-                "prefill_steps": out.stats.prefill_steps,
-                "generated_tokens": generated,
-                "mean_accepted_without_bonus": out.stats.mean_accepted,
-                "mean_tokens_per_step_with_bonus": out.stats.mean_tokens_per_step,
-                "acceptance_rate_at_depth": summary["acceptance_rate_at_depth"],
-                "acceptance_rate": out.stats.draft_acceptance_rate,
-                "mean_draft_width": summary.get("mean_draft_width"),
-                "wall_time_s_median": wall,
-                "wall_time_s_all": times,
-                "tokens_per_s": generated / wall,
-                "profiled_draft_s": summary["draft_time_s"],
-                "profiled_verify_s": summary["verify_time_s"],
-                "profiled_other_s": summary["other_time_s"],
-                "speedup_vs_baseline": baseline_time / wall,
-                "tokens_equal_baseline": bool(
-                    out.tokens.shape == baseline_tokens.shape and torch.equal(out.tokens, baseline_tokens)
-                ),
-                "stats_summary": summary,
-            }
-        )
+            progress.update()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, list] = {}
+    for _ in range(repeats):
+        for case in suite.cases:
+            outputs[case.name], seconds = _timed(case, seed, device, profile=False)
+            times[case.name].append(seconds)
+            progress.update()
+    profiled = {}
+    for case in suite.cases:
+        profiled[case.name] = [] if case.peer else _timed(case, seed, device, profile=True)[0]
+        progress.update()
+    progress.close()
+    wall = {name: statistics.median(t) for name, t in times.items()}
+    baseline = names[0]
+    baseline_rows = _rows(outputs[baseline])
+    results = []
+    for case in suite.cases:
+        outs = outputs[case.name]
+        generated = sum(int(o.lengths.sum()) for o in outs)
+        result = {
+            "name": case.name,
+            "config": case.config,
+            "peer": case.peer,
+            "generated_tokens": generated,
+            "wall_time_s_median": wall[case.name],
+            "wall_time_s_all": times[case.name],
+            "wall_time_s_min": min(times[case.name]),  # least disturbed by a shared machine's load
+            "tokens_per_s": generated / wall[case.name],
+            "speedup_vs_baseline": wall[baseline] / wall[case.name],
+            "tokens_equal_baseline": _rows(outs) == baseline_rows,
+            **_stats_fields(outs, profiled[case.name]),
+        }
+        if case.compare_to is not None:
+            result["compare_to"] = case.compare_to
+            result["speedup_vs_peer"] = wall[case.compare_to] / wall[case.name]
+            result["tokens_equal_peer"] = _rows(outs) == _rows(outputs[case.compare_to])
+        results.append(result)
     return {
         "suite": suite.name,
         "description": suite.description,
@@ -181,7 +247,7 @@ def run_benchmark(
         "repeats": repeats,
         "warmup": warmup,
         "seed": seed,
-        "baseline": suite.cases[0].name,
+        "baseline": baseline,
         "results": results,
     }
 
@@ -193,14 +259,22 @@ def format_table(record: dict[str, Any]) -> str:
         f"suite `{record['suite']}` on {env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}",
         f"command: `{env['command']}`",
         "",
-        "| config | steps | accepted/step (w/o bonus) | tokens/step (with bonus) | wall s (median) | tokens/s | speedup | = baseline |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | steps | accepted/step (w/o bonus) | tokens/step (with bonus) | wall s (median) | wall s (min) | "
+        "tokens/s | speedup | vs peer | = baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
     for r in record["results"]:
+        peer = f"{r['speedup_vs_peer']:.2f}x {r['compare_to']}" if r.get("compare_to") else "-"
         lines.append(
-            f"| {r['name']} | {r['steps']} | {r['mean_accepted_without_bonus']:.2f} | "
-            f"{r['mean_tokens_per_step_with_bonus']:.2f} | {r['wall_time_s_median']:.3f} | {r['tokens_per_s']:.1f} | "
-            f"{r['speedup_vs_baseline']:.2f}x | {'yes' if r['tokens_equal_baseline'] else 'no'} |"
+            f"| {r['name']} | {num(r['steps'], 'd')} | {num(r['mean_accepted_without_bonus'], '.2f')} | "
+            f"{num(r['mean_tokens_per_step_with_bonus'], '.2f')} | {r['wall_time_s_median']:.3f} | "
+            f"{r['wall_time_s_min']:.3f} | "
+            f"{r['tokens_per_s']:.1f} | {r['speedup_vs_baseline']:.2f}x | {peer} | "
+            f"{'yes' if r['tokens_equal_baseline'] else 'no'} |"
         )
     return "\n".join(lines)
 
@@ -210,120 +284,57 @@ def write_record(record: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-#: The drafting methods of the ``lm`` suite's bare language model (no pipeline around it): each gets
-#: the suite's ``(target, draft, vocab_size)`` and its options; the suite runs every one by default.
-LM_METHODS = MethodRegistry("lm suite")
+#: Phases of a profiled step, in the order the breakdown stacks them (``profiled_<phase>_s`` in a record).
+PHASES = ("draft", "verify", "accept", "other")
 
 
-@LM_METHODS.register("ngram")
-def _lm_ngram(models: dict, options: dict) -> Any:
-    """Prompt lookup: n-grams of the prompt and output propose the continuation (training-free)."""
-    from ..drafters import NGramDrafter
+def write_plots(record: dict[str, Any], stem: Path) -> list[Path]:
+    """Draw a record as two PNGs next to ``stem`` and return their paths:
 
-    return NGramDrafter(models["vocab_size"])
+    - ``<stem>-speedup.png``: wall-time speedup over the baseline against tokens committed per verify
+      step (accepted + bonus/recovered) for every mmspec configuration; peers (no steps) as labelled
+      horizontal lines at their speedup.
+    - ``<stem>-steps.png``: the profiled time per verify step split into draft / verify (the target's
+      forward) / accept (rule + commit) / other (prefill and loop bookkeeping, spread over the steps).
 
+    Needs matplotlib (``pip install mmspec[plot]``)."""
+    import matplotlib
 
-@LM_METHODS.register("draft-model", options={"alternatives": 1})
-def _lm_draft_model(models: dict, options: dict) -> Any:
-    """The small random draft LM (``alternatives`` > 1: that many sibling tokens per depth, a tree)."""
-    from ..drafters import ModelDrafter
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
 
-    return ModelDrafter(models["draft"], num_alternatives=options["alternatives"])
+    ours = [r for r in record["results"] if not r["peer"] and r["steps"]]
+    peers = [r for r in record["results"] if r["peer"]]
+    title = f"{record['suite']} on {record['environment']['device_name']} ({record['environment']['date'][:10]})"
+    paths = [stem.parent / f"{stem.name}-speedup.png", stem.parent / f"{stem.name}-steps.png"]
+    stem.parent.mkdir(parents=True, exist_ok=True)
 
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in ours:
+        ax.scatter(r["mean_tokens_per_step_with_bonus"], r["speedup_vs_baseline"])
+        ax.annotate(r["name"], (r["mean_tokens_per_step_with_bonus"], r["speedup_vs_baseline"]), fontsize=7)
+    for i, r in enumerate(peers):
+        ax.axhline(r["speedup_vs_baseline"], linestyle="--", linewidth=0.8, color=f"C{i % 10}")
+        ax.annotate(r["name"], (0.01, r["speedup_vs_baseline"]), xycoords=("axes fraction", "data"), fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.5)
+    ax.set_xlabel("tokens per verify step (accepted + bonus)")
+    ax.set_ylabel("speedup over the baseline (wall time)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
 
-@LM_METHODS.register("self-draft")
-def _lm_self_draft(models: dict, options: dict) -> Any:
-    """The target drafts for itself: every draft is accepted (the acceptance upper bound)."""
-    from ..drafters import ModelDrafter
-
-    return ModelDrafter(models["target"])
-
-
-@register_suite("lm")
-def lm_suite(
-    device: torch.device,
-    dtype: torch.dtype,
-    batch_size: int = 1,
-    *,
-    dim: int = 256,
-    n_layer: int = 4,
-    draft_dim: int = 64,
-    vocab_size: int = 512,
-    prompt_len: int = 64,
-    max_new_tokens: int = 128,
-    num_draft_tokens: int = 4,
-    temperature: float = 0.0,
-    configs: str | None = None,
-) -> BenchSuite:
-    """A Llama-architecture target with random weights: measures the loop's per-step costs and the
-    drafters' overheads (every method of :data:`LM_METHODS`; random weights: acceptance is not
-    meaningful except for self-drafting, an upper bound). Prompts repeat a random 16-token phrase so
-    n-gram lookup has something to find. ``configs``: instead of every method with its defaults,
-    these configurations, ``;``-separated, each ``METHOD[:key=value,...]``, e.g.
-    ``"ngram;draft-model:alternatives=3"``."""
-    from ..loops import required_cache_len, speculative_generate
-    from ..modeling import DecoderConfig, DecoderLM
-    from ..sampling import SamplingConfig
-    from ..types import TokenPrompt
-
-    gen = torch.Generator().manual_seed(1234)
-    target = (
-        DecoderLM(DecoderConfig(vocab_size=vocab_size, dim=dim, n_layer=n_layer, n_head=max(dim // 64, 1)))
-        .to(device, dtype)
-        .eval()
-    )
-    draft = (
-        DecoderLM(DecoderConfig(vocab_size=vocab_size, dim=draft_dim, n_layer=1, n_head=max(draft_dim // 32, 1)))
-        .to(device, dtype)
-        .eval()
-    )
-    phrase = torch.randint(0, vocab_size, (batch_size, 16), generator=gen)
-    prompt = TokenPrompt(
-        phrase.repeat(1, (prompt_len + 15) // 16)[:, :prompt_len].to(device),
-        torch.full((batch_size,), prompt_len, device=device),
-    )
-    sampling = SamplingConfig(temperature=temperature)
-
-    def case(name, drafter, window):
-        def run(generator, profile):
-            with torch.inference_mode():
-                cache = target.new_cache(batch_size, required_cache_len(prompt_len, max_new_tokens, window))
-                return speculative_generate(
-                    target,
-                    prompt,
-                    cache,
-                    max_new_tokens=max_new_tokens,
-                    drafter=drafter,
-                    num_draft_tokens=num_draft_tokens,
-                    sampling=sampling,
-                    generator=generator,
-                    profile=profile,
-                )
-
-        return BenchCase(name, run, {"drafter": name, "num_draft_tokens": 0 if drafter is None else num_draft_tokens})
-
-    from .jobs import parse_key_values
-
-    models = {"target": target, "draft": draft, "vocab_size": vocab_size}
-    specs = [c for c in configs.split(";") if c] if configs is not None else LM_METHODS.names()
-    cases = [case("baseline (static cache, eager)", None, 1)]
-    for spec in specs:
-        name, _, opts = spec.partition(":")
-        method = LM_METHODS.get(name)
-        options = method.resolve_options(parse_key_values([o for o in opts.split(",") if o], f"config {spec!r}"))
-        drafter = method.build(models, options)
-        cases.append(case(spec, drafter, drafter.verify_width(num_draft_tokens)))
-    return BenchSuite(
-        name="lm",
-        description=lm_suite.__doc__.split("\n")[0],
-        cases=cases,
-        setup={
-            "target": asdict(target.config),
-            "draft": asdict(draft.config),
-            "dtype": str(dtype),
-            "batch_size": batch_size,
-            "prompt_len": prompt_len,
-            "max_new_tokens": max_new_tokens,
-            "sampling": asdict(sampling),
-        },
-    )
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.45 * max(len(ours), 1)))
+    left = [0.0] * len(ours)
+    for phase in PHASES:
+        ms = [1000 * (r[f"profiled_{phase}_s"] or 0.0) / r["steps"] for r in ours]
+        ax.barh([r["name"] for r in ours], ms, left=left, label=phase)
+        left = [a + b for a, b in zip(left, ms)]
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per verify step (profiled run)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths

@@ -43,6 +43,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output", type=Path, default=None, help="JSON record path (default results/bench-<suite>.json)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--plots",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write <output>-speedup.png and <output>-steps.png (needs matplotlib)",
+    )
 
 
 @command("bench", _bench_args)
@@ -50,7 +56,7 @@ def bench(args: argparse.Namespace) -> int:
     """Run baseline and speculative configurations on the same inputs; write a JSON record."""
     import torch
 
-    from .bench import BENCH_SUITES, format_table, run_benchmark, write_record
+    from .bench import BENCH_SUITES, format_table, run_benchmark, write_plots, write_record
 
     if args.suite not in BENCH_SUITES:
         raise SystemExit(f"error: unknown suite {args.suite!r}; available: {', '.join(sorted(BENCH_SUITES))}")
@@ -70,6 +76,13 @@ def bench(args: argparse.Namespace) -> int:
     write_record(record, out)
     print(format_table(record))
     print(f"\nwrote {out}")
+    if args.plots:
+        try:
+            plots = write_plots(record, out.with_suffix(""))
+        except ImportError:
+            print("no plots: matplotlib is not installed (pip install mmspec[plot])")
+        else:
+            print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 
 

@@ -13,6 +13,7 @@ from ..rules import ACCEPTANCE_RULES
 PIPELINES = (
     ("LlamaGen (AR images)", "mmspec.pipelines.llamagen.pipeline_llamagen", "LlamaGenPipeline"),
     ("VLMs (image-to-text)", "mmspec.pipelines.vlm.pipeline_vlm", "VLMPipeline"),
+    ("Language models (text-to-text)", "mmspec.pipelines.lm.pipeline_lm", "LMPipeline"),
     ("MAR (continuous-token AR images)", "mmspec.pipelines.mar.pipeline_mar", "MARPipeline"),
     ("Janus / Janus-Pro (text-to-image)", "mmspec.pipelines.t2i.janus", "JanusImagePipeline"),
     ("Emu3 (text-to-image)", "mmspec.pipelines.t2i.emu3", "Emu3ImagePipeline"),

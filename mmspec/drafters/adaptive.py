@@ -5,13 +5,15 @@ The loop's ``num_draft_tokens`` becomes the *maximum* width: ``verify_width`` an
 cache, the history buffer and the stats are sized once, and every step's verify forward takes
 ``w + 1 <= k + 1`` tokens (a compiled target builds one graph per width it meets; the policies only
 move by small steps, so few widths occur). Each step's width is recorded in
-``SpecStats.draft_widths`` by the loop (and in ``AdaptiveWindow.widths``).
+``SpecStats.draft_widths`` by the loop (and in ``AdaptiveWindow.widths``): the width actually drafted,
+which a drafter may keep below the cap (the n-gram drafter proposes only what it matched).
 
 Policies:
 
 - ``"heuristic"`` — transformers' schedule for assisted generation
   (``AssistedCandidateGenerator.update_candidate_strategy``, ``num_assistant_tokens_schedule="heuristic"``):
-  +2 after a step whose drafts were all accepted, -1 otherwise. Per batch: a step counts as fully
+  +2 after a step whose drafts were all accepted, -1 otherwise (a drafter that stopped short of the
+  cap and was fully accepted leaves the cap unchanged). Per batch: a step counts as fully
   accepted when the active rows' mean accepted length reaches the width (at batch 1, exactly
   transformers' rule).
 - ``"cost"`` — maximise committed tokens per second. Per width ``w`` it keeps exponentially weighted
@@ -140,9 +142,12 @@ class AdaptiveWindow:
             self._width = self._best_width(k)
         width = max(self.min_width, min(self._width, k))
         self._width = width
-        self.widths.append(width)
         self._steps += 1
-        return self.drafter.draft(ctx, width, generator)
+        draft = self.drafter.draft(ctx, width, generator)
+        # A drafter may stop short of the cap (n-gram: only what matched); the step's cost and
+        # committed tokens belong to the width actually verified.
+        self.widths.append(draft.num_draft_tokens)
+        return draft
 
     def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
         self.drafter.commit(ctx, verdict)
@@ -154,7 +159,10 @@ class AdaptiveWindow:
             return
         if self.policy == "heuristic":
             full = sum(accepted) >= width * len(accepted)
-            self._width = width + 2 if full else width - 1
+            if width < self._width:  # the drafter stopped short of the cap: a full chain says nothing about it
+                self._width = self._width if full else self._width - 1
+            else:
+                self._width = width + 2 if full else width - 1
             return
         tokens = sum(accepted) / len(accepted) + 1.0  # committed per row, bonus/recovered included
         old = self._tokens.get(width)

@@ -88,7 +88,8 @@ def speculative_generate(
         eos_token_id: a row stops after emitting it. ``condition``: passed to the drafter's context.
         callback: ``callback(step, num_generated [B], ctx)`` after every step (progress bars, streaming:
             ``ctx.history`` holds prompt + committed tokens up to ``ctx.history_lengths``).
-        profile: synchronise the device around draft and verify to time them separately.
+        profile: synchronise the device around draft, the verify forward and acceptance + commit to time
+            them separately (``stats.draft_time`` / ``verify_time`` / ``accept_time``).
     """
     for name, value in (("max_new_tokens", max_new_tokens), ("num_draft_tokens", num_draft_tokens)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # 2.5 would fail deep inside torch
@@ -178,6 +179,9 @@ def speculative_generate(
             inputs = draft.tokens
             mask = cache.attention_mask(cache.slots(inputs.shape[1]), draft.tree.ancestor_mask)
             out = target.forward(inputs, draft.tree.positions(cache.lengths), cache, mask)
+        if profile:
+            sync(device)
+        t_forward = time.perf_counter()
         window_seen = _window_seen(ctx.seen, inputs, draft.tree) if penalize else None  # [B, T, V]
         target_probs = logits_to_probs(out.logits, sampling, out.uncond_logits, window_seen)  # [B, T, V]
         rule_sampling = rule.target_sampling(sampling)  # e.g. official LANTERN greedy: softmax at temperature 1
@@ -187,9 +191,6 @@ def speculative_generate(
             else logits_to_probs(out.logits, rule_sampling, out.uncond_logits, window_seen)
         )
         verdict = _verify(rule, draft, target_probs, generator, rule_probs)
-        if profile:
-            sync(device)
-        t2 = time.perf_counter()
         # 3. commit: cache, outputs, drafter (finished rows commit nothing)
         num_new = (verdict.num_accepted + 1) * active
         path = None
@@ -223,14 +224,18 @@ def speculative_generate(
         num_out += num_new
         if drafter is not None:
             drafter.commit(ctx, verdict)
-        # 4. stats
+        if profile:
+            sync(device)
+        # 4. stats (profile: draft / target forward / rule + commit)
         stats.draft_time += t1 - t0
-        stats.verify_time += t2 - t1
+        stats.verify_time += t_forward - t1
+        stats.accept_time += time.perf_counter() - t_forward
         if callback is not None:
             callback(stats.steps, num_out, ctx)
 
     stats.total_time = time.perf_counter() - start
-    stats.draft_time, stats.verify_time = (stats.draft_time, stats.verify_time) if profile else (0.0, 0.0)
+    if not profile:
+        stats.draft_time = stats.verify_time = stats.accept_time = 0.0
     return _finish(history, prefix_len, num_out, max_new_tokens, eos_token_id, pad_token_id, stats)
 
 

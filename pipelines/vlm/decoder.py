@@ -176,6 +176,18 @@ class VLMDecoder(nn.Module):
         attn_mask: torch.Tensor | None = None,  # [B, 1, T, S]; None = causal over the new tokens
     ) -> TargetOutput:
         """As :meth:`forward`, from input embeddings: logits ``[B, T, V]`` (float32) and features ``[B, T, H]``."""
+        h = self.features(embeds, positions, cache, attn_mask)
+        return TargetOutput(logits=self.output(h).float(), hidden_states=h)
+
+    def features(
+        self,
+        embeds: torch.Tensor,  # [B, T, H] input embeddings
+        positions: torch.Tensor,  # [B, T] or [3, B, T] RoPE positions
+        cache: StaticKVCache,
+        attn_mask: torch.Tensor | None = None,  # [B, 1, T, S]; None = causal over the new tokens
+    ) -> torch.Tensor:
+        """The final-norm features ``[B, T, H]`` without the LM head: callers that need logits at a few
+        positions only (a prompt's last token) or over a reduced vocabulary apply their own head."""
         slots = cache.slots(embeds.shape[1])
         if attn_mask is None:
             attn_mask = cache.attention_mask(slots)
@@ -183,8 +195,7 @@ class VLMDecoder(nn.Module):
         h = embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, cache, i, slots, attn_mask)
-        h = self.norm(h)
-        return TargetOutput(logits=self.output(h).float(), hidden_states=h)
+        return self.norm(h)
 
 
 # --------------------------------------------------------------------------- conversion from HF

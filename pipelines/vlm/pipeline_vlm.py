@@ -181,6 +181,7 @@ class VLMPipeline(SpeculativePipelineMixin):
         callback_on_step_end: Callable[[VLMPipeline, int, None, dict], Any] | None = None,
         repetition_penalty: float | None = None,
         speculative_options: dict | None = None,
+        profile: bool = False,
     ) -> VLMPipelineOutput | tuple | Iterator[str]:
         """Answer ``prompt`` about ``images``.
 
@@ -202,6 +203,8 @@ class VLMPipeline(SpeculativePipelineMixin):
             return_dict: False returns ``(text, token_ids, lengths, stats)``.
             stream: return a generator of text pieces (one per verify step, for a single prompt);
                 its return value (``StopIteration.value``) is the full output.
+            profile: time draft, verify and acceptance separately (``stats.draft_time`` / ``verify_time`` /
+                ``accept_time``; device syncs, for benchmarks).
             callback_on_step_end: ``f(pipe, step, None, {"num_generated": [B], "token_ids": [B, S]})``
                 after every verify step (diffusers convention; ``token_ids``: prompt + reply so far,
                 valid up to each row's prompt length + ``num_generated``); not with ``stream``.
@@ -238,6 +241,7 @@ class VLMPipeline(SpeculativePipelineMixin):
             sampling=sampling,
             num_draft_tokens=num_draft_tokens if drafter is not None else 0,
             generator=generator,
+            profile=profile,
         )
         if stream:
             if vlm_prompt.tokens.shape[0] != 1:

@@ -167,13 +167,15 @@ class VLMTarget(nn.Module):
         embeds = self.embed_prompt(prompt)  # [B, P, H]
         positions, offsets = self.rope_positions(prompt)
         cache.rope_offsets.copy_(offsets)
-        out = self.decoder.forward_embeds(embeds, positions, cache)
+        features = self.decoder.features(embeds, positions, cache)  # [B, P, H]
         lengths = prompt.lengths.to(cache.device)
         cache.commit(lengths)
         last = (lengths - 1)[:, None, None]
-        logits = out.logits.gather(1, last.expand(-1, -1, out.logits.shape[-1]))
-        hidden = out.hidden_states.gather(1, last.expand(-1, -1, out.hidden_states.shape[-1]))
-        return PrefillOutput(TargetOutput(logits=logits, hidden_states=hidden), hidden_states_all=out.hidden_states)
+        hidden = features.gather(1, last.expand(-1, -1, features.shape[-1]))  # [B, 1, H]
+        # The LM head on each row's last token only: over every prompt position it would cost more
+        # than the prompt's layers (a 49k-row head, hundreds of image tokens).
+        logits = self.decoder.output(hidden).float()
+        return PrefillOutput(TargetOutput(logits=logits, hidden_states=hidden), hidden_states_all=features)
 
     def forward(
         self,

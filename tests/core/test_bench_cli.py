@@ -1,83 +1,89 @@
 import json
 
+import pytest
 import torch
 
-from mmspec.app.bench import BENCH_SUITES, format_table, run_benchmark
+from mmspec.app.bench import BenchCase, BenchSuite, PeerOutput, format_table, load_suites, run_benchmark
 from mmspec.app.cli import main
 
+BENCH_SUITES = load_suites()
+TINY = dict(vocab_size=64, dim=32, n_layer=2, prompt_len=16)
 
-def test_lm_suite_record_compares_methods_to_baseline_on_same_inputs():
-    suite = BENCH_SUITES["lm"](
-        torch.device("cpu"),
-        torch.float32,
-        2,
-        dim=32,
-        n_layer=1,
-        draft_dim=16,
-        vocab_size=64,
-        prompt_len=16,
-        max_new_tokens=12,
-        num_draft_tokens=3,
-    )
+
+def test_lm_suite_record_compares_methods_and_peers_on_same_inputs():
+    suite = BENCH_SUITES["lm"](torch.device("cpu"), torch.float32, 1, max_new_tokens=12, num_draft_tokens=3, **TINY)
     record = run_benchmark(suite, torch.device("cpu"), repeats=1, warmup=0)
     names = [r["name"] for r in record["results"]]
-    from mmspec.app.bench import LM_METHODS
+    from mmspec.pipelines.lm import LM_METHODS
 
-    assert names[0].startswith("baseline") and names[1:] == LM_METHODS.names()  # every registered method
+    ours = [n for n in names if not n.startswith("transformers")]
+    assert ours[0].startswith("baseline") and ours[1:] == [
+        m for m in LM_METHODS.names() if m not in ("model", "eagle3")
+    ]
+    assert names[len(ours) :] == [
+        "transformers generate",
+        "transformers prompt lookup",
+        "transformers assisted (first 2 layers)",
+    ]
     by_name = {r["name"]: r for r in record["results"]}
     base, self_draft = by_name[names[0]], by_name["self-draft"]
-    assert base["steps"] == 11 and base["mean_accepted_without_bonus"] == 0 and base["speedup_vs_baseline"] == 1.0
-    # Greedy: every method must reproduce the baseline; self-drafting accepts every draft.
-    assert all(r["tokens_equal_baseline"] for r in record["results"])
-    assert self_draft["mean_accepted_without_bonus"] == 3 and self_draft["steps"] == 3
-    assert self_draft["mean_tokens_per_step_with_bonus"] == 4
+    assert base["steps"] == 22 and base["mean_accepted_without_bonus"] == 0 and base["speedup_vs_baseline"] == 1.0
+    # Greedy: every method and every transformers peer reproduces the baseline (2 prompts, batch 1).
+    assert all(r["tokens_equal_baseline"] for r in record["results"]), [
+        r["name"] for r in record["results"] if not r["tokens_equal_baseline"]
+    ]
+    assert self_draft["mean_accepted_without_bonus"] == 3 and self_draft["steps"] == 6
+    assert by_name["ngram"]["compare_to"] == "transformers prompt lookup" and by_name["ngram"]["tokens_equal_peer"]
+    assert base["compare_to"] == "transformers generate" and base["speedup_vs_peer"] > 0
+    assert by_name["transformers generate"]["steps"] is None  # peers have no mmspec statistics
     for key in ("device", "torch", "date", "command"):
         assert record["environment"][key]
-    assert "| self-draft | 3 |" in format_table(record)
-    trees = BENCH_SUITES["lm"](
-        torch.device("cpu"),
-        torch.float32,
-        1,
-        dim=32,
-        n_layer=1,
-        draft_dim=16,
-        vocab_size=64,
-        prompt_len=16,
-        max_new_tokens=6,
-        num_draft_tokens=2,
-        configs="draft-model:alternatives=3",
+    table = format_table(record)
+    assert "| self-draft | 6 |" in table and "| transformers generate | - |" in table
+
+
+def test_lm_suite_configs_and_bad_settings():
+    suite = BENCH_SUITES["lm"](
+        torch.device("cpu"), torch.float32, 2, max_new_tokens=6, num_draft_tokens=2, configs="ngram:window=cost", **TINY
     )
-    assert [c.name for c in trees.cases] == ["baseline (static cache, eager)", "draft-model:alternatives=3"]
+    assert [c.name for c in suite.cases] == [
+        "baseline (static cache, eager)",
+        "ngram:window=cost",
+    ]  # no peers at batch 2
+    with pytest.raises(ValueError, match="unknown option"):
+        BENCH_SUITES["lm"](torch.device("cpu"), torch.float32, 1, configs="ngram:nope=1", **TINY)
+    with pytest.raises(ValueError, match="window must be one of"):
+        BENCH_SUITES["lm"](torch.device("cpu"), torch.float32, 1, configs="ngram:window=fast", **TINY)
+    with pytest.raises(ValueError, match="prompts must be one of"):
+        BENCH_SUITES["lm"](torch.device("cpu"), torch.float32, 1, prompts="poems", **TINY)
 
 
-def test_cli_bench_writes_json(tmp_path, capsys):
+def test_repeats_are_interleaved_and_peer_comparisons_checked():
+    order = []
+
+    def case(name, **kw):
+        def run(generator, profile):
+            order.append(name)
+            return PeerOutput(torch.zeros(1, 2, dtype=torch.long), torch.tensor([2]))
+
+        return BenchCase(name, run, peer=True, **kw)
+
+    suite = BenchSuite("t", "t", [case("a"), case("b", compare_to="a")])
+    record = run_benchmark(suite, torch.device("cpu"), repeats=2, warmup=0)
+    assert order == ["a", "b", "a", "b"]  # rounds, not one case's repeats back to back
+    assert record["results"][1]["tokens_equal_peer"]
+    with pytest.raises(ValueError, match="compares to 'c'"):
+        run_benchmark(BenchSuite("t", "t", [case("a"), case("b", compare_to="c")]), torch.device("cpu"))
+
+
+def test_cli_bench_writes_json_and_plots(tmp_path, capsys):
     out = tmp_path / "r.json"
-    code = main(
-        [
-            "bench",
-            "--suite",
-            "lm",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--output",
-            str(out),
-            "--option",
-            "dim=32",
-            "--option",
-            "n_layer=1",
-            "--option",
-            "draft_dim=16",
-            "--option",
-            "vocab_size=64",
-            "--option",
-            "prompt_len=16",
-            "--option",
-            "max_new_tokens=6",
-        ]
-    )
+    options = [f"--option={k}={v}" for k, v in {**TINY, "max_new_tokens": 6, "configs": "ngram;self-draft"}.items()]
+    code = main(["bench", "--suite", "lm", "--repeats", "1", "--warmup", "0", "--output", str(out), *options])
     assert code == 0
     record = json.loads(out.read_text())
-    assert record["suite"] == "lm" and len(record["results"]) == 4  # baseline + the three LM_METHODS
+    assert record["suite"] == "lm" and len(record["results"]) == 5  # baseline, 2 methods, generate, prompt lookup
+    assert all(r["profiled_verify_s"] > 0 for r in record["results"] if not r["peer"])
+    for name in ("r-speedup.png", "r-steps.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in capsys.readouterr().out

@@ -1,0 +1,380 @@
+"""Bench suites of the text generators: ``lm`` (a causal LM through :class:`~mmspec.pipelines.lm.LMPipeline`)
+and ``vlm`` (a VLM through :class:`~mmspec.pipelines.vlm.VLMPipeline`), each with transformers' own
+decoding as peer rows in the same run: ``generate`` (default dynamic cache), prompt lookup
+(``prompt_lookup_num_tokens``, ``lm`` only) and assisted generation with the same draft model
+(``assistant_model``). Every row runs the same prompts at batch 1, greedy, and is checked token for
+token against mmspec's baseline (``tokens_equal_baseline``) and against its peer (``tokens_equal_peer``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..loops import GenerationOutput
+from .bench import BenchCase, BenchSuite, PeerOutput, register_suite
+
+#: The ``lm`` suite's prompt sets: "copy" (answers that repeat much of the prompt: prompt lookup's
+#: home ground) and "open" (open-ended answers: little to look up).
+LM_PROMPTS = {
+    "copy": (
+        "Repeat the following Python code exactly, then add a docstring to each function:\n\n"
+        "def add(a, b):\n    return a + b\n\n\ndef multiply(a, b):\n    return a * b\n\n\n"
+        "def power(base, exponent):\n    result = 1\n    for _ in range(exponent):\n"
+        "        result = multiply(result, base)\n    return result\n",
+        "Fix the spelling mistakes in this paragraph and return the whole corrected paragraph:\n\n"
+        "The quick brown fox jumpd over the lazy dog. Then the dog woke up and chased the fox acros the "
+        "field, past the old barn and into the forrest, where they both stoped to rest under a tall tree.",
+    ),
+    "open": (
+        "Write a short story about a robot who learns to paint.",
+        "Explain why the sky is blue to a ten-year-old.",
+    ),
+}
+
+
+def _greedy_peer(hf_model: Any, prompts: list[torch.Tensor], max_new_tokens: int, eos: tuple, pad: int, **kw):
+    """A peer's ``run``: transformers ``generate`` on each prompt (``[1, P]`` ids), greedy, cut at EOS like
+    mmspec's pipelines, as :class:`PeerOutput` rows."""
+
+    def run(generator: torch.Generator, profile: bool) -> list[PeerOutput]:
+        outs = []
+        for ids in prompts:
+            inputs = ids if isinstance(ids, dict) else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            with torch.inference_mode():
+                full = hf_model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=list(eos),
+                    pad_token_id=pad,
+                    **kw,
+                )
+            new = full[:, inputs["input_ids"].shape[1] :]
+            outs.append(_peer_output(new, max_new_tokens, eos, pad))
+        return outs
+
+    return run
+
+
+def _peer_output(new: torch.Tensor, max_new_tokens: int, eos: tuple, pad: int) -> PeerOutput:
+    """``[1, n]`` generated ids -> a :class:`PeerOutput` padded to ``max_new_tokens``, cut after the first EOS."""
+    row = new[0].tolist()
+    ends = [i for i, t in enumerate(row) if t in eos]
+    length = ends[0] + 1 if ends else len(row)
+    tokens = torch.full((1, max_new_tokens), pad, dtype=torch.long)
+    tokens[0, :length] = torch.tensor(row[:length], dtype=torch.long)
+    return PeerOutput(tokens=tokens, lengths=torch.tensor([length]))
+
+
+def truncated_hf(model: Any, num_layers: int) -> Any:
+    """The HF causal LM ``model`` cut to its first ``num_layers`` blocks, sharing its weight tensors: the
+    same draft model as :meth:`~mmspec.pipelines.lm.LMTarget.truncated` (full vocabulary), for assisted
+    generation."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:num_layers]
+    with torch.device("meta"):
+        small = type(model)(config)
+    state = {k: v for k, v in model.state_dict().items() if not _beyond_hf(k, num_layers)}
+    small.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        small.lm_head.weight = small.model.embed_tokens.weight
+    small.model.rotary_emb = model.model.rotary_emb  # its inv_freq buffer is not in the state dict
+    small.generation_config = copy.deepcopy(model.generation_config)
+    return small.eval()
+
+
+def _beyond_hf(key: str, num_layers: int) -> bool:
+    parts = key.split(".")
+    return len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= num_layers
+
+
+def _tiny_lm(vocab_size: int, dim: int, n_layer: int) -> Any:
+    """A random Llama-architecture HF causal LM (the ``lm`` suite without ``model=``: per-step costs only)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=dim,
+        intermediate_size=2 * dim,
+        num_hidden_layers=n_layer,
+        num_attention_heads=max(dim // 32, 1),
+        num_key_value_heads=max(dim // 64, 1),
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _cases_from_configs(registry: Any, pipe: Any, configs: str | None) -> list[tuple[str, str, dict]]:
+    """``(name, method, options)`` per configuration: ``configs`` (``;``-separated ``METHOD[:key=value,...]``)
+    or every method of ``registry`` the pipeline can run with its defaults."""
+    from .jobs import parse_key_values
+
+    specs = [c for c in configs.split(";") if c] if configs is not None else registry.available(pipe)
+    out = []
+    for spec in specs:
+        name, _, opts = spec.partition(":")
+        method = registry.get(name)
+        options = method.resolve_options(parse_key_values([o for o in opts.split(",") if o], f"config {spec!r}"))
+        method.build(pipe, options)  # fail before anything runs (unknown option values, missing components)
+        out.append((spec, name, options))
+    return out
+
+
+@register_suite("lm")
+def lm_suite(
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 1,
+    *,
+    model: str | None = None,
+    prompts: str = "copy",
+    max_new_tokens: int = 128,
+    num_draft_tokens: int = 8,
+    configs: str | None = None,
+    peers: bool = True,
+    vocab_size: int = 512,
+    dim: int = 64,
+    n_layer: int = 2,
+    prompt_len: int = 64,
+) -> BenchSuite:
+    """A causal LM: mmspec's baseline and speculative methods (:data:`~mmspec.pipelines.lm.LM_METHODS`)
+    against transformers' ``generate``, prompt lookup and assisted generation in the same run.
+
+    ``model``: a local transformers causal-LM folder (Llama, Mistral, Qwen2 ...); its tokenizer's chat
+    template wraps the prompt set ``prompts`` ("copy" or "open", :data:`LM_PROMPTS`). Without ``model``, a
+    random ``dim`` x ``n_layer`` Llama over ``vocab_size`` ids with prompts repeating a random 16-token
+    phrase (``prompt_len`` tokens): per-step costs only, acceptance is not meaningful. ``configs``:
+    ``;``-separated ``METHOD[:key=value,...]`` (default: every available method). ``peers``: add the
+    transformers rows (batch 1 only: transformers' prompt lookup and assisted generation need it). Each
+    draft-model row's peer is assisted generation with the same cut of the target (full vocabulary)."""
+    from ..pipelines.lm import LM_METHODS, LMPipeline, LMTarget, load_lm
+
+    if prompts not in LM_PROMPTS:
+        raise ValueError(f"prompts must be one of {sorted(LM_PROMPTS)}, got {prompts!r}")
+    if model is not None:
+        from transformers import AutoTokenizer
+
+        hf, target = load_lm(model, dtype=dtype, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        pipe = LMPipeline(target, tokenizer)
+        token_prompts = [pipe.build_prompt(text) for text in LM_PROMPTS[prompts]]
+    else:
+        from ..types import TokenPrompt
+
+        hf = _tiny_lm(vocab_size, dim, n_layer).to(device, dtype)
+        pipe = LMPipeline(LMTarget.from_hf(hf), tokenizer=None)
+        gen = torch.Generator().manual_seed(0)
+        phrases = [torch.randint(0, vocab_size, (16,), generator=gen) for _ in range(2)]
+        token_prompts = [
+            TokenPrompt(
+                p.repeat((prompt_len + 15) // 16)[None, :prompt_len].to(device),
+                torch.tensor([prompt_len], device=device),
+            )
+            for p in phrases
+        ]
+    if batch_size > 1:  # batches of the same prompts, row i of a batch = prompt i mod n
+        token_prompts = [_batched(token_prompts, batch_size, pipe._pad_token_id())]
+    eos = pipe.target.eos_token_ids
+    pad = pipe._pad_token_id()
+
+    def case(name: str, method: str | None, options: dict, compare_to: str | None) -> BenchCase:
+        def run(generator, profile):
+            outs = []
+            for prompt in token_prompts:
+                out = pipe(
+                    prompt,
+                    max_new_tokens=max_new_tokens,
+                    speculative=method,
+                    speculative_options=options or None,
+                    num_draft_tokens=num_draft_tokens,
+                    generator=generator,
+                    profile=profile,
+                )
+                outs.append(GenerationOutput(out.token_ids, out.lengths, out.stats))
+            return outs
+
+        config = {"method": method, "options": options, "num_draft_tokens": num_draft_tokens if method else 0}
+        return BenchCase(name, run, config, compare_to=compare_to if peers and batch_size == 1 else None)
+
+    configured = _cases_from_configs(LM_METHODS, pipe, configs)
+    cases = [case("baseline (static cache, eager)", None, {}, "transformers generate")]
+    assisted_layers = sorted({o["layers"] for _, m, o in configured if m == "draft-model"})
+    for spec, method, options in configured:
+        peer = "transformers prompt lookup" if method == "ngram" else None
+        if method == "draft-model":
+            peer = f"transformers assisted (first {options['layers']} layers)"
+        cases.append(case(spec, method, options, peer))
+    if peers and batch_size == 1:
+        ids = [p.tokens[:, : int(p.lengths[0])] for p in token_prompts]
+        cases.append(BenchCase("transformers generate", _greedy_peer(hf, ids, max_new_tokens, eos, pad), peer=True))
+        lookup = {"prompt_lookup_num_tokens": num_draft_tokens}
+        cases.append(
+            BenchCase(
+                "transformers prompt lookup",
+                _greedy_peer(hf, ids, max_new_tokens, eos, pad, **lookup),
+                {"generate_kwargs": lookup},
+                peer=True,
+            )
+        )
+        for layers in assisted_layers:
+            assistant = truncated_hf(hf, layers)
+            assistant.generation_config.num_assistant_tokens = num_draft_tokens
+            assistant.generation_config.num_assistant_tokens_schedule = "constant"
+            cases.append(
+                BenchCase(
+                    f"transformers assisted (first {layers} layers)",
+                    _greedy_peer(hf, ids, max_new_tokens, eos, pad, assistant_model=assistant),
+                    {"num_assistant_tokens": num_draft_tokens, "schedule": "constant", "assistant_layers": layers},
+                    peer=True,
+                )
+            )
+    return BenchSuite(
+        name="lm",
+        description=lm_suite.__doc__.split("\n")[0],
+        cases=cases,
+        setup={
+            "model": model or f"random Llama (vocab {vocab_size}, dim {dim}, {n_layer} layers)",
+            "target": dict(vars(pipe.target.decoder.config)),
+            "prompts": prompts if model is not None else f"random repeated phrases ({prompt_len} tokens)",
+            "num_prompts": len(LM_PROMPTS[prompts]) if model is not None else 2,
+            "dtype": str(dtype),
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "num_draft_tokens": num_draft_tokens,
+            "sampling": "greedy",
+        },
+    )
+
+
+def _batched(prompts: list, batch_size: int, pad: int) -> Any:
+    """One right-padded batch of ``batch_size`` rows cycling through single-row ``prompts``."""
+    from ..types import TokenPrompt
+
+    rows = [prompts[i % len(prompts)] for i in range(batch_size)]
+    ids = [p.tokens[0, : int(p.lengths[0])].tolist() for p in rows]
+    return TokenPrompt.from_lists(ids, pad_id=pad, device=rows[0].tokens.device)
+
+
+@register_suite("vlm")
+def vlm_suite(
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 1,
+    *,
+    model: str | None = None,
+    images: str | None = None,
+    num_images: int = 8,
+    question: str = "Describe the image.",
+    max_new_tokens: int = 32,
+    num_draft_tokens: int = 4,
+    configs: str | None = None,
+    peers: bool = True,
+) -> BenchSuite:
+    """A VLM captioning images: mmspec's baseline and methods (:data:`~mmspec.pipelines.vlm.VLM_METHODS`;
+    ``model``: the draft VLM in ``MODEL/drafter`` when the folder has one, e.g. the SmolLM2 captioner of
+    ``mmspec train-captioner --preset smollm2``) against transformers ``generate`` and assisted generation
+    with that draft model, in the same run.
+
+    ``model``: a VLM folder (LLaVA / LLaVA-NeXT / Qwen2-VL families). ``images``: a folder whose first
+    ``num_images`` images (sorted by name) are captioned one by one with ``question``. ``configs``:
+    ``;``-separated ``METHOD[:key=value,...]`` (default: every available method)."""
+    if model is None or images is None:
+        raise ValueError("the vlm suite needs --option model=VLM_FOLDER --option images=IMAGE_FOLDER")
+    import PIL.Image
+
+    from ..drafters import ModelDrafter
+    from ..pipelines.vlm import VLM_METHODS, VLMPipeline, load_vlm_target, vlm_family
+    from ..training.saved import CAPTIONER_DRAFTER_SUBFOLDER
+
+    files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise ValueError(f"no .png / .jpg / .webp images in {images}")
+    files = files[:num_images]
+    from transformers import AutoConfig, AutoProcessor
+
+    def load_hf(path: Path) -> Any:
+        family = vlm_family(AutoConfig.from_pretrained(path).model_type)
+        return family.hf_class().from_pretrained(path, dtype=dtype).to(device).eval()
+
+    hf = load_hf(Path(model))
+    draft_path = Path(model) / CAPTIONER_DRAFTER_SUBFOLDER
+    hf_draft = load_hf(draft_path) if (draft_path / "config.json").is_file() else None
+    drafter = None if hf_draft is None else ModelDrafter(load_vlm_target(hf_draft))
+    pipe = VLMPipeline(load_vlm_target(hf), AutoProcessor.from_pretrained(model), drafter)
+    pictures = [PIL.Image.open(f).convert("RGB") for f in files]
+    prompts = [
+        pipe.build_prompt(pictures[i : i + batch_size], [question] * len(pictures[i : i + batch_size]))
+        for i in range(0, len(pictures), batch_size)
+    ]
+    eos = pipe.target.eos_token_ids
+    pad = pipe._pad_token_id()
+
+    def case(name: str, method: str | None, options: dict, compare_to: str | None) -> BenchCase:
+        def run(generator, profile):
+            outs = []
+            for prompt in prompts:
+                out = pipe(
+                    None,
+                    prompt,
+                    max_new_tokens=max_new_tokens,
+                    speculative=method,
+                    speculative_options=options or None,
+                    num_draft_tokens=num_draft_tokens if method else 0,
+                    generator=generator,
+                    profile=profile,
+                )
+                outs.append(GenerationOutput(out.token_ids, out.lengths, out.stats))
+            return outs
+
+        config = {"method": method, "options": options, "num_draft_tokens": num_draft_tokens if method else 0}
+        return BenchCase(name, run, config, compare_to=compare_to if peers and batch_size == 1 else None)
+
+    cases = [case("baseline (static cache, eager)", None, {}, "transformers generate")]
+    for spec, method, options in _cases_from_configs(VLM_METHODS, pipe, configs):
+        cases.append(case(spec, method, options, "transformers assisted (draft model)" if method == "model" else None))
+    if peers and batch_size == 1:
+        inputs = [_hf_inputs(p) for p in prompts]  # the very prompts mmspec runs (batch 1: one image each)
+        cases.append(BenchCase("transformers generate", _greedy_peer(hf, inputs, max_new_tokens, eos, pad), peer=True))
+        if hf_draft is not None:
+            hf_draft.generation_config.num_assistant_tokens = num_draft_tokens
+            hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
+            assisted = _greedy_peer(hf, inputs, max_new_tokens, eos, pad, assistant_model=hf_draft)
+            cases.append(BenchCase("transformers assisted (draft model)", assisted, peer=True))
+    return BenchSuite(
+        name="vlm",
+        description=vlm_suite.__doc__.split("\n")[0],
+        cases=cases,
+        setup={
+            "model": str(model),
+            "draft_model": str(draft_path) if hf_draft is not None else None,
+            "images": [str(f) for f in files],
+            "question": question,
+            "dtype": str(dtype),
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "num_draft_tokens": num_draft_tokens,
+            "sampling": "greedy",
+        },
+    )
+
+
+def _hf_inputs(prompt: Any) -> dict[str, torch.Tensor]:
+    """transformers ``generate`` keyword arguments for a one-row :class:`~mmspec.pipelines.vlm.VLMPrompt`."""
+    length = int(prompt.lengths[0])
+    inputs = {"input_ids": prompt.tokens[:, :length], "attention_mask": torch.ones_like(prompt.tokens[:, :length])}
+    for name in ("pixel_values", "image_sizes", "image_grid_thw"):
+        if getattr(prompt, name) is not None:
+            inputs[name] = getattr(prompt, name)
+    if prompt.mm_token_type_ids is not None:
+        inputs["mm_token_type_ids"] = prompt.mm_token_type_ids[:, :length]
+    return inputs

@@ -1,0 +1,50 @@
+"""The ``vlm`` bench suite: a VLM folder (with its draft VLM in ``drafter/``) against transformers
+``generate`` and assisted generation with the same draft model, on the same images, same captions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmspec.app.bench import load_suites, run_benchmark
+
+from .test_vlm import image, tiny_vlm
+
+
+def test_vlm_suite_runs_methods_and_peers_with_equal_captions(tmp_path):
+    model, processor = tiny_vlm("llava")
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    draft, _ = tiny_vlm("llava", seed=1)
+    draft.save_pretrained(tmp_path / "vlm" / "drafter")
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        image(i).save(tmp_path / "images" / f"{i}.png")
+    suite = load_suites()["vlm"](
+        torch.device("cpu"),
+        torch.float32,
+        1,
+        model=str(tmp_path / "vlm"),
+        images=str(tmp_path / "images"),
+        max_new_tokens=8,
+        num_draft_tokens=3,
+        configs="model;ngram",
+    )
+    names = [c.name for c in suite.cases]
+    assert names == [
+        "baseline (static cache, eager)",
+        "model",
+        "ngram",
+        "transformers generate",
+        "transformers assisted (draft model)",
+    ]
+    record = run_benchmark(suite, torch.device("cpu"), repeats=1, warmup=0)
+    by_name = {r["name"]: r for r in record["results"]}
+    assert all(r["tokens_equal_baseline"] for r in record["results"]), [
+        r["name"] for r in record["results"] if not r["tokens_equal_baseline"]
+    ]
+    assert by_name["model"]["compare_to"] == "transformers assisted (draft model)"
+    assert by_name["model"]["steps"] and by_name["transformers generate"]["steps"] is None
+    assert by_name["model"]["profiled_verify_s"] > 0  # the VLM pipeline times its phases when profiling
+    with pytest.raises(ValueError, match="needs --option model=VLM_FOLDER"):
+        load_suites()["vlm"](torch.device("cpu"), torch.float32, 1, model=str(tmp_path / "vlm"))
