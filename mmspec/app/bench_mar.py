@@ -129,7 +129,8 @@ def mar_suite(
                 speculative_options=speculative_options if method else None,
                 output_type="pt",
             )
-            tokens = out.latents.flatten(1)
+            # [B, seq_len, -1]: the bench compares rows[:seq_len] (all of each row) and counts seq_len tokens
+            tokens = out.latents.reshape(batch_size, pipe.target.seq_len, -1)
             return GenerationOutput(
                 tokens=tokens, lengths=torch.full((batch_size,), pipe.target.seq_len), stats=out.stats
             )

@@ -57,8 +57,9 @@ def video_suite(
                 **extra,
             )
             frames = out.latents.shape[1]
+            # one "token" per latent frame ([B, F, C*h*w]): the bench compares rows[:length] and counts frames
             return GenerationOutput(
-                tokens=out.latents.flatten(1), lengths=torch.full((batch_size,), frames), stats=out.stats
+                tokens=out.latents.flatten(2), lengths=torch.full((batch_size,), frames), stats=out.stats
             )
 
         return BenchCase(name, run, {k: v for k, v in extra.items() if v is not None})
