@@ -276,6 +276,12 @@ def format_table(record: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:.1f} | {r['speedup_vs_baseline']:.2f}x | {peer} | "
             f"{'yes' if r['tokens_equal_baseline'] else 'no'} |"
         )
+    if (record.get("setup") or {}).get("temperature", 0) > 0:
+        lines += [
+            "",
+            "Sampled (temperature > 0): '= baseline' compares draws, and a lossless method keeps the baseline's "
+            "distribution, not its draws (its own random stream), so 'no' is expected for it.",
+        ]
     return "\n".join(lines)
 
 

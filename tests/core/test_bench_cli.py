@@ -40,6 +40,9 @@ def test_lm_suite_record_compares_methods_and_peers_on_same_inputs():
         assert record["environment"][key]
     table = format_table(record)
     assert "| self-draft | 6 |" in table and "| transformers generate | - |" in table
+    assert "Sampled" not in table  # greedy: '= baseline' is the lossless check itself
+    sampled = {**record, "setup": {**record["setup"], "temperature": 1.0}}
+    assert "a lossless method keeps the baseline's distribution, not its draws" in format_table(sampled)
 
 
 def test_lm_suite_configs_and_bad_settings():
