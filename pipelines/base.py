@@ -73,14 +73,21 @@ class SpeculativePipelineMixin:
                 raise ValueError("acceptance_options apply to a rule given by name, not to a rule instance")
             rule = acceptance
         else:
-            default = method.default_rule if method is not None else "exact"
-            rule = self.acceptance_rule(acceptance or default, **dict(acceptance_options or {}))
-        if method is not None and not method.accepts(rule):
-            raise ValueError(
-                f"acceptance rule {rule.name!r} commits {rule.commit.value}, but speculative={method.name!r} runs the "
-                f"{method.loop} loop: use its own rule {method.default_rule!r} or another {method.loop}-loop rule"
-            )
+            name = acceptance or (method.default_rule if method is not None else "exact")
+            # the loop's commit mode first: a rule of another loop is named as such, whatever its options
+            _check_commit(method, ACCEPTANCE_RULES.get(name))
+            rule = self.acceptance_rule(name, **dict(acceptance_options or {}))
+        _check_commit(method, rule)
         return Speculation(method, drafter, options, rule)
+
+
+def _check_commit(method: Method | None, rule: AcceptanceRule | type[AcceptanceRule] | None) -> None:
+    """ValueError if ``rule`` (an instance or a registered class) commits differently from ``method``'s loop."""
+    if method is not None and rule is not None and not method.accepts(rule):
+        raise ValueError(
+            f"acceptance rule {rule.name!r} commits {rule.commit.value}, but speculative={method.name!r} runs the "
+            f"{method.loop} loop: use its own rule {method.default_rule!r} or another {method.loop}-loop rule"
+        )
 
 
 def postprocess_images(images: torch.Tensor, output_type: str, extra: tuple[str, ...] = ()):

@@ -24,3 +24,15 @@ def test_methods_command_lists_every_registered_method_and_rule(capsys):
     out = capsys.readouterr().out
     for name in [*LLAMAGEN_METHODS.names(), *VLM_METHODS.names(), *LM_METHODS.names(), *ACCEPTANCE_RULES]:
         assert f"| {name} |" in out, name
+
+
+def test_every_pipeline_with_a_registry_is_listed():
+    """Every exported pipeline class and every generation family's pipeline has its section."""
+    from mmspec import _PIPELINES
+    from mmspec.app.generators import load_families
+    from mmspec.app.registry_docs import PIPELINES
+
+    listed = {name for _, _, name in PIPELINES}
+    assert set(_PIPELINES) <= listed, set(_PIPELINES) - listed
+    families = {f.pipeline_class for f in load_families().values()}
+    assert families <= listed, families - listed

@@ -54,6 +54,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 @command("bench", _bench_args)
 def bench(args: argparse.Namespace) -> int:
     """Run baseline and speculative configurations on the same inputs; write a JSON record."""
+    import inspect
+
     import torch
 
     from .bench import BENCH_SUITES, format_table, run_benchmark, write_plots, write_record
@@ -70,7 +72,18 @@ def bench(args: argparse.Namespace) -> int:
         options = parse_key_values(args.option, "--option")
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    suite = BENCH_SUITES[args.suite](device, dtype, args.batch_size, **options)
+    factory = BENCH_SUITES[args.suite]
+    accepted = list(inspect.signature(factory).parameters)[3:]  # after (device, dtype, batch_size)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SystemExit(
+            f"error: --option {', '.join(unknown)}: not a setting of suite {args.suite!r}; its settings: "
+            + ", ".join(accepted)
+        )
+    try:  # settings the suite refuses (a bad value, a missing folder): its message, before anything runs
+        suite = factory(device, dtype, args.batch_size, **options)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"error: --suite {args.suite}: {err}") from None
     record = run_benchmark(suite, device, repeats=args.repeats, warmup=args.warmup, seed=args.seed)
     out = args.output or Path("results") / f"bench-{args.suite}.json"
     write_record(record, out)
@@ -278,12 +291,17 @@ def evaluate(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: mmspec eval does not support {family.name} models yet")
     if args.num_images < 1:
         raise SystemExit(f"error: --num-images must be >= 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     pipe = family.load(args, path, device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    return family.evaluate(pipe, args, device)
+    try:  # settings the pipeline refuses (e.g. a video length that is not whole blocks): its message, no traceback
+        return family.evaluate(pipe, args, device)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def _caption_args(p: argparse.ArgumentParser) -> None:

@@ -230,9 +230,11 @@ def _evaluate(pipe: Any, args: argparse.Namespace, device) -> int:
         runs.append(VideoRun(method.name, method.speculative, options, method.speculative_options))
     scorer = build_scorer(args.scorer, scorer_options(args), device)
     pipe.set_scorer(scorer)
-    for run in runs:  # every configuration is checked before the first video
+    for method, run in zip(methods, runs):  # every configuration (its rule too) is checked before the first video
         try:
-            pipe.resolve_speculation(run.speculative, run.speculative_options or None, None, run.acceptance_options)
+            pipe.resolve_speculation(
+                run.speculative, run.speculative_options or None, method.acceptance, run.acceptance_options
+            )
         except (ValueError, TypeError) as err:
             raise SystemExit(f"error: --method {run.name}: {err}") from None
     num_blocks = pipe.num_blocks_for(args.num_frames)

@@ -17,6 +17,7 @@ PIPELINES = (
     ("MAR (continuous-token AR images)", "mmspec.pipelines.mar.pipeline_mar", "MARPipeline"),
     ("Janus / Janus-Pro (text-to-image)", "mmspec.pipelines.t2i.janus", "JanusImagePipeline"),
     ("Emu3 (text-to-image)", "mmspec.pipelines.t2i.emu3", "Emu3ImagePipeline"),
+    ("Block-autoregressive video", "mmspec.pipelines.video.pipeline_video", "VideoPipeline"),
 )
 
 

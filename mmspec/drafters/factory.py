@@ -73,7 +73,8 @@ def eagle_method(
     forward when the pipeline compiles (``EagleDrafter(step=...)``), None to run it eagerly."""
     if head is None:
         raise ValueError(
-            f"speculative='eagle' needs an EAGLE head: pipe.load_eagle_head(path) (train one with {train_command})"
+            f"speculative='eagle' needs an EAGLE head: pipe.load_eagle_head(path), or --eagle-head DIR on the command line "
+            f"(train one with {train_command})"
         )
     tree = options["tree"]
     if tree is not None and not isinstance(tree, TreeConfig):

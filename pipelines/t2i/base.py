@@ -202,7 +202,8 @@ class T2IPipeline(SpeculativePipelineMixin, abc.ABC):
         missing = [name for name in cls.settings if name not in settings]
         if missing:
             raise ValueError(
-                f"{path} does not record {missing} (a plain transformers folder): pass them to from_pretrained"
+                f"{path} does not record {missing} (a plain transformers folder): pass them to from_pretrained "
+                "(mmspec generate: --emu3-grid HxW; mmspec bench: --option grid=HxW)"
             )
         pipe = cls(model, processor=processor, **settings)
         if (path / EAGLE_FOLDER).is_dir():

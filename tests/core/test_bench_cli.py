@@ -90,3 +90,8 @@ def test_cli_bench_writes_json_and_plots(tmp_path, capsys):
     for name in ("r-speedup.png", "r-steps.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in capsys.readouterr().out
+
+
+def test_unknown_suite_options_are_named_with_the_suites_settings(tmp_path):
+    with pytest.raises(SystemExit, match=r"--option foo: not a setting of suite 'lm'; its settings: .*max_new_tokens"):
+        main(["bench", "--suite", "lm", "--option", "foo=1", "--output", str(tmp_path / "r.json")])

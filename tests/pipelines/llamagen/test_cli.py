@@ -175,7 +175,7 @@ def test_bench_ar_image_configs_with_method_options_and_rule_options(model_dir, 
     assert record["results"][3]["config"]["num_draft_tokens"] == 4 and record["results"][3]["mean_draft_width"] <= 4
     assert record["setup"]["acceptance_options"]["delta"] == 0.0
     assert all(r["tokens_equal_baseline"] for r in record["results"])  # greedy + LANTERN δ = 0: lossless
-    with pytest.raises(ValueError, match="unknown speculative method 'nope'"):
+    with pytest.raises(SystemExit, match="--suite ar-image: unknown speculative method 'nope'"):
         main(
             [
                 "bench",

@@ -101,6 +101,23 @@ def test_eval_reports_quality_next_to_speed(model_dir, tmp_path):
     assert (out / "draft-only.gif").is_file()
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--method", "sdvg:exact:tau=-1"],
+            "acceptance rule 'exact' commits prefix, but speculative='sdvg' runs the block loop",
+        ),
+        (["--method", "sdvg::tau=-1", "--num-frames", "3"], "num_frames 3 is not a whole number of blocks"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+    ],
+)
+def test_eval_settings_errors_are_messages_not_tracebacks(model_dir, tmp_path, extra, message):
+    argv = ["eval", "--model", str(model_dir), "--num-images", "2", "--output-dir", str(tmp_path / "eval")]
+    with pytest.raises(SystemExit, match=message):
+        main([*argv, *extra])
+
+
 def test_bench_suite_video(model_dir):
     load_suites()
     suite = BENCH_SUITES["video"](
