@@ -212,11 +212,13 @@ def _choose_model(args: argparse.Namespace):
 def generate(args: argparse.Namespace) -> int:
     """Generate from any family's model (batch over class labels or prompts; resumable; bad items
     skipped and reported): 1. settings → 2. model → 3. the family's job → 4. run and report."""
+    from .generators import check_foreign_options
     from .job_settings import check_generate_settings
     from .jobs import job_state, lock_output, report, run_job
 
     # 1. Settings wrong for every item fail here, before the model loads (exit code 1, the message).
     family, path = _choose_model(args)
+    check_foreign_options(args, family)
     if args.speculative is None:
         args.speculative = family.default_method or "none"
     check_generate_settings(args, family)

@@ -231,5 +231,6 @@ MAR_FAMILY = register_family(
         check_args=_check_args,
         evaluate=_evaluate,
         add_eval_args=_add_args,
+        reads=("heatmaps",),
     )
 )

@@ -129,6 +129,7 @@ JANUS_FAMILY = register_family(
         default_method="mc-sjd",
         model_types=("janus",),
         check_args=_check_args,
+        reads=("eagle_head", "eagle_tree", "heatmaps"),
     )
 )
 
@@ -145,5 +146,6 @@ EMU3_FAMILY = register_family(
         model_types=("emu3",),
         add_args=_add_emu3_args,
         check_args=_check_args,
+        reads=("eagle_head", "eagle_tree", "heatmaps"),
     )
 )

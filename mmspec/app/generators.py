@@ -67,7 +67,9 @@ class GenerationFamily:
     ``embedded``: the folder under ``mmspec/assets/`` of its default model, or None;
     ``methods``: its method registry (imported lazily); ``default_method``: ``--speculative``'s
     default for it; ``inputs``: :data:`CLASS_LABELS` or :data:`PROMPTS`; ``add_args``: its own
-    ``generate`` options (a group of the parser; names must not clash with other families').
+    ``generate`` options (a group of the parser; names must not clash with other families');
+    ``reads``: other families' options (argparse ``dest`` names) it reads too — every other family
+    option set for one of its models is refused (:func:`check_foreign_options`).
     """
 
     name: str
@@ -84,6 +86,7 @@ class GenerationFamily:
     check_args: Callable[[argparse.Namespace], None] | None = None
     evaluate: Callable[[Any, argparse.Namespace, torch.device], int] | None = None
     add_eval_args: Callable[[argparse._ArgumentGroup], None] | None = field(default=None)
+    reads: tuple[str, ...] = ()
 
 
 GENERATION_FAMILIES: dict[str, GenerationFamily] = {}
@@ -102,6 +105,30 @@ def register_family(family: GenerationFamily) -> GenerationFamily:
         raise ValueError(f"generation family {family.name!r} is registered twice")
     GENERATION_FAMILIES[family.name] = family
     return family
+
+
+def _own_options(family: GenerationFamily) -> list[argparse.Action]:
+    """The actions ``family.add_args`` defines (built on a scratch parser)."""
+    if family.add_args is None:
+        return []
+    scratch = argparse.ArgumentParser(add_help=False)
+    family.add_args(scratch.add_argument_group())
+    return scratch._actions
+
+
+def check_foreign_options(args: argparse.Namespace, family: GenerationFamily) -> None:
+    """``SystemExit`` when an option that only other families read is set (not at its default) for a
+    ``family`` model: it would be silently ignored."""
+    mine = {action.dest for action in _own_options(family)} | set(family.reads)
+    for other in load_families().values():
+        if other is family:
+            continue
+        for action in _own_options(other):
+            if action.dest not in mine and getattr(args, action.dest, action.default) != action.default:
+                raise SystemExit(
+                    f"error: {action.option_strings[0]} is an option of {other.name} models; this is a "
+                    f"{family.name} model, which does not read it"
+                )
 
 
 def load_families() -> dict[str, GenerationFamily]:

@@ -61,3 +61,19 @@ def test_inputs_must_match_the_family(tmp_path):
     with pytest.raises(SystemExit, match="llamagen models take class labels"):
         main(["generate", "--prompt", "a cat", "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "option", "owner"),
+    [
+        ("llamagen", ["--num-frames", "4"], "video"),
+        ("llamagen", ["--num-iter", "4"], "mar"),
+        ("mar", ["--scorer", "clip"], "video"),
+        ("video", ["--emu3-grid", "4x4"], "emu3"),
+        ("video", ["--eagle-head", "x"], "llamagen"),
+    ],
+)
+def test_options_of_other_families_are_refused_not_ignored(tmp_path, model, option, owner):
+    with pytest.raises(SystemExit, match=f"{option[0]} is an option of {owner} models; this is a {model} model"):
+        main(["generate", "--model", model, *option, "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
