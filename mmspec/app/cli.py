@@ -239,7 +239,7 @@ def generate(args: argparse.Namespace) -> int:
             raw, job.parse, job.process, args.output_dir, args.batch_size, desc="generate", settings=job.settings
         )
         if job_state().is_main_process:
-            report(args.output_dir, done, job.what, {"family": family.name, **job.summary})
+            report(args.output_dir, done, job.what, {"family": family.name, **job.summary}, job.rate_label)
     return 0
 
 

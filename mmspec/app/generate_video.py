@@ -208,7 +208,14 @@ def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
         "guidance_scale": args.guidance_scale,
         "device": str(device),
     }
-    return FamilyJob(parse=parse, process=process, settings=settings, summary=summary, what="videos")
+    return FamilyJob(
+        parse=parse,
+        process=process,
+        settings=settings,
+        summary=summary,
+        what="videos",
+        rate_label="share of blocks kept from the draft",
+    )
 
 
 def _evaluate(pipe: Any, args: argparse.Namespace, device) -> int:

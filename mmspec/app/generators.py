@@ -48,7 +48,7 @@ class FamilyJob:
     and returns one JSON-serialisable record per item (``row_steps`` / ``row_accepted`` when the
     family counts drafts); ``settings``: what makes the outputs what they are (``job.json``: a resumed
     job must not change them); ``summary``: extra fields for ``stats.json``; ``what``: the noun for
-    the outputs ("images", "videos").
+    the outputs ("images", "videos"); ``rate_label``: what ``row_accepted / row_steps`` means.
     """
 
     parse: Callable[[str], Any]
@@ -56,6 +56,7 @@ class FamilyJob:
     settings: dict
     summary: dict
     what: str = "images"
+    rate_label: str = "mean accepted drafts per step"
 
 
 @dataclass(frozen=True)

@@ -281,13 +281,15 @@ def parse_key_values(pairs: list[str], what: str) -> dict:
     return options
 
 
-def report(out_dir: Path, job: dict, what: str, extra: dict) -> dict:
-    """Rank 0 after a job: write ``stats.json``, print the outcome and every skipped item."""
+def report(out_dir: Path, job: dict, what: str, extra: dict, rate_label: str = "mean accepted drafts per step") -> dict:
+    """Rank 0 after a job: write ``stats.json``, print the outcome and every skipped item.
+    ``rate_label`` names the ratio of the records' ``row_accepted`` to ``row_steps`` (omitted when no
+    record counts steps)."""
     summary = write_summary(out_dir, extra)
     results = JobOutput.read(out_dir, "results")
     steps = sum(r.get("row_steps", 0) for r in results)  # families that count drafts per step
     accepted = sum(r.get("row_accepted", 0) for r in results)
-    rate = f"; mean accepted drafts per step: {accepted / steps:.2f}" if steps else ""
+    rate = f"; {rate_label}: {accepted / steps:.2f}" if steps else ""
     print(
         f"{summary['num_results']} {what} in {out_dir} ({summary['num_errors']} bad items; this run: "
         f"{job['processed']} new, {job['skipped_done']} already done){rate}"

@@ -39,9 +39,10 @@ def _generate(model_dir, out, *extra):
     )  # fmt: skip
 
 
-def test_generate_writes_videos_strips_and_block_records(model_dir, tmp_path):
+def test_generate_writes_videos_strips_and_block_records(model_dir, tmp_path, capsys):
     out = tmp_path / "gen"
     assert _generate(model_dir, out, "--speculative", "sdvg", "--acceptance-option", "tau=-inf") == 0
+    assert "share of blocks kept from the draft: 0.50" in capsys.readouterr().out  # 1 forced + 1 kept block
     records = [json.loads(line) for line in (out / "results.0.jsonl").read_text().splitlines()]
     assert [r["class_label"] for r in records] == [0, 2] and records[1]["class_name"] == "panda face"
     for record in records:
