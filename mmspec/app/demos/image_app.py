@@ -8,7 +8,6 @@ this module only runs the two calls, streams progress and lays out the results.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -23,7 +22,7 @@ from mmspec.app.visualize import acceptance_heatmap
 from mmspec.pipelines.llamagen import LlamaGenPipeline
 from mmspec.rules import ACCEPTANCE_RULES
 
-from .serving import MAX_SEED, PICTURE_SIZE, parse_class_label, pipeline_errors
+from .serving import MAX_SEED, PICTURE_SIZE, parse_class_label, pipeline_errors, save_png
 
 BASELINE = "none"
 SLOTS = ("baseline", "method")  # file names of the two runs' pictures
@@ -167,15 +166,10 @@ def build_image_demo(
                     {"speculative": method, "num_draft_tokens": int(num_draft_tokens), "acceptance": rule},
                 )
             )
-        # Pictures go out as PNG files, not PIL images: Gradio caches files by content and copies
-        # them atomically, whereas it rewrites a re-sent PIL image's cache file in place, which
-        # breaks a download of the same picture still in flight (a preview or a finished image).
-        with tempfile.TemporaryDirectory() as scratch:
+        with tempfile.TemporaryDirectory() as scratch:  # pictures go out as files (see save_png)
 
             def png(image: PIL.Image.Image, name: str) -> str:
-                path = os.path.join(scratch, f"{name}.png")
-                image.save(path)
-                return path
+                return save_png(scratch, image, name)
 
             images, rows = [None, None], []
             for slot, (name, extra) in enumerate(runs):

@@ -8,7 +8,6 @@ Thin by design: every number comes from ``MARPipeline.__call__`` and its stats. 
 
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 
 from mmspec.app.visualize import acceptance_heatmap
 
-from .serving import MAX_SEED, PICTURE_SIZE, parse_class_label, pipeline_errors
+from .serving import MAX_SEED, PICTURE_SIZE, parse_class_label, pipeline_errors, save_png
 
 #: CSpD's acceptance rules offered in the MAR tab: the exact density-ratio test and the reference
 #: code's tempered test (lossy; its documented distribution shift).
@@ -56,9 +55,7 @@ def add_mar_tab(pipe: Any, class_names: list[str] | None = None, warmup: bool = 
         with tempfile.TemporaryDirectory() as scratch:
 
             def png(image: PIL.Image.Image, name: str) -> str:
-                path = os.path.join(scratch, f"{name}.png")
-                image.save(path)
-                return path
+                return save_png(scratch, image, name)  # pictures go out as files (see save_png)
 
             outs = {}
             for name, extra in (

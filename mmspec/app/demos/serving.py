@@ -41,6 +41,18 @@ def parse_class_label(value: Any, num_classes: int) -> int:
     return label
 
 
+def save_png(scratch: str, image: Any, name: str) -> str:
+    """Write ``image`` (PIL) as ``<scratch>/<name>.png`` and return the path. Pictures go out as PNG
+    files, not PIL images: Gradio caches files by content and copies them atomically, whereas it
+    rewrites a re-sent PIL image's cache file in place, which breaks a download of the same picture
+    still in flight (a preview or a finished image)."""
+    import os
+
+    path = os.path.join(scratch, f"{name}.png")
+    image.save(path)
+    return path
+
+
 @contextlib.contextmanager
 def pipeline_errors() -> Iterator[None]:
     """Show a pipeline's ``ValueError`` (impossible settings, e.g. the greedy rule with sampling)
