@@ -112,13 +112,11 @@ class LMTarget(nn.Module):
 
     def prefill(self, prompt: TokenPrompt, cache: RopeOffsetKVCache) -> PrefillOutput:
         """Write and commit a right-padded prompt batch; the LM head runs on each row's last token only
-        (a 49k-row head over every prompt position would cost more than the prompt's layers)."""
+        (:meth:`VLMDecoder.commit_prompt`)."""
         tokens = prompt.tokens
-        lengths = prompt.lengths.to(tokens.device)
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         features = self.decoder.features(self.decoder.tok_embeddings(tokens), positions, cache)  # [B, P, H]
-        cache.commit(lengths)
-        last = features.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, features.shape[-1]))  # [B, 1, H]
+        last = self.decoder.commit_prompt(features, prompt.lengths, cache)  # [B, 1, H]
         return PrefillOutput(TargetOutput(logits=self._logits(last), hidden_states=last), hidden_states_all=features)
 
     def forward(

@@ -197,6 +197,19 @@ class VLMDecoder(nn.Module):
             h = layer(h, freqs, cache, i, slots, attn_mask)
         return self.norm(h)
 
+    @staticmethod
+    def commit_prompt(
+        features: torch.Tensor,  # [B, P, H] a right-padded prompt batch's features (just written)
+        lengths: torch.Tensor,  # [B] each row's prompt length
+        cache: StaticKVCache,
+    ) -> torch.Tensor:
+        """Commit each row's prompt to ``cache`` and return its last position's features ``[B, 1, H]``:
+        prefill runs the LM head there only (over every prompt position a 49k-row head would cost more
+        than the prompt's layers)."""
+        lengths = lengths.to(features.device)
+        cache.commit(lengths)
+        return features.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, features.shape[-1]))
+
 
 # --------------------------------------------------------------------------- conversion from HF
 

@@ -168,12 +168,7 @@ class VLMTarget(nn.Module):
         positions, offsets = self.rope_positions(prompt)
         cache.rope_offsets.copy_(offsets)
         features = self.decoder.features(embeds, positions, cache)  # [B, P, H]
-        lengths = prompt.lengths.to(cache.device)
-        cache.commit(lengths)
-        last = (lengths - 1)[:, None, None]
-        hidden = features.gather(1, last.expand(-1, -1, features.shape[-1]))  # [B, 1, H]
-        # The LM head on each row's last token only: over every prompt position it would cost more
-        # than the prompt's layers (a 49k-row head, hundreds of image tokens).
+        hidden = self.decoder.commit_prompt(features, prompt.lengths, cache)  # [B, 1, H]
         logits = self.decoder.output(hidden).float()
         return PrefillOutput(TargetOutput(logits=logits, hidden_states=hidden), hidden_states_all=features)
 
