@@ -26,9 +26,12 @@ Policies:
   with one measured width from the prior ``C(w) ∝ 1 + cost_slope * w``. ``T`` is measured per width,
   not derived from depth rates alone, because a Jacobi window's acceptance depends on its width
   (deeper guesses converge over the iterations they spend in the window). Widths come from a coarse
-  grid (1, 2, 4, 8, 12, 16, 24, ...; few shapes to compile); every ``explore_every`` steps the less
-  measured neighbour of the best width is tried for three steps so the estimates stay current. Pass a ``memory`` dict (pipelines
-  keep one per method and options) to carry what was learned across calls, per batch size.
+  grid (0, 1, 2, 4, 8, 12, 16, 24, ...; few shapes to compile; 0 = no draft, a plain target step,
+  which wins when the drafts kept do not pay for drafting and the wider verify); every
+  ``explore_every`` steps the less measured neighbour of the best width is tried (for ``w`` steps, at
+  most three: a Jacobi window needs them to fill) so the estimates stay current. Pass a ``memory``
+  dict (pipelines keep one per method and options) to carry what was learned across calls, per batch
+  size.
 
 Both are lossless: which drafts are proposed never changes what exact acceptance commits, and the
 width is a function of past verdicts only.
@@ -51,7 +54,10 @@ class AdaptiveWindow:
     Args:
         drafter: the wrapped chain drafter (its ``draft(ctx, w, generator)`` must accept any ``w <= k``).
         policy: ``"heuristic"`` or ``"cost"`` (module docstring).
-        min_width: the smallest width (>= 1).
+        min_width: the smallest width (>= 0); None: 0 for ``"cost"`` (it may skip drafting on steps
+            where drafting does not pay — a plain target step; every chain drafter takes ``w = 0`` —
+            e.g. with an untrained draft model that keeps almost nothing), 1 for ``"heuristic"``
+            (transformers' schedule never drafts fewer than one token).
         initial: the first step's width (default: the maximum ``k``).
         cost_slope: prior relative cost of one more verified token (``c(w) ∝ 1 + cost_slope * w``),
             used until two widths have been measured; 0.1 matches a 2-core CPU at batch 1
@@ -67,7 +73,7 @@ class AdaptiveWindow:
         self,
         drafter: Any,
         policy: str = "heuristic",
-        min_width: int = 1,
+        min_width: int | None = None,
         initial: int | None = None,
         cost_slope: float = 0.1,
         explore_every: int = 8,
@@ -79,8 +85,10 @@ class AdaptiveWindow:
             raise ValueError(
                 f"window policy must be one of {POLICIES} (or 'fixed' in a method's options), got {policy!r}"
             )
-        if min_width < 1 or (initial is not None and initial < min_width):
-            raise ValueError(f"need 1 <= min_width <= initial, got min_width={min_width}, initial={initial}")
+        if min_width is None:
+            min_width = 0 if policy == "cost" else 1
+        if min_width < 0 or (initial is not None and initial < min_width):
+            raise ValueError(f"need 0 <= min_width <= initial, got min_width={min_width}, initial={initial}")
         if not 0 <= decay < 1:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if getattr(drafter, "tree", None) is not None or getattr(drafter, "num_alternatives", 1) > 1:
@@ -211,8 +219,9 @@ class AdaptiveWindow:
 
     def candidates(self, k: int) -> list[int]:
         """The widths the ``"cost"`` policy chooses from: 1, 2, 4, 8, 12, 16, 24, 32, ... up to ``k`` (and
-        ``k`` itself), at least ``min_width`` — few distinct shapes (one compiled graph each)."""
-        grid, w = [1, 2, 4, 8], 12
+        ``k`` itself), at least ``min_width`` (and 0 when ``min_width`` is 0) — few distinct shapes (one
+        compiled graph each)."""
+        grid, w = [0, 1, 2, 4, 8], 12
         while w <= k:
             grid.append(w)
             w += 4 if w < 16 else 8
@@ -227,7 +236,8 @@ class AdaptiveWindow:
         if self.explore_every and self._steps % self.explore_every == 0:
             i = candidates.index(best)
             neighbours = [candidates[j] for j in (i - 1, i + 1) if 0 <= j < len(candidates)]
-            if neighbours:  # the less measured neighbour
-                self._probe = 2
-                return min(neighbours, key=lambda w: (self._counts.get(w, 0), -w))
+            if neighbours:  # the less measured neighbour, held while a Jacobi window of its width fills
+                probe = min(neighbours, key=lambda w: (self._counts.get(w, 0), -w))
+                self._probe = min(2, max(probe - 1, 0))
+                return probe
         return best

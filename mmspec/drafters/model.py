@@ -27,7 +27,8 @@ class ModelDrafter:
 
     The draft cache mirrors the target's: it holds every committed token but the last. Drafting
     ``k`` tokens runs ``k + 1`` single-token forwards (the last one only caches ``d_k`` so that a
-    fully accepted chain needs no catch-up); commit is a rollback to the target's length.
+    fully accepted chain needs no catch-up); commit is a rollback to the target's length. ``k = 0``
+    (an adaptive window that found drafting does not pay) runs only the caching forward.
     """
 
     def __init__(self, model: Target, num_alternatives: int = 1) -> None:
@@ -76,8 +77,10 @@ class ModelDrafter:
             tokens.append(token)
             probs.append(q)
         self.cache.rollback(ctx.positions)  # drafts are not committed until verified
-        tokens_t, probs_t = torch.stack(tokens, 1), torch.stack(probs, 1)  # [B, k], [B, k, V]
         one_hot = ctx.sampling.greedy
+        if num_draft_tokens == 0:  # an adaptive window's "no draft this step": the forward above only cached
+            return Draft(tokens=ctx.last_tokens[:, None][:, :0], draft_probs=None)
+        tokens_t, probs_t = torch.stack(tokens, 1), torch.stack(probs, 1)  # [B, k], [B, k, V]
         if self.num_alternatives == 1:
             return Draft(tokens=tokens_t, draft_probs=None if one_hot else probs_t)
         return self._with_alternatives(ctx, tokens_t, probs_t, one_hot, generator)

@@ -26,6 +26,7 @@ from mmspec.tree import DraftTree
 from mmspec.types import PrefillOutput, TargetOutput, TokenPrompt
 
 from ..conftest import assert_rows_follow, recording, tiny_lm
+from .test_mcsjd import SyntheticCost
 
 PROMPTS = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8], [9, 9, 9, 9, 9]]
 GREEDY = SamplingConfig(temperature=0)
@@ -125,6 +126,14 @@ def test_greedy_eagle_equals_greedy_baseline(lm, trained_head, batch, tree, acce
     spec = generate(lm, prompt, EagleDrafter(trained_head, tree), acceptance=acceptance)
     assert torch.equal(spec.tokens, base.tokens)
     assert spec.stats.mean_accepted > 1.5 and spec.stats.steps < base.stats.steps / 2
+
+
+def test_eagle_chain_survives_skipped_steps_of_a_cost_window(lm, trained_head):
+    """Width 0 (no draft) interleaved with drafting: the catch-up still feeds every committed token."""
+    prompt = TokenPrompt.from_lists(PROMPTS[:3])
+    drafter = SyntheticCost(EagleDrafter(trained_head), slope=5.0, explore_every=6)
+    assert torch.equal(generate(lm, prompt, drafter).tokens, generate(lm, prompt).tokens)
+    assert 0 in drafter.widths and max(drafter.widths[1:]) >= 1
 
 
 def test_training_raises_acceptance_and_resume_reproduces_weights(lm, trained_head, tmp_path):

@@ -9,7 +9,7 @@ from mmspec.drafters.jacobi import maximal_coupling
 from mmspec.sampling import SamplingConfig, sample_from_probs
 
 from ..conftest import assert_rows_follow, tiny_lm
-from .test_loop import PROMPTS, _exact_joint, generate
+from .test_loop import DRAFTERS, PROMPTS, _exact_joint, generate
 
 
 class ReusePreviousToken(JacobiDrafter):
@@ -154,7 +154,7 @@ def test_cost_policy_goes_wide_when_drafts_are_kept_and_narrow_when_they_are_not
     # Every draft kept (self-drafting), a cheap verify: the widest window wins.
     wide = SyntheticCost(ModelDrafter(target), slope=0.05, explore_every=4)
     generate(target, PROMPTS[:1], wide, k=6, max_new=60)
-    assert wide.candidates(6) == [1, 2, 4, 6] and set(wide.widths) == {4, 6}  # 4: exploration probes
+    assert wide.candidates(6) == [0, 1, 2, 4, 6] and set(wide.widths) == {4, 6}  # 4: exploration probes
     assert max(wide.candidates(6), key=lambda w: wide.expected_tokens(w) / wide.cost(w)) == 6
     # Random-guess drafts on a peaked model at temperature 1 (few kept), an expensive verify: narrow.
     narrow = SyntheticCost(JacobiDrafter(target.vocab_size), slope=0.5, explore_every=4)
@@ -167,6 +167,29 @@ def test_cost_policy_goes_wide_when_drafts_are_kept_and_narrow_when_they_are_not
     second = SyntheticCost(ModelDrafter(target), slope=0.05, explore_every=0, memory=memory)
     generate(target, PROMPTS[:1], second, k=6, max_new=30)
     assert set(memory) == {0, 1} and second.widths[0] == 6 and memory[1]["counts"][6] > 0
+
+
+@pytest.mark.parametrize("kind", ["ngram", "model-chain", "sjd", "sjd-copy"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cost_policy_skips_drafting_when_it_does_not_pay_and_stays_lossless(target, draft_model, kind, batch):
+    """Width 0 (no draft: a plain target step) interleaved with drafting steps (exploration probes):
+    the drafter's state (a draft model's cache, a Jacobi window) must survive the skipped steps."""
+    drafter = SyntheticCost(DRAFTERS[kind](target, draft_model), slope=5.0, explore_every=6)
+    base = generate(target, PROMPTS[:batch])
+    spec = generate(target, PROMPTS[:batch], drafter, k=4, max_new=30)
+    assert torch.equal(spec.tokens, base.tokens)
+    widths = drafter.widths
+    assert widths.count(0) > len(widths) // 2 and max(widths[1:]) >= 1  # mostly skipped; one-step probes draft
+    sampled = SyntheticCost(DRAFTERS[kind](target, draft_model), slope=5.0, explore_every=6)
+    out = generate(target, PROMPTS[:batch], sampled, k=4, max_new=30, sampling=SamplingConfig(temperature=1.0))
+    assert out.tokens.shape == base.tokens.shape and 0 in sampled.widths
+
+
+def test_heuristic_window_never_skips(draft_model):
+    assert AdaptiveWindow(ModelDrafter(draft_model), "heuristic").min_width == 1
+    assert AdaptiveWindow(ModelDrafter(draft_model), "cost").min_width == 0
+    with pytest.raises(ValueError, match="0 <= min_width"):
+        AdaptiveWindow(ModelDrafter(draft_model), "cost", min_width=-1)
 
 
 def test_adaptive_window_refuses_trees_and_bad_policies(draft_model):
