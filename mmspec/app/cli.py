@@ -139,7 +139,12 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
         help="a setting of the speculative method (repeatable), e.g. init=copy (sjd); upsampler=learned, "
         "max_rounds=2 (mulo)",
     )
-    p.add_argument("--num-draft-tokens", type=int, default=8, help="drafts per step (SJD: its window)")
+    p.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=None,
+        help="drafts per step (SJD: its window; MAR: CSpD's gamma); default: the family's (MAR 4, others 8)",
+    )
     p.add_argument(
         "--acceptance",
         default=None,
@@ -194,18 +199,23 @@ def _read_inputs(args: argparse.Namespace, kind: str, family: str) -> list[str]:
 
 def _choose_model(args: argparse.Namespace):
     """``--model`` resolved to a family and folder; ``args.model`` becomes that folder (None for the
-    family's embedded default, as before the family registry, so job records stay comparable)."""
+    family's embedded default, as before the family registry, so job records stay comparable), and an
+    unset ``--num-draft-tokens`` the family's default."""
     from .generators import assets_dir, resolve_model
 
     if getattr(args, "official_gpt", None) or getattr(args, "official_vq", None):
         if args.model is not None:
             raise SystemExit("error: pass either --model or --official-gpt/--official-vq, not both")
-        choice = resolve_model("llamagen")
-        return choice.family, None
-    choice = resolve_model(args.model)
-    embedded = choice.family.embedded is not None and choice.path == assets_dir() / choice.family.embedded
-    args.model = None if embedded else str(choice.path)
-    return choice.family, (None if embedded else choice.path)
+        family, path = resolve_model("llamagen").family, None
+    else:
+        choice = resolve_model(args.model)
+        family = choice.family
+        embedded = family.embedded is not None and choice.path == assets_dir() / family.embedded
+        args.model = None if embedded else str(choice.path)
+        path = None if embedded else choice.path
+    if args.num_draft_tokens is None:
+        args.num_draft_tokens = family.default_num_draft_tokens
+    return family, path
 
 
 @command("generate", _generate_args)
@@ -263,7 +273,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (> 1 runs the CFG pair)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: off)")
-    p.add_argument("--num-draft-tokens", type=int, default=8, help="drafts per step")
+    p.add_argument(
+        "--num-draft-tokens", type=int, default=None, help="drafts per step; default: the family's (MAR 4, others 8)"
+    )
     p.add_argument(
         "--features",
         default="vq-encoder",

@@ -226,6 +226,7 @@ MAR_FAMILY = register_family(
         load=_load,
         prepare=_prepare,
         default_method="cspd",
+        default_num_draft_tokens=4,  # γ: the README's, the bench's and the CSpD paper's batch-1 setting
         embedded="mar-emoji",
         add_args=_add_args,
         check_args=_check_args,

@@ -70,7 +70,8 @@ class GenerationFamily:
     default for it; ``inputs``: :data:`CLASS_LABELS` or :data:`PROMPTS`; ``add_args``: its own
     ``generate`` options (a group of the parser; names must not clash with other families');
     ``reads``: other families' options (argparse ``dest`` names) it reads too — every other family
-    option set for one of its models is refused (:func:`check_foreign_options`).
+    option set for one of its models is refused (:func:`check_foreign_options`);
+    ``default_num_draft_tokens``: ``--num-draft-tokens`` when not given (MAR: CSpD's γ).
     """
 
     name: str
@@ -88,6 +89,7 @@ class GenerationFamily:
     evaluate: Callable[[Any, argparse.Namespace, torch.device], int] | None = None
     add_eval_args: Callable[[argparse._ArgumentGroup], None] | None = field(default=None)
     reads: tuple[str, ...] = ()
+    default_num_draft_tokens: int = 8
 
 
 GENERATION_FAMILIES: dict[str, GenerationFamily] = {}

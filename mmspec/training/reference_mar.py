@@ -105,7 +105,7 @@ class MARTrainConfig:
     """
 
     data: EmojiDataConfig = field(default_factory=EmojiDataConfig)
-    steps: int = 800
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100

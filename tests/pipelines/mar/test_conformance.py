@@ -40,6 +40,11 @@ pytestmark = pytest.mark.skipif(
 
 COMPONENT_TOL = 1e-6
 E2E_TOL = 1e-5
+# The VAE's 3x3 convolutions sum hundreds of products per output in whatever order the CPU's kernels
+# pick: 2.6e-6 to 4.8e-6 on an AMD EPYC without AVX-512 (2026-12-06, with and without oneDNN), under
+# 1e-6 on the machines the fixtures' README was checked on. Float32 accumulation noise, not a model
+# difference (a wrong layer or weight moves these tensors by O(1)).
+VAE_TOL = 1e-5
 RUNS = ["cfg3_linear_t0.9", "cfg4_constant_t1.1", "nocfg_t0.95_iter64", "uncond_nolabels_iter3"]
 
 
@@ -276,12 +281,12 @@ def test_vae(vae, ref):
         moments = vae.encode_moments(ref["vae_images"])
         mean, logvar = vae.encode(ref["vae_images"])
         decoded = vae.decode(ref["vae_latents"])
-    assert rel_err(moments, ref["vae_moments"]) < COMPONENT_TOL
-    assert rel_err(mean, ref["vae_post_mean"]) < COMPONENT_TOL
-    assert rel_err(logvar, ref["vae_post_logvar"]) < COMPONENT_TOL
-    assert rel_err(torch.exp(0.5 * logvar), ref["vae_post_std"]) < COMPONENT_TOL
-    assert rel_err(mean * 0.2325, ref["vae_mean_tokens"]) < COMPONENT_TOL
-    assert rel_err(decoded, ref["vae_decoded"]) < COMPONENT_TOL
+    assert rel_err(moments, ref["vae_moments"]) < VAE_TOL
+    assert rel_err(mean, ref["vae_post_mean"]) < VAE_TOL
+    assert rel_err(logvar, ref["vae_post_logvar"]) < VAE_TOL
+    assert rel_err(torch.exp(0.5 * logvar), ref["vae_post_std"]) < VAE_TOL
+    assert rel_err(mean * 0.2325, ref["vae_mean_tokens"]) < VAE_TOL
+    assert rel_err(decoded, ref["vae_decoded"]) < VAE_TOL
 
 
 # ------------------------------------------------------------------------------------ end to end
