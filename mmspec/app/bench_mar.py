@@ -99,7 +99,7 @@ def mar_suite(
         vae = MARAutoencoderKL(embed_dim=target_model.config.vae_embed_dim, ch=32, ch_mult=(1,) * (levels - 1) + (2,))
         pipe = MARPipeline(target=target_model, vae=vae, drafter=draft_model).to(device)
     for model in (pipe.target, pipe.drafter):
-        model.to(dtype)
+        torch.nn.Module.to(model, dtype)  # torch's: ModelMixin.to warns on every dtype cast
     pipe.set_progress_bar_config(disable=True)
     labels = [i % pipe.target.config.class_num for i in range(batch_size)]
     speculative_options = {"prefill_steps": prefill_steps}
