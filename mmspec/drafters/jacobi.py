@@ -108,6 +108,10 @@ class JacobiDrafter:
     stability across iterations (with ``"maximal"``, its mean is ``E[1 - TV(q_t, q_{t-1})]``).
     """
 
+    #: Guesses improve over the steps they stay in the window, so an adaptive window does not skip
+    #: drafting by default (a skipped step empties the window: :class:`~.adaptive.AdaptiveWindow`).
+    stateful_window = True
+
     def __init__(
         self, vocab_size: int, init: str = "random", copy_offset: int | None = None, coupling: str = "none"
     ) -> None:

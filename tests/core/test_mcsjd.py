@@ -174,20 +174,21 @@ def test_cost_policy_goes_wide_when_drafts_are_kept_and_narrow_when_they_are_not
 def test_cost_policy_skips_drafting_when_it_does_not_pay_and_stays_lossless(target, draft_model, kind, batch):
     """Width 0 (no draft: a plain target step) interleaved with drafting steps (exploration probes):
     the drafter's state (a draft model's cache, a Jacobi window) must survive the skipped steps."""
-    drafter = SyntheticCost(DRAFTERS[kind](target, draft_model), slope=5.0, explore_every=6)
+    drafter = SyntheticCost(DRAFTERS[kind](target, draft_model), slope=5.0, explore_every=6, min_width=0)
     base = generate(target, PROMPTS[:batch])
     spec = generate(target, PROMPTS[:batch], drafter, k=4, max_new=30)
     assert torch.equal(spec.tokens, base.tokens)
     widths = drafter.widths
     assert widths.count(0) > len(widths) // 2 and max(widths[1:]) >= 1  # mostly skipped; one-step probes draft
-    sampled = SyntheticCost(DRAFTERS[kind](target, draft_model), slope=5.0, explore_every=6)
+    sampled = SyntheticCost(DRAFTERS[kind](target, draft_model), slope=5.0, explore_every=6, min_width=0)
     out = generate(target, PROMPTS[:batch], sampled, k=4, max_new=30, sampling=SamplingConfig(temperature=1.0))
     assert out.tokens.shape == base.tokens.shape and 0 in sampled.widths
 
 
-def test_heuristic_window_never_skips(draft_model):
+def test_which_windows_may_skip_drafting(draft_model):
     assert AdaptiveWindow(ModelDrafter(draft_model), "heuristic").min_width == 1
     assert AdaptiveWindow(ModelDrafter(draft_model), "cost").min_width == 0
+    assert AdaptiveWindow(JacobiDrafter(draft_model.vocab_size), "cost").min_width == 1  # stateful window
     with pytest.raises(ValueError, match="0 <= min_width"):
         AdaptiveWindow(ModelDrafter(draft_model), "cost", min_width=-1)
 
