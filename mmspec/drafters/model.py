@@ -28,7 +28,9 @@ class ModelDrafter:
     The draft cache mirrors the target's: it holds every committed token but the last. Drafting
     ``k`` tokens runs ``k + 1`` single-token forwards (the last one only caches ``d_k`` so that a
     fully accepted chain needs no catch-up); commit is a rollback to the target's length. ``k = 0``
-    (an adaptive window that found drafting does not pay) runs only the caching forward.
+    (an adaptive window that found drafting does not pay) runs nothing: the draft cache falls behind
+    and the next draft first catches up on the tokens committed meanwhile in one forward, so a
+    skipped step costs what a plain target step costs.
     """
 
     def __init__(self, model: Target, num_alternatives: int = 1) -> None:
@@ -38,6 +40,7 @@ class ModelDrafter:
         self.vocab_size = model.vocab_size
         self.num_alternatives = num_alternatives
         self.cache = None
+        self._behind = 0  # skipped steps since the last draft: each committed at most one token per row
         self._trees: dict[tuple, DraftTree] = {}  # static tree shapes, built once per (B, k, device)
 
     def prefill(self, ctx: DraftContext, prompt, prefill: PrefillOutput) -> None:
@@ -49,14 +52,34 @@ class ModelDrafter:
         self.cache = self.model.new_cache(batch, capacity, cfg=ctx.sampling.uses_cfg)
         self.model.prefill(prompt, self.cache)
         self.cache.rollback(ctx.positions)
+        self._behind = 0
 
     def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
-        self.cache.rollback(ctx.positions)
+        if not self._behind:  # after a skipped step the cache stays behind the target (nothing was written)
+            self.cache.rollback(ctx.positions)
+
+    def _catch_up(self, ctx: DraftContext) -> None:
+        """Cache the committed tokens a skipped step left out (all but the last), in one forward of
+        ``_behind`` tokens per row; rows that committed fewer (finished) cache only theirs."""
+        lag = ctx.positions - self.cache.lengths  # [B], <= _behind
+        # The token at cache slot p is history[p + offset]: the last one (history_lengths - 1) goes to ctx.positions.
+        offset = ctx.history_lengths - 1 - ctx.positions  # [B]
+        slots = self.cache.slots(self._behind)  # [B, n]
+        index = (slots + offset[:, None]).clamp(0, ctx.history.shape[1] - 1)
+        # Slots past a finished row's lag read pad ids (clamped to 0): written, never committed.
+        self.model.forward(ctx.history.gather(1, index).clamp(min=0), slots, self.cache, None)
+        self.cache.commit(lag)
+        self._behind = 0
 
     def verify_width(self, num_draft_tokens: int) -> int:
         return 1 + num_draft_tokens * self.num_alternatives  # root + (chain node + siblings) per depth
 
     def draft(self, ctx: DraftContext, num_draft_tokens: int, generator: torch.Generator | None) -> Draft:
+        if num_draft_tokens == 0:  # an adaptive window's "no draft this step"
+            self._behind += 1
+            return Draft(tokens=ctx.last_tokens[:, None][:, :0])
+        if self._behind:
+            self._catch_up(ctx)
         token = ctx.last_tokens
         tokens, probs = [], []
         seen = ctx.seen  # [B, V] or None: the repetition penalty sees the drafts as the target will
@@ -78,8 +101,6 @@ class ModelDrafter:
             probs.append(q)
         self.cache.rollback(ctx.positions)  # drafts are not committed until verified
         one_hot = ctx.sampling.greedy
-        if num_draft_tokens == 0:  # an adaptive window's "no draft this step": the forward above only cached
-            return Draft(tokens=ctx.last_tokens[:, None][:, :0], draft_probs=None)
         tokens_t, probs_t = torch.stack(tokens, 1), torch.stack(probs, 1)  # [B, k], [B, k, V]
         if self.num_alternatives == 1:
             return Draft(tokens=tokens_t, draft_probs=None if one_hot else probs_t)
