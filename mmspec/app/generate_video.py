@@ -100,9 +100,9 @@ def with_draft_steps(speculative: str | None, options: dict, defaults: VideoDefa
 
 def _check_args(args: argparse.Namespace) -> None:
     from ..pipelines.video.scorers import FRAME_SCORERS
-    from .generators import resolve_model
 
-    apply_model_defaults(args, resolve_model(args.model).path or assets_dir() / VIDEO_EMBEDDED)
+    # the CLI has resolved --model by now: a folder, or None for the embedded pair
+    apply_model_defaults(args, Path(args.model) if args.model else assets_dir() / VIDEO_EMBEDDED)
     if args.num_frames is not None and args.num_frames < 1:
         raise SystemExit(f"error: --num-frames must be >= 1, got {args.num_frames}")
     if args.num_inference_steps < 1:

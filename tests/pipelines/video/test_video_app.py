@@ -17,7 +17,7 @@ from mmspec.app.cli import main
 from mmspec.app.models import SDVG_FILE, VideoDefaults
 from mmspec.pipelines.video import VideoPipeline
 
-from ...conftest import tiny_video_model, tiny_video_vae
+from ...conftest import REPO, tiny_video_model, tiny_video_vae
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,19 @@ def test_model_folder_supplies_scorer_steps_and_draft_steps(model_dir, tmp_path)
     finally:
         (model_dir / SDVG_FILE).unlink()
     assert VideoDefaults.of(model_dir) == VideoDefaults()  # no sdvg.json: vlm, 4 steps, the drafter as many, no CFG
+
+
+def test_embedded_pair_runs_with_its_calibrated_settings(tmp_path):
+    calibration = json.loads((REPO / "mmspec" / "assets" / "video-emoji" / SDVG_FILE).read_text())
+    out = tmp_path / "embedded"
+    argv = ["generate", "--model", "video", "--class-labels", "panda face", "--output-dir", str(out),
+            "--num-frames", "4", "--video-scale", "1", "--speculative", "sdvg"]  # fmt: skip
+    assert main(argv) == 0
+    settings = json.loads((out / "job.json").read_text())
+    assert settings["scorer"] == calibration["scorer"] == "classifier"
+    assert settings["num_inference_steps"] == calibration["num_inference_steps"]
+    assert settings["speculative_options"] == {"draft_steps": repr(calibration["draft_steps"])}
+    assert f"tau={calibration['tau']!r}" in settings["acceptance"]
 
 
 def test_eval_reports_quality_next_to_speed(model_dir, tmp_path):
