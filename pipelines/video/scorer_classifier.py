@@ -4,7 +4,7 @@ each frame by the log-probability it gives the prompt's class.
 SDVG (arXiv 2604.17397) routes on a frame-quality model; on a CPU-sized video pair a VLM scorer
 costs as much as the target forwards it could save. A classifier trained on real frames of the
 classes (and on their VAE round-trips, so that the VAE's own blur is not held against a frame)
-costs about a millisecond per block and answers the question the router needs on a
+costs a few milliseconds per block on a CPU core and answers the question the router needs on a
 class-conditional model: does this frame show the prompt's class? Prompts are class names, matched
 as the pipeline matches them (case-insensitive, surrounding spaces ignored).
 """

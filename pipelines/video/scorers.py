@@ -6,8 +6,8 @@
   token that an mmspec VLM assigns to the prompt as the answer about the frame (offline with the
   embedded emoji captioner);
 - ``"classifier"`` (:class:`~.scorer_classifier.ClassifierFrameScorer`): the log-probability a small
-  CNN trained on real frames of the model's classes gives the prompt's class (the embedded one is
-  about a millisecond per block on a CPU core: SDVG's default on the embedded pair);
+  CNN trained on real frames of the model's classes gives the prompt's class (the embedded pair's
+  calibrated scorer: a few milliseconds per block on a CPU core);
 - ``"clip"`` (:class:`~.scorer_clip.CLIPFrameScorer`): CLIP score through ``open_clip`` with weights
   from a user path;
 - ``"imagereward"`` (:class:`~.scorer_imagereward.ImageRewardScorer`): the ImageReward model (package
