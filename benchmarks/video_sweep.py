@@ -1,17 +1,19 @@
 """SDVG τ sweep on the embedded video pair (benchmarks/RESULTS.md, "SDVG τ sweep").
 
-Usage: ``python benchmarks/video_sweep.py [--num-videos 32] [--percentiles 5,10,25,50] [--output DIR]
-[--write-calibration MODEL_DIR]``
+Usage: ``python benchmarks/video_sweep.py [--scorer classifier] [--steps 8] [--draft-steps 2]
+[--num-videos 32] [--percentiles 5,10,25,50] [--output DIR] [--write-calibration MODEL_DIR]``
 
 1. Calibration (SDVG's recipe, ``calibrate_tau``): target-only videos on calibration seeds (disjoint
-   from the evaluation seeds); every block after the first is scored by the ``vlm`` scorer (embedded
-   captioner) and aggregated by its worst frame; τ = a percentile of those block scores.
+   from the evaluation seeds); every block after the first is scored by the frame scorer (default
+   ``classifier``, the embedded frame classifier; ``vlm``: the embedded captioner) and aggregated by
+   its worst frame; τ = a percentile of those block scores.
 2. Evaluation (:func:`mmspec.app.video_eval.evaluate_video`): target-only, draft-only and SDVG at each
    τ on the same labels and seeds: target / draft forwards, wall time, speed-up vs target-only in the
    same run, the scorer's mean and worst-frame score, frame FID (embedded LlamaGen VQ encoder
    features) vs target-only frames and vs real held-out clips.
 3. A table (stdout, ``sweep.md``), ``sweep.json`` and the quality-vs-speed plot ``sweep.png``.
-``--write-calibration`` stores the τ of ``--default-percentile`` as ``sdvg.json`` in a model folder.
+``--write-calibration`` stores the τ of ``--default-percentile`` as ``sdvg.json`` in a model folder,
+with the scorer, aggregate and step counts it was calibrated with (the CLI's defaults for that folder).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def main() -> None:
     parser.add_argument("--num-videos", type=int, default=32)
     parser.add_argument("--num-calibration", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=1, help="1: the router's savings are per video")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--scorer", default="classifier", help="frame scorer (its embedded weights)")
+    parser.add_argument("--steps", type=int, default=4, help="the target's denoising steps per block")
+    parser.add_argument("--draft-steps", type=int, default=None, help="the drafter's (default: --steps)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--percentiles", default="5,10,25,50,75")
     parser.add_argument("--default-percentile", type=float, default=10.0)
@@ -59,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(1)
     pipe = load_video(Path(args.model) if args.model else None, "cpu")
     pipe.set_progress_bar_config(disable=True)
-    scorer = build_scorer("vlm", {}, "cpu")
+    scorer = build_scorer(args.scorer, {}, "cpu")
     pipe.set_scorer(scorer)
     classes = pipe.target.config.num_classes
     call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
@@ -75,9 +79,10 @@ def main() -> None:
     taus = {p: calibrate_tau(scores, p) for p in sorted({*percentiles, args.default_percentile})}
 
     # 2. evaluation
-    runs = [VideoRun("sdvg tau=+inf", "sdvg", {"tau": math.inf, "aggregate": args.aggregate})]
+    drafting = {"draft_steps": args.draft_steps} if args.draft_steps is not None else {}
+    runs = [VideoRun("sdvg tau=+inf", "sdvg", {"tau": math.inf, "aggregate": args.aggregate}, drafting)]
     runs += [
-        VideoRun(f"sdvg p{p:g} tau={t:.4g}", "sdvg", {"tau": t, "aggregate": args.aggregate})
+        VideoRun(f"sdvg p{p:g} tau={t:.4g}", "sdvg", {"tau": t, "aggregate": args.aggregate}, drafting)
         for p, t in taus.items()
         if p in percentiles
     ]
@@ -104,6 +109,7 @@ def main() -> None:
         real_frames=real,
         aggregate=args.aggregate,
         repeats=args.repeats,
+        draft_options=drafting,
     )
     report["calibration"] = {
         "num_videos": args.num_calibration,
@@ -111,6 +117,7 @@ def main() -> None:
         "block_scores": {"mean": float(scores.mean()), "min": float(scores.min()), "max": float(scores.max())},
         "taus": {str(p): t for p, t in taus.items()},
     }
+    report["draft_steps"] = args.draft_steps if args.draft_steps is not None else args.steps
     report["environment"] = {
         "device": f"CPU ({platform.processor() or platform.machine()}), 1 torch thread",
         "torch": torch.__version__,
@@ -137,14 +144,19 @@ def main() -> None:
                 "quality_worst": row["score_worst_frame"],
             }
         )
-    tau_sweep_plot(points, args.output / "sweep.png", quality_label="vlm score (mean log-prob per token)")
+    tau_sweep_plot(
+        points, args.output / "sweep.png", quality_label=f"{args.scorer} score ({scorer.measures.split(' (')[0]})"
+    )
     print(table)
     if args.write_calibration is not None:
         record = {
-            "scorer": "vlm",
+            "scorer": args.scorer,
             "aggregate": args.aggregate,
             "tau": taus[args.default_percentile],
             "percentile": args.default_percentile,
+            "num_inference_steps": args.steps,
+            "draft_steps": args.draft_steps if args.draft_steps is not None else args.steps,
+            "guidance_scale": args.guidance_scale,
             "calibrated_on": f"{args.num_calibration} target-only videos, seeds 10000.., "
             f"{args.steps} steps, guidance {args.guidance_scale}",
         }

@@ -2,8 +2,9 @@
 one or more thresholds τ, same class labels and seed (speed; quality is ``mmspec eval --model video``).
 
 Options (``--option KEY=VALUE``): ``model`` (a VideoPipeline folder; default the embedded pair),
-``taus`` (comma-separated, e.g. ``-3.5,-3.0,inf``; default: the folder's calibrated τ), ``scorer``
-(default ``vlm``, the embedded captioner), ``num_inference_steps``, ``guidance_scale``.
+``taus`` (comma-separated, e.g. ``-3.5,-3.0,inf``; default: the folder's calibrated τ), ``scorer``,
+``num_inference_steps`` (the target's), ``draft_steps`` (the drafter's), ``guidance_scale``; all
+but τ default to the folder's ``sdvg.json`` (:class:`~.models.VideoDefaults`).
 """
 
 from __future__ import annotations
@@ -25,15 +26,22 @@ def video_suite(
     *,
     model: str = "embedded",
     taus: str = "calibrated",
-    scorer: str = "vlm",
-    num_inference_steps: int = 4,
-    guidance_scale: float = 1.0,
+    scorer: str | None = None,
+    num_inference_steps: int | None = None,
+    draft_steps: int | None = None,
+    guidance_scale: float | None = None,
 ) -> BenchSuite:
     """Block-AR video: target-only, draft-only and SDVG (per tau), with the frame scorer's cost included."""
-    from .models import build_scorer, calibrated_tau, load_video
+    from .models import VideoDefaults, build_scorer, calibrated_tau, load_video
 
     pipe = load_video(None if model == "embedded" else Path(model), device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    defaults = VideoDefaults.of(Path(pipe.name_or_path))
+    scorer = scorer or defaults.scorer
+    num_inference_steps = num_inference_steps or defaults.num_inference_steps
+    draft_steps = draft_steps or defaults.draft_steps
+    guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+    drafting = {"speculative_options": {"draft_steps": draft_steps}} if draft_steps is not None else {}
     if taus == "calibrated":
         tau = calibrated_tau(Path(pipe.name_or_path), scorer, "min")
         if tau is None:
@@ -64,8 +72,11 @@ def video_suite(
 
         return BenchCase(name, run, {k: v for k, v in extra.items() if v is not None})
 
-    cases = [case("target-only", speculative=None), case("draft-only", speculative="draft-only")]
-    cases += [case(f"sdvg tau={t:g} ({scorer})", speculative="sdvg", acceptance_options={"tau": t}) for t in values]
+    cases = [case("target-only", speculative=None), case("draft-only", speculative="draft-only", **drafting)]
+    cases += [
+        case(f"sdvg tau={t:g} ({scorer})", speculative="sdvg", acceptance_options={"tau": t}, **drafting)
+        for t in values
+    ]
     return BenchSuite(
         "video",
         "block-autoregressive video: target-only vs draft-only vs SDVG (lossy; tau=inf equals target-only)",
@@ -75,6 +86,7 @@ def video_suite(
             "scorer": scorer,
             "class_labels": labels,
             "num_inference_steps": num_inference_steps,
+            "draft_steps": draft_steps,
             "guidance_scale": guidance_scale,
             "frames": pipe.target.config.max_frames,
         },

@@ -80,6 +80,12 @@ def default_captioner_path() -> Path:
     return _ASSETS / "captioner-emoji"
 
 
+def default_frame_classifier_path() -> Path:
+    """Folder of the embedded video pair's frame classifier (the ``"classifier"`` frame scorer's
+    :class:`~mmspec.pipelines.video.scorer_classifier.FrameClassifier`, ``save_pretrained`` format)."""
+    return _ASSETS / "video-emoji" / "classifier"
+
+
 def load_default_captioner(device: str | torch.device = "cpu") -> VLMPipeline:
     """Load the embedded emoji captioner (with its drafter) in float32 on ``device``.
 

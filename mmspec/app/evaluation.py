@@ -119,7 +119,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     vals, vecs = torch.linalg.eigh(cov_a)
     sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
     middle = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * middle)
+    distance = float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * middle)
+    return max(distance, 0.0)  # a squared distance: round-off leaves about -1e-15 for identical sets
 
 
 def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> float:

@@ -2,9 +2,11 @@
 video; the embedded emoji pair or a saved :class:`~mmspec.pipelines.video.VideoPipeline` folder).
 See :mod:`mmspec.app.generators`.
 
-SDVG routes on a frame scorer (``--scorer``, default ``vlm``: the embedded captioner, VQAScore-style)
-and a threshold τ (``--acceptance-option tau=...``); without one, the model folder's ``sdvg.json``
-(written by calibration for its scorer and aggregate) supplies it.
+SDVG routes on a frame scorer (``--scorer``) and a threshold τ (``--acceptance-option tau=...``).
+Settings left out come from the model folder's ``sdvg.json`` (written by calibration,
+:class:`~mmspec.app.models.VideoDefaults`): the scorer τ was calibrated for (the embedded pair:
+``classifier``; a folder without the file: ``vlm``), τ itself, the target's denoising steps and the
+drafter's (``--speculative-option draft_steps=N`` overrides the latter).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .generators import CLASS_LABELS, FamilyJob, GenerationFamily, register_family
+from .generators import CLASS_LABELS, FamilyJob, GenerationFamily, assets_dir, register_family
 from .jobs_io import save_image_atomic
-from .models import SDVG_FILE, VIDEO_EMBEDDED, build_scorer, calibrated_tau, load_video
+from .models import SDVG_FILE, VIDEO_EMBEDDED, VideoDefaults, build_scorer, calibrated_tau, load_video
 
 
 def _methods():
@@ -31,8 +33,10 @@ def add_scorer_args(group: argparse._ArgumentGroup) -> None:
     """``--scorer`` / ``--scorer-option`` (also used by ``mmspec eval`` and the demo)."""
     group.add_argument(
         "--scorer",
-        default="vlm",
-        help="frame scorer of SDVG's router: vlm (default: the embedded captioner, VQAScore-style), clip, imagereward",
+        default=None,
+        help="frame scorer of SDVG's router: classifier (the embedded pair's frame classifier), vlm (the embedded "
+        "captioner, VQAScore-style), clip, imagereward (default: the one the model's sdvg.json was calibrated for, "
+        "else vlm)",
     )
     group.add_argument(
         "--scorer-option",
@@ -46,7 +50,12 @@ def add_scorer_args(group: argparse._ArgumentGroup) -> None:
 def _add_eval_args(group: argparse._ArgumentGroup) -> None:
     add_scorer_args(group)
     group.add_argument("--num-frames", type=int, default=None, help="latent frames per video (default: the model's)")
-    group.add_argument("--num-inference-steps", type=int, default=4, help="denoising steps per block")
+    group.add_argument(
+        "--num-inference-steps",
+        type=int,
+        default=None,
+        help="the target's denoising steps per block (default: the model's sdvg.json, else 4)",
+    )
 
 
 def _add_args(group: argparse._ArgumentGroup) -> None:
@@ -71,9 +80,29 @@ def scorer_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def apply_model_defaults(args: argparse.Namespace, folder: Path) -> VideoDefaults:
+    """Fill ``--scorer`` and ``--num-inference-steps`` the user left out from the model folder's
+    :class:`VideoDefaults`; returns them (their ``draft_steps`` is the drafter's default)."""
+    defaults = VideoDefaults.of(folder)
+    if args.scorer is None:
+        args.scorer = defaults.scorer
+    if args.num_inference_steps is None:
+        args.num_inference_steps = defaults.num_inference_steps
+    return defaults
+
+
+def with_draft_steps(speculative: str | None, options: dict, defaults: VideoDefaults) -> dict:
+    """A drafting method's options with the model's default ``draft_steps`` unless the user gave one."""
+    if speculative in ("sdvg", "draft-only") and "draft_steps" not in options and defaults.draft_steps is not None:
+        return {**options, "draft_steps": defaults.draft_steps}
+    return dict(options)
+
+
 def _check_args(args: argparse.Namespace) -> None:
     from ..pipelines.video.scorers import FRAME_SCORERS
 
+    # the CLI has resolved --model by now: a folder, or None for the embedded pair
+    apply_model_defaults(args, Path(args.model) if args.model else assets_dir() / VIDEO_EMBEDDED)
     if args.num_frames is not None and args.num_frames < 1:
         raise SystemExit(f"error: --num-frames must be >= 1, got {args.num_frames}")
     if args.num_inference_steps < 1:
@@ -101,6 +130,7 @@ def router_options(args: argparse.Namespace, pipe: Any, acceptance_options: dict
 
 
 def _load(args: argparse.Namespace, path: Path | None, device, dtype):
+    apply_model_defaults(args, path or assets_dir() / VIDEO_EMBEDDED)  # eval reaches here without _check_args
     pipe = load_video(path, device, dtype)
     if getattr(args, "speculative", None) == "sdvg":
         pipe.set_scorer(build_scorer(args.scorer, scorer_options(args), device))
@@ -116,6 +146,8 @@ def _prepare(pipe: Any, args: argparse.Namespace, device) -> FamilyJob:
     acceptance_options = parse_key_values(args.acceptance_option, "--acceptance-option")
     speculative_options = parse_key_values(args.speculative_option, "--speculative-option")
     speculative = None if args.speculative == "none" else args.speculative
+    defaults = VideoDefaults.of(Path(pipe.name_or_path))
+    speculative_options = with_draft_steps(speculative, speculative_options, defaults)
     if speculative == "sdvg":
         acceptance_options = router_options(args, pipe, acceptance_options)
     spec = pipe.resolve_speculation(
@@ -229,12 +261,14 @@ def _evaluate(pipe: Any, args: argparse.Namespace, device) -> int:
         methods = [EvalMethod.parse(m) for m in (args.method or ["sdvg"])]
     except ValueError as err:
         raise SystemExit(f"error: --method: {err}") from None
+    defaults = VideoDefaults.of(Path(pipe.name_or_path))
     runs = []
     for method in methods:
         options = dict(method.acceptance_options)
         if method.speculative == "sdvg":
             options = router_options(args, pipe, options)
-        runs.append(VideoRun(method.name, method.speculative, options, method.speculative_options))
+        method_options = with_draft_steps(method.speculative, method.speculative_options, defaults)
+        runs.append(VideoRun(method.name, method.speculative, options, method_options))
     scorer = build_scorer(args.scorer, scorer_options(args), device)
     pipe.set_scorer(scorer)
     for method, run in zip(methods, runs):  # every configuration (its rule too) is checked before the first video
@@ -279,6 +313,7 @@ def _evaluate(pipe: Any, args: argparse.Namespace, device) -> int:
         scorer=scorer,
         features=features,
         real_frames=real,
+        draft_options=with_draft_steps("draft-only", {}, defaults),
     )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for row in report["rows"]:  # the first video of each configuration, to look at

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,8 +146,36 @@ def load_video(path: Path | None, device, dtype=None) -> Any:
     return pipe.to(device, dtype or torch.float32)
 
 
+@dataclass(frozen=True)
+class VideoDefaults:
+    """A video model folder's SDVG settings when the user gives none: the frame ``scorer`` its τ was
+    calibrated for, the target's ``num_inference_steps``, the drafter's ``draft_steps`` (None: the
+    target's) and the ``guidance_scale`` of the calibration (the bench and the demo use it; the CLI's
+    ``--guidance-scale`` has its own default, shared by every family). From the folder's
+    ``sdvg.json``; a folder without one gets the fields' defaults."""
+
+    scorer: str = "vlm"
+    num_inference_steps: int = 4
+    draft_steps: int | None = None
+    guidance_scale: float = 1.0
+
+    @classmethod
+    def of(cls, folder: Path) -> VideoDefaults:
+        file = folder / SDVG_FILE
+        if not file.is_file():
+            return cls()
+        record = json.loads(file.read_text())
+        return cls(
+            scorer=record.get("scorer", cls.scorer),
+            num_inference_steps=int(record.get("num_inference_steps", cls.num_inference_steps)),
+            draft_steps=record.get("draft_steps"),
+            guidance_scale=float(record.get("guidance_scale", cls.guidance_scale)),
+        )
+
+
 def build_scorer(name: str, options: dict, device) -> Any:
-    """The frame scorer ``name`` (``vlm`` without a path: the embedded captioner)."""
+    """The frame scorer ``name`` (``vlm`` without a path: the embedded captioner; ``classifier``
+    without a path: the embedded video pair's frame classifier)."""
     from ..pipelines.video.scorers import FRAME_SCORERS, get_frame_scorer
 
     if name not in FRAME_SCORERS:
@@ -156,6 +185,10 @@ def build_scorer(name: str, options: dict, device) -> Any:
         from .defaults import default_captioner_path
 
         options["path"] = str(default_captioner_path())
+    if name == "classifier" and "path" not in options:
+        from .defaults import default_frame_classifier_path
+
+        options["path"] = str(default_frame_classifier_path())
     try:
         return get_frame_scorer(name, **options).to(device)
     except (ValueError, FileNotFoundError, OSError, ImportError) as err:

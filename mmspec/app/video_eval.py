@@ -116,16 +116,18 @@ def evaluate_video(
     real_frames: torch.Tensor | None = None,  # [M, F, 3, H, W] in [0, 1]
     aggregate: str = "min",
     repeats: int = 1,
+    draft_options: dict | None = None,
 ) -> dict:
-    """Run target-only, draft-only (when the pipeline has a drafter) and ``runs`` on the same labels
-    and seeds; return the report (one row per configuration, target-only first). ``repeats``: after
+    """Run target-only, draft-only (when the pipeline has a drafter; ``draft_options`` are its
+    ``speculative_options``, e.g. ``draft_steps``) and ``runs`` on the same labels and seeds; return
+    the report (one row per configuration, target-only first). ``repeats``: after
     the quality pass, every configuration is timed this many more times, round robin (so that load
     drifting on a shared machine hits all of them alike); its wall time is the median."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     configs = [VideoRun("target-only")]
     if pipe.drafter is not None:
-        configs.append(VideoRun("draft-only", "draft-only"))
+        configs.append(VideoRun("draft-only", "draft-only", speculative_options=dict(draft_options or {})))
     configs += runs
     prompts = [pipe.class_names[i] for i in labels]
     real = frame_features(features, real_frames) if real_frames is not None else None

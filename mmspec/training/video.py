@@ -2,15 +2,19 @@
 block-causal video transformer target and a smaller draft, on offline emoji clips
 (:mod:`mmspec.data.emoji_video`).
 
-Stages (``--stage vae|target|draft|all --out DIR``): ``vae`` trains :class:`FrameAutoencoderKL`
+Stages (``--stage vae|target|draft|classifier|all --out DIR``): ``vae`` trains :class:`FrameAutoencoderKL`
 (L1 + MSE reconstruction + a small KL term) and sets its ``scaling_factor`` to 1 / the latents'
 standard deviation; ``target`` and ``draft`` encode every clip once with that VAE and train a
 :class:`BlockCausalVideoTransformer` each with rectified-flow velocity loss under teacher forcing
 (:meth:`~BlockCausalVideoTransformer.forward_teacher`: every block denoised at its own noise level
 given the clean blocks before it, the context the KV cache holds at generation). Noise levels are
 drawn half from the sampler's few-step grid (``1 - k / n``, ``n`` = ``sampler_steps``) and half
-uniformly; the class is dropped (null class) with probability ``class_dropout`` for CFG. With every
-stage in ``OUT``, ``OUT/pipeline`` holds the assembled :class:`VideoPipeline` (``save_pretrained``).
+uniformly; the class is dropped (null class) with probability ``class_dropout`` for CFG.
+``classifier`` trains the ``"classifier"`` frame scorer's :class:`FrameClassifier` on real clip
+frames, ``vae_fraction`` of each batch shown through the VAE round-trip (the frames SDVG scores are
+VAE decodes: the scorer should judge content, not the VAE's blur), and records its held-out
+accuracy. With the vae, target and draft stages in ``OUT``, ``OUT/pipeline`` holds the assembled
+:class:`VideoPipeline` (``save_pretrained``).
 """
 
 from __future__ import annotations
@@ -28,8 +32,13 @@ from tqdm.auto import tqdm
 
 from ..data.emoji_video import EmojiClipConfig, class_names, render_clips
 from ..pipelines.video import BlockCausalVideoTransformer, FrameAutoencoderKL, VideoPipeline
+from ..pipelines.video.scorer_classifier import FrameClassifier
 
-STAGES = ("vae", "target", "draft")
+#: The stages the assembled pipeline is made of.
+MODEL_STAGES = ("vae", "target", "draft")
+STAGES = (*MODEL_STAGES, "classifier")
+#: Held-out clips (the model card's evaluation seed): the classifier's accuracy is measured on them.
+HELD_OUT_SEED = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,26 @@ class VideoModelTrainConfig:
     seed: int = 0
 
 
-def reference_configs(preset: str, seed: int = 0) -> dict[str, VAETrainConfig | VideoModelTrainConfig]:
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    """The frame-classifier stage: ``steps`` of ``batch_size`` random frames (``vae_fraction`` of
+    them as VAE round-trips), Adam at ``lr`` (cosine decay); ``held_out_clips`` clips of the held-out
+    seed measure its accuracy."""
+
+    data: EmojiClipConfig = EmojiClipConfig()
+    channels: int = 32
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-3
+    vae_fraction: float = 0.5
+    held_out_clips: int = 256
+    seed: int = 0
+
+
+StageConfig = VAETrainConfig | VideoModelTrainConfig | ClassifierTrainConfig
+
+
+def reference_configs(preset: str, seed: int = 0) -> dict[str, StageConfig]:
     """Each stage's configuration: ``"reference"`` (the embedded pair) or ``"tiny"`` (tests: seconds)."""
     if preset == "reference":
         data = EmojiClipConfig(seed=seed)
@@ -72,6 +100,7 @@ def reference_configs(preset: str, seed: int = 0) -> dict[str, VAETrainConfig | 
             "vae": VAETrainConfig(data=data, seed=seed),
             "target": VideoModelTrainConfig(data=data, seed=seed),
             "draft": VideoModelTrainConfig(data=data, dim=32, depth=2, heads=2, seed=seed),
+            "classifier": ClassifierTrainConfig(data=data, seed=seed),
         }
     if preset == "tiny":
         data = EmojiClipConfig(image_size=16, num_frames=4, num_classes=2, num_clips=8, seed=seed)
@@ -79,6 +108,9 @@ def reference_configs(preset: str, seed: int = 0) -> dict[str, VAETrainConfig | 
             "vae": VAETrainConfig(data=data, channels=8, steps=3, batch_size=4, seed=seed),
             "target": VideoModelTrainConfig(data=data, dim=16, depth=2, heads=2, steps=3, batch_size=4, seed=seed),
             "draft": VideoModelTrainConfig(data=data, dim=8, depth=1, heads=2, steps=3, batch_size=4, seed=seed),
+            "classifier": ClassifierTrainConfig(
+                data=data, channels=8, steps=3, batch_size=4, held_out_clips=4, seed=seed
+            ),
         }
     raise ValueError(f"unknown preset {preset!r}; choose 'reference' or 'tiny'")
 
@@ -189,6 +221,80 @@ def train_video_model(
     return model.eval()
 
 
+@torch.no_grad()
+def vae_round_trip(vae: FrameAutoencoderKL, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """uint8 frames ``[N, 3, H, W]`` encoded and decoded by ``vae``: uint8 ``[N, 3, H, W]``."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].to(vae.device).float() / 127.5 - 1.0
+        y = vae.decode(vae.encode(x)).float()
+        out.append(((y + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def classifier_accuracy(classifier: FrameClassifier, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """On uint8 frames ``[N, 3, H, W]`` with ``labels [N]``: top-1 accuracy, the mean log-probability
+    of the true class and the mean log-probability of the other classes."""
+    logprobs = torch.cat(
+        [
+            torch.log_softmax(classifier(images[i : i + 512].float() / 255.0).float().cpu(), dim=-1)
+            for i in range(0, images.shape[0], 512)
+        ]
+    )  # [N, K]
+    true = logprobs.gather(1, labels[:, None])[:, 0]
+    others = (logprobs.sum(1) - true) / (logprobs.shape[1] - 1)
+    return {
+        "accuracy": float((logprobs.argmax(1) == labels).float().mean()),
+        "logprob_true_class": float(true.mean()),
+        "logprob_other_classes": float(others.mean()),
+    }
+
+
+@torch.enable_grad()
+def train_classifier(
+    config: ClassifierTrainConfig,
+    frames: torch.Tensor,
+    labels: torch.Tensor,
+    names: list[str],
+    vae: FrameAutoencoderKL,
+    device: str = "cpu",
+) -> tuple[FrameClassifier, dict[str, dict[str, float]]]:
+    """Train the frame classifier on clips ``frames`` (uint8 ``[N, F, 3, H, W]``) with ``labels [N]``;
+    returns it and its held-out accuracy (:func:`classifier_accuracy` on real frames and on their VAE
+    round-trips)."""
+    torch.manual_seed(config.seed)
+    images = frames.flatten(0, 1)  # [N*F, 3, H, W]
+    frame_labels = labels.repeat_interleave(frames.shape[1])  # [N*F]
+    round_trips = vae_round_trip(vae, images)
+    classifier = FrameClassifier(
+        image_size=config.data.image_size, num_classes=len(names), channels=config.channels, class_names=list(names)
+    ).to(device)
+    opt = torch.optim.Adam(classifier.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    for step in tqdm(range(config.steps), desc="frame classifier"):
+        for group in opt.param_groups:
+            group["lr"] = config.lr * _cosine(step, config.steps)
+        idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=gen)
+        through_vae = torch.rand(config.batch_size, generator=gen) < config.vae_fraction
+        batch = torch.where(through_vae[:, None, None, None], round_trips[idx], images[idx])
+        logits = classifier(batch.to(device).float() / 255.0)
+        loss = F.cross_entropy(logits, frame_labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    classifier.eval()
+    held_out = dataclasses.replace(config.data, num_clips=config.held_out_clips, seed=HELD_OUT_SEED)
+    test_frames, test_labels = render_clips(held_out)
+    test_images = test_frames.flatten(0, 1)
+    test_labels = test_labels.repeat_interleave(test_frames.shape[1])
+    accuracy = {
+        "real": classifier_accuracy(classifier, test_images, test_labels),
+        "vae_round_trip": classifier_accuracy(classifier, vae_round_trip(vae, test_images), test_labels),
+    }
+    return classifier, accuracy
+
+
 # ---------------------------------------------------------------------------------------- CLI
 def add_train_video_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="what to train (default: all)")
@@ -198,6 +304,13 @@ def add_train_video_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the stage's steps")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lr", type=float, default=None, help="override the stage's learning rate")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the stage's batch size")
+    parser.add_argument(
+        "--sampler-steps",
+        type=int,
+        default=None,
+        help="target/draft: the few-step grid half of the training noise levels come from (1 - k / n)",
+    )
     parser.add_argument(
         "--init-from",
         default=None,
@@ -207,26 +320,43 @@ def add_train_video_args(parser: argparse.ArgumentParser) -> None:
 
 def train_video_command(args: argparse.Namespace) -> int:
     """``mmspec train-video``: run the chosen stages, then assemble ``OUT/pipeline`` when all exist."""
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
+    for flag in ("steps", "batch_size", "sampler_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.sampler_steps is not None and args.stage not in ("target", "draft"):
+        raise SystemExit(
+            "--sampler-steps sets a video model's training noise: use it with --stage target or --stage draft"
+        )
     out = Path(args.out)
     configs = reference_configs(args.preset, args.seed)
     if args.steps is not None:
         configs = {k: dataclasses.replace(v, steps=args.steps) for k, v in configs.items()}
     if args.lr is not None:
         configs = {k: dataclasses.replace(v, lr=args.lr) for k, v in configs.items()}
+    if args.batch_size is not None:
+        configs = {k: dataclasses.replace(v, batch_size=args.batch_size) for k, v in configs.items()}
+    if args.sampler_steps is not None:
+        configs[args.stage] = dataclasses.replace(configs[args.stage], sampler_steps=args.sampler_steps)
     if args.init_from is not None and args.stage not in ("target", "draft"):
         raise SystemExit("--init-from continues a target or draft stage: use it with --stage target or --stage draft")
     stages = STAGES if args.stage == "all" else (args.stage,)
-    if args.stage in ("target", "draft") and not (out / "vae").is_dir():
+    if args.stage in ("target", "draft", "classifier") and not (out / "vae").is_dir():
         raise SystemExit(f"stage {args.stage!r} needs a trained VAE in {out / 'vae'}: run --stage vae first")
     data = configs["vae"].data
     frames, labels = render_clips(data)
     names = class_names(data)
     for stage in stages:
         start = time.perf_counter()
+        extra = {}
         if stage == "vae":
             train_vae(configs["vae"], frames, args.device).save_pretrained(out / "vae")
+        elif stage == "classifier":
+            vae = FrameAutoencoderKL.from_pretrained(out / "vae").to(args.device).eval()
+            classifier, extra["held_out"] = train_classifier(
+                configs["classifier"], frames, labels, names, vae, args.device
+            )
+            classifier.save_pretrained(out / "classifier")
         else:
             vae = FrameAutoencoderKL.from_pretrained(out / "vae").to(args.device).eval()
             latents = encode_clips(vae, frames)
@@ -236,13 +366,13 @@ def train_video_command(args: argparse.Namespace) -> int:
             model = train_video_model(configs[stage], latents, labels, names, args.device, init=init)
             model.save_pretrained(out / stage)
         seconds = time.perf_counter() - start
-        record = {"stage": stage, "seconds": seconds, "config": dataclasses.asdict(configs[stage])}
+        record = {"stage": stage, "seconds": seconds, "config": dataclasses.asdict(configs[stage]), **extra}
         if args.init_from is not None:
             previous = Path(args.init_from) / stage / "training.json"
             record["continued_from"] = json.loads(previous.read_text()) if previous.is_file() else str(args.init_from)
         (out / stage / "training.json").write_text(json.dumps(record, indent=1))
-        print(f"{stage}: {seconds:.1f} s -> {out / stage}")
-    if all((out / stage).is_dir() for stage in STAGES):
+        print(f"{stage}: {seconds:.1f} s -> {out / stage}" + (f" held-out {extra['held_out']}" if extra else ""))
+    if all((out / stage).is_dir() for stage in MODEL_STAGES):
         pipe = VideoPipeline(
             target=BlockCausalVideoTransformer.from_pretrained(out / "target"),
             vae=FrameAutoencoderKL.from_pretrained(out / "vae"),

@@ -5,6 +5,9 @@
 - ``"vlm"`` (:class:`~.scorer_vlm.VLMCaptionScorer`): VQAScore-style, the mean log-probability per
   token that an mmspec VLM assigns to the prompt as the answer about the frame (offline with the
   embedded emoji captioner);
+- ``"classifier"`` (:class:`~.scorer_classifier.ClassifierFrameScorer`): the log-probability a small
+  CNN trained on real frames of the model's classes gives the prompt's class (the embedded pair's
+  calibrated scorer: a few milliseconds per block on a CPU core);
 - ``"clip"`` (:class:`~.scorer_clip.CLIPFrameScorer`): CLIP score through ``open_clip`` with weights
   from a user path;
 - ``"imagereward"`` (:class:`~.scorer_imagereward.ImageRewardScorer`): the ImageReward model (package
@@ -24,7 +27,7 @@ import torch
 
 from mmspec.routers import AGGREGATES, aggregate_scores
 
-from . import scorer_clip, scorer_imagereward, scorer_vlm  # noqa: F401  (each registers its scorer)
+from . import scorer_classifier, scorer_clip, scorer_imagereward, scorer_vlm  # noqa: F401  (each registers its scorer)
 from .scorer_base import FRAME_SCORERS, FrameScorer, check_frames, register_frame_scorer
 
 __all__ = [

@@ -50,8 +50,36 @@ def test_tiny_recipe_trains_every_stage_and_assembles_a_pipeline(tmp_path):
     assert record["config"]["lr"] == 1e-4 and record["continued_from"]["stage"] == "draft"
     with pytest.raises(SystemExit, match="--init-from continues a target or draft"):
         main(["train-video", "--preset", "tiny", "--stage", "vae", "--out", str(out), "--init-from", str(out)])
+    # the batch size and the training noise grid of a stage are settings, recorded with it
+    argv = ["train-video", "--preset", "tiny", "--stage", "target", "--out", str(out), "--steps", "2"]
+    assert main([*argv, "--batch-size", "3", "--sampler-steps", "8"]) == 0
+    record = json.loads((out / "target" / "training.json").read_text())
+    assert record["config"]["batch_size"] == 3 and record["config"]["sampler_steps"] == 8
+    with pytest.raises(SystemExit, match="--sampler-steps sets a video model's training noise"):
+        main(["train-video", "--preset", "tiny", "--stage", "vae", "--out", str(out), "--sampler-steps", "8"])
+    with pytest.raises(SystemExit, match="--batch-size must be >= 1"):
+        main([*argv, "--batch-size", "0"])
 
 
-def test_a_stage_without_its_vae_is_refused(tmp_path):
+def test_tiny_classifier_stage_records_its_held_out_accuracy(tmp_path):
+    from mmspec.pipelines.video.scorer_classifier import FrameClassifier
+    from mmspec.pipelines.video.scorers import get_frame_scorer
+
+    out = tmp_path / "video"
+    assert main(["train-video", "--preset", "tiny", "--stage", "vae", "--out", str(out)]) == 0
+    assert main(["train-video", "--preset", "tiny", "--stage", "classifier", "--out", str(out)]) == 0
+    record = json.loads((out / "classifier" / "training.json").read_text())
+    for split in ("real", "vae_round_trip"):
+        held_out = record["held_out"][split]
+        assert 0.0 <= held_out["accuracy"] <= 1.0 and held_out["logprob_true_class"] <= 0.0
+    classifier = FrameClassifier.from_pretrained(out / "classifier")
+    assert classifier.config.image_size == 16 and len(classifier.config.class_names) == 2
+    scorer = get_frame_scorer("classifier", path=out / "classifier")
+    assert scorer.score(classifier.config.class_names[:1], torch.rand(1, 2, 3, 16, 16)).shape == (1, 2)
+    assert not (out / "pipeline").exists()  # the classifier is a scorer, not a pipeline component
+
+
+@pytest.mark.parametrize("stage", ["target", "classifier"])
+def test_a_stage_without_its_vae_is_refused(tmp_path, stage):
     with pytest.raises(SystemExit, match="run --stage vae first"):
-        main(["train-video", "--preset", "tiny", "--stage", "target", "--out", str(tmp_path)])
+        main(["train-video", "--preset", "tiny", "--stage", stage, "--out", str(tmp_path)])

@@ -95,16 +95,18 @@ def _mar_tab_inputs(args: argparse.Namespace, device) -> tuple | None:
 
 
 def _video_tab_inputs(args: argparse.Namespace, device) -> tuple | None:
-    """``(VideoPipeline with drafter and vlm scorer, calibrated tau)`` for the image demo's video tab."""
+    """``(VideoPipeline with drafter and scorer, calibrated tau, VideoDefaults)`` for the image demo's
+    video tab: the scorer, τ and step counts the model folder's ``sdvg.json`` was calibrated with."""
     if args.video == "none":
         return None
     from pathlib import Path
 
-    from ..models import build_scorer, calibrated_tau, load_video
+    from ..models import VideoDefaults, build_scorer, calibrated_tau, load_video
 
     pipe = load_video(None if args.video == "embedded" else Path(args.video), device)
-    tau = calibrated_tau(Path(pipe.name_or_path), "vlm", "min")
+    defaults = VideoDefaults.of(Path(pipe.name_or_path))
+    tau = calibrated_tau(Path(pipe.name_or_path), defaults.scorer, "min")
     if tau is None:
-        raise SystemExit(f"mmspec demo image: {args.video} has no sdvg.json calibrated for the vlm scorer")
-    pipe.set_scorer(build_scorer("vlm", {}, device))
-    return pipe, tau
+        raise SystemExit(f"mmspec demo image: {args.video} has no sdvg.json calibrated for a frame scorer")
+    pipe.set_scorer(build_scorer(defaults.scorer, {}, device))
+    return pipe, tau, defaults

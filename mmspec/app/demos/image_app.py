@@ -131,7 +131,7 @@ def build_image_demo(
     ``class_names``: shown next to the class ids (index = class id). ``warmup``: run the baseline
     and every method once before serving. ``mar``: ``(MARPipeline with a drafter, class names or
     None)`` adds the MAR tab (:mod:`.mar_tab`, endpoint ``/generate_mar``); ``video``:
-    ``(VideoPipeline with drafter and scorer, tau)`` adds the video tab (:mod:`.video_tab`, endpoint
+    ``(VideoPipeline with drafter and scorer, tau, VideoDefaults)`` adds the video tab (:mod:`.video_tab`, endpoint
     ``/generate_video``).
     """
     pipe.set_progress_bar_config(disable=True)  # progress is streamed to the page, not the server log

@@ -18,32 +18,49 @@ import torch
 
 from mmspec.routers import AGGREGATES
 
+from ..models import VideoDefaults
 from ..video_io import frame_strip, save_video
 from .serving import MAX_SEED, parse_class_label, pipeline_errors
 
 SCALE = 4  # frames are tiny (32 px): shown 4x, nearest neighbour
 
 
-def add_video_tab(pipe: Any, tau: float, warmup: bool = True) -> None:
+def add_video_tab(pipe: Any, tau: float, defaults: VideoDefaults | None = None, warmup: bool = True) -> None:
     """Add the video tab to the ``gr.Blocks`` being built. ``pipe``: a :class:`VideoPipeline` with
-    a drafter and a scorer; ``tau``: the threshold the slider starts at (e.g. the calibrated one).
+    a drafter and a scorer; ``tau``: the threshold the slider starts at (e.g. the calibrated one);
+    ``defaults``: the step counts the sliders start at and the guidance scale of every call (the
+    model folder's :class:`VideoDefaults`).
 
-    Endpoint ``/generate_video``: ``(class_label, seed, tau, aggregate, num_inference_steps)`` ->
-    ``(target-only GIF, SDVG GIF, target-only strip, SDVG strip, summary markdown, stats JSON)``.
+    Endpoint ``/generate_video``: ``(class_label, seed, tau, aggregate, num_inference_steps,
+    draft_steps)`` -> ``(target-only GIF, SDVG GIF, target-only strip, SDVG strip, summary markdown,
+    stats JSON)``.
     """
+    defaults = defaults or VideoDefaults()
     pipe.set_progress_bar_config(disable=True)
     names = pipe.class_names
     if warmup:  # first calls pay allocations; paid here, they stay out of the compared wall times
-        pipe(class_labels=[0], speculative="sdvg", acceptance_options={"tau": tau})
+        pipe(
+            class_labels=[0],
+            guidance_scale=defaults.guidance_scale,
+            speculative="sdvg",
+            acceptance_options={"tau": tau},
+        )
     fpb = pipe.target.config.frames_per_block
 
-    def generate_video(class_label, seed, threshold, aggregate, steps):
+    def generate_video(class_label, seed, threshold, aggregate, steps, draft_steps):
         if seed is None:
             raise gr.Error("Enter a seed (an integer).")
         label = parse_class_label(class_label, len(names))
         runs = [
             ("target-only", {"speculative": None}),
-            ("sdvg", {"speculative": "sdvg", "acceptance_options": {"tau": float(threshold), "aggregate": aggregate}}),
+            (
+                "sdvg",
+                {
+                    "speculative": "sdvg",
+                    "acceptance_options": {"tau": float(threshold), "aggregate": aggregate},
+                    "speculative_options": {"draft_steps": int(draft_steps)},
+                },
+            ),
         ]
         outputs, rows = [], []
         with tempfile.TemporaryDirectory() as scratch, pipeline_errors():
@@ -51,6 +68,7 @@ def add_video_tab(pipe: Any, tau: float, warmup: bool = True) -> None:
                 out = pipe(
                     class_labels=[label],
                     num_inference_steps=int(steps),
+                    guidance_scale=defaults.guidance_scale,
                     generator=torch.Generator().manual_seed(int(seed)),
                     output_type="pt",
                     **extra,
@@ -73,6 +91,9 @@ def add_video_tab(pipe: Any, tau: float, warmup: bool = True) -> None:
                 "seed": int(seed),
                 "tau": float(threshold),
                 "aggregate": aggregate,
+                "num_inference_steps": int(steps),
+                "draft_steps": int(draft_steps),
+                "guidance_scale": defaults.guidance_scale,
                 "speedup_wall_time": base.total_time / spec.total_time,
                 "runs": {name: stats.summary() for name, stats in rows},
             }
@@ -102,7 +123,16 @@ def add_video_tab(pipe: Any, tau: float, warmup: bool = True) -> None:
                 seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                 threshold = gr.Number(value=tau if math.isfinite(tau) else 0.0, label="τ (router threshold)")
                 aggregate = gr.Dropdown(list(AGGREGATES), value="min", label="Aggregate over frames")
-                steps = gr.Slider(1, 8, value=4, step=1, label="Denoising steps per block")
+                steps = gr.Slider(
+                    1, 16, value=defaults.num_inference_steps, step=1, label="Target denoising steps per block"
+                )
+                draft_steps = gr.Slider(
+                    1,
+                    16,
+                    value=defaults.draft_steps or defaults.num_inference_steps,
+                    step=1,
+                    label="Draft denoising steps per block",
+                )
                 run = gr.Button("Generate video", variant="primary", elem_id="generate-video-button")
             with gr.Column(scale=2):
                 with gr.Row():
@@ -116,7 +146,7 @@ def add_video_tab(pipe: Any, tau: float, warmup: bool = True) -> None:
                     record = gr.JSON(label="Stats")
         run.click(
             generate_video,
-            [label, seed, threshold, aggregate, steps],
+            [label, seed, threshold, aggregate, steps, draft_steps],
             [target_gif, sdvg_gif, target_strip, sdvg_strip, summary, record],
             api_name="generate_video",
         )

@@ -14,10 +14,10 @@ import torch
 
 from mmspec.app.bench import BENCH_SUITES, load_suites, run_benchmark
 from mmspec.app.cli import main
-from mmspec.app.models import SDVG_FILE
+from mmspec.app.models import SDVG_FILE, VideoDefaults
 from mmspec.pipelines.video import VideoPipeline
 
-from ...conftest import tiny_video_model, tiny_video_vae
+from ...conftest import REPO, tiny_video_model, tiny_video_vae
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,40 @@ def test_calibrated_tau_from_the_model_folder(model_dir, tmp_path):
         (model_dir / SDVG_FILE).unlink()
 
 
+def test_model_folder_supplies_scorer_steps_and_draft_steps(model_dir, tmp_path):
+    calibration = {"scorer": "vlm", "aggregate": "min", "tau": -math.inf, "num_inference_steps": 3, "draft_steps": 1}
+    (model_dir / SDVG_FILE).write_text(json.dumps(calibration))
+    try:
+        out = tmp_path / "defaults"
+        argv = ["generate", "--model", str(model_dir), "--class-labels", "0", "--output-dir", str(out),
+                "--num-frames", "4", "--video-scale", "1", "--speculative", "sdvg"]  # fmt: skip
+        assert main(argv) == 0
+        settings = json.loads((out / "job.json").read_text())
+        assert settings["scorer"] == "vlm" and settings["num_inference_steps"] == 3
+        assert settings["speculative_options"] == {"draft_steps": "1"}
+        # the user's settings win over the folder's
+        assert main([*argv[:6], str(tmp_path / "mine"), *argv[7:], "--speculative-option", "draft_steps=2",
+                     "--num-inference-steps", "2"]) == 0  # fmt: skip
+        settings = json.loads((tmp_path / "mine" / "job.json").read_text())
+        assert settings["num_inference_steps"] == 2 and settings["speculative_options"] == {"draft_steps": "2"}
+    finally:
+        (model_dir / SDVG_FILE).unlink()
+    assert VideoDefaults.of(model_dir) == VideoDefaults()  # no sdvg.json: vlm, 4 steps, the drafter as many, no CFG
+
+
+def test_embedded_pair_runs_with_its_calibrated_settings(tmp_path):
+    calibration = json.loads((REPO / "mmspec" / "assets" / "video-emoji" / SDVG_FILE).read_text())
+    out = tmp_path / "embedded"
+    argv = ["generate", "--model", "video", "--class-labels", "panda face", "--output-dir", str(out),
+            "--num-frames", "4", "--video-scale", "1", "--speculative", "sdvg"]  # fmt: skip
+    assert main(argv) == 0
+    settings = json.loads((out / "job.json").read_text())
+    assert settings["scorer"] == calibration["scorer"] == "classifier"
+    assert settings["num_inference_steps"] == calibration["num_inference_steps"]
+    assert settings["speculative_options"] == {"draft_steps": repr(calibration["draft_steps"])}
+    assert f"tau={calibration['tau']!r}" in settings["acceptance"]
+
+
 def test_eval_reports_quality_next_to_speed(model_dir, tmp_path):
     out = tmp_path / "eval"
     argv = ["eval", "--model", str(model_dir), "--num-images", "4", "--batch-size", "2", "--num-frames", "4",
@@ -146,7 +180,7 @@ def test_demo_video_tab(model_dir):
     _, url, _ = launch(demo, port=None, prevent_thread_lock=True, quiet=True)
     try:
         target_gif, sdvg_gif, target_strip, sdvg_strip, summary, record = Client(url, verbose=False).predict(
-            1, 3, "-inf", "min", 2, api_name="/generate_video"
+            1, 3, "-inf", "min", 2, 1, api_name="/generate_video"
         )
     finally:
         demo.close()
@@ -155,4 +189,5 @@ def test_demo_video_tab(model_dir):
     assert first.shape[:2] == (16 * 4, 16 * 4)
     assert record["runs"]["sdvg"]["draft_blocks"] == 2 and record["runs"]["target-only"]["draft_blocks"] == 0
     assert record["runs"]["target-only"]["target_forwards"] == direct.stats.target_forwards
+    assert record["num_inference_steps"] == 2 and record["draft_steps"] == 1
     assert "Speed-up" in summary and PIL.Image.open(sdvg_strip).height == PIL.Image.open(target_strip).height
