@@ -51,7 +51,7 @@ def video_suite(
         values = [float(t) for t in str(taus).split(",")]
         if any(math.isnan(t) for t in values):
             raise ValueError(f"taus must be numbers (inf allowed), got {taus!r}")
-    pipe.set_scorer(build_scorer(scorer, {}, device))
+    pipe.set_scorer(build_scorer(scorer, {}, device, None if model == "embedded" else Path(model)))
     labels = [i % pipe.target.config.num_classes for i in range(batch_size)]
 
     def case(name: str, **extra) -> BenchCase:

@@ -133,7 +133,7 @@ def _load(args: argparse.Namespace, path: Path | None, device, dtype):
     apply_model_defaults(args, path or assets_dir() / VIDEO_EMBEDDED)  # eval reaches here without _check_args
     pipe = load_video(path, device, dtype)
     if getattr(args, "speculative", None) == "sdvg":
-        pipe.set_scorer(build_scorer(args.scorer, scorer_options(args), device))
+        pipe.set_scorer(build_scorer(args.scorer, scorer_options(args), device, path))
     return pipe
 
 
@@ -269,7 +269,7 @@ def _evaluate(pipe: Any, args: argparse.Namespace, device) -> int:
             options = router_options(args, pipe, options)
         method_options = with_draft_steps(method.speculative, method.speculative_options, defaults)
         runs.append(VideoRun(method.name, method.speculative, options, method_options))
-    scorer = build_scorer(args.scorer, scorer_options(args), device)
+    scorer = build_scorer(args.scorer, scorer_options(args), device, None if args.model is None else Path(args.model))
     pipe.set_scorer(scorer)
     for method, run in zip(methods, runs):  # every configuration (its rule too) is checked before the first video
         try:

@@ -173,9 +173,10 @@ class VideoDefaults:
         )
 
 
-def build_scorer(name: str, options: dict, device) -> Any:
+def build_scorer(name: str, options: dict, device, folder: Path | None = None) -> Any:
     """The frame scorer ``name`` (``vlm`` without a path: the embedded captioner; ``classifier``
-    without a path: the embedded video pair's frame classifier)."""
+    without a path: the video model ``folder``'s ``classifier/`` if it has one, else the embedded
+    video pair's frame classifier)."""
     from ..pipelines.video.scorers import FRAME_SCORERS, get_frame_scorer
 
     if name not in FRAME_SCORERS:
@@ -188,7 +189,8 @@ def build_scorer(name: str, options: dict, device) -> Any:
     if name == "classifier" and "path" not in options:
         from .defaults import default_frame_classifier_path
 
-        options["path"] = str(default_frame_classifier_path())
+        own = None if folder is None else Path(folder) / "classifier"
+        options["path"] = str(own if own is not None and own.is_dir() else default_frame_classifier_path())
     try:
         return get_frame_scorer(name, **options).to(device)
     except (ValueError, FileNotFoundError, OSError, ImportError) as err:

@@ -81,3 +81,20 @@ def test_embedded_classifier_separates_the_right_class_from_a_wrong_one():
     wrong = scorer.score([names[(int(i) + 5) % len(names)] for i in labels], frames)
     assert right.mean() > -0.5 and wrong.mean() < -4.0  # measured: about -0.05 and -10
     assert (aggregate_frame_scores(right, "min") > aggregate_frame_scores(wrong, "min")).all()
+
+
+def test_a_video_folder_brings_its_own_classifier(random_classifier, tmp_path):
+    """``build_scorer("classifier")`` reads ``<model folder>/classifier`` when the folder has one (a
+    pair trained on other classes), else the embedded pair's."""
+    from mmspec.app.defaults import default_frame_classifier_path
+    from mmspec.app.models import build_scorer
+
+    random_classifier.save_pretrained(tmp_path / "classifier")
+    own = build_scorer("classifier", {}, "cpu", tmp_path)
+    frames = torch.rand(1, 2, 3, 16, 16)
+    torch.testing.assert_close(
+        own.score(["panda face"], frames), ClassifierFrameScorer(random_classifier).score(["panda face"], frames)
+    )
+    if default_frame_classifier_path().is_dir():
+        embedded = build_scorer("classifier", {}, "cpu", tmp_path / "elsewhere")
+        assert embedded.classifier.config.class_names != NAMES
