@@ -193,6 +193,11 @@ class Draft:
     positions: torch.Tensor | None = None
     pending: torch.Tensor | None = None
 
+    @classmethod
+    def empty(cls, last_tokens: torch.Tensor) -> Draft:  # last_tokens [B]
+        """No proposal: a plain target step (the baseline; an adaptive window's width 0)."""
+        return cls(tokens=last_tokens[:, None][:, :0])
+
     @property
     def num_draft_tokens(self) -> int:
         return self.tokens.shape[1] if self.tree is None else self.tree.max_depth

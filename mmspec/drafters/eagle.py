@@ -368,7 +368,7 @@ class EagleDrafter:
         feature, logits = self._catch_up(ctx)  # [G*B, H], [G*B, V]: the root's predicted feature
         if self.tree is None:
             if num_draft_tokens == 0:  # an adaptive window's "no draft this step": only the catch-up ran
-                return Draft(tokens=ctx.last_tokens[:, None][:, :0])
+                return Draft.empty(ctx.last_tokens)
             return self._draft_chain(ctx, feature, logits, num_draft_tokens, generator)
         if num_draft_tokens != self.tree.depth:
             raise ValueError(

@@ -77,7 +77,7 @@ class ModelDrafter:
     def draft(self, ctx: DraftContext, num_draft_tokens: int, generator: torch.Generator | None) -> Draft:
         if num_draft_tokens == 0:  # an adaptive window's "no draft this step"
             self._behind += 1
-            return Draft(tokens=ctx.last_tokens[:, None][:, :0])
+            return Draft.empty(ctx.last_tokens)
         if self._behind:
             self._catch_up(ctx)
         token = ctx.last_tokens
@@ -100,8 +100,8 @@ class ModelDrafter:
             tokens.append(token)
             probs.append(q)
         self.cache.rollback(ctx.positions)  # drafts are not committed until verified
-        one_hot = ctx.sampling.greedy
         tokens_t, probs_t = torch.stack(tokens, 1), torch.stack(probs, 1)  # [B, k], [B, k, V]
+        one_hot = ctx.sampling.greedy
         if self.num_alternatives == 1:
             return Draft(tokens=tokens_t, draft_probs=None if one_hot else probs_t)
         return self._with_alternatives(ctx, tokens_t, probs_t, one_hot, generator)

@@ -167,7 +167,7 @@ def speculative_generate(
         if profile:
             sync(device)
         t0 = time.perf_counter()
-        draft = drafter.draft(ctx, k, generator) if drafter is not None else Draft(ctx.last_tokens[:, None][:, :0])
+        draft = drafter.draft(ctx, k, generator) if drafter is not None else Draft.empty(ctx.last_tokens)
         if profile:
             sync(device)
         t1 = time.perf_counter()
