@@ -108,7 +108,10 @@ class SpecStats:
         self.row_accepted += (num_accepted * active).sum(0)
         if self.num_draft_tokens:
             depth = torch.arange(self.accepted_at_depth.shape[0], device=num_accepted.device)
-            reached = (depth <= num_accepted[..., None]) & active[..., None]  # [S, B, D]
+            # Depth d was proposed if the step drafted past it (adaptive windows and n-gram matches
+            # draft fewer than D; a zero-width step proposes nothing) and it was reached.
+            drafted = torch.tensor([p[2].shape[1] - 1 for p in pending], device=num_accepted.device)  # [S]
+            reached = (depth <= num_accepted[..., None]) & (depth < drafted[:, None, None]) & active[..., None]
             self.proposed_at_depth += reached.sum((0, 1))
             self.accepted_at_depth += (reached & (depth != num_accepted[..., None])).sum((0, 1))
         # Steps commit disjoint output positions, so all of them are written in one scatter per buffer.

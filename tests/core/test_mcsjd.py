@@ -180,9 +180,52 @@ def test_cost_policy_skips_drafting_when_it_does_not_pay_and_stays_lossless(targ
     assert torch.equal(spec.tokens, base.tokens)
     widths = drafter.widths
     assert widths.count(0) > len(widths) // 2 and max(widths[1:]) >= 1  # mostly skipped; one-step probes draft
-    sampled = SyntheticCost(DRAFTERS[kind](target, draft_model), slope=5.0, explore_every=6, min_width=0)
-    out = generate(target, PROMPTS[:batch], sampled, k=4, max_new=30, sampling=SamplingConfig(temperature=1.0))
-    assert out.tokens.shape == base.tokens.shape and 0 in sampled.widths
+
+
+def test_a_draft_model_that_skipped_steps_still_samples_the_target_law():
+    """Sampling with a zero-width step before drafting resumes (the draft model then catches up on
+    the skipped token): the committed rows follow the target's exact joint law (20,000 rows)."""
+    vocab, length, n = 5, 4, 20_000
+    target = tiny_lm(vocab_size=vocab, dim=16, n_layer=1, n_head=2, seed=11, sharpness=1.5)
+    draft = tiny_lm(vocab_size=vocab, dim=16, n_layer=1, n_head=2, seed=12, sharpness=1.5)
+    sampling = SamplingConfig(temperature=0.9, top_k=4)
+    prompt = [0, 1, 2, 1]
+    drafter = AdaptiveWindow(ModelDrafter(draft), "heuristic", min_width=0, initial=0)
+    out = generate(target, [prompt] * n, drafter, k=2, sampling=sampling, max_new=length, seed=7)
+    assert drafter.widths[:2] == [0, 2]  # a skipped step, then a draft that first catches up
+    assert_rows_follow(out.tokens, _exact_joint(target, prompt, vocab, length, sampling))
+
+
+class ScriptedWidths:
+    """A chain drafter drafting the widths of ``script`` in turn (then the maximum)."""
+
+    def __init__(self, drafter, script):
+        self.drafter, self.script, self.widths = drafter, script, []
+        self.vocab_size = drafter.vocab_size
+
+    def verify_width(self, k):
+        return self.drafter.verify_width(k)
+
+    def prefill(self, ctx, prompt, prefill):
+        self.drafter.prefill(ctx, prompt, prefill)
+
+    def draft(self, ctx, k, generator):
+        self.widths.append(self.script[len(self.widths)] if len(self.widths) < len(self.script) else k)
+        return self.drafter.draft(ctx, self.widths[-1], generator)
+
+    def commit(self, ctx, verdict):
+        self.drafter.commit(ctx, verdict)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_draft_model_catches_up_on_skipped_steps(target, batch):
+    """The target drafting for itself keeps every draft only if its cache holds exactly the committed
+    tokens: runs of skipped steps (1, then 3) must be caught up before each draft."""
+    drafter = ScriptedWidths(ModelDrafter(target), [0, 3, 0, 0, 0, 2, 0, 3])
+    out = generate(target, PROMPTS[:batch], drafter, k=3, max_new=40)
+    assert torch.equal(out.tokens, generate(target, PROMPTS[:batch], max_new=40).tokens)
+    assert int(out.stats.proposed_at_depth.sum()) > 0
+    assert torch.equal(out.stats.accepted_at_depth, out.stats.proposed_at_depth)  # every draft kept
 
 
 def test_which_windows_may_skip_drafting(draft_model):
