@@ -702,7 +702,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    return args._run(args)
+    try:
+        return args._run(args)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """End a data-parallel run (``torchrun`` / ``accelerate launch``) by destroying its process group:
+    a gloo group left to the interpreter's exit sometimes aborts a rank after the work is done
+    ("terminate called without an active exception", seen in the two-process training test)."""
+    if "torch" not in sys.modules:  # commands that never imported torch started no group
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
