@@ -12,7 +12,9 @@ would need a host sync.
 
 Sampling rule shared by both ops: from an unnormalised non-negative float32 vector ``w`` and a
 uniform ``s`` take the smallest ``j`` with ``cumsum(w)[j] > s * sum(w)`` (inverse CDF). If
-rounding leaves no such ``j`` the last index with ``w > 0`` is taken (never a zero-mass token).
+rounding leaves no such ``j`` the last index with ``w > 0`` is taken (never a zero-mass token; 0 for
+an all-zero row; :func:`inverse_cdf_sample` finds it as the first index where the sum reaches the
+total, the same index whenever sums are exact).
 Sums are accumulated in float64: float32 weights >= 2**-29 are multiples of 2**-52, so partial
 sums up to 2 are exact in float64 and do not depend on the summation order. That is what lets a
 blockwise Triton scan and ``torch.cumsum`` pick the same index, and renormalised residuals come
@@ -40,6 +42,7 @@ __all__ = [
     "chain_rejection_sample",
     "chain_rejection_sample_ref",
     "chain_rejection_sample_triton",
+    "inverse_cdf_sample",
     "tree_rejection_sample",
     "tree_rejection_sample_ref",
     "tree_rejection_sample_triton",
@@ -145,17 +148,18 @@ def _accumulation_dtype(device):
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _inverse_cdf_ref(weights, uniform):
-    """Inverse-CDF sample per row of ``weights`` [B, V] (non-negative, unnormalised) with
-    ``uniform`` [B]; see the module docstring for the rule."""
-    vocab = weights.shape[-1]
+def inverse_cdf_sample(weights, uniform):
+    """Inverse-CDF sample per row of ``weights`` ``[..., V]`` (non-negative, unnormalised) with
+    ``uniform`` ``[...]`` in [0, 1); returns int64 ``[...]``. The rule of the module docstring, by
+    binary search: the cumulative sum of non-negative weights never decreases (float addition is
+    monotone). Capping the threshold just below the total changes nothing where some ``j`` has
+    ``cumsum(w)[j] > s * sum(w)`` (no float lies between) and otherwise finds the first index where the
+    sum reaches the total: the fallback without a second search (an all-zero row takes index 0)."""
     acc = _accumulation_dtype(weights.device)
-    cdf = weights.to(acc).cumsum(-1)  # [B, V]
-    threshold = uniform.to(acc) * cdf[:, -1]  # [B]
-    index = torch.arange(vocab, device=weights.device)
-    first = torch.where(cdf > threshold[:, None], index, vocab).amin(-1)  # [B]
-    last_positive = torch.where(weights > 0, index, 0).amax(-1)  # [B]
-    return torch.where(first < vocab, first, last_positive)
+    cdf = weights.to(acc).cumsum(-1)  # [..., V]
+    total = cdf[..., -1:]  # [..., 1]
+    threshold = torch.minimum(uniform.to(acc)[..., None] * total, torch.nextafter(total, total.new_tensor(-1.0)))
+    return torch.searchsorted(cdf, threshold, right=True)[..., 0]
 
 
 def _sample_residual_ref(p, q, uniform):
@@ -164,7 +168,7 @@ def _sample_residual_ref(p, q, uniform):
     both supports, or rounding), so any exact sample of p is correct."""
     residual = (p - q).clamp_min(0.0)
     weights = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-    return _inverse_cdf_ref(weights, uniform)
+    return inverse_cdf_sample(weights, uniform)
 
 
 def chain_rejection_sample_ref(
@@ -180,30 +184,32 @@ def chain_rejection_sample_ref(
     target = target_probs.float()
     draft = None if draft_probs is None else draft_probs.float()
 
-    p_x = target[:, :k].gather(-1, tokens[..., None]).squeeze(-1)  # [B, k]
-    q_x = torch.ones_like(p_x) if draft is None else draft.gather(-1, tokens[..., None]).squeeze(-1)
-    accepted = uniform_accept.float() * q_x < p_x  # [B, k]; == u < min(1, p/q), q = 0 accepts
+    # Kept as [B, k, 1] / [B, 1] columns and written without slices or squeezes: at batch 1 an op
+    # costs more than its arithmetic, and this runs once per speculative step.
+    x = tokens[..., None]  # [B, k, 1]
+    p_x = target.gather(-1, x)  # [B, k, 1]: the index covers positions < k only
+    q_x = 1.0 if draft is None else draft.gather(-1, x)
+    accepted = uniform_accept.float()[..., None] * q_x < p_x  # [B, k, 1]; == u < min(1, p/q), q = 0 accepts
     # cumprod zeroes everything from the first rejection on
-    num_accepted = accepted.long().cumprod(-1).sum(-1)  # [B]
+    n = accepted.cumprod(1).sum(1)  # [B, 1] int64
+    num_accepted = n[:, 0]  # [B]
 
-    p_n = target.gather(1, num_accepted.view(batch, 1, 1).expand(batch, 1, vocab)).squeeze(1)
-    rejected = num_accepted < k  # [B]; else the bonus token is sampled from p_k itself (q = 0)
+    rows = n[..., None].expand(batch, 1, vocab)  # [B, 1, V]
+    p_n = target.gather(1, rows)[:, 0]  # [B, V]
     if k == 0:
         q_n = torch.zeros_like(p_n)
+    elif draft is None:
+        # one-hot at the rejected draft, zero after a full acceptance (then the bonus comes from p_k
+        # itself); a scatter, not F.one_hot (which reads the ids back to the host: two syncs per step)
+        x_n = tokens.gather(1, n.clamp(max=k - 1))  # [B, 1]
+        q_n = torch.zeros_like(p_n).scatter_(1, x_n, (n < k).float())
     else:
-        slot = num_accepted.clamp(max=k - 1)  # [B]
-        if draft is None:
-            # a scatter, not F.one_hot (which reads the ids back to the host: two syncs per step)
-            q_n = torch.zeros_like(p_n).scatter_(1, tokens.gather(1, slot[:, None]), 1.0)
-        else:
-            q_n = draft.gather(1, slot.view(batch, 1, 1).expand(batch, 1, vocab)).squeeze(1)
-        q_n = torch.where(rejected[:, None], q_n, 0.0)  # [B, V]
+        q_n = F.pad(draft, (0, 0, 0, 1)).gather(1, rows)[:, 0]  # [B, V]; row k (a full acceptance) is zero
     final = _sample_residual_ref(p_n, q_n, uniform_sample.float())  # [B]
 
     position = torch.arange(k + 1, device=tokens.device)
-    n = num_accepted[:, None]
-    out_tokens = torch.where(position < n, F.pad(tokens, (0, 1), value=-1), -1)
-    out_tokens = torch.where(position == n, final[:, None], out_tokens)  # [B, k+1]
+    out_tokens = F.pad(tokens, (0, 1), value=-1).masked_fill_(position > n, -1)
+    out_tokens.scatter_(1, n, final[:, None])  # [B, k+1]
     return num_accepted, out_tokens
 
 
@@ -311,7 +317,7 @@ def tree_rejection_sample_ref(
     descent of :func:`tree_walk_ref`, then the recovered or bonus token drawn from its residual."""
     _check_tree(node_tokens, children, draft_probs, target_probs, uniform_accept, uniform_sample, max_depth)
     walk = tree_walk_ref(node_tokens, children, draft_probs, target_probs, uniform_accept, max_depth)
-    final = _inverse_cdf_ref(walk.residual, uniform_sample.float())  # recovered or bonus token
+    final = inverse_cdf_sample(walk.residual, uniform_sample.float())  # recovered or bonus token
     walk.tokens.scatter_(1, walk.num_accepted[:, None], final[:, None])
     return walk.num_accepted, walk.accepted_nodes, walk.tokens
 

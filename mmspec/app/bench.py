@@ -140,14 +140,16 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _timed(case: BenchCase, seed: int, device: torch.device, profile: bool) -> tuple[list, float]:
+def _timed(case: BenchCase, seed: int, device: torch.device, profile: bool) -> tuple[list, float, float]:
+    """Run ``case`` once: its outputs, wall seconds and this process's CPU seconds (all threads; on a
+    shared machine CPU time leaves out the time the process waited for a core, wall time does not)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # deliberate: wall time of a whole call
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = case.run(torch.Generator(device).manual_seed(seed), profile)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (out if isinstance(out, list) else [out]), time.perf_counter() - start
+    return (out if isinstance(out, list) else [out]), time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def _rows(outs: list) -> list[list[int]]:
@@ -203,11 +205,13 @@ def run_benchmark(
             _timed(case, seed, device, profile=False)
             progress.update()
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
     outputs: dict[str, list] = {}
     for _ in range(repeats):
         for case in suite.cases:
-            outputs[case.name], seconds = _timed(case, seed, device, profile=False)
+            outputs[case.name], seconds, cpu_seconds = _timed(case, seed, device, profile=False)
             times[case.name].append(seconds)
+            cpu_times[case.name].append(cpu_seconds)
             progress.update()
     profiled = {}
     for case in suite.cases:
@@ -215,6 +219,7 @@ def run_benchmark(
         progress.update()
     progress.close()
     wall = {name: statistics.median(t) for name, t in times.items()}
+    cpu = {name: statistics.median(t) for name, t in cpu_times.items()}
     baseline = names[0]
     baseline_rows = _rows(outputs[baseline])
     results = []
@@ -229,14 +234,18 @@ def run_benchmark(
             "wall_time_s_median": wall[case.name],
             "wall_time_s_all": times[case.name],
             "wall_time_s_min": min(times[case.name]),  # least disturbed by a shared machine's load
+            "cpu_time_s_median": cpu[case.name],
+            "cpu_time_s_all": cpu_times[case.name],
             "tokens_per_s": generated / wall[case.name],
             "speedup_vs_baseline": wall[baseline] / wall[case.name],
+            "speedup_vs_baseline_cpu": cpu[baseline] / cpu[case.name],
             "tokens_equal_baseline": _rows(outs) == baseline_rows,
             **_stats_fields(outs, profiled[case.name]),
         }
         if case.compare_to is not None:
             result["compare_to"] = case.compare_to
             result["speedup_vs_peer"] = wall[case.compare_to] / wall[case.name]
+            result["speedup_vs_peer_cpu"] = cpu[case.compare_to] / cpu[case.name]
             result["tokens_equal_peer"] = _rows(outs) == _rows(outputs[case.compare_to])
         results.append(result)
     return {
@@ -260,20 +269,22 @@ def format_table(record: dict[str, Any]) -> str:
         f"command: `{env['command']}`",
         "",
         "| config | steps | accepted/step (w/o bonus) | tokens/step (with bonus) | wall s (median) | wall s (min) | "
-        "tokens/s | speedup | vs peer | = baseline |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "CPU s (median) | tokens/s | speedup (wall / CPU) | vs peer (wall / CPU) | = baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
     for r in record["results"]:
-        peer = f"{r['speedup_vs_peer']:.2f}x {r['compare_to']}" if r.get("compare_to") else "-"
+        peer = "-"
+        if r.get("compare_to"):
+            peer = f"{r['speedup_vs_peer']:.2f}x / {r['speedup_vs_peer_cpu']:.2f}x {r['compare_to']}"
         lines.append(
             f"| {r['name']} | {num(r['steps'], 'd')} | {num(r['mean_accepted_without_bonus'], '.2f')} | "
             f"{num(r['mean_tokens_per_step_with_bonus'], '.2f')} | {r['wall_time_s_median']:.3f} | "
-            f"{r['wall_time_s_min']:.3f} | "
-            f"{r['tokens_per_s']:.1f} | {r['speedup_vs_baseline']:.2f}x | {peer} | "
+            f"{r['wall_time_s_min']:.3f} | {r['cpu_time_s_median']:.3f} | "
+            f"{r['tokens_per_s']:.1f} | {r['speedup_vs_baseline']:.2f}x / {r['speedup_vs_baseline_cpu']:.2f}x | {peer} | "
             f"{'yes' if r['tokens_equal_baseline'] else 'no'} |"
         )
     if (record.get("setup") or {}).get("temperature", 0) > 0:

@@ -156,6 +156,8 @@ class VLMDecoder(nn.Module):
             per_pair = positions.float().permute(1, 2, 0)[..., self.pair_component]  # [B, T, D/2]
             angles = per_pair * self.inv_freq
         scale = self.config.rope_scaling
+        if scale == 1.0:  # every RoPE type but YaRN-like ones: two products by 1 less per forward
+            return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
         return torch.stack([torch.cos(angles) * scale, torch.sin(angles) * scale], dim=-1)
 
     def forward(

@@ -35,6 +35,8 @@ def test_lm_suite_record_compares_methods_and_peers_on_same_inputs():
     assert self_draft["mean_accepted_without_bonus"] == 3 and self_draft["steps"] == 6
     assert by_name["ngram"]["compare_to"] == "transformers prompt lookup" and by_name["ngram"]["tokens_equal_peer"]
     assert base["compare_to"] == "transformers generate" and base["speedup_vs_peer"] > 0
+    assert base["speedup_vs_baseline_cpu"] == 1.0 and base["speedup_vs_peer_cpu"] > 0
+    assert all(r["cpu_time_s_median"] > 0 and len(r["cpu_time_s_all"]) == 1 for r in record["results"])
     assert by_name["transformers generate"]["steps"] is None  # peers have no mmspec statistics
     for key in ("device", "torch", "date", "command"):
         assert record["environment"][key]

@@ -1,7 +1,10 @@
+import math
+
 import pytest
 import torch
 
-from mmspec.sampling import SamplingConfig, logits_to_probs, sample_from_probs
+from mmspec.kernels.rejection import inverse_cdf_sample
+from mmspec.sampling import RACE_MAX_ELEMENTS, SamplingConfig, logits_to_probs, sample_from_probs
 
 
 def _reference(logits, temperature, top_k, top_p):
@@ -75,11 +78,34 @@ def test_top_k_larger_than_vocab_is_an_error():
         SamplingConfig(top_k=100).validate_vocab(50)
 
 
-def test_sample_from_probs_is_torch_multinomial_on_cpu():
+def test_small_draws_are_torch_multinomial_on_cpu():
     probs = torch.softmax(torch.randn(8, 30, generator=torch.Generator().manual_seed(1)), -1)
+    assert probs.numel() <= RACE_MAX_ELEMENTS  # the exponential race
     ours = sample_from_probs(probs, torch.Generator().manual_seed(5))
     theirs = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0]
     assert torch.equal(ours, theirs)
+
+
+def test_large_draws_are_inverse_cdf_with_one_uniform_per_row():
+    probs = torch.softmax(torch.randn(4, 3, 1000, generator=torch.Generator().manual_seed(1)), -1)
+    assert probs.numel() > RACE_MAX_ELEMENTS
+    ours = sample_from_probs(probs, torch.Generator().manual_seed(5))
+    uniform = torch.rand(4, 3, generator=torch.Generator().manual_seed(5))
+    assert ours.shape == (4, 3)
+    assert torch.equal(ours, inverse_cdf_sample(probs, uniform))
+
+
+@pytest.mark.parametrize("rows", [1, 4000])  # the exponential race, then inverse CDF
+def test_sample_from_probs_follows_the_distribution(rows):
+    vocab = 6
+    probs = torch.tensor([0.05, 0.0, 0.4, 0.15, 0.0, 0.4])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_from_probs(probs.expand(rows, vocab), g) for _ in range(120_000 // rows)])
+    n = draws.numel()
+    empirical = torch.bincount(draws, minlength=vocab).double() / n
+    bound = 5 * math.sqrt(0.25 / n)
+    assert float((empirical - probs.double()).abs().max()) <= bound
+    assert float(empirical[1]) == float(empirical[4]) == 0.0  # never a zero-mass token
 
 
 def test_sample_from_probs_replays_noise_and_never_picks_zero_mass():

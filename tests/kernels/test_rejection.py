@@ -22,6 +22,7 @@ from mmspec.kernels.rejection import (
     chain_rejection_sample,
     chain_rejection_sample_ref,
     chain_rejection_sample_triton,
+    inverse_cdf_sample,
     tree_rejection_sample,
     tree_rejection_sample_ref,
     tree_rejection_sample_triton,
@@ -186,6 +187,39 @@ def _draw(probs, generator, num=NUM_SAMPLES):
     if probs.dim() == 1:
         return torch.multinomial(probs, num, replacement=True, generator=generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _inverse_cdf_by_definition(weights, uniform):
+    """The module docstring's rule spelled out: the smallest j with cumsum(w)[j] > s * sum(w)
+    (float64 sums), else the last index with w > 0 (0 for an all-zero row)."""
+    vocab = weights.shape[-1]
+    cdf = weights.double().cumsum(-1)
+    index = torch.arange(vocab)
+    first = torch.where(cdf > uniform.double()[:, None] * cdf[:, -1:], index, vocab).amin(-1)
+    last_positive = torch.where(weights > 0, index, 0).amax(-1)
+    return torch.where(first < vocab, first, last_positive)
+
+
+def test_inverse_cdf_sample_follows_the_rule():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        vocab = int(torch.randint(1, 300, (), generator=g))
+        weights = torch.rand(64, vocab, generator=g) ** 8
+        weights[weights < 0.01] = 0.0  # zero-mass runs, at the ends too
+        weights[0] = 0.0  # an all-zero row: index 0
+        weights[1] = 0.0
+        weights[1, vocab // 2] = 1e-30  # one tiny positive weight
+        uniform = torch.rand(64, generator=g)
+        uniform[2], uniform[3] = 1 - 2**-24, 0.0  # the largest float32 below 1, and 0
+        ours = inverse_cdf_sample(weights, uniform)
+        assert torch.equal(ours, _inverse_cdf_by_definition(weights, uniform)), trial
+        positive = weights.sum(-1) > 0
+        assert bool((weights.gather(1, ours[:, None])[:, 0] > 0)[positive].all())  # never a zero-mass token
+    # any leading shape: [B, k, V] rows
+    weights = torch.rand(3, 4, 50, generator=g)
+    uniform = torch.rand(3, 4, generator=g)
+    flat = _inverse_cdf_by_definition(weights.view(12, 50), uniform.view(12))
+    assert torch.equal(inverse_cdf_sample(weights, uniform), flat.view(3, 4))
 
 
 @pytest.mark.parametrize("draft_kind", ["dense", "zero_mass", "deterministic"])
