@@ -55,6 +55,7 @@ def ar_image_suite(
     configs: str | None = None,
     compile: bool = False,
     num_classes: int = 1000,
+    num_batches: int = 1,
 ) -> BenchSuite:
     """LlamaGen class-to-image: the baseline and every registered speculative method the pipeline
     has the components for (``pipe.methods``), on the same class labels and seed; each method with
@@ -63,34 +64,41 @@ def ar_image_suite(
     ``acceptance_options``: the rule's options as ``"delta=0.1,k=100"``. ``configs``: instead of every
     method, these configurations, ``;``-separated, each ``METHOD[:key=value,...]`` with the method's
     options (``speculative_options``) and ``k=`` for ``num_draft_tokens``, e.g.
-    ``"sjd;mc-sjd;mc-sjd:coupling=gumbel;mc-sjd:window=cost,k=16"``."""
+    ``"sjd;mc-sjd;mc-sjd:coupling=gumbel;mc-sjd:window=cost,k=16"``. ``num_batches``: pipeline calls per
+    timed run, each a batch of ``batch_size`` images of the next class labels (one generator through
+    all of them), so that steps and times average over several images instead of one draw."""
     from .jobs import parse_key_values
 
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
     pipe = _pipeline(source, device, dtype, num_classes)
-    labels = [i % pipe.target.config.num_classes for i in range(batch_size)]
+    classes = pipe.target.config.num_classes
+    batches = [[(j * batch_size + i) % classes for i in range(batch_size)] for j in range(num_batches)]
     rule_options = parse_key_values([p for p in acceptance_options.split(",") if p], "acceptance_options")
     rule = None if acceptance is None else pipe.acceptance_rule(acceptance, **rule_options)
     specs = method_specs(pipe, configs, num_draft_tokens, rule)
     compiled = LlamaGenPipeline(**pipe.components).enable_compile() if compile else None
 
     def case(name, method, options, k, runner):
-        def run(generator: torch.Generator, profile: bool) -> GenerationOutput:
-            out = runner(
-                class_labels=labels,
-                guidance_scale=guidance_scale,
-                temperature=temperature,
-                top_k=top_k,
-                generator=generator,
-                speculative=method,
-                num_draft_tokens=k,
-                acceptance=None if method is None else acceptance,
-                acceptance_options=rule_options or None if method is not None and acceptance else None,
-                speculative_options=options or None,
-                output_type="pt",
-            )
-            return GenerationOutput(
-                tokens=out.tokens.flatten(1), lengths=torch.full((len(labels),), out.tokens[0].numel()), stats=out.stats
-            )
+        def run(generator: torch.Generator, profile: bool) -> list[GenerationOutput]:
+            outs = []
+            for labels in batches:
+                out = runner(
+                    class_labels=labels,
+                    guidance_scale=guidance_scale,
+                    temperature=temperature,
+                    top_k=top_k,
+                    generator=generator,
+                    speculative=method,
+                    num_draft_tokens=k,
+                    acceptance=None if method is None else acceptance,
+                    acceptance_options=rule_options or None if method is not None and acceptance else None,
+                    speculative_options=options or None,
+                    output_type="pt",
+                )
+                lengths = torch.full((len(labels),), out.tokens[0].numel())
+                outs.append(GenerationOutput(tokens=out.tokens.flatten(1), lengths=lengths, stats=out.stats))
+            return outs
 
         return BenchCase(
             name,
@@ -120,6 +128,7 @@ def ar_image_suite(
             "tokens_per_image": cfg.block_size,
             "dtype": str(dtype),
             "batch_size": batch_size,
+            "num_batches": num_batches,
             "guidance_scale": guidance_scale,
             "temperature": temperature,
             "top_k": top_k,

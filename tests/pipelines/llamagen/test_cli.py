@@ -133,6 +133,23 @@ def test_bench_ar_image_suite_runs_every_method_on_the_same_inputs(model_dir, tm
     assert record["setup"]["tokens_per_image"] == 9
 
 
+def test_bench_ar_image_num_batches_times_several_images_per_run(model_dir, tmp_path):
+    """``num_batches``: each timed run makes that many pipeline calls (the next class labels each), and
+    the record's steps and outputs cover all of them."""
+    common = ["bench", "--suite", "ar-image", "--option", f"source={model_dir}", "--option", "configs=sjd"]
+    common += ["--option", "temperature=0", "--repeats", "1", "--warmup", "0", "--no-plots"]
+    one, three = tmp_path / "one.json", tmp_path / "three.json"
+    assert main([*common, "--output", str(one)]) == 0
+    assert main([*common, "--option", "num_batches=3", "--output", str(three)]) == 0
+    one, three = (json.loads(p.read_text()) for p in (one, three))
+    base_one, base_three = one["results"][0], three["results"][0]
+    assert three["setup"]["num_batches"] == 3 and base_three["generated_tokens"] == 3 * base_one["generated_tokens"]
+    assert base_three["steps"] == 3 * base_one["steps"]  # the baseline: one step per token
+    assert all(r["tokens_equal_baseline"] for r in three["results"])  # greedy SJD on three images
+    with pytest.raises(SystemExit, match="num_batches must be an integer >= 1"):
+        main([*common, "--option", "num_batches=0", "--output", str(tmp_path / "bad.json")])
+
+
 def test_bench_ar_image_configs_with_method_options_and_rule_options(model_dir, tmp_path):
     """``configs``: chosen methods with their options and widths; ``acceptance_options`` reach the rule."""
     out = tmp_path / "bench.json"
