@@ -133,7 +133,7 @@ def logits_to_probs(
 
 
 #: Largest ``probs.numel()`` :func:`sample_from_probs` samples by exponential race (measured
-#: crossover on the CPU: the race wins for one row of 512, loses from [1, 8, 512] = 4,096 on).
+#: crossover on the CPU, ``benchmarks/sampling_cost.py``: the race wins up to 2,048, loses from 4,096 on).
 RACE_MAX_ELEMENTS = 2048
 
 
@@ -149,7 +149,7 @@ def sample_from_probs(
     ``torch.multinomial`` computes on the CPU), for up to :data:`RACE_MAX_ELEMENTS` probabilities, and
     above that inverse CDF with one uniform per row (:func:`~mmspec.kernels.rejection.inverse_cdf_sample`,
     float64 sums, the rule the rejection kernels use). The race draws ``V`` random numbers per row, the
-    inverse CDF one but runs more ops: on one CPU thread the race is 3x faster for one row of 512,
+    inverse CDF one but runs more ops: on one CPU thread the race is 2x faster for one row of 512,
     the inverse CDF 10x faster for ``[16, 8, 512]`` (a Jacobi window at batch 16) and for one row of
     49,152 (an LM's vocabulary). Neither needs a host sync.
 
