@@ -29,9 +29,14 @@ Policies:
   grid (0, 1, 2, 4, 8, 12, 16, 24, ...; few shapes to compile; 0 = no draft, a plain target step,
   which wins when the drafts kept do not pay for drafting and the wider verify); every
   ``explore_every`` steps the less measured neighbour of the best width is tried (for ``w`` steps, at
-  most three: a Jacobi window needs them to fill) so the estimates stay current. Pass a ``memory``
-  dict (pipelines keep one per method and options) to carry what was learned across calls, per batch
-  size.
+  most three) so the estimates stay current. A drafter with a ``stateful_window`` (Jacobi: a guess
+  improves over the iterations it spends in the window) needs time to settle after its width changes
+  or a call starts with fresh guesses: for the first ``ceil(w / 2)`` steps at a new width ``w``
+  (about the iterations a guess needs to reach the front of the window at two tokens per step) ``T``
+  and the depth rates are not recorded, and a probe is held until three settled steps are measured —
+  otherwise every probe of a wider window would be judged on its fresh guesses only and the policy
+  would drift to narrow windows. Pass a ``memory`` dict (pipelines keep one per method and options)
+  to carry what was learned across calls, per batch size.
 
 Both are lossless: which drafts are proposed never changes what exact acceptance commits, and the
 width is a function of past verdicts only.
@@ -125,6 +130,12 @@ class AdaptiveWindow:
         self._tick: float | None = None  # when the current step's draft started
         self._steps = 0
         self._probe = 0  # steps an exploration probe still holds its width
+        self._settle = 0  # steps left before a stateful window's acceptance is representative again
+        self._drafted: int | None = None  # the width of this call's previous draft
+
+    def _settling_steps(self, width: int) -> int:
+        """Steps a stateful window of ``width`` needs after a change before its acceptance is measured."""
+        return -(-width // 2) if getattr(self.drafter, "stateful_window", False) else 0
 
     @property
     def vocab_size(self) -> int:
@@ -158,6 +169,9 @@ class AdaptiveWindow:
         # A drafter may stop short of the cap (n-gram: only what matched); the step's cost and
         # committed tokens belong to the width actually verified.
         self.widths.append(draft.num_draft_tokens)
+        if draft.num_draft_tokens != self._drafted:  # a new width (or the call's first draft): fresh guesses
+            self._settle = self._settling_steps(draft.num_draft_tokens)
+            self._drafted = draft.num_draft_tokens
         return draft
 
     def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
@@ -174,6 +188,9 @@ class AdaptiveWindow:
                 self._width = self._width if full else self._width - 1
             else:
                 self._width = width + 2 if full else width - 1
+            return
+        if self._settle:  # a stateful window still settling: its acceptance is not yet its width's
+            self._settle -= 1
             return
         tokens = sum(accepted) / len(accepted) + 1.0  # committed per row, bonus/recovered included
         old = self._tokens.get(width)
@@ -241,6 +258,6 @@ class AdaptiveWindow:
             neighbours = [candidates[j] for j in (i - 1, i + 1) if 0 <= j < len(candidates)]
             if neighbours:  # the less measured neighbour, held while a Jacobi window of its width fills
                 probe = min(neighbours, key=lambda w: (self._counts.get(w, 0), -w))
-                self._probe = min(2, max(probe - 1, 0))
+                self._probe = min(2, max(probe - 1, 0)) + self._settling_steps(probe)
                 return probe
         return best

@@ -169,6 +169,37 @@ def test_cost_policy_goes_wide_when_drafts_are_kept_and_narrow_when_they_are_not
     assert set(memory) == {0, 1} and second.widths[0] == 6 and memory[1]["counts"][6] > 0
 
 
+def test_cost_policy_lets_a_jacobi_window_settle_before_measuring_it(target, draft_model):
+    """A Jacobi window's fresh guesses are not what its width earns once they have converged: the
+    first ceil(w / 2) steps after a width change (or a call's start) are not measured, and a probe is
+    held until three settled steps are; a draft model's window is measured from its first step."""
+    sampling = SamplingConfig(temperature=1.0)
+    fixed = SyntheticCost(JacobiDrafter(target.vocab_size), slope=0.1, explore_every=0, min_width=4)
+    out = generate(target, PROMPTS[:1], fixed, k=4, max_new=40, sampling=sampling)
+    assert set(fixed.widths) == {4} and fixed._counts[4] == out.stats.steps - 2
+    model = SyntheticCost(ModelDrafter(draft_model), slope=0.1, explore_every=0, min_width=4)
+    out = generate(target, PROMPTS[:1], model, k=4, max_new=40, sampling=sampling)
+    assert model._counts[4] == out.stats.steps
+    # The target drafting for itself, flagged stateful: once the widest window has been measured it
+    # wins, and every probe of its neighbour (width 4) is held for 2 unmeasured and 3 measured steps.
+    probing = SyntheticCost(StatefulSelfDraft(target), slope=0.05, explore_every=4)
+    generate(target, PROMPTS[:1], probing, k=8, max_new=400)
+    runs, start = [], 0  # maximal runs of one width
+    for i in range(1, len(probing.widths) + 1):
+        if i == len(probing.widths) or probing.widths[i] != probing.widths[start]:
+            runs.append((probing.widths[start], i - start))
+            start = i
+    settled = runs[next(i for i, (w, n) in enumerate(runs) if w == 8 and n > 1) : -1]
+    assert {w for w, _ in settled} == {4, 8} and all(n == 5 for w, n in settled if w == 4), runs
+    assert sum(w == 4 for w, _ in settled) >= 3, runs
+
+
+class StatefulSelfDraft(ModelDrafter):
+    """A draft model flagged as a stateful window (for the settling rule alone)."""
+
+    stateful_window = True
+
+
 @pytest.mark.parametrize("kind", ["ngram", "model-chain", "sjd", "sjd-copy"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cost_policy_skips_drafting_when_it_does_not_pay_and_stays_lossless(target, draft_model, kind, batch):
