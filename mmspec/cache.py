@@ -27,6 +27,10 @@ class StaticKVCache:
         dtype: storage dtype of keys and values.
         device: where the buffers live.
         groups: physical rows per logical row (2 for a CFG ``[cond ; uncond]`` pair).
+        key_bucket: 0 (default): attention always reads all ``S`` slots. ``n > 0``: a loop may bound
+            the keys attention reads (:meth:`limit_keys`) to the filled part rounded up to a
+            multiple of ``n`` (sized for targets whose caches can be much longer than what is filled,
+            e.g. a language model asked for many new tokens; a compiled target keeps 0: one shape).
     """
 
     def __init__(
@@ -39,6 +43,7 @@ class StaticKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         groups: int = 1,
+        key_bucket: int = 0,
     ) -> None:
         if min(num_layers, batch_size, num_kv_heads, max_seq_len, head_dim, groups) < 1:
             raise ValueError(
@@ -55,10 +60,31 @@ class StaticKVCache:
         self.groups = groups
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
+        if key_bucket < 0:
+            raise ValueError(f"key_bucket must be >= 0 (0: attend to every slot), got {key_bucket}")
+        self.key_bucket = key_bucket
+        self.key_limit: int | None = None  # host-side bound on the slots attention reads (None: all)
 
     @property
     def device(self) -> torch.device:
         return self.k.device
+
+    @property
+    def key_len(self) -> int:
+        """How many slots attention reads: ``max_seq_len``, or the bound set by :meth:`limit_keys`."""
+        return self.max_seq_len if self.key_limit is None else self.key_limit
+
+    def limit_keys(self, needed: int | None) -> None:
+        """Let attention read only the first ``needed`` slots, rounded up to a multiple of
+        ``key_bucket`` (few distinct shapes); None, or a cache with ``key_bucket == 0``: every slot.
+
+        ``needed`` must cover every row's committed keys and the slots the next forward writes
+        (``max(lengths) + T``): keys beyond it are never attended, so the results are those of the
+        whole buffer (its extra slots are masked out), at the cost of the filled part only."""
+        if needed is None or not self.key_bucket:
+            self.key_limit = None
+            return
+        self.key_limit = min(self.max_seq_len, -(-needed // self.key_bucket) * self.key_bucket)
 
     # ------------------------------------------------------------------ slots and masks
     def slots(self, num_new: int) -> torch.Tensor:
@@ -66,7 +92,8 @@ class StaticKVCache:
         return self.lengths[:, None] + torch.arange(num_new, device=self.device)
 
     def attention_mask(self, slots: torch.Tensor, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Boolean mask ``[G*B, 1, T, S]`` (True = may attend) for queries written at ``slots``.
+        """Boolean mask ``[G*B, 1, T, S']`` (True = may attend) for queries written at ``slots``,
+        over the ``S' = key_len`` slots attention reads.
 
         Args:
             slots: ``[B, T]`` cache slots of the new tokens (from :meth:`slots`).
@@ -78,14 +105,15 @@ class StaticKVCache:
         a padded position attends to itself so its softmax is defined, nobody attends to it).
         """
         batch, num_new = slots.shape
-        key_slots = torch.arange(self.max_seq_len, device=self.device)
+        key_slots = torch.arange(self.key_len, device=self.device)
+        blocked = self.blocked[:, : self.key_len]  # [B, S']
         if tree_mask is None:
             # Causal: a query at slot s sees every key at a slot <= s (committed keys and the earlier
             # new ones, written at lengths + 0 .. T-1) that is unblocked or is its own: the general
             # construction below in 5 ops instead of 12, the common case of every decode and chain step.
-            mask = (key_slots <= slots[..., None]) & (~self.blocked[:, None, :] | (key_slots == slots[..., None]))
+            mask = (key_slots <= slots[..., None]) & (~blocked[:, None, :] | (key_slots == slots[..., None]))
             return (mask.repeat(self.groups, 1, 1) if self.groups > 1 else mask)[:, None]
-        committed = (key_slots[None, :] < self.lengths[:, None]) & ~self.blocked
+        committed = (key_slots[None, :] < self.lengths[:, None]) & ~blocked
         mask = committed[:, None, :].expand(batch, num_new, -1).clone()
         eye = torch.eye(num_new, dtype=torch.bool, device=self.device)
         new_blocked = self.blocked.gather(1, slots.clamp(max=self.max_seq_len - 1))  # [B, T]
@@ -101,7 +129,7 @@ class StaticKVCache:
     def write(
         self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys/values of one layer at ``slots`` and return the layer's full K, V.
+        """Store new keys/values of one layer at ``slots`` and return the layer's K, V as attention reads them.
 
         Args:
             layer: layer index.
@@ -109,7 +137,7 @@ class StaticKVCache:
             slots: ``[B, T]`` per-row slots (each row writes at its own length: ragged batches).
 
         Returns:
-            ``(k, v)`` views ``[G*B, H_kv, S, D]`` of the whole cache for this layer.
+            ``(k, v)`` views ``[G*B, H_kv, S', D]`` of this layer's first ``S' = key_len`` slots.
         """
         rows, heads, num_new, dim = k_new.shape
         # Both CFG halves write at the same slots: scatter through a [G, B, ...] view of the buffers
@@ -119,6 +147,8 @@ class StaticKVCache:
         keys, values = self.k[layer], self.v[layer]
         keys.view(*grouped, *keys.shape[2:]).scatter_(3, index, k_new.to(keys.dtype).view(*grouped, num_new, dim))
         values.view(*grouped, *values.shape[2:]).scatter_(3, index, v_new.to(values.dtype).view(*grouped, num_new, dim))
+        if self.key_limit is not None:
+            return keys[:, :, : self.key_limit], values[:, :, : self.key_limit]
         return keys, values
 
     # ------------------------------------------------------------------ commit / rollback
@@ -155,6 +185,8 @@ class StaticKVCache:
         self.lengths += num_new
 
     def reset(self) -> None:
-        """Forget every row (lengths to zero, no blocked keys); buffers are reused, not freed."""
+        """Forget every row (lengths to zero, no blocked keys, attention over every slot again);
+        buffers are reused, not freed."""
         self.lengths.zero_()
         self.blocked.zero_()
+        self.key_limit = None

@@ -30,9 +30,12 @@ def default_mode(device: torch.device) -> str:
 
 
 def mark_static(cache: StaticKVCache) -> StaticKVCache:
-    """Mark ``cache``'s buffers as static addresses, so CUDA graphs write them in place. Returns it."""
+    """Mark ``cache``'s buffers as static addresses, so CUDA graphs write them in place, and keep its
+    attention over every slot (one shape per call site, not one per key bucket). Returns it."""
     for buf in (cache.k, cache.v, cache.lengths, cache.blocked):
         torch._dynamo.mark_static_address(buf)
+    cache.key_bucket = 0
+    cache.limit_keys(None)
     return cache
 
 

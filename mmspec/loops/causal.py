@@ -112,6 +112,7 @@ def speculative_generate(
     start = time.perf_counter()
 
     # 0. prefill: the condition/prompt enters the cache; the first token comes from the target.
+    cache.limit_keys(None)  # a reused cache may still hold the last call's bound
     pre = target.prefill(prompt, cache)
     window = 1 if drafter is None else drafter.verify_width(num_draft_tokens)
     needed = required_cache_len(int(cache.lengths.max()), max_new_tokens, window)  # deliberate sync, once per call
@@ -161,7 +162,7 @@ def speculative_generate(
 
     while True:
         active = (num_out < max_new_tokens) & ~finished
-        if not bool(active.any()):  # deliberate host sync: the one per iteration, to stop
+        if not _go_on(active, cache, window):  # the one host sync per iteration
             break
         # 1. draft
         if profile:
@@ -237,6 +238,17 @@ def speculative_generate(
     if not profile:
         stats.draft_time = stats.verify_time = stats.accept_time = 0.0
     return _finish(history, prefix_len, num_out, max_new_tokens, eos_token_id, pad_token_id, stats)
+
+
+def _go_on(active: torch.Tensor, cache: StaticKVCache, window: int) -> bool:
+    """Whether any row is still generating (``active`` ``[B]`` bool). Deliberate host sync, the one per
+    step; a cache with ``key_bucket`` also reads its longest row in the same transfer and bounds the
+    next forward's attention to the filled slots plus one ``window`` (:meth:`StaticKVCache.limit_keys`)."""
+    if not cache.key_bucket or cache.max_seq_len <= cache.key_bucket:
+        return bool(active.any())
+    go_on, longest = torch.stack([active.any().long(), cache.lengths.max()]).tolist()
+    cache.limit_keys(longest + window)
+    return bool(go_on)
 
 
 def _window_seen(seen: torch.Tensor, inputs: torch.Tensor, tree) -> torch.Tensor:

@@ -85,3 +85,58 @@ def test_cfg_halves_move_together_and_blocked_keys():
     assert mask[1, 0, 1].tolist() == [True, True, True, False, False, False, False, False]
     with pytest.raises(ValueError, match=">= 1"):
         StaticKVCache(1, 0, 1, 8, 2)
+
+
+def test_limit_keys_rounds_up_to_the_bucket_and_resets():
+    cache = StaticKVCache(1, 2, 1, 100, 4, key_bucket=16)
+    assert cache.key_len == 100
+    cache.limit_keys(17)
+    assert cache.key_len == 32 and cache.attention_mask(cache.slots(3)).shape == (2, 1, 3, 32)
+    keys, values = cache.write(0, torch.ones(2, 1, 3, 4), torch.ones(2, 1, 3, 4), cache.slots(3))
+    assert keys.shape == values.shape == (2, 1, 32, 4) and float(cache.k[0, :, :, :3].sum()) == 24.0
+    cache.limit_keys(99)
+    assert cache.key_len == 100  # never beyond the buffer
+    cache.limit_keys(5)
+    cache.reset()
+    assert cache.key_len == 100
+    off = StaticKVCache(1, 1, 1, 100, 4)  # key_bucket 0: every slot, whatever the loop asks
+    off.limit_keys(5)
+    assert off.key_len == 100
+    with pytest.raises(ValueError, match="key_bucket must be >= 0"):
+        StaticKVCache(1, 1, 1, 8, 4, key_bucket=-1)
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "model-chain", "model-tree", "sjd"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_attention_over_the_filled_slots_gives_the_same_tokens(target, draft_model, drafter, batch):
+    """A cache far longer than the run with key buckets of 8: the loop bounds every step's attention
+    to the filled slots plus one window (rounded up), and the tokens equal those of attention over
+    the whole buffer (chains, a tree, a ragged batch)."""
+    from mmspec.loops import speculative_generate
+    from mmspec.sampling import SamplingConfig
+    from mmspec.types import TokenPrompt
+
+    from .test_loop import DRAFTERS, PROMPTS
+
+    prompt = TokenPrompt.from_lists(PROMPTS[:batch])
+    c = target.config
+    outs, key_lens = [], []
+    for bucket in (0, 8):
+        cache = StaticKVCache(c.n_layer, batch, c.n_kv_head or c.n_head, 200, c.head_dim, key_bucket=bucket)
+        seen = []
+        out = speculative_generate(
+            target,
+            prompt,
+            cache,
+            max_new_tokens=30,
+            drafter=None if drafter == "none" else DRAFTERS[drafter](target, draft_model),
+            num_draft_tokens=4,
+            sampling=SamplingConfig(temperature=0),
+            generator=torch.Generator().manual_seed(0),
+            callback=lambda step, num, ctx, cache=cache, seen=seen: seen.append(cache.key_len),
+        )
+        outs.append(out)
+        key_lens.append(seen)
+    assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].lengths, outs[1].lengths)
+    assert set(key_lens[0]) == {200}
+    assert max(key_lens[1]) <= 64 and all(n % 8 == 0 for n in key_lens[1]) and key_lens[1] == sorted(key_lens[1])
