@@ -248,8 +248,10 @@ def captioner_configs(preset: str, seed: int = 0) -> CaptionerTrainConfig:
 
 
 # ---------------------------------------------------------------------------------------- training
-def _examples(processor: LlavaProcessor, data: CaptionDataConfig, heldout: bool = False) -> CaptionExamples:
-    images, captions, _ = render_caption_data(data, heldout)
+def _examples(
+    processor: LlavaProcessor, data: CaptionDataConfig, heldout: bool = False, progress: bool = True
+) -> CaptionExamples:
+    images, captions, _ = render_caption_data(data, heldout, progress)
     return CaptionExamples(processor, images, captions)
 
 
@@ -345,7 +347,7 @@ def train_captioner(
         add_image_token(tokenizer)
         template = CHATML_TEMPLATE
     processor = build_caption_processor(tokenizer, data.image_size, config.model.patch_size, template)
-    images, captions, labels = render_caption_data(data)
+    images, captions, labels = render_caption_data(data, progress=config.progress)
     examples = CaptionExamples(processor, images, captions)
     torch.manual_seed(config.seed)
     if config.language_model is None:
@@ -395,7 +397,7 @@ def train_caption_drafter(
         part = getattr(drafter.model, name)
         part.load_state_dict(getattr(target.model, name).state_dict())
         part.requires_grad_(False).eval()
-    examples = _examples(processor, config.data)
+    examples = _examples(processor, config.data, progress=config.progress)
     examples.cache_features(drafter)
     _instruction_tune(name, drafter, examples, config)
     return drafter.eval()

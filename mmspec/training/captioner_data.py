@@ -37,9 +37,10 @@ class CaptionDataConfig(EmojiDataConfig):
 # ---------------------------------------------------------------------------------------- data
 @functools.lru_cache(maxsize=4)
 def render_caption_data(
-    data: CaptionDataConfig, heldout: bool = False
+    data: CaptionDataConfig, heldout: bool = False, progress: bool = True
 ) -> tuple[np.ndarray, tuple[str, ...], torch.Tensor]:
-    """Render the whole training (or held-out) set once, cached for the process.
+    """Render the whole training (or held-out) set once, cached for the process (``progress``: a
+    bar for sets of 2,048 scenes or more).
 
     Returns:
         ``(images uint8 [N, H, W, 3], captions, labels int64 [N])``.
@@ -48,7 +49,7 @@ def render_caption_data(
     images = np.empty((len(dataset), data.image_size, data.image_size, 3), dtype=np.uint8)
     captions = []
     labels = torch.empty(len(dataset), dtype=torch.long)
-    for i in tqdm(range(len(dataset)), desc="render emoji", leave=False, disable=len(dataset) < 2048):
+    for i in tqdm(range(len(dataset)), desc="render emoji", leave=False, disable=not progress or len(dataset) < 2048):
         item = dataset[i]
         images[i] = np.asarray(item["image"])
         captions.append(item["caption"])

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -188,3 +189,15 @@ def test_default_captioner_matches_transformers_generate(default_pipe, unseen_sc
         reply = model.generate(**batch, do_sample=False, max_new_tokens=16)[0, batch["input_ids"].shape[1] :]
         ours = default_pipe(image, DEFAULT_QUESTION, max_new_tokens=16, num_draft_tokens=0)
         assert reply[: int(ours.lengths[0])].tolist() == ours.token_ids[0, : int(ours.lengths[0])].tolist()
+
+
+def test_rendering_shows_a_bar_only_when_progress_is_on(capsys):
+    """``--no-progress`` (``progress=False``) hides the data-rendering bar too, not only the training bars."""
+    from mmspec.training.captioner_data import CaptionDataConfig, render_caption_data
+
+    data = CaptionDataConfig(num_classes=4, num_samples=2048, heldout_samples=8)
+    quiet = render_caption_data(data, progress=False)
+    assert "render emoji" not in capsys.readouterr().err
+    shown = render_caption_data(data, progress=True)
+    assert "render emoji" in capsys.readouterr().err
+    assert np.array_equal(quiet[0], shown[0]) and quiet[1] == shown[1]
