@@ -73,6 +73,13 @@ def add_train_captioner_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--heldout-samples", type=int, default=None, help="override the preset's held-out scenes")
     parser.add_argument(
+        "--max-glyphs",
+        type=int,
+        default=None,
+        help="scenes of 1..N glyphs captioned as a list ('a cat and two hearts': longer replies; needs a "
+        "pretrained --language-model / the smollm2 preset, whose tokenizer has the words); default: the preset's 1",
+    )
+    parser.add_argument(
         "--draft-steps", type=int, default=None, help="override the preset's drafter steps (0: no draft model)"
     )
     parser.add_argument("--grid", type=Path, default=None, help="also write a PNG of held-out captions here")
@@ -102,8 +109,20 @@ def train_captioner_command(args: argparse.Namespace) -> int:
         if value is not None:
             settings[key] = value
     config = captioner_configs(args.preset, args.seed)
+    data = {}
     if args.heldout_samples is not None:
-        settings["data"] = dataclasses.replace(config.data, heldout_samples=args.heldout_samples)
+        data["heldout_samples"] = args.heldout_samples
+    if args.max_glyphs is not None:
+        if args.max_glyphs < 1:
+            raise SystemExit(f"train-captioner: --max-glyphs must be >= 1, got {args.max_glyphs}")
+        if args.max_glyphs > 1 and (args.language_model or config.language_model) is None:
+            raise SystemExit(
+                "train-captioner: --max-glyphs > 1 needs a pretrained language model (--preset smollm2 or "
+                "--language-model): the from-scratch captioner's word tokenizer knows the glyph names only"
+            )
+        data["max_glyphs_per_scene"] = args.max_glyphs
+    if data:
+        settings["data"] = dataclasses.replace(config.data, **data)
     try:
         config = dataclasses.replace(config, **settings)
     except ValueError as err:

@@ -29,9 +29,10 @@ class EmojiDataConfig:
         num_samples: training scenes, rendered once per process and reused every epoch.
         heldout_samples: held-out scenes for evaluation (another dataset seed).
         seed: dataset seed (scene ``i`` depends only on it and ``i``).
-        position_jitter, scale_range, rotation_degrees, backgrounds: the
+        position_jitter, scale_range, rotation_degrees, backgrounds, max_glyphs_per_scene: the
             :class:`~mmspec.data.emoji.AugmentConfig` fields; modest so that 32-pixel classes stay
-            learnable by a small GPT.
+            learnable by a small GPT (scenes of several glyphs are captioned as a list, "a cat and
+            two hearts": longer replies for a captioner; one glyph by default).
     """
 
     image_size: int = 32
@@ -43,6 +44,7 @@ class EmojiDataConfig:
     scale_range: tuple[float, float] = (0.75, 0.9)
     rotation_degrees: float = 8.0
     backgrounds: tuple[str, ...] = ("white", "solid")
+    max_glyphs_per_scene: int = 1
 
     def dataset(self, heldout: bool = False) -> EmojiDataset:
         """The training (or held-out) :class:`~mmspec.data.emoji.EmojiDataset`."""
@@ -51,6 +53,7 @@ class EmojiDataConfig:
             scale_range=tuple(self.scale_range),
             rotation_degrees=self.rotation_degrees,
             backgrounds=tuple(self.backgrounds),
+            max_glyphs_per_scene=self.max_glyphs_per_scene,
         )
         return EmojiDataset(
             image_size=self.image_size,

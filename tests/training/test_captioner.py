@@ -201,3 +201,17 @@ def test_rendering_shows_a_bar_only_when_progress_is_on(capsys):
     shown = render_caption_data(data, progress=True)
     assert "render emoji" in capsys.readouterr().err
     assert np.array_equal(quiet[0], shown[0]) and quiet[1] == shown[1]
+
+
+def test_multi_glyph_scenes_give_list_captions_and_need_a_pretrained_lm(tmp_path):
+    data = CaptionDataConfig(num_classes=8, num_samples=64, heldout_samples=8, max_glyphs_per_scene=3)
+    captions = [data.dataset()[i]["caption"] for i in range(64)]
+    assert any(" and " in c for c in captions) and any(" and " not in c for c in captions)  # 1..3 glyphs
+    assert CaptionDataConfig().dataset()[0]["caption"].count(" and ") == 0  # one glyph by default
+    parser = argparse.ArgumentParser()
+    add_train_captioner_args(parser)
+    for value, match in (("2", "needs a pretrained language model"), ("0", "must be >= 1")):
+        args = parser.parse_args(["--preset", "tiny", "--out", str(tmp_path), "--max-glyphs", value])
+        with pytest.raises(SystemExit, match=match):
+            train_captioner_command(args)
+    assert not any(tmp_path.iterdir())  # refused before any model was built or written
