@@ -74,6 +74,11 @@ class StaticKVCache:
         """How many slots attention reads: ``max_seq_len``, or the bound set by :meth:`limit_keys`."""
         return self.max_seq_len if self.key_limit is None else self.key_limit
 
+    @property
+    def bounds_keys(self) -> bool:
+        """Whether :meth:`limit_keys` can make attention read fewer slots than the whole buffer."""
+        return 0 < self.key_bucket < self.max_seq_len
+
     def limit_keys(self, needed: int | None) -> None:
         """Let attention read only the first ``needed`` slots, rounded up to a multiple of
         ``key_bucket`` (few distinct shapes); None, or a cache with ``key_bucket == 0``: every slot.

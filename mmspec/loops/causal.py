@@ -234,6 +234,7 @@ def speculative_generate(
         if callback is not None:
             callback(stats.steps, num_out, ctx)
 
+    cache.limit_keys(None)  # the bound holds for this loop's forwards only: callers get the whole cache back
     stats.total_time = time.perf_counter() - start
     if not profile:
         stats.draft_time = stats.verify_time = stats.accept_time = 0.0
@@ -244,7 +245,7 @@ def _go_on(active: torch.Tensor, cache: StaticKVCache, window: int) -> bool:
     """Whether any row is still generating (``active`` ``[B]`` bool). Deliberate host sync, the one per
     step; a cache with ``key_bucket`` also reads its longest row in the same transfer and bounds the
     next forward's attention to the filled slots plus one ``window`` (:meth:`StaticKVCache.limit_keys`)."""
-    if not cache.key_bucket or cache.max_seq_len <= cache.key_bucket:
+    if not cache.bounds_keys:
         return bool(active.any())
     go_on, longest = torch.stack([active.any().long(), cache.lengths.max()]).tolist()
     cache.limit_keys(longest + window)

@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from mmspec.cache import StaticKVCache
+from mmspec.loops import speculative_generate
+from mmspec.sampling import SamplingConfig
 from mmspec.tree import DraftTree
+from mmspec.types import TokenPrompt
+
+from .test_loop import DRAFTERS, PROMPTS
 
 
 def test_tree_structure_from_parents():
@@ -89,7 +94,8 @@ def test_cfg_halves_move_together_and_blocked_keys():
 
 def test_limit_keys_rounds_up_to_the_bucket_and_resets():
     cache = StaticKVCache(1, 2, 1, 100, 4, key_bucket=16)
-    assert cache.key_len == 100
+    assert cache.key_len == 100 and cache.bounds_keys
+    assert not StaticKVCache(1, 1, 1, 16, 4, key_bucket=16).bounds_keys  # one bucket holds the whole buffer
     cache.limit_keys(17)
     assert cache.key_len == 32 and cache.attention_mask(cache.slots(3)).shape == (2, 1, 3, 32)
     keys, values = cache.write(0, torch.ones(2, 1, 3, 4), torch.ones(2, 1, 3, 4), cache.slots(3))
@@ -111,13 +117,7 @@ def test_limit_keys_rounds_up_to_the_bucket_and_resets():
 def test_attention_over_the_filled_slots_gives_the_same_tokens(target, draft_model, drafter, batch):
     """A cache far longer than the run with key buckets of 8: the loop bounds every step's attention
     to the filled slots plus one window (rounded up), and the tokens equal those of attention over
-    the whole buffer (chains, a tree, a ragged batch)."""
-    from mmspec.loops import speculative_generate
-    from mmspec.sampling import SamplingConfig
-    from mmspec.types import TokenPrompt
-
-    from .test_loop import DRAFTERS, PROMPTS
-
+    the whole buffer (chains, a tree, a ragged batch); the cache reads every slot again afterwards."""
     prompt = TokenPrompt.from_lists(PROMPTS[:batch])
     c = target.config
     outs, key_lens = [], []
@@ -137,6 +137,7 @@ def test_attention_over_the_filled_slots_gives_the_same_tokens(target, draft_mod
         )
         outs.append(out)
         key_lens.append(seen)
+        assert cache.key_len == 200
     assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].lengths, outs[1].lengths)
     assert set(key_lens[0]) == {200}
     assert max(key_lens[1]) <= 64 and all(n % 8 == 0 for n in key_lens[1]) and key_lens[1] == sorted(key_lens[1])
