@@ -54,8 +54,8 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         freqs: ``[B, T, D/2, 2]`` cos/sin per token (zeros are allowed and zero the vector).
     """
     # As complex numbers: (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i (x1 cos + x0 sin), the
-    # same products and sums as LlamaGen's real-valued stack (bit-identical on the CPU) in one kernel
-    # instead of ~12 ops: 3x-13x faster per call at the reference model's decode shapes.
+    # same products and sums as LlamaGen's real-valued stack (bit-identical on the CPU,
+    # tests/core/test_modeling.py) in one kernel instead of ~12 ops.
     xs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [B, T, H, D/2]
     rotation = torch.view_as_complex(freqs[:, :, None])  # [B, T, 1, D/2]
     return torch.view_as_real(xs * rotation).flatten(3).type_as(x)
@@ -71,8 +71,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            # torch's rms_norm is x * rsqrt(mean(x^2) + eps) * weight, the expression below, in fewer
-            # ops (bit-identical in float32; 1.4x faster per call on the CPU at decode shapes).
+            # torch's rms_norm is x * rsqrt(mean(x^2) + eps) * weight, the expression below, with less
+            # Python and no dtype round trips (bit-identical in float32, tests/core/test_modeling.py).
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Half precision: normalise in float32, round to x's dtype, then scale (LlamaGen's order).
         xf = x.float()
