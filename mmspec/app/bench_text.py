@@ -279,6 +279,7 @@ def vlm_suite(
     num_draft_tokens: int = 4,
     configs: str | None = None,
     peers: bool = True,
+    draft_vocab: str = "saved",
 ) -> BenchSuite:
     """A VLM captioning images: mmspec's baseline and methods (:data:`~mmspec.pipelines.vlm.VLM_METHODS`;
     ``model``: the draft VLM in ``MODEL/drafter`` when the folder has one, e.g. the SmolLM2 captioner of
@@ -287,14 +288,19 @@ def vlm_suite(
 
     ``model``: a VLM folder (LLaVA / LLaVA-NeXT / Qwen2-VL families). ``images``: a folder whose first
     ``num_images`` images (sorted by name) are captioned one by one with ``question``. ``configs``:
-    ``;``-separated ``METHOD[:key=value,...]`` (default: every available method)."""
+    ``;``-separated ``METHOD[:key=value,...]`` (default: every available method). ``draft_vocab``:
+    ``"saved"`` scores only the draft model's saved draft vocabulary when its folder has one
+    (:data:`~mmspec.training.saved.DRAFT_VOCAB_FILE`), ``"all"`` the whole vocabulary (transformers'
+    assisted generation always uses the whole one)."""
+    if draft_vocab not in ("saved", "all"):
+        raise ValueError(f"draft_vocab must be 'saved' or 'all', got {draft_vocab!r}")
     if model is None or images is None:
         raise ValueError("the vlm suite needs --option model=VLM_FOLDER --option images=IMAGE_FOLDER")
     import PIL.Image
 
     from ..drafters import ModelDrafter
     from ..pipelines.vlm import VLM_METHODS, VLMPipeline, load_vlm_target, vlm_family
-    from ..training.saved import CAPTIONER_DRAFTER_SUBFOLDER
+    from ..training.saved import CAPTIONER_DRAFTER_SUBFOLDER, read_draft_vocab
 
     files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:
@@ -309,7 +315,8 @@ def vlm_suite(
     hf = load_hf(Path(model))
     draft_path = Path(model) / CAPTIONER_DRAFTER_SUBFOLDER
     hf_draft = load_hf(draft_path) if (draft_path / "config.json").is_file() else None
-    drafter = None if hf_draft is None else ModelDrafter(load_vlm_target(hf_draft))
+    draft_ids = read_draft_vocab(draft_path) if hf_draft is not None and draft_vocab == "saved" else None
+    drafter = None if hf_draft is None else ModelDrafter(load_vlm_target(hf_draft).with_draft_vocab(draft_ids))
     pipe = VLMPipeline(load_vlm_target(hf), AutoProcessor.from_pretrained(model), drafter)
     pictures = [PIL.Image.open(f).convert("RGB") for f in files]
     prompts = [
@@ -357,6 +364,7 @@ def vlm_suite(
         setup={
             "model": str(model),
             "draft_model": str(draft_path) if hf_draft is not None else None,
+            "draft_vocab_size": None if draft_ids is None else len(draft_ids),
             "images": [str(f) for f in files],
             "question": question,
             "dtype": str(dtype),

@@ -89,7 +89,7 @@ from .captioner_model import (
 )
 from .loop import TrainRun, clip_and_step, cosine_schedule, param_groups, run_training
 from .reference import RECIPE_FILE
-from .saved import CAPTIONER_DRAFTER_SUBFOLDER, CLASSES_FILE
+from .saved import CAPTIONER_DRAFTER_SUBFOLDER, CLASSES_FILE, DRAFT_VOCAB_FILE
 
 #: Training stages, in order; each has its own checkpoint subfolder.
 STAGES = ("vision", "captioner", "drafter")
@@ -422,6 +422,20 @@ def _truncated_captioner(target: LlavaForConditionalGeneration, num_layers: int)
     return drafter
 
 
+def reply_vocabulary(processor: LlavaProcessor, data: CaptionDataConfig) -> list[int]:
+    """The token ids of every training reply (captions as the recipe tokenises them, plus the
+    end-of-sequence id), sorted: the draft captioner's reduced draft vocabulary (EAGLE-3's VocabTrim
+    idea, arXiv 2506.22694, with every id the training replies use instead of the most frequent
+    ``V'``). A reply token outside it is still generated exactly -- the target emits it; the draft
+    just cannot propose it."""
+    tokenizer = processor.tokenizer
+    _, captions, _ = render_caption_data(data, progress=False)
+    ids = {tokenizer.eos_token_id}
+    for caption in set(captions):
+        ids.update(tokenizer.encode(caption, add_special_tokens=False))
+    return sorted(ids)
+
+
 # ---------------------------------------------------------------------------------------- saving
 def save_captioner(
     model: LlavaForConditionalGeneration,
@@ -431,6 +445,7 @@ def save_captioner(
     data: CaptionDataConfig | None = None,
     recipe: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
+    draft_vocab: list[int] | None = None,
 ) -> Path:
     """``save_pretrained`` the model and processor to ``out`` (the drafter, with the processor, to
     ``out/drafter``), the class list (:data:`~mmspec.training.saved.CLASSES_FILE`, when ``data`` is
@@ -438,7 +453,11 @@ def save_captioner(
 
     Args:
         dtype: storage dtype of the weights (the models are returned to float32 afterwards).
+        draft_vocab: the drafter's reduced draft vocabulary (:func:`reply_vocabulary`), written to
+            ``out/drafter/``:data:`~mmspec.training.saved.DRAFT_VOCAB_FILE` (needs ``drafter``).
     """
+    if draft_vocab is not None and drafter is None:
+        raise ValueError("draft_vocab is the drafter's: pass the drafter too")
     out = Path(out)
     parts = [(model, out)] + ([(drafter, out / CAPTIONER_DRAFTER_SUBFOLDER)] if drafter is not None else [])
     for net, folder in parts:
@@ -448,6 +467,8 @@ def save_captioner(
         finally:
             net.to(torch.float32)
         processor.save_pretrained(folder)
+    if draft_vocab is not None:
+        (out / CAPTIONER_DRAFTER_SUBFOLDER / DRAFT_VOCAB_FILE).write_text(json.dumps(draft_vocab) + "\n")
     if data is not None:
         glyphs = data.dataset(heldout=True).glyphs
         classes = [{"label": i, "char": g.char, "name": g.name} for i, g in enumerate(glyphs)]

@@ -16,6 +16,7 @@ from transformers import LlavaForConditionalGeneration
 from .captioner import (
     PRESETS,
     captioner_configs,
+    reply_vocabulary,
     save_captioner,
     train_caption_drafter,
     train_captioner,
@@ -149,8 +150,20 @@ def train_captioner_command(args: argparse.Namespace) -> int:
     }
     for key in ("checkpoint_dir", "resume", "progress"):
         recipe["config"].pop(key)
+    # A pretrained LM's draft scores only the ids the replies use (49,152 -> a few hundred rows for
+    # SmolLM2); a from-scratch captioner's word vocabulary already is the caption words.
+    draft_vocab = (
+        reply_vocabulary(processor, config.data) if drafter is not None and config.language_model is not None else None
+    )
     folder = save_captioner(
-        model, processor, out / "captioner", drafter, config.data, recipe, dtype=getattr(torch, args.save_dtype)
+        model,
+        processor,
+        out / "captioner",
+        drafter,
+        config.data,
+        recipe,
+        dtype=getattr(torch, args.save_dtype),
+        draft_vocab=draft_vocab,
     )
     (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
     print(f"captioner -> {folder}")

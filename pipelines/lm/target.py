@@ -21,7 +21,14 @@ from transformers import AutoConfig
 
 from mmspec.types import PrefillOutput, TargetOutput, TokenPrompt
 
-from ..vlm.decoder import TEXT_ARCHITECTURES, RopeOffsetKVCache, VLMDecoder, convert_language_model, pair_components
+from ..vlm.decoder import (
+    TEXT_ARCHITECTURES,
+    DraftVocabHead,
+    RopeOffsetKVCache,
+    VLMDecoder,
+    convert_language_model,
+    pair_components,
+)
 from ..vlm.targets import generation_defaults
 
 
@@ -32,9 +39,8 @@ class LMTarget(nn.Module):
         decoder: the converted language model.
         eos_token_ids: every id that ends a reply (HF ``generation_config.eos_token_id``).
         generation_defaults: logits processors the checkpoint asks for (``repetition_penalty``, ...).
-        draft_vocab: ``[V']`` target ids the LM head scores (a reduced draft vocabulary, as EAGLE-3's
-            ``d2t``); other ids get logit ``-inf``. None: the whole vocabulary. Only for draft models:
-            proposals stay in the target's id space, so any acceptance rule stays lossless.
+        draft_vocab: ``[V']`` target ids the LM head scores (:class:`~mmspec.pipelines.vlm.decoder.DraftVocabHead`);
+            other ids get logit ``-inf``. None: the whole vocabulary. Only for draft models.
         config: the HF model config (read by drafters sized from the target, e.g. EAGLE-3 heads).
     """
 
@@ -51,17 +57,7 @@ class LMTarget(nn.Module):
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         self.generation_defaults = dict(generation_defaults or {})
-        self.draft_head = None
-        if draft_vocab is None:
-            self.draft_vocab = None
-        else:
-            ids = torch.as_tensor(draft_vocab, dtype=torch.long, device=decoder.output.weight.device)
-            if ids.dim() != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= decoder.vocab_size:
-                raise ValueError(f"draft_vocab must be a non-empty 1-D list of ids in [0, {decoder.vocab_size})")
-            self.register_buffer("draft_vocab", ids)
-            # The reduced head is a copy of the selected rows ([V', H]): one small matmul per draft token.
-            self.draft_head = nn.Linear(decoder.config.dim, len(ids), bias=False)
-            self.draft_head.weight = nn.Parameter(decoder.output.weight.detach()[ids].clone(), requires_grad=False)
+        self.draft_head = None if draft_vocab is None else DraftVocabHead(decoder.output, draft_vocab)
 
     @classmethod
     def from_hf(cls, model: nn.Module) -> LMTarget:
@@ -131,11 +127,7 @@ class LMTarget(nn.Module):
         return TargetOutput(logits=self._logits(h), hidden_states=h)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, V] float32
-        if self.draft_vocab is None:
-            return self.decoder.output(h).float()
-        scores = self.draft_head(h).float()  # [B, T, V']
-        full = scores.new_full((*scores.shape[:-1], self.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.draft_vocab, scores)
+        return self.decoder.output(h).float() if self.draft_head is None else self.draft_head(h)
 
 
 def _beyond(key: str, num_layers: int) -> bool:

@@ -221,6 +221,37 @@ class VLMDecoder(nn.Module):
         return features.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, features.shape[-1]))
 
 
+class DraftVocabHead(nn.Module):
+    """A draft model's LM head over a reduced draft vocabulary (EAGLE-3's ``d2t``; VocabTrim,
+    arXiv 2506.22694): it scores ``ids [V']`` only and gives every other id logit ``-inf``.
+
+    One ``[V', H]`` matmul per draft token instead of the full ``[V, H]`` head (SmolLM2: 49,152
+    rows). Proposals stay target ids, so every acceptance rule stays lossless: a token outside
+    ``ids`` is never proposed, and the rules accept or correct what is.
+
+    Args:
+        output: the full head (its selected rows are copied: the head keeps working unchanged).
+        ids: ``[V']`` distinct target ids to score, each in ``[0, V)``.
+    """
+
+    def __init__(self, output: nn.Linear, ids: torch.Tensor | list[int]) -> None:
+        super().__init__()
+        vocab = output.out_features
+        ids = torch.as_tensor(ids, dtype=torch.long, device=output.weight.device)
+        if ids.dim() != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"draft_vocab must be a non-empty 1-D list of ids in [0, {vocab})")
+        if len(ids.unique()) != len(ids):
+            raise ValueError("draft_vocab lists an id twice")
+        self.vocab_size = vocab
+        self.register_buffer("ids", ids)
+        self.weight = nn.Parameter(output.weight.detach()[ids].clone(), requires_grad=False)  # [V', H]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, V] float32
+        scores = nn.functional.linear(h, self.weight).float()  # [B, T, V']
+        full = scores.new_full((*scores.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.ids, scores)
+
+
 # --------------------------------------------------------------------------- conversion from HF
 
 

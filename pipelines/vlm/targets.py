@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 
 from mmspec.types import PrefillOutput, TargetOutput, TokenPrompt
 
-from .decoder import RopeOffsetKVCache, VLMDecoder, convert_language_model
+from .decoder import DraftVocabHead, RopeOffsetKVCache, VLMDecoder, convert_language_model
 
 
 @dataclass
@@ -96,6 +96,10 @@ class VLMTarget(nn.Module):
         decoder: the converted language model.
         config: the HF model config.
         eos_token_ids: every id that ends a reply (HF ``generation_config.eos_token_id``).
+        generation_defaults: logits processors the checkpoint asks for (``repetition_penalty``, ...).
+        draft_vocab: ``[V']`` target ids the LM head scores, for a draft VLM
+            (:class:`~mmspec.pipelines.vlm.decoder.DraftVocabHead`: other ids get logit ``-inf``);
+            None: the whole vocabulary.
 
     Subclasses set :attr:`image_inputs` and, for M-RoPE, override :meth:`rope_positions`.
     """
@@ -110,6 +114,7 @@ class VLMTarget(nn.Module):
         config,
         eos_token_ids: tuple[int, ...] = (),
         generation_defaults: Mapping[str, float] | None = None,
+        draft_vocab: torch.Tensor | Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -120,6 +125,7 @@ class VLMTarget(nn.Module):
         #: logits processors the checkpoint's ``generation_config.json`` asks for and mmspec applies
         #: (:func:`generation_defaults`); the pipeline uses them unless a call overrides them.
         self.generation_defaults = dict(generation_defaults or {})
+        self.draft_head = None if draft_vocab is None else DraftVocabHead(decoder.output, draft_vocab)
 
     @classmethod
     def from_hf(cls, model: nn.Module, release_language_model: bool = False) -> VLMTarget:
@@ -143,6 +149,13 @@ class VLMTarget(nn.Module):
         """The same family and vision encoder (shared) with another language model: e.g. a smaller
         or perturbed decoder as a :class:`~mmspec.drafters.ModelDrafter` model."""
         return type(self)(self.encoder, decoder, self.config, self.eos_token_ids, self.generation_defaults)
+
+    def with_draft_vocab(self, draft_vocab: torch.Tensor | Sequence[int] | None) -> VLMTarget:
+        """The same model (weights shared) scoring only ``draft_vocab``'s ids (None: all): a draft VLM
+        whose LM head costs ``V'`` rows per draft token instead of ``V``."""
+        return type(self)(
+            self.encoder, self.decoder, self.config, self.eos_token_ids, self.generation_defaults, draft_vocab
+        )
 
     # ------------------------------------------------------------------ target contract
     @property
@@ -169,8 +182,9 @@ class VLMTarget(nn.Module):
         cache.rope_offsets.copy_(offsets)
         features = self.decoder.features(embeds, positions, cache)  # [B, P, H]
         hidden = self.decoder.commit_prompt(features, prompt.lengths, cache)  # [B, 1, H]
-        logits = self.decoder.output(hidden).float()
-        return PrefillOutput(TargetOutput(logits=logits, hidden_states=hidden), hidden_states_all=features)
+        return PrefillOutput(
+            TargetOutput(logits=self._logits(hidden), hidden_states=hidden), hidden_states_all=features
+        )
 
     def forward(
         self,
@@ -181,7 +195,12 @@ class VLMTarget(nn.Module):
     ) -> TargetOutput:
         """Run generated / draft tokens. Text after the prompt has t = h = w = position + the row's
         RoPE offset (HF's ``rope_deltas``; zero for 1-D RoPE), tree nodes included."""
-        return self.decoder.forward(tokens, positions + cache.rope_offsets[:, None], cache, attn_mask)
+        embeds = self.decoder.tok_embeddings(tokens)
+        h = self.decoder.features(embeds, positions + cache.rope_offsets[:, None], cache, attn_mask)
+        return TargetOutput(logits=self._logits(h), hidden_states=h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, V] float32
+        return self.decoder.output(h).float() if self.draft_head is None else self.draft_head(h)
 
     # ------------------------------------------------------------------ prompt encoding
     def image_features(self, prompt: VLMPrompt) -> torch.Tensor:

@@ -14,7 +14,13 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from mmspec.app.defaults import default_captioner_path, load_default_captioner
-from mmspec.training.captioner import captioner_configs, train_caption_drafter, train_captioner
+from mmspec.training.captioner import (
+    captioner_configs,
+    reply_vocabulary,
+    save_captioner,
+    train_caption_drafter,
+    train_captioner,
+)
 from mmspec.training.captioner_cli import add_train_captioner_args, train_captioner_command
 from mmspec.training.captioner_data import CaptionDataConfig, CaptionExamples, caption_loss, render_caption_data
 from mmspec.training.captioner_model import (
@@ -26,7 +32,12 @@ from mmspec.training.captioner_model import (
     chat_prompt,
 )
 from mmspec.training.loop import latest_checkpoint
-from mmspec.training.saved import CAPTIONER_DRAFTER_SUBFOLDER
+from mmspec.training.saved import (
+    CAPTIONER_DRAFTER_SUBFOLDER,
+    DRAFT_VOCAB_FILE,
+    load_captioner_pipeline,
+    read_draft_vocab,
+)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +147,35 @@ def test_cli_trains_saves_and_evaluates_a_tiny_captioner(tmp_path):
     assert metrics["decoding"]["draft-model"]["same_as_baseline"] and metrics["decoding"]["ngram"]["same_as_baseline"]
     assert metrics["hf_generate_agreement"] == 1.0
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_saved_draft_vocabulary_reaches_the_loaded_drafter(tiny, tmp_path):
+    """``save_captioner(draft_vocab=reply_vocabulary(...))`` writes the drafter's ids; the loaded
+    pipeline's drafter scores exactly those and still reproduces the baseline's captions."""
+    model, processor = train_captioner(dataclasses.replace(tiny, steps=2))
+    drafter = train_caption_drafter(model, processor, dataclasses.replace(tiny, draft_steps=2))
+    ids = reply_vocabulary(processor, tiny.data)
+    _, captions, _ = render_caption_data(tiny.data, progress=False)
+    tokenizer = processor.tokenizer
+    assert ids == sorted(
+        {tokenizer.eos_token_id}.union(*(tokenizer.encode(c, add_special_tokens=False) for c in captions))
+    )
+    assert len(ids) < tokenizer.vocab_size
+    with pytest.raises(ValueError, match="pass the drafter"):
+        save_captioner(model, processor, tmp_path / "bad", draft_vocab=ids)
+    folder = save_captioner(model, processor, tmp_path / "captioner", drafter, draft_vocab=ids)
+    assert read_draft_vocab(folder / CAPTIONER_DRAFTER_SUBFOLDER) == ids
+    pipe = load_captioner_pipeline(folder)
+    assert pipe.drafter.model.draft_head.ids.tolist() == ids
+    images, _, _ = render_caption_data(tiny.data, heldout=True, progress=False)
+    pictures = [PIL.Image.fromarray(a) for a in images[:4]]
+    base = pipe(pictures, [DEFAULT_QUESTION] * 4, max_new_tokens=8, num_draft_tokens=0)
+    spec = pipe(pictures, [DEFAULT_QUESTION] * 4, max_new_tokens=8, num_draft_tokens=3)
+    assert spec.text == base.text and torch.equal(spec.token_ids, base.token_ids)
+    for text in ("[1, -2]", "{}", "not json"):
+        (folder / CAPTIONER_DRAFTER_SUBFOLDER / DRAFT_VOCAB_FILE).write_text(text)
+        with pytest.raises(ValueError, match=DRAFT_VOCAB_FILE):
+            read_draft_vocab(folder / CAPTIONER_DRAFTER_SUBFOLDER)
 
 
 # ---------------------------------------------------------------------------------------- embedded default

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from mmspec.app.bench import load_suites, run_benchmark
+from mmspec.training.saved import DRAFT_VOCAB_FILE
 
 from .test_vlm import image, tiny_vlm
 
@@ -17,6 +20,8 @@ def test_vlm_suite_runs_methods_and_peers_with_equal_captions(tmp_path):
     processor.save_pretrained(tmp_path / "vlm")
     draft, _ = tiny_vlm("llava", seed=1)
     draft.save_pretrained(tmp_path / "vlm" / "drafter")
+    ids = list(range(0, model.config.text_config.vocab_size, 2))  # the saved draft vocabulary: even ids
+    (tmp_path / "vlm" / "drafter" / DRAFT_VOCAB_FILE).write_text(json.dumps(ids))
     (tmp_path / "images").mkdir()
     for i in range(2):
         image(i).save(tmp_path / "images" / f"{i}.png")
@@ -30,6 +35,7 @@ def test_vlm_suite_runs_methods_and_peers_with_equal_captions(tmp_path):
         num_draft_tokens=3,
         configs="model;ngram",
     )
+    assert suite.setup["draft_vocab_size"] == len(ids)
     names = [c.name for c in suite.cases]
     assert names == [
         "baseline (static cache, eager)",
@@ -46,5 +52,10 @@ def test_vlm_suite_runs_methods_and_peers_with_equal_captions(tmp_path):
     assert by_name["model"]["compare_to"] == "transformers assisted (draft model)"
     assert by_name["model"]["steps"] and by_name["transformers generate"]["steps"] is None
     assert by_name["model"]["profiled_verify_s"] > 0  # the VLM pipeline times its phases when profiling
+    folders = {"model": str(tmp_path / "vlm"), "images": str(tmp_path / "images")}
+    whole = load_suites()["vlm"](torch.device("cpu"), torch.float32, 1, **folders, draft_vocab="all", peers=False)
+    assert whole.setup["draft_vocab_size"] is None
+    with pytest.raises(ValueError, match="draft_vocab must be 'saved' or 'all'"):
+        load_suites()["vlm"](torch.device("cpu"), torch.float32, 1, **folders, draft_vocab="some")
     with pytest.raises(ValueError, match="needs --option model=VLM_FOLDER"):
         load_suites()["vlm"](torch.device("cpu"), torch.float32, 1, model=str(tmp_path / "vlm"))

@@ -430,6 +430,32 @@ def test_greedy_speculation_matches_baseline(family, drafter):
         assert spec.stats.steps < base.stats.steps and spec.stats.mean_accepted > 0.5
 
 
+def test_draft_vlm_with_a_reduced_vocabulary_scores_only_its_ids_and_is_lossless():
+    """``with_draft_vocab``: the draft's logits are the full head's on its ids and -inf elsewhere, a
+    draft that cannot propose some of the reply's tokens still reproduces the baseline."""
+    pipe = tiny_pipeline("llava")
+    images, prompts = CASES["batch"]
+    prompt = pipe.build_prompt(images, prompts)
+    base = run_loop(pipe.target, prompt, max_new=20)
+    used = sorted(set(base.tokens[base.tokens >= 0].tolist()))
+    ids = used[1:]  # the draft can never propose the reply's first-listed token
+    draft = pipe.target.with_decoder(noisy_decoder(pipe.target.decoder, 0.05))
+    reduced = draft.with_draft_vocab(ids)
+    assert reduced.decoder is draft.decoder  # weights shared
+    encoded = draft.encode_images(prompt)
+    full_logits = draft.prefill(encoded, draft.new_cache(2, 64)).output.logits  # [B, 1, V]
+    logits = reduced.prefill(encoded, reduced.new_cache(2, 64)).output.logits
+    torch.testing.assert_close(logits[..., ids], full_logits[..., ids])  # a smaller matmul: rounding only
+    outside = torch.ones(pipe.target.vocab_size, dtype=torch.bool)
+    outside[ids] = False
+    assert torch.isneginf(logits[..., outside]).all()
+    spec = run_loop(pipe.target, prompt, ModelDrafter(reduced), max_new=20)
+    assert torch.equal(spec.tokens, base.tokens) and spec.stats.mean_accepted > 0.5
+    for bad in ([], [pipe.target.vocab_size], [1, 1]):
+        with pytest.raises(ValueError, match="draft_vocab"):
+            draft.with_draft_vocab(bad)
+
+
 def test_pipeline_speculation_returns_the_baseline_text():
     pipe = tiny_pipeline("qwen2_vl")
     images, prompts = CASES["batch"]
@@ -471,8 +497,10 @@ def _exact_joint(target, prompt: VLMPrompt, length: int, sampling: SamplingConfi
     return joint
 
 
-def test_exact_speculative_sampling_reproduces_target_distribution():
-    """LLaVA, a model drafter, exact acceptance: the empirical joint law of the first 3 tokens over
+@pytest.mark.parametrize("reduced", [False, True])
+def test_exact_speculative_sampling_reproduces_target_distribution(reduced):
+    """LLaVA, a model drafter (``reduced``: scoring the even ids only, so odd tokens come from the
+    rule's residual draws), exact acceptance: the empirical joint law of the first 3 tokens over
     3000 rows stays within 3x the expected total-variation error of an exact sampler."""
     model, processor = tiny_vlm("llava", sharpness=1.0, seed=3)
     target = load_vlm_target(model)
@@ -482,12 +510,13 @@ def test_exact_speculative_sampling_reproduces_target_distribution():
     batch = VLMPrompt(
         tokens=one.tokens.expand(n, -1), lengths=one.lengths.expand(n), image_features=one.image_features.repeat(n, 1)
     )
-    drafter = ModelDrafter(target.with_decoder(noisy_decoder(target.decoder, 0.2, seed=5)))
+    draft = target.with_decoder(noisy_decoder(target.decoder, 0.2, seed=5))
+    drafter = ModelDrafter(draft.with_draft_vocab(list(range(0, VOCAB, 2))) if reduced else draft)
     out = run_loop(target, batch, drafter, k=2, sampling=sampling, max_new=length, seed=7)
     exact = _exact_joint(target, one, length, sampling)
     assert sum(exact.values()) == pytest.approx(1.0, abs=1e-5) and len(exact) == 27
     assert_rows_follow(out.tokens, exact)
-    assert out.stats.mean_accepted > 0.5  # speculation actually happened
+    assert out.stats.mean_accepted > (0.2 if reduced else 0.5)  # speculation actually happened
 
 
 # --------------------------------------------------------------------------- pipeline behaviour
