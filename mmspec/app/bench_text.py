@@ -142,6 +142,7 @@ def lm_suite(
     num_draft_tokens: int = 8,
     configs: str | None = None,
     peers: bool = True,
+    cpu_packing: bool = True,
     vocab_size: int = 512,
     dim: int = 64,
     n_layer: int = 2,
@@ -156,7 +157,9 @@ def lm_suite(
     phrase (``prompt_len`` tokens): per-step costs only, acceptance is not meaningful. ``configs``:
     ``;``-separated ``METHOD[:key=value,...]`` (default: every available method). ``peers``: add the
     transformers rows (batch 1 only: transformers' prompt lookup and assisted generation need it). Each
-    draft-model row's peer is assisted generation with the same cut of the target (full vocabulary)."""
+    draft-model row's peer is assisted generation with the same cut of the target (full vocabulary).
+    ``cpu_packing``: the target's linear layers get oneDNN-packed weights for several-row forwards
+    (:meth:`~mmspec.pipelines.base.SpeculativePipelineMixin.enable_cpu_packing`; float32 CPU only)."""
     from ..pipelines.lm import LM_METHODS, LMPipeline, LMTarget, load_lm
 
     if prompts not in LM_PROMPTS:
@@ -184,6 +187,7 @@ def lm_suite(
         ]
     if batch_size > 1:  # batches of the same prompts, row i of a batch = prompt i mod n
         token_prompts = [_batched(token_prompts, batch_size, pipe._pad_token_id())]
+    packed = pipe.enable_cpu_packing() if cpu_packing else 0
     eos = pipe.target.eos_token_ids
     pad = pipe._pad_token_id()
 
@@ -247,6 +251,7 @@ def lm_suite(
             "target": dict(vars(pipe.target.decoder.config)),
             "prompts": prompts if model is not None else f"random repeated phrases ({prompt_len} tokens)",
             "num_prompts": len(LM_PROMPTS[prompts]) if model is not None else 2,
+            "cpu_packed_layers": packed,
             "dtype": str(dtype),
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
@@ -280,6 +285,7 @@ def vlm_suite(
     configs: str | None = None,
     peers: bool = True,
     draft_vocab: str = "saved",
+    cpu_packing: bool = True,
 ) -> BenchSuite:
     """A VLM captioning images: mmspec's baseline and methods (:data:`~mmspec.pipelines.vlm.VLM_METHODS`;
     ``model``: the draft VLM in ``MODEL/drafter`` when the folder has one, e.g. the SmolLM2 captioner of
@@ -291,7 +297,8 @@ def vlm_suite(
     ``;``-separated ``METHOD[:key=value,...]`` (default: every available method). ``draft_vocab``:
     ``"saved"`` scores only the draft model's saved draft vocabulary when its folder has one
     (:data:`~mmspec.training.saved.DRAFT_VOCAB_FILE`), ``"all"`` the whole vocabulary (transformers'
-    assisted generation always uses the whole one)."""
+    assisted generation always uses the whole one). ``cpu_packing``: as in the ``lm`` suite (the target
+    only: the draft model's steps are one-row)."""
     if draft_vocab not in ("saved", "all"):
         raise ValueError(f"draft_vocab must be 'saved' or 'all', got {draft_vocab!r}")
     if model is None or images is None:
@@ -318,6 +325,7 @@ def vlm_suite(
     draft_ids = read_draft_vocab(draft_path) if hf_draft is not None and draft_vocab == "saved" else None
     drafter = None if hf_draft is None else ModelDrafter(load_vlm_target(hf_draft).with_draft_vocab(draft_ids))
     pipe = VLMPipeline(load_vlm_target(hf), AutoProcessor.from_pretrained(model), drafter)
+    packed = pipe.enable_cpu_packing() if cpu_packing else 0
     pictures = [PIL.Image.open(f).convert("RGB") for f in files]
     prompts = [
         pipe.build_prompt(pictures[i : i + batch_size], [question] * len(pictures[i : i + batch_size]))
@@ -365,6 +373,7 @@ def vlm_suite(
             "model": str(model),
             "draft_model": str(draft_path) if hf_draft is not None else None,
             "draft_vocab_size": None if draft_ids is None else len(draft_ids),
+            "cpu_packed_layers": packed,
             "images": [str(f) for f in files],
             "question": question,
             "dtype": str(dtype),
