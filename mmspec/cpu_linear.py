@@ -10,15 +10,15 @@ on the development machine's AMD EPYC, one thread (``benchmarks/cpu_linear.py``,
 ==========================  =========  =========  =========  =========
 weight (in x out)           1 row      5 rows     9 rows     18 rows
 ==========================  =========  =========  =========  =========
-576 x 1,536 (SmolLM2 MLP)   83 / 102   291 / 187  362 / 270  508 / 462
-576 x 576 (SmolLM2 attn.)   45 / 60    129 / 111  150 / 161  196 / 196
-192 x 576 (ref. LlamaGen)   17 / 39    40 / 55    49 / 66    68 / 89
+576 x 1,536 (SmolLM2 MLP)   83 / 100   287 / 196  360 / 271  514 / 475
+576 x 576 (SmolLM2 attn.)   34 / 55    116 / 94   141 / 125  192 / 193
+192 x 576 (ref. LlamaGen)   17 / 35    38 / 57    48 / 66    68 / 88
 ==========================  =========  =========  =========  =========
 
 So :class:`PackedLinear` keeps both copies -- one row goes to ``F.linear`` (the reference, and the
 faster kernel there), several rows to the packed copy -- and :func:`pack_linear_layers` packs only
-weights of at least :data:`PACK_MIN_ELEMENTS` entries. A verify forward of SmolLM2-135M over 5 tokens
-took 102 ms with MKL and 78 ms packed, next to 56 ms for one token. The packed copies double the
+weights of at least :data:`PACK_MIN_ELEMENTS` entries. A verify forward of SmolLM2-135M (its MLPs and
+LM head packed) over 5 tokens took 104 ms with MKL and 77 ms packed, next to 54 ms for one token. The packed copies double the
 memory of the packed weights, which is why packing is a call a pipeline makes
 (``enable_cpu_packing``), not a default. The kernels round differently (float32 sums in another
 order; ~1e-4 on SmolLM2's logits): as with any change of GEMM kernel between a one-row decode and a
@@ -36,8 +36,9 @@ from torch import nn
 #: Hints from 5 to 16 measured alike; a hint of 1 packs for matrix-vector products and loses the gain.
 PACK_ROWS = 8
 #: Smallest weight (in x out entries) :func:`pack_linear_layers` packs: 2^19, between the 576 x 576
-#: attention projections (a wash) and the 576 x 1,536 MLP ones (1.3-1.6x faster at 2-9 rows); the
-#: reference LlamaGen's 192-wide layers are slower packed at every row count.
+#: attention projections (0.8-1.1x MKL's time at 2-18 rows over two runs: not worth their copy) and
+#: the 576 x 1,536 MLP ones (1.3-1.6x faster at 2-9 rows); the reference LlamaGen's 192-wide layers
+#: are slower packed at every row count.
 PACK_MIN_ELEMENTS = 2**19
 
 

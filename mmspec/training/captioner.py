@@ -63,6 +63,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
@@ -77,6 +79,7 @@ from .captioner_data import (
 from .captioner_model import (
     CHAT_TEMPLATE,
     CHATML_TEMPLATE,
+    DEFAULT_QUESTION,
     SMOLLM2,
     TRAIN_QUESTIONS,
     CaptionerModelConfig,
@@ -366,8 +369,15 @@ def train_captioner(
     return model.eval(), processor
 
 
+#: What the draft captioner learns to reply (:func:`train_caption_drafter`'s ``draft_data``).
+DRAFT_DATA = ("captions", "target")
+
+
 def train_caption_drafter(
-    target: LlavaForConditionalGeneration, processor: LlavaProcessor, config: CaptionerTrainConfig
+    target: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    config: CaptionerTrainConfig,
+    draft_data: str = "captions",
 ) -> LlavaForConditionalGeneration:
     """Train the draft captioner: the target's vision tower and projector (copied, frozen) under a
     new ``config.stage("drafter")``-sized language model. With a pretrained
@@ -375,11 +385,23 @@ def train_caption_drafter(
     ``config.draft_layers`` layers (embeddings and head shared with the target's values and frozen;
     the kept layers and final norm train).
 
+    ``draft_data``: ``"captions"`` trains on the data's captions; ``"target"`` on the target's own
+    greedy replies (:func:`target_replies`) to the first ``draft_steps x batch_size`` training scenes
+    -- self-distillation, as EAGLE and DistillSpec train drafters on the target's outputs: a draft
+    is accepted for agreeing with the target, not with the reference, which matters most while the
+    target is still often wrong. Its checkpoints go to the stage folder's ``-target`` sibling, so a
+    resumed run never mixes the two.
+
     Raises:
-        ValueError: the drafter's model config differs from the target's in anything but the
-            language model's depth, or ``draft_layers`` is not below the target's depth.
+        ValueError: ``draft_data`` is unknown; the drafter's model config differs from the target's
+            in anything but the language model's depth, or ``draft_layers`` is not below the
+            target's depth.
     """
+    if draft_data not in DRAFT_DATA:
+        raise ValueError(f"draft_data must be one of {DRAFT_DATA}, got {draft_data!r}")
     config = config.stage("drafter")
+    if draft_data == "target" and config.checkpoint_dir is not None:
+        config = dataclasses.replace(config, checkpoint_dir=config.checkpoint_dir + "-target")
     torch.manual_seed(config.seed)
     if config.language_model is not None:
         drafter = _truncated_captioner(target, config.draft_layers)
@@ -397,10 +419,38 @@ def train_caption_drafter(
         part = getattr(drafter.model, name)
         part.load_state_dict(getattr(target.model, name).state_dict())
         part.requires_grad_(False).eval()
-    examples = _examples(processor, config.data, progress=config.progress)
+    if draft_data == "captions":
+        examples = _examples(processor, config.data, progress=config.progress)
+    else:
+        images, _, _ = render_caption_data(config.data, progress=config.progress)
+        images = images[: config.steps * config.batch_size]
+        examples = CaptionExamples(processor, images, target_replies(target, processor, images, config.data))
     examples.cache_features(drafter)
     _instruction_tune(name, drafter, examples, config)
     return drafter.eval()
+
+
+def target_replies(
+    target: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    images: np.ndarray,  # [N, H, W, 3] uint8
+    data: CaptionDataConfig,
+    question: str = DEFAULT_QUESTION,
+    batch_size: int = 64,
+) -> list[str]:
+    """``target``'s greedy replies to ``question`` about each image (mmspec's baseline decoding, up to
+    the longest caption of ``data`` plus 4 tokens), in order."""
+    from ..pipelines.vlm import VLMPipeline, load_vlm_target
+
+    _, captions, _ = render_caption_data(data, progress=False)
+    encode = processor.tokenizer.encode
+    max_new_tokens = max(len(encode(c, add_special_tokens=False)) for c in set(captions)) + 4
+    pipe = VLMPipeline(load_vlm_target(target), processor)
+    replies = []
+    for start in range(0, len(images), batch_size):
+        pictures = [PIL.Image.fromarray(a) for a in images[start : start + batch_size]]
+        replies += pipe(pictures, [question] * len(pictures), max_new_tokens=max_new_tokens).text
+    return replies
 
 
 def _truncated_captioner(target: LlavaForConditionalGeneration, num_layers: int) -> LlavaForConditionalGeneration:

@@ -14,6 +14,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from .captioner import (
+    DRAFT_DATA,
     PRESETS,
     captioner_configs,
     reply_vocabulary,
@@ -83,6 +84,14 @@ def add_train_captioner_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--draft-steps", type=int, default=None, help="override the preset's drafter steps (0: no draft model)"
     )
+    parser.add_argument(
+        "--draft-data",
+        choices=DRAFT_DATA,
+        default="captions",
+        help="what the draft model learns to reply: the data's captions, or the trained target's own greedy "
+        "replies to its first draft-steps x batch-size scenes (self-distillation: higher acceptance while the "
+        "target is often wrong); default: captions",
+    )
     parser.add_argument("--grid", type=Path, default=None, help="also write a PNG of held-out captions here")
     add_recipe_run_args(parser, saved="the saved weights", evaluation="evaluate_captioner on the saved model")
 
@@ -138,7 +147,7 @@ def train_captioner_command(args: argparse.Namespace) -> int:
     drafter = None
     if config.draft_steps > 0:
         start = time.perf_counter()
-        drafter = train_caption_drafter(model, processor, config)
+        drafter = train_caption_drafter(model, processor, config, draft_data=args.draft_data)
         timings["drafter"] = time.perf_counter() - start
     print("training: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
     recipe = {
@@ -147,6 +156,7 @@ def train_captioner_command(args: argparse.Namespace) -> int:
         "command": recipe_command(args),
         "device": str(args.device),
         "config": dataclasses.asdict(config),
+        "draft_data": args.draft_data,
     }
     for key in ("checkpoint_dir", "resume", "progress"):
         recipe["config"].pop(key)
@@ -194,12 +204,15 @@ def recipe_command(args: argparse.Namespace) -> str:
         ("--steps", args.steps),
         ("--batch-size", args.batch_size),
         ("--heldout-samples", args.heldout_samples),
+        ("--max-glyphs", args.max_glyphs),
         ("--draft-steps", args.draft_steps),
         ("--checkpoint-every", args.checkpoint_every),
         ("--threads", args.threads),
         ("--device", args.device),
     )
     words += [f"{flag} {value}" for flag, value in flags if value is not None]
+    if args.draft_data != "captions":
+        words.append(f"--draft-data {args.draft_data}")
     if args.save_dtype != "float32":
         words.append(f"--save-dtype {args.save_dtype}")
     return " ".join(words)

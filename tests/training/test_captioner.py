@@ -14,6 +14,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from mmspec.app.defaults import default_captioner_path, load_default_captioner
+from mmspec.pipelines.vlm import VLMPipeline, load_vlm_target
 from mmspec.training.captioner import (
     captioner_configs,
     reply_vocabulary,
@@ -147,6 +148,35 @@ def test_cli_trains_saves_and_evaluates_a_tiny_captioner(tmp_path):
     assert metrics["decoding"]["draft-model"]["same_as_baseline"] and metrics["decoding"]["ngram"]["same_as_baseline"]
     assert metrics["hf_generate_agreement"] == 1.0
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_drafter_can_learn_the_targets_own_replies(tiny, tmp_path, monkeypatch):
+    """``draft_data="target"``: the drafter trains on the target's greedy replies to the first
+    ``draft_steps x batch_size`` scenes (checkpoints in their own folder); unknown values fail."""
+    import mmspec.training.captioner as recipe
+
+    model, processor = train_captioner(dataclasses.replace(tiny, steps=2))
+    config = dataclasses.replace(tiny, draft_steps=2, checkpoint_dir=str(tmp_path))
+    seen = []
+
+    class Recording(CaptionExamples):
+        def __init__(self, processor, images, captions, *args):
+            seen.append((len(images), list(captions)))
+            super().__init__(processor, images, captions, *args)
+
+    monkeypatch.setattr(recipe, "CaptionExamples", Recording)
+    train_caption_drafter(model, processor, config, draft_data="target")
+    count = config.draft_steps * config.batch_size
+    images, captions, _ = render_caption_data(tiny.data, progress=False)
+    pictures = [PIL.Image.fromarray(a) for a in images[:count]]
+    max_new = max(len(processor.tokenizer.encode(c, add_special_tokens=False)) for c in captions)
+    expected = VLMPipeline(load_vlm_target(model), processor)(
+        pictures, [DEFAULT_QUESTION] * count, max_new_tokens=max_new + 4
+    )
+    assert seen == [(count, expected.text)]
+    assert latest_checkpoint(tmp_path / "drafter-target") is not None and not (tmp_path / "drafter").exists()
+    with pytest.raises(ValueError, match="draft_data must be one of"):
+        train_caption_drafter(model, processor, config, draft_data="reference")
 
 
 def test_saved_draft_vocabulary_reaches_the_loaded_drafter(tiny, tmp_path):
