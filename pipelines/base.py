@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 
 from mmspec.acceptance import AcceptanceRule
-from mmspec.cpu_linear import pack_linear_layers
+from mmspec.cpu_linear import PACK_MIN_ELEMENTS, pack_linear_layers
 from mmspec.loops import GenerationOutput, speculative_generate
 from mmspec.methods import Method, MethodRegistry
 from mmspec.rules import ACCEPTANCE_RULES, get_acceptance_rule
@@ -45,13 +45,18 @@ class SpeculativePipelineMixin:
         :meth:`mmspec.acceptance.AcceptanceRule.from_resources`); none by default."""
         return {}
 
-    def enable_cpu_packing(self) -> int:
-        """Give the target's large float32 CPU linear layers a oneDNN-packed copy of their weights,
-        used by forwards over several rows (verify windows, prompts, batches), where MKL costs 2-4x a
-        one-row step (:mod:`mmspec.cpu_linear`, which says where packing pays). One-row steps keep
-        MKL. Costs those weights' memory once more. Returns how many layers were packed (0 on other
-        devices or dtypes, for small models, or without oneDNN)."""
-        return pack_linear_layers(self.target)
+    def enable_cpu_packing(self, min_elements: int = PACK_MIN_ELEMENTS) -> int:
+        """Give the target's float32 CPU linear layers of ``min_elements`` or more weights a
+        oneDNN-packed copy of their weights, used by forwards over several rows (verify windows,
+        prompts, batches), where MKL costs 2-4x a one-row step (:mod:`mmspec.cpu_linear`, which says
+        where packing pays). One-row steps keep MKL. Costs those weights' memory once more. Returns
+        how many layers were packed (0 on other devices or dtypes, for small models, or without
+        oneDNN)."""
+        return pack_linear_layers(self._packable(), min_elements)
+
+    def _packable(self) -> torch.nn.Module:
+        """What :meth:`enable_cpu_packing` packs: the target (pipelines narrow it)."""
+        return self.target
 
     def acceptance_rule(self, name: str, **options: Any) -> AcceptanceRule:
         """The acceptance rule ``name`` with ``options``, built from this pipeline's models where it

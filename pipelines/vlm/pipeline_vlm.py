@@ -100,6 +100,12 @@ class VLMPipeline(SpeculativePipelineMixin):
         self.processor = processor
         self.drafter = drafter
 
+    def _packable(self) -> torch.nn.Module:
+        """The language model only: the vision encoder runs once per image, and until released
+        (:meth:`VLMTarget.from_hf`) it holds the transformers language model, which callers may
+        still run themselves (the bench's peers do) and must get unchanged."""
+        return self.target.decoder
+
     def rule_resources(self) -> dict:
         """Rules over text tokens get the language model's token embedding (GSD's ``embedding="tokens"``)."""
         return {"token_embeddings": self.target.decoder.tok_embeddings.weight.detach().float()}

@@ -92,7 +92,9 @@ def test_packed_vlm_target_speculates_exactly_like_the_baseline():
     packed = VLMPipeline(load_vlm_target(model), processor)
     drafter = ModelDrafter(packed.target.with_decoder(noisy_copy(packed.target.decoder, 0.05)))
     assert packed.enable_cpu_packing() == 0  # the tiny model's layers are below PACK_MIN_ELEMENTS
-    assert pack_linear_layers(packed.target, min_elements=0) > 0
+    assert packed.enable_cpu_packing(min_elements=0) > 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())  # the transformers model is untouched
+    assert any(isinstance(m, PackedLinear) for m in packed.target.decoder.modules())
     base = packed(images, prompts, max_new_tokens=16, num_draft_tokens=0)
     spec = packed(images, prompts, max_new_tokens=16, num_draft_tokens=3, drafter=drafter)
     assert torch.equal(base.token_ids, expected.token_ids) and torch.equal(spec.token_ids, expected.token_ids)
