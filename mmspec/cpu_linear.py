@@ -17,8 +17,8 @@ weight (in x out)           1 row      5 rows     9 rows     18 rows
 
 So :class:`PackedLinear` keeps both copies -- one row goes to ``F.linear`` (the reference, and the
 faster kernel there), several rows to the packed copy -- and :func:`pack_linear_layers` packs only
-weights of at least :data:`PACK_MIN_ELEMENTS` entries. A verify forward of SmolLM2-135M (its MLPs
-and LM head packed) over 5 tokens took 104 ms with MKL and 77 ms packed, next to 54 ms for one
+weights of at least :data:`PACK_MIN_ELEMENTS` entries. A verify forward of SmolLM2-135M (its MLP,
+fused q/k/v and LM-head weights packed) over 5 tokens took 104 ms with MKL and 77 ms packed, next to 54 ms for one
 token. The packed copies double the memory of the packed weights, which is why packing is a call a
 pipeline makes (``enable_cpu_packing``), not a default. The kernels round differently (float32 sums in another
 order; ~1e-4 on SmolLM2's logits): as with any change of GEMM kernel between a one-row decode and a
