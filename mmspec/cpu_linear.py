@@ -28,6 +28,8 @@ benchmarks check on every row.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,6 +93,11 @@ class PackedLinear(nn.Module):
         linear.weight = self.weight
         linear.bias = self.bias
         return linear
+
+    def __deepcopy__(self, memo: dict) -> PackedLinear:
+        # The packed copy is an opaque oneDNN tensor, which deepcopy cannot read: copy the layer's
+        # parameters and pack the copy again.
+        return PackedLinear(copy.deepcopy(self.to_linear(), memo))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -3,6 +3,8 @@ never stale weights, and speculative decoding through a packed target still equa
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,11 @@ def test_pack_and_unpack_swap_layers_in_place_sharing_parameters():
     assert list(model.state_dict()) == keys  # the packed copies are not saved
     assert model[0].weight is weights[0] and model[2][0].weight is weights[1]
     assert pack_linear_layers(model, min_elements=0) == 0  # packed already
+    clone = copy.deepcopy(model)  # repacks the copied parameters
+    assert isinstance(clone[0], PackedLinear) and clone[0].weight is not model[0].weight
+    assert torch.equal(clone[0].weight, model[0].weight)
+    rows = torch.randn(3, 48)
+    assert torch.equal(clone[0](rows), model[0](rows))
     assert unpack_linear_layers(model) == 2
     assert type(model[0]) is nn.Linear and model[0].weight is weights[0] and model[2][0].weight is weights[1]
     with pytest.raises(ValueError, match="float32 CPU"):
