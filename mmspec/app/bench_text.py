@@ -306,7 +306,7 @@ def vlm_suite(
     import PIL.Image
 
     from ..drafters import ModelDrafter
-    from ..pipelines.vlm import VLM_METHODS, VLMPipeline, load_vlm_target, vlm_family
+    from ..pipelines.vlm import VLM_METHODS, VLMPipeline, load_vlm_target, share_vision_modules, vlm_family
     from ..training.saved import CAPTIONER_DRAFTER_SUBFOLDER, read_draft_vocab
 
     files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
@@ -323,8 +323,12 @@ def vlm_suite(
     draft_path = Path(model) / CAPTIONER_DRAFTER_SUBFOLDER
     hf_draft = load_hf(draft_path) if (draft_path / "config.json").is_file() else None
     draft_ids = read_draft_vocab(draft_path) if hf_draft is not None and draft_vocab == "saved" else None
-    drafter = None if hf_draft is None else ModelDrafter(load_vlm_target(hf_draft).with_draft_vocab(draft_ids))
-    pipe = VLMPipeline(load_vlm_target(hf), AutoProcessor.from_pretrained(model), drafter)
+    pipe = VLMPipeline(load_vlm_target(hf), AutoProcessor.from_pretrained(model))
+    shared_vision = False
+    if hf_draft is not None:
+        draft = load_vlm_target(hf_draft)
+        shared_vision = share_vision_modules(draft, pipe.target)  # one image encoding per prompt (peers too)
+        pipe.drafter = ModelDrafter(draft.with_draft_vocab(draft_ids))
     packed = pipe.enable_cpu_packing() if cpu_packing else 0
     pictures = [PIL.Image.open(f).convert("RGB") for f in files]
     prompts = [
@@ -373,6 +377,7 @@ def vlm_suite(
             "model": str(model),
             "draft_model": str(draft_path) if hf_draft is not None else None,
             "draft_vocab_size": None if draft_ids is None else len(draft_ids),
+            "draft_shares_vision": shared_vision,
             "cpu_packed_layers": packed,
             "images": [str(f) for f in files],
             "question": question,

@@ -44,21 +44,22 @@ def load_captioner_pipeline(path: str | Path, device: str | torch.device = "cpu"
     """A :class:`~mmspec.pipelines.vlm.VLMPipeline` for the captioner saved in ``path``, in float32 on
     ``device``, whose default drafter is the :class:`~mmspec.drafters.ModelDrafter` over
     ``path/drafter`` when that folder exists (scoring only its :data:`DRAFT_VOCAB_FILE` ids when it
-    has one).
+    has one, and using the target's vision modules when its own hold the same weights).
 
     Raises:
         FileNotFoundError: ``path`` holds no saved model.
     """
     from ..drafters import ModelDrafter
-    from ..pipelines.vlm import VLMPipeline, load_vlm_target
+    from ..pipelines.vlm import VLMPipeline, load_vlm_target, share_vision_modules
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no captioner in {path} (config.json is missing)")
+    # float32 explicitly: the weights may be stored in float16 to keep the package small.
+    pipe = VLMPipeline.from_pretrained(path, dtype=torch.float32, device=device)
     drafter_path = path / CAPTIONER_DRAFTER_SUBFOLDER
-    drafter = None
     if (drafter_path / "config.json").is_file():
-        # float32 explicitly: the weights may be stored in float16 to keep the package small.
         draft = load_vlm_target(drafter_path, dtype=torch.float32, device=device)
-        drafter = ModelDrafter(draft.with_draft_vocab(read_draft_vocab(drafter_path)))
-    return VLMPipeline.from_pretrained(path, dtype=torch.float32, device=device, drafter=drafter)
+        share_vision_modules(draft, pipe.target)  # the recipe's draft has the target's vision weights
+        pipe.drafter = ModelDrafter(draft.with_draft_vocab(read_draft_vocab(drafter_path)))
+    return pipe

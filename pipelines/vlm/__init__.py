@@ -13,6 +13,7 @@ from .targets import (
     VLMPrompt,
     VLMTarget,
     load_vlm_target,
+    share_vision_modules,
     vlm_family,
 )
 from .visual_paths import VISUAL_PATHS, VLMEagleConfig
@@ -38,5 +39,6 @@ __all__ = [
     "eagle3_head_for_vlm",
     "load_eagle3_drafter",
     "load_vlm_target",
+    "share_vision_modules",
     "vlm_family",
 ]

@@ -44,10 +44,12 @@ class VLMPrompt(TokenPrompt):
     2 video (Qwen; derived from the image token when absent). ``image_features``: ``[n, H]``
     projected features of all image tokens in order; when set, prefill skips the vision tower
     (:meth:`VLMTarget.encode_images` fills it so a target and a model drafter share one encoding).
-    ``features_from``: the vision encoder that computed ``image_features`` (set by
-    :meth:`VLMTarget.encode_images`); another model reuses them only if it has that very encoder,
-    otherwise it encodes ``pixel_values`` itself (a 2B draft VLM must not embed a 7B's features).
-    None: features given by the caller, trusted as this model's own.
+    ``features_from``: the vision modules that computed ``image_features`` (set by
+    :meth:`VLMTarget.encode_images`: :meth:`VLMTarget.vision_modules`); another model reuses them
+    only if it has those very modules, otherwise it encodes ``pixel_values`` itself (a 2B draft VLM
+    must not embed a 7B's features; :func:`share_vision_modules` lets a draft with the target's own
+    vision weights use the target's modules). None: features given by the caller, trusted as this
+    model's own.
     """
 
     pixel_values: torch.Tensor | None = None
@@ -55,7 +57,7 @@ class VLMPrompt(TokenPrompt):
     image_grid_thw: torch.Tensor | None = None
     mm_token_type_ids: torch.Tensor | None = None
     image_features: torch.Tensor | None = None
-    features_from: nn.Module | None = None
+    features_from: tuple[nn.Module, ...] | None = None
 
     @classmethod
     def from_processor(cls, batch: Mapping[str, torch.Tensor]) -> VLMPrompt:
@@ -106,6 +108,8 @@ class VLMTarget(nn.Module):
 
     #: :class:`VLMPrompt` fields passed to ``encoder.get_image_features`` besides ``pixel_values``.
     image_inputs: tuple[str, ...] = ()
+    #: Attributes of ``encoder`` that compute image features (:meth:`vision_modules`).
+    vision_parts: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -218,9 +222,18 @@ class VLMTarget(nn.Module):
         Features another encoder computed are replaced by this one's (issue 16, bug 2)."""
         if prompt.pixel_values is None:
             return prompt
-        if prompt.image_features is not None and prompt.features_from in (None, self.encoder):
+        mine = self.vision_modules()
+        if prompt.image_features is not None and (prompt.features_from is None or prompt.features_from == mine):
             return prompt
-        return replace(prompt, image_features=self.image_features(prompt), features_from=self.encoder)
+        return replace(prompt, image_features=self.image_features(prompt), features_from=mine)
+
+    def vision_modules(self) -> tuple[nn.Module, ...]:
+        """The modules that turn pixels into this model's image features (the family's
+        :attr:`vision_parts` of the encoder, or the whole encoder): features computed by these very
+        modules are reused as they are (:meth:`encode_images`)."""
+        if not self.vision_parts:
+            return (self.encoder,)
+        return tuple(getattr(self.encoder, name) for name in self.vision_parts)
 
     def embed_prompt(self, prompt: VLMPrompt) -> torch.Tensor:
         """Input embeddings ``[B, P, H]``: token embeddings with image features at image tokens."""
@@ -302,18 +315,42 @@ def generation_defaults(generation_config) -> dict[str, float]:
     return defaults
 
 
+def share_vision_modules(draft: VLMTarget, target: VLMTarget) -> bool:
+    """Point ``draft``'s vision modules at ``target``'s when they hold the same weights (same family,
+    every tensor equal, e.g. a draft VLM built on the target's frozen vision tower and projector, as
+    the captioner recipe's): one image encoding then serves both per prompt, and the copy's memory
+    is freed. Returns whether the two share them now; draft models with their own vision weights
+    are left as they are."""
+    if type(draft) is not type(target) or not draft.vision_parts:
+        return False
+    pairs = list(zip(draft.vision_modules(), target.vision_modules()))
+    for mine, theirs in pairs:
+        if mine is theirs:
+            continue
+        a, b = mine.state_dict(), theirs.state_dict()
+        if a.keys() != b.keys() or not all(
+            a[k].dtype == b[k].dtype and a[k].device == b[k].device and torch.equal(a[k], b[k]) for k in a
+        ):
+            return False
+    for name, (_, theirs) in zip(draft.vision_parts, pairs):
+        setattr(draft.encoder, name, theirs)
+    return True
+
+
 class LlavaTarget(VLMTarget):
     """LLaVA-1.5 (Liu et al. 2023, arXiv 2310.03744) and LLaVA-NeXT (Liu et al. 2024): vision tower +
     MLP projector, 1-D RoPE. Image sizes drive LLaVA-NeXT's any-resolution tiling (and Pixtral-tower
     LLaVA checkpoints); CLIP-tower LLaVA has none."""
 
     image_inputs = ("image_sizes",)
+    vision_parts = ("vision_tower", "multi_modal_projector")
 
 
 class Qwen2VLTarget(VLMTarget):
     """Qwen2-VL (arXiv 2409.12191) and Qwen2.5-VL (arXiv 2502.13923): M-RoPE positions."""
 
     image_inputs = ("image_grid_thw",)
+    vision_parts = ("visual",)
 
     def rope_positions(self, prompt: VLMPrompt) -> tuple[torch.Tensor, torch.Tensor]:
         """t/h/w ids ``[3, B, P]`` and offsets ``[B]`` from HF's own ``get_rope_index`` (padding

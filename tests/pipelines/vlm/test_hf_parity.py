@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mmspec.drafters import ModelDrafter
-from mmspec.pipelines.vlm import VLMPipeline, load_vlm_target
+from mmspec.pipelines.vlm import VLMPipeline, load_vlm_target, share_vision_modules
 
 from .test_vlm import EOS, FAMILIES, IMAGE_PAD, _chat, _randomize, image, noisy_decoder, tiny_vlm
 
@@ -137,6 +137,26 @@ def test_draft_features_from_another_tower_are_refused_with_a_clear_error():
     stray = type(prompt)(tokens=prompt.tokens, lengths=prompt.lengths, image_features=prompt.image_features)
     with pytest.raises(ValueError, match="image features have width 32 but this language model's embeddings have 16"):
         draft.prefill(stray, draft.new_cache(1, 64))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_draft_with_the_targets_vision_weights_shares_its_encoding(family):
+    """``share_vision_modules``: a draft whose vision weights equal the target's uses the target's
+    modules, so the target's image features serve it unchanged (no second encoding) and generation
+    is the same; a draft with its own vision weights keeps encoding for itself."""
+    model, processor = tiny_vlm(family)
+    target = load_vlm_target(model)
+    twin = load_vlm_target(copy.deepcopy(model)).with_decoder(noisy_decoder(target.decoder, 0.05))
+    prompt = target.encode_images(VLMPipeline(target, processor).build_prompt(image(0), "describe the image"))
+    assert twin.encode_images(prompt) is not prompt  # its own modules: encodes again
+    pipe = VLMPipeline(target, processor)
+    before = pipe(image(0), "describe the image", max_new_tokens=10, drafter=ModelDrafter(twin), num_draft_tokens=3)
+    assert share_vision_modules(twin, target) and twin.vision_modules() == target.vision_modules()
+    assert twin.encode_images(prompt) is prompt  # the target's features, reused as they are
+    after = pipe(image(0), "describe the image", max_new_tokens=10, drafter=ModelDrafter(twin), num_draft_tokens=3)
+    assert torch.equal(after.token_ids, before.token_ids) and after.stats.steps == before.stats.steps
+    other = load_vlm_target(_resized(family, 16, 2, seed=5)[0])
+    assert not share_vision_modules(other, target) and other.vision_modules() != target.vision_modules()
 
 
 # --------------------------------------------------------------------------- 3. generation config
