@@ -305,9 +305,8 @@ def vlm_suite(
         raise ValueError("the vlm suite needs --option model=VLM_FOLDER --option images=IMAGE_FOLDER")
     import PIL.Image
 
-    from ..drafters import ModelDrafter
-    from ..pipelines.vlm import VLM_METHODS, VLMPipeline, load_vlm_target, share_vision_modules, vlm_family
-    from ..training.saved import CAPTIONER_DRAFTER_SUBFOLDER, read_draft_vocab
+    from ..pipelines.vlm import VLM_METHODS, VLMPipeline, load_vlm_target, vlm_family
+    from ..training.saved import CAPTIONER_DRAFTER_SUBFOLDER, captioner_drafter
 
     files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:
@@ -322,13 +321,11 @@ def vlm_suite(
     hf = load_hf(Path(model))
     draft_path = Path(model) / CAPTIONER_DRAFTER_SUBFOLDER
     hf_draft = load_hf(draft_path) if (draft_path / "config.json").is_file() else None
-    draft_ids = read_draft_vocab(draft_path) if hf_draft is not None and draft_vocab == "saved" else None
     pipe = VLMPipeline(load_vlm_target(hf), AutoProcessor.from_pretrained(model))
-    shared_vision = False
-    if hf_draft is not None:
-        draft = load_vlm_target(hf_draft)
-        shared_vision = share_vision_modules(draft, pipe.target)  # one image encoding per prompt (peers too)
-        pipe.drafter = ModelDrafter(draft.with_draft_vocab(draft_ids))
+    draft = None
+    if hf_draft is not None:  # its vision modules become the target's (same weights: the assisted peer is unchanged)
+        pipe.drafter = captioner_drafter(load_vlm_target(hf_draft), pipe.target, draft_path, draft_vocab == "saved")
+        draft = pipe.drafter.model
     packed = pipe.enable_cpu_packing() if cpu_packing else 0
     pictures = [PIL.Image.open(f).convert("RGB") for f in files]
     prompts = [
@@ -376,8 +373,8 @@ def vlm_suite(
         setup={
             "model": str(model),
             "draft_model": str(draft_path) if hf_draft is not None else None,
-            "draft_vocab_size": None if draft_ids is None else len(draft_ids),
-            "draft_shares_vision": shared_vision,
+            "draft_vocab_size": None if draft is None or draft.draft_head is None else len(draft.draft_head.ids),
+            "draft_shares_vision": draft is not None and draft.vision_modules() == pipe.target.vision_modules(),
             "cpu_packed_layers": packed,
             "images": [str(f) for f in files],
             "question": question,

@@ -72,8 +72,10 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from .captioner_data import (
     CaptionDataConfig,
     CaptionExamples,
+    _chunks,
     caption_loss,
     render_caption_data,
+    reply_token_budget,
     vision_features,
 )
 from .captioner_model import (
@@ -443,12 +445,11 @@ def target_replies(
     from ..pipelines.vlm import VLMPipeline, load_vlm_target
 
     _, captions, _ = render_caption_data(data, progress=False)
-    encode = processor.tokenizer.encode
-    max_new_tokens = max(len(encode(c, add_special_tokens=False)) for c in set(captions)) + 4
+    max_new_tokens = reply_token_budget(processor.tokenizer, captions)
     pipe = VLMPipeline(load_vlm_target(target), processor)
     replies = []
-    for start in range(0, len(images), batch_size):
-        pictures = [PIL.Image.fromarray(a) for a in images[start : start + batch_size]]
+    for rows in _chunks(len(images), batch_size):
+        pictures = [PIL.Image.fromarray(images[r]) for r in rows]
         replies += pipe(pictures, [question] * len(pictures), max_new_tokens=max_new_tokens).text
     return replies
 

@@ -57,6 +57,12 @@ def render_caption_data(
     return images, tuple(captions), labels
 
 
+def reply_token_budget(tokenizer, captions: Sequence[str]) -> int:
+    """``max_new_tokens`` for a captioner's replies: the longest of ``captions`` as ``tokenizer``
+    encodes it, plus 4 (room to see a reply run on past the reference's length)."""
+    return max(len(tokenizer.encode(c, add_special_tokens=False)) for c in set(captions)) + 4
+
+
 @dataclass
 class CaptionBatch:
     """A right-padded training batch: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``

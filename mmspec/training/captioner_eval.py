@@ -24,6 +24,7 @@ from .captioner_data import (
     _chunks,
     caption_loss,
     render_caption_data,
+    reply_token_budget,
 )
 from .captioner_model import DEFAULT_QUESTION, IGNORE_INDEX, chat_prompt
 
@@ -83,7 +84,7 @@ def evaluate_captioner(
     drafters: dict[str, Any] = {"baseline": None, "ngram": NGramDrafter(pipe.target.vocab_size)}
     if pipe.drafter is not None:
         drafters["draft-model"] = pipe.drafter
-    max_new_tokens = max(len(tokenizer.encode(c, add_special_tokens=False)) for c in captions) + 4
+    max_new_tokens = reply_token_budget(tokenizer, captions)
     pil = [PIL.Image.fromarray(image) for image in images]
     decoding, replies = {}, {}
     for name, drafter in drafters.items():

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # transformers' VLM classes load only when a captioner is requested
-    from ..pipelines.vlm import VLMPipeline
+    from ..drafters import ModelDrafter
+    from ..pipelines.vlm import VLMPipeline, VLMTarget
 
 #: File next to a saved reference pipeline listing its classes (label, emoji, Unicode name).
 CLASSES_FILE = "classes.json"
@@ -40,17 +41,30 @@ def read_draft_vocab(folder: str | Path) -> list[int] | None:
     return ids
 
 
+def captioner_drafter(
+    draft: VLMTarget, target: VLMTarget, folder: str | Path, draft_vocab: bool = True
+) -> ModelDrafter:
+    """The :class:`~mmspec.drafters.ModelDrafter` over a saved captioner's draft model ``draft``
+    (loaded from ``folder``) for ``target``: it uses the target's vision modules when its own hold the
+    same weights (:func:`~mmspec.pipelines.vlm.share_vision_modules`: one image encoding per prompt;
+    the recipe's draft has a frozen copy) and, with ``draft_vocab``, scores only the folder's
+    :data:`DRAFT_VOCAB_FILE` ids when it has one."""
+    from ..drafters import ModelDrafter
+    from ..pipelines.vlm import share_vision_modules
+
+    share_vision_modules(draft, target)
+    return ModelDrafter(draft.with_draft_vocab(read_draft_vocab(folder) if draft_vocab else None))
+
+
 def load_captioner_pipeline(path: str | Path, device: str | torch.device = "cpu") -> VLMPipeline:
     """A :class:`~mmspec.pipelines.vlm.VLMPipeline` for the captioner saved in ``path``, in float32 on
-    ``device``, whose default drafter is the :class:`~mmspec.drafters.ModelDrafter` over
-    ``path/drafter`` when that folder exists (scoring only its :data:`DRAFT_VOCAB_FILE` ids when it
-    has one, and using the target's vision modules when its own hold the same weights).
+    ``device``, whose default drafter is :func:`captioner_drafter` over ``path/drafter`` when that
+    folder exists.
 
     Raises:
         FileNotFoundError: ``path`` holds no saved model.
     """
-    from ..drafters import ModelDrafter
-    from ..pipelines.vlm import VLMPipeline, load_vlm_target, share_vision_modules
+    from ..pipelines.vlm import VLMPipeline, load_vlm_target
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -60,6 +74,5 @@ def load_captioner_pipeline(path: str | Path, device: str | torch.device = "cpu"
     drafter_path = path / CAPTIONER_DRAFTER_SUBFOLDER
     if (drafter_path / "config.json").is_file():
         draft = load_vlm_target(drafter_path, dtype=torch.float32, device=device)
-        share_vision_modules(draft, pipe.target)  # the recipe's draft has the target's vision weights
-        pipe.drafter = ModelDrafter(draft.with_draft_vocab(read_draft_vocab(drafter_path)))
+        pipe.drafter = captioner_drafter(draft, pipe.target, drafter_path)
     return pipe
