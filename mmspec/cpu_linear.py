@@ -20,8 +20,8 @@ faster kernel there), several rows to the packed copy -- and :func:`pack_linear_
 weights of at least :data:`PACK_MIN_ELEMENTS` entries. A verify forward of SmolLM2-135M (its MLP,
 fused q/k/v and LM-head weights packed) over 5 tokens took 104 ms with MKL and 77 ms packed, next to 54 ms for one
 token. The packed copies double the memory of the packed weights, which is why packing is a call a
-pipeline makes (``enable_cpu_packing``), not a default. The kernels round differently (float32 sums in another
-order; ~1e-4 on SmolLM2's logits): as with any change of GEMM kernel between a one-row decode and a
+pipeline makes (``enable_cpu_packing``), not a default. The kernels round differently (float32
+sums in another order): as with any change of GEMM kernel between a one-row decode and a
 several-row verify, greedy outputs equal the baseline's except at exact near-ties, which the
 benchmarks check on every row.
 """
