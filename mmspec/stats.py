@@ -9,15 +9,32 @@ them once at the end. Accepted length is reported both ways, and always says whi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .types import Verdict
 
 #: Where each generated element came from (values of ``SpecStats.token_source`` and
 #: ``Verdict.source``); ``SOURCE_NONE`` (-1) = nothing generated / committed there.
 TOKEN_SOURCES = ("prefill", "accepted", "recovered", "bonus")
 SOURCE_PREFILL, SOURCE_ACCEPTED, SOURCE_RECOVERED, SOURCE_BONUS = range(4)
 SOURCE_NONE = -1
+
+
+def prefix_sources(
+    num_accepted: torch.Tensor,  # [...] drafts kept
+    is_bonus: torch.Tensor,  # [...] bool: the final token is a bonus
+    width: int,
+) -> torch.Tensor:
+    """``[..., width]`` where each element of a prefix verdict comes from: ``num_accepted`` accepted
+    drafts, then the recovered or bonus token, then nothing (:data:`SOURCE_NONE`)."""
+    j = torch.arange(width, device=num_accepted.device)
+    n = num_accepted[..., None]
+    last = torch.where(is_bonus, SOURCE_BONUS, SOURCE_RECOVERED)[..., None]
+    return torch.where(j < n, SOURCE_ACCEPTED, torch.where(j == n, last, SOURCE_NONE))
 
 
 @dataclass
@@ -81,36 +98,41 @@ class SpecStats:
     def record_step(
         self,
         active: torch.Tensor,  # [B] bool: rows still generating during this step
-        num_accepted: torch.Tensor,  # [B]
-        source: torch.Tensor,  # [B, D + 1] Verdict.source of a prefix verdict
+        verdict: Verdict,  # a prefix verdict: num_accepted [B], is_bonus [B], tokens [B, D + 1], ...
         offsets: torch.Tensor,  # [B] index in the output where this step's first token lands
-        moved_mass: torch.Tensor | None = None,  # [B, D + 1] TVD per committed position (lossy rules)
     ) -> None:
         """Account one verify step of the causal loop (sync-free). The step's tensors are kept and
         folded into the counters by :meth:`flush` in one vectorised pass for all steps (the loop's
-        :meth:`trim` calls it): updating them here cost ~30 ops in every step. ``offsets`` is copied,
-        since the loop updates its tensor in place."""
+        :meth:`trim` calls it): updating them here cost ~30 ops in every step, and deriving each
+        step's sources ~14 more. ``offsets`` is copied, since the loop updates its tensor in place."""
         self.steps += 1
-        self.draft_widths.append(source.shape[1] - 1)  # a shape, no sync
-        self._pending.append((active, num_accepted, source, offsets.clone(), moved_mass))
+        self.draft_widths.append(verdict.tokens.shape[1] - 1)  # a shape, no sync
+        self._pending.append((active, verdict, offsets.clone()))
 
     def flush(self) -> None:
         """Fold the steps recorded since the last flush into the counters (one pass, any number of steps)."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        width = max(p[2].shape[1] for p in pending)  # adaptive windows vary the width per step
+        widths = [verdict.tokens.shape[1] for _, verdict, _ in pending]  # adaptive windows vary them per step
+        width = max(widths)
         active = torch.stack([p[0] for p in pending])  # [S, B]
-        num_accepted = torch.stack([p[1] for p in pending])  # [S, B]
-        source = torch.stack([F.pad(p[2], (0, width - p[2].shape[1]), value=SOURCE_NONE) for p in pending])
-        offsets = torch.stack([p[3] for p in pending])  # [S, B]
+        num_accepted = torch.stack([verdict.num_accepted for _, verdict, _ in pending])  # [S, B]
+        is_bonus = torch.stack([verdict.is_bonus for _, verdict, _ in pending])  # [S, B]
+        # Every step's sources at once; a step past its own width derives SOURCE_NONE there
+        # (num_accepted < its width), so only rules that give their sources need padding.
+        source = prefix_sources(num_accepted, is_bonus, width)  # [S, B, W]
+        for i, (_, verdict, _) in enumerate(pending):
+            if verdict.source is not None:
+                source[i] = F.pad(verdict.source, (0, width - widths[i]), value=SOURCE_NONE)
+        offsets = torch.stack([p[2] for p in pending])  # [S, B]
         self.row_steps += active.sum(0)
         self.row_accepted += (num_accepted * active).sum(0)
         if self.num_draft_tokens:
             depth = torch.arange(self.accepted_at_depth.shape[0], device=num_accepted.device)
             # Depth d was proposed if the step drafted past it (adaptive windows and n-gram matches
             # draft fewer than D; a zero-width step proposes nothing) and it was reached.
-            drafted = torch.tensor([p[2].shape[1] - 1 for p in pending], device=num_accepted.device)  # [S]
+            drafted = torch.tensor([w - 1 for w in widths], device=num_accepted.device)  # [S]
             reached = (depth <= num_accepted[..., None]) & (depth < drafted[:, None, None]) & active[..., None]
             self.proposed_at_depth += reached.sum((0, 1))
             self.accepted_at_depth += (reached & (depth != num_accepted[..., None])).sum((0, 1))
@@ -124,13 +146,14 @@ class SpecStats:
         def by_row(x: torch.Tensor) -> torch.Tensor:  # [S, B, W] -> [B, S * W]
             return x.transpose(0, 1).reshape(self.batch_size, -1)
 
+        by_step_source = source
         index, keep, source, step = map(by_row, (index, keep, source, step))
         self.token_source.scatter_(1, index, torch.where(keep, source, self.token_source.gather(1, index)))
         self.token_step.scatter_(1, index, torch.where(keep, step, self.token_step.gather(1, index)))
-        for act, _, src, _, moved_mass in pending:
-            if moved_mass is not None:
-                valid = act[:, None] & (src != SOURCE_NONE)
-                self.record_moved_mass(moved_mass, valid[:, : moved_mass.shape[1]])
+        for i, (act, verdict, _) in enumerate(pending):
+            if verdict.moved_mass is not None:
+                valid = act[:, None] & (by_step_source[i] != SOURCE_NONE)
+                self.record_moved_mass(verdict.moved_mass, valid[:, : verdict.moved_mass.shape[1]])
 
     def record_elements(
         self,

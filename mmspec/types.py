@@ -17,7 +17,7 @@ import torch
 
 from .cache import StaticKVCache
 from .sampling import SamplingConfig
-from .stats import SOURCE_ACCEPTED, SOURCE_BONUS, SOURCE_NONE, SOURCE_RECOVERED
+from .stats import SOURCE_ACCEPTED, SOURCE_NONE, prefix_sources
 from .tree import DraftTree
 
 
@@ -219,7 +219,9 @@ class Verdict:
     token (entries with ``source == SOURCE_NONE`` are meaningless: kernels pad them with -1);
     ``is_bonus`` ``[B]`` whether that final token is a bonus (the whole path accepted and it ended
     at a leaf); ``accepted_nodes`` ``[B, D]`` tree node indices of the accepted path (-1 padded),
-    None for chains; ``source`` is derived from ``num_accepted`` and ``is_bonus`` when not given.
+    None for chains; ``source`` may be left out (None): :meth:`sources` derives it from
+    ``num_accepted`` and ``is_bonus`` on demand (the causal loop's statistics derive it for all
+    steps at once, so a step does not pay ~14 small ops for it).
     Elementwise and block verdicts: :meth:`elementwise`, :meth:`block` (``W`` = drafted elements;
     ``num_accepted`` = accepted elements per row).
     ``moved_mass``: ``[B, W]`` total variation between the distribution each committed element was
@@ -238,18 +240,19 @@ class Verdict:
     scores: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.source is None:
-            if self.commit is not CommitMode.PREFIX:
-                raise ValueError("elementwise and block verdicts must give each element's source")
-            j = torch.arange(self.tokens.shape[1], device=self.tokens.device)[None]
-            n = self.num_accepted[:, None]
-            last = torch.where(self.is_bonus, SOURCE_BONUS, SOURCE_RECOVERED)[:, None]
-            self.source = torch.where(j < n, SOURCE_ACCEPTED, torch.where(j == n, last, SOURCE_NONE))
+        if self.source is None and self.commit is not CommitMode.PREFIX:
+            raise ValueError("elementwise and block verdicts must give each element's source")
+
+    def sources(self) -> torch.Tensor:
+        """``[B, W]``: ``source`` when given, else derived from a prefix verdict's counts."""
+        if self.source is not None:
+            return self.source
+        return prefix_sources(self.num_accepted, self.is_bonus, self.tokens.shape[1])
 
     @property
     def accepted(self) -> torch.Tensor:
         """``[B, W]`` bool: the element is a kept draft."""
-        return self.source == SOURCE_ACCEPTED
+        return self.sources() == SOURCE_ACCEPTED
 
     @classmethod
     def elementwise(

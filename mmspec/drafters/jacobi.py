@@ -142,10 +142,7 @@ class JacobiDrafter:
         self._draft: Draft | None = None  # the last draft (its tokens and proposals become prev_*)
         self._drawn: torch.Tensor | None = None  # [B, w] its slots drawn from a target distribution
         self.prev_drawn: torch.Tensor | None = None  # [B, S] the slot's previous guess was such a draw
-        self.num_coupled = torch.zeros((), dtype=torch.long)
-        self.num_kept = torch.zeros((), dtype=torch.long)
-        self.num_coupled_drawn = torch.zeros((), dtype=torch.long)
-        self.num_kept_drawn = torch.zeros((), dtype=torch.long)
+        self._stability: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step, see _count
 
     def prefill(self, ctx: DraftContext, prompt, prefill: PrefillOutput) -> None:
         self._reset()
@@ -222,12 +219,32 @@ class JacobiDrafter:
         return maximal_coupling(prev_tokens, prev_probs, new_probs, generator)
 
     def _count(self, has_prev: torch.Tensor, drawn: torch.Tensor, kept: torch.Tensor) -> None:
-        """Accumulate the stability counters (all ``[B, w]`` bool; sync-free)."""
-        device = has_prev.device
-        self.num_coupled = self.num_coupled.to(device) + has_prev.sum()
-        self.num_kept = self.num_kept.to(device) + (has_prev & kept).sum()
-        self.num_coupled_drawn = self.num_coupled_drawn.to(device) + (has_prev & drawn).sum()
-        self.num_kept_drawn = self.num_kept_drawn.to(device) + (has_prev & drawn & kept).sum()
+        """Keep one step's stability masks (all ``[B, w]`` bool) for the counters, which sum them when
+        read: summing here cost 12 ops per step."""
+        self._stability.append((has_prev, drawn, kept))
+
+    def _stability_sum(self, with_drawn: bool, with_kept: bool) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.long)
+        for has_prev, drawn, kept in self._stability:
+            mask = has_prev & drawn if with_drawn else has_prev
+            total = total.to(mask.device) + (mask & kept if with_kept else mask).sum()
+        return total
+
+    @property
+    def num_coupled(self) -> torch.Tensor:
+        return self._stability_sum(with_drawn=False, with_kept=False)
+
+    @property
+    def num_kept(self) -> torch.Tensor:
+        return self._stability_sum(with_drawn=False, with_kept=True)
+
+    @property
+    def num_coupled_drawn(self) -> torch.Tensor:
+        return self._stability_sum(with_drawn=True, with_kept=False)
+
+    @property
+    def num_kept_drawn(self) -> torch.Tensor:
+        return self._stability_sum(with_drawn=True, with_kept=True)
 
     def commit(self, ctx: DraftContext, verdict: Verdict) -> None:
         """Shift the window past the committed tokens: remember, for every next slot, the target

@@ -167,18 +167,11 @@ class CaptionerTrainConfig:
     def stage(self, name: str) -> CaptionerTrainConfig:
         """This configuration as stage ``name`` (:data:`STAGES`) runs it: the stage's steps, batch
         size, learning rate and seed in the generic fields, its checkpoint subfolder, and for the
-        drafter a ``draft_layers``-deep language model."""
+        drafter a ``draft_layers``-deep language model; the other stages see :data:`DRAFTER_FIELDS`
+        at their defaults."""
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}: one of {STAGES}")
         folder = None if self.checkpoint_dir is None else str(Path(self.checkpoint_dir) / name)
-        if name == "vision":
-            return dataclasses.replace(
-                self,
-                steps=self.vision_steps,
-                batch_size=self.vision_batch_size,
-                lr=self.vision_lr,
-                checkpoint_dir=folder,
-            )
         if name == "drafter":
             return dataclasses.replace(
                 self,
@@ -188,7 +181,24 @@ class CaptionerTrainConfig:
                 seed=self.seed + 1,
                 checkpoint_dir=folder,
             )
-        return dataclasses.replace(self, checkpoint_dir=folder)
+        # The drafter's settings do not touch the vision tower or the target: neutral values keep
+        # those stages' checkpoints (whose fingerprint is this configuration) resumable when only
+        # the drafter changes, e.g. a longer draft stage over the same trained target.
+        target_only = dataclasses.replace(self, **{key: _DEFAULTS[key] for key in DRAFTER_FIELDS})
+        if name == "vision":
+            return dataclasses.replace(
+                target_only,
+                steps=self.vision_steps,
+                batch_size=self.vision_batch_size,
+                lr=self.vision_lr,
+                checkpoint_dir=folder,
+            )
+        return dataclasses.replace(target_only, checkpoint_dir=folder)
+
+
+#: The fields only the drafter stage reads, and their defaults (what the other stages see).
+DRAFTER_FIELDS = ("draft_layers", "draft_steps", "draft_lr")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CaptionerTrainConfig) if f.name in DRAFTER_FIELDS}
 
 
 #: The ``"smollm2"`` preset's instruction tuning and its 2-layer draft model. Chosen by a short probe

@@ -38,7 +38,7 @@ def test_lam_1_is_the_exact_rule():
     tempered = get_acceptance_rule("gaussian-tempered", lam=1.0).verify(
         Draft(x, proposal=q), p, torch.Generator().manual_seed(1)
     )
-    assert torch.equal(exact.tokens, tempered.tokens) and torch.equal(exact.source, tempered.source)
+    assert torch.equal(exact.tokens, tempered.tokens) and torch.equal(exact.sources(), tempered.sources())
     assert float(tempered.moved_mass.abs().max()) == 0.0
 
 

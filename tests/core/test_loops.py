@@ -109,7 +109,8 @@ def test_prefix_verdict_sources_replace_padding():
         is_bonus=torch.tensor([False, False, True]),
     )
     r, a, b, n = SOURCE_RECOVERED, SOURCE_ACCEPTED, 3, SOURCE_NONE
-    assert verdict.source.tolist() == [[r, n, n, n], [a, a, r, n], [a, a, a, b]]
+    assert verdict.source is None  # derived on demand: the causal loop's steps do not pay for it
+    assert verdict.sources().tolist() == [[r, n, n, n], [a, a, r, n], [a, a, a, b]]
     assert verdict.accepted.sum(1).tolist() == [0, 2, 3] and verdict.commit is CommitMode.PREFIX
 
 

@@ -107,9 +107,14 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny, tmp_path):
     shutil.copytree(tmp_path / "full" / "vision", tmp_path / "cut" / "vision")
     (tmp_path / "cut" / "captioner").mkdir()
     shutil.copy(tmp_path / "full" / "captioner" / "step-0000003.pt", tmp_path / "cut" / "captioner")
-    resumed, _ = train_captioner(dataclasses.replace(tiny, checkpoint_dir=str(tmp_path / "cut"), resume=True))
+    # Other drafter settings leave the target's stages resumable (a longer draft stage over the same target).
+    other_drafter = dataclasses.replace(tiny, draft_steps=tiny.draft_steps + 7, draft_lr=tiny.draft_lr / 2)
+    resumed, _ = train_captioner(dataclasses.replace(other_drafter, checkpoint_dir=str(tmp_path / "cut"), resume=True))
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    assert other_drafter.stage("drafter") != tiny.stage("drafter")
+    with pytest.raises(ValueError, match="different settings"):  # a target setting still counts
+        train_captioner(dataclasses.replace(tiny, lr=tiny.lr / 2, checkpoint_dir=str(tmp_path / "cut"), resume=True))
 
 
 def test_drafter_shares_the_targets_vision_tower(tiny):
