@@ -401,20 +401,23 @@ class EagleDrafter:
         # keys and the chain's earlier pairs: causal masks, built once per chain and sliced per position.
         chain_slots = self.cache.slots(num_draft_tokens - 1)  # [B, k - 1]
         masks = self.cache.attention_mask(chain_slots)  # [G*B, 1, k - 1, S]
+        # Every tensor keeps its one-position axis and the per-position views come from one split
+        # each: a slice, unsqueeze or squeeze per draft position is an op per position (~5 x k).
+        slots = chain_slots.split(1, dim=1)  # k - 1 x [B, 1]
+        mask = masks.split(1, dim=2)  # k - 1 x [G*B, 1, 1, S]
+        feature, logits = feature[:, None], logits[:, None]  # [G*B, 1, H], [G*B, 1, V]
         tokens, probs = [], []
         for i in range(num_draft_tokens):
-            q = self._probs(logits, ctx.sampling)  # [B, V]
-            token = q.argmax(-1) if ctx.sampling.greedy else sample_from_probs(q, generator)
+            q = self._probs(logits, ctx.sampling)  # [B, 1, V]
+            token = q.argmax(-1) if ctx.sampling.greedy else sample_from_probs(q, generator)  # [B, 1]
             tokens.append(token)
             probs.append(q)
             if i == num_draft_tokens - 1:
                 break  # the last draft's pair is never needed
-            slots = chain_slots[:, i : i + 1]
-            mask = masks[:, :, i : i + 1]
-            feature = self.step(token[:, None], feature[:, None], slots, self.cache, slots, mask)[:, 0]
+            feature = self.step(token, feature, slots[i], self.cache, slots[i], mask[i])  # [G*B, 1, H]
             logits = self.head.logits(feature)
-        draft_probs = None if ctx.sampling.greedy else torch.stack(probs, 1)  # [B, k, V]
-        return Draft(tokens=torch.stack(tokens, 1), draft_probs=draft_probs)
+        draft_probs = None if ctx.sampling.greedy else torch.cat(probs, 1)  # [B, k, V]
+        return Draft(tokens=torch.cat(tokens, 1), draft_probs=draft_probs)
 
     def _draft_tree(self, ctx, feature, logits) -> Draft:
         """EAGLE-2 expansion phase (Sec. 4): the depth-1 candidates are the ``top_k`` tokens of the
