@@ -80,27 +80,27 @@ class ModelDrafter:
             return Draft.empty(ctx.last_tokens)
         if self._behind:
             self._catch_up(ctx)
-        token = ctx.last_tokens
+        token = ctx.last_tokens[:, None]  # [B, 1]
         tokens, probs = [], []
         seen = ctx.seen  # [B, V] or None: the repetition penalty sees the drafts as the target will
-        # Built once per draft, not per forward: the k + 1 positions (= slots) and the one-token commit.
-        positions = self.cache.slots(num_draft_tokens + 1)  # [B, k + 1]
-        one = torch.ones_like(token)
+        # Built once per draft, not per forward: the k + 1 positions (= slots), split into per-forward
+        # views in one op, and the one-token commit. Tensors keep their one-position axis: a slice,
+        # unsqueeze or squeeze per forward is an op per draft position.
+        positions = self.cache.slots(num_draft_tokens + 1).split(1, dim=1)  # k + 1 x [B, 1]
+        one = torch.ones_like(ctx.last_tokens)
         for step in range(num_draft_tokens + 1):
-            out = self.model.forward(token[:, None], positions[:, step : step + 1], self.cache, None)
+            out = self.model.forward(token, positions[step], self.cache, None)  # logits [B, 1, V]
             self.cache.commit(one)
             if step == num_draft_tokens:
                 break  # this forward only cached d_k
-            q = logits_to_probs(
-                out.logits[:, -1], ctx.sampling, None if out.uncond_logits is None else out.uncond_logits[:, -1], seen
-            )
-            token = sample_from_probs(q, generator)
+            q = logits_to_probs(out.logits, ctx.sampling, out.uncond_logits, None if seen is None else seen[:, None])
+            token = sample_from_probs(q, generator)  # [B, 1]
             if seen is not None:
-                seen = seen.scatter(1, token[:, None], True)
+                seen = seen.scatter(1, token, True)
             tokens.append(token)
             probs.append(q)
         self.cache.rollback(ctx.positions)  # drafts are not committed until verified
-        tokens_t, probs_t = torch.stack(tokens, 1), torch.stack(probs, 1)  # [B, k], [B, k, V]
+        tokens_t, probs_t = torch.cat(tokens, 1), torch.cat(probs, 1)  # [B, k], [B, k, V]
         one_hot = ctx.sampling.greedy
         if self.num_alternatives == 1:
             return Draft(tokens=tokens_t, draft_probs=None if one_hot else probs_t)
