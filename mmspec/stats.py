@@ -137,6 +137,10 @@ class SpecStats:
             self.proposed_at_depth += reached.sum((0, 1))
             self.accepted_at_depth += (reached & (depth != num_accepted[..., None])).sum((0, 1))
         # Steps commit disjoint output positions, so all of them are written in one scatter per buffer.
+        for i, (act, verdict, _) in enumerate(pending):
+            if verdict.moved_mass is not None:
+                valid = act[:, None] & (source[i] != SOURCE_NONE)
+                self.record_moved_mass(verdict.moved_mass, valid[:, : verdict.moved_mass.shape[1]])
         index = offsets[..., None] + torch.arange(width, device=source.device)  # [S, B, W]
         keep = active[..., None] & (source != SOURCE_NONE) & (index < self.max_new_tokens)
         first = self.steps - len(pending) + 1
@@ -146,14 +150,9 @@ class SpecStats:
         def by_row(x: torch.Tensor) -> torch.Tensor:  # [S, B, W] -> [B, S * W]
             return x.transpose(0, 1).reshape(self.batch_size, -1)
 
-        by_step_source = source
         index, keep, source, step = map(by_row, (index, keep, source, step))
         self.token_source.scatter_(1, index, torch.where(keep, source, self.token_source.gather(1, index)))
         self.token_step.scatter_(1, index, torch.where(keep, step, self.token_step.gather(1, index)))
-        for i, (act, verdict, _) in enumerate(pending):
-            if verdict.moved_mass is not None:
-                valid = act[:, None] & (by_step_source[i] != SOURCE_NONE)
-                self.record_moved_mass(verdict.moved_mass, valid[:, : verdict.moved_mass.shape[1]])
 
     def record_elements(
         self,

@@ -434,9 +434,10 @@ def train_caption_drafter(
     if draft_data == "captions":
         examples = _examples(processor, config.data, progress=config.progress)
     else:
-        images, _, _ = render_caption_data(config.data, progress=config.progress)
+        images, captions, _ = render_caption_data(config.data, progress=config.progress)
         images = images[: config.steps * config.batch_size]
-        examples = CaptionExamples(processor, images, target_replies(target, processor, images, config.data))
+        budget = reply_token_budget(processor.tokenizer, captions)
+        examples = CaptionExamples(processor, images, target_replies(target, processor, images, budget))
     examples.cache_features(drafter)
     _instruction_tune(name, drafter, examples, config)
     return drafter.eval()
@@ -446,16 +447,15 @@ def target_replies(
     target: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
     images: np.ndarray,  # [N, H, W, 3] uint8
-    data: CaptionDataConfig,
+    max_new_tokens: int,
     question: str = DEFAULT_QUESTION,
     batch_size: int = 64,
 ) -> list[str]:
     """``target``'s greedy replies to ``question`` about each image (mmspec's baseline decoding, up to
-    the longest caption of ``data`` plus 4 tokens), in order."""
+    ``max_new_tokens``: the recipe passes :func:`~mmspec.training.captioner_data.reply_token_budget`
+    of its captions), in order."""
     from ..pipelines.vlm import VLMPipeline, load_vlm_target
 
-    _, captions, _ = render_caption_data(data, progress=False)
-    max_new_tokens = reply_token_budget(processor.tokenizer, captions)
     pipe = VLMPipeline(load_vlm_target(target), processor)
     replies = []
     for rows in _chunks(len(images), batch_size):
