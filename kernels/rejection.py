@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .rows import gather_rows
+
 try:
     import triton
     import triton.language as tl
@@ -194,8 +196,9 @@ def chain_rejection_sample_ref(
     n = accepted.cumprod(1).sum(1)  # [B, 1] int64
     num_accepted = n[:, 0]  # [B]
 
-    rows = n[..., None].expand(batch, 1, vocab)  # [B, 1, V]
-    p_n = target.gather(1, rows)[:, 0]  # [B, V]
+    # Rows n of p and q by gather_rows (an index expanded over V costs ~10x more); q's row k (a full
+    # acceptance) is zeroed by a product, not read from a zero row padded on: that copies all of q.
+    p_n = gather_rows(target, num_accepted)  # [B, V]
     if k == 0:
         q_n = torch.zeros_like(p_n)
     elif draft is None:
@@ -204,7 +207,7 @@ def chain_rejection_sample_ref(
         x_n = tokens.gather(1, n.clamp(max=k - 1))  # [B, 1]
         q_n = torch.zeros_like(p_n).scatter_(1, x_n, (n < k).float())
     else:
-        q_n = F.pad(draft, (0, 0, 0, 1)).gather(1, rows)[:, 0]  # [B, V]; row k (a full acceptance) is zero
+        q_n = gather_rows(draft, num_accepted.clamp(max=k - 1)) * (n < k)  # [B, V]; zero after a full acceptance
     final = _sample_residual_ref(p_n, q_n, uniform_sample.float())  # [B]
 
     position = torch.arange(k + 1, device=tokens.device)

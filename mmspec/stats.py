@@ -8,7 +8,7 @@ them once at the end. Accepted length is reported both ways, and always says whi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -181,6 +181,16 @@ class SpecStats:
         self.token_source.masked_fill_(past, -1)
         self.token_step.masked_fill_(past, -1)
         self.row_accepted = (self.token_source == SOURCE_ACCEPTED).sum(1)
+
+    def leave_inference_mode(self) -> None:
+        """Replace its tensors by normal copies: a loop that runs in inference mode fills them there, and
+        inference tensors cannot be written in place outside it (a pipeline trims stats again). Flushes first."""
+        self.flush()
+        with torch.inference_mode(False):
+            for f in fields(self):
+                value = getattr(self, f.name)
+                if isinstance(value, torch.Tensor):
+                    setattr(self, f.name, value.clone())
 
     def record_prefill(self) -> None:
         """The first generated token of every row was sampled from the prefill output."""

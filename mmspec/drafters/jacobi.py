@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.rows import gather_rows
 from ..sampling import sample_from_probs
 from ..types import Draft, DraftContext, PrefillOutput, Verdict
 
@@ -173,21 +174,24 @@ class JacobiDrafter:
         batch, device, w = ctx.last_tokens.shape[0], ctx.last_tokens.device, num_draft_tokens
         offsets = torch.arange(w, device=device).expand(batch, -1)
         fresh = self._fresh(ctx, offsets, generator)
-        # One-hot proposals of the fresh guesses; a scatter, not F.one_hot, which reads the ids' range
-        # back to the host (two syncs per step).
-        one_hot = torch.zeros(batch, w, self.vocab_size, device=device).scatter_(-1, fresh[..., None], 1.0)
         if self.coupling == "gumbel":
             # Noise of positions new to the window; surviving positions keep theirs (shifted in commit).
             new = torch.empty(batch, w, self.vocab_size, device=device).exponential_(1.0, generator=generator)
             old = self._fit(self.noise, w, float("nan"))
             self.noise = new if old is None else torch.where(torch.isnan(old), new, old)
         if self.window_probs is None or self.window_probs.shape[0] != batch:
+            # One-hot proposals of the fresh guesses; a scatter, not F.one_hot, which reads the ids'
+            # range back to the host (two syncs per step).
+            one_hot = torch.zeros(batch, w, self.vocab_size, device=device).scatter_(-1, fresh[..., None], 1.0)
             self._draft = Draft(tokens=fresh, draft_probs=one_hot)
             self._drawn = torch.zeros_like(fresh, dtype=torch.bool)
             return self._draft
         covered = self._fit(self.covered, w, False)  # [B, w]
-        probs = self._fit(self.window_probs, w, 0.0)  # [B, w, V] (uncovered slots: unused)
-        probs = torch.where(covered[..., None], probs, one_hot)  # keep unused rows valid distributions
+        # [B, w, V]: the computed distributions, one-hot at the fresh guess in uncovered slots (a product
+        # and a scatter-add: ~3x cheaper than a where over [B, w, V] against a one-hot tensor)
+        probs = (self._fit(self.window_probs, w, 0.0) * covered[..., None]).scatter_add_(
+            -1, fresh[..., None], (~covered)[..., None].float()
+        )
         if self.coupling == "gumbel":
             redraw = gumbel_coupling(probs, self.noise)
             has_prev = self._fit(self.has_prev, w, False) & covered
@@ -254,15 +258,14 @@ class JacobiDrafter:
         # whose distribution the forward produced at input index n + 1 + j iff that is <= k.
         source = verdict.num_accepted[:, None] + 1 + torch.arange(k, device=ctx.target_probs.device)[None]  # [B, k]
         self.covered = source <= k
-        index = source.clamp(max=k)[..., None].expand(-1, -1, ctx.target_probs.shape[-1])
-        self.window_probs = ctx.target_probs.gather(1, index)
+        self.window_probs = gather_rows(ctx.target_probs, source.clamp(max=k))
         if self.coupling == "none" or self._draft is None:
             return
         self.has_prev = source < k  # the slot's position was in the window just verified
         prev = source.clamp(max=k - 1)
         self.prev_tokens = self._draft.tokens.gather(1, prev)
         self.prev_drawn = self._drawn.gather(1, prev) & self.has_prev
-        self.prev_probs = self._draft.draft_probs.gather(1, prev[..., None].expand(-1, -1, self.vocab_size))
+        self.prev_probs = gather_rows(self._draft.draft_probs, prev)
         if self.coupling == "gumbel":
-            noise = self.noise.gather(1, prev[..., None].expand(-1, -1, self.vocab_size))
+            noise = gather_rows(self.noise, prev)
             self.noise = torch.where(self.has_prev[..., None], noise, float("nan"))  # NaN: draw anew

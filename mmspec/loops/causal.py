@@ -47,7 +47,10 @@ def required_cache_len(prompt_len: int, max_new_tokens: int, window: int) -> int
     return prompt_len + max_new_tokens + 2 * window
 
 
-@torch.no_grad()  # decoding never needs gradients; without this a caller's grad mode would record every step
+# Inference mode, not just no_grad: ops skip autograd's view and version-counter bookkeeping (a fifth
+# fewer aten ops in a LlamaGen forward, benchmarks/RESULTS.md "Seventh stop"). The output tokens are
+# normal tensors (_finish), so callers may train on them or write them in place.
+@torch.inference_mode()
 def speculative_generate(
     target: Target,
     prompt: Any,
@@ -290,7 +293,9 @@ def _path_features(hidden: torch.Tensor | None, path: torch.Tensor | None) -> to
 
 
 def _finish(history, prefix_len, num_out, max_new_tokens, eos_token_id, pad_token_id, stats) -> GenerationOutput:
-    """Cut each row to ``max_new_tokens`` (and after its first EOS); pad the rest."""
+    """Cut each row to ``max_new_tokens`` (and after its first EOS); pad the rest. The tokens and lengths
+    and the stats' tensors are copied out of inference mode, so callers may train on them or write them
+    in place (inference tensors allow neither outside it)."""
     j = torch.arange(max_new_tokens, device=history.device)[None]
     tokens = history.gather(1, (prefix_len[:, None] + j).clamp(max=history.shape[1] - 1))
     lengths = num_out.clamp(max=max_new_tokens)
@@ -300,4 +305,6 @@ def _finish(history, prefix_len, num_out, max_new_tokens, eos_token_id, pad_toke
         lengths = torch.minimum(lengths, first_eos)
     tokens = torch.where(j < lengths[:, None], tokens, pad_token_id)
     stats.trim(lengths)
-    return GenerationOutput(tokens=tokens, lengths=lengths, stats=stats)
+    stats.leave_inference_mode()
+    with torch.inference_mode(False):
+        return GenerationOutput(tokens=tokens.clone(), lengths=lengths.clone(), stats=stats)
