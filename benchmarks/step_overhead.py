@@ -85,7 +85,7 @@ def clock() -> float:
     return time.thread_time()
 
 
-@torch.no_grad()  # as the loop runs them
+@torch.inference_mode()  # as the loop runs them (its callback, which replays them, runs outside)
 def replay(calls: list[Call]) -> None:
     """Run one step's recorded model calls alone, each at its recorded cache lengths, then put the
     lengths back. The same inputs over the same cache prefix write the same keys and values again,

@@ -42,8 +42,11 @@ def rope_frequencies(positions: torch.Tensor, head_dim: int, base: float = 10000
 @functools.lru_cache(maxsize=32)
 def rope_table(length: int, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
     """:func:`rope_frequencies` of positions ``0 .. length - 1`` (``[length, head_dim/2, 2]``), computed
-    once per size and device: a forward indexes it (one op) instead of rebuilding its rows (~10 ops)."""
-    return rope_frequencies(torch.arange(length, device=device), head_dim, base)
+    once per size and device: a forward indexes it (one op) instead of rebuilding its rows (~10 ops).
+    Built outside inference mode: the first call may come from the (inference-mode) decoding loop, and
+    the cached table is shared with training code."""
+    with torch.inference_mode(False):
+        return rope_frequencies(torch.arange(length, device=device), head_dim, base)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

@@ -47,9 +47,10 @@ def required_cache_len(prompt_len: int, max_new_tokens: int, window: int) -> int
     return prompt_len + max_new_tokens + 2 * window
 
 
-# Inference mode, not just no_grad: ops skip autograd's view and version-counter bookkeeping (a fifth
-# fewer aten ops in a LlamaGen forward, benchmarks/RESULTS.md "Seventh stop"). The output tokens are
-# normal tensors (_finish), so callers may train on them or write them in place.
+# Inference mode, not just no_grad: ops skip autograd's view and version-counter bookkeeping (about a
+# quarter fewer aten ops in a LlamaGen forward, 302 -> 218; benchmarks/RESULTS.md "Seventh stop"). What
+# leaves the loop is a normal tensor -- the outputs (_finish) and what a callback makes (it runs outside
+# inference mode) -- so callers may train on them or write them in place.
 @torch.inference_mode()
 def speculative_generate(
     target: Target,
@@ -81,7 +82,9 @@ def speculative_generate(
         generator: seeds every random draw (first token, drafts, acceptance).
         eos_token_id: a row stops after emitting it. ``condition``: passed to the drafter's context.
         callback: ``callback(step, num_generated [B], ctx)`` after every step (progress bars, streaming:
-            ``ctx.history`` holds prompt + committed tokens up to ``ctx.history_lengths``).
+            ``ctx.history`` holds prompt + committed tokens up to ``ctx.history_lengths``). It runs
+            outside inference mode, so what it computes or copies from its arguments is a normal tensor;
+            its arguments themselves are inference tensors, to read (the loop owns them).
         profile: synchronise the device around draft, the verify forward and acceptance + commit to time
             them separately (``stats.draft_time`` / ``verify_time`` / ``accept_time``).
     """
@@ -232,7 +235,8 @@ def speculative_generate(
         stats.verify_time += t_forward - t1
         stats.accept_time += time.perf_counter() - t_forward
         if callback is not None:
-            callback(stats.steps, num_out, ctx)
+            with torch.inference_mode(False):  # what the callback keeps must outlive the loop
+                callback(stats.steps, num_out, ctx)
 
     cache.limit_keys(None)  # the bound holds for this loop's forwards only: callers get the whole cache back
     stats.total_time = time.perf_counter() - start

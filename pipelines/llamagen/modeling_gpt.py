@@ -87,9 +87,11 @@ def llamagen_freqs_table(
 ) -> torch.Tensor:
     """:func:`llamagen_freqs_2d`'s whole table ``[cls_token_num + grid_size**2, head_dim/2, 2]``, built
     once per model size and device (the official code precomputes it too): a forward indexes its
-    rows (one op) instead of rebuilding them (~15 ops)."""
+    rows (one op) instead of rebuilding them (~15 ops). Built outside inference mode: the first call may
+    come from the (inference-mode) decoding loop, and the cached table is shared with training code."""
     num_positions = cls_token_num + grid_size * grid_size
-    return llamagen_freqs_2d(grid_size, head_dim, base, cls_token_num, torch.arange(num_positions, device=device))
+    with torch.inference_mode(False):
+        return llamagen_freqs_2d(grid_size, head_dim, base, cls_token_num, torch.arange(num_positions, device=device))
 
 
 @dataclass

@@ -206,3 +206,29 @@ def test_decoding_records_no_autograd_graph_even_in_grad_mode(target, draft_mode
             sampling=GREEDY,
         )
     assert out.tokens.grad_fn is None and not cache.k.requires_grad and not cache.v.requires_grad
+
+
+@pytest.mark.parametrize("drafter", ["sjd", "model-chain"])
+def test_what_leaves_the_loop_is_not_an_inference_tensor(target, draft_model, drafter):
+    """The loop runs in inference mode; its outputs, stats and whatever a callback keeps must still
+    be writable in place and usable by autograd afterwards (pipelines trim stats again, training
+    recipes embed generated replies)."""
+    kept = []
+    out = generate(
+        target,
+        PROMPTS[:2],
+        DRAFTERS[drafter](target, draft_model),
+        sampling=SamplingConfig(temperature=1.0),
+        max_new=12,
+        callback=lambda step, num_generated, ctx: kept.append((num_generated.clone(), ctx.history[:, :4] + 0)),
+    )
+    tensors = [out.tokens, out.lengths, *(v for v in vars(out.stats).values() if isinstance(v, torch.Tensor))]
+    tensors += [t for pair in kept for t in pair]
+    assert kept and not any(t.is_inference() for t in tensors)
+    out.stats.trim(out.lengths - 1)  # in place on the stats, outside the loop
+    out.tokens[:, 0] = 0
+    kept[0][0].add_(1)
+    embedding = torch.nn.Embedding(target.vocab_size, 3)
+    with torch.enable_grad():  # the suite runs without grad (conftest)
+        embedding(out.tokens.clamp(min=0)).sum().backward()  # saves the ids for backward
+    assert embedding.weight.grad is not None

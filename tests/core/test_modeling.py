@@ -38,3 +38,21 @@ def test_rms_norm_is_the_plain_expression(dtype):
     xf = x.float()
     expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * norm.weight
     assert torch.equal(norm(x), expected)
+
+
+def test_cached_rotary_tables_are_normal_tensors_when_first_built_in_inference_mode():
+    """The decoding loop runs in inference mode and is often the first to ask for a table; the cached
+    table is then shared with training code, which must be able to save slices of it for backward."""
+    from mmspec.modeling import rope_table
+    from mmspec.pipelines.llamagen.modeling_gpt import llamagen_freqs_table
+
+    with torch.inference_mode():  # sizes no other test asks for, so these calls build the tables
+        tables = [
+            rope_table(37, 8, 10000.0, torch.device("cpu")),
+            llamagen_freqs_table(3, 8, 10000.0, 5, torch.device("cpu")),
+        ]
+    for table in tables:
+        assert not table.is_inference()
+        weight = torch.ones((), requires_grad=True)
+        with torch.enable_grad():  # the suite runs without grad (conftest)
+            (table[:2] * weight).sum().backward()
