@@ -37,7 +37,7 @@ def _scatter(buf: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -
     return buf.scatter(1, positions, values.to(buf.dtype))
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the causal loop (why: its comment); what leaves it is a normal tensor
 def masked_generate(
     target: MaskedTarget,
     drafter: MaskedDrafter,
@@ -59,7 +59,8 @@ def masked_generate(
         max_rounds: verify rounds per draft (>= 1); a row stops re-verifying once a round
             rejects nothing (``stats.converged``).
         generator: the target's and the rule's random stream (a drafter keeps its own).
-        callback: ``callback(steps, elements [B, N, *E])`` after every round.
+        callback: ``callback(steps, elements [B, N, *E])`` after every round, run outside inference mode
+            (what it copies is a normal tensor; its arguments are the loop's, to read).
         profile: synchronise the device around drafting to time it (``stats.draft_time``).
     """
     rule = resolve_rule(acceptance, CommitMode.ELEMENTWISE, "masked_generate (the masked loop)")
@@ -131,7 +132,8 @@ def masked_generate(
             active &= rejected
             pending = pending & verdict.accepted & active[:, None]
             if callback is not None:
-                callback(target.steps, target.elements)
+                with torch.inference_mode(False):  # what the callback keeps must outlive the loop
+                    callback(target.steps, target.elements)
             if not bool(active.any()):  # deliberate host sync: once per round
                 break
 
@@ -147,7 +149,9 @@ def masked_generate(
     stats.total_time = time.perf_counter() - start
     if not profile:
         stats.draft_time = 0.0
-    return MaskedOutput(elements=target.elements, stats=stats)
+    stats.leave_inference_mode()
+    with torch.inference_mode(False):
+        return MaskedOutput(elements=target.elements.clone(), stats=stats)
 
 
 def _expand_like(positions: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:

@@ -255,10 +255,12 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             return images, latents, stats
         return MARPipelineOutput(images=images, latents=latents, stats=stats)
 
+    @torch.inference_mode()  # as the loops, so CSpD is compared with an equally fast baseline
     def _baseline(
         self, plan: MARPlan, labels, cfg: bool, temperature: float, generator, sample_last_step: bool, callback
     ) -> tuple[torch.Tensor, MaskedStats]:
-        """The official ``sample_tokens`` loop: one MAE forward and one head sampling per AR step."""
+        """The official ``sample_tokens`` loop: one MAE forward and one head sampling per AR step. Runs in
+        inference mode like :func:`~mmspec.loops.masked_generate`, and like it hands back normal tensors."""
         model = self.target
         batch, seq_len = plan.orders.shape
         device, channels = model.device, model.token_embed_dim
@@ -280,11 +282,14 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 k + 1,
             )
             if callback is not None:
-                callback(self, k, None, {"tokens": tokens, "known": ~unknown})
+                with torch.inference_mode(False):  # what the callback keeps must outlive the loop
+                    callback(self, k, None, {"tokens": tokens, "known": ~unknown})
         stats.steps = plan.num_iter
         stats.row_steps.fill_(plan.num_iter)
         stats.total_time = time.perf_counter() - start
-        return tokens, stats
+        stats.leave_inference_mode()
+        with torch.inference_mode(False):
+            return tokens.clone(), stats
 
     def _cspd(
         self, plan: MARPlan, labels, cfg: bool, temperature: float, generator, spec, gamma: int, callback

@@ -496,3 +496,35 @@ def test_heatmaps_from_every_loop():
         image = acceptance_heatmap(source.view(side, -1), step.view(side, -1), cell=4)
         assert image.size == (4 * source.numel() // side, 4 * side), name
         assert len(set(image.getdata())) > 1, name  # sources/steps are visible
+
+
+def test_what_leaves_the_masked_and_block_loops_is_not_an_inference_tensor():
+    """Both loops run in inference mode (as the causal loop: tests/core/test_loop.py); their outputs,
+    stats and what a callback keeps must stay writable outside it (CSpD records its prefill after the
+    loop, in place on the stats)."""
+    kept = []
+    p = torch.softmax(torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0)), -1)
+    masked = masked_generate(
+        IndependentSet(p),
+        SetDrafter(torch.full((6, 4), 0.25)),
+        None,
+        acceptance="elementwise-exact",
+        generator=torch.Generator().manual_seed(1),
+        callback=lambda steps, elements: kept.append(elements + 0),
+    )
+    block = block_generate(
+        ToyVideo(0.0),
+        None,
+        num_blocks=3,
+        drafter=ToyVideo(3.0),
+        router=get_acceptance_rule("score-threshold", tau=0.5),
+        scorer=_frame_scores,
+        generator=torch.Generator().manual_seed(2),
+        callback=lambda index, blocks: kept.append(blocks + 0),
+    )
+    tensors = [masked.elements, block.blocks, *kept]
+    for stats in (masked.stats, block.stats):
+        tensors += [v for v in vars(stats).values() if isinstance(v, torch.Tensor)]
+    assert len(kept) >= 4 and not any(t.is_inference() for t in tensors)
+    masked.stats.row_accepted += 1
+    block.blocks.zero_()
