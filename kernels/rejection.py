@@ -196,8 +196,9 @@ def chain_rejection_sample_ref(
     n = accepted.cumprod(1).sum(1)  # [B, 1] int64
     num_accepted = n[:, 0]  # [B]
 
-    # Rows n of p and q by gather_rows (an index expanded over V costs ~10x more); q's row k (a full
-    # acceptance) is zeroed by a product, not read from a zero row padded on: that copies all of q.
+    # Rows n of p and q by gather_rows (a gather whose index is expanded over V costs several times
+    # more: kernels/rows.py); q's row k (a full acceptance) is zeroed by a product, not read from a
+    # zero row padded on: that copies all of q.
     p_n = gather_rows(target, num_accepted)  # [B, V]
     if k == 0:
         q_n = torch.zeros_like(p_n)

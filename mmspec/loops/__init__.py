@@ -8,7 +8,7 @@ stats, the generator discipline and the callback contract):
 
 from .block import BlockOutput, block_generate
 from .causal import GenerationOutput, required_cache_len, speculative_generate
-from .common import fork_generator, resolve_rule
+from .common import fork_generator, hand_back, outside_inference_mode, resolve_rule
 from .masked import MaskedOutput, masked_generate
 
 __all__ = [
@@ -17,7 +17,9 @@ __all__ = [
     "MaskedOutput",
     "block_generate",
     "fork_generator",
+    "hand_back",
     "masked_generate",
+    "outside_inference_mode",
     "required_cache_len",
     "resolve_rule",
     "speculative_generate",

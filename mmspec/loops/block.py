@@ -21,7 +21,7 @@ import torch
 from ..acceptance import AcceptanceRule
 from ..stats import SOURCE_ACCEPTED, SOURCE_PREFILL, SOURCE_RECOVERED, BlockStats
 from ..types import BlockModel, CommitMode, Draft, Scores
-from .common import fork_generator, resolve_rule
+from .common import fork_generator, hand_back, outside_inference_mode, resolve_rule
 
 
 @dataclass
@@ -126,12 +126,10 @@ def block_generate(
         stats.row_steps += 1
         blocks.append(block)
         if callback is not None:
-            with torch.inference_mode(False):  # what the callback keeps must outlive the loop
-                callback(index, torch.cat(blocks, dim=1))
+            outside_inference_mode(callback, index, torch.cat(blocks, dim=1))
     stats.total_time = time.perf_counter() - start
-    stats.leave_inference_mode()
-    with torch.inference_mode(False):
-        return BlockOutput(blocks=torch.cat(blocks, dim=1), stats=stats)
+    (video,) = hand_back(stats, torch.cat(blocks, dim=1))
+    return BlockOutput(blocks=video, stats=stats)
 
 
 def _column(mask: torch.Tensor, index: int, width: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from ..cache import StaticKVCache
 from ..sampling import SamplingConfig, logits_to_probs, sample_from_probs, seen_tokens
 from ..stats import SpecStats
 from ..types import Categorical, CommitMode, Draft, DraftContext, Drafter, Target, TokenPrompt, Verdict
-from .common import resolve_rule, sync
+from .common import hand_back, outside_inference_mode, resolve_rule, sync
 
 
 @dataclass
@@ -235,8 +235,7 @@ def speculative_generate(
         stats.verify_time += t_forward - t1
         stats.accept_time += time.perf_counter() - t_forward
         if callback is not None:
-            with torch.inference_mode(False):  # what the callback keeps must outlive the loop
-                callback(stats.steps, num_out, ctx)
+            outside_inference_mode(callback, stats.steps, num_out, ctx)
 
     cache.limit_keys(None)  # the bound holds for this loop's forwards only: callers get the whole cache back
     stats.total_time = time.perf_counter() - start
@@ -309,6 +308,5 @@ def _finish(history, prefix_len, num_out, max_new_tokens, eos_token_id, pad_toke
         lengths = torch.minimum(lengths, first_eos)
     tokens = torch.where(j < lengths[:, None], tokens, pad_token_id)
     stats.trim(lengths)
-    stats.leave_inference_mode()
-    with torch.inference_mode(False):
-        return GenerationOutput(tokens=tokens.clone(), lengths=lengths.clone(), stats=stats)
+    tokens, lengths = hand_back(stats, tokens, lengths)
+    return GenerationOutput(tokens=tokens, lengths=lengths, stats=stats)

@@ -21,7 +21,7 @@ import torch
 from ..acceptance import AcceptanceRule
 from ..stats import SOURCE_ACCEPTED, SOURCE_PREFILL, SOURCE_RECOVERED, MaskedStats
 from ..types import CommitMode, MaskedDrafter, MaskedTarget
-from .common import resolve_rule, sync
+from .common import hand_back, outside_inference_mode, resolve_rule, sync
 
 
 @dataclass
@@ -132,8 +132,7 @@ def masked_generate(
             active &= rejected
             pending = pending & verdict.accepted & active[:, None]
             if callback is not None:
-                with torch.inference_mode(False):  # what the callback keeps must outlive the loop
-                    callback(target.steps, target.elements)
+                outside_inference_mode(callback, target.steps, target.elements)
             if not bool(active.any()):  # deliberate host sync: once per round
                 break
 
@@ -149,9 +148,8 @@ def masked_generate(
     stats.total_time = time.perf_counter() - start
     if not profile:
         stats.draft_time = 0.0
-    stats.leave_inference_mode()
-    with torch.inference_mode(False):
-        return MaskedOutput(elements=target.elements.clone(), stats=stats)
+    (elements,) = hand_back(stats, target.elements)
+    return MaskedOutput(elements=elements, stats=stats)
 
 
 def _expand_like(positions: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from mmspec.acceptance import AcceptanceRule
-from mmspec.loops import masked_generate
+from mmspec.loops import hand_back, masked_generate, outside_inference_mode
 from mmspec.methods import MethodRegistry
 from mmspec.stats import SOURCE_PREFILL, SOURCE_RECOVERED, MaskedStats
 
@@ -282,14 +282,12 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 k + 1,
             )
             if callback is not None:
-                with torch.inference_mode(False):  # what the callback keeps must outlive the loop
-                    callback(self, k, None, {"tokens": tokens, "known": ~unknown})
+                outside_inference_mode(callback, self, k, None, {"tokens": tokens, "known": ~unknown})
         stats.steps = plan.num_iter
         stats.row_steps.fill_(plan.num_iter)
         stats.total_time = time.perf_counter() - start
-        stats.leave_inference_mode()
-        with torch.inference_mode(False):
-            return tokens.clone(), stats
+        (tokens,) = hand_back(stats, tokens)
+        return tokens, stats
 
     def _cspd(
         self, plan: MARPlan, labels, cfg: bool, temperature: float, generator, spec, gamma: int, callback
