@@ -8,6 +8,7 @@ crosses ``top_p``; see ``autoregressive/models/generate.py`` of LlamaGen).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,24 @@ def logits_to_probs(
 #: Largest ``probs.numel()`` :func:`sample_from_probs` samples by exponential race (measured
 #: crossover on the CPU, ``benchmarks/sampling_cost.py``: the race wins up to 2,048, loses from 4,096 on).
 RACE_MAX_ELEMENTS = 2048
+
+
+def race_noise(
+    num_draws: int,
+    shape: tuple[int, ...],  # of each draw's probs: [..., V]
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """The ``exp_noise`` of ``num_draws`` successive :func:`sample_from_probs` calls on probabilities of
+    ``shape``, drawn in one op pair instead of two ops per call: ``num_draws`` views ``[*shape]``, or
+    ``None`` each when that size samples by inverse CDF (then each call draws its own uniform, as
+    before). On the CPU the noise is the same numbers the calls would draw one by one (the generator
+    fills the buffer in order, draw after draw), so outputs are unchanged; elsewhere it is other
+    numbers of the same distribution. Nothing else may draw from ``generator`` between the calls."""
+    if math.prod(shape) > RACE_MAX_ELEMENTS:
+        return (None,) * num_draws
+    noise = torch.empty(num_draws, *shape, dtype=torch.float32, device=device)
+    return noise.exponential_(1.0, generator=generator).unbind(0)
 
 
 def sample_from_probs(

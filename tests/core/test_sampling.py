@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmspec.kernels.rejection import inverse_cdf_sample
-from mmspec.sampling import RACE_MAX_ELEMENTS, SamplingConfig, logits_to_probs, sample_from_probs
+from mmspec.sampling import RACE_MAX_ELEMENTS, SamplingConfig, logits_to_probs, race_noise, sample_from_probs
 
 
 def _reference(logits, temperature, top_k, top_p):
@@ -93,6 +93,23 @@ def test_large_draws_are_inverse_cdf_with_one_uniform_per_row():
     uniform = torch.rand(4, 3, generator=torch.Generator().manual_seed(5))
     assert ours.shape == (4, 3)
     assert torch.equal(ours, inverse_cdf_sample(probs, uniform))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4, 8])  # 8 x 512 samples by inverse CDF: no noise drawn
+def test_race_noise_drawn_at_once_replays_the_draws_one_by_one(batch):
+    vocab, num_draws = 512, 5
+    probs = torch.softmax(torch.randn(num_draws, batch, 1, vocab, generator=torch.Generator().manual_seed(2)) * 3, -1)
+    g = torch.Generator().manual_seed(7)
+    one_by_one = [sample_from_probs(p, g) for p in probs]
+    after_one_by_one = torch.rand(3, generator=g)
+    g = torch.Generator().manual_seed(7)
+    noise = race_noise(num_draws, (batch, 1, vocab), g)
+    assert len(noise) == num_draws
+    assert all(n is None for n in noise) == (batch * vocab > RACE_MAX_ELEMENTS)
+    at_once = [sample_from_probs(p, g, n) for p, n in zip(probs, noise)]
+    for ours, theirs in zip(at_once, one_by_one):
+        assert torch.equal(ours, theirs)
+    assert torch.equal(torch.rand(3, generator=g), after_one_by_one)  # the generator moved on alike
 
 
 @pytest.mark.parametrize("rows", [1, 4000])  # the exponential race, then inverse CDF
