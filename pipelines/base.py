@@ -131,11 +131,13 @@ def generate_image_tokens(
     sampling: SamplingConfig,
     generator: torch.Generator | None,
     callback_on_step_end: Callable | None,
+    profile: bool = False,
 ) -> GenerationOutput:
     """``num_tokens`` image tokens through the causal loop, with ``pipe``'s progress bar (one tick per
     token) and ``callback_on_step_end(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after
     every verify step (the AR image pipelines' convention; ``tokens``: the raster-order tokens so far,
-    -1 where not generated yet). ``spec``: the call's :class:`Speculation` (drafter and rule)."""
+    -1 where not generated yet). ``spec``: the call's :class:`Speculation` (drafter and rule).
+    ``profile``: the loop's phase timing (``stats.draft_time`` / ``verify_time`` / ``accept_time``)."""
     progress = pipe.progress_bar(total=num_tokens)
     done = [0]  # the bar counts every token (the first comes from the prefill), so it ends at its total
 
@@ -161,6 +163,7 @@ def generate_image_tokens(
         sampling=sampling,
         generator=generator,
         callback=on_step,
+        profile=profile,
     )
     progress.update(num_tokens - done[0])
     progress.close()

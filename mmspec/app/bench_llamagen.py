@@ -95,6 +95,7 @@ def ar_image_suite(
                     acceptance_options=rule_options or None if method is not None and acceptance else None,
                     speculative_options=options or None,
                     output_type="pt",
+                    profile=profile,
                 )
                 lengths = torch.full((len(labels),), out.tokens[0].numel())
                 outs.append(GenerationOutput(tokens=out.tokens.flatten(1), lengths=lengths, stats=out.stats))

@@ -128,6 +128,7 @@ def mar_suite(
                 acceptance_options=options,
                 speculative_options=speculative_options if method else None,
                 output_type="pt",
+                profile=profile,
             )
             # [B, seq_len, -1]: the bench compares rows[:seq_len] (all of each row) and counts seq_len tokens
             tokens = out.latents.reshape(batch_size, pipe.target.seq_len, -1)

@@ -66,6 +66,7 @@ def t2i_suite(
                 acceptance=None if method is None else rule,
                 speculative_options=options or None,
                 output_type="tokens",
+                profile=profile,
             )
             tokens = out.tokens.flatten(1)
             return GenerationOutput(tokens=tokens, lengths=torch.full((batch_size,), tokens.shape[1]), stats=out.stats)

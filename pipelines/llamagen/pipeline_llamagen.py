@@ -313,6 +313,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[LlamaGenPipeline, int, None, dict], dict] | None = None,
         prompt: str | list[str] | None = None,
+        profile: bool = False,
     ):
         """Generate images.
 
@@ -337,6 +338,9 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 every verify step (diffusers convention; the timestep slot is None for AR models;
                 ``tokens`` is the raster-order grid so far, -1 where not generated yet; masked-loop
                 methods such as MuLo-SD: after every verify-and-repair round, the whole current grid).
+            profile: time the loop's phases (``stats.draft_time`` / ``verify_time`` / ``accept_time``;
+                the masked loop: ``draft_time``), synchronising the device around each: for breakdowns
+                such as ``mmspec bench``'s, not for speed.
 
         Returns:
             :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
@@ -374,6 +378,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 output_type,
                 return_dict,
                 callback_on_step_end,
+                profile,
             )
         num_tokens = self.target.config.block_size
         window = 1 if drafter is None else drafter.verify_width(num_draft_tokens)  # tokens per verify forward
@@ -393,6 +398,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             sampling,
             generator,
             callback_on_step_end,
+            profile,
         )
         grid = self.target.grid_size
         tokens = out.tokens.reshape(-1, grid, grid)
@@ -402,7 +408,17 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         return LlamaGenPipelineOutput(images=images, tokens=tokens, stats=out.stats)
 
     def _masked(
-        self, condition, sampling, drafter, rule, options, generator, output_type, return_dict, callback_on_step_end
+        self,
+        condition,
+        sampling,
+        drafter,
+        rule,
+        options,
+        generator,
+        output_type,
+        return_dict,
+        callback_on_step_end,
+        profile,
     ):
         """A masked-loop method (MuLo-SD): the whole grid drafted, verified and repaired locally."""
         grid = GridTarget(self.target, sampling, condition.batch_size)
@@ -422,6 +438,7 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             max_rounds=options["max_rounds"],
             generator=generator,
             callback=on_round,
+            profile=profile,
         )
         progress.update(options["max_rounds"] - progress.n)
         progress.close()

@@ -204,6 +204,7 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[MARPipeline, int, None, dict], dict] | None = None,
+        profile: bool = False,
     ):
         """Generate images.
 
@@ -226,6 +227,8 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             output_type: ``"pil"``, ``"np"`` or ``"pt"``; return_dict: output object or tuple.
             callback_on_step_end: ``f(pipe, step, None, {"tokens": [B, L, C], "known": [B, L]})`` after
                 every AR step (baseline) or verify round (CSpD).
+            profile: CSpD only -- time its drafting separately (``stats.draft_time``), synchronising the
+                device around it; the baseline loop has no phases to split.
 
         Returns:
             :class:`MARPipelineOutput` or ``(images, latents, stats)``.
@@ -245,7 +248,7 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             if sample_last_step:
                 raise ValueError("sample_last_step is a baseline option (CSpD always samples the last step)")
             tokens, stats = self._cspd(
-                plan, labels, cfg, temperature, generator, spec, num_draft_tokens, callback_on_step_end
+                plan, labels, cfg, temperature, generator, spec, num_draft_tokens, callback_on_step_end, profile
             )
         latents = self.target.unpatchify(tokens)
         images = postprocess_images(
@@ -290,7 +293,16 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         return tokens, stats
 
     def _cspd(
-        self, plan: MARPlan, labels, cfg: bool, temperature: float, generator, spec, gamma: int, callback
+        self,
+        plan: MARPlan,
+        labels,
+        cfg: bool,
+        temperature: float,
+        generator,
+        spec,
+        gamma: int,
+        callback,
+        profile: bool,
     ) -> tuple[torch.Tensor, MaskedStats]:
         """CSpD through :func:`mmspec.loops.masked_generate` (see :mod:`.cspd`)."""
         options = spec.options
@@ -315,7 +327,14 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 callback(self, steps, None, {"tokens": tokens, "known": target.written.clone()})
 
         out = masked_generate(
-            target, drafter, None, acceptance=spec.rule, max_rounds=1, generator=generator, callback=on_round
+            target,
+            drafter,
+            None,
+            acceptance=spec.rule,
+            max_rounds=1,
+            generator=generator,
+            callback=on_round,
+            profile=profile,
         )
         progress.update(plan.num_iter - progress.n)
         progress.close()

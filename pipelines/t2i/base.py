@@ -272,9 +272,11 @@ class T2IPipeline(SpeculativePipelineMixin, abc.ABC):
         num_draft_tokens: int,
         generator: torch.Generator | None,
         callback_on_step_end: Callable | None,
+        profile: bool = False,
     ) -> GenerationOutput:
         """``num_tokens`` image tokens for ``prompt`` (the target's prompt type, ``prompt_len`` positions)
-        through the causal loop, on a cache sized for the call's draft window."""
+        through the causal loop, on a cache sized for the call's draft window (``profile``: the loop's
+        phase timing)."""
         window = 1 if spec.drafter is None else spec.drafter.verify_width(num_draft_tokens)
         cache = self.target.new_cache(
             prompt.batch_size, required_cache_len(prompt_len, num_tokens, window), cfg=sampling.uses_cfg
@@ -290,6 +292,7 @@ class T2IPipeline(SpeculativePipelineMixin, abc.ABC):
             sampling,
             generator,
             callback_on_step_end,
+            profile,
         )
 
     def finish(self, codes: torch.Tensor, stats: SpecStats, output_type: str, return_dict: bool):

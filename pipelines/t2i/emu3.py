@@ -338,6 +338,7 @@ class Emu3ImagePipeline(T2IPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Emu3ImagePipeline, int, None, dict], dict] | None = None,
+        profile: bool = False,
     ):
         """Generate ``height x width`` token images for ``input_ids`` or text ``prompt`` (with the processor;
         ``negative_prompt`` is the CFG negative, default empty). ``guidance_scale > 1`` with token ids needs
@@ -347,7 +348,8 @@ class Emu3ImagePipeline(T2IPipeline):
         ``callback_on_step_end``: ``f(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after every
         verify step (diffusers convention; ``tokens``: the ``height x (width + 1)`` raster-order ids so far,
         ends of line included, -1 where not generated yet). ``set_progress_bar_config(disable=True)`` hides
-        the progress bar."""
+        the progress bar. ``profile``: time the loop's phases (``stats.draft_time`` / ``verify_time`` /
+        ``accept_time``), for breakdowns."""
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         emu3_prompt = self.prompt_inputs(
             prompt,
@@ -368,6 +370,7 @@ class Emu3ImagePipeline(T2IPipeline):
             num_draft_tokens,
             generator,
             callback_on_step_end,
+            profile,
         )
         h, w = self.target.height, self.target.width
         return self.finish(out.tokens.view(-1, h, w + 1)[..., :w], out.stats, output_type, return_dict)

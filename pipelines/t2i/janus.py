@@ -247,6 +247,7 @@ class JanusImagePipeline(T2IPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[JanusImagePipeline, int, None, dict], dict] | None = None,
+        profile: bool = False,
     ):
         """Generate images (the config's ``num_image_tokens`` tokens each) for ``prompt`` or ``input_ids``.
 
@@ -256,7 +257,8 @@ class JanusImagePipeline(T2IPipeline):
         ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (decoded by Janus's VQ) or ``"tokens"`` (no decode).
         ``callback_on_step_end``: ``f(pipe, step, None, {"num_generated": [B], "tokens": [B, N]})`` after every
         verify step (diffusers convention; ``tokens``: the raster-order image tokens so far, -1 where not
-        generated yet). ``set_progress_bar_config(disable=True)`` hides the progress bar.
+        generated yet). ``set_progress_bar_config(disable=True)`` hides the progress bar. ``profile``: time
+        the loop's phases (``stats.draft_time`` / ``verify_time`` / ``accept_time``), for breakdowns.
         """
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         janus_prompt = self.prompt_inputs(prompt, input_ids, attention_mask, cfg=sampling.uses_cfg)
@@ -270,6 +272,7 @@ class JanusImagePipeline(T2IPipeline):
             num_draft_tokens,
             generator,
             callback_on_step_end,
+            profile,
         )
         return self.finish(out.tokens.view(-1, self.grid_size, self.grid_size), out.stats, output_type, return_dict)
 

@@ -131,6 +131,9 @@ def test_bench_ar_image_suite_runs_every_method_on_the_same_inputs(model_dir, tm
     # Greedy: every lossless method reproduces the baseline's images token for token.
     assert all(r["tokens_equal_baseline"] for r in record["results"])
     assert record["setup"]["tokens_per_image"] == 9
+    # The profiled run really is profiled (the step-time breakdown plot is drawn from it): the causal
+    # loop times its verify forwards, the masked loop (MuLo-SD) its drafting.
+    assert all(r["profiled_verify_s"] + r["profiled_draft_s"] > 0 for r in record["results"])
 
 
 def test_bench_ar_image_num_batches_times_several_images_per_run(model_dir, tmp_path):

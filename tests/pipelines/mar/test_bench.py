@@ -32,6 +32,7 @@ def test_mar_suite_record():
         assert r["generated_tokens"] == 2 * 64 and r["wall_time_s_median"] > 0
     assert record["results"][0]["tokens_equal_baseline"] and not record["results"][1]["tokens_equal_baseline"]
     assert record["results"][3]["stats_summary"]["mean_tvd_per_token"] is not None  # the lossy rule reports its bound
+    assert all(r["profiled_draft_s"] > 0 for r in record["results"][2:])  # CSpD's profiled run times its drafting
 
 
 def test_cli_runs_the_mar_suite(tmp_path):

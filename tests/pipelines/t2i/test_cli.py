@@ -125,4 +125,5 @@ def test_bench_t2i_suite(janus_folder, tmp_path):
     rows = json.loads(record.read_text())
     assert [case["name"] for case in rows["results"]] == ["baseline", "sjd", "mc-sjd:k=4"]
     assert all(case["tokens_equal_baseline"] for case in rows["results"])
+    assert all(case["profiled_verify_s"] > 0 for case in rows["results"])  # the breakdown's profiled run
     assert rows["setup"]["pipeline"] == "JanusImagePipeline" and rows["setup"]["tokens_per_image"] == 16
