@@ -313,6 +313,7 @@ def write_plots(record: dict[str, Any], stem: Path) -> list[Path]:
       horizontal lines at their speedup.
     - ``<stem>-steps.png``: the profiled time per verify step split into draft / verify (the target's
       forward) / accept (rule + commit) / other (prefill and loop bookkeeping, spread over the steps).
+      The masked loop (CSpD, MuLo-SD) times its drafting only: its verify and accept are in other.
 
     Needs matplotlib (``pip install mmspec[plot]``)."""
     import matplotlib
