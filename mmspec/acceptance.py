@@ -9,6 +9,7 @@ token rules; :mod:`mmspec.rules` imports every rule module and looks rules up by
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
@@ -50,6 +51,27 @@ class AcceptanceRule(ABC):
     commit: ClassVar[CommitMode] = CommitMode.PREFIX
     #: The view of the target the rule reads (None: a router, deciding before the target runs).
     distribution: ClassVar[type | None] = Categorical
+    #: Constructor arguments :meth:`from_resources` fills from the pipeline's models (not options a
+    #: pipeline's caller passes by name).
+    resource_arguments: ClassVar[tuple[str, ...]] = ()
+    #: Options :meth:`from_resources` takes beyond the constructor's (e.g. where a table is cached).
+    resource_options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def option_names(cls, from_resources: bool = False) -> tuple[str, ...] | None:
+        """The options the rule takes by name: its constructor's keyword arguments or, with
+        ``from_resources``, those :meth:`from_resources` takes (less :attr:`resource_arguments`, plus
+        :attr:`resource_options`). None when the constructor takes ``**kwargs`` (any name may be one)."""
+        if cls.__init__ is object.__init__:  # no constructor of its own: no options (object's *args are not)
+            names: list[str] = []
+        else:
+            params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+            if any(p.kind is p.VAR_KEYWORD for p in params):
+                return None
+            names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if from_resources:
+            names = [n for n in names if n not in cls.resource_arguments] + list(cls.resource_options)
+        return tuple(names)
 
     def __repr__(self) -> str:
         """The rule and its settings (scalars only; tables are left out), stable across runs: it goes into

@@ -197,6 +197,7 @@ class PooledThresholdAcceptance(AcceptanceRule):
     """
 
     name = "mulo"
+    resource_arguments = ("grid",)
     lossless = False
     bound = "no per-token TVD bound; every kept draft has pooled target probability >= tau on its last verify"
     commit = CommitMode.ELEMENTWISE

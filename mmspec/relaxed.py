@@ -387,6 +387,8 @@ class LanternAcceptance(RelaxedAcceptance):
     """
 
     name = "lantern"
+    resource_arguments = ("neighbours",)
+    resource_options = ("neighbour_cache", "neighbour_rows")
     bound = (
         "per draft token x, TVD(p~_x, p) = S <= delta (mode 'tvd') or p~_x(x) = p(x) + S <= lam * p(x) "
         "(mode 'multiplicative'); a deterministic draft's committed token is distributed exactly as p~_x; "
@@ -652,6 +654,8 @@ class GSDAcceptance(RelaxedAcceptance):
     """
 
     name = "gsd"
+    resource_arguments = ("embeddings",)
+    resource_options = ("embedding",)
     bound = (
         "per draft token x, TVD(p~_x, p) = q(x) P(G)/Q(G) - p(x) <= P(G \\ {x}) <= (G - 1)(p(x) + prob_threshold), "
         "0 where the group does not raise acceptance; acceptance >= exact acceptance for every draft; a "

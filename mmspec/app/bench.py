@@ -57,7 +57,9 @@ class BenchCase:
 
 @dataclass
 class BenchSuite:
-    """What a suite hands to :func:`run_benchmark`: the baseline first, then the methods."""
+    """What a suite hands to :func:`run_benchmark`: the baseline first, then the methods. ``setup``: the
+    settings for the record, with ``"model"``, what the suite runs (a folder, or a description of an
+    embedded or random-weight model), which :func:`format_table` heads the table with."""
 
     name: str
     description: str
@@ -95,29 +97,76 @@ def register_suite(name: str):
     return wrap
 
 
-def method_specs(
-    pipe: Any, configs: str | None, num_draft_tokens: int, rule: Any = None
-) -> list[tuple[str, str | None, dict, int]]:
-    """A pipeline suite's configurations ``(name, method, speculative_options, num_draft_tokens)``, the
-    baseline first: every registered method ``pipe`` has the components for (and whose loop takes
-    ``rule``, when one is given), or ``configs``: ``;``-separated ``METHOD[:key=value,...]`` with the
-    method's options and ``k=`` for ``num_draft_tokens``, e.g. ``"sjd;mc-sjd:coupling=gumbel,k=16"``."""
+#: What each annotated type of a suite setting accepts from ``--option`` (values are parsed as JSON):
+#: (description, check, conversion).
+_OPTION_TYPES: dict[type, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool), bool),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool), int),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), float),
+    # a number given to a text setting (taus=-3.5, prompt=42) means its text
+    str: ("text", lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool), str),
+}
+
+
+def typed_options(factory: Callable[..., BenchSuite], options: dict[str, Any]) -> dict[str, Any]:
+    """``--option`` values (parsed as JSON) checked against the annotated types of the suite ``factory``'s
+    settings and converted to them (``temperature=0`` -> ``0.0``); a ValueError naming the setting for a
+    value of another type (``temperature=hot``, ``peers=maybe``), before the suite loads anything.
+    ``null`` is accepted where the setting may be None."""
+    import typing
+
+    hints = typing.get_type_hints(factory)
+    typed = {}
+    for name, value in options.items():
+        kinds = typing.get_args(hints[name]) or (hints[name],)  # ``int | None`` -> (int, NoneType)
+        optional = type(None) in kinds
+        if value is None and optional:
+            typed[name] = None
+            continue
+        (kind,) = [k for k in kinds if k is not type(None)]
+        what, check, convert = _OPTION_TYPES[kind]
+        if not check(value):
+            raise ValueError(f"--option {name}: must be {what}{' or null' if optional else ''}, got {value!r}")
+        typed[name] = convert(value)
+    return typed
+
+
+def parse_configs(registry: Any, configs: str, num_draft_tokens: int) -> list[tuple[str, str, dict, int]]:
+    """A suite's ``configs`` setting -- ``;``-separated ``METHOD[:key=value,...]`` with the method's options
+    and ``k=`` for ``num_draft_tokens``, e.g. ``"sjd;mc-sjd:coupling=gumbel,k=16"`` -- as
+    ``(name, method, speculative_options, num_draft_tokens)``. Method and option names are checked
+    against the pipeline class's method ``registry`` (:meth:`~mmspec.methods.Method.resolve_options`)
+    and ``k`` must be >= 1: a ValueError before any model loads."""
+    from ..pipelines.validation import check_int
     from .jobs import parse_key_values
 
-    if configs is None:
-        specs = [
+    specs = []
+    for spec in [c for c in configs.split(";") if c]:
+        method, _, opts = spec.partition(":")
+        options = parse_key_values([p for p in opts.split(",") if p], f"config {spec!r}")
+        k = check_int(f"config {spec!r}: k", options.pop("k", num_draft_tokens), 1)
+        registry.get(method).resolve_options(options)
+        specs.append((spec, method, options, k))
+    return specs
+
+
+def method_specs(
+    pipe: Any, configured: list[tuple[str, str, dict, int]] | None, num_draft_tokens: int, rule: Any = None
+) -> list[tuple[str, str | None, dict, int]]:
+    """A pipeline suite's configurations ``(name, method, speculative_options, num_draft_tokens)``, the
+    baseline first: ``configured`` (from :func:`parse_configs`), or every registered method ``pipe`` has
+    the components for (and whose loop takes ``rule``, when one is given). Each is built once with
+    ``pipe.resolve_speculation`` (components, option values, the rule's commit mode), so that a
+    configuration that cannot run is a ValueError before the first case runs."""
+    if configured is None:
+        configured = [
             (name, name, {}, num_draft_tokens)
             for name in pipe.methods.available(pipe)
             if rule is None or pipe.methods.get(name).accepts(rule)
         ]
-    else:
-        specs = []
-        for spec in [c for c in configs.split(";") if c]:
-            method, _, opts = spec.partition(":")
-            options = parse_key_values([p for p in opts.split(",") if p], f"config {spec!r}")
-            pipe.methods.get(method)  # a clear error for an unknown method, before anything runs
-            specs.append((spec, method, options, int(options.pop("k", num_draft_tokens))))
-    return [("baseline", None, {}, num_draft_tokens)] + specs
+    for _, method, options, _ in configured:
+        pipe.resolve_speculation(method, options or None, rule)
+    return [("baseline", None, {}, num_draft_tokens)] + configured
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -262,10 +311,12 @@ def run_benchmark(
 
 
 def format_table(record: dict[str, Any]) -> str:
-    """A Markdown table of a record (for terminals and benchmarks/RESULTS.md)."""
+    """A Markdown table of a record (for terminals and benchmarks/RESULTS.md), headed by the suite, the
+    model it ran (``setup["model"]``, which every suite records), the device and the command."""
     env = record["environment"]
     lines = [
-        f"suite `{record['suite']}` on {env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}",
+        f"suite `{record['suite']}`, model: {record['setup']['model']}; on {env['device_name']} ({env['device']}), "
+        f"torch {env['torch']}, {env['date']}",
         f"command: `{env['command']}`",
         "",
         "| config | steps | accepted/step (w/o bonus) | tokens/step (with bonus) | wall s (median) | wall s (min) | "

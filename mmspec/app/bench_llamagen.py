@@ -7,7 +7,9 @@ import torch
 from ..loops import GenerationOutput
 from ..pipelines.llamagen.official import GPT_PRESETS
 from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
-from .bench import BenchCase, BenchSuite, method_specs, register_suite
+from ..pipelines.validation import check_int, check_llamagen_call
+from ..sampling import SamplingConfig
+from .bench import BenchCase, BenchSuite, method_specs, parse_configs, register_suite
 
 
 def _pipeline(source: str, device: torch.device, dtype: torch.dtype, num_classes: int) -> LlamaGenPipeline:
@@ -37,6 +39,17 @@ def _pipeline(source: str, device: torch.device, dtype: torch.dtype, num_classes
         pipe.drafter.to(dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _describe(source: str) -> str:
+    """What ``source`` is, for the record and the table's header."""
+    if source == "default":
+        from .defaults import default_llamagen_path
+
+        return f"the embedded reference LlamaGen ({default_llamagen_path()})"
+    if source.startswith("random:"):
+        return f"LlamaGen {source.split(':', 1)[1]} with random weights (per-step costs only)"
+    return source
 
 
 @register_suite("ar-image")
@@ -69,14 +82,31 @@ def ar_image_suite(
     all of them), so that steps and times average over several images instead of one draw."""
     from .jobs import parse_key_values
 
+    # Settings wrong for any model fail before one loads; those that depend on the model (vocabulary,
+    # tokens per image) right after, before the first case runs.
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
+    check_int("num_draft_tokens", num_draft_tokens, 1)
+    if source.startswith("random:"):
+        check_int("num_classes", num_classes, 1)
+    SamplingConfig(temperature=temperature, top_k=top_k, guidance_scale=guidance_scale)
+    configured = None if configs is None else parse_configs(LlamaGenPipeline.methods, configs, num_draft_tokens)
+    rule_options = parse_key_values([p for p in acceptance_options.split(",") if p], "acceptance_options")
     pipe = _pipeline(source, device, dtype, num_classes)
     classes = pipe.target.config.num_classes
     batches = [[(j * batch_size + i) % classes for i in range(batch_size)] for j in range(num_batches)]
-    rule_options = parse_key_values([p for p in acceptance_options.split(",") if p], "acceptance_options")
     rule = None if acceptance is None else pipe.acceptance_rule(acceptance, **rule_options)
-    specs = method_specs(pipe, configs, num_draft_tokens, rule)
+    specs = method_specs(pipe, configured, num_draft_tokens, rule)
+    for _, method, _, k in specs:
+        check_llamagen_call(
+            pipe,
+            batches[0],
+            speculative=method,
+            num_draft_tokens=k,
+            temperature=temperature,
+            top_k=top_k,
+            guidance_scale=guidance_scale,
+        )
     compiled = LlamaGenPipeline(**pipe.components).enable_compile() if compile else None
 
     def case(name, method, options, k, runner):
@@ -122,6 +152,7 @@ def ar_image_suite(
         description=ar_image_suite.__doc__.split("\n")[0],
         cases=cases,
         setup={
+            "model": _describe(source),
             "source": source,
             "dim": cfg.dim,
             "n_layer": cfg.n_layer,

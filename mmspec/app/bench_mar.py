@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 
 from ..loops import GenerationOutput
-from ..pipelines.mar.modeling_mar import MARModel
+from ..pipelines.mar.modeling_mar import MARModel, mar_schedule
 from ..pipelines.mar.modeling_vae import MARAutoencoderKL
 from ..pipelines.mar.official import MAR_PRESETS
 from ..pipelines.mar.pipeline_mar import MARPipeline
+from ..pipelines.validation import check_int
 from .bench import BenchCase, BenchSuite, register_suite
-from .defaults import load_default_mar
+from .defaults import default_mar_path, load_default_mar
 
 #: Small random MARs for CPU runs: 128 px -> 8x8 = 64 tokens of 16 channels, 10-step heads.
 _SMALL = {
@@ -89,6 +90,12 @@ def mar_suite(
     lam: float = 42.0,
 ) -> BenchSuite:
     """MAR class-to-image: baseline at num_iter and num_iter/gamma, CSpD exact and tempered (lossy)."""
+    # Settings wrong for any model fail before one loads; the rest (cfg_schedule, CSpD's options, lam)
+    # are checked as the pipeline checks them once it has loaded, before the first case runs.
+    check_int("num_iter", num_iter, 1)
+    check_int("gamma", gamma, 1)
+    if num_iter % gamma:
+        raise ValueError(f"num_iter ({num_iter}) must be a multiple of gamma ({gamma}) for the num_iter/gamma baseline")
     if target == "embedded":  # the trained reference pair with its own VAE
         if drafter is not None:
             raise ValueError("target=embedded is the trained pair (its own drafter): leave drafter unset")
@@ -103,8 +110,7 @@ def mar_suite(
     pipe.set_progress_bar_config(disable=True)
     labels = [i % pipe.target.config.class_num for i in range(batch_size)]
     speculative_options = {"prefill_steps": prefill_steps}
-    if num_iter % gamma:
-        raise ValueError(f"num_iter ({num_iter}) must be a multiple of gamma ({gamma}) for the num_iter/gamma baseline")
+    mar_schedule(num_iter, pipe.target.seq_len, guidance_scale, cfg_schedule)
 
     def case(name: str, steps: int, method: str | None, acceptance: str | None = None, options: dict | None = None):
         def run(generator: torch.Generator, profile: bool) -> GenerationOutput:
@@ -160,12 +166,20 @@ def mar_suite(
             {"lam": lam},
         ),
     ]
+    for c in cases:
+        if c.config["speculative"] is not None:
+            pipe.resolve_speculation(
+                c.config["speculative"], speculative_options, c.config["acceptance"], c.config["acceptance_options"]
+            )
     tcfg, dcfg = pipe.target.config, pipe.drafter.config
     return BenchSuite(
         name="mar",
         description=mar_suite.__doc__.split("\n")[0],
         cases=cases,
         setup={
+            "model": f"the embedded MAR pair ({default_mar_path()})"
+            if target == "embedded"
+            else f"MAR {target} with draft MAR {drafter or 'random-tiny'}",
             "target": target,
             "drafter": drafter or ("embedded" if target == "embedded" else "random-tiny"),
             "target_width": tcfg.encoder_embed_dim,

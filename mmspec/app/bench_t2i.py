@@ -7,8 +7,10 @@ import torch
 
 from ..loops import GenerationOutput
 from ..pipelines.t2i import T2IPipeline
+from ..pipelines.validation import check_int
+from ..sampling import SamplingConfig
 from ..training.t2i import parse_grid
-from .bench import BenchCase, BenchSuite, method_specs, register_suite
+from .bench import BenchCase, BenchSuite, method_specs, parse_configs, register_suite
 
 
 @register_suite("t2i")
@@ -39,8 +41,14 @@ def t2i_suite(
     folder to attach; ``configs``: as the ar-image suite's (``"sjd;mc-sjd:coupling=gumbel,k=16"``)."""
     if model is None:
         raise ValueError("the t2i suite needs --option model=FOLDER (a Janus or Emu3 folder)")
+    # Settings wrong for any model fail before one loads; the vocabulary and the methods (Janus and Emu3
+    # have their own) are checked once it has loaded, before the first case runs.
+    check_int("num_draft_tokens", num_draft_tokens, 1)
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, guidance_scale=guidance_scale)
     size = {} if grid is None else dict(zip(("height", "width"), parse_grid(grid)))
     pipe = T2IPipeline.from_pretrained(model, torch_dtype=dtype, **size).to(device)
+    sampling.validate_vocab(pipe.target.vocab_size)
+    configured = None if configs is None else parse_configs(pipe.methods, configs, num_draft_tokens)
     pipe.set_progress_bar_config(disable=True)
     if eagle_head is not None:
         pipe.load_eagle_head(eagle_head)
@@ -77,7 +85,7 @@ def t2i_suite(
     return BenchSuite(
         name="t2i",
         description=t2i_suite.__doc__.split("\n")[0],
-        cases=[case(*spec) for spec in method_specs(pipe, configs, num_draft_tokens, rule)],
+        cases=[case(*spec) for spec in method_specs(pipe, configured, num_draft_tokens, rule)],
         setup={
             "model": model,
             "pipeline": type(pipe).__name__,

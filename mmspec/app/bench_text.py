@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..loops import GenerationOutput
+from ..pipelines.validation import check_int, check_vlm_call
 from .bench import BenchCase, BenchSuite, PeerOutput, register_suite
 
 #: The ``lm`` suite's prompt sets: "copy" (answers that repeat much of the prompt: prompt lookup's
@@ -95,18 +96,31 @@ def _beyond_hf(key: str, num_layers: int) -> bool:
     return len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= num_layers
 
 
+def _tiny_lm_heads(dim: int) -> tuple[int, int]:
+    """The attention and key/value heads of :func:`_tiny_lm` of width ``dim``; a ValueError when ``dim``
+    does not split into them."""
+    heads, kv_heads = max(dim // 32, 1), max(dim // 64, 1)
+    if dim % heads or heads % kv_heads:
+        raise ValueError(
+            f"dim={dim} does not split into {heads} attention heads sharing {kv_heads} key/value heads: "
+            "use e.g. a multiple of 64"
+        )
+    return heads, kv_heads
+
+
 def _tiny_lm(vocab_size: int, dim: int, n_layer: int) -> Any:
     """A random Llama-architecture HF causal LM (the ``lm`` suite without ``model=``: per-step costs only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    heads, kv_heads = _tiny_lm_heads(dim)
     torch.manual_seed(1234)
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=dim,
         intermediate_size=2 * dim,
         num_hidden_layers=n_layer,
-        num_attention_heads=max(dim // 32, 1),
-        num_key_value_heads=max(dim // 64, 1),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         eos_token_id=None,
         bos_token_id=None,
         pad_token_id=None,
@@ -114,20 +128,33 @@ def _tiny_lm(vocab_size: int, dim: int, n_layer: int) -> Any:
     return LlamaForCausalLM(config).eval()
 
 
-def _cases_from_configs(registry: Any, pipe: Any, configs: str | None) -> list[tuple[str, str, dict]]:
-    """``(name, method, options)`` per configuration: ``configs`` (``;``-separated ``METHOD[:key=value,...]``)
-    or every method of ``registry`` the pipeline can run with its defaults."""
+def _parse_configs(registry: Any, configs: str | None) -> list[tuple[str, str, dict]] | None:
+    """``configs`` (``;``-separated ``METHOD[:key=value,...]``) as ``(name, method, options)`` with the
+    method's defaults filled in, method and option names checked against ``registry`` before any model
+    loads; None for None (every available method)."""
     from .jobs import parse_key_values
 
-    specs = [c for c in configs.split(";") if c] if configs is not None else registry.available(pipe)
+    if configs is None:
+        return None
     out = []
-    for spec in specs:
+    for spec in [c for c in configs.split(";") if c]:
         name, _, opts = spec.partition(":")
-        method = registry.get(name)
-        options = method.resolve_options(parse_key_values([o for o in opts.split(",") if o], f"config {spec!r}"))
-        method.build(pipe, options)  # fail before anything runs (unknown option values, missing components)
-        out.append((spec, name, options))
+        options = parse_key_values([o for o in opts.split(",") if o], f"config {spec!r}")
+        out.append((spec, name, registry.get(name).resolve_options(options)))
     return out
+
+
+def _cases_from_configs(
+    registry: Any, pipe: Any, configured: list[tuple[str, str, dict]] | None
+) -> list[tuple[str, str, dict]]:
+    """``(name, method, options)`` per configuration: ``configured`` (from :func:`_parse_configs`) or every
+    method of ``registry`` the pipeline can run with its defaults; each built once, so that option values
+    and components are checked before anything runs."""
+    if configured is None:
+        configured = [(name, name, registry.get(name).resolve_options(None)) for name in registry.available(pipe)]
+    for _, name, options in configured:
+        registry.get(name).build(pipe, options)
+    return configured
 
 
 @register_suite("lm")
@@ -162,8 +189,17 @@ def lm_suite(
     (:meth:`~mmspec.pipelines.base.SpeculativePipelineMixin.enable_cpu_packing`; float32 CPU only)."""
     from ..pipelines.lm import LM_METHODS, LMPipeline, LMTarget, load_lm
 
+    # Settings wrong for any model fail before one loads; method option values once it has, before the
+    # first case runs.
     if prompts not in LM_PROMPTS:
         raise ValueError(f"prompts must be one of {sorted(LM_PROMPTS)}, got {prompts!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("num_draft_tokens", num_draft_tokens, 1)
+    if model is None:
+        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("n_layer", n_layer), ("prompt_len", prompt_len)):
+            check_int(name, value, 1)
+        _tiny_lm_heads(dim)
+    configured = _parse_configs(LM_METHODS, configs)
     if model is not None:
         from transformers import AutoTokenizer
 
@@ -210,7 +246,7 @@ def lm_suite(
         config = {"method": method, "options": options, "num_draft_tokens": num_draft_tokens if method else 0}
         return BenchCase(name, run, config, compare_to=compare_to if peers and batch_size == 1 else None)
 
-    configured = _cases_from_configs(LM_METHODS, pipe, configs)
+    configured = _cases_from_configs(LM_METHODS, pipe, configured)
     cases = [case("baseline (static cache, eager)", None, {}, "transformers generate")]
     assisted_layers = sorted({o["layers"] for _, m, o in configured if m == "draft-model"})
     for spec, method, options in configured:
@@ -247,7 +283,9 @@ def lm_suite(
         description=lm_suite.__doc__.split("\n")[0],
         cases=cases,
         setup={
-            "model": model or f"random Llama (vocab {vocab_size}, dim {dim}, {n_layer} layers)",
+            "model": model
+            or f"random-weight Llama (vocab {vocab_size}, dim {dim}, {n_layer} layers: per-step costs only; "
+            "--option model=FOLDER for a real one)",
             "target": dict(vars(pipe.target.decoder.config)),
             "prompts": prompts if model is not None else f"random repeated phrases ({prompt_len} tokens)",
             "num_prompts": len(LM_PROMPTS[prompts]) if model is not None else 2,
@@ -299,13 +337,20 @@ def vlm_suite(
     (:data:`~mmspec.training.saved.DRAFT_VOCAB_FILE`), ``"all"`` the whole vocabulary (transformers'
     assisted generation always uses the whole one). ``cpu_packing``: as in the ``lm`` suite (the target
     only: the draft model's steps are one-row)."""
+    from ..pipelines.vlm import VLM_METHODS, VLMPipeline, load_vlm_target, vlm_family
+
+    # Settings wrong for any model fail before one loads; those that depend on it (positions, method
+    # option values) once it has, before the first case runs.
     if draft_vocab not in ("saved", "all"):
         raise ValueError(f"draft_vocab must be 'saved' or 'all', got {draft_vocab!r}")
     if model is None or images is None:
         raise ValueError("the vlm suite needs --option model=VLM_FOLDER --option images=IMAGE_FOLDER")
+    for name, value in (("num_images", num_images), ("max_new_tokens", max_new_tokens)):
+        check_int(name, value, 1)
+    check_int("num_draft_tokens", num_draft_tokens, 1)
+    configured = _parse_configs(VLM_METHODS, configs)
     import PIL.Image
 
-    from ..pipelines.vlm import VLM_METHODS, VLMPipeline, load_vlm_target, vlm_family
     from ..training.saved import CAPTIONER_DRAFTER_SUBFOLDER, captioner_drafter
 
     files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
@@ -332,6 +377,12 @@ def vlm_suite(
         pipe.build_prompt(pictures[i : i + batch_size], [question] * len(pictures[i : i + batch_size]))
         for i in range(0, len(pictures), batch_size)
     ]
+    check_vlm_call(
+        pipe,
+        max_new_tokens=max_new_tokens,
+        num_draft_tokens=num_draft_tokens,
+        prompt_length=max(int(p.lengths.max()) for p in prompts),
+    )
     eos = pipe.target.eos_token_ids
     pad = pipe._pad_token_id()
 
@@ -356,7 +407,7 @@ def vlm_suite(
         return BenchCase(name, run, config, compare_to=compare_to if peers and batch_size == 1 else None)
 
     cases = [case("baseline (static cache, eager)", None, {}, "transformers generate")]
-    for spec, method, options in _cases_from_configs(VLM_METHODS, pipe, configs):
+    for spec, method, options in _cases_from_configs(VLM_METHODS, pipe, configured):
         cases.append(case(spec, method, options, "transformers assisted (draft model)" if method == "model" else None))
     if peers and batch_size == 1:
         inputs = [_hf_inputs(p) for p in prompts]  # the very prompts mmspec runs (batch 1: one image each)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..loops import GenerationOutput
+from ..pipelines.validation import check_int
 from .bench import BenchCase, BenchSuite, register_suite
 
 
@@ -32,8 +33,23 @@ def video_suite(
     guidance_scale: float | None = None,
 ) -> BenchSuite:
     """Block-AR video: target-only, draft-only and SDVG (per tau), with the frame scorer's cost included."""
+    from ..pipelines.video.scorers import FRAME_SCORERS
     from .models import VideoDefaults, build_scorer, calibrated_tau, load_video
 
+    # Settings wrong for any model fail before one loads (None: the folder's sdvg.json default).
+    for name, value in (("num_inference_steps", num_inference_steps), ("draft_steps", draft_steps)):
+        if value is not None:
+            check_int(name, value, 1)
+    if scorer is not None and scorer not in FRAME_SCORERS:
+        raise ValueError(f"scorer must be one of {', '.join(sorted(FRAME_SCORERS))}, got {scorer!r}")
+    if taus != "calibrated":
+        message = f"taus must be numbers (inf allowed) or 'calibrated', got {taus!r}"
+        try:
+            values = [float(t) for t in taus.split(",")]
+        except ValueError:
+            raise ValueError(message) from None
+        if any(math.isnan(t) for t in values):
+            raise ValueError(message)
     pipe = load_video(None if model == "embedded" else Path(model), device, dtype)
     pipe.set_progress_bar_config(disable=True)
     defaults = VideoDefaults.of(Path(pipe.name_or_path))
@@ -47,10 +63,6 @@ def video_suite(
         if tau is None:
             raise ValueError(f"{pipe.name_or_path} has no sdvg.json calibrated for scorer {scorer!r}: pass taus=...")
         values = [tau]
-    else:
-        values = [float(t) for t in str(taus).split(",")]
-        if any(math.isnan(t) for t in values):
-            raise ValueError(f"taus must be numbers (inf allowed), got {taus!r}")
     pipe.set_scorer(build_scorer(scorer, {}, device, None if model == "embedded" else Path(model)))
     labels = [i % pipe.target.config.num_classes for i in range(batch_size)]
 

@@ -58,10 +58,20 @@ def bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .bench import BENCH_SUITES, format_table, run_benchmark, write_plots, write_record
+    from .bench import BENCH_SUITES, format_table, run_benchmark, typed_options, write_plots, write_record
 
     if args.suite not in BENCH_SUITES:
         raise SystemExit(f"error: unknown suite {args.suite!r}; available: {', '.join(sorted(BENCH_SUITES))}")
+    # Wrong for every suite: refused here, before any model loads (run_benchmark checks only after).
+    minimums = {
+        "--repeats": (args.repeats, 1),
+        "--warmup": (args.warmup, 0),
+        "--batch-size": (args.batch_size, 1),
+        "--threads": (args.threads, 1),
+    }
+    for flag, (value, minimum) in minimums.items():
+        if value is not None and value < minimum:  # --threads None: torch's default
+            raise SystemExit(f"error: {flag} must be >= {minimum}, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -80,6 +90,10 @@ def bench(args: argparse.Namespace) -> int:
             f"error: --option {', '.join(unknown)}: not a setting of suite {args.suite!r}; its settings: "
             + ", ".join(accepted)
         )
+    try:
+        options = typed_options(factory, options)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     try:  # settings the suite refuses (a bad value, a missing folder): its message, before anything runs
         suite = factory(device, dtype, args.batch_size, **options)
     except (ValueError, OSError) as err:
@@ -184,7 +198,9 @@ def _read_inputs(args: argparse.Namespace, kind: str, family: str) -> list[str]:
             raise SystemExit(f"error: {'--labels-file' if kind == CLASS_LABELS else '--prompts-file'}: {err}") from None
         raw = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     elif kind == CLASS_LABELS:
-        raw = [x.strip() for x in (args.class_labels or "0,1,2,3").split(",") if x.strip()]
+        raw = [
+            x.strip() for x in ("0,1,2,3" if args.class_labels is None else args.class_labels).split(",") if x.strip()
+        ]
     else:
         raw = [x.strip() for x in args.prompt or [] if x.strip()]
     if not raw:
@@ -221,7 +237,9 @@ def _choose_model(args: argparse.Namespace):
 @command("generate", _generate_args)
 def generate(args: argparse.Namespace) -> int:
     """Generate from any family's model (batch over class labels or prompts; resumable; bad items
-    skipped and reported): 1. settings → 2. model → 3. the family's job → 4. run and report."""
+    skipped and reported).
+
+    Steps: 1. settings → 2. model → 3. the family's job → 4. run and report."""
     from .generators import check_foreign_options
     from .job_settings import check_generate_settings
     from .jobs import job_state, lock_output, report, run_job
@@ -249,7 +267,17 @@ def generate(args: argparse.Namespace) -> int:
             raw, job.parse, job.process, args.output_dir, args.batch_size, desc="generate", settings=job.settings
         )
         if job_state().is_main_process:
-            report(args.output_dir, done, job.what, {"family": family.name, **job.summary}, job.rate_label)
+            summary = report(args.output_dir, done, job.what, {"family": family.name, **job.summary}, job.rate_label)
+            return _job_exit_code(summary)
+    return 0
+
+
+def _job_exit_code(summary: dict) -> int:
+    """A batch job's exit code from its ``stats.json`` summary: 1 when every item failed (nothing to
+    show, so a script must notice), 0 otherwise (bad items beside good ones are reported, not fatal)."""
+    if summary["num_results"] == 0 and summary["num_errors"] > 0:
+        print(f"error: every item failed ({summary['num_errors']} bad items above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -307,6 +335,16 @@ def evaluate(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --num-images must be >= 1, got {args.num_images}")
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
+    if args.classes is not None:
+        try:
+            if not [int(c) for c in args.classes.split(",")]:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"error: --classes must be comma-separated class ids, got {args.classes!r}") from None
+    if args.features.startswith("torchscript:") and not Path(args.features.split(":", 1)[1]).is_file():
+        raise SystemExit(f"error: --features {args.features}: no such file")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -376,12 +414,14 @@ def caption(args: argparse.Namespace) -> int:
     from ..data.images import image_list
     from ..pipelines.vlm.pipeline_vlm import VLM_METHODS
     from .job_settings import check_caption_settings
-    from .jobs import JobOutput, job_state, lock_output, parse_key_values, report, run_job
+    from .jobs import JobOutput, job_state, lock_output, parse_key_values, report, run_job, write_summary
     from .jobs_io import append_jsonl, check_image, load_image, write_atomic
 
     check_caption_settings(args, ["default", "none", *VLM_METHODS.names()])
     drafter_options = parse_key_values(args.drafter_option, "--drafter-option")
     images = _caption_inputs(args.inputs, image_list)
+    if not images:
+        raise SystemExit(f"error: no images in {', '.join(str(p) for p in args.inputs)}")
     device = resolve_device(args.device)
     # A second job on the output folder stops here, before loading (stdout mode has no folder to share).
     lock = lock_output(args.output_dir) if args.output_dir is not None else contextlib.nullcontext()
@@ -460,7 +500,7 @@ def caption(args: argparse.Namespace) -> int:
                 print(f"{r['input']}\t{r['caption']}")
             for e in JobOutput.read(Path(scratch), "errors"):
                 print(f"{e['input']}: {e['error']}", file=sys.stderr)
-        return 0
+            return _job_exit_code(write_summary(Path(scratch), {}))
     captions_path = args.output_dir / "captions.jsonl"
 
     def write_captions(records):  # visible while the job runs; rewritten in input order at the end
@@ -497,7 +537,7 @@ def caption(args: argparse.Namespace) -> int:
                 captions_path,
                 "".join(json.dumps({"image": r["input"], "caption": r["caption"]}) + "\n" for r in results),
             )
-            report(
+            summary = report(
                 args.output_dir,
                 job,
                 "captions",
@@ -509,6 +549,7 @@ def caption(args: argparse.Namespace) -> int:
                     "device": str(device),
                 },
             )
+            return _job_exit_code(summary)
     return 0
 
 
@@ -559,8 +600,11 @@ TRAIN_DRAFTER_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"vlm":
 def train_drafter(args: argparse.Namespace) -> int:
     """Train a draft head by self-distillation: EAGLE for LMs and LlamaGen, vision-aware EAGLE
     drafters (none/full/pool/prune/vispec/flash/specvlm) for VLMs; progress, checkpoints, resume."""
-    from ..training.eagle import train_drafter_command
+    from ..training.eagle import TARGET_KINDS, train_drafter_command
+    from ..training.settings import check_train_drafter_settings
 
+    # Checked here, where every kind's command is known, before any of them loads a target.
+    check_train_drafter_settings(args, sorted([*TARGET_KINDS, *TRAIN_DRAFTER_COMMANDS]))
     if args.arch == "eagle3":
         from ..training.eagle3 import train_eagle3_command
 
@@ -689,9 +733,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), None)
     for name, (add_args, run) in COMMANDS.items():
-        p = sub.add_parser(
-            name, help=(run.__doc__ or "").split("\n")[0], description=run.__doc__, formatter_class=HelpFormatter
-        )
+        summary = " ".join((run.__doc__ or "").split("\n\n")[0].split())  # the docstring's first paragraph
+        p = sub.add_parser(name, help=summary, description=run.__doc__, formatter_class=HelpFormatter)
         if argv is None or name == chosen:
             add_args(p)
             _describe_missing_help(p)

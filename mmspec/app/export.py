@@ -10,16 +10,16 @@ implement; draft models, n-gram and Jacobi drafting have their own engine option
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from ..checkpoint_io import read_json, read_safetensors
 from ..drafters.eagle import CONFIG_NAME, WEIGHTS_NAME
 from ..drafters.eagle3 import ARCH, ARCH_KEY, Eagle3Config, Eagle3Head
 from ..drafters.eagle3_format import LAYER_CONVENTIONS, write_eagle3
+from ..weights_check import check_weights
 
 FORMATS = ("eagle3",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,26 +46,42 @@ def load_saved_head(directory: Path) -> Eagle3Head:
     the exported file (engines share the target's), so a shape-only stand-in takes its place."""
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
-        raise SystemExit(f"{directory}: no {CONFIG_NAME}; pass a drafter directory written by mmspec train-drafter")
-    saved = json.loads(config_file.read_text())
+        raise SystemExit(
+            f"error: {directory}: no {CONFIG_NAME}; pass a drafter directory written by mmspec train-drafter"
+        )
+    saved = read_json(config_file)
     if saved.get(ARCH_KEY) != ARCH:
         kind = "an EAGLE-1/2 feature head" + (
             f" (visual path {saved['visual_path']!r})" if "visual_path" in saved else ""
         )
         raise SystemExit(
-            f"{directory} holds {kind}, which vLLM and SGLang cannot serve (it regresses the target's last feature "
+            f"error: {directory} holds {kind}, which vLLM and SGLang cannot serve (it regresses the target's last feature "
             "through the target's LM head and, for VLMs, compresses image tokens in ways the engines do not "
             "implement); only EAGLE-3 heads export: train one with mmspec train-drafter --arch eagle3"
         )
     config = Eagle3Config.from_dict(saved)
     stand_in = nn.Embedding(config.vocab_size, config.hidden_size, device="meta") if config.shares_embedding else None
     head = Eagle3Head(config, stand_in)
-    head.load_state_dict(load_file(directory / WEIGHTS_NAME))
+    weights = read_safetensors(directory / WEIGHTS_NAME)
+    check_weights(
+        "the EAGLE-3 head",
+        str(directory),
+        {k: tuple(v.shape) for k, v in head.state_dict().items()},
+        {k: tuple(v.shape) for k, v in weights.items()},
+    )
+    head.load_state_dict(weights)
     return head
 
 
 def export_drafter_command(args: argparse.Namespace) -> int:
-    head = load_saved_head(args.drafter)
+    """``mmspec export-drafter``: read the drafter folder, write it in ``--format``; returns 0."""
+    from ..training.settings import check_folder
+
+    check_folder(args, "drafter", "drafter folder", positional=True)
+    try:  # damaged files, or weights that do not match the saved config: named, not a traceback
+        head = load_saved_head(args.drafter)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {args.drafter}: {err}") from None
     out = write_eagle3(head, args.out, args.layer_convention, DTYPES.get(args.dtype) if args.dtype else None)
     c = head.config
     print(

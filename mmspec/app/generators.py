@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..checkpoint_io import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -235,6 +236,9 @@ def call_settings(pipe: Any, args: argparse.Namespace, device: torch.device) -> 
         **sampling_args,
         "seed": args.seed,
         "batch_size": args.batch_size,
+        # The head drafts, so it decides which draws are made: another head (or the same folder
+        # retrained) gives other images. Recorded only when given, so older job.json files still match.
+        **({"eagle_head": _folder_identity(args.eagle_head)} if getattr(args, "eagle_head", None) else {}),
     }
     summary = {
         "command": "generate",
@@ -250,6 +254,20 @@ def call_settings(pipe: Any, args: argparse.Namespace, device: torch.device) -> 
         "device": str(device),
     }
     return CallSettings(call, settings, summary)
+
+
+def _folder_identity(folder: str) -> dict:
+    """A weights folder's resolved path and the sha256 of its files (names and contents, in name order)."""
+    import hashlib
+
+    root = Path(folder).resolve()
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return {"path": str(root), "sha256": digest.hexdigest()}
 
 
 @dataclass
@@ -305,17 +323,29 @@ class ModelChoice:
     path: Path | None
 
 
+def _folder_record(path: Path, file: Path) -> dict:
+    """The JSON object in the model folder ``path``'s ``file``; ``SystemExit`` naming the file when it is
+    not valid JSON or not an object (a damaged or hand-edited folder)."""
+    try:
+        record = read_json(file)
+    except ValueError as err:
+        raise SystemExit(f"error: --model {path}: {err}") from None
+    if not isinstance(record, dict):
+        raise SystemExit(f"error: --model {path}: {file} holds a JSON {type(record).__name__}, not an object")
+    return record
+
+
 def _family_of_folder(path: Path) -> GenerationFamily:
     families = load_families().values()
     index, config = path / "model_index.json", path / "config.json"
     if index.is_file():
-        class_name = json.loads(index.read_text()).get("_class_name")
+        class_name = _folder_record(path, index).get("_class_name")
         for family in families:
             if family.pipeline_class == class_name:
                 return family
         raise SystemExit(f"error: --model {path}: mmspec has no generation family for pipeline class {class_name!r}")
     if config.is_file():
-        model_type = json.loads(config.read_text()).get("model_type")
+        model_type = _folder_record(path, config).get("model_type")
         for family in families:
             if model_type in family.model_types:
                 return family

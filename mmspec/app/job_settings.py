@@ -92,9 +92,18 @@ def check_generate_settings(args: argparse.Namespace, family: GenerationFamily) 
     try:
         from .jobs import parse_key_values
 
-        parse_key_values(args.acceptance_option, "--acceptance-option")
+        acceptance_options = parse_key_values(args.acceptance_option, "--acceptance-option")
     except ValueError as err:
         _fail(str(err))
+    # Option names are the rule's, known without the model (their values are checked once it loads).
+    rule = args.acceptance or (registry.get(args.speculative).default_rule if args.speculative != "none" else None)
+    if acceptance_options and rule is not None:
+        from ..rules import check_rule_options
+
+        try:
+            check_rule_options(rule, acceptance_options)
+        except ValueError as err:
+            _fail(f"--acceptance-option: {err}")
     _check_greedy_rule(args)
     if args.speculative != "none" and args.num_draft_tokens < 1 and not getattr(args, "eagle_tree", None):
         _fail(
@@ -112,6 +121,7 @@ def check_generate_settings(args: argparse.Namespace, family: GenerationFamily) 
 def check_caption_settings(args: argparse.Namespace, drafters: list[str]) -> None:
     """``SystemExit`` with a message if ``mmspec caption``'s settings cannot work for any image."""
     from ..rules import ACCEPTANCE_RULES
+    from ..types import CommitMode
 
     _check_common(args)
     _check_sources(args)
@@ -125,8 +135,10 @@ def check_caption_settings(args: argparse.Namespace, drafters: list[str]) -> Non
             f"--num-draft-tokens must be >= 1 with a drafter, got {args.num_draft_tokens} (use --drafter none for "
             "the baseline)"
         )
-    if args.acceptance not in ACCEPTANCE_RULES:
-        _fail(f"--acceptance must be one of {', '.join(sorted(ACCEPTANCE_RULES))}; got {args.acceptance!r}")
+    # Captions come from the causal loop (every VLM method runs it): only prefix-committing rules apply.
+    causal = sorted(name for name, rule in ACCEPTANCE_RULES.items() if rule.commit == CommitMode.PREFIX)
+    if args.acceptance not in causal:
+        _fail(f"--acceptance must be one of {', '.join(causal)} (rules of the causal loop); got {args.acceptance!r}")
     if args.drafter_option:
         from ..pipelines.vlm.pipeline_vlm import VLM_METHODS
         from .jobs import parse_key_values

@@ -119,6 +119,8 @@ def lock_output(out_dir: Path) -> FolderLock:
     all-reduce) before going on: if any of them is refused, all of them stop. Every job has a rank
     0, so two jobs on one folder always collide there, whatever their numbers of processes.
     """
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise SystemExit(f"error: --output-dir {out_dir} is a file, not a folder")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     state = job_state()
     lock, refusal = None, None
@@ -193,7 +195,9 @@ def run_job(
     on_results: Callable[[list[dict]], None] | None = None,
     settings: dict | None = None,
 ) -> dict:
-    """Parse, shard, skip finished items, process in batches; return this process's summary.
+    """Parse, shard, skip finished items, process in batches; return the job's counts (``assigned``,
+    ``skipped_done``, ``processed``: summed over all processes of a data-parallel job) and this
+    process's ``repaired`` notes.
 
     ``parse(raw)`` raises ``ValueError`` for a bad item (recorded in errors, job goes on); it should
     be cheap (decode images in ``process``, a batch at a time). ``process(items)`` returns one result
@@ -209,6 +213,11 @@ def run_job(
     remaining items in the same batches (hence with the same seeds) as an uninterrupted one.
     """
     state = job_state()
+    if settings is not None and state.num_processes > 1:
+        # Items are sharded by rank and batched per rank, so the seeds (and outputs) depend on the number
+        # of processes: a job resumed with another number would mix two seedings. (A one-process job
+        # records nothing, so job.json files written before this key still match.)
+        settings = {**settings, "num_processes": state.num_processes}
     with lock_output(out_dir):
         output = JobOutput(out_dir, state.process_index)
         notes = output.repair()
@@ -259,7 +268,15 @@ def run_job(
                     on_results(records)
                 bar.update(len(batch))
     state.wait_for_everyone()
-    return {"assigned": len(mine), "skipped_done": skipped, "processed": todo - failed, "repaired": notes}
+    counts = [len(mine), skipped, todo - failed]
+    if state.num_processes > 1:  # the whole job's numbers, for rank 0's report
+        import torch
+        import torch.distributed as dist
+
+        total = torch.tensor(counts, device=state.device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        counts = total.tolist()
+    return {"assigned": counts[0], "skipped_done": counts[1], "processed": counts[2], "repaired": notes}
 
 
 def parse_key_values(pairs: list[str], what: str) -> dict:

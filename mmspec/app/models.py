@@ -7,10 +7,11 @@ inside the functions, so building the parser (``mmspec --help``) stays fast."""
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..checkpoint_io import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -25,12 +26,14 @@ def resolve_device(name: str | None) -> torch.device:
     """``--device`` as a torch device; by default CUDA when available, else the CPU."""
     import torch
 
+    from ..devices import available_device
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise SystemExit(f"error: --device: {err}") from None
+        return available_device(name)
+    except ValueError as err:
+        raise SystemExit(f"error: --device {err}") from None
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -71,7 +74,16 @@ def _official_config(value: str | None, flag: str):
     if value is None:
         raise SystemExit(f"error: {flag} is required with official checkpoints (a preset name or a JSON file)")
     path = Path(value)
-    return json.loads(path.read_text()) if path.suffix == ".json" else value
+    return _read_record(path, flag) if path.suffix == ".json" else value
+
+
+def _read_record(path: Path, flag: str | None = None):
+    """The JSON in ``path`` (a config or record file given or found in a model folder); ``SystemExit``
+    naming the file when it cannot be read (``flag``: the option that named it)."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {flag + ': ' if flag else ''}{err}") from None
 
 
 def load_llamagen(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, path: Path | None = None):
@@ -120,7 +132,7 @@ def llamagen_classes(args: argparse.Namespace) -> list[dict] | None:
     path = Path(args.model or default_llamagen_path()) / CLASSES_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_record(path)
 
 
 #: The embedded video pair (a folder under ``mmspec/assets``).
@@ -164,7 +176,7 @@ class VideoDefaults:
         file = folder / SDVG_FILE
         if not file.is_file():
             return cls()
-        record = json.loads(file.read_text())
+        record = _read_record(file)
         return cls(
             scorer=record.get("scorer", cls.scorer),
             num_inference_steps=int(record.get("num_inference_steps", cls.num_inference_steps)),
@@ -202,7 +214,7 @@ def calibrated_tau(folder: Path, scorer: str, aggregate: str) -> float | None:
     file = folder / SDVG_FILE
     if not file.is_file():
         return None
-    record = json.loads(file.read_text())
+    record = _read_record(file)
     if record.get("scorer") != scorer or record.get("aggregate", "min") != aggregate:
         return None
     return float(record["tau"])

@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..cache import StaticKVCache
+from ..checkpoint_io import read_json, read_safetensors
 from ..compile import mark_static
 from ..modeling import TransformerBlock, find_multiple, rope_frequencies, rope_table
 from ..sampling import SamplingConfig, logits_to_probs, race_noise, sample_from_probs
@@ -198,7 +199,7 @@ class EagleHead(nn.Module):
         raise ValueError naming the folder and the keys."""
         directory = Path(directory)
         head = cls(read_eagle_config(directory))
-        weights = load_file(directory / WEIGHTS_NAME)
+        weights = read_safetensors(directory / WEIGHTS_NAME)
         check_weights(
             "the EAGLE head",
             str(directory),
@@ -247,7 +248,7 @@ def read_eagle_config(directory: Path) -> EagleConfig:
             f"{directory} holds no EAGLE head: it needs {CONFIG_NAME} and {WEIGHTS_NAME} as written by "
             "EagleHead.save_pretrained (`mmspec train-drafter`)"
         )
-    raw = json.loads((directory / CONFIG_NAME).read_text())
+    raw = read_json(directory / CONFIG_NAME)
     names = {f.name for f in fields(EagleConfig)}
     required = {f.name for f in fields(EagleConfig) if f.default is MISSING}
     unexpected, missing = sorted(set(raw) - names), sorted(required - set(raw))

@@ -46,10 +46,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..cache import StaticKVCache
+from ..checkpoint_io import read_json, read_safetensors
 from ..modeling import RMSNorm
 from ..types import DraftContext, PrefillOutput, TargetOutput, TokenPrompt
 from .eagle import CONFIG_NAME, WEIGHTS_NAME, EagleDrafter, TreeConfig, target_fingerprint
@@ -431,7 +432,7 @@ class Eagle3Head(nn.Module):
         """Load a head saved by :meth:`save_pretrained`; ``target_name`` (the target's LM-head
         fingerprint) must match the saved one when given."""
         directory = Path(directory)
-        data = json.loads((directory / CONFIG_NAME).read_text())
+        data = read_json(directory / CONFIG_NAME)
         if data.get(ARCH_KEY) != ARCH:
             raise ValueError(f'{directory} holds no mmspec EAGLE-3 head (config.json has no "{ARCH_KEY}": "{ARCH}")')
         config = Eagle3Config.from_dict(data)
@@ -441,7 +442,7 @@ class Eagle3Head(nn.Module):
                 "train one for this target (mmspec train-drafter --arch eagle3)"
             )
         head = cls(config, embed)
-        head.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        head.load_state_dict(read_safetensors(directory / WEIGHTS_NAME))
         return head.to(embed.weight.device if embed is not None else "cpu")
 
 
@@ -571,7 +572,7 @@ class Eagle3Drafter(EagleDrafter):
         head = Eagle3Head.from_pretrained(directory, _embedding(target), target_fingerprint(_lm_head(target)))
         tree_file = Path(directory) / TREE_NAME
         if tree is None and tree_file.is_file():
-            tree = TreeConfig(**json.loads(tree_file.read_text()))
+            tree = TreeConfig(**read_json(tree_file))
         return cls(head.to(_lm_head(target).weight.device).eval(), tree)
 
 

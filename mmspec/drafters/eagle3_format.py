@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ..checkpoint_io import read_json, read_safetensors
 from .eagle import target_fingerprint
 from .eagle3 import Eagle3Config, Eagle3Head, decoder_layers, default_aux_layers
 
@@ -167,7 +168,7 @@ def is_eagle3_dir(directory: str | Path) -> bool:
     path = Path(directory) / "config.json"
     if not path.is_file():
         return False
-    return ARCHITECTURE in (json.loads(path.read_text()).get("architectures") or [])
+    return ARCHITECTURE in (read_json(path).get("architectures") or [])
 
 
 def read_eagle3(
@@ -187,7 +188,7 @@ def read_eagle3(
     config_file, weights_file = directory / "config.json", directory / "model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
         raise ValueError(f"{directory} is not an EAGLE-3 draft directory: it needs config.json and model.safetensors")
-    cfg = json.loads(config_file.read_text())
+    cfg = read_json(config_file)
     if ARCHITECTURE not in (cfg.get("architectures") or []):
         raise ValueError(
             f'{directory}/config.json declares architectures {cfg.get("architectures")}, not ["{ARCHITECTURE}"]: '
@@ -228,7 +229,7 @@ def read_eagle3(
     else:
         aux = tuple(int(i) - (1 if convention == "vllm" else 0) for i in ids)
     heads = int(cfg["num_attention_heads"])
-    tensors = load_file(weights_file)
+    tensors = read_safetensors(weights_file)
     missing = [name for name in FORMAT_TENSORS if name not in tensors]
     if missing:
         raise ValueError(f"the EAGLE-3 draft in {directory} lacks tensors {missing}")

@@ -26,6 +26,7 @@ from .captioner_eval import evaluate_captioner, save_caption_grid
 from .loop import add_recipe_run_args
 from .reference import RECIPE_FILE
 from .saved import load_captioner_pipeline
+from .settings import check_train_captioner_settings
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -99,6 +100,7 @@ def add_train_captioner_args(parser: argparse.ArgumentParser) -> None:
 def train_captioner_command(args: argparse.Namespace) -> int:
     """Train, save and evaluate the captioner and its drafter (``mmspec train-captioner``), and
     write ``OUT/MODEL_CARD.md``; returns 0."""
+    check_train_captioner_settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -123,11 +125,9 @@ def train_captioner_command(args: argparse.Namespace) -> int:
     if args.heldout_samples is not None:
         data["heldout_samples"] = args.heldout_samples
     if args.max_glyphs is not None:
-        if args.max_glyphs < 1:
-            raise SystemExit(f"train-captioner: --max-glyphs must be >= 1, got {args.max_glyphs}")
         if args.max_glyphs > 1 and (args.language_model or config.language_model) is None:
             raise SystemExit(
-                "train-captioner: --max-glyphs > 1 needs a pretrained language model (--preset smollm2 or "
+                "error: train-captioner: --max-glyphs > 1 needs a pretrained language model (--preset smollm2 or "
                 "--language-model): the from-scratch captioner's word tokenizer knows the glyph names only"
             )
         data["max_glyphs_per_scene"] = args.max_glyphs
@@ -136,13 +136,13 @@ def train_captioner_command(args: argparse.Namespace) -> int:
     try:
         config = dataclasses.replace(config, **settings)
     except ValueError as err:
-        raise SystemExit(f"train-captioner: {err}") from None
+        raise SystemExit(f"error: train-captioner: {err}") from None
     timings = {}
     start = time.perf_counter()
     try:
         model, processor = train_captioner(config, lm_cache_dir=args.lm_cache_dir, device=args.device)
     except (ModuleNotFoundError, FileNotFoundError) as err:  # the optional LM is not installed / not found
-        raise SystemExit(f"train-captioner: {err}") from None
+        raise SystemExit(f"error: train-captioner: {err}") from None
     timings["captioner"] = time.perf_counter() - start
     drafter = None
     if config.draft_steps > 0:

@@ -17,7 +17,6 @@ blocks them at inference).
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint_io import read_json, read_safetensors, read_torch
 from ..drafters.eagle import EagleConfig, EagleHead, target_fingerprint
 from ..loops import required_cache_len, speculative_generate
 from ..modeling import DecoderConfig, DecoderLM
 from ..sampling import SamplingConfig
 from ..types import Target, TokenPrompt
+from ..weights_check import check_weights
 from .loop import train_head
 from .t2i import load_t2i_pipeline, parse_grid, read_prompt_lines, t2i_prompt_sampler
 
@@ -216,21 +217,31 @@ def train_eagle_head(target: Target, head: EagleHead, batches: Batches, config: 
 # ---------------------------------------------------------------------- command line
 def load_lm_target(path: str | Path, device: torch.device | str = "cpu") -> DecoderLM:
     """A :class:`~mmspec.modeling.DecoderLM` from ``path/config.json`` (``DecoderConfig`` fields)
-    and ``path/model.safetensors`` (or a torch state dict ``model.pt`` / ``pytorch_model.bin``)."""
+    and ``path/model.safetensors`` (or a torch state dict ``model.pt`` / ``pytorch_model.bin``).
+    ``SystemExit`` when a file is missing; ``ValueError`` naming the file when one cannot be read, is
+    another model's config or holds weights that do not match it."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise SystemExit(f"--target-path {path}: no config.json (DecoderConfig fields) found")
-    model = DecoderLM(DecoderConfig(**json.loads(config_file.read_text())))
+        raise SystemExit(f"error: --target-path {path}: no config.json (DecoderConfig fields) found")
+    try:
+        config = DecoderConfig(**read_json(config_file))
+    except TypeError as err:  # another model's config: keys DecoderConfig does not have, or lacks
+        raise ValueError(f"{config_file} is not a DecoderConfig ({err})") from None
+    model = DecoderLM(config)
     if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(path / "model.safetensors")
+        state = read_safetensors(path / "model.safetensors")
     else:
         candidates = [path / name for name in ("model.pt", "pytorch_model.bin") if (path / name).is_file()]
         if not candidates:
-            raise SystemExit(f"--target-path {path}: no model.safetensors, model.pt or pytorch_model.bin found")
-        state = torch.load(candidates[0], map_location="cpu", weights_only=True)
+            raise SystemExit(f"error: --target-path {path}: no model.safetensors, model.pt or pytorch_model.bin found")
+        state = read_torch(candidates[0])
+    check_weights(
+        "DecoderLM",
+        str(path),
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        {k: tuple(v.shape) for k, v in state.items()},
+    )
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -297,7 +308,7 @@ def _t2i_kind(kind: str) -> TargetKind:
     def load(args):
         if args.target_name is not None:  # the pipeline attaches only heads named by its fingerprint
             raise SystemExit(
-                f"--target-name does not apply to --target-kind {kind}: its heads are named by the fingerprint "
+                f"error: --target-name does not apply to --target-kind {kind}: its heads are named by the fingerprint "
                 "of the target's image head, which the pipeline checks when it attaches one"
             )
         read_prompt_lines(args.prompts, kind)  # a missing or empty prompts file fails before the model loads
@@ -317,7 +328,7 @@ def _llamagen_prompts(target, args, batch_size, device):
     from mmspec.pipelines.llamagen import LlamaGenCondition
 
     if target.config.model_type != "c2i":
-        raise SystemExit("train-drafter --target-kind llamagen supports class-conditional (c2i) models")
+        raise SystemExit("error: train-drafter --target-kind llamagen supports class-conditional (c2i) models")
 
     def sample(generator: torch.Generator):
         labels = torch.randint(target.config.num_classes, (batch_size,), generator=generator)
@@ -345,7 +356,8 @@ def add_train_drafter_args(parser: argparse.ArgumentParser) -> None:
         type=Path,
         required=True,
         help="lm: directory with config.json + weights; llamagen: a saved LlamaGenPipeline folder; "
-        "janus / emu3: a local transformers folder of the model (or a saved JanusImagePipeline / Emu3ImagePipeline)",
+        "janus / emu3: a local transformers folder of the model (or a saved JanusImagePipeline / Emu3ImagePipeline); "
+        "vlm: a local transformers folder of the VLM",
     )
     parser.add_argument(
         "--target-name",
@@ -392,9 +404,14 @@ def add_train_drafter_args(parser: argparse.ArgumentParser) -> None:
 def train_drafter_command(args: argparse.Namespace) -> int:
     """Train an EAGLE head for a target by self-distillation and save it."""
     if args.target_kind not in TARGET_KINDS:
-        raise SystemExit(f"unknown --target-kind {args.target_kind!r}; available: {', '.join(sorted(TARGET_KINDS))}")
+        raise SystemExit(
+            f"error: unknown --target-kind {args.target_kind!r}; available: {', '.join(sorted(TARGET_KINDS))}"
+        )
     kind = TARGET_KINDS[args.target_kind]
-    loaded = kind.load(args)
+    try:  # a folder holding another model, or damaged files: the loader's message names what is wrong
+        loaded = kind.load(args)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --target-path {args.target_path}: {err}") from None
     target = kind.target(loaded)
     config = EagleTrainConfig(
         steps=args.steps,

@@ -260,9 +260,12 @@ def add_train_eagle3_args(parser: argparse.ArgumentParser) -> None:
 def _aux_layers(text: str | None) -> tuple[int, int, int] | None:
     if text is None:
         return None
-    ids = tuple(int(part) for part in text.split(","))
+    try:
+        ids = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        ids = ()
     if len(ids) != 3:
-        raise SystemExit(f"--aux-layers takes three comma-separated layer ids, got {text!r}")
+        raise SystemExit(f"error: --aux-layers takes three comma-separated layer ids, got {text!r}")
     return ids  # type: ignore[return-value]
 
 
@@ -289,18 +292,24 @@ def train_eagle3_command(args: argparse.Namespace) -> int:
 
         from .vlm import _training_items, distilled_batches, vlm_prompt_sampler
 
-        pipeline = VLMPipeline.from_pretrained(args.target_path, device=args.device)
+        try:  # a folder holding another model, or damaged files: the loader's message names what is wrong
+            pipeline = VLMPipeline.from_pretrained(args.target_path, device=args.device)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: --target-path {args.target_path}: {err}") from None
         target = pipeline.target
         head = eagle3_head_for_vlm(target, args.draft_vocab_size, aux)
         make_prompt = vlm_prompt_sampler(pipeline, _training_items(args), config.batch_size, args.long_answers)
         batches = distilled_batches(target, make_prompt, config, sampling)
     elif args.target_kind == "lm":
-        target = load_lm_target(args.target_path, args.device)
+        try:
+            target = load_lm_target(args.target_path, args.device)
+        except ValueError as err:
+            raise SystemExit(f"error: --target-path {args.target_path}: {err}") from None
         head = eagle3_head_for_lm(target, args.draft_vocab_size, aux)
         make_prompt, config.max_prompt_len = TARGET_KINDS["lm"].prompts(target, args, config.batch_size, args.device)
         batches = self_distilled_batches(target, make_prompt, config, sampling, args.device)
     else:
-        raise SystemExit(f"--arch eagle3 trains heads for --target-kind lm or vlm, not {args.target_kind!r}")
+        raise SystemExit(f"error: --arch eagle3 trains heads for --target-kind lm or vlm, not {args.target_kind!r}")
     losses = train_eagle3_head(target, head, batches, config)
     if process_state().is_main_process:
         Eagle3Drafter(head.eval()).save_pretrained(args.output)

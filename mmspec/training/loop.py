@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint_io import read_torch
+
 #: Fields of a training configuration that say where or how a run is saved, not what it computes.
 RUN_CONTROL_FIELDS = ("checkpoint_dir", "checkpoint_every", "resume", "progress")
 
@@ -116,7 +118,7 @@ class TrainRun:
 
     def restore(self, path: Path) -> int:
         """Load a checkpoint written by :meth:`save`; returns its step."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch(path)
         if state["config"] != config_fingerprint(self.config):
             raise ValueError(
                 f"cannot resume {self.name} from {path}: it was written with different settings "
@@ -200,7 +202,7 @@ def resume_head_training(config: Any, head: torch.nn.Module, optimizer: torch.op
     latest = latest_checkpoint(config.checkpoint_dir)
     if latest is None:
         return 0
-    state = torch.load(latest, map_location="cpu", weights_only=True)
+    state = read_torch(latest)
     head.load_state_dict(state["head"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])

@@ -57,6 +57,7 @@ from .reference_upsampler import (
 )
 from .reference_vq import VQTrainConfig, train_vq
 from .saved import CLASSES_FILE
+from .settings import check_train_reference_settings
 
 #: File next to a saved pipeline recording the recipe (data and training configurations).
 RECIPE_FILE = "recipe.json"
@@ -193,6 +194,7 @@ def add_train_reference_args(parser: argparse.ArgumentParser) -> None:
 
 def train_reference_command(args: argparse.Namespace) -> int:
     """Train the reference tokenizer / target / drafter (``mmspec train-reference``); returns 0."""
+    check_train_reference_settings(args, [*STAGES, *MAR_STAGES])
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -225,7 +227,9 @@ def train_reference_command(args: argparse.Namespace) -> int:
         else:
             if vq is None:
                 if not (out / "vq").is_dir():
-                    raise SystemExit(f"stage {stage!r} needs a trained tokenizer in {out / 'vq'}: run --stage vq first")
+                    raise SystemExit(
+                        f"error: stage {stage!r} needs a trained tokenizer in {out / 'vq'}: run --stage vq first"
+                    )
                 vq = LlamaGenVQ.from_pretrained(out / "vq").to(args.device).eval()
             if stage == "upsampler":
                 low, high = upsampler_pairs(vq, configs[stage], tokens=tokens)

@@ -584,7 +584,7 @@ def train_mar_reference_stages(args: argparse.Namespace) -> int:
             if vae is None:
                 if not (out / "mar-vae").is_dir():
                     raise SystemExit(
-                        f"stage {stage!r} needs a trained VAE in {out / 'mar-vae'}: run --stage mar-vae first"
+                        f"error: stage {stage!r} needs a trained VAE in {out / 'mar-vae'}: run --stage mar-vae first"
                     )
                 vae = MARAutoencoderKL.from_pretrained(out / "mar-vae").to(args.device).eval()
             if moments is None:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..checkpoint_io import read_json
+
 if TYPE_CHECKING:  # transformers' VLM classes load only when a captioner is requested
     from ..drafters import ModelDrafter
     from ..pipelines.vlm import VLMPipeline, VLMTarget
@@ -33,7 +35,7 @@ def read_draft_vocab(folder: str | Path) -> list[int] | None:
     if not file.is_file():
         return None
     try:
-        ids = json.loads(file.read_text())
+        ids = read_json(file)
     except json.JSONDecodeError as err:
         raise ValueError(f"{file} is not JSON: {err}") from None
     if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):

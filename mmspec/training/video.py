@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..data.emoji_video import EmojiClipConfig, class_names, render_clips
 from ..pipelines.video import BlockCausalVideoTransformer, FrameAutoencoderKL, VideoPipeline
 from ..pipelines.video.scorer_classifier import FrameClassifier
+from .settings import check_train_video_settings
 
 #: The stages the assembled pipeline is made of.
 MODEL_STAGES = ("vae", "target", "draft")
@@ -320,13 +321,10 @@ def add_train_video_args(parser: argparse.ArgumentParser) -> None:
 
 def train_video_command(args: argparse.Namespace) -> int:
     """``mmspec train-video``: run the chosen stages, then assemble ``OUT/pipeline`` when all exist."""
-    for flag in ("steps", "batch_size", "sampler_steps"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    check_train_video_settings(args)
     if args.sampler_steps is not None and args.stage not in ("target", "draft"):
         raise SystemExit(
-            "--sampler-steps sets a video model's training noise: use it with --stage target or --stage draft"
+            "error: --sampler-steps sets a video model's training noise: use it with --stage target or --stage draft"
         )
     out = Path(args.out)
     configs = reference_configs(args.preset, args.seed)
@@ -339,10 +337,12 @@ def train_video_command(args: argparse.Namespace) -> int:
     if args.sampler_steps is not None:
         configs[args.stage] = dataclasses.replace(configs[args.stage], sampler_steps=args.sampler_steps)
     if args.init_from is not None and args.stage not in ("target", "draft"):
-        raise SystemExit("--init-from continues a target or draft stage: use it with --stage target or --stage draft")
+        raise SystemExit(
+            "error: --init-from continues a target or draft stage: use it with --stage target or --stage draft"
+        )
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.stage in ("target", "draft", "classifier") and not (out / "vae").is_dir():
-        raise SystemExit(f"stage {args.stage!r} needs a trained VAE in {out / 'vae'}: run --stage vae first")
+        raise SystemExit(f"error: stage {args.stage!r} needs a trained VAE in {out / 'vae'}: run --stage vae first")
     data = configs["vae"].data
     frames, labels = render_clips(data)
     names = class_names(data)

@@ -245,16 +245,19 @@ def _training_items(args: argparse.Namespace) -> list[tuple[Any, str]]:
         try:
             dataset = EmojiDataset(image_size=64, num_samples=args.num_images, seed=args.seed, return_pil=True)
         except FileNotFoundError as exc:
-            raise SystemExit(f"no --images given and the emoji scenes cannot be rendered: {exc}") from exc
+            raise SystemExit(f"error: no --images given and the emoji scenes cannot be rendered: {exc}") from exc
         images = [dataset[i]["image"] for i in range(len(dataset))]
     if not images or not questions:
-        raise SystemExit("train-drafter --target-kind vlm needs at least one image and one question")
+        raise SystemExit("error: train-drafter --target-kind vlm needs at least one image and one question")
     return [(image, question) for image in images for question in questions]
 
 
 def train_vlm_drafter_command(args: argparse.Namespace) -> int:
     """Train a vision-aware EAGLE drafter for a VLM checkpoint by online distillation; save it."""
-    pipeline = VLMPipeline.from_pretrained(args.target_path, device=args.device)
+    try:  # a folder holding another model, or damaged files: the loader's message names what is wrong
+        pipeline = VLMPipeline.from_pretrained(args.target_path, device=args.device)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --target-path {args.target_path}: {err}") from None
     target = pipeline.target
     options = {"ratio": args.ratio, "num_queries": args.num_queries}
     if args.tokens_per_step is not None:

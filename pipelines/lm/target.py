@@ -19,6 +19,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig
 
+from mmspec.checkpoint_io import check_safetensors_files
 from mmspec.types import PrefillOutput, TargetOutput, TokenPrompt
 
 from ..vlm.decoder import (
@@ -143,8 +144,8 @@ def load_lm(
     peers such as ``generate``) and its :class:`LMTarget` (sharing unchanged weights).
 
     Raises:
-        ValueError: not a supported architecture (:data:`~..vlm.decoder.TEXT_ARCHITECTURES`), or the
-            weights do not match the config.
+        ValueError: not a supported architecture (:data:`~..vlm.decoder.TEXT_ARCHITECTURES`), the
+            weights do not match the config, or a weights file is not a valid safetensors file.
     """
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in TEXT_ARCHITECTURES or getattr(config, "text_config", None) is not None:
@@ -152,6 +153,8 @@ def load_lm(
             f"{path} holds a {config.model_type!r} model; a causal LM of one of these types is needed: "
             f"{', '.join(sorted(t for t in TEXT_ARCHITECTURES if not t.endswith('_text')))}"
         )
+    if os.path.isdir(path):  # transformers' SafetensorError would not say which file
+        check_safetensors_files(path)
     model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:  # transformers only warns, then runs with random weights

@@ -25,6 +25,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..component_mixin import ComponentMixin
+
 # --------------------------------------------------------------------------------------------
 # Transformer block (timm ``Block`` with the official MAR settings: qkv bias, exact GELU)
 # --------------------------------------------------------------------------------------------
@@ -362,7 +364,7 @@ class TokenGaussian:
     std: torch.Tensor
 
 
-class MARModel(ModelMixin, ConfigMixin):
+class MARModel(ComponentMixin, ModelMixin, ConfigMixin):
     """MAR's masked autoregressive transformer and diffusion head (official ``models/mar.py::MAR``
     at inference; dropout, label drop and the training losses are not part of it).
 

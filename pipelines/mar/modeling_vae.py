@@ -17,6 +17,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..component_mixin import ComponentMixin
+
 #: The official KL-16's latent scale (``engine_mar.py``: tokens = vae latents * 0.2325); the
 #: default ``scaling_factor`` of :class:`MARAutoencoderKL`.
 TOKEN_SCALE = 0.2325
@@ -190,7 +192,7 @@ class Decoder(nn.Module):
         return self.conv_out(_swish(self.norm_out(h)))
 
 
-class MARAutoencoderKL(ModelMixin, ConfigMixin):
+class MARAutoencoderKL(ComponentMixin, ModelMixin, ConfigMixin):
     """KL autoencoder of MAR: ``encode(images [B, 3, H, W] in [-1, 1]) -> (mean, logvar)`` of the
     posterior ``[B, embed_dim, H/2^(levels-1), ...]``; ``decode(latents) -> images``. MAR's tokens
     are ``latents * scaling_factor`` (0.2325 for the official KL-16, MAR's ``engine_mar.py``; a VAE

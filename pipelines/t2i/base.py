@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mmspec.checkpoint_io import check_safetensors_files, read_json
 from mmspec.drafters.eagle import EagleConfig, EagleDrafter, EagleHead, check_target, target_fingerprint
 from mmspec.drafters.factory import eagle_method
 from mmspec.loops import GenerationOutput, required_cache_len
@@ -190,10 +191,11 @@ class T2IPipeline(SpeculativePipelineMixin, abc.ABC):
             return _folder_pipeline_class(path).from_pretrained(path, torch_dtype, **kwargs)
         settings = {}
         if (path / INDEX_NAME).is_file():
-            index = json.loads((path / INDEX_NAME).read_text())
+            index = read_json(path / INDEX_NAME)
             if index.get("_class_name") != cls.__name__:
                 raise ValueError(f"{path} holds a {index.get('_class_name')!r} pipeline, not a {cls.__name__}")
             settings = {name: index[name] for name in cls.settings if name in index}
+        check_safetensors_files(path)  # transformers' SafetensorError would not say which file
         model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=torch_dtype)
         processor = None
         if (path / "processor_config.json").exists() or (path / "tokenizer_config.json").exists():
@@ -311,7 +313,7 @@ def _folder_pipeline_class(path: Path) -> type[T2IPipeline]:
     classes = T2IPipeline.__subclasses__()
     for name, key in ((INDEX_NAME, "_class_name"), ("config.json", "model_type")):
         if (path / name).is_file():
-            value = json.loads((path / name).read_text()).get(key)
+            value = read_json(path / name).get(key)
             for pipeline_class in classes:
                 if value in (pipeline_class.__name__, getattr(pipeline_class, "model_type", None)):
                     return pipeline_class

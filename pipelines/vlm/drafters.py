@@ -61,9 +61,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
+from mmspec.checkpoint_io import read_json, read_safetensors
 from mmspec.drafters.eagle import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -235,7 +235,7 @@ class VLMEagleHead(EagleHead):
         for another target (LM-head fingerprint, image token, RoPE kind) or, when ``visual_path`` is
         given, uses another visual path."""
         directory = Path(directory)
-        saved = json.loads((directory / CONFIG_NAME).read_text())
+        saved = read_json(directory / CONFIG_NAME)
         if saved.get("mrope_section") is not None:
             saved["mrope_section"] = tuple(saved["mrope_section"])
         config = VLMEagleConfig(**saved)
@@ -259,7 +259,7 @@ class VLMEagleHead(EagleHead):
                 f"the VLM drafter in {directory} uses visual path {config.visual_path!r}, not {visual_path!r}"
             )
         head = cls(config, target.decoder.tok_embeddings, target.decoder.output)
-        head.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        head.load_state_dict(read_safetensors(directory / WEIGHTS_NAME))
         return head.to(target.device)
 
 
@@ -352,5 +352,5 @@ class VLMEagleDrafter(EagleDrafter):
         head = VLMEagleHead.from_pretrained(directory, target, visual_path)
         tree_file = Path(directory) / TREE_NAME
         if tree is None and tree_file.is_file():
-            tree = TreeConfig(**json.loads(tree_file.read_text()))
+            tree = TreeConfig(**read_json(tree_file))
         return cls(head.eval(), target, tree)

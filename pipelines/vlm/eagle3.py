@@ -12,10 +12,10 @@ runtime drafters: no engine serves them.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+from mmspec.checkpoint_io import read_json
 from mmspec.drafters.eagle import TreeConfig, target_fingerprint
 from mmspec.drafters.eagle3 import ARCH, ARCH_KEY, Eagle3Drafter, Eagle3Head, eagle3_config_for
 from mmspec.drafters.eagle3_format import is_eagle3_dir, read_eagle3, target_spec
@@ -76,7 +76,7 @@ def load_eagle3_drafter(
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path} holds no drafter (no config.json)")
-    if json.loads(config_file.read_text()).get(ARCH_KEY) == ARCH:
+    if read_json(config_file).get(ARCH_KEY) == ARCH:
         return Eagle3Drafter.from_pretrained(path, target, tree)
     if not is_eagle3_dir(path):
         raise ValueError(f"{path} is neither an mmspec EAGLE-3 drafter nor an EAGLE-3 draft in the vLLM/SGLang format")

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.utils import ModelOutput
 
+from mmspec.checkpoint_io import check_safetensors_files
 from mmspec.types import PrefillOutput, TargetOutput, TokenPrompt
 
 from .decoder import DraftVocabHead, RopeOffsetKVCache, VLMDecoder, convert_language_model
@@ -415,11 +416,14 @@ def load_vlm_target(
         device: where the target runs (None: CPU for paths, the model's device for instances).
 
     Raises:
-        ValueError: the architecture is not one of :data:`VLM_FAMILIES`, or the weights do not match
-            the config (missing, unexpected or mis-shaped tensors; the message names them).
+        ValueError: the architecture is not one of :data:`VLM_FAMILIES`, the weights do not match
+            the config (missing, unexpected or mis-shaped tensors; the message names them), or a
+            weights file is not a valid safetensors file (truncated or corrupt; the message names it).
     """
     if isinstance(path_or_model, (str, os.PathLike)):
         family = vlm_family(AutoConfig.from_pretrained(path_or_model).model_type)
+        if os.path.isdir(path_or_model):  # transformers' SafetensorError would not say which file
+            check_safetensors_files(path_or_model)
         model, info = family.hf_class().from_pretrained(path_or_model, dtype=dtype, output_loading_info=True)
         problems = {
             kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")

@@ -1,3 +1,4 @@
+import inspect
 import json
 
 import pytest
@@ -91,9 +92,92 @@ def test_cli_bench_writes_json_and_plots(tmp_path, capsys):
     assert all(r["profiled_verify_s"] > 0 for r in record["results"] if not r["peer"])
     for name in ("r-speedup.png", "r-steps.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    # The table's header names the model: here the random-weight Llama the suite builds without model=.
+    assert printed.startswith("suite `lm`, model: random-weight Llama (vocab 64, dim 32, 2 layers")
 
 
 def test_unknown_suite_options_are_named_with_the_suites_settings(tmp_path):
     with pytest.raises(SystemExit, match=r"--option foo: not a setting of suite 'lm'; its settings: .*max_new_tokens"):
         main(["bench", "--suite", "lm", "--option", "foo=1", "--output", str(tmp_path / "r.json")])
+
+
+def _never_load(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--repeats", "0"], "error: --repeats must be >= 1, got 0"),
+        (["--warmup", "-1"], "error: --warmup must be >= 0, got -1"),
+        (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+        (["--threads", "0"], "error: --threads must be >= 1, got 0"),
+    ],
+)
+def test_flags_wrong_for_every_suite_fail_before_any_model_loads(monkeypatch, tmp_path, flags, message):
+    monkeypatch.setitem(BENCH_SUITES, "lm", _never_load)
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "--suite", "lm", *flags, "--output", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("temperature=hot", "error: --option temperature: must be a number, got 'hot'"),
+        ("num_draft_tokens=abc", "error: --option num_draft_tokens: must be an integer, got 'abc'"),
+        ("top_k=1.5", r"error: --option top_k: must be an integer or null, got 1\.5"),
+        ("compile=maybe", "error: --option compile: must be true or false, got 'maybe'"),
+        ("num_draft_tokens=-2", "error: --suite ar-image: num_draft_tokens must be >= 1, got -2"),
+        ("guidance_scale=-1", "error: --suite ar-image: guidance_scale must be >= 0"),
+        ("configs=sjd:foo=1", r"error: --suite ar-image: unknown option\(s\) \['foo'\] for speculative method 'sjd'"),
+        ("configs=sjd:k=-1", "error: --suite ar-image: config 'sjd:k=-1': k must be >= 1, got -1"),
+        ("configs=sjd;bogus", "error: --suite ar-image: unknown speculative method 'bogus'"),
+    ],
+)
+def test_ar_image_settings_wrong_for_every_model_fail_before_it_loads(monkeypatch, tmp_path, option, message):
+    from mmspec.app import bench_llamagen
+
+    monkeypatch.setattr(bench_llamagen, "_pipeline", _never_load)
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "--suite", "ar-image", "--option", option, "--output", str(tmp_path / "r.json")])
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("num_draft_tokens=0", "num_draft_tokens must be >= 1, got 0"),
+        ("max_new_tokens=0", "max_new_tokens must be >= 1, got 0"),
+        ("dim=0", "dim must be >= 1, got 0"),
+        ("dim=100", "dim=100 does not split into 3 attention heads"),
+        ("n_layer=0", "n_layer must be >= 1, got 0"),
+        ("prompt_len=0", "prompt_len must be >= 1, got 0"),
+        ("configs=ngram:nope=1", r"unknown option\(s\) \['nope'\] for speculative method 'ngram'"),
+        ("peers=maybe", "error: --option peers: must be true or false, got 'maybe'"),
+    ],
+)
+def test_lm_settings_wrong_for_every_model_fail_before_it_loads(monkeypatch, tmp_path, option, message):
+    from mmspec.app import bench_text
+
+    monkeypatch.setattr(bench_text, "_tiny_lm", _never_load)
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "--suite", "lm", "--option", option, "--output", str(tmp_path / "r.json")])
+
+
+def test_option_types_follow_every_suites_settings():
+    from mmspec.app.bench import typed_options
+
+    ar_image = BENCH_SUITES["ar-image"]
+    assert typed_options(ar_image, {"temperature": 0, "top_k": None, "compile": True}) == {
+        "temperature": 0.0,
+        "top_k": None,
+        "compile": True,
+    }
+    assert typed_options(BENCH_SUITES["video"], {"taus": -3.5}) == {"taus": "-3.5"}  # a number as a text setting
+    # Every setting of every suite has a type the check knows: a list fits none of them.
+    for factory in BENCH_SUITES.values():
+        for setting in list(inspect.signature(factory).parameters)[3:]:
+            with pytest.raises(ValueError, match=f"--option {setting}: must be"):
+                typed_options(factory, {setting: []})

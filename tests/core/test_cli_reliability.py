@@ -13,6 +13,7 @@ import sys
 import zlib
 
 import pytest
+import torch
 
 from mmspec.app import cli, generate_llamagen
 from mmspec.app.cli import main
@@ -261,3 +262,68 @@ def test_help_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd="/", timeout=60, check=False
     )
     assert run.stdout.strip() == "[]", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--class-labels", ""], "nothing to generate: give class labels"),  # not the default labels
+        (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "--device 'cuda"),
+        (["--device", "nodevice"], "--device 'nodevice' is not a device name"),
+    ],
+)
+def test_generate_empty_labels_and_missing_devices_exit_before_loading(tmp_path, no_model_loading, extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message) as exit_info:
+        main(["generate", "--output-dir", str(out), *extra])
+    assert exit_info.value.code != 0 and not out.exists()
+
+
+def test_an_output_dir_that_is_a_file_is_an_error(tmp_path, no_model_loading):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    with pytest.raises(SystemExit, match="--output-dir .*taken is a file, not a folder"):
+        main(["generate", "--class-labels", "0", "--output-dir", str(taken)])
+    assert taken.read_text() == "keep me"
+
+
+def test_caption_rules_of_other_loops_and_empty_inputs_exit_before_loading(tmp_path, no_model_loading):
+    image(0).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    for rule in ("gaussian-exact", "elementwise-exact", "mulo", "score-threshold"):
+        with pytest.raises(SystemExit, match="--acceptance must be one of exact, greedy, gsd, lantern"):
+            main(["caption", str(tmp_path / "a.png"), "--acceptance", rule, "--output-dir", str(out)])
+    assert not out.exists()  # nothing recorded, so the corrected rerun is not refused as "other settings"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images in .*empty"):
+        main(["caption", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--classes", "a,b"], "--classes must be comma-separated class ids, got 'a,b'"),
+        (
+            ["--features", "torchscript:/nonexistent/inception.pt"],
+            "--features torchscript:/nonexistent/.*: no such file",
+        ),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ],
+)
+def test_eval_bad_settings_name_their_flag_before_loading(tmp_path, no_model_loading, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["eval", "--output-dir", str(tmp_path / "out"), *extra])
+
+
+def test_command_summaries_in_help_are_whole_sentences():
+    run = subprocess.run(
+        [sys.executable, "-m", "mmspec.app.cli", "--help"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+        check=True,
+    )
+    text = " ".join(run.stdout.split())
+    assert "resumable; bad items skipped and reported)." in text
+    assert "for VLMs; progress, checkpoints, resume." in text

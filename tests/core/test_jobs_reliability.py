@@ -316,3 +316,60 @@ def test_a_folder_of_another_job_is_refused_not_treated_as_done(tmp_path):
         check_same_job(tmp_path, ["0"], {0: "0", 1: "16", 2: "3"}, settings)
     with pytest.raises(SystemExit, match="other settings .*speculative differ"):
         check_same_job(tmp_path, ["0", "16", "3"], {0: "0"}, {"speculative": "mulo", "seed": 0})
+
+
+def test_a_job_where_every_item_failed_exits_nonzero(model_dir, tmp_path, capsys):
+    args = ["generate", "--model", str(model_dir), "--speculative", "none", "--device", "cpu"]
+    assert main([*args, "--class-labels", "40,-1", "--output-dir", str(tmp_path / "bad")]) == 1
+    assert "error: every item failed (2 bad items above)" in capsys.readouterr().err
+    assert main([*args, "--class-labels", "0,40", "--output-dir", str(tmp_path / "mixed")]) == 0  # one good image
+
+
+def test_another_eagle_head_is_another_job(tmp_path):
+    """The head drafts, so it decides the draws: resuming with another head (or the same folder
+    retrained) is refused; the same head resumes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mmspec.app.generators import assets_dir
+
+    head = tmp_path / "head"
+    shutil.copytree(assets_dir() / "llamagen-emoji" / "eagle", head)
+    out = tmp_path / "out"
+    args = [
+        "generate",
+        "--speculative",
+        "eagle",
+        "--eagle-head",
+        str(head),
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    assert main([*args, "--class-labels", "0"]) == 0
+    assert json.loads((out / jobs.JOB_FILE).read_text())["eagle_head"]["path"] == str(head.resolve())
+    assert main([*args, "--class-labels", "0,1"]) == 0  # the same head: resumed
+    weights = load_file(head / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] * 1.5  # "retrained" in place
+    save_file(weights, head / "model.safetensors")
+    with pytest.raises(SystemExit, match="other settings .*eagle_head differ"):
+        main([*args, "--class-labels", "0,1,2"])
+
+
+def test_a_job_resumed_with_another_number_of_processes_is_refused(model_dir, tmp_path):
+    """Items are sharded and batched per process, so their seeds depend on the number of processes:
+    a two-process job's folder is not resumed by one process. Its report counts both processes' items."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("0\n1\n2\n3\n4\n")
+    out = tmp_path / "out"
+    args = ["generate", "--model", str(model_dir), "--labels-file", str(labels), "--output-dir", str(out)]
+    args += ["--speculative", "none", "--batch-size", "2", "--device", "cpu"]
+    run = run_distributed(args, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "this run: 5 new, 0 already done" in run.stdout
+    assert json.loads((out / jobs.JOB_FILE).read_text())["num_processes"] == 2
+    with pytest.raises(SystemExit, match="other settings .*num_processes differ"):
+        main(args)

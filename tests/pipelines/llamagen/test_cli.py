@@ -101,7 +101,7 @@ def test_job_retries_a_failing_batch_item_by_item(tmp_path):
     assert jobs.write_summary(tmp_path, {})["errors"][0]["error"] == "three is cursed"
 
 
-def test_bench_ar_image_suite_runs_every_method_on_the_same_inputs(model_dir, tmp_path):
+def test_bench_ar_image_suite_runs_every_method_on_the_same_inputs(model_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert (
         main(
@@ -134,6 +134,40 @@ def test_bench_ar_image_suite_runs_every_method_on_the_same_inputs(model_dir, tm
     # The profiled run really is profiled (the step-time breakdown plot is drawn from it): the causal
     # loop times its verify forwards, the masked loop (MuLo-SD) its drafting.
     assert all(r["profiled_verify_s"] + r["profiled_draft_s"] > 0 for r in record["results"])
+    assert capsys.readouterr().out.startswith(f"suite `ar-image`, model: {model_dir};")  # the table names the model
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("top_k=99999", "top_k=99999 is larger than the vocabulary"),
+        ("num_draft_tokens=10", "num_draft_tokens=10 is more than the 9 tokens of an image: use at most 9"),
+        ("configs=sjd:k=10", "num_draft_tokens=10 is more than the 9 tokens of an image"),
+        ("configs=mc-sjd:coupling=bogus", "coupling must be one of"),
+        ("configs=mulo", "speculative='mulo' needs the pipeline's `low_res_drafter` component"),
+    ],
+)
+def test_bench_ar_image_settings_wrong_for_the_model_fail_before_the_first_case(
+    model_dir, tmp_path, monkeypatch, option, message
+):
+    """Settings that need the model (its vocabulary, tokens per image, components, the method's option
+    values) are refused once it has loaded, as an error line, before any case runs."""
+    import mmspec.app.bench as bench
+
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("a case ran"))
+    argv = ["bench", "--suite", "ar-image", "--option", f"source={model_dir}", "--option", option]
+    with pytest.raises(SystemExit, match=f"error: --suite ar-image: .*{message}"):
+        main([*argv, "--output", str(tmp_path / "bench.json")])
+
+
+def test_bench_ar_image_a_rule_of_another_loop_fails_before_the_first_case(model_dir, tmp_path, monkeypatch):
+    import mmspec.app.bench as bench
+
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("a case ran"))
+    argv = ["bench", "--suite", "ar-image", "--option", f"source={model_dir}", "--option", "configs=sjd"]
+    argv += ["--option", "acceptance=mulo", "--output", str(tmp_path / "bench.json")]
+    with pytest.raises(SystemExit, match="acceptance rule 'mulo' commits elementwise, but speculative='sjd' runs"):
+        main(argv)
 
 
 def test_bench_ar_image_num_batches_times_several_images_per_run(model_dir, tmp_path):

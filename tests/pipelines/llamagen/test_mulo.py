@@ -205,7 +205,10 @@ def test_clear_errors(pipe):
     condition = LlamaGenCondition(class_labels=torch.tensor([0]))
     with pytest.raises(ValueError, match="commits prefix"):
         pipe(class_labels=[0], speculative="mulo", acceptance="lantern")
-    with pytest.raises(ValueError, match="unexpected keyword argument .delta.; its options: grid, tau"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown option\(s\) \[.delta.\] for acceptance rule .mulo.; its options: tau, pool_size, pool, radius",
+    ):
         pipe(class_labels=[0], speculative="mulo", acceptance_options={"delta": 0.1})
     with pytest.raises(ValueError, match="unknown option"):
         pipe(class_labels=[0], speculative="mulo", speculative_options={"tau": 0.1})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from mmspec.app.bench import BENCH_SUITES, load_suites, run_benchmark
@@ -35,7 +36,7 @@ def test_mar_suite_record():
     assert all(r["profiled_draft_s"] > 0 for r in record["results"][2:])  # CSpD's profiled run times its drafting
 
 
-def test_cli_runs_the_mar_suite(tmp_path):
+def test_cli_runs_the_mar_suite(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(
         [
@@ -59,3 +60,36 @@ def test_cli_runs_the_mar_suite(tmp_path):
     assert code == 0
     record = json.loads(out.read_text())
     assert record["suite"] == "mar" and len(record["results"]) == 4
+    assert capsys.readouterr().out.startswith("suite `mar`, model: MAR random-tiny with draft MAR random-tiny;")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"gamma": 0}, "gamma must be >= 1, got 0"),
+        ({"num_iter": 0}, "num_iter must be >= 1, got 0"),
+        ({"num_iter": 6, "gamma": 4}, r"num_iter \(6\) must be a multiple of gamma \(4\)"),
+    ],
+)
+def test_mar_settings_wrong_for_every_model_fail_before_it_loads(monkeypatch, settings, message):
+    from mmspec.app import bench_mar
+
+    monkeypatch.setattr(bench_mar, "load_default_mar", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=message):
+        load_suites()["mar"](torch.device("cpu"), torch.float32, 1, **settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"cfg_schedule": "cosine"}, "cfg_schedule must be 'linear' or 'constant'"),
+        ({"prefill_steps": -1}, "prefill_steps must be None or an integer >= 0"),
+        ({"lam": 0.5}, "lam must be >= 1"),
+    ],
+)
+def test_mar_settings_the_pipeline_refuses_fail_before_the_first_case(settings, message):
+    """Checked as the pipeline checks them, once it has loaded: the suite is never built, so no case runs."""
+    with pytest.raises(ValueError, match=message):
+        load_suites()["mar"](
+            torch.device("cpu"), torch.float32, 1, target="random-tiny", num_iter=4, gamma=2, **settings
+        )

@@ -127,3 +127,34 @@ def test_bench_t2i_suite(janus_folder, tmp_path):
     assert all(case["tokens_equal_baseline"] for case in rows["results"])
     assert all(case["profiled_verify_s"] > 0 for case in rows["results"])  # the breakdown's profiled run
     assert rows["setup"]["pipeline"] == "JanusImagePipeline" and rows["setup"]["tokens_per_image"] == 16
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("top_k=100000", "top_k=100000 is larger than the vocabulary"),
+        ("configs=sjd:nope=1", r"unknown option\(s\) \['nope'\] for speculative method 'sjd'"),
+        ("configs=sjd:k=0", "config 'sjd:k=0': k must be >= 1, got 0"),
+        ("configs=mc-sjd:coupling=bogus", "coupling must be one of"),
+    ],
+)
+def test_bench_t2i_settings_wrong_for_the_model_fail_before_the_first_case(
+    janus_folder, tmp_path, monkeypatch, option, message
+):
+    import mmspec.app.bench as bench
+
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("a case ran"))
+    args = ["bench", "--suite", "t2i", "--option", f"model={janus_folder}", "--option", option, "--device", "cpu"]
+    with pytest.raises(SystemExit, match=f"error: --suite t2i: {message}"):
+        main([*args, "--output", str(tmp_path / "bench.json")])
+
+
+def test_bench_t2i_settings_wrong_for_every_model_fail_before_it_loads(tmp_path, monkeypatch):
+    from mmspec.pipelines.t2i import T2IPipeline
+
+    monkeypatch.setattr(T2IPipeline, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    args = ["bench", "--suite", "t2i", "--option", f"model={tmp_path}", "--output", str(tmp_path / "bench.json")]
+    with pytest.raises(SystemExit, match="error: --suite t2i: num_draft_tokens must be >= 1, got 0"):
+        main([*args, "--option", "num_draft_tokens=0"])
+    with pytest.raises(SystemExit, match="error: --suite t2i: temperature must be >= 0"):
+        main([*args, "--option", "temperature=-1"])

@@ -165,6 +165,24 @@ def test_bench_suite_video(model_dir):
     assert results["sdvg tau=-inf (vlm)"]["stats_summary"]["draft_blocks"] == 2 * 2
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps must be >= 1, got 0"),
+        ({"draft_steps": -1}, "draft_steps must be >= 1, got -1"),
+        ({"taus": "low"}, "taus must be numbers .inf allowed. or 'calibrated', got 'low'"),
+        ({"scorer": "bogus"}, "scorer must be one of .*, got 'bogus'"),
+    ],
+)
+def test_bench_video_settings_wrong_for_every_model_fail_before_it_loads(monkeypatch, settings, message):
+    from mmspec.app import models
+
+    monkeypatch.setattr(models, "load_video", lambda *a: pytest.fail("a model was loaded"))
+    load_suites()
+    with pytest.raises(ValueError, match=message):
+        BENCH_SUITES["video"](torch.device("cpu"), torch.float32, 1, **settings)
+
+
 def test_demo_video_tab(model_dir):
     gr = pytest.importorskip("gradio")
     from gradio_client import Client

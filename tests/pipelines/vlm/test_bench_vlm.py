@@ -59,3 +59,20 @@ def test_vlm_suite_runs_methods_and_peers_with_equal_captions(tmp_path):
         load_suites()["vlm"](torch.device("cpu"), torch.float32, 1, **folders, draft_vocab="some")
     with pytest.raises(ValueError, match="needs --option model=VLM_FOLDER"):
         load_suites()["vlm"](torch.device("cpu"), torch.float32, 1, model=str(tmp_path / "vlm"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+        ({"num_draft_tokens": 0}, "num_draft_tokens must be >= 1, got 0"),
+        ({"num_images": 0}, "num_images must be >= 1, got 0"),
+        ({"configs": "model:nope=1"}, r"unknown option\(s\) \['nope'\] for speculative method 'model'"),
+        ({"configs": "bogus"}, "unknown speculative method 'bogus'"),
+    ],
+)
+def test_vlm_settings_wrong_for_every_model_fail_before_it_loads(tmp_path, settings, message):
+    """Nothing is read from the (empty) folders: the settings are refused first."""
+    folders = {"model": str(tmp_path / "vlm"), "images": str(tmp_path / "images")}
+    with pytest.raises(ValueError, match=message):
+        load_suites()["vlm"](torch.device("cpu"), torch.float32, 1, **folders, **settings)
