@@ -5,6 +5,10 @@ clear error naming the component and the keys, never a warning followed by a cry
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 #: Keys listed per kind in a message (the count says how many there are in all).
 SHOWN = 8
@@ -48,3 +52,15 @@ def check_weights(
     message = weights_mismatch(component, source, expected, found)
     if message is not None:
         raise ValueError(message)
+
+
+def load_checked(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], component: str, source: str) -> None:
+    """``module.load_state_dict(weights)`` after :func:`check_weights` (names and shapes), so a mismatch is
+    a ``ValueError`` naming ``component``, ``source`` and the keys, not torch's long ``RuntimeError``."""
+    check_weights(
+        component,
+        source,
+        {k: tuple(v.shape) for k, v in module.state_dict().items()},
+        {k: tuple(v.shape) for k, v in weights.items()},
+    )
+    module.load_state_dict(weights)

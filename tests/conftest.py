@@ -82,6 +82,25 @@ def _no_grad():
 
 
 @pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if a command gets as far as loading a model (settings wrong for every item must
+    stop it before: docs/reliability.md)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    from mmspec.app import generate_llamagen
+    from mmspec.pipelines.llamagen import LlamaGenPipeline
+    from mmspec.pipelines.vlm import VLMPipeline
+    from mmspec.training import eagle
+
+    monkeypatch.setattr(generate_llamagen, "load_llamagen", refuse)
+    monkeypatch.setattr(LlamaGenPipeline, "from_pretrained", refuse)
+    monkeypatch.setattr(VLMPipeline, "from_pretrained", refuse)
+    monkeypatch.setattr(eagle, "load_lm_target", refuse)
+
+
+@pytest.fixture
 def target() -> DecoderLM:
     return tiny_lm()
 

@@ -19,7 +19,7 @@ from ..checkpoint_io import read_json, read_safetensors
 from ..drafters.eagle import CONFIG_NAME, WEIGHTS_NAME
 from ..drafters.eagle3 import ARCH, ARCH_KEY, Eagle3Config, Eagle3Head
 from ..drafters.eagle3_format import LAYER_CONVENTIONS, write_eagle3
-from ..weights_check import check_weights
+from ..weights_check import load_checked
 
 FORMATS = ("eagle3",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,13 +63,7 @@ def load_saved_head(directory: Path) -> Eagle3Head:
     stand_in = nn.Embedding(config.vocab_size, config.hidden_size, device="meta") if config.shares_embedding else None
     head = Eagle3Head(config, stand_in)
     weights = read_safetensors(directory / WEIGHTS_NAME)
-    check_weights(
-        "the EAGLE-3 head",
-        str(directory),
-        {k: tuple(v.shape) for k, v in head.state_dict().items()},
-        {k: tuple(v.shape) for k, v in weights.items()},
-    )
-    head.load_state_dict(weights)
+    load_checked(head, weights, "the EAGLE-3 head", str(directory))
     return head
 
 

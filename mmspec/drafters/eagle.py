@@ -38,7 +38,7 @@ from ..modeling import TransformerBlock, find_multiple, rope_frequencies, rope_t
 from ..sampling import SamplingConfig, logits_to_probs, race_noise, sample_from_probs
 from ..tree import DraftTree
 from ..types import Draft, DraftContext, PrefillOutput, Verdict
-from ..weights_check import check_weights
+from ..weights_check import load_checked
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -200,13 +200,7 @@ class EagleHead(nn.Module):
         directory = Path(directory)
         head = cls(read_eagle_config(directory))
         weights = read_safetensors(directory / WEIGHTS_NAME)
-        check_weights(
-            "the EAGLE head",
-            str(directory),
-            {k: v.shape for k, v in head.state_dict().items()},
-            {k: v.shape for k, v in weights.items()},
-        )
-        head.load_state_dict(weights)
+        load_checked(head, weights, "the EAGLE head", str(directory))
         return head
 
     @classmethod

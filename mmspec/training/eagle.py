@@ -31,7 +31,7 @@ from ..loops import required_cache_len, speculative_generate
 from ..modeling import DecoderConfig, DecoderLM
 from ..sampling import SamplingConfig
 from ..types import Target, TokenPrompt
-from ..weights_check import check_weights
+from ..weights_check import load_checked
 from .loop import train_head
 from .t2i import load_t2i_pipeline, parse_grid, read_prompt_lines, t2i_prompt_sampler
 
@@ -236,13 +236,7 @@ def load_lm_target(path: str | Path, device: torch.device | str = "cpu") -> Deco
         if not candidates:
             raise SystemExit(f"error: --target-path {path}: no model.safetensors, model.pt or pytorch_model.bin found")
         state = read_torch(candidates[0])
-    check_weights(
-        "DecoderLM",
-        str(path),
-        {k: tuple(v.shape) for k, v in model.state_dict().items()},
-        {k: tuple(v.shape) for k, v in state.items()},
-    )
-    model.load_state_dict(state)
+    load_checked(model, state, "DecoderLM", str(path))
     return model.to(device).eval()
 
 

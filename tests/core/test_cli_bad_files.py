@@ -14,7 +14,6 @@ import sys
 import pytest
 import torch
 
-from mmspec.app import generate_llamagen
 from mmspec.app.cli import main
 from mmspec.app.generators import assets_dir
 
@@ -35,23 +34,6 @@ def copy_with_truncated(tmp_path, embedded: str, weights: str):
     cut = copy / weights
     cut.write_bytes(cut.read_bytes()[:100])
     return copy, cut
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if a command gets as far as loading a model."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the settings were checked")
-
-    from mmspec.pipelines.llamagen import LlamaGenPipeline
-    from mmspec.pipelines.vlm import VLMPipeline
-    from mmspec.training import eagle
-
-    monkeypatch.setattr(generate_llamagen, "load_llamagen", refuse)
-    monkeypatch.setattr(LlamaGenPipeline, "from_pretrained", refuse)
-    monkeypatch.setattr(VLMPipeline, "from_pretrained", refuse)
-    monkeypatch.setattr(eagle, "load_lm_target", refuse)
 
 
 def test_truncated_llamagen_weights_are_named(tmp_path):

@@ -15,25 +15,12 @@ import zlib
 import pytest
 import torch
 
-from mmspec.app import cli, generate_llamagen
+from mmspec.app import cli
 from mmspec.app.cli import main
 
 from ..pipelines.vlm.test_vlm import image, tiny_vlm
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if a command gets as far as loading a model."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the settings were checked")
-
-    monkeypatch.setattr(generate_llamagen, "load_llamagen", refuse)
-    from mmspec.pipelines.vlm import VLMPipeline
-
-    monkeypatch.setattr(VLMPipeline, "from_pretrained", refuse)
 
 
 @pytest.mark.parametrize(
