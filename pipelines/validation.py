@@ -37,6 +37,13 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, w
     return value
 
 
+def check_non_negative(name: str, value: Any) -> float:
+    """``value`` as a float >= 0 (a guidance scale, a temperature); ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_class_labels(class_labels: Any, num_classes: int) -> torch.Tensor:
     """Class labels (an int, a sequence of ints, an integer array or tensor) as a ``[B]`` long tensor;
     ``ValueError`` for floats, strings, bools, an empty list, nesting or ids outside the classes."""

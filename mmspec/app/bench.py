@@ -97,6 +97,16 @@ def register_suite(name: str):
     return wrap
 
 
+def require_folder(setting: str, value: str) -> Path:
+    """The suite setting ``setting`` (a model or image folder) as an existing folder, before anything
+    loads; a ValueError naming it otherwise (the loaders would take a missing path for a Hugging Face
+    hub id and say only that it is not a valid one)."""
+    path = Path(value)
+    if not path.is_dir():
+        raise ValueError(f"--option {setting}={value}: {'a file, not a' if path.exists() else 'no such'} folder")
+    return path
+
+
 #: What each annotated type of a suite setting accepts from ``--option`` (values are parsed as JSON):
 #: (description, check, conversion).
 _OPTION_TYPES: dict[type, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {

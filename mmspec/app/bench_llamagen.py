@@ -9,7 +9,7 @@ from ..pipelines.llamagen.official import GPT_PRESETS
 from ..pipelines.llamagen.pipeline_llamagen import LlamaGenPipeline
 from ..pipelines.validation import check_int, check_llamagen_call
 from ..sampling import SamplingConfig
-from .bench import BenchCase, BenchSuite, method_specs, parse_configs, register_suite
+from .bench import BenchCase, BenchSuite, method_specs, parse_configs, register_suite, require_folder
 
 
 def _pipeline(source: str, device: torch.device, dtype: torch.dtype, num_classes: int) -> LlamaGenPipeline:
@@ -89,6 +89,8 @@ def ar_image_suite(
     check_int("num_draft_tokens", num_draft_tokens, 1)
     if source.startswith("random:"):
         check_int("num_classes", num_classes, 1)
+    elif source != "default":
+        require_folder("source", source)
     SamplingConfig(temperature=temperature, top_k=top_k, guidance_scale=guidance_scale)
     configured = None if configs is None else parse_configs(LlamaGenPipeline.methods, configs, num_draft_tokens)
     rule_options = parse_key_values([p for p in acceptance_options.split(",") if p], "acceptance_options")

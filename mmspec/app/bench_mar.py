@@ -16,7 +16,7 @@ from ..pipelines.mar.modeling_vae import MARAutoencoderKL
 from ..pipelines.mar.official import MAR_PRESETS
 from ..pipelines.mar.pipeline_mar import MARPipeline
 from ..pipelines.validation import check_int
-from .bench import BenchCase, BenchSuite, register_suite
+from .bench import BenchCase, BenchSuite, register_suite, require_folder
 from .defaults import default_mar_path, load_default_mar
 
 #: Small random MARs for CPU runs: 128 px -> 8x8 = 64 tokens of 16 channels, 10-step heads.
@@ -54,6 +54,12 @@ SMALL_CONFIGS = {
         "diffloss_w": 128,
     },
 }
+
+
+def _check_source(setting: str, source: str) -> None:
+    """A ``target`` / ``drafter`` setting that is not a preset must be a saved folder (before loading)."""
+    if source not in SMALL_CONFIGS and not source.startswith("random:"):
+        require_folder(setting, source)
 
 
 def _model(source: str, seed: int) -> MARModel:
@@ -96,6 +102,10 @@ def mar_suite(
     check_int("gamma", gamma, 1)
     if num_iter % gamma:
         raise ValueError(f"num_iter ({num_iter}) must be a multiple of gamma ({gamma}) for the num_iter/gamma baseline")
+    if target != "embedded":
+        _check_source("target", target)
+    if drafter is not None:
+        _check_source("drafter", drafter)
     if target == "embedded":  # the trained reference pair with its own VAE
         if drafter is not None:
             raise ValueError("target=embedded is the trained pair (its own drafter): leave drafter unset")

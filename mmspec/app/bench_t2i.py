@@ -10,7 +10,7 @@ from ..pipelines.t2i import T2IPipeline
 from ..pipelines.validation import check_int
 from ..sampling import SamplingConfig
 from ..training.t2i import parse_grid
-from .bench import BenchCase, BenchSuite, method_specs, parse_configs, register_suite
+from .bench import BenchCase, BenchSuite, method_specs, parse_configs, register_suite, require_folder
 
 
 @register_suite("t2i")
@@ -41,6 +41,7 @@ def t2i_suite(
     folder to attach; ``configs``: as the ar-image suite's (``"sjd;mc-sjd:coupling=gumbel,k=16"``)."""
     if model is None:
         raise ValueError("the t2i suite needs --option model=FOLDER (a Janus or Emu3 folder)")
+    require_folder("model", model)
     # Settings wrong for any model fail before one loads; the vocabulary and the methods (Janus and Emu3
     # have their own) are checked once it has loaded, before the first case runs.
     check_int("num_draft_tokens", num_draft_tokens, 1)

@@ -15,7 +15,7 @@ import torch
 
 from ..loops import GenerationOutput
 from ..pipelines.validation import check_int, check_vlm_call
-from .bench import BenchCase, BenchSuite, PeerOutput, register_suite
+from .bench import BenchCase, BenchSuite, PeerOutput, register_suite, require_folder
 
 #: The ``lm`` suite's prompt sets: "copy" (answers that repeat much of the prompt: prompt lookup's
 #: home ground) and "open" (open-ended answers: little to look up).
@@ -199,6 +199,8 @@ def lm_suite(
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("n_layer", n_layer), ("prompt_len", prompt_len)):
             check_int(name, value, 1)
         _tiny_lm_heads(dim)
+    else:
+        require_folder("model", model)
     configured = _parse_configs(LM_METHODS, configs)
     if model is not None:
         from transformers import AutoTokenizer
@@ -345,6 +347,8 @@ def vlm_suite(
         raise ValueError(f"draft_vocab must be 'saved' or 'all', got {draft_vocab!r}")
     if model is None or images is None:
         raise ValueError("the vlm suite needs --option model=VLM_FOLDER --option images=IMAGE_FOLDER")
+    require_folder("model", model)
+    require_folder("images", images)
     for name, value in (("num_images", num_images), ("max_new_tokens", max_new_tokens)):
         check_int(name, value, 1)
     check_int("num_draft_tokens", num_draft_tokens, 1)

@@ -16,7 +16,7 @@ import torch
 
 from ..loops import GenerationOutput
 from ..pipelines.validation import check_int
-from .bench import BenchCase, BenchSuite, register_suite
+from .bench import BenchCase, BenchSuite, register_suite, require_folder
 
 
 @register_suite("video")
@@ -50,7 +50,7 @@ def video_suite(
             raise ValueError(message) from None
         if any(math.isnan(t) for t in values):
             raise ValueError(message)
-    pipe = load_video(None if model == "embedded" else Path(model), device, dtype)
+    pipe = load_video(None if model == "embedded" else require_folder("model", model), device, dtype)
     pipe.set_progress_bar_config(disable=True)
     defaults = VideoDefaults.of(Path(pipe.name_or_path))
     scorer = scorer or defaults.scorer

@@ -26,6 +26,7 @@ from mmspec.methods import MethodRegistry
 from mmspec.stats import SOURCE_PREFILL, SOURCE_RECOVERED, MaskedStats
 
 from ..base import SpeculativePipelineMixin, postprocess_images
+from ..validation import check_non_negative
 from .cspd import MARDrafter, MARVerifyTarget
 from .modeling_mar import MARModel
 from .modeling_vae import MARAutoencoderKL
@@ -233,6 +234,8 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         Returns:
             :class:`MARPipelineOutput` or ``(images, latents, stats)``.
         """
+        check_non_negative("guidance_scale", guidance_scale)
+        check_non_negative("temperature", temperature)
         labels, batch = self._labels(class_labels, batch_size)
         spec = self.resolve_speculation(speculative, speculative_options, acceptance, acceptance_options)
         if spec.method is not None and spec.method.loop != "masked":

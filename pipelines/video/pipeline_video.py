@@ -28,6 +28,7 @@ from mmspec.methods import MethodRegistry
 from mmspec.stats import SOURCE_ACCEPTED, BlockStats
 
 from ..base import SpeculativePipelineMixin
+from ..validation import check_non_negative
 from .modeling_vae import FrameAutoencoderKL
 from .modeling_video import BlockCausalVideoTransformer
 
@@ -337,6 +338,7 @@ class VideoPipeline(SpeculativePipelineMixin, DiffusionPipeline):
         """
         if output_type not in ("np", "pil", "pt"):
             raise ValueError(f"output_type must be one of 'np', 'pil', 'pt', got {output_type!r}")
+        check_non_negative("guidance_scale", guidance_scale)
         labels = self.class_labels_for(prompt, class_labels)
         num_blocks = self.num_blocks_for(num_frames)
         timesteps = flow_timesteps(num_inference_steps)

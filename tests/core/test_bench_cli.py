@@ -181,3 +181,21 @@ def test_option_types_follow_every_suites_settings():
         for setting in list(inspect.signature(factory).parameters)[3:]:
             with pytest.raises(ValueError, match=f"--option {setting}: must be"):
                 typed_options(factory, {setting: []})
+
+
+@pytest.mark.parametrize(
+    ("suite", "options"),
+    [
+        ("ar-image", ["source=/nonexistent/pipe"]),
+        ("lm", ["model=/nonexistent/pipe"]),
+        ("vlm", ["model=/nonexistent/pipe", "images=/nonexistent/images"]),
+        ("t2i", ["model=/nonexistent/pipe"]),
+        ("video", ["model=/nonexistent/pipe"]),
+        ("mar", ["target=/nonexistent/pipe"]),
+    ],
+)
+def test_a_missing_model_folder_is_named_not_taken_for_a_hub_id(tmp_path, suite, options):
+    flags = [f"--option={o}" for o in options]
+    with pytest.raises(SystemExit, match=rf"--suite {suite}: --option \w+=/nonexistent/pipe: no such folder"):
+        main(["bench", "--suite", suite, *flags, "--output", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()

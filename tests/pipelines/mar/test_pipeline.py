@@ -121,6 +121,10 @@ def test_clear_errors(pipe, target):
         call(pipe, speculative="cspd", num_draft_tokens=0)
     with pytest.raises(ValueError, match="baseline option"):
         call(pipe, speculative="cspd", sample_last_step=True)
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 0, got -1.0"):
+        call(pipe, guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="temperature must be a number >= 0, got -0.5"):
+        call(pipe, temperature=-0.5)
     no_drafter = MARPipeline(target=target, vae=pipe.vae)
     with pytest.raises(ValueError, match="drafter"):
         call(no_drafter, speculative="cspd")

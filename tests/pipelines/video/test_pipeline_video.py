@@ -153,6 +153,8 @@ def test_bad_inputs_are_clear_errors():
         run(pipe, num_inference_steps=0)
     with pytest.raises(ValueError, match="unknown speculative method"):
         run(pipe, speculative="medusa")
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 0, got -2.0"):
+        run(pipe, guidance_scale=-2.0)
 
 
 def test_mismatched_components_are_refused():
