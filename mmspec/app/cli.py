@@ -268,8 +268,25 @@ def generate(args: argparse.Namespace) -> int:
         )
         if job_state().is_main_process:
             summary = report(args.output_dir, done, job.what, {"family": family.name, **job.summary}, job.rate_label)
+            if getattr(args, "heatmaps", False):
+                _warn_missing_heatmaps(args.output_dir)
             return _job_exit_code(summary)
     return 0
+
+
+def _warn_missing_heatmaps(out_dir: Path) -> None:
+    """``--heatmaps`` on a resumed job draws the new items' maps only: the earlier items' per-token
+    records are not kept, so say which results have none rather than leave a silently partial set."""
+    from .jobs import JobOutput
+
+    missing = [r["index"] for r in JobOutput.read(out_dir, "results") if "heatmap" not in r]
+    if missing:
+        print(
+            f"warning: {len(missing)} results from an earlier run without --heatmaps have no heat-map (items "
+            f"{', '.join(map(str, missing[:8]))}{', ...' if len(missing) > 8 else ''}); a new --output-dir "
+            "draws them all",
+            file=sys.stderr,
+        )
 
 
 def _job_exit_code(summary: dict) -> int:

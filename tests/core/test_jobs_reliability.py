@@ -373,3 +373,13 @@ def test_a_job_resumed_with_another_number_of_processes_is_refused(model_dir, tm
     assert json.loads((out / jobs.JOB_FILE).read_text())["num_processes"] == 2
     with pytest.raises(SystemExit, match="other settings .*num_processes differ"):
         main(args)
+
+
+def test_heatmaps_on_a_resumed_job_say_which_earlier_items_have_none(model_dir, tmp_path, capsys):
+    args = ["generate", "--model", str(model_dir), "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
+    assert main([*args, "--class-labels", "0,1"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--class-labels", "0,1,2", "--heatmaps"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 2 results from an earlier run without --heatmaps have no heat-map (items 0, 1)" in err
+    assert [p.name for p in (tmp_path / "out").glob("*_accept.png")] == ["00002_accept.png"]  # the new item's
