@@ -347,12 +347,12 @@ def vlm_suite(
         raise ValueError(f"draft_vocab must be 'saved' or 'all', got {draft_vocab!r}")
     if model is None or images is None:
         raise ValueError("the vlm suite needs --option model=VLM_FOLDER --option images=IMAGE_FOLDER")
-    require_folder("model", model)
-    require_folder("images", images)
     for name, value in (("num_images", num_images), ("max_new_tokens", max_new_tokens)):
         check_int(name, value, 1)
     check_int("num_draft_tokens", num_draft_tokens, 1)
     configured = _parse_configs(VLM_METHODS, configs)
+    require_folder("model", model)  # after the settings: a setting wrong for any model is named first
+    require_folder("images", images)
     import PIL.Image
 
     from ..training.saved import CAPTIONER_DRAFTER_SUBFOLDER, captioner_drafter
