@@ -353,9 +353,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
     if args.classes is not None:
-        try:
-            if not [int(c) for c in args.classes.split(",")]:
-                raise ValueError
+        try:  # "" splits into [""], which int() refuses too
+            [int(c) for c in args.classes.split(",")]
         except ValueError:
             raise SystemExit(f"error: --classes must be comma-separated class ids, got {args.classes!r}") from None
     if args.features.startswith("torchscript:") and not Path(args.features.split(":", 1)[1]).is_file():
