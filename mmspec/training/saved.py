@@ -4,7 +4,6 @@ application layer (:mod:`mmspec.app.defaults`, the chat demo) reads them."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,10 +33,7 @@ def read_draft_vocab(folder: str | Path) -> list[int] | None:
     file = Path(folder) / DRAFT_VOCAB_FILE
     if not file.is_file():
         return None
-    try:
-        ids = read_json(file)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not JSON: {err}") from None
+    ids = read_json(file)  # ValueError naming the file when it is not JSON
     if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
         raise ValueError(f"{file} must hold a non-empty list of token ids (non-negative integers)")
     return ids
