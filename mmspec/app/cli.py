@@ -58,20 +58,13 @@ def bench(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..training.settings import check_at_least
     from .bench import BENCH_SUITES, format_table, run_benchmark, typed_options, write_plots, write_record
 
     if args.suite not in BENCH_SUITES:
         raise SystemExit(f"error: unknown suite {args.suite!r}; available: {', '.join(sorted(BENCH_SUITES))}")
     # Wrong for every suite: refused here, before any model loads (run_benchmark checks only after).
-    minimums = {
-        "--repeats": (args.repeats, 1),
-        "--warmup": (args.warmup, 0),
-        "--batch-size": (args.batch_size, 1),
-        "--threads": (args.threads, 1),
-    }
-    for flag, (value, minimum) in minimums.items():
-        if value is not None and value < minimum:  # --threads None: torch's default
-            raise SystemExit(f"error: {flag} must be >= {minimum}, got {value}")
+    check_at_least(args, {"repeats": 1, "warmup": 0, "batch_size": 1, "threads": 1})  # --threads None: torch's
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -345,13 +338,12 @@ def evaluate(args: argparse.Namespace) -> int:
     """Quality next to speed: each method vs its own baseline on the same seeds (TVD, FID, CLIP, grid)."""
     import torch
 
+    from ..training.settings import check_at_least
+
     family, path = _choose_model(args)
     if family.evaluate is None:
         raise SystemExit(f"error: mmspec eval does not support {family.name} models yet")
-    if args.num_images < 1:
-        raise SystemExit(f"error: --num-images must be >= 1, got {args.num_images}")
-    if args.batch_size < 1:
-        raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
+    check_at_least(args, {"num_images": 1, "batch_size": 1, "threads": 1})  # --threads None: torch's default
     if args.classes is not None:
         try:  # "" splits into [""], which int() refuses too
             [int(c) for c in args.classes.split(",")]
@@ -359,8 +351,6 @@ def evaluate(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --classes must be comma-separated class ids, got {args.classes!r}") from None
     if args.features.startswith("torchscript:") and not Path(args.features.split(":", 1)[1]).is_file():
         raise SystemExit(f"error: --features {args.features}: no such file")
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
