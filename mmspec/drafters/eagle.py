@@ -34,6 +34,7 @@ from torch import nn
 from ..cache import StaticKVCache
 from ..checkpoint_io import read_json, read_safetensors
 from ..compile import mark_static
+from ..kernels.rows import gather_rows
 from ..modeling import TransformerBlock, find_multiple, rope_frequencies, rope_table
 from ..sampling import SamplingConfig, logits_to_probs, race_noise, sample_from_probs
 from ..tree import DraftTree
@@ -436,10 +437,10 @@ class EagleDrafter:
             pick = scores.topk(top_k, -1).indices  # [B, K] the frontier
             row = pick // top_k  # [B, K] its parents' rows: every parent has top_k children in a row
             slots = base[:, None] + (level - 1) * top_k + torch.arange(top_k, device=base.device)  # [B, K]
-            anc = parent_anc.gather(1, row[..., None].expand(-1, -1, window))
+            anc = gather_rows(parent_anc, row)
             # [B, K, W] ancestors and self (a comparison, not F.one_hot: that reads the ids back to the host)
             anc = anc | ((slots - base[:, None])[..., None] == torch.arange(window, device=base.device))
-            inputs = parent_out.gather(1, row.repeat(self.cache.groups, 1)[..., None].expand(-1, -1, feature.shape[-1]))
+            inputs = gather_rows(parent_out, row.repeat(self.cache.groups, 1))
             positions = (base + level - 1)[:, None].expand(-1, top_k)
             out = self.step(tokens.gather(1, pick), inputs, positions, self.cache, slots, _window_mask(self.cache, anc))
             log_q, children = self._rank_probs(self.head.logits(out), ctx.sampling).log().topk(top_k, -1)  # [B, K, K]

@@ -20,6 +20,7 @@ import torch
 
 from ..acceptance import AcceptanceRule
 from ..cache import StaticKVCache
+from ..kernels.rows import gather_rows
 from ..sampling import SamplingConfig, logits_to_probs, sample_from_probs, seen_tokens
 from ..stats import SpecStats
 from ..types import Categorical, CommitMode, Draft, DraftContext, Drafter, Target, TokenPrompt, Verdict
@@ -292,7 +293,7 @@ def _path_features(hidden: torch.Tensor | None, path: torch.Tensor | None) -> to
     trees: the root then the accepted path)."""
     if hidden is None or path is None:
         return hidden
-    return hidden.gather(1, path.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+    return gather_rows(hidden, path.clamp(min=0))
 
 
 def _finish(history, prefix_len, num_out, max_new_tokens, eos_token_id, pad_token_id, stats) -> GenerationOutput:

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from mmspec.cache import StaticKVCache
 from mmspec.grid import island_schedule, label_islands
+from mmspec.kernels.rows import gather_rows
 from mmspec.loops import fork_generator, masked_generate, required_cache_len, speculative_generate
 from mmspec.rules import get_acceptance_rule
 from mmspec.sampling import SamplingConfig, logits_to_probs, sample_from_probs
@@ -261,7 +262,7 @@ class GridTarget:
         stale position; none if nothing changed)."""
         if self.valid < self.num_elements - 1:
             self._forward(self.valid, self.num_elements - 1)
-        return Categorical(self.probs.gather(1, positions[..., None].expand(-1, -1, self.probs.shape[-1])))
+        return Categorical(gather_rows(self.probs, positions))
 
     def _probs_at(self, queries: torch.Tensor, query_list: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(p(q) [B, I, V], step [B, I])`` for grid positions ``queries [B, I]`` (-1 = padding;
@@ -279,7 +280,7 @@ class GridTarget:
             return first, torch.zeros_like(queries)
         start, probs, step = self.window
         index = (queries - 1 - start).clamp(0, probs.shape[1] - 1)  # [B, I]
-        from_window = probs.gather(1, index[..., None].expand(-1, -1, vocab))
+        from_window = gather_rows(probs, index)
         is_first = (queries == 0)[..., None]
         return torch.where(is_first, first, from_window), torch.where(queries == 0, 0, step)
 
