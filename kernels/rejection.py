@@ -160,7 +160,9 @@ def inverse_cdf_sample(weights, uniform):
     acc = _accumulation_dtype(weights.device)
     cdf = weights.to(acc).cumsum(-1)  # [..., V]
     total = cdf[..., -1:]  # [..., 1]
-    threshold = torch.minimum(uniform.to(acc)[..., None] * total, torch.nextafter(total, total.new_tensor(-1.0)))
+    # Toward -1 - total (< total, as the sums are >= 0): the float just below the total, as toward -1, in
+    # one op (a tensor made from a Python scalar is two, a host-to-device copy on CUDA among them).
+    threshold = torch.minimum(uniform.to(acc)[..., None] * total, torch.nextafter(total, -1 - total))
     return torch.searchsorted(cdf, threshold, right=True)[..., 0]
 
 

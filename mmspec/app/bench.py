@@ -8,8 +8,10 @@ Suites register themselves in :data:`BENCH_SUITES` (:mod:`mmspec.app.bench_llama
 :mod:`mmspec.app.bench_text` the ``lm`` and ``vlm`` suites). Cases may be *peers* -- another library's
 implementation on the same inputs (transformers ``generate``, prompt lookup, assisted generation) --
 whose outputs are checked token for token against the baseline like every other case. Repeats run in
-interleaved rounds (every case once per round), so a shared machine's drifting load hits all cases
-alike. :func:`write_plots` draws speedup against accepted length and the step-time breakdown.
+interleaved rounds (every case once per round), and within a round part by part when a suite's inputs
+come in parts (prompts, images, batches of class labels: part 0 of every case, then part 1, ...), so
+a shared machine's drifting load hits all cases alike. :func:`write_plots` draws speedup against
+accepted length and the step-time breakdown.
 """
 
 from __future__ import annotations
@@ -42,14 +44,15 @@ class PeerOutput:
 
 @dataclass
 class BenchCase:
-    """One configuration: ``run(generator, profile)`` returns its output -- a
-    :class:`~mmspec.loops.GenerationOutput` / :class:`PeerOutput`, or a list of them (one call per input
-    of a batch-1 suite) -- plus a description of it. ``peer``: another library's implementation (no
-    steps or phase times). ``compare_to``: the name of a peer case this one is compared with
+    """One configuration: ``run(generator, profile, part)`` returns its output for part ``part`` of the
+    suite's inputs (:attr:`BenchSuite.parts`) -- a :class:`~mmspec.loops.GenerationOutput` /
+    :class:`PeerOutput`, or a list of them -- plus a description of it. One timed run calls it for
+    every part in order with one generator. ``peer``: another library's implementation (no steps or
+    phase times). ``compare_to``: the name of a peer case this one is compared with
     (``speedup_vs_peer`` in the record)."""
 
     name: str
-    run: Callable[[torch.Generator, bool], Any]  # (generator, profile) -> output(s)
+    run: Callable[[torch.Generator, bool, int], Any]  # (generator, profile, part) -> output(s)
     config: dict[str, Any] = field(default_factory=dict)
     peer: bool = False
     compare_to: str | None = None
@@ -65,6 +68,9 @@ class BenchSuite:
     description: str
     cases: list[BenchCase]
     setup: dict[str, Any] = field(default_factory=dict)
+    #: How many parts the inputs come in (one call of a case each: a prompt, an image, a batch of class
+    #: labels); rounds interleave the cases part by part.
+    parts: int = 1
 
 
 BENCH_SUITES: dict[str, Callable[..., BenchSuite]] = {}
@@ -199,16 +205,37 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _timed(case: BenchCase, seed: int, device: torch.device, profile: bool) -> tuple[list, float, float]:
-    """Run ``case`` once: its outputs, wall seconds and this process's CPU seconds (all threads; on a
-    shared machine CPU time leaves out the time the process waited for a core, wall time does not)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # deliberate: wall time of a whole call
-    start, cpu_start = time.perf_counter(), time.process_time()
-    out = case.run(torch.Generator(device).manual_seed(seed), profile)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (out if isinstance(out, list) else [out]), time.perf_counter() - start, time.process_time() - cpu_start
+@dataclass
+class RoundTimes:
+    """One run of each case of a round: its outputs, wall seconds and this process's CPU seconds (all
+    threads; on a shared machine CPU time leaves out the time the process waited for a core, wall time
+    does not), each keyed by case name."""
+
+    outputs: dict[str, list]
+    wall: dict[str, float]
+    cpu: dict[str, float]
+
+
+def _round(cases: list[BenchCase], parts: int, seed: int, device: torch.device, profile: bool, progress) -> RoundTimes:
+    """Run every case once over all ``parts`` of the inputs, interleaved part by part (part 0 of every
+    case, then part 1, ...), so that load drifting during the round hits every case alike. Each case
+    keeps its own generator, seeded with ``seed``, through its parts: its random stream is that of a run
+    on its own."""
+    generators = {case.name: torch.Generator(device).manual_seed(seed) for case in cases}
+    times = RoundTimes({c.name: [] for c in cases}, dict.fromkeys(generators, 0.0), dict.fromkeys(generators, 0.0))
+    for part in range(parts):
+        for case in cases:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # deliberate: wall time of a whole call
+            start, cpu_start = time.perf_counter(), time.process_time()
+            out = case.run(generators[case.name], profile, part)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.wall[case.name] += time.perf_counter() - start
+            times.cpu[case.name] += time.process_time() - cpu_start
+            times.outputs[case.name] += out if isinstance(out, list) else [out]
+            progress.update()
+    return times
 
 
 def _rows(outs: list) -> list[list[int]]:
@@ -250,32 +277,31 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run every case of ``suite`` on the same seed and inputs; return the JSON-ready record.
 
-    Warm-up runs first (each case ``warmup`` times), then ``repeats`` rounds that time every case once
-    each, then one profiled run per mmspec case for the draft / verify / accept / other split."""
+    Warm-up rounds first (``warmup``), then ``repeats`` rounds that time every case once each (part by
+    part: :func:`_round`), then one profiled round of the mmspec cases for the draft / verify / accept /
+    other split."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if isinstance(suite.parts, bool) or not isinstance(suite.parts, int) or suite.parts < 1:
+        raise ValueError(f"a suite's inputs come in parts >= 1, got {suite.parts!r}")
     names = [case.name for case in suite.cases]
     for case in suite.cases:
         if case.compare_to is not None and case.compare_to not in names:
             raise ValueError(f"case {case.name!r} compares to {case.compare_to!r}, which is not in the suite")
-    progress = tqdm(total=len(suite.cases) * (warmup + repeats + 1), desc=f"bench {suite.name}", unit="run")
-    for case in suite.cases:
-        for _ in range(warmup):
-            _timed(case, seed, device, profile=False)
-            progress.update()
+    ours = [case for case in suite.cases if not case.peer]
+    calls = suite.parts * (len(suite.cases) * (warmup + repeats) + len(ours))
+    progress = tqdm(total=calls, desc=f"bench {suite.name}", unit="call")
+    for _ in range(warmup):
+        _round(suite.cases, suite.parts, seed, device, False, progress)
     times: dict[str, list[float]] = {name: [] for name in names}
     cpu_times: dict[str, list[float]] = {name: [] for name in names}
-    outputs: dict[str, list] = {}
     for _ in range(repeats):
-        for case in suite.cases:
-            outputs[case.name], seconds, cpu_seconds = _timed(case, seed, device, profile=False)
-            times[case.name].append(seconds)
-            cpu_times[case.name].append(cpu_seconds)
-            progress.update()
-    profiled = {}
-    for case in suite.cases:
-        profiled[case.name] = [] if case.peer else _timed(case, seed, device, profile=True)[0]
-        progress.update()
+        timed = _round(suite.cases, suite.parts, seed, device, False, progress)
+        for name in names:
+            times[name].append(timed.wall[name])
+            cpu_times[name].append(timed.cpu[name])
+    outputs = timed.outputs
+    profiled = {name: [] for name in names} | _round(ours, suite.parts, seed, device, True, progress).outputs
     progress.close()
     wall = {name: statistics.median(t) for name, t in times.items()}
     cpu = {name: statistics.median(t) for name, t in cpu_times.items()}
@@ -314,6 +340,7 @@ def run_benchmark(
         "setup": suite.setup,
         "repeats": repeats,
         "warmup": warmup,
+        "parts": suite.parts,
         "seed": seed,
         "baseline": baseline,
         "results": results,

@@ -79,7 +79,8 @@ def ar_image_suite(
     options (``speculative_options``) and ``k=`` for ``num_draft_tokens``, e.g.
     ``"sjd;mc-sjd;mc-sjd:coupling=gumbel;mc-sjd:window=cost,k=16"``. ``num_batches``: pipeline calls per
     timed run, each a batch of ``batch_size`` images of the next class labels (one generator through
-    all of them), so that steps and times average over several images instead of one draw."""
+    all of them; the suite's parts, which rounds interleave), so that steps and times average over
+    several images instead of one draw."""
     from .jobs import parse_key_values
 
     # Settings wrong for any model fail before one loads; those that depend on the model (vocabulary,
@@ -112,26 +113,24 @@ def ar_image_suite(
     compiled = LlamaGenPipeline(**pipe.components).enable_compile() if compile else None
 
     def case(name, method, options, k, runner):
-        def run(generator: torch.Generator, profile: bool) -> list[GenerationOutput]:
-            outs = []
-            for labels in batches:
-                out = runner(
-                    class_labels=labels,
-                    guidance_scale=guidance_scale,
-                    temperature=temperature,
-                    top_k=top_k,
-                    generator=generator,
-                    speculative=method,
-                    num_draft_tokens=k,
-                    acceptance=None if method is None else acceptance,
-                    acceptance_options=rule_options or None if method is not None and acceptance else None,
-                    speculative_options=options or None,
-                    output_type="pt",
-                    profile=profile,
-                )
-                lengths = torch.full((len(labels),), out.tokens[0].numel())
-                outs.append(GenerationOutput(tokens=out.tokens.flatten(1), lengths=lengths, stats=out.stats))
-            return outs
+        def run(generator: torch.Generator, profile: bool, part: int) -> GenerationOutput:
+            labels = batches[part]
+            out = runner(
+                class_labels=labels,
+                guidance_scale=guidance_scale,
+                temperature=temperature,
+                top_k=top_k,
+                generator=generator,
+                speculative=method,
+                num_draft_tokens=k,
+                acceptance=None if method is None else acceptance,
+                acceptance_options=rule_options or None if method is not None and acceptance else None,
+                speculative_options=options or None,
+                output_type="pt",
+                profile=profile,
+            )
+            lengths = torch.full((len(labels),), out.tokens[0].numel())
+            return GenerationOutput(tokens=out.tokens.flatten(1), lengths=lengths, stats=out.stats)
 
         return BenchCase(
             name,
@@ -153,6 +152,7 @@ def ar_image_suite(
         name="ar-image",
         description=ar_image_suite.__doc__.split("\n")[0],
         cases=cases,
+        parts=num_batches,
         setup={
             "model": _describe(source),
             "source": source,

@@ -123,7 +123,8 @@ def mar_suite(
     mar_schedule(num_iter, pipe.target.seq_len, guidance_scale, cfg_schedule)
 
     def case(name: str, steps: int, method: str | None, acceptance: str | None = None, options: dict | None = None):
-        def run(generator: torch.Generator, profile: bool) -> GenerationOutput:
+        def run(generator: torch.Generator, profile: bool, part: int) -> GenerationOutput:
+            # the whole input is one call: the suite has one part, ``part`` is 0
             orders = torch.stack(
                 [
                     torch.randperm(pipe.target.seq_len, generator=torch.Generator().manual_seed(i))

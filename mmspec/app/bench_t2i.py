@@ -63,7 +63,8 @@ def t2i_suite(
     rule = None if acceptance is None else pipe.acceptance_rule(acceptance)
 
     def case(name, method, options, k):
-        def run(generator: torch.Generator, profile: bool) -> GenerationOutput:
+        def run(generator: torch.Generator, profile: bool, part: int) -> GenerationOutput:
+            # the whole input is one call: the suite has one part, ``part`` is 0
             out = pipe(
                 **inputs,
                 guidance_scale=guidance_scale,

@@ -15,7 +15,7 @@ import torch
 
 from ..loops import GenerationOutput
 from ..pipelines.validation import check_int, check_vlm_call
-from .bench import BenchCase, BenchSuite, PeerOutput, register_suite, require_folder
+from .bench import BenchCase, BenchSuite, PeerOutput, parse_configs, register_suite, require_folder
 
 #: The ``lm`` suite's prompt sets: "copy" (answers that repeat much of the prompt: prompt lookup's
 #: home ground) and "open" (open-ended answers: little to look up).
@@ -37,25 +37,22 @@ LM_PROMPTS = {
 
 
 def _greedy_peer(hf_model: Any, prompts: list[torch.Tensor], max_new_tokens: int, eos: tuple, pad: int, **kw):
-    """A peer's ``run``: transformers ``generate`` on each prompt (``[1, P]`` ids), greedy, cut at EOS like
-    mmspec's pipelines, as :class:`PeerOutput` rows."""
+    """A peer's ``run``: transformers ``generate`` on prompt ``part`` (``[1, P]`` ids, one part per prompt),
+    greedy, cut at EOS like mmspec's pipelines, as a :class:`PeerOutput`."""
 
-    def run(generator: torch.Generator, profile: bool) -> list[PeerOutput]:
-        outs = []
-        for ids in prompts:
-            inputs = ids if isinstance(ids, dict) else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            with torch.inference_mode():
-                full = hf_model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=list(eos),
-                    pad_token_id=pad,
-                    **kw,
-                )
-            new = full[:, inputs["input_ids"].shape[1] :]
-            outs.append(_peer_output(new, max_new_tokens, eos, pad))
-        return outs
+    def run(generator: torch.Generator, profile: bool, part: int) -> PeerOutput:
+        ids = prompts[part]
+        inputs = ids if isinstance(ids, dict) else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.inference_mode():
+            full = hf_model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=list(eos),
+                pad_token_id=pad,
+                **kw,
+            )
+        return _peer_output(full[:, inputs["input_ids"].shape[1] :], max_new_tokens, eos, pad)
 
     return run
 
@@ -128,33 +125,26 @@ def _tiny_lm(vocab_size: int, dim: int, n_layer: int) -> Any:
     return LlamaForCausalLM(config).eval()
 
 
-def _parse_configs(registry: Any, configs: str | None) -> list[tuple[str, str, dict]] | None:
-    """``configs`` (``;``-separated ``METHOD[:key=value,...]``) as ``(name, method, options)`` with the
-    method's defaults filled in, method and option names checked against ``registry`` before any model
-    loads; None for None (every available method)."""
-    from .jobs import parse_key_values
-
-    if configs is None:
-        return None
-    out = []
-    for spec in [c for c in configs.split(";") if c]:
-        name, _, opts = spec.partition(":")
-        options = parse_key_values([o for o in opts.split(",") if o], f"config {spec!r}")
-        out.append((spec, name, registry.get(name).resolve_options(options)))
-    return out
-
-
 def _cases_from_configs(
-    registry: Any, pipe: Any, configured: list[tuple[str, str, dict]] | None
-) -> list[tuple[str, str, dict]]:
-    """``(name, method, options)`` per configuration: ``configured`` (from :func:`_parse_configs`) or every
-    method of ``registry`` the pipeline can run with its defaults; each built once, so that option values
-    and components are checked before anything runs."""
+    registry: Any, pipe: Any, configured: list[tuple[str, str, dict, int]] | None, num_draft_tokens: int
+) -> list[tuple[str, str, dict, int]]:
+    """``(name, method, options, num_draft_tokens)`` per configuration, the options with the method's
+    defaults filled in: ``configured`` (from :func:`~mmspec.app.bench.parse_configs`) or every method of
+    ``registry`` the pipeline can run with its defaults; each built once, so that option values and
+    components are checked before anything runs."""
     if configured is None:
-        configured = [(name, name, registry.get(name).resolve_options(None)) for name in registry.available(pipe)]
-    for _, name, options in configured:
+        configured = [(name, name, {}, num_draft_tokens) for name in registry.available(pipe)]
+    cases = []
+    for spec, name, options, k in configured:
+        options = registry.get(name).resolve_options(options)
         registry.get(name).build(pipe, options)
-    return configured
+        cases.append((spec, name, options, k))
+    return cases
+
+
+def _peer_name(name: str, k: int, num_draft_tokens: int) -> str:
+    """A peer row's name; ``k=K`` added when a configuration drafts another number of tokens than the suite's."""
+    return name if k == num_draft_tokens else f"{name} k={k}"
 
 
 @register_suite("lm")
@@ -182,11 +172,12 @@ def lm_suite(
     template wraps the prompt set ``prompts`` ("copy" or "open", :data:`LM_PROMPTS`). Without ``model``, a
     random ``dim`` x ``n_layer`` Llama over ``vocab_size`` ids with prompts repeating a random 16-token
     phrase (``prompt_len`` tokens): per-step costs only, acceptance is not meaningful. ``configs``:
-    ``;``-separated ``METHOD[:key=value,...]`` (default: every available method). ``peers``: add the
+    ``;``-separated ``METHOD[:key=value,...]`` with ``k=`` for ``num_draft_tokens`` (default: every
+    available method); an n-gram row's peer is prompt lookup with as many tokens. ``peers``: add the
     transformers rows (batch 1 only: transformers' prompt lookup and assisted generation need it). Each
-    draft-model row's peer is assisted generation with the same cut of the target (full vocabulary).
-    ``cpu_packing``: the target's linear layers get oneDNN-packed weights for several-row forwards
-    (:meth:`~mmspec.pipelines.base.SpeculativePipelineMixin.enable_cpu_packing`; float32 CPU only)."""
+    draft-model row's peer is assisted generation with the same cut of the target (full vocabulary) and
+    as many tokens. ``cpu_packing``: the target's linear layers get oneDNN-packed weights for several-row
+    forwards (:meth:`~mmspec.pipelines.base.SpeculativePipelineMixin.enable_cpu_packing`; float32 CPU only)."""
     from ..pipelines.lm import LM_METHODS, LMPipeline, LMTarget, load_lm
 
     # Settings wrong for any model fail before one loads; method option values once it has, before the
@@ -201,7 +192,7 @@ def lm_suite(
         _tiny_lm_heads(dim)
     else:
         require_folder("model", model)
-    configured = _parse_configs(LM_METHODS, configs)
+    configured = None if configs is None else parse_configs(LM_METHODS, configs, num_draft_tokens)
     if model is not None:
         from transformers import AutoTokenizer
 
@@ -229,54 +220,55 @@ def lm_suite(
     eos = pipe.target.eos_token_ids
     pad = pipe._pad_token_id()
 
-    def case(name: str, method: str | None, options: dict, compare_to: str | None) -> BenchCase:
-        def run(generator, profile):
-            outs = []
-            for prompt in token_prompts:
-                out = pipe(
-                    prompt,
-                    max_new_tokens=max_new_tokens,
-                    speculative=method,
-                    speculative_options=options or None,
-                    num_draft_tokens=num_draft_tokens,
-                    generator=generator,
-                    profile=profile,
-                )
-                outs.append(GenerationOutput(out.token_ids, out.lengths, out.stats))
-            return outs
+    def case(name: str, method: str | None, options: dict, k: int, compare_to: str | None) -> BenchCase:
+        def run(generator: torch.Generator, profile: bool, part: int) -> GenerationOutput:
+            out = pipe(
+                token_prompts[part],
+                max_new_tokens=max_new_tokens,
+                speculative=method,
+                speculative_options=options or None,
+                num_draft_tokens=k,
+                generator=generator,
+                profile=profile,
+            )
+            return GenerationOutput(out.token_ids, out.lengths, out.stats)
 
-        config = {"method": method, "options": options, "num_draft_tokens": num_draft_tokens if method else 0}
+        config = {"method": method, "options": options, "num_draft_tokens": k if method else 0}
         return BenchCase(name, run, config, compare_to=compare_to if peers and batch_size == 1 else None)
 
-    configured = _cases_from_configs(LM_METHODS, pipe, configured)
-    cases = [case("baseline (static cache, eager)", None, {}, "transformers generate")]
-    assisted_layers = sorted({o["layers"] for _, m, o in configured if m == "draft-model"})
-    for spec, method, options in configured:
-        peer = "transformers prompt lookup" if method == "ngram" else None
+    configured = _cases_from_configs(LM_METHODS, pipe, configured, num_draft_tokens)
+    cases = [case("baseline (static cache, eager)", None, {}, num_draft_tokens, "transformers generate")]
+    # Each n-gram row's peer is prompt lookup with as many tokens, each draft-model row's assisted
+    # generation with the same cut of the target and as many tokens.
+    lookup_ks = sorted({k for _, m, _, k in configured if m == "ngram"} or {num_draft_tokens})
+    assisted = sorted({(o["layers"], k) for _, m, o, k in configured if m == "draft-model"})
+    for spec, method, options, k in configured:
+        peer = _peer_name("transformers prompt lookup", k, num_draft_tokens) if method == "ngram" else None
         if method == "draft-model":
-            peer = f"transformers assisted (first {options['layers']} layers)"
-        cases.append(case(spec, method, options, peer))
+            peer = _peer_name(f"transformers assisted (first {options['layers']} layers)", k, num_draft_tokens)
+        cases.append(case(spec, method, options, k, peer))
     if peers and batch_size == 1:
         ids = [p.tokens[:, : int(p.lengths[0])] for p in token_prompts]
         cases.append(BenchCase("transformers generate", _greedy_peer(hf, ids, max_new_tokens, eos, pad), peer=True))
-        lookup = {"prompt_lookup_num_tokens": num_draft_tokens}
-        cases.append(
-            BenchCase(
-                "transformers prompt lookup",
-                _greedy_peer(hf, ids, max_new_tokens, eos, pad, **lookup),
-                {"generate_kwargs": lookup},
-                peer=True,
+        for k in lookup_ks:
+            lookup = {"prompt_lookup_num_tokens": k}
+            cases.append(
+                BenchCase(
+                    _peer_name("transformers prompt lookup", k, num_draft_tokens),
+                    _greedy_peer(hf, ids, max_new_tokens, eos, pad, **lookup),
+                    {"generate_kwargs": lookup},
+                    peer=True,
+                )
             )
-        )
-        for layers in assisted_layers:
+        for layers, k in assisted:
             assistant = truncated_hf(hf, layers)
-            assistant.generation_config.num_assistant_tokens = num_draft_tokens
+            assistant.generation_config.num_assistant_tokens = k
             assistant.generation_config.num_assistant_tokens_schedule = "constant"
             cases.append(
                 BenchCase(
-                    f"transformers assisted (first {layers} layers)",
+                    _peer_name(f"transformers assisted (first {layers} layers)", k, num_draft_tokens),
                     _greedy_peer(hf, ids, max_new_tokens, eos, pad, assistant_model=assistant),
-                    {"num_assistant_tokens": num_draft_tokens, "schedule": "constant", "assistant_layers": layers},
+                    {"num_assistant_tokens": k, "schedule": "constant", "assistant_layers": layers},
                     peer=True,
                 )
             )
@@ -284,6 +276,7 @@ def lm_suite(
         name="lm",
         description=lm_suite.__doc__.split("\n")[0],
         cases=cases,
+        parts=len(token_prompts),
         setup={
             "model": model
             or f"random-weight Llama (vocab {vocab_size}, dim {dim}, {n_layer} layers: per-step costs only; "
@@ -334,7 +327,8 @@ def vlm_suite(
 
     ``model``: a VLM folder (LLaVA / LLaVA-NeXT / Qwen2-VL families). ``images``: a folder whose first
     ``num_images`` images (sorted by name) are captioned one by one with ``question``. ``configs``:
-    ``;``-separated ``METHOD[:key=value,...]`` (default: every available method). ``draft_vocab``:
+    ``;``-separated ``METHOD[:key=value,...]`` with ``k=`` for ``num_draft_tokens`` (default: every
+    available method). ``draft_vocab``:
     ``"saved"`` scores only the draft model's saved draft vocabulary when its folder has one
     (:data:`~mmspec.training.saved.DRAFT_VOCAB_FILE`), ``"all"`` the whole vocabulary (transformers'
     assisted generation always uses the whole one). ``cpu_packing``: as in the ``lm`` suite (the target
@@ -350,7 +344,7 @@ def vlm_suite(
     for name, value in (("num_images", num_images), ("max_new_tokens", max_new_tokens)):
         check_int(name, value, 1)
     check_int("num_draft_tokens", num_draft_tokens, 1)
-    configured = _parse_configs(VLM_METHODS, configs)
+    configured = None if configs is None else parse_configs(VLM_METHODS, configs, num_draft_tokens)
     require_folder("model", model)  # after the settings: a setting wrong for any model is named first
     require_folder("images", images)
     import PIL.Image
@@ -384,47 +378,49 @@ def vlm_suite(
     check_vlm_call(
         pipe,
         max_new_tokens=max_new_tokens,
-        num_draft_tokens=num_draft_tokens,
+        num_draft_tokens=max([num_draft_tokens] + [k for *_, k in configured or ()]),
         prompt_length=max(int(p.lengths.max()) for p in prompts),
     )
     eos = pipe.target.eos_token_ids
     pad = pipe._pad_token_id()
 
-    def case(name: str, method: str | None, options: dict, compare_to: str | None) -> BenchCase:
-        def run(generator, profile):
-            outs = []
-            for prompt in prompts:
-                out = pipe(
-                    None,
-                    prompt,
-                    max_new_tokens=max_new_tokens,
-                    speculative=method,
-                    speculative_options=options or None,
-                    num_draft_tokens=num_draft_tokens if method else 0,
-                    generator=generator,
-                    profile=profile,
-                )
-                outs.append(GenerationOutput(out.token_ids, out.lengths, out.stats))
-            return outs
+    def case(name: str, method: str | None, options: dict, k: int, compare_to: str | None) -> BenchCase:
+        def run(generator: torch.Generator, profile: bool, part: int) -> GenerationOutput:
+            out = pipe(
+                None,
+                prompts[part],
+                max_new_tokens=max_new_tokens,
+                speculative=method,
+                speculative_options=options or None,
+                num_draft_tokens=k if method else 0,
+                generator=generator,
+                profile=profile,
+            )
+            return GenerationOutput(out.token_ids, out.lengths, out.stats)
 
-        config = {"method": method, "options": options, "num_draft_tokens": num_draft_tokens if method else 0}
+        config = {"method": method, "options": options, "num_draft_tokens": k if method else 0}
         return BenchCase(name, run, config, compare_to=compare_to if peers and batch_size == 1 else None)
 
-    cases = [case("baseline (static cache, eager)", None, {}, "transformers generate")]
-    for spec, method, options in _cases_from_configs(VLM_METHODS, pipe, configured):
-        cases.append(case(spec, method, options, "transformers assisted (draft model)" if method == "model" else None))
+    configured = _cases_from_configs(VLM_METHODS, pipe, configured, num_draft_tokens)
+    cases = [case("baseline (static cache, eager)", None, {}, num_draft_tokens, "transformers generate")]
+    for spec, method, options, k in configured:
+        peer = _peer_name("transformers assisted (draft model)", k, num_draft_tokens) if method == "model" else None
+        cases.append(case(spec, method, options, k, peer))
     if peers and batch_size == 1:
         inputs = [_hf_inputs(p) for p in prompts]  # the very prompts mmspec runs (batch 1: one image each)
         cases.append(BenchCase("transformers generate", _greedy_peer(hf, inputs, max_new_tokens, eos, pad), peer=True))
-        if hf_draft is not None:
-            hf_draft.generation_config.num_assistant_tokens = num_draft_tokens
-            hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
+        # The draft model's rows' peer: assisted generation with the same draft model and as many tokens
+        # (transformers reads them from the assistant's generation config when it generates).
+        assisted_ks = {k for _, m, _, k in configured if m == "model"} or {num_draft_tokens}
+        for k in sorted(assisted_ks) if hf_draft is not None else ():
             assisted = _greedy_peer(hf, inputs, max_new_tokens, eos, pad, assistant_model=hf_draft)
-            cases.append(BenchCase("transformers assisted (draft model)", assisted, peer=True))
+            name = _peer_name("transformers assisted (draft model)", k, num_draft_tokens)
+            cases.append(BenchCase(name, _with_assistant_tokens(hf_draft, k, assisted), peer=True))
     return BenchSuite(
         name="vlm",
         description=vlm_suite.__doc__.split("\n")[0],
         cases=cases,
+        parts=len(prompts),
         setup={
             "model": str(model),
             "draft_model": str(draft_path) if hf_draft is not None else None,
@@ -440,6 +436,18 @@ def vlm_suite(
             "sampling": "greedy",
         },
     )
+
+
+def _with_assistant_tokens(assistant: Any, num_tokens: int, run: Any) -> Any:
+    """``run`` (a peer's) with ``assistant`` set to draft ``num_tokens`` tokens a step (constant schedule)
+    first: peers with different numbers share one assistant, whose generation config transformers reads."""
+
+    def with_tokens(generator: torch.Generator, profile: bool, part: int) -> PeerOutput:
+        assistant.generation_config.num_assistant_tokens = num_tokens
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        return run(generator, profile, part)
+
+    return with_tokens
 
 
 def _hf_inputs(prompt: Any) -> dict[str, torch.Tensor]:

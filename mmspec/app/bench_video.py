@@ -67,7 +67,8 @@ def video_suite(
     labels = [i % pipe.target.config.num_classes for i in range(batch_size)]
 
     def case(name: str, **extra) -> BenchCase:
-        def run(generator: torch.Generator, profile: bool) -> GenerationOutput:
+        def run(generator: torch.Generator, profile: bool, part: int) -> GenerationOutput:
+            # the whole input is one call: the suite has one part, ``part`` is 0
             # `profile` changes nothing here: the block loop times its phases on every run (a block is
             # long enough to time without device syncs), so every record has the breakdown.
             out = pipe(

@@ -711,6 +711,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
         if "default" in text.lower() or unset or not action.option_strings:
             return text
+        if action.default == "":
+            return f"{text} (default: empty)"  # not a blank "(default: )"
         return super()._get_help_string(action)
 
 

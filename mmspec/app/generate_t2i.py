@@ -42,7 +42,11 @@ def _add_emu3_args(group: argparse._ArgumentGroup) -> None:
         metavar="HxW",
         help="the image-token grid to generate (default: the one a saved Emu3ImagePipeline records)",
     )
-    group.add_argument("--negative-prompt", default="", help="the classifier-free guidance negative prompt")
+    group.add_argument(
+        "--negative-prompt",
+        default="",
+        help="Emu3: the classifier-free guidance negative prompt",
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:

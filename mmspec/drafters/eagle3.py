@@ -53,6 +53,7 @@ from ..cache import StaticKVCache
 from ..checkpoint_io import read_json, read_safetensors
 from ..modeling import RMSNorm
 from ..types import DraftContext, PrefillOutput, TargetOutput, TokenPrompt
+from ..weights_check import load_checked
 from .eagle import CONFIG_NAME, WEIGHTS_NAME, EagleDrafter, TreeConfig, target_fingerprint
 
 #: ``config.json`` key that tells an mmspec EAGLE-3 head from the other heads saved by mmspec.
@@ -442,7 +443,7 @@ class Eagle3Head(nn.Module):
                 "train one for this target (mmspec train-drafter --arch eagle3)"
             )
         head = cls(config, embed)
-        head.load_state_dict(read_safetensors(directory / WEIGHTS_NAME))
+        load_checked(head, read_safetensors(directory / WEIGHTS_NAME), "the EAGLE-3 head", str(directory))
         return head.to(embed.weight.device if embed is not None else "cpu")
 
 

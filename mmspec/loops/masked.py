@@ -61,7 +61,9 @@ def masked_generate(
         generator: the target's and the rule's random stream (a drafter keeps its own).
         callback: ``callback(steps, elements [B, N, *E])`` after every round, run outside inference mode
             (what it copies is a normal tensor; its arguments are the loop's, to read).
-        profile: synchronise the device around drafting to time it (``stats.draft_time``).
+        profile: synchronise the device between the phases to time them: ``stats.draft_time`` (drafting
+            and writing the draft), ``verify_time`` (the target: its verify views and regenerations),
+            ``accept_time`` (the rule, the writes of recovered elements, the stats).
     """
     rule = resolve_rule(acceptance, CommitMode.ELEMENTWISE, "masked_generate (the masked loop)")
     if not isinstance(max_rounds, int) or max_rounds < 1:
@@ -76,22 +78,20 @@ def masked_generate(
 
     while not bool(target.finished().all()):  # deliberate host sync: once per draft
         # 1. draft a set of elements and write it into the output
-        if profile:
-            sync(device)
-        t0 = time.perf_counter()
+        t0 = _clock(profile, device)
         draft = drafter.draft(condition, target, generator)
         positions = draft.positions  # [B, k]
         everywhere = torch.ones(positions.shape, dtype=torch.bool, device=device)
         target.write(positions, draft.tokens, everywhere)
         drafted = _scatter(drafted, positions, everywhere)
-        if profile:
-            sync(device)
-        stats.draft_time += time.perf_counter() - t0
+        stats.draft_time += _clock(profile, device) - t0
         pending = everywhere  # still-drafted elements under test
         active = torch.ones(batch, dtype=torch.bool, device=device)  # rows whose last round rejected something
         for _ in range(max_rounds):
             # 2. verify: one target view of the set; the rule decides every pending element
+            t1 = _clock(profile, device)
             view = target.verify(positions)
+            t2 = _clock(profile, device)
             verify_step = target.steps  # the forward this round's decisions come from
             current = target.elements.gather(1, _expand_like(positions, target.elements))
             verdict = rule.verify(replace(draft, tokens=current, pending=pending), view, generator)
@@ -100,7 +100,9 @@ def masked_generate(
             recovered = pending & (verdict.source == SOURCE_RECOVERED)
             target.write(positions, verdict.tokens, recovered)
             regenerate = verdict.regenerate if verdict.regenerate is not None else torch.zeros_like(pending)
+            t3 = _clock(profile, device)
             regen = target.regenerate(positions, regenerate & active[:, None], generator)
+            regen_time = _clock(profile, device) - t3
             # 4. stats: the last decision about each element wins
             kept = pending & verdict.accepted
             stats.record_elements(
@@ -131,6 +133,8 @@ def masked_generate(
             stats.converged |= active & ~rejected
             active &= rejected
             pending = pending & verdict.accepted & active[:, None]
+            stats.verify_time += t2 - t1 + regen_time
+            stats.accept_time += _clock(profile, device) - t2 - regen_time
             if callback is not None:
                 outside_inference_mode(callback, target.steps, target.elements)
             if not bool(active.any()):  # deliberate host sync: once per round
@@ -147,9 +151,16 @@ def masked_generate(
         stats.record_moved_mass(torch.where(kept, moved, 0.0), stats.token_source >= 0)
     stats.total_time = time.perf_counter() - start
     if not profile:
-        stats.draft_time = 0.0
+        stats.draft_time = stats.verify_time = stats.accept_time = 0.0
     (elements,) = hand_back(stats, target.elements)
     return MaskedOutput(elements=elements, stats=stats)
+
+
+def _clock(profile: bool, device: torch.device) -> float:
+    """``time.perf_counter()``, after waiting for the device when profiling (a phase's time is then its own work)."""
+    if profile:
+        sync(device)
+    return time.perf_counter()
 
 
 def _expand_like(positions: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:

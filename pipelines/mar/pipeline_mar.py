@@ -228,8 +228,9 @@ class MARPipeline(SpeculativePipelineMixin, DiffusionPipeline):
             output_type: ``"pil"``, ``"np"`` or ``"pt"``; return_dict: output object or tuple.
             callback_on_step_end: ``f(pipe, step, None, {"tokens": [B, L, C], "known": [B, L]})`` after
                 every AR step (baseline) or verify round (CSpD).
-            profile: CSpD only -- time its drafting separately (``stats.draft_time``), synchronising the
-                device around it; the baseline loop has no phases to split.
+            profile: CSpD only -- time its phases separately (``stats.draft_time`` / ``verify_time`` /
+                ``accept_time``, :func:`mmspec.loops.masked_generate`), synchronising the device between
+                them; the baseline loop has no phases to split.
 
         Returns:
             :class:`MARPipelineOutput` or ``(images, latents, stats)``.

@@ -76,6 +76,7 @@ from mmspec.drafters.eagle import (
 from mmspec.modeling import RMSNorm, rope_frequencies
 from mmspec.sampling import sample_from_probs
 from mmspec.types import Draft, DraftContext, PrefillOutput, Verdict
+from mmspec.weights_check import load_checked
 
 from .decoder import RopeOffsetKVCache
 from .drafter_layout import lay_out, prompt_sequence
@@ -259,7 +260,7 @@ class VLMEagleHead(EagleHead):
                 f"the VLM drafter in {directory} uses visual path {config.visual_path!r}, not {visual_path!r}"
             )
         head = cls(config, target.decoder.tok_embeddings, target.decoder.output)
-        head.load_state_dict(read_safetensors(directory / WEIGHTS_NAME))
+        load_checked(head, read_safetensors(directory / WEIGHTS_NAME), "the VLM drafter", str(directory))
         return head.to(target.device)
 
 

@@ -64,11 +64,41 @@ def test_lm_suite_configs_and_bad_settings():
         BENCH_SUITES["lm"](torch.device("cpu"), torch.float32, 1, prompts="poems", **TINY)
 
 
+def test_lm_suite_configs_draft_their_own_k_against_peers_with_as_many_tokens():
+    suite = BENCH_SUITES["lm"](
+        torch.device("cpu"),
+        torch.float32,
+        1,
+        max_new_tokens=12,
+        num_draft_tokens=2,
+        configs="ngram;ngram:k=3;self-draft:k=3;draft-model:layers=1,k=3",
+        **TINY,
+    )
+    by_name = {c.name: c for c in suite.cases}
+    assert [c.name for c in suite.cases if c.peer] == [
+        "transformers generate",
+        "transformers prompt lookup",
+        "transformers prompt lookup k=3",
+        "transformers assisted (first 1 layers) k=3",
+    ]
+    assert by_name["ngram"].compare_to == "transformers prompt lookup"
+    assert by_name["ngram:k=3"].compare_to == "transformers prompt lookup k=3"
+    assert by_name["draft-model:layers=1,k=3"].compare_to == "transformers assisted (first 1 layers) k=3"
+    assert by_name["ngram:k=3"].config["num_draft_tokens"] == 3 and by_name["ngram"].config["num_draft_tokens"] == 2
+    record = run_benchmark(suite, torch.device("cpu"), repeats=1, warmup=0)
+    rows = {r["name"]: r for r in record["results"]}
+    # The tiny LM's self-draft accepts every draft: k tokens + a bonus per step, so the steps show its k.
+    assert rows["self-draft:k=3"]["mean_accepted_without_bonus"] == 3
+    assert rows["transformers prompt lookup k=3"]["config"]["generate_kwargs"] == {"prompt_lookup_num_tokens": 3}
+    assert all(r["tokens_equal_baseline"] for r in record["results"])
+    assert all(r["tokens_equal_peer"] for r in record["results"] if r.get("compare_to"))
+
+
 def test_repeats_are_interleaved_and_peer_comparisons_checked():
     order = []
 
     def case(name, **kw):
-        def run(generator, profile):
+        def run(generator, profile, part):
             order.append(name)
             return PeerOutput(torch.zeros(1, 2, dtype=torch.long), torch.tensor([2]))
 
@@ -80,6 +110,34 @@ def test_repeats_are_interleaved_and_peer_comparisons_checked():
     assert record["results"][1]["tokens_equal_peer"]
     with pytest.raises(ValueError, match="compares to 'c'"):
         run_benchmark(BenchSuite("t", "t", [case("a"), case("b", compare_to="c")]), torch.device("cpu"))
+
+
+def test_rounds_interleave_parts_and_each_case_keeps_its_generator_through_them():
+    calls = []
+
+    def case(name, peer=False):
+        def run(generator, profile, part):
+            draw = int(torch.randint(0, 1000, (1,), generator=generator))  # the case's own stream
+            calls.append((name, part, profile, draw))
+            return PeerOutput(torch.tensor([[part, draw]]), torch.tensor([2]))
+
+        return BenchCase(name, run, peer=peer)
+
+    suite = BenchSuite("t", "t", [case("a"), case("b"), case("p", peer=True)], parts=3)
+    record = run_benchmark(suite, torch.device("cpu"), repeats=2, warmup=1, seed=5)
+    timed = [c[:2] for c in calls if not c[2]]
+    one_round = [(name, part) for part in range(3) for name in "abp"]  # part 0 of every case, then part 1 ...
+    assert timed == one_round * 3  # warm-up and two timed rounds
+    assert [c[:2] for c in calls if c[2]] == [(name, part) for part in range(3) for name in "ab"]  # no peer
+    # Every case draws the stream of a run on its own: seed 5, parts in order, whatever ran between.
+    expected = torch.randint(0, 1000, (3,), generator=torch.Generator().manual_seed(5)).tolist()
+    for name in "abp":
+        assert [c[3] for c in calls if c[0] == name][:3] == expected
+    rows = {r["name"]: r for r in record["results"]}
+    assert rows["a"]["generated_tokens"] == 3 * 2 and len(rows["a"]["wall_time_s_all"]) == 2
+    assert record["parts"] == 3 and all(r["tokens_equal_baseline"] for r in record["results"])
+    with pytest.raises(ValueError, match="parts >= 1"):
+        run_benchmark(BenchSuite("t", "t", [case("a")], parts=0), torch.device("cpu"))
 
 
 def test_cli_bench_writes_json_and_plots(tmp_path, capsys):

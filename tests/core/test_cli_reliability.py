@@ -314,3 +314,12 @@ def test_command_summaries_in_help_are_whole_sentences():
     text = " ".join(run.stdout.split())
     assert "resumable; bad items skipped and reported)." in text
     assert "for VLMs; progress, checkpoints, resume." in text
+
+
+def test_help_shows_no_empty_defaults(capsys):
+    """An option whose default is the empty string (``--negative-prompt``) shows no ``(default: )``."""
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "negative prompt (default: empty)" in text and "(default: )" not in text
+    assert "(default: 0)" in text  # a falsy default that is a value (--seed 0) still shows

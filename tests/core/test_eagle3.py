@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mmspec.drafters.eagle import TreeConfig
 from mmspec.drafters.eagle3 import AuxFeatureTarget, Eagle3Drafter, Eagle3Head, eagle3_head_for_lm
@@ -176,6 +177,12 @@ def test_save_load_round_trip_and_wrong_target(tmp_path, trained):
         assert torch.equal(value, loaded.head.state_dict()[name]), name
     with pytest.raises(ValueError, match="was trained for target"):
         Eagle3Drafter.from_pretrained(tmp_path, tiny_lm(n_layer=4, seed=9))
+    # Weights of another shape under the right config: a ValueError naming the head, folder and key.
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["fc.weight"] = weights["fc.weight"][:, :-1].contiguous()
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"the weights of the EAGLE-3 head in .* do not match its config .*fc\.weight"):
+        Eagle3Drafter.from_pretrained(tmp_path, target)
     with pytest.raises(ValueError, match="was trained for target"):
         Eagle3Drafter(head).features_target(tiny_lm(n_layer=4, seed=9))
     with pytest.raises(ValueError, match="concatenation of three target layers"):
@@ -189,8 +196,6 @@ def test_save_load_round_trip_and_wrong_target(tmp_path, trained):
 
 def test_train_drafter_arch_eagle3_for_an_lm(tmp_path):
     import json
-
-    from safetensors.torch import save_file
 
     from mmspec.app.cli import main
 

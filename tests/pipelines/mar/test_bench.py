@@ -33,7 +33,9 @@ def test_mar_suite_record():
         assert r["generated_tokens"] == 2 * 64 and r["wall_time_s_median"] > 0
     assert record["results"][0]["tokens_equal_baseline"] and not record["results"][1]["tokens_equal_baseline"]
     assert record["results"][3]["stats_summary"]["mean_tvd_per_token"] is not None  # the lossy rule reports its bound
-    assert all(r["profiled_draft_s"] > 0 for r in record["results"][2:])  # CSpD's profiled run times its drafting
+    # CSpD's profiled run times each phase: drafting, the target's verify views, the rule and commit
+    for phase in ("draft", "verify", "accept"):
+        assert all(r[f"profiled_{phase}_s"] > 0 for r in record["results"][2:]), phase
 
 
 def test_cli_runs_the_mar_suite(tmp_path, capsys):

@@ -9,6 +9,7 @@ from argparse import ArgumentParser
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mmspec.drafters.eagle import TreeConfig
 from mmspec.pipelines.vlm import VLMPipeline, load_vlm_target
@@ -410,6 +411,13 @@ def test_save_load_round_trip_and_target_checks(tmp_path, trained):
         VLMEagleDrafter.from_pretrained(tmp_path, other)
     with pytest.raises(ValueError, match="image_token_id 4 .this target: 5.*M-RoPE False .this target: True"):
         VLMEagleDrafter.from_pretrained(tmp_path, tiny_pipeline("qwen2_vl").target)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights[next(iter(weights))]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(
+        ValueError, match=r"the weights of the VLM drafter in .* do not match its config \(missing keys"
+    ):
+        VLMEagleDrafter.from_pretrained(tmp_path, target, visual_path="vispec")
 
 
 def test_train_drafter_cli(tmp_path):
