@@ -282,9 +282,13 @@ def run_benchmark(
     other split."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    if isinstance(suite.parts, bool) or not isinstance(suite.parts, int) or suite.parts < 1:
-        raise ValueError(f"a suite's inputs come in parts >= 1, got {suite.parts!r}")
+    from ..pipelines.validation import check_int
+
+    check_int("a suite's parts", suite.parts, 1)
     names = [case.name for case in suite.cases]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # cases are keyed by name: two of a name would share a generator and outputs
+        raise ValueError(f"configurations named twice: {', '.join(repeated)}")
     for case in suite.cases:
         if case.compare_to is not None and case.compare_to not in names:
             raise ValueError(f"case {case.name!r} compares to {case.compare_to!r}, which is not in the suite")

@@ -142,6 +142,33 @@ def _cases_from_configs(
     return cases
 
 
+def _assisted_peer(
+    name: str,
+    hf_model: Any,
+    assistant: Any,
+    prompts: list,
+    max_new_tokens: int,
+    eos: tuple,
+    pad: int,
+    num_tokens: int,
+    **config: Any,
+) -> BenchCase:
+    """A peer case: transformers assisted generation of ``hf_model`` with ``assistant`` drafting up to
+    ``num_tokens`` tokens a step (constant schedule; transformers' assistant also stops a draft early
+    below its confidence threshold, 0.4 by default). Peers with different numbers may share one
+    assistant: its generation config, which transformers reads when it generates, is set before every
+    call. ``config``: more to record (the assistant's layers)."""
+    run = _greedy_peer(hf_model, prompts, max_new_tokens, eos, pad, assistant_model=assistant)
+
+    def with_tokens(generator: torch.Generator, profile: bool, part: int) -> PeerOutput:
+        assistant.generation_config.num_assistant_tokens = num_tokens
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        return run(generator, profile, part)
+
+    record = {"num_assistant_tokens": num_tokens, "schedule": "constant", **config}
+    return BenchCase(name, with_tokens, record, peer=True)
+
+
 def _peer_name(name: str, k: int, num_draft_tokens: int) -> str:
     """A peer row's name; ``k=K`` added when a configuration drafts another number of tokens than the suite's."""
     return name if k == num_draft_tokens else f"{name} k={k}"
@@ -176,7 +203,7 @@ def lm_suite(
     available method); an n-gram row's peer is prompt lookup with as many tokens. ``peers``: add the
     transformers rows (batch 1 only: transformers' prompt lookup and assisted generation need it). Each
     draft-model row's peer is assisted generation with the same cut of the target (full vocabulary) and
-    as many tokens. ``cpu_packing``: the target's linear layers get oneDNN-packed weights for several-row
+    up to as many tokens. ``cpu_packing``: the target's linear layers get oneDNN-packed weights for several-row
     forwards (:meth:`~mmspec.pipelines.base.SpeculativePipelineMixin.enable_cpu_packing`; float32 CPU only)."""
     from ..pipelines.lm import LM_METHODS, LMPipeline, LMTarget, load_lm
 
@@ -239,7 +266,7 @@ def lm_suite(
     configured = _cases_from_configs(LM_METHODS, pipe, configured, num_draft_tokens)
     cases = [case("baseline (static cache, eager)", None, {}, num_draft_tokens, "transformers generate")]
     # Each n-gram row's peer is prompt lookup with as many tokens, each draft-model row's assisted
-    # generation with the same cut of the target and as many tokens.
+    # generation with the same cut of the target and up to as many tokens (:func:`_assisted_peer`).
     lookup_ks = sorted({k for _, m, _, k in configured if m == "ngram"} or {num_draft_tokens})
     assisted = sorted({(o["layers"], k) for _, m, o, k in configured if m == "draft-model"})
     for spec, method, options, k in configured:
@@ -260,18 +287,11 @@ def lm_suite(
                     peer=True,
                 )
             )
+        assistants = {layers: truncated_hf(hf, layers) for layers, _ in assisted}
         for layers, k in assisted:
-            assistant = truncated_hf(hf, layers)
-            assistant.generation_config.num_assistant_tokens = k
-            assistant.generation_config.num_assistant_tokens_schedule = "constant"
-            cases.append(
-                BenchCase(
-                    _peer_name(f"transformers assisted (first {layers} layers)", k, num_draft_tokens),
-                    _greedy_peer(hf, ids, max_new_tokens, eos, pad, assistant_model=assistant),
-                    {"num_assistant_tokens": k, "schedule": "constant", "assistant_layers": layers},
-                    peer=True,
-                )
-            )
+            name = _peer_name(f"transformers assisted (first {layers} layers)", k, num_draft_tokens)
+            peer_args = (hf, assistants[layers], ids, max_new_tokens, eos, pad, k)
+            cases.append(_assisted_peer(name, *peer_args, assistant_layers=layers))
     return BenchSuite(
         name="lm",
         description=lm_suite.__doc__.split("\n")[0],
@@ -375,12 +395,13 @@ def vlm_suite(
         pipe.build_prompt(pictures[i : i + batch_size], [question] * len(pictures[i : i + batch_size]))
         for i in range(0, len(pictures), batch_size)
     ]
-    check_vlm_call(
-        pipe,
-        max_new_tokens=max_new_tokens,
-        num_draft_tokens=max([num_draft_tokens] + [k for *_, k in configured or ()]),
-        prompt_length=max(int(p.lengths.max()) for p in prompts),
-    )
+    prompt_length = max(int(p.lengths.max()) for p in prompts)
+    check_vlm_call(pipe, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, prompt_length=prompt_length)
+    for spec, _, _, k in configured or ():
+        try:
+            check_vlm_call(pipe, max_new_tokens=max_new_tokens, num_draft_tokens=k, prompt_length=prompt_length)
+        except ValueError as err:
+            raise ValueError(f"config {spec!r}: {err}") from None
     eos = pipe.target.eos_token_ids
     pad = pipe._pad_token_id()
 
@@ -409,13 +430,10 @@ def vlm_suite(
     if peers and batch_size == 1:
         inputs = [_hf_inputs(p) for p in prompts]  # the very prompts mmspec runs (batch 1: one image each)
         cases.append(BenchCase("transformers generate", _greedy_peer(hf, inputs, max_new_tokens, eos, pad), peer=True))
-        # The draft model's rows' peer: assisted generation with the same draft model and as many tokens
-        # (transformers reads them from the assistant's generation config when it generates).
-        assisted_ks = {k for _, m, _, k in configured if m == "model"} or {num_draft_tokens}
-        for k in sorted(assisted_ks) if hf_draft is not None else ():
-            assisted = _greedy_peer(hf, inputs, max_new_tokens, eos, pad, assistant_model=hf_draft)
-            name = _peer_name("transformers assisted (draft model)", k, num_draft_tokens)
-            cases.append(BenchCase(name, _with_assistant_tokens(hf_draft, k, assisted), peer=True))
+        if hf_draft is not None:  # the draft model's rows' peer: assisted generation with the same draft model
+            for k in sorted({k for _, m, _, k in configured if m == "model"} or {num_draft_tokens}):
+                name = _peer_name("transformers assisted (draft model)", k, num_draft_tokens)
+                cases.append(_assisted_peer(name, hf, hf_draft, inputs, max_new_tokens, eos, pad, k))
     return BenchSuite(
         name="vlm",
         description=vlm_suite.__doc__.split("\n")[0],
@@ -436,18 +454,6 @@ def vlm_suite(
             "sampling": "greedy",
         },
     )
-
-
-def _with_assistant_tokens(assistant: Any, num_tokens: int, run: Any) -> Any:
-    """``run`` (a peer's) with ``assistant`` set to draft ``num_tokens`` tokens a step (constant schedule)
-    first: peers with different numbers share one assistant, whose generation config transformers reads."""
-
-    def with_tokens(generator: torch.Generator, profile: bool, part: int) -> PeerOutput:
-        assistant.generation_config.num_assistant_tokens = num_tokens
-        assistant.generation_config.num_assistant_tokens_schedule = "constant"
-        return run(generator, profile, part)
-
-    return with_tokens
 
 
 def _hf_inputs(prompt: Any) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from ..kernels.rows import gather_rows
 from ..sampling import SamplingConfig, logits_to_probs, sample_from_probs, seen_tokens
 from ..stats import SpecStats
 from ..types import Categorical, CommitMode, Draft, DraftContext, Drafter, Target, TokenPrompt, Verdict
-from .common import hand_back, outside_inference_mode, resolve_rule, sync
+from .common import clock, hand_back, outside_inference_mode, resolve_rule
 
 
 @dataclass
@@ -165,13 +165,9 @@ def speculative_generate(
         if not _go_on(active, cache, window):  # the one host sync per iteration
             break
         # 1. draft
-        if profile:
-            sync(device)
-        t0 = time.perf_counter()
+        t0 = clock(profile, device)
         draft = drafter.draft(ctx, k, generator) if drafter is not None else Draft.empty(ctx.last_tokens)
-        if profile:
-            sync(device)
-        t1 = time.perf_counter()
+        t1 = clock(profile, device)
         # 2. verify: one target forward over [last, drafts] (chain) or the tree rooted at `last`
         if draft.tree is None:
             inputs = torch.cat([ctx.last_tokens[:, None], draft.tokens], dim=1)
@@ -180,9 +176,7 @@ def speculative_generate(
             inputs = draft.tokens
             mask = cache.attention_mask(cache.slots(inputs.shape[1]), draft.tree.ancestor_mask)
             out = target.forward(inputs, draft.tree.positions(cache.lengths), cache, mask)
-        if profile:
-            sync(device)
-        t_forward = time.perf_counter()
+        t_forward = clock(profile, device)
         window_seen = _window_seen(ctx.seen, inputs, draft.tree) if penalize else None  # [B, T, V]
         target_probs = logits_to_probs(out.logits, sampling, out.uncond_logits, window_seen)  # [B, T, V]
         rule_sampling = rule.target_sampling(sampling)  # e.g. official LANTERN greedy: softmax at temperature 1
@@ -229,12 +223,10 @@ def speculative_generate(
         num_out += num_new
         if drafter is not None:
             drafter.commit(ctx, verdict)
-        if profile:
-            sync(device)
         # 4. stats (profile: draft / target forward / rule + commit)
         stats.draft_time += t1 - t0
         stats.verify_time += t_forward - t1
-        stats.accept_time += time.perf_counter() - t_forward
+        stats.accept_time += clock(profile, device) - t_forward
         if callback is not None:
             outside_inference_mode(callback, stats.steps, num_out, ctx)
 

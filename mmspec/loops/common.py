@@ -3,6 +3,7 @@ results out of inference mode, and profiling syncs."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +61,9 @@ def hand_back(stats: SpecStats, *results: torch.Tensor) -> tuple[torch.Tensor, .
         return tuple(result.clone() for result in results)
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device (CUDA): only with ``profile=True``, to time phases separately."""
-    if device.type == "cuda":
+def clock(profile: bool, device: torch.device) -> float:
+    """``time.perf_counter()``; with ``profile``, after waiting for the device (CUDA), so that the time
+    between two clocks is the work of the phase between them."""
+    if profile and device.type == "cuda":
         torch.cuda.synchronize(device)  # deliberate: profiling only
+    return time.perf_counter()

@@ -21,7 +21,7 @@ import torch
 from ..acceptance import AcceptanceRule
 from ..stats import SOURCE_ACCEPTED, SOURCE_PREFILL, SOURCE_RECOVERED, MaskedStats
 from ..types import CommitMode, MaskedDrafter, MaskedTarget
-from .common import hand_back, outside_inference_mode, resolve_rule, sync
+from .common import clock, hand_back, outside_inference_mode, resolve_rule
 
 
 @dataclass
@@ -78,20 +78,20 @@ def masked_generate(
 
     while not bool(target.finished().all()):  # deliberate host sync: once per draft
         # 1. draft a set of elements and write it into the output
-        t0 = _clock(profile, device)
+        t0 = clock(profile, device)
         draft = drafter.draft(condition, target, generator)
         positions = draft.positions  # [B, k]
         everywhere = torch.ones(positions.shape, dtype=torch.bool, device=device)
         target.write(positions, draft.tokens, everywhere)
         drafted = _scatter(drafted, positions, everywhere)
-        stats.draft_time += _clock(profile, device) - t0
+        stats.draft_time += clock(profile, device) - t0
         pending = everywhere  # still-drafted elements under test
         active = torch.ones(batch, dtype=torch.bool, device=device)  # rows whose last round rejected something
         for _ in range(max_rounds):
             # 2. verify: one target view of the set; the rule decides every pending element
-            t1 = _clock(profile, device)
+            t1 = clock(profile, device)
             view = target.verify(positions)
-            t2 = _clock(profile, device)
+            t2 = clock(profile, device)
             verify_step = target.steps  # the forward this round's decisions come from
             current = target.elements.gather(1, _expand_like(positions, target.elements))
             verdict = rule.verify(replace(draft, tokens=current, pending=pending), view, generator)
@@ -100,9 +100,9 @@ def masked_generate(
             recovered = pending & (verdict.source == SOURCE_RECOVERED)
             target.write(positions, verdict.tokens, recovered)
             regenerate = verdict.regenerate if verdict.regenerate is not None else torch.zeros_like(pending)
-            t3 = _clock(profile, device)
+            t3 = clock(profile, device)
             regen = target.regenerate(positions, regenerate & active[:, None], generator)
-            regen_time = _clock(profile, device) - t3
+            regen_time = clock(profile, device) - t3
             # 4. stats: the last decision about each element wins
             kept = pending & verdict.accepted
             stats.record_elements(
@@ -134,7 +134,7 @@ def masked_generate(
             active &= rejected
             pending = pending & verdict.accepted & active[:, None]
             stats.verify_time += t2 - t1 + regen_time
-            stats.accept_time += _clock(profile, device) - t2 - regen_time
+            stats.accept_time += clock(profile, device) - t2 - regen_time
             if callback is not None:
                 outside_inference_mode(callback, target.steps, target.elements)
             if not bool(active.any()):  # deliberate host sync: once per round
@@ -154,13 +154,6 @@ def masked_generate(
         stats.draft_time = stats.verify_time = stats.accept_time = 0.0
     (elements,) = hand_back(stats, target.elements)
     return MaskedOutput(elements=elements, stats=stats)
-
-
-def _clock(profile: bool, device: torch.device) -> float:
-    """``time.perf_counter()``, after waiting for the device when profiling (a phase's time is then its own work)."""
-    if profile:
-        sync(device)
-    return time.perf_counter()
 
 
 def _expand_like(positions: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:

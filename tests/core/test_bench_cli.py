@@ -131,13 +131,37 @@ def test_rounds_interleave_parts_and_each_case_keeps_its_generator_through_them(
     assert [c[:2] for c in calls if c[2]] == [(name, part) for part in range(3) for name in "ab"]  # no peer
     # Every case draws the stream of a run on its own: seed 5, parts in order, whatever ran between.
     expected = torch.randint(0, 1000, (3,), generator=torch.Generator().manual_seed(5)).tolist()
-    for name in "abp":
-        assert [c[3] for c in calls if c[0] == name][:3] == expected
+    for name in "abp":  # warm-up, two timed rounds and (not the peer) the profiled one: each reseeded
+        assert [c[3] for c in calls if c[0] == name] == expected * (3 if name == "p" else 4)
     rows = {r["name"]: r for r in record["results"]}
     assert rows["a"]["generated_tokens"] == 3 * 2 and len(rows["a"]["wall_time_s_all"]) == 2
     assert record["parts"] == 3 and all(r["tokens_equal_baseline"] for r in record["results"])
-    with pytest.raises(ValueError, match="parts >= 1"):
+    with pytest.raises(ValueError, match="parts must be >= 1"):
         run_benchmark(BenchSuite("t", "t", [case("a")], parts=0), torch.device("cpu"))
+    with pytest.raises(ValueError, match="configurations named twice: a"):  # they would share a generator
+        run_benchmark(BenchSuite("t", "t", [case("a"), case("b"), case("a")]), torch.device("cpu"))
+
+
+def test_assisted_peers_sharing_an_assistant_each_set_their_number_of_tokens():
+    from types import SimpleNamespace
+
+    from mmspec.app.bench_text import _assisted_peer
+
+    seen = []
+
+    class Target:  # transformers' generate, reading the assistant's config as it does when it runs
+        def generate(self, input_ids, attention_mask, assistant_model, **kwargs):
+            seen.append(assistant_model.generation_config.num_assistant_tokens)
+            return torch.cat([input_ids, torch.ones(1, 2, dtype=torch.long)], 1)
+
+    assistant = SimpleNamespace(generation_config=SimpleNamespace())
+    prompts = [torch.zeros(1, 3, dtype=torch.long)]
+    three = _assisted_peer("k3", Target(), assistant, prompts, 2, (9,), 0, 3, assistant_layers=1)
+    five = _assisted_peer("k5", Target(), assistant, prompts, 2, (9,), 0, 5)
+    for case in (three, five, three):
+        assert case.run(None, False, 0).tokens.tolist() == [[1, 1]]
+    assert seen == [3, 5, 3] and assistant.generation_config.num_assistant_tokens_schedule == "constant"
+    assert three.peer and three.config == {"num_assistant_tokens": 3, "schedule": "constant", "assistant_layers": 1}
 
 
 def test_cli_bench_writes_json_and_plots(tmp_path, capsys):

@@ -33,23 +33,29 @@ def test_vlm_suite_runs_methods_and_peers_with_equal_captions(tmp_path):
         images=str(tmp_path / "images"),
         max_new_tokens=8,
         num_draft_tokens=3,
-        configs="model;ngram",
+        configs="model;model:k=2;ngram",
     )
     assert suite.setup["draft_vocab_size"] == len(ids)
     names = [c.name for c in suite.cases]
     assert names == [
         "baseline (static cache, eager)",
         "model",
+        "model:k=2",
         "ngram",
         "transformers generate",
+        "transformers assisted (draft model) k=2",  # one assisted peer per k, in order of k
         "transformers assisted (draft model)",
     ]
+    assert suite.parts == 2  # one image a part: rounds interleave the configurations image by image
     record = run_benchmark(suite, torch.device("cpu"), repeats=1, warmup=0)
     by_name = {r["name"]: r for r in record["results"]}
     assert all(r["tokens_equal_baseline"] for r in record["results"]), [
         r["name"] for r in record["results"] if not r["tokens_equal_baseline"]
     ]
     assert by_name["model"]["compare_to"] == "transformers assisted (draft model)"
+    assert by_name["model:k=2"]["compare_to"] == "transformers assisted (draft model) k=2"
+    assert by_name["model:k=2"]["config"]["num_draft_tokens"] == 2
+    assert by_name["transformers assisted (draft model) k=2"]["config"]["num_assistant_tokens"] == 2
     assert by_name["model"]["steps"] and by_name["transformers generate"]["steps"] is None
     assert by_name["model"]["profiled_verify_s"] > 0  # the VLM pipeline times its phases when profiling
     folders = {"model": str(tmp_path / "vlm"), "images": str(tmp_path / "images")}
