@@ -216,7 +216,9 @@ class RoundTimes:
     cpu: dict[str, float]
 
 
-def _round(cases: list[BenchCase], parts: int, seed: int, device: torch.device, profile: bool, progress) -> RoundTimes:
+def _round(
+    cases: list[BenchCase], parts: int, seed: int, device: torch.device, profile: bool, progress: tqdm
+) -> RoundTimes:
     """Run every case once over all ``parts`` of the inputs, interleaved part by part (part 0 of every
     case, then part 1, ...), so that load drifting during the round hits every case alike. Each case
     keeps its own generator, seeded with ``seed``, through its parts: its random stream is that of a run
