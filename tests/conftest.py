@@ -259,23 +259,40 @@ def tiny_video_vae(seed: int = 0, image_size: int = 16):
     return FrameAutoencoderKL(image_size=image_size, latent_channels=4, channels=8).eval()
 
 
+#: The environment of an ``mmspec`` process a test starts: one torch thread (the machine is shared).
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_mmspec(
+    cli_args: list[str],
+    cwd: Path | str | None = None,
+    timeout: float = 120,
+    check: bool = False,
+    launcher: list[str] | tuple[str, ...] = (),
+):
+    """``mmspec <cli_args>`` as a new process (``python [launcher] -m mmspec.app.cli``) with
+    :data:`CLI_ENV`; returns the ``subprocess.CompletedProcess`` (output captured as text)."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, *launcher, "-m", "mmspec.app.cli", *cli_args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=CLI_ENV,
+        cwd=cwd,
+        check=check,
+    )
+
+
 def run_distributed(cli_args: list[str], cwd: Path, nproc: int = 2, timeout: int = 240):
     """``mmspec <cli_args>`` in ``nproc`` real processes started together by ``torch.distributed.run``
     (what ``accelerate launch`` does), on a free local port, one torch thread each; returns the
     ``subprocess.CompletedProcess`` (output captured as text)."""
     import socket
-    import subprocess
 
     with socket.socket() as sock:  # a free port for the processes' rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1"]
-    return subprocess.run(
-        [sys.executable, *launcher, "--master_port", str(port), "-m", "mmspec.app.cli", *cli_args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=cwd,
-        check=False,
-    )
+    return run_mmspec(cli_args, cwd, timeout, launcher=[*launcher, "--master_port", str(port)])

@@ -6,10 +6,7 @@ the rule does not have stops ``generate`` before its model loads."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,12 +14,12 @@ import torch
 from mmspec.app.cli import main
 from mmspec.app.generators import assets_dir
 
+from ..conftest import run_mmspec
 from ..pipelines.vlm.test_vlm import image
 
 #: A device name this machine does not have (no CUDA at all, or one GPU index too many).
 MISSING_DEVICE = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 NOT_SAFETENSORS = r"not a valid safetensors file \(truncated or corrupt\?"
 
 
@@ -74,15 +71,7 @@ def test_malformed_model_index_is_named_before_loading(tmp_path, no_model_loadin
 
 def test_a_corrupt_checkpoint_is_an_error_line_not_a_traceback(tmp_path):
     copy, cut = copy_with_truncated(tmp_path, "llamagen-emoji", "vq/diffusion_pytorch_model.safetensors")
-    run = subprocess.run(
-        [sys.executable, "-m", "mmspec.app.cli", "generate", "--model", "copy", "--output-dir", "out"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=ENV,
-        timeout=300,
-        check=False,
-    )
+    run = run_mmspec(["generate", "--model", "copy", "--output-dir", "out"], tmp_path, timeout=300)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == (
         "error: --model copy: cannot read copy/vq/diffusion_pytorch_model.safetensors: not a valid safetensors "

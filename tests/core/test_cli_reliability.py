@@ -18,9 +18,8 @@ import torch
 from mmspec.app import cli
 from mmspec.app.cli import main
 
+from ..conftest import CLI_ENV, run_mmspec
 from ..pipelines.vlm.test_vlm import image, tiny_vlm
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize(
@@ -81,15 +80,7 @@ def test_caption_bad_settings_exit_before_loading(tmp_path, no_model_loading, ex
 
 
 def test_bad_setting_is_a_nonzero_exit_with_the_message_on_stderr(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "mmspec.app.cli", "caption", str(tmp_path), "--max-new-tokens", "-3"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=ENV,
-        timeout=120,
-        check=False,
-    )
+    run = run_mmspec(["caption", str(tmp_path), "--max-new-tokens", "-3"], tmp_path)
     assert run.returncode == 1 and run.stderr.strip() == "error: --max-new-tokens must be >= 1, got -3"
 
 
@@ -210,14 +201,7 @@ def test_caption_reports_a_decompression_bomb_and_shows_captions_mid_job(vlm_dir
 
 
 def test_version_and_help_show_defaults(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "mmspec.app.cli", "--version"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=tmp_path,
-        check=False,
-    )
+    run = run_mmspec(["--version"], tmp_path)
     from mmspec import __version__
 
     assert run.returncode == 0 and run.stdout.strip() == f"mmspec {__version__}"
@@ -246,7 +230,7 @@ def test_help_does_not_import_torch():
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     )
     run = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd="/", timeout=60, check=False
+        [sys.executable, "-c", code], capture_output=True, text=True, env=CLI_ENV, cwd="/", timeout=60, check=False
     )
     assert run.stdout.strip() == "[]", run.stderr[-2000:]
 
@@ -303,14 +287,7 @@ def test_eval_bad_settings_name_their_flag_before_loading(tmp_path, no_model_loa
 
 
 def test_command_summaries_in_help_are_whole_sentences():
-    run = subprocess.run(
-        [sys.executable, "-m", "mmspec.app.cli", "--help"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=60,
-        check=True,
-    )
+    run = run_mmspec(["--help"], timeout=60, check=True)
     text = " ".join(run.stdout.split())
     assert "resumable; bad items skipped and reported)." in text
     assert "for VLMs; progress, checkpoints, resume." in text

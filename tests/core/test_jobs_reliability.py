@@ -5,7 +5,6 @@ resumed, ending with exactly the outputs of an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -25,9 +24,7 @@ from mmspec.app.jobs_io import (
     repair_jsonl,
 )
 
-from ..conftest import run_distributed, tiny_llamagen
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+from ..conftest import CLI_ENV, run_distributed, tiny_llamagen
 
 
 def _double(items):
@@ -135,7 +132,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
         "print('locked', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen(
-        [sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=folder.parent, env=ENV
+        [sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=folder.parent, env=CLI_ENV
     )
     assert holder.stdout.readline().strip() == "locked"
     return holder
@@ -250,7 +247,7 @@ def _kill_at_random_points(seed: int, model_dir: Path, labels: Path, out: Path, 
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=out.parent,
-            env=ENV,
+            env=CLI_ENV,
         )
         done = len(read_jsonl(results).records)
         target = done + rng.randint(0, (num_results - done) // 2)  # finished items before the kill
