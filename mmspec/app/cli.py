@@ -339,16 +339,17 @@ def evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from ..training.settings import check_at_least
+    from .generators import class_ids
 
     family, path = _choose_model(args)
     if family.evaluate is None:
         raise SystemExit(f"error: mmspec eval does not support {family.name} models yet")
     check_at_least(args, {"num_images": 1, "batch_size": 1, "threads": 1})  # --threads None: torch's default
     if args.classes is not None:
-        try:  # "" splits into [""], which int() refuses too
-            [int(c) for c in args.classes.split(",")]
-        except ValueError:
-            raise SystemExit(f"error: --classes must be comma-separated class ids, got {args.classes!r}") from None
+        try:
+            class_ids(args.classes)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     if args.features.startswith("torchscript:") and not Path(args.features.split(":", 1)[1]).is_file():
         raise SystemExit(f"error: --features {args.features}: no such file")
     if args.threads:

@@ -15,6 +15,7 @@ from .generators import (
     GenerationFamily,
     call_settings,
     check_eagle_args,
+    eval_labels,
     load_eagle_head,
     register_family,
     save_image_result,
@@ -127,11 +128,7 @@ def _evaluate(pipe: Any, args: argparse.Namespace, device) -> int:
     except (ValueError, TypeError) as err:
         raise SystemExit(f"error: --method: {err}") from None
     num_classes = pipe.target.config.num_classes
-    pool = [int(c) for c in args.classes.split(",")] if args.classes else list(range(num_classes))
-    bad = [c for c in pool if not 0 <= c < num_classes]
-    if bad:
-        raise SystemExit(f"error: --classes {bad} are outside [0, {num_classes})")
-    labels = [pool[i % len(pool)] for i in range(args.num_images)]
+    labels = eval_labels(args.classes, num_classes, args.num_images)
     clip = None
     if args.clip_model or args.clip_weights:
         if not (args.clip_model and args.clip_weights):

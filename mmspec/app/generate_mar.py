@@ -14,7 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .generators import CLASS_LABELS, BatchRun, FamilyJob, GenerationFamily, register_family, save_image_result
+from .generators import (
+    CLASS_LABELS,
+    BatchRun,
+    FamilyJob,
+    GenerationFamily,
+    eval_labels,
+    register_family,
+    save_image_result,
+)
 
 
 def _methods():
@@ -189,11 +197,7 @@ def _evaluate(pipe: Any, args: argparse.Namespace, device) -> int:
     else:
         raise SystemExit(f"error: --features for MAR must be vq-encoder or torchscript:PATH, got {args.features!r}")
     num_classes = pipe.target.config.class_num
-    pool = [int(c) for c in args.classes.split(",")] if args.classes else list(range(num_classes))
-    bad = [c for c in pool if not 0 <= c < num_classes]
-    if bad:
-        raise SystemExit(f"error: --classes {bad} are outside [0, {num_classes})")
-    labels = [pool[i % len(pool)] for i in range(args.num_images)]
+    labels = eval_labels(args.classes, num_classes, args.num_images)
     sampling = {
         "num_iter": args.num_iter,
         "cfg_schedule": args.cfg_schedule,

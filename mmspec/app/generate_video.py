@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .generators import CLASS_LABELS, FamilyJob, GenerationFamily, assets_dir, register_family
+from .generators import CLASS_LABELS, FamilyJob, GenerationFamily, assets_dir, eval_labels, register_family
 from .jobs_io import save_image_atomic
 from .models import SDVG_FILE, VIDEO_EMBEDDED, VideoDefaults, build_scorer, calibrated_tau, load_video
 
@@ -280,8 +280,7 @@ def _evaluate(pipe: Any, args: argparse.Namespace, device) -> int:
             raise SystemExit(f"error: --method {run.name}: {err}") from None
     num_blocks = pipe.num_blocks_for(args.num_frames)
     frames = num_blocks * pipe.target.config.frames_per_block
-    pool = [int(c) for c in args.classes.split(",")] if args.classes else list(range(pipe.target.config.num_classes))
-    labels = [pool[i % len(pool)] for i in range(args.num_images)]
+    labels = eval_labels(args.classes, pipe.target.config.num_classes, args.num_images)
     if args.features == "vq-encoder":  # the offline extractor of the LlamaGen eval: the embedded VQ's encoder
         features = VQEncoderFeatures(load_default_llamagen(device).vq)
     elif args.features.startswith("torchscript:"):

@@ -256,6 +256,24 @@ def call_settings(pipe: Any, args: argparse.Namespace, device: torch.device) -> 
     return CallSettings(call, settings, summary)
 
 
+def class_ids(classes: str) -> list[int]:
+    """``--classes`` (comma-separated class ids) as ints; ``ValueError`` naming the flag for other text."""
+    try:  # "" splits into [""], which int() refuses too
+        return [int(c) for c in classes.split(",")]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated class ids, got {classes!r}") from None
+
+
+def eval_labels(classes: str | None, num_classes: int, num_images: int) -> list[int]:
+    """The class label of each of ``num_images`` images of ``mmspec eval``: the ids of ``--classes`` (every
+    class when not given) in turn; ``SystemExit`` for ids outside ``[0, num_classes)``."""
+    pool = class_ids(classes) if classes else list(range(num_classes))
+    bad = [c for c in pool if not 0 <= c < num_classes]
+    if bad:
+        raise SystemExit(f"error: --classes {bad} are outside [0, {num_classes})")
+    return [pool[i % len(pool)] for i in range(num_images)]
+
+
 def _folder_identity(folder: str) -> dict:
     """A weights folder's resolved path and the sha256 of its files (names and contents, in name order)."""
     import hashlib

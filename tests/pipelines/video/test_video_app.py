@@ -145,6 +145,7 @@ def test_eval_reports_quality_next_to_speed(model_dir, tmp_path):
         ),
         (["--method", "sdvg::tau=-1", "--num-frames", "3"], "num_frames 3 is not a whole number of blocks"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--method", "sdvg::tau=inf", "--classes", "0,99"], r"--classes \[99\] are outside \[0, 3\)"),
     ],
 )
 def test_eval_settings_errors_are_messages_not_tracebacks(model_dir, tmp_path, extra, message):
