@@ -338,9 +338,9 @@ class LlamaGenPipeline(SpeculativePipelineMixin, DiffusionPipeline):
                 every verify step (diffusers convention; the timestep slot is None for AR models;
                 ``tokens`` is the raster-order grid so far, -1 where not generated yet; masked-loop
                 methods such as MuLo-SD: after every verify-and-repair round, the whole current grid).
-            profile: time the loop's phases (``stats.draft_time`` / ``verify_time`` / ``accept_time``;
-                the masked loop: ``draft_time``), synchronising the device around each: for breakdowns
-                such as ``mmspec bench``'s, not for speed.
+            profile: time the loop's phases (``stats.draft_time`` / ``verify_time`` / ``accept_time``,
+                in the causal and the masked loop alike), synchronising the device around each: for
+                breakdowns such as ``mmspec bench``'s, not for speed.
 
         Returns:
             :class:`LlamaGenPipelineOutput` or ``(images, tokens, stats)``.
